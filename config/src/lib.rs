@@ -1,0 +1,99 @@
+//! spur-config: what the user wrote. Schema types, parsing (YAML and JSON), validation.
+//!
+//! Pure: no sockets, no runtime. The proxy and the control plane both call [`load`] (or
+//! [`validate`] on a config they already hold) and act only on a config that passed.
+
+mod parse;
+mod support;
+mod types;
+mod units;
+mod validate;
+
+pub use parse::{parse, Format};
+pub use types::*;
+pub use units::{ByteSize, Duration};
+
+use std::fmt;
+
+/// One problem in a config, with the path of the field it is about.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for FieldError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.path.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a config.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub errors: Vec<FieldError>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.errors.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Validates a parsed config: all errors, each with its field path, or `Ok`.
+pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    let mut errors = validate::Errors(Vec::new());
+    validate::check(cfg, &mut errors);
+    support::check(cfg, &mut errors);
+    if errors.0.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { errors: errors.0 })
+    }
+}
+
+/// Parses and validates a config text; `file_name` (if any) picks the format by extension.
+pub fn load(text: &str, file_name: Option<&str>) -> Result<Config, ConfigError> {
+    let format = Format::detect(file_name, text);
+    let cfg = parse(text, format).map_err(|e| ConfigError { errors: vec![e] })?;
+    validate(&cfg)?;
+    Ok(cfg)
+}
+
+/// Reads, parses and validates a config file.
+pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        errors: vec![FieldError {
+            path: String::new(),
+            message: format!("cannot read {}: {e}", path.display()),
+        }],
+    })?;
+    load(&text, path.file_name().and_then(|n| n.to_str()))
+}
+
+/// A one-line description of a valid config, for `spur validate`.
+pub fn summary(cfg: &Config) -> String {
+    let routes: usize = cfg.listeners.iter().map(|l| l.routes.len()).sum();
+    let endpoints: usize = cfg.clusters.iter().map(|c| c.endpoints.len()).sum();
+    format!(
+        "ok: {} listener(s), {} route(s), {} cluster(s) with {} static endpoint(s), {} flag(s)",
+        cfg.listeners.len(),
+        routes,
+        cfg.clusters.len(),
+        endpoints,
+        cfg.flags.len()
+    )
+}
+
+#[cfg(test)]
+mod tests;

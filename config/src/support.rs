@@ -1,0 +1,76 @@
+//! Fields that are part of the schema but whose behaviour is not built yet.
+//!
+//! A proxy that silently ignores a retry or TLS setting is worse than one that refuses to
+//! start, so each such field is rejected with "not supported yet" and its path. As features
+//! land, their lines leave this file.
+
+use crate::types::*;
+use crate::validate::Errors;
+
+const NOT_YET: &str = "not supported yet";
+
+pub(crate) fn check(cfg: &Config, e: &mut Errors) {
+    for (i, l) in cfg.listeners.iter().enumerate() {
+        let p = format!("listeners[{i}]");
+        if l.protocol == ListenerProtocol::Http3 {
+            e.push(format!("{p}.protocol"), format!("http3: {NOT_YET}"));
+        }
+        if l.tls.is_some() {
+            e.push(format!("{p}.tls"), NOT_YET);
+        }
+        if l.trust_incoming_flags {
+            e.push(format!("{p}.trust_incoming_flags"), NOT_YET);
+        }
+        if l.alt_svc_h3.is_some() {
+            e.push(format!("{p}.alt_svc_h3"), NOT_YET);
+        }
+        if l.original_dst {
+            e.push(format!("{p}.original_dst"), NOT_YET);
+        }
+        for (j, r) in l.routes.iter().enumerate() {
+            let rp = format!("{p}.routes[{j}]");
+            if r.matches.flag.is_some() {
+                e.push(format!("{rp}.match.flag"), NOT_YET);
+            }
+            if r.retry.is_some() {
+                e.push(format!("{rp}.retry"), NOT_YET);
+            }
+            if r.mirror.is_some() {
+                e.push(format!("{rp}.mirror"), NOT_YET);
+            }
+            if r.fault.is_some() {
+                e.push(format!("{rp}.fault"), NOT_YET);
+            }
+        }
+    }
+    for (i, c) in cfg.clusters.iter().enumerate() {
+        let p = format!("clusters[{i}]");
+        if c.dns.is_some() {
+            e.push(format!("{p}.dns"), NOT_YET);
+        }
+        if c.k8s.is_some() {
+            e.push(format!("{p}.k8s"), NOT_YET);
+        }
+        if c.protocol == UpstreamProtocol::Http3 {
+            e.push(format!("{p}.protocol"), format!("http3: {NOT_YET}"));
+        }
+        if c.fallback.is_some() {
+            e.push(format!("{p}.fallback"), NOT_YET);
+        }
+        if c.lb == LbPolicy::RingHash {
+            e.push(format!("{p}.lb"), format!("ring_hash: {NOT_YET}"));
+        }
+        if c.tls.is_some() {
+            e.push(format!("{p}.tls"), NOT_YET);
+        }
+        if c.circuit_breaker.is_some() {
+            e.push(format!("{p}.circuit_breaker"), NOT_YET);
+        }
+        if c.health_check.is_some() {
+            e.push(format!("{p}.health_check"), NOT_YET);
+        }
+    }
+    if !cfg.flags.is_empty() {
+        e.push("flags", NOT_YET);
+    }
+}
