@@ -1,1 +1,69 @@
-fn main() {}
+//! `spur`: the umbrella command. `spur proxy`, `spur control`, `spur validate`, `spur demo`.
+
+mod demo;
+
+use std::process::ExitCode;
+
+const USAGE: &str = "Spur: a service-mesh sidecar proxy
+
+usage: spur <command> [options]
+
+commands:
+  demo                       run a proxy with two echo backends and a canary split, in one process
+  proxy --config FILE        run the data plane from a config file
+  validate FILE              check a config file: every error with its field path
+  control                    run the control plane (not supported yet)
+  help                       this text
+
+Run `spur <command> --help` for a command's options.";
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let Some((cmd, rest)) = args.split_first() else {
+        eprintln!("{USAGE}");
+        return ExitCode::from(2);
+    };
+    match cmd.as_str() {
+        "proxy" => spur_proxy::cli::main(rest),
+        "control" => spur_control::cli::main(rest),
+        "validate" => validate(rest),
+        "demo" => demo::main(rest),
+        "inject" | "init-iptables" => {
+            eprintln!("spur {cmd}: not supported yet");
+            ExitCode::from(2)
+        }
+        "help" | "-h" | "--help" => {
+            println!("{USAGE}");
+            ExitCode::SUCCESS
+        }
+        "--version" | "version" => {
+            println!("spur {}", env!("CARGO_PKG_VERSION"));
+            ExitCode::SUCCESS
+        }
+        other => {
+            eprintln!("spur: unknown command `{other}`\n\n{USAGE}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `spur validate FILE`: exit 0 and a one-line summary, or exit 1 and every error.
+fn validate(args: &[String]) -> ExitCode {
+    let [file] = args else {
+        eprintln!("usage: spur validate FILE");
+        return ExitCode::from(2);
+    };
+    match spur_config::load_file(std::path::Path::new(file)) {
+        Ok(cfg) => {
+            println!("{file}: {}", spur_config::summary(&cfg));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{file}: {} error(s)", e.errors.len());
+            for err in &e.errors {
+                eprintln!("  {err}");
+            }
+            ExitCode::from(1)
+        }
+    }
+}

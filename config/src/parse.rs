@@ -79,7 +79,11 @@ mod tests {
         )
         .unwrap_err();
         assert_eq!(err.path, "listeners[0].colour");
-        assert!(err.message.contains("unknown field `colour`"), "{}", err.message);
+        assert!(
+            err.message.contains("unknown field `colour`"),
+            "{}",
+            err.message
+        );
 
         let err = parse(r#"{"clusters":[{"name":"a","lb":"random"}]}"#, Format::Json).unwrap_err();
         assert_eq!(err.path, "clusters[0].lb");

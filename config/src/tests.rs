@@ -69,8 +69,18 @@ fn defaults_are_the_documented_ones() {
     assert!(cfg.correlation.generate && cfg.correlation.trace_context);
     let l = Limits::default();
     assert_eq!(
-        (l.max_connections, l.max_header_bytes, l.header_timeout, l.idle_timeout),
-        (10_000, ByteSize::kib(64), Duration::from_secs(10), Duration::from_secs(300))
+        (
+            l.max_connections,
+            l.max_header_bytes,
+            l.header_timeout,
+            l.idle_timeout
+        ),
+        (
+            10_000,
+            ByteSize::kib(64),
+            Duration::from_secs(10),
+            Duration::from_secs(300)
+        )
     );
     assert!(load("", Some("empty.yaml")).is_ok());
 }
@@ -127,7 +137,9 @@ clusters:
     ] {
         assert_has(&errs, expected);
     }
-    assert!(errs.iter().any(|e| e.starts_with("listeners[0].routes[0].match.headers[1].regex: invalid regex")));
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("listeners[0].routes[0].match.headers[1].regex: invalid regex")));
 }
 
 #[test]
@@ -144,11 +156,22 @@ listeners:
 clusters: [{ name: c, endpoints: ["127.0.0.1:2"] }]
 "#,
     );
-    assert_has(&errs, "listeners[0].routes[0].retry.attempts: must be between 1 and 10");
+    assert_has(
+        &errs,
+        "listeners[0].routes[0].retry.attempts: must be between 1 and 10",
+    );
     assert_has(&errs, "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, timeout, 5xx, retriable-4xx, or a status code 400-599)");
-    assert!(errs.iter().any(|e| e.starts_with("listeners[0].routes[0].retry.retry_on[2]:")));
-    assert_has(&errs, "listeners[0].routes[0].retry.backoff: base must not exceed max");
-    assert_has(&errs, "listeners[0].routes[0].retry.budget.ratio: must be between 0 and 1");
+    assert!(errs
+        .iter()
+        .any(|e| e.starts_with("listeners[0].routes[0].retry.retry_on[2]:")));
+    assert_has(
+        &errs,
+        "listeners[0].routes[0].retry.backoff: base must not exceed max",
+    );
+    assert_has(
+        &errs,
+        "listeners[0].routes[0].retry.budget.ratio: must be between 0 and 1",
+    );
     assert_has(&errs, "listeners[0].routes[0].retry: not supported yet");
 }
 
@@ -219,17 +242,31 @@ flags:
     );
     assert_has(&errs, "listeners[0].tls.allow_identities: needs client_ca: identities come from verified client certificates");
     assert_has(&errs, "listeners[0].tls.allow_identities[0]: `web` is not a SPIFFE ID (spiffe://trust-domain/path)");
-    assert_has(&errs, "clusters[0].fallback: only applies to protocol http3");
-    assert_has(&errs, "flags.f.rules[0]: needs exactly one of header, cookie, percent");
+    assert_has(
+        &errs,
+        "clusters[0].fallback: only applies to protocol http3",
+    );
+    assert_has(
+        &errs,
+        "flags.f.rules[0]: needs exactly one of header, cookie, percent",
+    );
     assert_has(&errs, "flags.f.rules[1].values: needs at least one value");
     assert_has(&errs, "flags.f.rules[2].percent: must be between 0 and 100");
 }
 
 #[test]
 fn parse_errors_name_the_field() {
-    let err = load("listeners:\n  - name: a\n    listen: 127.0.0.1:1\n    limits: { idle_timeout: 5 }\n", None).unwrap_err();
+    let err = load(
+        "listeners:\n  - name: a\n    listen: 127.0.0.1:1\n    limits: { idle_timeout: 5 }\n",
+        None,
+    )
+    .unwrap_err();
     assert_eq!(err.errors.len(), 1);
     assert_eq!(err.errors[0].path, "listeners[0].limits.idle_timeout");
     let err = load("drain_timeout: 10x", None).unwrap_err();
-    assert!(err.to_string().starts_with("drain_timeout: `10x` has an unknown unit"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("drain_timeout: `10x` has an unknown unit"),
+        "{err}"
+    );
 }

@@ -36,7 +36,9 @@ impl FromStr for Duration {
             .ok_or_else(|| format!("`{s}` has no unit (write e.g. `250ms`, `2s`, `1m`)"))?;
         let (num, unit) = s.split_at(split);
         if num.is_empty() {
-            return Err(format!("`{s}` is not a duration (write e.g. `250ms`, `2s`, `1m`)"));
+            return Err(format!(
+                "`{s}` is not a duration (write e.g. `250ms`, `2s`, `1m`)"
+            ));
         }
         let n: u64 = num
             .parse()
@@ -110,7 +112,9 @@ impl FromStr for ByteSize {
         if num.is_empty() {
             return Err(format!("`{s}` is not a size (write e.g. `64KiB`, `1MiB`)"));
         }
-        let n: u64 = num.parse().map_err(|_| format!("`{s}`: number too large"))?;
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("`{s}`: number too large"))?;
         let mult = match unit.trim() {
             "" | "B" => 1,
             "KiB" => 1 << 10,
@@ -179,14 +183,23 @@ mod tests {
 
     #[test]
     fn durations_parse_and_print_back() {
-        for (text, ms) in [("250ms", 250), ("2s", 2000), ("1m", 60_000), ("1h", 3_600_000), ("0ms", 0)] {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("2s", 2000),
+            ("1m", 60_000),
+            ("1h", 3_600_000),
+            ("0ms", 0),
+        ] {
             let d: Duration = text.parse().unwrap();
             assert_eq!(d.0.as_millis(), ms);
             assert_eq!(d.to_string(), text);
         }
         assert_eq!("1500ms".parse::<Duration>().unwrap().to_string(), "1500ms");
         assert!("10".parse::<Duration>().unwrap_err().contains("no unit"));
-        assert!("10d".parse::<Duration>().unwrap_err().contains("unknown unit"));
+        assert!("10d"
+            .parse::<Duration>()
+            .unwrap_err()
+            .contains("unknown unit"));
         assert!("ms".parse::<Duration>().is_err());
         assert!("-1s".parse::<Duration>().is_err());
         assert!("99999999999999999999s".parse::<Duration>().is_err());
@@ -194,13 +207,21 @@ mod tests {
 
     #[test]
     fn sizes_parse_and_print_back() {
-        for (text, n) in [("64KiB", 65536), ("1MiB", 1 << 20), ("2GiB", 2 << 30), ("100B", 100)] {
+        for (text, n) in [
+            ("64KiB", 65536),
+            ("1MiB", 1 << 20),
+            ("2GiB", 2 << 30),
+            ("100B", 100),
+        ] {
             let s: ByteSize = text.parse().unwrap();
             assert_eq!(s.0, n);
             assert_eq!(s.to_string(), text);
         }
         assert_eq!("512".parse::<ByteSize>().unwrap().0, 512);
-        assert!("1KB".parse::<ByteSize>().unwrap_err().contains("unknown unit"));
+        assert!("1KB"
+            .parse::<ByteSize>()
+            .unwrap_err()
+            .contains("unknown unit"));
         let from_json: ByteSize = serde_json::from_str("4096").unwrap();
         assert_eq!(from_json, ByteSize::kib(4));
     }

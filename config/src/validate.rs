@@ -34,7 +34,10 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
     if http::HeaderName::from_bytes(cfg.correlation.request_id_header.as_bytes()).is_err() {
         e.push(
             "correlation.request_id_header",
-            format!("`{}` is not a valid header name", cfg.correlation.request_id_header),
+            format!(
+                "`{}` is not a valid header name",
+                cfg.correlation.request_id_header
+            ),
         );
     }
 
@@ -42,10 +45,19 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
     let mut listen_addrs = BTreeSet::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
         let p = format!("listeners[{i}]");
-        check_name(&format!("{p}.name"), &l.name, &mut listener_names, "listener", e);
+        check_name(
+            &format!("{p}.name"),
+            &l.name,
+            &mut listener_names,
+            "listener",
+            e,
+        );
         if let Some(addr) = check_addr(&format!("{p}.listen"), &l.listen, e) {
             if addr.port() != 0 && !listen_addrs.insert(addr) {
-                e.push(format!("{p}.listen"), format!("{addr} is used by another listener"));
+                e.push(
+                    format!("{p}.listen"),
+                    format!("{addr} is used by another listener"),
+                );
             }
         }
         if let Some(c) = &l.cluster {
@@ -57,7 +69,10 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
                     e.push(format!("{p}.cluster"), "a tcp listener needs a cluster");
                 }
                 if !l.routes.is_empty() {
-                    e.push(format!("{p}.routes"), "a tcp listener has no routes (use cluster)");
+                    e.push(
+                        format!("{p}.routes"),
+                        "a tcp listener has no routes (use cluster)",
+                    );
                 }
             }
             ListenerProtocol::Http | ListenerProtocol::Http3 => {
@@ -83,10 +98,16 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
                 check_identity(&format!("{p}.tls.allow_identities[{k}]"), id, e);
             }
         } else if l.protocol == ListenerProtocol::Http3 {
-            e.push(format!("{p}.tls"), "an http3 listener needs tls (QUIC always encrypts)");
+            e.push(
+                format!("{p}.tls"),
+                "an http3 listener needs tls (QUIC always encrypts)",
+            );
         }
         if l.alt_svc_h3 == Some(0) {
-            e.push(format!("{p}.alt_svc_h3"), "must be a port between 1 and 65535");
+            e.push(
+                format!("{p}.alt_svc_h3"),
+                "must be a port between 1 and 65535",
+            );
         }
         let mut route_names = BTreeSet::new();
         for (j, r) in l.routes.iter().enumerate() {
@@ -106,7 +127,10 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
     for (name, flag) in &cfg.flags {
         let p = format!("flags.{name}");
         if !valid_name(name) {
-            e.push(&p, "a flag name uses letters, digits, `-`, `_` and `.` only");
+            e.push(
+                &p,
+                "a flag name uses letters, digits, `-`, `_` and `.` only",
+            );
         }
         for (k, rule) in flag.rules.iter().enumerate() {
             check_flag_rule(&format!("{p}.rules[{k}]"), rule, e);
@@ -131,7 +155,9 @@ fn check_name<'a>(
     if !valid_name(name) {
         e.push(
             path,
-            format!("a {what} name must be non-empty and use letters, digits, `-`, `_` and `.` only"),
+            format!(
+                "a {what} name must be non-empty and use letters, digits, `-`, `_` and `.` only"
+            ),
         );
     } else if !seen.insert(name) {
         e.push(path, format!("duplicate {what} name `{name}`"));
@@ -158,9 +184,9 @@ fn check_file(path: &str, file: &str, e: &mut Errors) {
 }
 
 fn check_identity(path: &str, id: &str, e: &mut Errors) {
-    let ok = id
-        .strip_prefix("spiffe://")
-        .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/') && !rest.contains(char::is_whitespace));
+    let ok = id.strip_prefix("spiffe://").is_some_and(|rest| {
+        !rest.is_empty() && !rest.starts_with('/') && !rest.contains(char::is_whitespace)
+    });
     if !ok {
         e.push(
             path,
@@ -201,15 +227,27 @@ pub(crate) fn check_hash_on(path: &str, spec: &str, e: &mut Errors) {
         _ => false,
     };
     if !ok {
-        e.push(path, format!("`{spec}` must be `header:NAME` or `cookie:NAME`"));
+        e.push(
+            path,
+            format!("`{spec}` must be `header:NAME` or `cookie:NAME`"),
+        );
     }
 }
 
 fn check_limits(p: &str, l: &Limits, e: &mut Errors) {
-    check_range(&format!("{p}.max_connections"), l.max_connections, 1, 1_000_000, e);
+    check_range(
+        &format!("{p}.max_connections"),
+        l.max_connections,
+        1,
+        1_000_000,
+        e,
+    );
     let h = l.max_header_bytes.get();
     if !(1024..=1024 * 1024).contains(&h) {
-        e.push(format!("{p}.max_header_bytes"), "must be between 1KiB and 1MiB");
+        e.push(
+            format!("{p}.max_header_bytes"),
+            "must be between 1KiB and 1MiB",
+        );
     }
     check_positive(&format!("{p}.header_timeout"), l.header_timeout, e);
     check_positive(&format!("{p}.idle_timeout"), l.idle_timeout, e);
@@ -218,29 +256,44 @@ fn check_limits(p: &str, l: &Limits, e: &mut Errors) {
 fn check_route(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, e: &mut Errors) {
     let m = &r.matches;
     if m.path.is_some() && m.path_prefix.is_some() {
-        e.push(format!("{p}.match"), "use either path or path_prefix, not both");
+        e.push(
+            format!("{p}.match"),
+            "use either path or path_prefix, not both",
+        );
     }
     for (field, v) in [("path", &m.path), ("path_prefix", &m.path_prefix)] {
         if let Some(v) = v {
             if !v.starts_with('/') {
-                e.push(format!("{p}.match.{field}"), format!("`{v}` must start with `/`"));
+                e.push(
+                    format!("{p}.match.{field}"),
+                    format!("`{v}` must start with `/`"),
+                );
             }
         }
     }
     if let Some(host) = &m.host {
         if host.is_empty() || host.contains(['/', ' ']) {
-            e.push(format!("{p}.match.host"), format!("`{host}` is not a host name"));
+            e.push(
+                format!("{p}.match.host"),
+                format!("`{host}` is not a host name"),
+            );
         }
     }
     if let Some(method) = &m.method {
         if http::Method::from_bytes(method.as_bytes()).is_err() || method.is_empty() {
-            e.push(format!("{p}.match.method"), format!("`{method}` is not an HTTP method"));
+            e.push(
+                format!("{p}.match.method"),
+                format!("`{method}` is not an HTTP method"),
+            );
         }
     }
     for (k, h) in m.headers.iter().enumerate() {
         let hp = format!("{p}.match.headers[{k}]");
         if http::HeaderName::from_bytes(h.name.as_bytes()).is_err() {
-            e.push(format!("{hp}.name"), format!("`{}` is not a valid header name", h.name));
+            e.push(
+                format!("{hp}.name"),
+                format!("`{}` is not a valid header name", h.name),
+            );
         }
         let kinds = [h.value.is_some(), h.present.is_some(), h.regex.is_some()]
             .iter()
@@ -271,7 +324,10 @@ fn check_route(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, e: &m
                 total += u64::from(s.weight);
             }
             if total == 0 {
-                e.push(format!("{p}.split"), "weights add up to 0: at least one must be above 0");
+                e.push(
+                    format!("{p}.split"),
+                    "weights add up to 0: at least one must be above 0",
+                );
             }
         }
         (Some(_), false) => e.push(p, "use either cluster or split, not both"),
@@ -318,7 +374,10 @@ fn check_route(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, e: &m
         if let Some(a) = &fault.abort {
             check_percent(&format!("{p}.fault.abort.percent"), a.percent, e);
             if !(200..=599).contains(&a.status) {
-                e.push(format!("{p}.fault.abort.status"), "must be between 200 and 599");
+                e.push(
+                    format!("{p}.fault.abort.status"),
+                    "must be between 200 and 599",
+                );
             }
         }
         if let Some(d) = &fault.delay {
@@ -357,10 +416,19 @@ fn check_cluster<'a>(p: &str, c: &'a Cluster, names: &mut BTreeSet<&'a str>, e: 
                 e.push(&ep_path, "port 0 is not a destination");
             }
         } else if !ep.address().contains(char::is_whitespace) && ep.address().contains(':') {
-            e.0.last_mut().unwrap().message.push_str(": for a host name use `dns:`");
+            e.0.last_mut()
+                .unwrap()
+                .message
+                .push_str(": for a host name use `dns:`");
         }
         if let EndpointSpec::Weighted(w) = ep {
-            check_range(&format!("{p}.endpoints[{k}].weight"), w.weight, 1, 10_000, e);
+            check_range(
+                &format!("{p}.endpoints[{k}].weight"),
+                w.weight,
+                1,
+                10_000,
+                e,
+            );
         }
     }
     if let Some(dns) = &c.dns {
@@ -373,11 +441,15 @@ fn check_cluster<'a>(p: &str, c: &'a Cluster, names: &mut BTreeSet<&'a str>, e: 
     }
     if let Some(k8s) = &c.k8s {
         let ok = k8s.rsplit_once(':').is_some_and(|(svc, port)| {
-            svc.split_once('.').is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty())
+            svc.split_once('.')
+                .is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty())
                 && port.parse::<u16>().is_ok_and(|p| p > 0)
         });
         if !ok {
-            e.push(format!("{p}.k8s"), format!("`{k8s}` must be service.namespace:port"));
+            e.push(
+                format!("{p}.k8s"),
+                format!("`{k8s}` must be service.namespace:port"),
+            );
         }
     }
     if let Some(fb) = c.fallback {
@@ -397,25 +469,67 @@ fn check_cluster<'a>(p: &str, c: &'a Cluster, names: &mut BTreeSet<&'a str>, e: 
             check_identity(&format!("{p}.tls.expect_identities[{k}]"), id, e);
         }
     } else if c.protocol == UpstreamProtocol::Http3 {
-        e.push(format!("{p}.tls"), "an http3 cluster needs tls (QUIC always encrypts)");
+        e.push(
+            format!("{p}.tls"),
+            "an http3 cluster needs tls (QUIC always encrypts)",
+        );
     }
     if let Some(cb) = &c.circuit_breaker {
         let bp = format!("{p}.circuit_breaker");
-        check_range(&format!("{bp}.consecutive_failures"), cb.consecutive_failures, 1, 1000, e);
+        check_range(
+            &format!("{bp}.consecutive_failures"),
+            cb.consecutive_failures,
+            1,
+            1000,
+            e,
+        );
         check_positive(&format!("{bp}.ejection_time"), cb.ejection_time, e);
-        check_range(&format!("{bp}.max_ejection_percent"), cb.max_ejection_percent, 0, 100, e);
-        check_range(&format!("{bp}.max_requests"), cb.max_requests, 1, 1_000_000, e);
-        check_range(&format!("{bp}.max_pending"), cb.max_pending, 0, 1_000_000, e);
+        check_range(
+            &format!("{bp}.max_ejection_percent"),
+            cb.max_ejection_percent,
+            0,
+            100,
+            e,
+        );
+        check_range(
+            &format!("{bp}.max_requests"),
+            cb.max_requests,
+            1,
+            1_000_000,
+            e,
+        );
+        check_range(
+            &format!("{bp}.max_pending"),
+            cb.max_pending,
+            0,
+            1_000_000,
+            e,
+        );
     }
     if let Some(hc) = &c.health_check {
         let hp = format!("{p}.health_check");
         if !hc.path.starts_with('/') {
-            e.push(format!("{hp}.path"), format!("`{}` must start with `/`", hc.path));
+            e.push(
+                format!("{hp}.path"),
+                format!("`{}` must start with `/`", hc.path),
+            );
         }
         check_positive(&format!("{hp}.interval"), hc.interval, e);
         check_positive(&format!("{hp}.timeout"), hc.timeout, e);
-        check_range(&format!("{hp}.unhealthy_threshold"), hc.unhealthy_threshold, 1, 100, e);
-        check_range(&format!("{hp}.healthy_threshold"), hc.healthy_threshold, 1, 100, e);
+        check_range(
+            &format!("{hp}.unhealthy_threshold"),
+            hc.unhealthy_threshold,
+            1,
+            100,
+            e,
+        );
+        check_range(
+            &format!("{hp}.healthy_threshold"),
+            hc.healthy_threshold,
+            1,
+            100,
+            e,
+        );
     }
 }
 
@@ -430,7 +544,10 @@ fn check_flag_rule(p: &str, r: &FlagRule, e: &mut Errors) {
     }
     if let Some(h) = &r.header {
         if http::HeaderName::from_bytes(h.as_bytes()).is_err() {
-            e.push(format!("{p}.header"), format!("`{h}` is not a valid header name"));
+            e.push(
+                format!("{p}.header"),
+                format!("`{h}` is not a valid header name"),
+            );
         }
     }
     if r.header.is_some() || r.cookie.is_some() {

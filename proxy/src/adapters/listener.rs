@@ -1,0 +1,204 @@
+//! Downstream listeners: accept loops for `http` and `tcp` listeners, with the limits that
+//! protect the proxy from bad clients, and draining on shutdown.
+//!
+//! Every connection task holds a clone of the listener's drain sender; shutdown stops the
+//! accept loop, asks HTTP connections to finish gracefully, and waits until every task has
+//! dropped its clone (or the drain timeout passes).
+
+use crate::adapters::idle::{Activity, IdleIo};
+use crate::forward::{handle, ConnCtx};
+use crate::metrics::{ListenerLabels, ListenerReasonLabels};
+use crate::snapshot::ListenerRt;
+use crate::Shared;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use std::net::SocketAddr;
+use std::pin::pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+/// A bound listener, before its accept loop runs.
+pub struct Bound {
+    pub name: Arc<str>,
+    pub tcp: TcpListener,
+    pub addr: SocketAddr,
+}
+
+pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
+    let socket = match lst.listen {
+        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+    };
+    socket.set_reuseaddr(true)?;
+    socket.set_nodelay(true)?;
+    socket.bind(lst.listen)?;
+    let tcp = socket.listen(1024)?;
+    let addr = tcp.local_addr()?;
+    Ok(Bound {
+        name: lst.name.clone(),
+        tcp,
+        addr,
+    })
+}
+
+/// Decrements the active-connection count and gauge when a connection ends.
+pub(crate) struct ConnGuard {
+    active: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    _drain: mpsc::Sender<()>,
+}
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.active.fetch_sub(1, Ordering::Relaxed);
+        self.gauge.dec();
+    }
+}
+
+/// Runs a listener until `shutdown` turns true, then drains its connections for at most
+/// the snapshot's drain timeout.
+pub async fn serve(shared: Arc<Shared>, bound: Bound, mut shutdown: watch::Receiver<bool>) {
+    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    let active = Arc::new(AtomicUsize::new(0));
+    let gauge = shared
+        .metrics
+        .connections_active
+        .get_or_create(&ListenerLabels {
+            listener: bound.name.clone(),
+        })
+        .clone();
+    loop {
+        let accepted = tokio::select! {
+            r = bound.tcp.accept() => r,
+            _ = shutdown.wait_for(|s| *s) => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // EMFILE and friends: back off a little instead of spinning.
+                tracing::warn!(listener = &*bound.name, error = %e, "accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let snap = shared.snapshot.load();
+        let Some(lst) = snap.listeners.get(&*bound.name).cloned() else {
+            continue;
+        };
+        if active.load(Ordering::Relaxed) >= lst.limits.max_connections as usize {
+            shared.metrics.reject(&lst.name, "max_connections");
+            drop(stream);
+            continue;
+        }
+        active.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        let guard = ConnGuard {
+            active: active.clone(),
+            gauge: gauge.clone(),
+            _drain: drain_tx.clone(),
+        };
+        let _ = stream.set_nodelay(true);
+        let shared = shared.clone();
+        let shutdown = shutdown.clone();
+        match lst.protocol {
+            spur_config::ListenerProtocol::Tcp => {
+                tokio::spawn(crate::adapters::tcp::serve_conn(
+                    shared, lst, stream, peer, shutdown, guard,
+                ));
+            }
+            _ => {
+                tokio::spawn(serve_http_conn(shared, lst, stream, peer, shutdown, guard));
+            }
+        }
+    }
+    drop(bound.tcp);
+    drop(drain_tx);
+    let drain = shared.snapshot.load().drain_timeout;
+    if tokio::time::timeout(drain, drain_rx.recv()).await.is_err() {
+        tracing::warn!(
+            listener = &*bound.name,
+            open = active.load(Ordering::Relaxed),
+            "drain timeout: closing connections still open"
+        );
+    }
+}
+
+fn header_buf_size(limit: u64) -> usize {
+    // hyper needs at least 8 KiB; leave room over the limit so that Spur's own check (which
+    // answers 431 with x-spur-error) sees oversize heads before hyper's parser refuses them.
+    (limit as usize * 2 + 16 * 1024).max(64 * 1024)
+}
+
+async fn serve_http_conn(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let activity = Activity::new();
+    let io = TokioIo::new(IdleIo::new(stream, activity.clone()));
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        listener: lst.name.clone(),
+        peer,
+    });
+    let svc = service_fn(move |req| handle(ctx.clone(), req));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(lst.limits.header_timeout.get())
+        .max_buf_size(header_buf_size(lst.limits.max_header_bytes.get()))
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(lst.limits.max_header_bytes.get() as u32)
+        .max_concurrent_streams(1024);
+    let mut conn = pin!(builder.serve_connection_with_upgrades(io, svc));
+    let idle = lst.limits.idle_timeout.get();
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            res = conn.as_mut() => {
+                if let Err(e) = res {
+                    let reason = classify(&*e);
+                    if let Some(reason) = reason {
+                        shared.metrics.rejected
+                            .get_or_create(&ListenerReasonLabels { listener: lst.name.clone(), reason })
+                            .inc();
+                    }
+                    tracing::debug!(listener = &*lst.name, %peer, error = %e, "connection ended with an error");
+                }
+                break;
+            }
+            _ = shutdown.wait_for(|s| *s), if !draining => {
+                draining = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = activity.idle_for(idle) => {
+                tracing::debug!(listener = &*lst.name, %peer, "idle timeout");
+                break;
+            }
+        }
+    }
+}
+
+/// Names the reason a connection failed, for the rejection metric.
+fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
+    let h = e.downcast_ref::<hyper::Error>()?;
+    if h.is_timeout() {
+        Some("header_timeout")
+    } else if h.is_parse_too_large() {
+        Some("headers_too_large")
+    } else if h.is_parse() {
+        Some("malformed")
+    } else {
+        None
+    }
+}

@@ -1,0 +1,6 @@
+//! I/O at the edges: listeners, the admin server, connection idling.
+
+pub mod admin;
+pub mod idle;
+pub mod listener;
+pub mod tcp;

@@ -1,0 +1,94 @@
+//! `tcp` listeners: opaque bytes both ways between the client and an endpoint of the
+//! listener's cluster. Half-close is passed on: when one side finishes sending, the other
+//! side's write half is shut down and the opposite direction keeps flowing.
+
+use crate::adapters::idle::{Activity, IdleIo};
+use crate::adapters::listener::ConnGuard;
+use crate::metrics::UpstreamLabels;
+use crate::snapshot::ListenerRt;
+use crate::Shared;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+
+pub(crate) async fn serve_conn(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    mut client: TcpStream,
+    peer: SocketAddr,
+    mut shutdown: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let start = Instant::now();
+    let Some(cluster) = lst.default_cluster.clone() else {
+        return;
+    };
+    let Some(idx) = cluster
+        .balancer
+        .pick(&cluster.endpoints, None, Instant::now())
+    else {
+        tracing::warn!(
+            listener = &*lst.name,
+            cluster = &*cluster.name,
+            "no endpoint available"
+        );
+        return;
+    };
+    let endpoint = cluster.endpoints[idx].clone();
+    let _in_flight = endpoint.start();
+    let connect_timeout = cluster.connect_timeout;
+    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.addr))
+        .await
+    {
+        Ok(Ok(s)) => s,
+        Ok(Err(_)) | Err(_) => {
+            endpoint.observe(start.elapsed(), true);
+            count(&shared, &cluster.name, &endpoint.label, 0);
+            tracing::info!(target: "spur::access", listener = &*lst.name, cluster = &*cluster.name, endpoint = &*endpoint.label, %peer, error = "upstream_unreachable", "tcp");
+            return;
+        }
+    };
+    endpoint.observe(start.elapsed(), false);
+    let _ = upstream.set_nodelay(true);
+    let activity = Activity::new();
+    let mut up = IdleIo::new(upstream, activity.clone());
+    let idle = lst.limits.idle_timeout.get();
+    let result = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut client, &mut up) => r.map_err(|e| e.to_string()),
+        _ = activity.idle_for(idle) => Err("idle_timeout".to_string()),
+        // On shutdown a tcp connection gets the drain timeout to finish on its own; the
+        // listener stops waiting for it after that and the runtime closes it.
+        _ = async { let _ = shutdown.wait_for(|s| *s).await; std::future::pending::<()>().await } => unreachable!(),
+    };
+    count(&shared, &cluster.name, &endpoint.label, 200);
+    let (sent, received, error) = match &result {
+        Ok((to_up, to_client)) => (*to_client, *to_up, "-"),
+        Err(e) => (0, 0, e.as_str()),
+    };
+    tracing::info!(
+        target: "spur::access",
+        listener = &*lst.name,
+        cluster = &*cluster.name,
+        endpoint = &*endpoint.label,
+        %peer,
+        bytes_received = received,
+        bytes_sent = sent,
+        duration_ms = start.elapsed().as_secs_f64() * 1e3,
+        error,
+        "tcp"
+    );
+}
+
+fn count(shared: &Shared, cluster: &Arc<str>, endpoint: &Arc<str>, code: u16) {
+    shared
+        .metrics
+        .upstream_requests
+        .get_or_create(&UpstreamLabels {
+            cluster: cluster.clone(),
+            endpoint: endpoint.clone(),
+            code,
+        })
+        .inc();
+}

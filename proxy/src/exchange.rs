@@ -1,0 +1,217 @@
+//! One request's record: what the access log line and the request metrics say about it,
+//! written once when the response body ends (or is dropped), so the duration and byte
+//! counts cover the whole exchange.
+
+use crate::endpoint::InFlight;
+use crate::headers::X_SPUR_ERROR;
+use crate::metrics::{RequestLabels, RouteLabels};
+use crate::Shared;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode};
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+pub struct Exchange {
+    pub shared: Arc<Shared>,
+    pub start: Instant,
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub cluster: Arc<str>,
+    pub endpoint: Option<InFlight>,
+    pub request_id: Option<HeaderValue>,
+    pub trace_id: Option<[u8; 32]>,
+    pub method: Method,
+    pub path: http::uri::PathAndQuery,
+    pub status: u16,
+    pub error: Option<&'static str>,
+    pub bytes_sent: u64,
+    pub bytes_received: Arc<AtomicU64>,
+    pub upgraded: bool,
+}
+
+static DASH: &str = "-";
+
+impl Exchange {
+    pub fn new(
+        shared: Arc<Shared>,
+        listener: Arc<str>,
+        method: Method,
+        path: http::uri::PathAndQuery,
+    ) -> Exchange {
+        let unknown: Arc<str> = shared.dash.clone();
+        Exchange {
+            shared,
+            start: Instant::now(),
+            listener,
+            route: unknown.clone(),
+            cluster: unknown,
+            endpoint: None,
+            request_id: None,
+            trace_id: None,
+            method,
+            path,
+            status: 0,
+            error: None,
+            bytes_sent: 0,
+            bytes_received: Arc::new(AtomicU64::new(0)),
+            upgraded: false,
+        }
+    }
+
+    fn finish(&mut self) {
+        let elapsed = self.start.elapsed();
+        let m = &self.shared.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                listener: self.listener.clone(),
+                route: self.route.clone(),
+                cluster: self.cluster.clone(),
+                code: self.status,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&RouteLabels {
+                listener: self.listener.clone(),
+                route: self.route.clone(),
+                cluster: self.cluster.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
+        let endpoint = self.endpoint.as_ref().map_or(DASH, |e| &e.0.label);
+        tracing::info!(
+            target: "spur::access",
+            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(DASH),
+            trace_id = self.trace_id.as_ref().and_then(|t| std::str::from_utf8(t).ok()).unwrap_or(DASH),
+            listener = &*self.listener,
+            route = &*self.route,
+            cluster = &*self.cluster,
+            endpoint,
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            status = self.status,
+            duration_ms = elapsed.as_secs_f64() * 1e3,
+            bytes_received = self.bytes_received.load(Ordering::Relaxed),
+            bytes_sent = self.bytes_sent,
+            error = self.error.unwrap_or(DASH),
+            upgraded = self.upgraded,
+        );
+    }
+}
+
+/// The response body Spur serves: the upstream's, streamed, or one Spur wrote itself. It
+/// carries the request's [`Exchange`] and closes it when the body ends or is dropped.
+pub struct RespBody {
+    inner: Inner,
+    exchange: Option<Exchange>,
+}
+
+enum Inner {
+    Upstream(Incoming),
+    Local(Option<Bytes>),
+}
+
+impl RespBody {
+    pub fn upstream(body: Incoming, exchange: Exchange) -> RespBody {
+        RespBody {
+            inner: Inner::Upstream(body),
+            exchange: Some(exchange),
+        }
+    }
+
+    pub fn local(text: Bytes, exchange: Option<Exchange>) -> RespBody {
+        RespBody {
+            inner: Inner::Local(Some(text)),
+            exchange,
+        }
+    }
+
+    fn close(&mut self) {
+        if let Some(mut ex) = self.exchange.take() {
+            ex.finish();
+        }
+    }
+}
+
+impl Drop for RespBody {
+    fn drop(&mut self) {
+        self.close();
+    }
+}
+
+impl Body for RespBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        let this = self.get_mut();
+        let polled = match &mut this.inner {
+            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Local(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+        };
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(ex), Some(d)) = (this.exchange.as_mut(), frame.data_ref()) {
+                    ex.bytes_sent += d.len() as u64;
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(ex) = this.exchange.as_mut() {
+                    ex.error = Some("upstream_reset");
+                }
+                this.close();
+            }
+            Poll::Ready(None) => this.close(),
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.inner {
+            Inner::Upstream(b) => b.is_end_stream(),
+            Inner::Local(b) => b.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.inner {
+            Inner::Upstream(b) => b.size_hint(),
+            Inner::Local(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+        }
+    }
+}
+
+/// A response Spur makes itself: short text, the status, `x-spur-error: <reason>`, and the
+/// request ID.
+pub fn local_response(
+    status: StatusCode,
+    reason: &'static str,
+    request_id_header: &http::HeaderName,
+    mut exchange: Option<Exchange>,
+) -> Response<RespBody> {
+    let text = Bytes::from(format!(
+        "{} ({reason})\n",
+        status.canonical_reason().unwrap_or("error")
+    ));
+    let mut builder = Response::builder()
+        .status(status)
+        .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
+        .header(&X_SPUR_ERROR, reason);
+    if let Some(ex) = exchange.as_mut() {
+        ex.status = status.as_u16();
+        ex.error = Some(reason);
+        if let Some(id) = &ex.request_id {
+            builder = builder.header(request_id_header, id.clone());
+        }
+    }
+    builder
+        .body(RespBody::local(text, exchange))
+        .expect("static parts are valid")
+}

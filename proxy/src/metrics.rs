@@ -1,0 +1,152 @@
+//! The proxy's Prometheus metrics, with SPEC's names.
+//!
+//! Label sets hold `Arc<str>` names made when a config is compiled, so recording a request
+//! clones a few pointers and never formats a string.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub cluster: Arc<str>,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabels {
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub cluster: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct UpstreamLabels {
+    pub cluster: Arc<str>,
+    pub endpoint: Arc<str>,
+    pub code: u16,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabels {
+    pub listener: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerReasonLabels {
+    pub listener: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: &'static str,
+}
+
+fn duration_histogram() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ])
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
+    pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub connections_active: Family<ListenerLabels, Gauge>,
+    /// Connections and requests refused before routing: over max_connections, malformed,
+    /// headers too large, slow headers.
+    pub rejected: Family<ListenerReasonLabels, Counter>,
+    pub config_version: Gauge,
+    pub config_updates: Family<ResultLabels, Counter>,
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::default();
+        let requests = Family::<RequestLabels, Counter>::default();
+        registry.register(
+            "spur_requests",
+            "Requests answered, by route, cluster and status code",
+            requests.clone(),
+        );
+        let request_duration =
+            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                duration_histogram,
+            );
+        registry.register(
+            "spur_request_duration_seconds",
+            "Time from request received to the end of the response body",
+            request_duration.clone(),
+        );
+        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
+        registry.register(
+            "spur_upstream_requests",
+            "Tries sent upstream (retries included), by endpoint and status code (0: no response)",
+            upstream_requests.clone(),
+        );
+        let connections_active = Family::<ListenerLabels, Gauge>::default();
+        registry.register(
+            "spur_connections_active",
+            "Open downstream connections",
+            connections_active.clone(),
+        );
+        let rejected = Family::<ListenerReasonLabels, Counter>::default();
+        registry.register(
+            "spur_downstream_rejected",
+            "Connections or requests refused before routing, by reason",
+            rejected.clone(),
+        );
+        let config_version = Gauge::default();
+        registry.register(
+            "spur_config_version",
+            "Version of the applied config",
+            config_version.clone(),
+        );
+        let config_updates = Family::<ResultLabels, Counter>::default();
+        registry.register(
+            "spur_config_updates",
+            "Config updates, applied or rejected",
+            config_updates.clone(),
+        );
+        Metrics {
+            registry,
+            requests,
+            request_duration,
+            upstream_requests,
+            connections_active,
+            rejected,
+            config_version,
+            config_updates,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut out = String::with_capacity(4096);
+        prometheus_client::encoding::text::encode(&mut out, &self.registry)
+            .expect("writing to a String");
+        out
+    }
+
+    pub fn reject(&self, listener: &Arc<str>, reason: &'static str) {
+        self.rejected
+            .get_or_create(&ListenerReasonLabels {
+                listener: listener.clone(),
+                reason,
+            })
+            .inc();
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

@@ -1,0 +1,347 @@
+//! Load-balancer choice: which endpoint of a cluster takes a request.
+//!
+//! The policies only read each endpoint's load through [`Candidate`]; the counters and
+//! latency estimates live with the endpoint state (see `crate::endpoint`), which outlives
+//! config swaps. Policies:
+//!
+//! - `round_robin`: a precomputed smooth weighted schedule walked by an atomic cursor.
+//! - `least_request`: power of two choices on in-flight requests per unit of weight.
+//! - `ewma`: power of two choices on peak-EWMA latency × (in-flight + 1) per unit of weight.
+//!   Failures are recorded as a large latency sample, so an endpoint that fails fast never
+//!   looks like the fastest one.
+//!
+//! Two random choices rather than a full scan: it is O(1), avoids the herd effect of every
+//! proxy picking the same "best" endpoint, and is what finagle, linkerd and Envoy do.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+/// What a policy may know about an endpoint.
+pub trait Candidate {
+    fn weight(&self) -> u32;
+    /// Requests sent and not yet answered.
+    fn in_flight(&self) -> u32;
+    /// Decayed peak-EWMA latency in nanoseconds, as of `now`.
+    fn latency_ns(&self, now: Instant) -> f64;
+    /// False while the endpoint must not be chosen (ejected, or failing health checks).
+    fn available(&self) -> bool;
+}
+
+#[derive(Debug)]
+pub enum Balancer {
+    RoundRobin {
+        schedule: Vec<u32>,
+        next: AtomicUsize,
+    },
+    LeastRequest,
+    Ewma,
+}
+
+impl Balancer {
+    pub fn round_robin(weights: &[u32]) -> Balancer {
+        Balancer::RoundRobin {
+            schedule: smooth_schedule(weights),
+            next: AtomicUsize::new(fastrand::usize(..1024)),
+        }
+    }
+
+    /// Chooses an endpoint, avoiding `exclude` (the one a retry just failed on) when another
+    /// is available. `None` when no endpoint is available.
+    pub fn pick<E: Candidate>(
+        &self,
+        eps: &[E],
+        exclude: Option<usize>,
+        now: Instant,
+    ) -> Option<usize> {
+        let usable = |i: usize| eps[i].available() && Some(i) != exclude;
+        let any_usable = (0..eps.len()).any(usable);
+        let usable = |i: usize| {
+            if any_usable {
+                usable(i)
+            } else {
+                eps[i].available()
+            }
+        };
+        match self {
+            Balancer::RoundRobin { schedule, next } => {
+                if schedule.is_empty() {
+                    return None;
+                }
+                for _ in 0..schedule.len() {
+                    let i =
+                        schedule[next.fetch_add(1, Ordering::Relaxed) % schedule.len()] as usize;
+                    if i < eps.len() && usable(i) {
+                        return Some(i);
+                    }
+                }
+                None
+            }
+            Balancer::LeastRequest => p2c(eps, usable, |e| f64::from(e.in_flight())),
+            Balancer::Ewma => p2c(eps, usable, |e| {
+                e.latency_ns(now) * f64::from(e.in_flight() + 1)
+            }),
+        }
+    }
+}
+
+/// Power of two choices: two distinct endpoints drawn at random in proportion to weight;
+/// the one with the lower `load / weight` wins.
+fn p2c<E: Candidate>(
+    eps: &[E],
+    usable: impl Fn(usize) -> bool,
+    load: impl Fn(&E) -> f64,
+) -> Option<usize> {
+    let a = weighted_draw(eps, &usable, None)?;
+    let Some(b) = weighted_draw(eps, &usable, Some(a)) else {
+        return Some(a);
+    };
+    let cost = |i: usize| load(&eps[i]) / f64::from(eps[i].weight().max(1));
+    Some(if cost(b) < cost(a) { b } else { a })
+}
+
+fn weighted_draw<E: Candidate>(
+    eps: &[E],
+    usable: &impl Fn(usize) -> bool,
+    skip: Option<usize>,
+) -> Option<usize> {
+    let ok = |i: usize| Some(i) != skip && usable(i);
+    let total: u64 = (0..eps.len())
+        .filter(|i| ok(*i))
+        .map(|i| u64::from(eps[i].weight().max(1)))
+        .sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = fastrand::u64(0..total);
+    for i in (0..eps.len()).filter(|i| ok(*i)) {
+        let w = u64::from(eps[i].weight().max(1));
+        if point < w {
+            return Some(i);
+        }
+        point -= w;
+    }
+    None
+}
+
+/// nginx's smooth weighted round robin, unrolled into a schedule of endpoint indices:
+/// weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c. Weights are scaled down
+/// (keeping each at least 1) so the schedule stays at most 4096 entries.
+pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
+    let total: u64 = weights.iter().map(|w| u64::from(*w)).sum();
+    let scale = (total as f64 / 4096.0).max(1.0);
+    let w: Vec<i64> = weights
+        .iter()
+        .map(|x| ((f64::from(*x) / scale).round() as i64).max(1))
+        .collect();
+    let sum: i64 = w.iter().sum();
+    let mut current = vec![0i64; w.len()];
+    let mut out = Vec::with_capacity(sum as usize);
+    for _ in 0..sum {
+        for (c, wi) in current.iter_mut().zip(&w) {
+            *c += wi;
+        }
+        let (best, _) = current
+            .iter()
+            .enumerate()
+            .max_by_key(|(i, c)| (**c, std::cmp::Reverse(*i)))
+            .expect("non-empty");
+        current[best] -= sum;
+        out.push(best as u32);
+    }
+    out
+}
+
+/// Peak-EWMA latency estimate of one endpoint.
+///
+/// A sample above the estimate replaces it at once (the "peak"); a lower one is blended in
+/// with a weight that grows with the time since the last sample (decay constant `TAU`), so
+/// an endpoint recovers its reputation within seconds, not requests.
+#[derive(Debug, Clone, Copy)]
+pub struct PeakEwma {
+    estimate_ns: f64,
+    stamp: Instant,
+}
+
+pub const TAU: Duration = Duration::from_secs(10);
+/// The estimate of an endpoint with no samples yet.
+pub const DEFAULT_RTT: Duration = Duration::from_millis(5);
+/// The latency sample a failure counts as (at least): much slower than any healthy answer.
+pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
+
+impl PeakEwma {
+    pub fn new(now: Instant) -> Self {
+        PeakEwma {
+            estimate_ns: DEFAULT_RTT.as_nanos() as f64,
+            stamp: now,
+        }
+    }
+
+    pub fn observe(&mut self, rtt: Duration, failed: bool, now: Instant) {
+        let sample = if failed {
+            rtt.max(FAILURE_PENALTY)
+        } else {
+            rtt
+        }
+        .as_nanos() as f64;
+        if sample > self.estimate_ns {
+            self.estimate_ns = sample;
+        } else {
+            let decay = self.decay(now);
+            self.estimate_ns = self.estimate_ns * decay + sample * (1.0 - decay);
+        }
+        self.stamp = now;
+    }
+
+    /// The estimate as of `now`, decayed towards zero since the last sample so that an
+    /// endpoint that was slow once gets tried again.
+    pub fn estimate_ns(&self, now: Instant) -> f64 {
+        self.estimate_ns * self.decay(now)
+    }
+
+    fn decay(&self, now: Instant) -> f64 {
+        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
+        (-elapsed / TAU.as_secs_f64()).exp()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    struct Ep {
+        weight: u32,
+        in_flight: u32,
+        latency: f64,
+        available: bool,
+    }
+
+    impl Candidate for Ep {
+        fn weight(&self) -> u32 {
+            self.weight
+        }
+        fn in_flight(&self) -> u32 {
+            self.in_flight
+        }
+        fn latency_ns(&self, _: Instant) -> f64 {
+            self.latency
+        }
+        fn available(&self) -> bool {
+            self.available
+        }
+    }
+
+    fn ep(weight: u32, in_flight: u32, latency_ms: f64) -> Ep {
+        Ep {
+            weight,
+            in_flight,
+            latency: latency_ms * 1e6,
+            available: true,
+        }
+    }
+
+    #[test]
+    fn smooth_schedule_interleaves() {
+        assert_eq!(smooth_schedule(&[5, 1, 1]), vec![0, 0, 1, 0, 2, 0, 0]);
+        assert_eq!(smooth_schedule(&[1, 1, 1]), vec![0, 1, 2]);
+        let big = smooth_schedule(&[10_000, 10_000, 1]);
+        assert!(big.len() <= 4096 + 3);
+        assert!(big.contains(&2));
+    }
+
+    #[test]
+    fn round_robin_follows_weights_and_skips_unavailable() {
+        let mut eps = vec![ep(2, 0, 1.0), ep(1, 0, 1.0), ep(1, 0, 1.0)];
+        let rr = Balancer::round_robin(&[2, 1, 1]);
+        let now = Instant::now();
+        let mut counts = [0; 3];
+        for _ in 0..400 {
+            counts[rr.pick(&eps, None, now).unwrap()] += 1;
+        }
+        assert_eq!(counts, [200, 100, 100]);
+        eps[0].available = false;
+        for _ in 0..50 {
+            assert_ne!(rr.pick(&eps, None, now), Some(0));
+        }
+        assert_ne!(rr.pick(&eps, Some(1), now), Some(1));
+    }
+
+    #[test]
+    fn least_request_prefers_idle_endpoints() {
+        let eps = vec![ep(1, 10, 1.0), ep(1, 0, 1.0)];
+        let now = Instant::now();
+        for _ in 0..100 {
+            assert_eq!(Balancer::LeastRequest.pick(&eps, None, now), Some(1));
+        }
+    }
+
+    #[test]
+    fn ewma_avoids_the_slow_endpoint() {
+        let eps = vec![ep(1, 0, 1.0), ep(1, 0, 50.0), ep(1, 0, 1.0)];
+        let now = Instant::now();
+        let mut slow = 0;
+        for _ in 0..3000 {
+            if Balancer::Ewma.pick(&eps, None, now) == Some(1) {
+                slow += 1;
+            }
+        }
+        // The slow one wins only when drawn twice, which p2c never does: 0.
+        assert_eq!(slow, 0);
+    }
+
+    #[test]
+    fn exclude_is_avoided_unless_it_is_the_only_one() {
+        let eps = vec![ep(1, 0, 1.0), ep(1, 0, 1.0)];
+        let now = Instant::now();
+        for b in [
+            Balancer::Ewma,
+            Balancer::LeastRequest,
+            Balancer::round_robin(&[1, 1]),
+        ] {
+            for _ in 0..50 {
+                assert_eq!(b.pick(&eps, Some(0), now), Some(1));
+            }
+            assert_eq!(b.pick(&eps[..1], Some(0), now), Some(0));
+        }
+    }
+
+    #[test]
+    fn peak_ewma_takes_peaks_and_decays() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        e.observe(Duration::from_millis(100), false, t0);
+        assert_eq!(e.estimate_ns(t0), 100e6);
+        // A fast sample right away barely moves it.
+        e.observe(
+            Duration::from_millis(1),
+            false,
+            t0 + Duration::from_millis(1),
+        );
+        assert!(e.estimate_ns(t0) > 99e6);
+        // After 3 TAU the old peak has mostly faded.
+        assert!(e.estimate_ns(t0 + TAU * 3) < 6e6);
+        // A failure that answered in 1ms counts as a second.
+        let mut f = PeakEwma::new(t0);
+        f.observe(Duration::from_millis(1), true, t0);
+        assert!(f.estimate_ns(t0) >= 1e9);
+    }
+
+    proptest! {
+        #[test]
+        fn never_picks_an_unavailable_endpoint_while_one_is_available(
+            eps in proptest::collection::vec((1u32..10, 0u32..20, 0.1f64..100.0, any::<bool>()), 1..8),
+            policy in 0usize..3,
+        ) {
+            let eps: Vec<Ep> = eps.into_iter().map(|(w, f, l, a)| Ep { weight: w, in_flight: f, latency: l * 1e6, available: a }).collect();
+            let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
+            let b = match policy { 0 => Balancer::Ewma, 1 => Balancer::LeastRequest, _ => Balancer::round_robin(&weights) };
+            let any = eps.iter().any(|e| e.available);
+            for _ in 0..20 {
+                match b.pick(&eps, None, Instant::now()) {
+                    Some(i) => prop_assert!(eps[i].available),
+                    None => prop_assert!(!any),
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,172 @@
+//! Correlation IDs: the request ID and the W3C trace context carried from hop to hop.
+//!
+//! - A valid incoming request ID is kept; a missing or invalid one is replaced by a UUIDv7
+//!   (time-ordered, so IDs sort by arrival) when generation is on.
+//! - `traceparent` (W3C Trace Context level 1): a valid one keeps its trace ID and flags and
+//!   gets a new parent (span) ID for this hop; a missing or invalid one starts a new trace.
+
+use http::HeaderValue;
+
+/// A request ID is kept if it is 1..=200 visible ASCII characters.
+pub fn valid_request_id(v: &HeaderValue) -> bool {
+    let b = v.as_bytes();
+    !b.is_empty() && b.len() <= 200 && b.iter().all(|c| (0x21..=0x7e).contains(c))
+}
+
+pub fn new_request_id() -> HeaderValue {
+    let mut buf = uuid::Uuid::encode_buffer();
+    let s = uuid::Uuid::now_v7().hyphenated().encode_lower(&mut buf);
+    HeaderValue::from_str(s).expect("uuid is ASCII")
+}
+
+/// A parsed `traceparent`: `00-<trace-id:32 hex>-<parent-id:16 hex>-<flags:2 hex>`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct TraceParent {
+    pub trace_id: [u8; 32],
+    pub parent_id: [u8; 16],
+    pub flags: [u8; 2],
+}
+
+fn is_lower_hex(b: &[u8]) -> bool {
+    b.iter()
+        .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+}
+
+impl TraceParent {
+    pub fn parse(v: &[u8]) -> Option<TraceParent> {
+        // Version 00 is exactly 55 bytes; a future version may append fields after a dash.
+        if v.len() < 55 || (v.len() > 55 && v[55] != b'-') {
+            return None;
+        }
+        let (version, trace, parent, flags) = (&v[0..2], &v[3..35], &v[36..52], &v[53..55]);
+        if v[2] != b'-' || v[35] != b'-' || v[52] != b'-' {
+            return None;
+        }
+        if !is_lower_hex(version) || version == b"ff" || (version == b"00" && v.len() != 55) {
+            return None;
+        }
+        if !is_lower_hex(trace) || !is_lower_hex(parent) || !is_lower_hex(flags) {
+            return None;
+        }
+        if trace.iter().all(|c| *c == b'0') || parent.iter().all(|c| *c == b'0') {
+            return None;
+        }
+        Some(TraceParent {
+            trace_id: trace.try_into().ok()?,
+            parent_id: parent.try_into().ok()?,
+            flags: flags.try_into().ok()?,
+        })
+    }
+
+    /// A new trace, sampled.
+    pub fn new_root() -> TraceParent {
+        let mut trace_id = [0u8; 32];
+        hex_into(&mut trace_id[..16], fastrand::u64(1..));
+        hex_into(&mut trace_id[16..], fastrand::u64(..));
+        TraceParent {
+            trace_id,
+            parent_id: new_span_id(),
+            flags: *b"01",
+        }
+    }
+
+    /// The same trace with this hop as the parent.
+    pub fn child(&self) -> TraceParent {
+        TraceParent {
+            parent_id: new_span_id(),
+            ..*self
+        }
+    }
+
+    pub fn to_header(&self) -> HeaderValue {
+        let mut b = [0u8; 55];
+        b[0..3].copy_from_slice(b"00-");
+        b[3..35].copy_from_slice(&self.trace_id);
+        b[35] = b'-';
+        b[36..52].copy_from_slice(&self.parent_id);
+        b[52] = b'-';
+        b[53..55].copy_from_slice(&self.flags);
+        HeaderValue::from_bytes(&b).expect("hex is a valid header value")
+    }
+
+    pub fn trace_id_str(&self) -> &str {
+        std::str::from_utf8(&self.trace_id).unwrap_or("")
+    }
+}
+
+fn new_span_id() -> [u8; 16] {
+    let mut id = [0u8; 16];
+    hex_into(&mut id, fastrand::u64(1..));
+    id
+}
+
+fn hex_into(out: &mut [u8], mut v: u64) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    for slot in out.iter_mut().rev() {
+        *slot = HEX[(v & 0xf) as usize];
+        v >>= 4;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    #[test]
+    fn child_keeps_trace_and_flags_but_not_parent() {
+        let tp = TraceParent::parse(GOOD.as_bytes()).unwrap();
+        let child = tp.child();
+        assert_eq!(child.trace_id, tp.trace_id);
+        assert_eq!(child.flags, tp.flags);
+        assert_ne!(child.parent_id, tp.parent_id);
+        let text = child.to_header();
+        let text = text.to_str().unwrap();
+        assert!(text.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
+        assert!(text.ends_with("-01"));
+        assert_eq!(TraceParent::parse(text.as_bytes()), Some(child));
+    }
+
+    #[test]
+    fn invalid_traceparents_are_refused() {
+        for bad in [
+            "",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "00-00000000000000000000000000000000-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01",
+            "ff-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
+            "00_4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ] {
+            assert_eq!(TraceParent::parse(bad.as_bytes()), None, "{bad}");
+        }
+        // A future version may carry more fields.
+        assert!(
+            TraceParent::parse(b"01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-xyz")
+                .is_some()
+        );
+    }
+
+    #[test]
+    fn new_roots_are_valid_and_distinct() {
+        let a = TraceParent::new_root();
+        let b = TraceParent::new_root();
+        assert_ne!(a.trace_id, b.trace_id);
+        assert_eq!(TraceParent::parse(a.to_header().as_bytes()), Some(a));
+    }
+
+    #[test]
+    fn request_ids() {
+        assert!(valid_request_id(&HeaderValue::from_static("abc-123")));
+        assert!(!valid_request_id(&HeaderValue::from_static("has space")));
+        assert!(!valid_request_id(&HeaderValue::from_static("")));
+        assert!(!valid_request_id(
+            &HeaderValue::from_str(&"x".repeat(201)).unwrap()
+        ));
+        let id = new_request_id();
+        assert_eq!(id.len(), 36);
+        assert_eq!(id.to_str().unwrap().as_bytes()[14], b'7', "UUID version 7");
+    }
+}

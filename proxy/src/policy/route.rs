@@ -1,0 +1,194 @@
+//! Route matching: which route of a listener answers a request. First match wins.
+//!
+//! Matchers are compiled once per config (regexes built, names parsed) so that matching a
+//! request allocates nothing.
+
+use http::{HeaderMap, HeaderName, Method};
+use spur_config::{HeaderMatch, RouteMatch};
+
+/// The request facts a route can match on.
+pub struct RequestView<'a> {
+    pub method: &'a Method,
+    pub path: &'a str,
+    /// Host without port, from the URI authority (HTTP/2) or the Host header (HTTP/1.1).
+    pub host: Option<&'a str>,
+    pub headers: &'a HeaderMap,
+}
+
+#[derive(Debug)]
+enum PathMatch {
+    Any,
+    Exact(String),
+    Prefix(String),
+}
+
+#[derive(Debug)]
+enum HeaderCond {
+    Exact(String),
+    Present(bool),
+    Regex(regex::Regex),
+}
+
+/// A compiled `match` block.
+#[derive(Debug)]
+pub struct Matcher {
+    path: PathMatch,
+    host: Option<String>,
+    method: Option<Method>,
+    headers: Vec<(HeaderName, HeaderCond)>,
+}
+
+/// Why a `match` block could not be compiled (validation catches these first).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct MatchError(String);
+
+impl Matcher {
+    pub fn compile(m: &RouteMatch) -> Result<Matcher, MatchError> {
+        let path = match (&m.path, &m.path_prefix) {
+            (Some(p), _) => PathMatch::Exact(p.clone()),
+            (None, Some(p)) if p == "/" => PathMatch::Any,
+            (None, Some(p)) => PathMatch::Prefix(p.clone()),
+            (None, None) => PathMatch::Any,
+        };
+        let method = match &m.method {
+            Some(s) => Some(
+                Method::from_bytes(s.as_bytes())
+                    .map_err(|_| MatchError(format!("bad method `{s}`")))?,
+            ),
+            None => None,
+        };
+        let headers = m
+            .headers
+            .iter()
+            .map(compile_header)
+            .collect::<Result<_, _>>()?;
+        Ok(Matcher {
+            path,
+            host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
+            method,
+            headers,
+        })
+    }
+
+    pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        let path_ok = match &self.path {
+            PathMatch::Any => true,
+            PathMatch::Exact(p) => req.path == p,
+            PathMatch::Prefix(p) => prefix_matches(req.path, p),
+        };
+        if !path_ok {
+            return false;
+        }
+        if let Some(m) = &self.method {
+            if m != req.method {
+                return false;
+            }
+        }
+        if let Some(h) = &self.host {
+            match req.host {
+                Some(rh) if rh.eq_ignore_ascii_case(h) => {}
+                _ => return false,
+            }
+        }
+        self.headers.iter().all(|(name, cond)| {
+            let value = req.headers.get(name).and_then(|v| v.to_str().ok());
+            match cond {
+                HeaderCond::Present(want) => req.headers.contains_key(name) == *want,
+                HeaderCond::Exact(v) => value == Some(v.as_str()),
+                HeaderCond::Regex(re) => value.is_some_and(|v| re.is_match(v)),
+            }
+        })
+    }
+}
+
+/// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apis`; a prefix ending in `/`
+/// matches anything below it.
+fn prefix_matches(path: &str, prefix: &str) -> bool {
+    match path.strip_prefix(prefix) {
+        Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+fn compile_header(h: &HeaderMatch) -> Result<(HeaderName, HeaderCond), MatchError> {
+    let name = HeaderName::from_bytes(h.name.as_bytes())
+        .map_err(|_| MatchError(format!("bad header name `{}`", h.name)))?;
+    let cond = if let Some(v) = &h.value {
+        HeaderCond::Exact(v.clone())
+    } else if let Some(re) = &h.regex {
+        // Anchored: the regex matches the whole value, as in Envoy's safe_regex.
+        let re = regex::Regex::new(&format!("^(?:{re})$"))
+            .map_err(|e| MatchError(format!("bad regex: {e}")))?;
+        HeaderCond::Regex(re)
+    } else {
+        HeaderCond::Present(h.present.unwrap_or(true))
+    };
+    Ok((name, cond))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(yaml: &str) -> Matcher {
+        let rm: RouteMatch = serde_json::from_str(yaml).unwrap();
+        Matcher::compile(&rm).unwrap()
+    }
+
+    fn req<'a>(
+        method: &'a Method,
+        path: &'a str,
+        host: Option<&'a str>,
+        headers: &'a HeaderMap,
+    ) -> RequestView<'a> {
+        RequestView {
+            method,
+            path,
+            host,
+            headers,
+        }
+    }
+
+    #[test]
+    fn path_rules() {
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let prefix = m(r#"{"path_prefix": "/api"}"#);
+        assert!(prefix.matches(&req(&get, "/api", None, &h)));
+        assert!(prefix.matches(&req(&get, "/api/v1", None, &h)));
+        assert!(!prefix.matches(&req(&get, "/apis", None, &h)));
+        assert!(!prefix.matches(&req(&get, "/", None, &h)));
+        let slash = m(r#"{"path_prefix": "/api/"}"#);
+        assert!(slash.matches(&req(&get, "/api/x", None, &h)));
+        assert!(!slash.matches(&req(&get, "/api", None, &h)));
+        let exact = m(r#"{"path": "/exact"}"#);
+        assert!(exact.matches(&req(&get, "/exact", None, &h)));
+        assert!(!exact.matches(&req(&get, "/exact/", None, &h)));
+        assert!(m("{}").matches(&req(&get, "/anything", None, &h)));
+    }
+
+    #[test]
+    fn method_host_and_headers() {
+        let mut h = HeaderMap::new();
+        h.insert("x-version", "v12".parse().unwrap());
+        h.insert("x-group", "beta".parse().unwrap());
+        let get = Method::GET;
+        let post = Method::POST;
+        let rule = m(r#"{"method": "POST", "host": "Shop.Example",
+            "headers": [{"name": "x-group", "value": "beta"}, {"name": "x-version", "regex": "v[0-9]+"},
+                        {"name": "x-debug", "present": false}]}"#);
+        assert!(rule.matches(&req(&post, "/", Some("shop.example"), &h)));
+        assert!(!rule.matches(&req(&get, "/", Some("shop.example"), &h)));
+        assert!(!rule.matches(&req(&post, "/", Some("other"), &h)));
+        assert!(!rule.matches(&req(&post, "/", None, &h)));
+        h.insert("x-debug", "1".parse().unwrap());
+        assert!(!rule.matches(&req(&post, "/", Some("shop.example"), &h)));
+        h.remove("x-debug");
+        h.insert("x-version", "v12-beta".parse().unwrap());
+        assert!(
+            !rule.matches(&req(&post, "/", Some("shop.example"), &h)),
+            "regex is anchored"
+        );
+    }
+}

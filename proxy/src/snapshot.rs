@@ -1,0 +1,220 @@
+//! A compiled config: what a request reads, built once per config and swapped atomically.
+//!
+//! Compiling resolves every name to an `Arc` (routes point at their clusters directly),
+//! builds matchers and balancers, and fetches endpoint state from the registry. A request
+//! loads the current snapshot once and keeps it for its whole life, so a swap never changes
+//! a request half-way.
+
+use crate::endpoint::{EndpointState, Registry};
+use crate::policy::balance::Balancer;
+use crate::policy::route::{Matcher, RequestView};
+use crate::policy::split::HashOn;
+use crate::upstream::{Client, ClientKey};
+use http::HeaderName;
+use spur_config::{Config, LbPolicy, Limits, ListenerProtocol, UpstreamProtocol};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub struct Snapshot {
+    pub version: u64,
+    pub config: Arc<Config>,
+    pub listeners: HashMap<String, Arc<ListenerRt>>,
+    pub clusters: HashMap<String, Arc<ClusterRt>>,
+    pub correlation: CorrelationRt,
+    pub drain_timeout: Duration,
+}
+
+pub struct CorrelationRt {
+    pub header: HeaderName,
+    pub generate: bool,
+    pub trace_context: bool,
+}
+
+pub struct ListenerRt {
+    pub name: Arc<str>,
+    pub listen: SocketAddr,
+    pub protocol: ListenerProtocol,
+    pub limits: Limits,
+    pub default_cluster: Option<Arc<ClusterRt>>,
+    pub routes: Vec<RouteRt>,
+    /// Route label for requests answered by the default cluster.
+    pub default_route_name: Arc<str>,
+}
+
+pub struct RouteRt {
+    pub name: Arc<str>,
+    pub matcher: Matcher,
+    pub target: Target,
+    pub timeout: Option<Duration>,
+}
+
+pub enum Target {
+    Cluster(Arc<ClusterRt>),
+    Split {
+        clusters: Vec<Arc<ClusterRt>>,
+        weights: Vec<u32>,
+        total: u64,
+        hash_on: Option<HashOn>,
+    },
+}
+
+pub struct ClusterRt {
+    pub name: Arc<str>,
+    pub protocol: UpstreamProtocol,
+    pub endpoints: Vec<Arc<EndpointState>>,
+    pub balancer: Balancer,
+    pub client: Client,
+    pub connect_timeout: Duration,
+}
+
+/// A config the proxy cannot apply even though it validated (e.g. an endpoint list the
+/// registry cannot use). Validation normally catches everything first.
+#[derive(Debug, thiserror::Error)]
+#[error("{path}: {message}")]
+pub struct CompileError {
+    pub path: String,
+    pub message: String,
+}
+
+impl ListenerRt {
+    /// The first route that matches, or `None`.
+    pub fn route(&self, req: &RequestView<'_>) -> Option<&RouteRt> {
+        self.routes.iter().find(|r| r.matcher.matches(req))
+    }
+}
+
+impl Snapshot {
+    pub fn compile(
+        cfg: Arc<Config>,
+        version: u64,
+        registry: &Registry,
+    ) -> Result<Snapshot, CompileError> {
+        let mut clusters = HashMap::new();
+        let mut client_keys = Vec::new();
+        for c in &cfg.clusters {
+            let name: Arc<str> = c.name.as_str().into();
+            let mut endpoints = Vec::with_capacity(c.endpoints.len());
+            for (k, ep) in c.endpoints.iter().enumerate() {
+                let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
+                    path: format!("clusters[{}].endpoints[{k}]", c.name),
+                    message: format!("`{}` is not an IP address with a port", ep.address()),
+                })?;
+                endpoints.push(registry.endpoint(&c.name, addr, ep.weight()));
+            }
+            let weights: Vec<u32> = c.endpoints.iter().map(|e| e.weight()).collect();
+            let balancer = match c.lb {
+                LbPolicy::RoundRobin => Balancer::round_robin(&weights),
+                LbPolicy::LeastRequest => Balancer::LeastRequest,
+                LbPolicy::Ewma => Balancer::Ewma,
+                LbPolicy::RingHash => {
+                    return Err(CompileError {
+                        path: format!("clusters[{}].lb", c.name),
+                        message: "ring_hash: not supported yet".into(),
+                    })
+                }
+            };
+            let key = ClientKey {
+                cluster: c.name.clone(),
+                protocol: c.protocol,
+                connect_timeout: c.connect_timeout.get(),
+            };
+            let client = registry.client(key.clone());
+            client_keys.push(key);
+            clusters.insert(
+                c.name.clone(),
+                Arc::new(ClusterRt {
+                    name,
+                    protocol: c.protocol,
+                    endpoints,
+                    balancer,
+                    client,
+                    connect_timeout: c.connect_timeout.get(),
+                }),
+            );
+        }
+        let cluster = |path: String, name: &str| {
+            clusters.get(name).cloned().ok_or_else(|| CompileError {
+                path,
+                message: format!("unknown cluster `{name}`"),
+            })
+        };
+
+        let mut listeners = HashMap::new();
+        for (i, l) in cfg.listeners.iter().enumerate() {
+            let listen: SocketAddr = l.listen.parse().map_err(|_| CompileError {
+                path: format!("listeners[{i}].listen"),
+                message: format!("`{}` is not an address", l.listen),
+            })?;
+            let default_cluster = match &l.cluster {
+                Some(c) => Some(cluster(format!("listeners[{i}].cluster"), c)?),
+                None => None,
+            };
+            let mut routes = Vec::with_capacity(l.routes.len());
+            for (j, r) in l.routes.iter().enumerate() {
+                let path = format!("listeners[{i}].routes[{j}]");
+                let matcher = Matcher::compile(&r.matches).map_err(|e| CompileError {
+                    path: format!("{path}.match"),
+                    message: e.to_string(),
+                })?;
+                let target = if let Some(c) = &r.cluster {
+                    Target::Cluster(cluster(format!("{path}.cluster"), c)?)
+                } else {
+                    let mut cs = Vec::new();
+                    for (k, s) in r.split.iter().enumerate() {
+                        cs.push(cluster(format!("{path}.split[{k}].cluster"), &s.cluster)?);
+                    }
+                    let weights: Vec<u32> = r.split.iter().map(|s| s.weight).collect();
+                    Target::Split {
+                        total: weights.iter().map(|w| u64::from(*w)).sum::<u64>().max(1),
+                        weights,
+                        clusters: cs,
+                        hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
+                    }
+                };
+                routes.push(RouteRt {
+                    name: r
+                        .name
+                        .clone()
+                        .unwrap_or_else(|| format!("{}#{j}", l.name))
+                        .into(),
+                    matcher,
+                    target,
+                    timeout: r.timeout.map(|t| t.get()),
+                });
+            }
+            listeners.insert(
+                l.name.clone(),
+                Arc::new(ListenerRt {
+                    name: l.name.as_str().into(),
+                    listen,
+                    protocol: l.protocol,
+                    limits: l.limits,
+                    default_cluster,
+                    routes,
+                    default_route_name: "default".into(),
+                }),
+            );
+        }
+        let correlation = CorrelationRt {
+            header: HeaderName::from_bytes(cfg.correlation.request_id_header.as_bytes()).map_err(
+                |_| CompileError {
+                    path: "correlation.request_id_header".into(),
+                    message: "not a header name".into(),
+                },
+            )?,
+            generate: cfg.correlation.generate,
+            trace_context: cfg.correlation.trace_context,
+        };
+        registry.prune(&client_keys);
+        Ok(Snapshot {
+            version,
+            drain_timeout: cfg.drain_timeout.get(),
+            config: cfg,
+            listeners,
+            clusters,
+            correlation,
+        })
+    }
+}
