@@ -1,0 +1,161 @@
+//! End-to-end: the `spur` command line — validate, demo, unknown commands.
+
+mod common;
+
+use common::*;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn spur() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_spur"))
+}
+
+fn write_temp(name: &str, text: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("spur-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn validate_prints_a_summary_or_every_error() {
+    let good = write_temp(
+        "good.yaml",
+        "listeners:\n  - { name: a, listen: 127.0.0.1:8080, cluster: c }\nclusters:\n  - { name: c, endpoints: [\"127.0.0.1:9000\"] }\n",
+    );
+    let out = spur().arg("validate").arg(&good).output().unwrap();
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "ok: 1 listener(s), 0 route(s), 1 cluster(s) with 1 static endpoint(s), 0 flag(s)"
+        ),
+        "{stdout}"
+    );
+
+    let bad = write_temp(
+        "bad.json",
+        r#"{"listeners":[{"name":"a","listen":"nope","routes":[{"cluster":"missing","retry":{"attempts":0}}]}]}"#,
+    );
+    let out = spur().arg("validate").arg(&bad).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    for expected in [
+        "listeners[0].listen: `nope` is not an IP address with a port",
+        "listeners[0].routes[0].cluster: unknown cluster `missing`",
+        "listeners[0].routes[0].retry.attempts: must be between 1 and 10",
+    ] {
+        assert!(
+            stderr.contains(expected),
+            "missing `{expected}` in:\n{stderr}"
+        );
+    }
+
+    let unknown = write_temp("unknown.yaml", "listeners: []\ncolour: blue\n");
+    let out = spur().arg("validate").arg(&unknown).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown field `colour`"));
+
+    let out = spur()
+        .args(["validate", "/does/not/exist.yaml"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read /does/not/exist.yaml"));
+
+    let out = spur().arg("frobnicate").output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown command `frobnicate`"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn demo_serves_the_routes_it_prints() {
+    let mut child = spur()
+        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (proxy_url, admin_url) = tokio::task::spawn_blocking(move || {
+        let mut proxy = None;
+        let mut admin = None;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            let t = line.trim();
+            if let Some(u) = t.strip_prefix("proxy") {
+                proxy = Some(u.trim().to_string());
+            }
+            if let Some(u) = t.strip_prefix("admin") {
+                admin = Some(u.split_whitespace().next().unwrap().to_string());
+            }
+            if t.starts_with("Ctrl-C") {
+                break;
+            }
+        }
+        (
+            proxy.expect("proxy url printed"),
+            admin.expect("admin url printed"),
+        )
+    })
+    .await
+    .unwrap();
+    let addr: std::net::SocketAddr = proxy_url.trim_start_matches("http://").parse().unwrap();
+    let admin: std::net::SocketAddr = admin_url.trim_start_matches("http://").parse().unwrap();
+
+    let beta = get(addr, "/hello", &[("x-user-group", "beta")]).await;
+    assert_eq!(beta.status, 200);
+    assert!(
+        beta.text().contains("\"backend\": \"v2\""),
+        "{}",
+        beta.text()
+    );
+    // The canary split is sticky per user and sends most users to v1.
+    let mut on_v1 = 0;
+    for u in 0..50 {
+        let user = format!("u{u}");
+        let a = get(addr, "/hello", &[("x-user-id", &user)])
+            .await
+            .header("x-backend")
+            .unwrap()
+            .to_string();
+        let b = get(addr, "/hello", &[("x-user-id", &user)])
+            .await
+            .header("x-backend")
+            .unwrap()
+            .to_string();
+        assert_eq!(a, b);
+        on_v1 += usize::from(a == "v1");
+    }
+    assert!(on_v1 >= 35, "only {on_v1}/50 users on v1");
+    assert!(
+        metric(
+            admin,
+            "spur_requests_total",
+            &[
+                ("listener", "demo"),
+                ("route", "beta-users"),
+                ("cluster", "v2"),
+                ("code", "200")
+            ]
+        )
+        .await
+            >= 1.0
+    );
+
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            assert!(st.success(), "{st:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "demo did not stop on SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -1,0 +1,315 @@
+//! Helpers shared by the end-to-end tests: real backends on 127.0.0.1, the proxy in
+//! process or as a child process, and real HTTP clients.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use spur_proxy::Proxy;
+use std::convert::Infallible;
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::net::TcpListener;
+
+pub type Handler = Arc<
+    dyn Fn(
+            Request<Incoming>,
+        ) -> std::pin::Pin<Box<dyn Future<Output = Response<Full<Bytes>>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// A backend serving HTTP/1.1 and h2c on 127.0.0.1 with `handler`.
+pub struct Backend {
+    pub addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+pub async fn backend<F, Fut>(handler: F) -> Backend
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = tcp.local_addr().unwrap();
+    let handler = Arc::new(handler);
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = tcp.accept().await else {
+                continue;
+            };
+            let handler = handler.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req| {
+                    let fut = handler(req);
+                    async move { Ok::<_, Infallible>(fut.await) }
+                });
+                let _ = auto::Builder::new(TokioExecutor::new())
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
+                    .await;
+            });
+        }
+    });
+    Backend { addr, task }
+}
+
+/// A backend that answers `name` and echoes the request headers as `x-echo-<name>` headers.
+pub async fn named_backend(name: &'static str) -> Backend {
+    backend(move |req: Request<Incoming>| async move {
+        let mut resp = Response::builder().header("x-backend", name);
+        for (k, v) in req.headers() {
+            resp = resp.header(format!("x-echo-{}", k.as_str()), v.clone());
+        }
+        resp.body(Full::new(Bytes::from(name))).unwrap()
+    })
+    .await
+}
+
+/// Starts a proxy in this process from YAML; listeners should use port 0.
+pub async fn start_proxy(yaml: &str) -> Proxy {
+    let cfg = spur_config::load(yaml, Some("test.yaml"))
+        .unwrap_or_else(|e| panic!("test config invalid:\n{e}"));
+    Proxy::start(cfg).await.expect("proxy starts")
+}
+
+/// A plain HTTP/1.1 client (pooled).
+pub fn h1_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// An h2c (prior knowledge) client.
+pub fn h2_client() -> hyper_util::client::legacy::Client<
+    hyper_util::client::legacy::connect::HttpConnector,
+    Full<Bytes>,
+> {
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .build_http()
+}
+
+pub struct Answer {
+    pub status: u16,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+}
+
+impl Answer {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn send(
+    client: &hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        Full<Bytes>,
+    >,
+    req: Request<Full<Bytes>>,
+) -> Answer {
+    let resp = client
+        .request(req)
+        .await
+        .expect("request reaches the proxy");
+    let (parts, body) = resp.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer {
+        status: parts.status.as_u16(),
+        headers: parts.headers,
+        body,
+    }
+}
+
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = Request::get(format!("http://{addr}{path}"));
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    send(&h1_client(), req.body(Full::new(Bytes::new())).unwrap()).await
+}
+
+/// Scrapes the admin `/metrics` and returns the value of the sample with exactly these
+/// name and labels (in any order), or 0.
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let text = get(admin, "/metrics", &[]).await.text();
+    metric_in(&text, name, labels)
+}
+
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    for line in text.lines() {
+        if line.starts_with('#') {
+            continue;
+        }
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (n, lbls) = match series.split_once('{') {
+            Some((n, rest)) => (n, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if n != name {
+            continue;
+        }
+        let all = labels
+            .iter()
+            .all(|(k, v)| lbls.split(',').any(|p| p == format!("{k}=\"{v}\"")));
+        let count = if lbls.is_empty() {
+            0
+        } else {
+            lbls.split(',').count()
+        };
+        if all && count == labels.len() {
+            return value.parse().unwrap_or(0.0);
+        }
+    }
+    0.0
+}
+
+/// Polls `check` until it returns true or `timeout` passes.
+pub async fn eventually<F, Fut>(timeout: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `spur` binary as a child process, with the addresses it logged when it bound.
+pub struct SpurProcess {
+    pub child: Child,
+    pub listeners: std::collections::HashMap<String, SocketAddr>,
+    pub admin: Option<SocketAddr>,
+    pub stderr_lines: Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Drop for SpurProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl SpurProcess {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Resident memory of the process in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn sigterm(&self) {
+        unsafe_kill(self.pid(), "TERM");
+    }
+}
+
+fn unsafe_kill(pid: u32, sig: &str) {
+    let _ = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status();
+}
+
+/// Writes `yaml` to a temp file and runs `spur proxy --config` on it; waits until every
+/// listener (and the admin server, if any) has logged its address.
+pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
+    let dir = std::env::temp_dir().join(format!(
+        "spur-test-{}-{}",
+        std::process::id(),
+        fastrand_u64()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args(["proxy", "--config"])
+        .arg(&path)
+        .args(["--log-format", "json"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn spur");
+    let stderr = child.stderr.take().unwrap();
+    let lines = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    let sink = lines.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            let _ = tx.send(line.clone());
+            sink.lock().unwrap().push(line);
+        }
+    });
+    let mut listeners = std::collections::HashMap::new();
+    let mut admin = None;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let has_admin = yaml.contains("admin:");
+    while listeners.len() < expect_listeners || (has_admin && admin.is_none()) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = rx
+            .recv_timeout(left)
+            .unwrap_or_else(|_| panic!("spur did not start; stderr: {:?}", lines.lock().unwrap()));
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
+            continue;
+        };
+        let msg = v["message"].as_str().unwrap_or("");
+        if msg == "listening" {
+            listeners.insert(
+                v["listener"].as_str().unwrap().to_string(),
+                v["addr"].as_str().unwrap().parse().unwrap(),
+            );
+        } else if msg == "admin listening" {
+            admin = Some(v["addr"].as_str().unwrap().parse().unwrap());
+        }
+    }
+    SpurProcess {
+        child,
+        listeners,
+        admin,
+        stderr_lines: lines,
+    }
+}
+
+fn fastrand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u64(Instant::now().elapsed().as_nanos() as u64);
+    h.finish()
+}
