@@ -27,6 +27,7 @@ PIN=${PIN:-1}                       # 1 = pin with taskset (see README), 0 = no 
 PROXY_CPUS=${PROXY_CPUS:-}          # CPU list for the proxy under test (default: last allowed CPU)
 LOAD_CPUS=${LOAD_CPUS:-}            # CPU list for wrk + origin (default: the other CPUs)
 PROXY_WORKERS=${PROXY_WORKERS:-}    # worker threads/processes for every proxy (default: #PROXY_CPUS)
+LAT_PIN=${LAT_PIN:-same}            # latency run: "same" = wrk, proxy and origin on one CPU; "split" = as above
 ACCESS_LOG=${ACCESS_LOG:-1}         # 1 = every proxy writes one access-log line per request to a file
 KEEP_LOGS=${KEEP_LOGS:-0}           # 1 = keep full access logs (they can be hundreds of MB)
 SPUR_BIN=${SPUR_BIN:-$REPO_ROOT/target/release/spur}
@@ -56,6 +57,9 @@ Options (environment variable in brackets):
   --load-cpus LIST        taskset CPU list for wrk and the origin [LOAD_CPUS, default: the rest]
   --workers N             worker threads/processes for every proxy [PROXY_WORKERS, default: #proxy CPUs]
   --no-pin                do not use taskset [PIN=0]
+  --latency-pin same|split
+                          1-connection run with wrk, proxy and origin all on one CPU ("same",
+                          default: no cross-CPU wake-ups) or placed as for throughput [LAT_PIN]
   --no-access-log         proxies write no access log (Spur always logs to stderr) [ACCESS_LOG=0]
   --keep-logs             keep the full access logs [KEEP_LOGS=1]
   --no-install            never run apt-get [INSTALL=0]
@@ -77,6 +81,7 @@ while [[ $# -gt 0 ]]; do
     --load-cpus) LOAD_CPUS=${2:?}; shift ;;
     --workers) PROXY_WORKERS=${2:?}; shift ;;
     --no-pin) PIN=0 ;;
+    --latency-pin) LAT_PIN=${2:?}; shift ;;
     --no-access-log) ACCESS_LOG=0 ;;
     --keep-logs) KEEP_LOGS=1 ;;
     --no-install) INSTALL=0 ;;
@@ -107,6 +112,7 @@ WARMUP=$(to_secs "$WARMUP")
 [[ $CONNECTIONS =~ ^[0-9]+$ && $THREADS =~ ^[0-9]+$ && $CONNECTIONS -ge $THREADS && $THREADS -ge 1 ]] \
   || die "need 1 <= --threads <= --connections"
 
+[[ $LAT_PIN == same || $LAT_PIN == split ]] || die "--latency-pin must be 'same' or 'split'"
 IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
   case $t in direct|spur|haproxy|nginx) ;; *) die "unknown target '$t' (direct, spur, haproxy, nginx)" ;; esac
@@ -148,17 +154,17 @@ fi
 
 # ------------------------------------------------------------- CPU pinning --
 expand_cpus() {   # "0-2,5" -> "0 1 2 5"
-  local part a b out=()
+  local part a b i parts=() cpus=()
   IFS=, read -r -a parts <<<"$1"
   for part in "${parts[@]}"; do
     if [[ $part == *-* ]]; then
       a=${part%-*}; b=${part#*-}
-      for ((i = a; i <= b; i++)); do out+=("$i"); done
+      for ((i = a; i <= b; i++)); do cpus+=("$i"); done
     elif [[ -n $part ]]; then
-      out+=("$part")
+      cpus+=("$part")
     fi
   done
-  echo "${out[*]}"
+  echo "${cpus[*]}"
 }
 join_by_comma() { local IFS=,; echo "$*"; }
 
@@ -168,7 +174,14 @@ PIN_NOTE=""
 if [[ $PIN == 1 && ${#ALLOWED[@]} -ge 2 ]]; then
   [[ -n $PROXY_CPUS ]] || PROXY_CPUS=${ALLOWED[-1]}
   [[ -n $LOAD_CPUS ]] || LOAD_CPUS=$(join_by_comma "${ALLOWED[@]:0:${#ALLOWED[@]}-1}")
-  PIN_NOTE="proxy on CPU(s) $PROXY_CPUS; wrk and origin on CPU(s) $LOAD_CPUS"
+  read -r -a _lc <<<"$(expand_cpus "$LOAD_CPUS")"
+  LAT_CPU=${_lc[0]}
+  PIN_NOTE="throughput: proxy on CPU(s) $PROXY_CPUS, wrk and origin on CPU(s) $LOAD_CPUS"
+  if [[ $LAT_PIN == same ]]; then
+    PIN_NOTE+="; latency: wrk, proxy and origin all on CPU $LAT_CPU"
+  else
+    PIN_NOTE+="; latency: same placement"
+  fi
 else
   [[ $PIN == 1 ]] && warn "only ${#ALLOWED[@]} CPU allowed: not pinning"
   PIN=0
@@ -183,8 +196,13 @@ if [[ -z $PROXY_WORKERS ]]; then
   fi
 fi
 [[ $PROXY_WORKERS =~ ^[1-9][0-9]*$ ]] || die "bad --workers '$PROXY_WORKERS'"
-on_proxy_cpus() { if [[ $PIN == 1 ]]; then taskset -c "$PROXY_CPUS" "$@"; else "$@"; fi; }
-on_load_cpus()  { if [[ $PIN == 1 ]]; then taskset -c "$LOAD_CPUS" "$@"; else "$@"; fi; }
+# Command prefixes (arrays, so that a backgrounded command's $! is the real process:
+# taskset and env exec the program in place).
+ON_PROXY_CPUS=(); ON_LOAD_CPUS=()
+if [[ $PIN == 1 ]]; then
+  ON_PROXY_CPUS=(taskset -c "$PROXY_CPUS")
+  ON_LOAD_CPUS=(taskset -c "$LOAD_CPUS")
+fi
 
 # ------------------------------------------------------------- run dir, ports --
 mkdir -p "$RESULTS_DIR"
@@ -211,6 +229,7 @@ free_port() {
 # -------------------------------------------------------- process handling --
 ALL_PIDS=()
 LAST_PID=
+WRK_PID=
 # start_proc NAME CMD... : background process, stdout/stderr into the run dir.
 start_proc() {
   local name=$1; shift
@@ -243,6 +262,7 @@ stop_proc() {
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
+  if [[ -n ${WRK_PID:-} ]]; then stop_proc "$WRK_PID"; fi
   for pid in "${ALL_PIDS[@]}"; do stop_proc "$pid"; done
   rm -rf "$WORK"
   exit "$rc"
@@ -273,12 +293,12 @@ wait_ok() {
 # ------------------------------------------------------------------ /proc --
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() {   # sum of utime+stime (clock ticks) over the PIDs given
-  local total=0 pid line rest f
+  local total=0 pid line rest fields=()
   for pid in "$@"; do
     line=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
     rest=${line##*) }            # fields after "(comm)": state is index 0
-    read -r -a f <<<"$rest"
-    total=$((total + f[11] + f[12]))   # fields 14 (utime) and 15 (stime)
+    read -r -a fields <<<"$rest"
+    total=$((total + fields[11] + fields[12]))   # fields 14 (utime) and 15 (stime)
   done
   echo "$total"
 }
@@ -299,13 +319,26 @@ pss_kib() {
   echo "$total"
 }
 
+# repin CPU-LIST PID : move a process, its threads and its child processes to CPU-LIST.
+repin() {
+  local cpu_list=$1 p
+  for p in $(proc_tree "$2"); do
+    taskset -a -p -c "$cpu_list" "$p" >/dev/null 2>&1 || warn "taskset -a -p -c $cpu_list $p failed"
+  done
+}
+
 # -------------------------------------------------------------------- wrk --
-# run_wrk OUTFILE THREADS CONNECTIONS SECONDS URL
+# run_wrk OUTFILE THREADS CONNECTIONS SECONDS URL [CPU-LIST]
+# wrk runs on the load CPUs, or on CPU-LIST when given (and pinning is on).
 run_wrk() {
-  local out=$1 t=$2 c=$3 d=$4 url=$5
-  on_load_cpus timeout --kill-after=5 $((d + 30)) \
-    wrk -t"$t" -c"$c" -d"${d}s" --timeout 5s --latency "$url" >"$out" 2>&1 \
-    || warn "wrk exited non-zero ($out)"
+  local out=$1 t=$2 c=$3 d=$4 url=$5 prefix=("${ON_LOAD_CPUS[@]}")
+  if [[ $PIN == 1 && -n ${6:-} ]]; then prefix=(taskset -c "$6"); fi
+  # in the background + wait, so that a signal to this script is handled at once
+  "${prefix[@]}" timeout --kill-after=5 $((d + 30)) \
+    wrk -t"$t" -c"$c" -d"${d}s" --timeout 5s --latency "$url" >"$out" 2>&1 &
+  WRK_PID=$!
+  wait "$WRK_PID" || warn "wrk exited non-zero ($out)"
+  WRK_PID=
 }
 # parse_wrk FILE -> "rps requests errors non2xx p50_us p99_us" (latencies in µs, "-" if absent)
 # wrk prints times as e.g. 850.00us, 1.23ms, 1.02s, 1.50m, 1.00h.
@@ -346,7 +379,7 @@ write_origin_conf() {   # DIR PORT
 worker_processes 1;
 daemon off;
 pid $dir/nginx.pid;
-error_log $dir/error.log warn;
+error_log $RUN_DIR/origin.error.log warn;
 events { worker_connections 8192; }
 http {
     access_log off;
@@ -378,7 +411,7 @@ write_nginx_proxy_conf() {   # DIR PORT ORIGIN_PORT
 worker_processes $PROXY_WORKERS;
 daemon off;
 pid $dir/nginx.pid;
-error_log $dir/error.log warn;
+error_log $RUN_DIR/nginx-proxy.error.log warn;
 events { worker_connections 8192; }
 http {
     access_log $alog;
@@ -418,7 +451,7 @@ write_haproxy_conf() {   # FILE PORT ORIGIN_PORT
 # HAProxy: HTTP mode, keep-alive both sides, connection reuse to the origin
 global
     nbthread $PROXY_WORKERS
-    maxconn 20000
+    maxconn 4096
 $logg
 
 defaults
@@ -468,7 +501,7 @@ bench() {
   if [[ $WARMUP -gt 0 ]]; then
     run_wrk "$RUN_DIR/$name.wrk-warmup.txt" "$THREADS" "$CONNECTIONS" "$WARMUP" "$url"
   fi
-  [[ -n $pid ]] && mapfile -t pids < <(proc_tree "$pid")
+  if [[ -n $pid ]]; then mapfile -t pids < <(proc_tree "$pid"); fi
   t0=$(cpu_ticks "${pids[@]}")
   run_wrk "$RUN_DIR/$name.wrk-throughput.txt" "$THREADS" "$CONNECTIONS" "$DURATION" "$url"
   t1=$(cpu_ticks "${pids[@]}")
@@ -482,7 +515,20 @@ bench() {
     fi
   fi
 
-  run_wrk "$RUN_DIR/$name.wrk-latency.txt" 1 1 "$LAT_DURATION" "$url"
+  # 1-connection latency. With LAT_PIN=same the proxy and the origin (every thread and
+  # worker) move onto one CPU with wrk, so that the hop's own cost is measured rather
+  # than cross-CPU wake-ups (tens of µs each on a VM); the origin moves back afterwards.
+  local lat_cpu=""
+  if [[ $PIN == 1 && $LAT_PIN == same ]]; then
+    lat_cpu=$LAT_CPU
+    repin "$lat_cpu" "$ORIGIN_PID"
+    if [[ -n $pid ]]; then repin "$lat_cpu" "$pid"; fi
+  fi
+  run_wrk "$RUN_DIR/$name.wrk-latency.txt" 1 1 "$LAT_DURATION" "$url" "$lat_cpu"
+  if [[ -n $lat_cpu ]]; then
+    repin "$LOAD_CPUS" "$ORIGIN_PID"
+    if [[ -n $pid ]]; then repin "$PROXY_CPUS" "$pid"; fi
+  fi
   read -r rps reqs errs non2xx p50 p99 < <(parse_wrk "$RUN_DIR/$name.wrk-latency.txt")
   R_LP50[$name]=$p50; R_LP99[$name]=$p99
   R_ERRS[$name]=$((R_ERRS[$name] + errs + non2xx))
@@ -494,6 +540,13 @@ bench() {
     R_PSS[$name]=$(pss_kib "${pids[@]}")
   fi
   R_STATUS[$name]=ok
+  if [[ ${R_RPS[$name]} == - ]]; then
+    R_STATUS[$name]="failed (wrk)"
+    warn "$name: wrk produced no result (see $RUN_DIR/$name.wrk-throughput.txt)"
+  elif [[ -n $pid ]] && ! kill -0 "$pid" 2>/dev/null; then
+    R_STATUS[$name]="crashed"
+    warn "$name: the proxy exited during the benchmark (see $RUN_DIR/$name*.log)"
+  fi
   [[ ${R_ERRS[$name]} -eq 0 ]] || warn "$name: ${R_ERRS[$name]} socket errors or non-2xx responses (see $RUN_DIR/$name.wrk-*.txt)"
 }
 
@@ -517,7 +570,7 @@ log "results: $RUN_DIR ($PIN_NOTE; $PROXY_WORKERS worker(s) per proxy)"
 free_port ORIGIN_PORT
 write_origin_conf "$WORK/origin" "$ORIGIN_PORT"
 cp "$WORK/origin/nginx.conf" "$RUN_DIR/origin-nginx.conf"
-start_proc origin on_load_cpus "$NGINX_BIN" -e "$WORK/origin/error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf"
+start_proc origin "${ON_LOAD_CPUS[@]}" "$NGINX_BIN" -e "$RUN_DIR/origin.error.log" -p "$WORK/origin" -c "$WORK/origin/nginx.conf"
 ORIGIN_PID=$LAST_PID
 wait_ok origin "http://127.0.0.1:$ORIGIN_PORT/" "$ORIGIN_PID" || die "origin nginx did not start (see $RUN_DIR/origin.*.log)"
 
@@ -531,9 +584,8 @@ for target in "${TARGET_LIST[@]}"; do
       write_spur_conf "$RUN_DIR/spur.yaml" "$SPUR_PORT" "$SPUR_ADMIN_PORT" "$ORIGIN_PORT"
       # TOKIO_WORKER_THREADS only applies if Spur does not set worker_threads itself; taskset
       # also caps tokio's default (available_parallelism honours the affinity mask).
-      start_proc spur env -u RUST_LOG TOKIO_WORKER_THREADS="$PROXY_WORKERS" \
-        taskset_wrapper=1 bash -c 'exec "$@"' _ \
-        $( [[ $PIN == 1 ]] && echo taskset -c "$PROXY_CPUS" ) "$SPUR_BIN" proxy --config "$RUN_DIR/spur.yaml"
+      start_proc spur "${ON_PROXY_CPUS[@]}" env -u RUST_LOG TOKIO_WORKER_THREADS="$PROXY_WORKERS" \
+        "$SPUR_BIN" proxy --config "$RUN_DIR/spur.yaml"
       pid=$LAST_PID
       if wait_ok spur "http://127.0.0.1:$SPUR_PORT/" "$pid"; then
         bench spur "http://127.0.0.1:$SPUR_PORT/" "$pid"
@@ -548,7 +600,7 @@ for target in "${TARGET_LIST[@]}"; do
       write_haproxy_conf "$RUN_DIR/haproxy.cfg" "$HAPROXY_PORT" "$ORIGIN_PORT"
       "$HAPROXY_BIN" -c -q -f "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy.check.log" 2>&1 \
         || { cat "$RUN_DIR/haproxy.check.log" >&2; die "haproxy config check failed"; }
-      start_proc haproxy on_proxy_cpus "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg"
+      start_proc haproxy "${ON_PROXY_CPUS[@]}" "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg"
       pid=$LAST_PID
       if wait_ok haproxy "http://127.0.0.1:$HAPROXY_PORT/" "$pid"; then
         bench haproxy "http://127.0.0.1:$HAPROXY_PORT/" "$pid"
@@ -557,14 +609,16 @@ for target in "${TARGET_LIST[@]}"; do
       fi
       stop_proc "$pid"
       # with 'log stdout' the access log is haproxy's stdout
-      [[ $ACCESS_LOG == 1 ]] && mv "$RUN_DIR/haproxy.stdout.log" "$RUN_DIR/haproxy.access.log" 2>/dev/null
+      if [[ $ACCESS_LOG == 1 ]]; then
+        mv "$RUN_DIR/haproxy.stdout.log" "$RUN_DIR/haproxy.access.log" 2>/dev/null || true
+      fi
       trim_log "$RUN_DIR/haproxy.access.log"
       ;;
     nginx)
       free_port NGINX_PORT
       write_nginx_proxy_conf "$WORK/nginx-proxy" "$NGINX_PORT" "$ORIGIN_PORT"
       cp "$WORK/nginx-proxy/nginx.conf" "$RUN_DIR/nginx-proxy.conf"
-      start_proc nginx-proxy on_proxy_cpus "$NGINX_BIN" -e "$WORK/nginx-proxy/error.log" \
+      start_proc nginx-proxy "${ON_PROXY_CPUS[@]}" "$NGINX_BIN" -e "$RUN_DIR/nginx-proxy.error.log" \
         -p "$WORK/nginx-proxy" -c "$WORK/nginx-proxy/nginx.conf"
       pid=$LAST_PID
       if wait_ok nginx-proxy "http://127.0.0.1:$NGINX_PORT/" "$pid"; then
@@ -607,7 +661,7 @@ REPORT="$RUN_DIR/report.md"
   echo "|---|---:|---:|---:|---:|---:|"
   for t in "${TARGET_LIST[@]}"; do
     if [[ ${R_STATUS[$t]:-} != ok ]]; then
-      echo "| $t | failed | — | — | — | — |"; continue
+      echo "| $t | ${R_STATUS[$t]:-failed} | — | — | — | — |"; continue
     fi
     echo "| $t | $(fmt_int "${R_RPS[$t]}") | $(fmt_us "${R_LP50[$t]}") | $(fmt_us "${R_LP99[$t]}") | ${R_CPU[$t]:-—} | $(fmt_mib "${R_HWM[$t]:-}") |"
   done
@@ -624,7 +678,9 @@ REPORT="$RUN_DIR/report.md"
   echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for t in "${TARGET_LIST[@]}"; do
     [[ ${R_STATUS[$t]:-} == ok ]] || continue
-    echo "| $t | ${R_REQS[$t]} | ${R_ERRS[$t]} | $(fmt_us "${R_P50[$t]}") | $(fmt_us "${R_P99[$t]}") | $(delta_us "${R_LP50[$t]}" "${R_LP50[direct]:--}") | $(delta_us "${R_LP99[$t]}" "${R_LP99[direct]:--}") | ${R_CPUS[$t]:-—} | $(fmt_mib "${R_RSS[$t]:-}") | $(fmt_mib "${R_PSS[$t]:-}") |"
+    if [[ $t == direct ]]; then d50="—"; d99="—"; else
+      d50=$(delta_us "${R_LP50[$t]}" "${R_LP50[direct]:--}"); d99=$(delta_us "${R_LP99[$t]}" "${R_LP99[direct]:--}"); fi
+    echo "| $t | ${R_REQS[$t]} | ${R_ERRS[$t]} | $(fmt_us "${R_P50[$t]}") | $(fmt_us "${R_P99[$t]}") | $d50 | $d99 | ${R_CPUS[$t]:-—} | $(fmt_mib "${R_RSS[$t]:-}") | $(fmt_mib "${R_PSS[$t]:-}") |"
   done
   echo
   echo "Raw wrk output, configs and logs: \`${RUN_DIR#"$REPO_ROOT"/}/\`"
