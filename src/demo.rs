@@ -81,9 +81,11 @@ clusters:
     };
     let proxy = match Proxy::start(cfg).await {
         Ok(p) => p,
-        Err(e) => return fail(&format!(
+        Err(e) => {
+            return fail(&format!(
             "{e}\n(is another `spur demo` running? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)"
-        )),
+        ))
+        }
     };
     let url = format!("http://{}", proxy.listener_addr("demo").expect("bound"));
     let admin_url = format!("http://{}", proxy.admin_addr().expect("bound"));

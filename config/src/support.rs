@@ -32,22 +32,13 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
             if r.matches.flag.is_some() {
                 e.push(format!("{rp}.match.flag"), NOT_YET);
             }
-            if r.retry.is_some() {
-                e.push(format!("{rp}.retry"), NOT_YET);
-            }
             if r.mirror.is_some() {
                 e.push(format!("{rp}.mirror"), NOT_YET);
-            }
-            if r.fault.is_some() {
-                e.push(format!("{rp}.fault"), NOT_YET);
             }
         }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
         let p = format!("clusters[{i}]");
-        if c.dns.is_some() {
-            e.push(format!("{p}.dns"), NOT_YET);
-        }
         if c.k8s.is_some() {
             e.push(format!("{p}.k8s"), NOT_YET);
         }
@@ -57,17 +48,8 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         if c.fallback.is_some() {
             e.push(format!("{p}.fallback"), NOT_YET);
         }
-        if c.lb == LbPolicy::RingHash {
-            e.push(format!("{p}.lb"), format!("ring_hash: {NOT_YET}"));
-        }
         if c.tls.is_some() {
             e.push(format!("{p}.tls"), NOT_YET);
-        }
-        if c.circuit_breaker.is_some() {
-            e.push(format!("{p}.circuit_breaker"), NOT_YET);
-        }
-        if c.health_check.is_some() {
-            e.push(format!("{p}.health_check"), NOT_YET);
         }
     }
     if !cfg.flags.is_empty() {

@@ -7,10 +7,13 @@
 //! load figures nor drops its pooled connections.
 
 use crate::policy::balance::{Candidate, PeakEwma};
+use crate::policy::breaker::{self, Breaker, Transition};
+use crate::policy::budget::Budget;
+use crate::policy::health::Health;
 use crate::upstream::{Client, ClientKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,6 +25,11 @@ pub struct EndpointState {
     weight: AtomicU32,
     in_flight: AtomicU32,
     ewma: Mutex<PeakEwma>,
+    breaker: Mutex<Breaker>,
+    /// Mirrors "the breaker is not closed", so that the common case reads one atomic.
+    open: AtomicBool,
+    health: Mutex<Health>,
+    healthy: AtomicBool,
 }
 
 impl EndpointState {
@@ -34,6 +42,62 @@ impl EndpointState {
             weight: AtomicU32::new(weight),
             in_flight: AtomicU32::new(0),
             ewma: Mutex::new(PeakEwma::new(Instant::now())),
+            breaker: Mutex::new(Breaker::new(Instant::now())),
+            open: AtomicBool::new(false),
+            health: Mutex::new(Health::default()),
+            healthy: AtomicBool::new(true),
+        }
+    }
+
+    /// Whether the balancer may choose this endpoint now: healthy, and its breaker closed
+    /// or ready for a probe.
+    pub fn is_available(&self, now: Instant) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+            && (!self.open.load(Ordering::Relaxed) || self.breaker.lock().unwrap().available(now))
+    }
+
+    /// Claims a request slot from the breaker (the single probe while half-open).
+    pub fn try_acquire(&self, now: Instant) -> bool {
+        !self.open.load(Ordering::Relaxed) || self.breaker.lock().unwrap().acquire(now)
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        self.open.load(Ordering::Relaxed)
+    }
+
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Records a try's result in the breaker; `may_eject` is asked only when this failure
+    /// would eject the endpoint.
+    pub fn record(
+        &self,
+        failed: bool,
+        settings: &breaker::Settings,
+        may_eject: impl FnOnce() -> bool,
+    ) -> Transition {
+        let now = Instant::now();
+        let mut b = self.breaker.lock().unwrap();
+        let may = failed && !b.is_ejected() && may_eject_needed(&b, settings) && may_eject();
+        let t = b.record(failed, now, settings, may);
+        self.open.store(b.is_ejected(), Ordering::Relaxed);
+        t
+    }
+
+    /// Records a health check; returns the new health when it changed.
+    pub fn record_check(
+        &self,
+        passed: bool,
+        unhealthy_threshold: u32,
+        healthy_threshold: u32,
+    ) -> Option<bool> {
+        let mut h = self.health.lock().unwrap();
+        if h.record(passed, unhealthy_threshold, healthy_threshold) {
+            self.healthy.store(h.healthy, Ordering::Relaxed);
+            Some(h.healthy)
+        } else {
+            None
         }
     }
 
@@ -64,6 +128,12 @@ impl EndpointState {
     }
 }
 
+/// Whether the next failure would reach the ejection threshold (so the cluster must be
+/// asked whether an ejection is allowed).
+fn may_eject_needed(b: &Breaker, s: &breaker::Settings) -> bool {
+    b.consecutive() + 1 >= s.consecutive_failures
+}
+
 impl Candidate for Arc<EndpointState> {
     fn weight(&self) -> u32 {
         self.weight_now()
@@ -75,7 +145,7 @@ impl Candidate for Arc<EndpointState> {
         self.ewma.lock().unwrap().estimate_ns(now)
     }
     fn available(&self) -> bool {
-        true
+        self.is_available(Instant::now())
     }
 }
 
@@ -85,14 +155,30 @@ pub struct InFlight(pub Arc<EndpointState>);
 impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.0.open.load(Ordering::Relaxed) {
+            // A probe that ended without a verdict (the client went away) frees the slot.
+            self.0.breaker.lock().unwrap().release();
+        }
     }
 }
 
-/// Where endpoint state and connection pools live between snapshots.
+/// A cluster's concurrency limits (`max_requests`, `max_pending`): at most `max_requests`
+/// requests in flight; up to `max_pending` more wait for a slot; the rest fail fast.
+pub struct ClusterLimits {
+    pub max_requests: u32,
+    pub max_pending: u32,
+    pub slots: Arc<tokio::sync::Semaphore>,
+    pub waiting: AtomicU32,
+}
+
+/// Where endpoint state, connection pools, concurrency limits and retry budgets live
+/// between snapshots.
 #[derive(Default)]
 pub struct Registry {
     endpoints: Mutex<HashMap<(String, SocketAddr), Weak<EndpointState>>>,
     clients: Mutex<HashMap<ClientKey, Client>>,
+    limits: Mutex<HashMap<String, Arc<ClusterLimits>>>,
+    budgets: Mutex<HashMap<String, Arc<Budget>>>,
 }
 
 impl Registry {
@@ -118,6 +204,38 @@ impl Registry {
             .entry(key.clone())
             .or_insert_with(|| crate::upstream::new_client(&key))
             .clone()
+    }
+
+    /// The concurrency limits of `cluster`; kept across snapshots while the numbers stay.
+    pub fn limits(&self, cluster: &str, max_requests: u32, max_pending: u32) -> Arc<ClusterLimits> {
+        let mut map = self.limits.lock().unwrap();
+        if let Some(l) = map.get(cluster) {
+            if l.max_requests == max_requests && l.max_pending == max_pending {
+                return l.clone();
+            }
+        }
+        let l = Arc::new(ClusterLimits {
+            max_requests,
+            max_pending,
+            slots: Arc::new(tokio::sync::Semaphore::new(max_requests as usize)),
+            waiting: AtomicU32::new(0),
+        });
+        map.insert(cluster.to_string(), l.clone());
+        l
+    }
+
+    /// The retry budget of a route (keyed `listener/route`); kept across snapshots while
+    /// its settings stay.
+    pub fn budget(&self, key: &str, ratio: f64, min_per_sec: u32) -> Arc<Budget> {
+        let mut map = self.budgets.lock().unwrap();
+        if let Some(b) = map.get(key) {
+            if b.same_settings(ratio, min_per_sec) {
+                return b.clone();
+            }
+        }
+        let b = Arc::new(Budget::new(ratio, min_per_sec));
+        map.insert(key.to_string(), b.clone());
+        b
     }
 
     /// Forgets state no snapshot refers to any more, and clients for settings no cluster

@@ -32,6 +32,8 @@ pub struct Exchange {
     pub bytes_sent: u64,
     pub bytes_received: Arc<AtomicU64>,
     pub upgraded: bool,
+    /// The cluster's `max_requests` slot, held until the response ends.
+    pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 static DASH: &str = "-";
@@ -60,6 +62,7 @@ impl Exchange {
             bytes_sent: 0,
             bytes_received: Arc::new(AtomicU64::new(0)),
             upgraded: false,
+            permit: None,
         }
     }
 

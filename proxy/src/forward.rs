@@ -1,36 +1,46 @@
 //! The HTTP request path, as named phases run in this order for every request:
 //!
-//! 1. **admit**: the request head within `max_header_bytes`, else 431.
-//! 2. **correlate**: keep or make the request ID; child span in `traceparent`.
+//! 1. **correlate**: keep or make the request ID; child span in `traceparent`.
+//! 2. **admit**: the request head within `max_header_bytes`, else 431.
 //! 3. **route**: first matching route of the listener, else its default cluster, else 404.
 //! 4. **split**: the route's cluster, or one side of its weighted split (sticky by `hash_on`).
-//! 5. **balance**: an endpoint of that cluster, by its load-balancing policy.
-//! 6. **forward**: hop-by-hop headers out, forwarding headers in, sent on the cluster's
-//!    pooled client within the route's `timeout`.
-//! 7. **respond**: hop-by-hop headers out, request ID in, body streamed back; protocol
+//! 5. **fault**: injected delay or abort, when the route asks for it.
+//! 6. **limit**: a slot among the cluster's `max_requests`, waiting among `max_pending`, or
+//!    503 `overloaded`.
+//! 7. **tries**: pick an endpoint (balancer, breaker), send on the cluster's pooled client
+//!    within the per-try and whole-request timeouts; on a retryable outcome, and while the
+//!    body can be replayed and the budget allows, back off and try another endpoint.
+//! 8. **respond**: hop-by-hop headers out, request ID in, body streamed back; protocol
 //!    upgrades (WebSocket) are spliced into a byte tunnel.
 //!
 //! The exchange record (access log, request metrics) is written when the response body
 //! ends, see [`crate::exchange`].
 
+use crate::endpoint::EndpointState;
 use crate::exchange::{local_response, Exchange, RespBody};
 use crate::headers::{self, TRACEPARENT, X_SPUR_PEER_IDENTITY};
-use crate::metrics::UpstreamLabels;
+use crate::metrics::{ClusterLabels, ClusterReasonLabels, EndpointLabels, UpstreamLabels};
+use crate::policy::breaker::Transition;
 use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
+use crate::policy::retry::Outcome;
 use crate::policy::route::RequestView;
 use crate::policy::split;
-use crate::snapshot::{ClusterRt, ListenerRt, Snapshot, Target};
-use crate::upstream::ReqBody;
+use crate::snapshot::{ClusterRt, ListenerRt, RouteRt, Snapshot, Target};
+use crate::upstream::{self, Buffered, ReqBody};
 use crate::Shared;
+use bytes::Bytes;
 use http::uri::{PathAndQuery, Scheme};
-use http::{header, Request, Response, StatusCode, Uri, Version};
+use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use spur_config::UpstreamProtocol;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
+
+pub static X_SPUR_ATTEMPT: header::HeaderName = header::HeaderName::from_static("x-spur-attempt");
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnCtx {
@@ -76,7 +86,7 @@ async fn proxy(
 ) -> Response<RespBody> {
     let id_header = &snap.correlation.header;
 
-    // 2. correlate (first, so that even a refused request carries its ID)
+    // 1. correlate (first, so that even a refused request carries its ID)
     let rid = match req.headers().get(id_header) {
         Some(v) if valid_request_id(v) => Some(v.clone()),
         _ if snap.correlation.generate => Some(new_request_id()),
@@ -102,7 +112,7 @@ async fn proxy(
             .insert(TRACEPARENT.clone(), tp.to_header());
     }
 
-    // 1. admit
+    // 2. admit
     if headers::head_size(&req) > lst.limits.max_header_bytes.get() as usize {
         ctx.shared.metrics.reject(&lst.name, "headers_too_large");
         return local_response(
@@ -120,46 +130,87 @@ async fn proxy(
         host: headers::host(&req),
         headers: req.headers(),
     };
-    let (route_name, target, timeout) = match lst.route(&view) {
-        Some(r) => (r.name.clone(), Some(&r.target), r.timeout),
-        None => (lst.default_route_name.clone(), None, None),
-    };
+    let route: Option<&RouteRt> = lst.route(&view);
     // 4. split
-    let cluster: Arc<ClusterRt> = match target {
+    let hash_key: Option<Bytes> = route
+        .and_then(|r| r.hash_on.as_ref())
+        .and_then(|h| h.key(req.headers()))
+        .map(Bytes::copy_from_slice);
+    let cluster: Arc<ClusterRt> = match route.map(|r| &r.target) {
         Some(Target::Cluster(c)) => c.clone(),
         Some(Target::Split {
             clusters,
             weights,
             total,
-            hash_on,
-        }) => {
-            let key = hash_on.as_ref().and_then(|h| h.key(req.headers()));
-            clusters[split::choose(weights, *total, key)].clone()
-        }
+        }) => clusters[split::choose(weights, *total, hash_key.as_deref())].clone(),
         None => match &lst.default_cluster {
             Some(c) => c.clone(),
             None => return local_response(StatusCode::NOT_FOUND, "no_route", id_header, Some(ex)),
         },
     };
-    ex.route = route_name;
+    ex.route = route.map_or_else(|| lst.default_route_name.clone(), |r| r.name.clone());
     ex.cluster = cluster.name.clone();
 
-    // 5. balance
-    let Some(idx) = cluster
-        .balancer
-        .pick(&cluster.endpoints, None, Instant::now())
-    else {
-        return local_response(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no_healthy_endpoint",
-            id_header,
-            Some(ex),
-        );
-    };
-    let endpoint = cluster.endpoints[idx].clone();
-    ex.endpoint = Some(endpoint.start());
+    // 5. fault
+    if let Some(fault) = route.and_then(|r| r.fault.as_ref()) {
+        if let Some(d) = &fault.delay {
+            if fastrand::f64() * 100.0 < d.percent {
+                tokio::time::sleep(d.duration.get()).await;
+            }
+        }
+        if let Some(a) = &fault.abort {
+            if fastrand::f64() * 100.0 < a.percent {
+                let status =
+                    StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return local_response(status, "fault", id_header, Some(ex));
+            }
+        }
+    }
 
-    // 6. forward
+    // 6. limit
+    if let Some(limits) = &cluster.limits {
+        let permit = match limits.slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                let waiting = limits.waiting.fetch_add(1, Ordering::AcqRel);
+                let _unwait = scopeguard(|| {
+                    limits.waiting.fetch_sub(1, Ordering::AcqRel);
+                });
+                if waiting >= limits.max_pending {
+                    let reason = if limits.max_pending == 0 {
+                        "max_requests"
+                    } else {
+                        "max_pending"
+                    };
+                    circuit_open(ctx, &cluster, reason);
+                    return local_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        id_header,
+                        Some(ex),
+                    );
+                }
+                let wait = route
+                    .and_then(|r| r.timeout)
+                    .unwrap_or(Duration::from_secs(3600));
+                match tokio::time::timeout(wait, limits.slots.clone().acquire_owned()).await {
+                    Ok(Ok(p)) => p,
+                    _ => {
+                        circuit_open(ctx, &cluster, "max_pending");
+                        return local_response(
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "overloaded",
+                            id_header,
+                            Some(ex),
+                        );
+                    }
+                }
+            }
+        };
+        ex.permit = Some(permit);
+    }
+
+    // 7. tries
     let upgrade = headers::is_upgrade(&req).then(|| {
         let proto = req.headers().get(header::UPGRADE).cloned();
         (hyper::upgrade::on(&mut req), proto)
@@ -169,17 +220,18 @@ async fn proxy(
     parts.headers.remove(&X_SPUR_PEER_IDENTITY);
     headers::set_forwarded(&mut parts.headers, ctx.peer.ip(), "http");
     if let Some((_, Some(proto))) = &upgrade {
-        parts.headers.insert(
-            header::CONNECTION,
-            header::HeaderValue::from_static("upgrade"),
-        );
+        parts
+            .headers
+            .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         parts.headers.insert(header::UPGRADE, proto.clone());
     }
     if !parts.headers.contains_key(header::HOST) {
-        if let Some(auth) = parts.uri.authority() {
-            if let Ok(v) = header::HeaderValue::from_str(auth.as_str()) {
-                parts.headers.insert(header::HOST, v);
-            }
+        if let Some(v) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            parts.headers.insert(header::HOST, v);
         }
     }
     match cluster.protocol {
@@ -189,59 +241,173 @@ async fn proxy(
         }
         _ => parts.version = Version::HTTP_11,
     }
-    let mut uri = http::uri::Parts::default();
-    uri.scheme = Some(Scheme::HTTP);
-    uri.authority = Some(endpoint.authority.clone());
-    uri.path_and_query = Some(ex.path.clone());
-    parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
-    let up_req = Request::from_parts(parts, ReqBody::counted(body, ex.bytes_received.clone()));
 
-    let sent = Instant::now();
-    let call = cluster.client.request(up_req);
-    let result = match timeout {
-        Some(t) => match tokio::time::timeout(t, call).await {
-            Ok(r) => r,
-            Err(_) => {
-                endpoint.observe(sent.elapsed(), true);
-                count_upstream(ctx, &cluster, &endpoint.label, 0);
-                return local_response(StatusCode::GATEWAY_TIMEOUT, "timeout", id_header, Some(ex));
+    let retry = route
+        .and_then(|r| r.retry.as_ref())
+        .filter(|_| upgrade.is_none());
+    let deadline = route.and_then(|r| r.timeout).map(|t| ex.start + t);
+    // The body: buffered whole when a retry may need to send it again.
+    let mut replay: Option<(Bytes, Option<HeaderMap>)> = None;
+    let mut first_body = None;
+    match retry {
+        Some(r) => {
+            r.budget.deposit(Instant::now());
+            match upstream::buffer(body, r.policy.max_body, ex.bytes_received.clone()).await {
+                Buffered::Whole(data, trailers) => replay = Some((data, trailers)),
+                Buffered::Stream(b) => first_body = Some(b),
             }
-        },
-        None => call.await,
-    };
-    let mut resp = match result {
-        Ok(r) => r,
-        Err(e) => {
-            endpoint.observe(sent.elapsed(), true);
-            count_upstream(ctx, &cluster, &endpoint.label, 0);
-            let reason = if e.is_connect() {
-                "upstream_unreachable"
-            } else {
-                "upstream_reset"
+        }
+        None => first_body = Some(ReqBody::counted(body, ex.bytes_received.clone())),
+    }
+
+    let mut attempt: u32 = 1;
+    let mut exclude: Option<usize> = None;
+    let result = loop {
+        // Pick an endpoint the balancer and its breaker agree on.
+        let members = cluster.members.load_full();
+        let now = Instant::now();
+        let mut skip = exclude;
+        let picked = loop {
+            let Some(i) = members
+                .balancer
+                .pick(&members.endpoints, skip, now, hash_key.as_deref())
+            else {
+                break None;
             };
-            tracing::debug!(cluster = &*cluster.name, endpoint = &*endpoint.label, error = %e, "upstream error");
-            return local_response(StatusCode::BAD_GATEWAY, reason, id_header, Some(ex));
+            if members.endpoints[i].try_acquire(now) {
+                break Some(i);
+            }
+            if skip == Some(i) {
+                break None;
+            }
+            skip = Some(i);
+        };
+        let Some(idx) = picked else {
+            break TryResult::NoEndpoint;
+        };
+        let endpoint = members.endpoints[idx].clone();
+        ex.endpoint = Some(endpoint.start());
+
+        let mut try_parts = match (&replay, attempt) {
+            (None, _) => std::mem::replace(&mut parts, Request::new(()).into_parts().0),
+            _ => clone_parts(&parts),
+        };
+        if attempt > 1 {
+            try_parts
+                .headers
+                .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(attempt));
+        }
+        let mut uri = http::uri::Parts::default();
+        uri.scheme = Some(Scheme::HTTP);
+        uri.authority = Some(endpoint.authority.clone());
+        uri.path_and_query = Some(ex.path.clone());
+        try_parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
+        let try_body = match &replay {
+            Some((data, trailers)) => ReqBody::replay(data, trailers),
+            None => first_body.take().unwrap_or(ReqBody::Replay(None, None)),
+        };
+        let up_req = Request::from_parts(try_parts, try_body);
+
+        let per_try = retry.and_then(|r| r.policy.per_try_timeout);
+        let limit = earliest(per_try.map(|t| Instant::now() + t), deadline);
+        let sent = Instant::now();
+        let call = cluster.client.request(up_req);
+        let outcome_resp = match limit {
+            Some(at) => match tokio::time::timeout_at(at.into(), call).await {
+                Ok(r) => r.map_err(classify_error),
+                Err(_) => Err(Outcome::Timeout),
+            },
+            None => call.await.map_err(classify_error),
+        };
+        let outcome = match &outcome_resp {
+            Ok(r) => Outcome::Status(r.status().as_u16()),
+            Err(o) => *o,
+        };
+        record(ctx, &cluster, &members, &endpoint, outcome, sent.elapsed());
+
+        let whole_request_over = deadline.is_some_and(|d| Instant::now() >= d);
+        let may_retry =
+            retry.is_some_and(|r| r.policy.retryable(outcome, attempt)) && !whole_request_over;
+        if may_retry {
+            let r = retry.expect("checked");
+            if replay.is_none() {
+                ctx.shared
+                    .metrics
+                    .retry_skipped
+                    .get_or_create(&ClusterReasonLabels {
+                        cluster: cluster.name.clone(),
+                        reason: "body_too_large",
+                    })
+                    .inc();
+            } else if !r.budget.withdraw(Instant::now()) {
+                ctx.shared
+                    .metrics
+                    .retry_budget_exhausted
+                    .get_or_create(&ClusterLabels {
+                        cluster: cluster.name.clone(),
+                    })
+                    .inc();
+            } else {
+                ctx.shared
+                    .metrics
+                    .retries
+                    .get_or_create(&ClusterReasonLabels {
+                        cluster: cluster.name.clone(),
+                        reason: outcome.reason(),
+                    })
+                    .inc();
+                let pause = r.policy.backoff(attempt);
+                let wake = earliest(Some(Instant::now() + pause), deadline).expect("some");
+                drop(outcome_resp);
+                tokio::time::sleep_until(wake.into()).await;
+                if deadline.is_some_and(|d| Instant::now() >= d) {
+                    break TryResult::Failed(Outcome::Timeout, true);
+                }
+                attempt += 1;
+                exclude = Some(idx);
+                continue;
+            }
+        }
+        break match outcome_resp {
+            Ok(resp) => TryResult::Response(resp),
+            Err(o) => TryResult::Failed(o, whole_request_over),
+        };
+    };
+
+    let mut resp = match result {
+        TryResult::Response(r) => r,
+        TryResult::NoEndpoint => {
+            return local_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no_healthy_endpoint",
+                id_header,
+                Some(ex),
+            );
+        }
+        TryResult::Failed(outcome, whole_request_timed_out) => {
+            let (status, reason) = match outcome {
+                _ if whole_request_timed_out => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                Outcome::Timeout => (StatusCode::GATEWAY_TIMEOUT, "timeout"),
+                Outcome::ConnectFailure => (StatusCode::BAD_GATEWAY, "upstream_unreachable"),
+                _ => (StatusCode::BAD_GATEWAY, "upstream_reset"),
+            };
+            return local_response(status, reason, id_header, Some(ex));
         }
     };
-    let status = resp.status();
-    endpoint.observe(sent.elapsed(), status.is_server_error());
-    count_upstream(ctx, &cluster, &endpoint.label, status.as_u16());
 
-    // 7. respond
+    // 8. respond
+    let status = resp.status();
     ex.status = status.as_u16();
-    let switching = status == StatusCode::SWITCHING_PROTOCOLS;
     let resp_upgrade = resp.headers().get(header::UPGRADE).cloned();
     headers::strip_hop_by_hop(resp.headers_mut());
     if let Some(id) = &ex.request_id {
         resp.headers_mut().insert(id_header.clone(), id.clone());
     }
-    if switching {
+    if status == StatusCode::SWITCHING_PROTOCOLS {
         match (upgrade, resp_upgrade) {
             (Some((downstream, _)), Some(proto)) => {
-                resp.headers_mut().insert(
-                    header::CONNECTION,
-                    header::HeaderValue::from_static("upgrade"),
-                );
+                resp.headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
                 resp.headers_mut().insert(header::UPGRADE, proto);
                 let upstream = hyper::upgrade::on(&mut resp);
                 ex.upgraded = true;
@@ -253,23 +419,126 @@ async fn proxy(
                     "upstream_reset",
                     id_header,
                     Some(ex),
-                );
+                )
             }
         }
     }
     resp.map(|b| RespBody::upstream(b, ex))
 }
 
-fn count_upstream(ctx: &ConnCtx, cluster: &ClusterRt, endpoint: &Arc<str>, code: u16) {
+enum TryResult {
+    Response(Response<Incoming>),
+    /// The last try's outcome, and whether the whole-request timeout ended the tries.
+    Failed(Outcome, bool),
+    NoEndpoint,
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn classify_error(e: hyper_util::client::legacy::Error) -> Outcome {
+    tracing::debug!(error = %e, "upstream error");
+    if e.is_connect() {
+        Outcome::ConnectFailure
+    } else {
+        Outcome::Reset
+    }
+}
+
+fn clone_parts(p: &http::request::Parts) -> http::request::Parts {
+    let mut req = Request::new(());
+    *req.method_mut() = p.method.clone();
+    *req.uri_mut() = p.uri.clone();
+    *req.version_mut() = p.version;
+    *req.headers_mut() = p.headers.clone();
+    req.into_parts().0
+}
+
+/// Feeds a try's outcome to the endpoint's latency estimate, its breaker and the metrics.
+fn record(
+    ctx: &ConnCtx,
+    cluster: &ClusterRt,
+    members: &crate::snapshot::Members,
+    endpoint: &Arc<EndpointState>,
+    outcome: Outcome,
+    rtt: Duration,
+) {
+    let failed = outcome.is_failure();
+    endpoint.observe(rtt, failed);
+    let code = match outcome {
+        Outcome::Status(s) => s,
+        _ => 0,
+    };
     ctx.shared
         .metrics
         .upstream_requests
         .get_or_create(&UpstreamLabels {
             cluster: cluster.name.clone(),
-            endpoint: endpoint.clone(),
+            endpoint: endpoint.label.clone(),
             code,
         })
         .inc();
+    if let Some(b) = &cluster.breaker {
+        match endpoint.record(failed, &b.settings, || cluster.may_eject(members)) {
+            Transition::Ejected => {
+                tracing::warn!(
+                    cluster = &*cluster.name,
+                    endpoint = &*endpoint.label,
+                    "endpoint ejected"
+                );
+                circuit_open(ctx, cluster, "ejection");
+                set_ejected(ctx, cluster, endpoint, 1);
+            }
+            Transition::Restored => {
+                tracing::info!(
+                    cluster = &*cluster.name,
+                    endpoint = &*endpoint.label,
+                    "endpoint restored"
+                );
+                set_ejected(ctx, cluster, endpoint, 0);
+            }
+            Transition::None => {}
+        }
+    }
+}
+
+fn set_ejected(ctx: &ConnCtx, cluster: &ClusterRt, endpoint: &EndpointState, v: i64) {
+    ctx.shared
+        .metrics
+        .endpoint_ejected
+        .get_or_create(&EndpointLabels {
+            cluster: cluster.name.clone(),
+            endpoint: endpoint.label.clone(),
+        })
+        .set(v);
+}
+
+fn circuit_open(ctx: &ConnCtx, cluster: &ClusterRt, reason: &'static str) {
+    ctx.shared
+        .metrics
+        .circuit_open
+        .get_or_create(&ClusterReasonLabels {
+            cluster: cluster.name.clone(),
+            reason,
+        })
+        .inc();
+}
+
+/// Runs `f` when dropped.
+fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
+    struct Guard<F: FnOnce()>(Option<F>);
+    impl<F: FnOnce()> Drop for Guard<F> {
+        fn drop(&mut self) {
+            if let Some(f) = self.0.take() {
+                f();
+            }
+        }
+    }
+    Guard(Some(f))
 }
 
 /// Splices an upgraded client connection to the upgraded upstream one.

@@ -57,6 +57,18 @@ pub enum StartError {
     },
 }
 
+/// Starts what a snapshot needs besides requests: the first DNS answers (awaited, so
+/// traffic does not start against empty clusters), DNS refreshes and health checks.
+async fn start_background(shared: &Arc<Shared>, snap: &Snapshot) {
+    for cluster in snap.clusters.values() {
+        if cluster.dns.is_some() {
+            adapters::dns::refresh(shared, cluster).await;
+            adapters::dns::spawn(shared.clone(), cluster);
+        }
+        adapters::health::spawn(shared.clone(), cluster);
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     pub shared: Arc<Shared>,
@@ -84,6 +96,7 @@ impl Proxy {
         });
         let (shutdown, shutdown_rx) = watch::channel(false);
         let snap = shared.snapshot.load_full();
+        start_background(&shared, &snap).await;
 
         let admin = match &snap.config.admin {
             Some(a) => {

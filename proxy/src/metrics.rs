@@ -34,6 +34,23 @@ pub struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterLabels {
+    pub cluster: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClusterReasonLabels {
+    pub cluster: Arc<str>,
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub cluster: Arc<str>,
+    pub endpoint: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: Arc<str>,
 }
@@ -66,6 +83,13 @@ pub struct Metrics {
     pub rejected: Family<ListenerReasonLabels, Counter>,
     pub config_version: Gauge,
     pub config_updates: Family<ResultLabels, Counter>,
+    pub retries: Family<ClusterReasonLabels, Counter>,
+    pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
+    /// Retries the policy wanted but could not make: the body was too large to replay.
+    pub retry_skipped: Family<ClusterReasonLabels, Counter>,
+    pub endpoint_ejected: Family<EndpointLabels, Gauge>,
+    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
+    pub circuit_open: Family<ClusterReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -116,8 +140,50 @@ impl Metrics {
             "Config updates, applied or rejected",
             config_updates.clone(),
         );
+        let retries = Family::<ClusterReasonLabels, Counter>::default();
+        registry.register(
+            "spur_retries",
+            "Retries sent, by the reason of the failed try",
+            retries.clone(),
+        );
+        let retry_budget_exhausted = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "spur_retry_budget_exhausted",
+            "Retries refused because the route's retry budget was spent",
+            retry_budget_exhausted.clone(),
+        );
+        let retry_skipped = Family::<ClusterReasonLabels, Counter>::default();
+        registry.register(
+            "spur_retry_skipped",
+            "Retries not made for another reason than the budget (body_too_large)",
+            retry_skipped.clone(),
+        );
+        let endpoint_ejected = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "spur_endpoint_ejected",
+            "1 while the endpoint is ejected by outlier detection",
+            endpoint_ejected.clone(),
+        );
+        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
+        registry.register(
+            "spur_endpoint_healthy",
+            "1 while active health checks pass (or none are configured)",
+            endpoint_healthy.clone(),
+        );
+        let circuit_open = Family::<ClusterReasonLabels, Counter>::default();
+        registry.register(
+            "spur_circuit_open",
+            "Times a breaker refused or removed capacity: ejection, max_requests, max_pending",
+            circuit_open.clone(),
+        );
         Metrics {
             registry,
+            retries,
+            retry_budget_exhausted,
+            retry_skipped,
+            endpoint_ejected,
+            endpoint_healthy,
+            circuit_open,
             requests,
             request_duration,
             upstream_requests,

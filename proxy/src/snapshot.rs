@@ -1,17 +1,23 @@
 //! A compiled config: what a request reads, built once per config and swapped atomically.
 //!
 //! Compiling resolves every name to an `Arc` (routes point at their clusters directly),
-//! builds matchers and balancers, and fetches endpoint state from the registry. A request
-//! loads the current snapshot once and keeps it for its whole life, so a swap never changes
-//! a request half-way.
+//! builds matchers, balancers and retry policies, and fetches endpoint state, limits and
+//! budgets from the registry. A request loads the current snapshot once and keeps it for
+//! its whole life, so a swap never changes a request half-way.
 
-use crate::endpoint::{EndpointState, Registry};
+use crate::endpoint::{ClusterLimits, EndpointState, Registry};
 use crate::policy::balance::Balancer;
+use crate::policy::breaker;
+use crate::policy::budget::Budget;
+use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
 use crate::upstream::{Client, ClientKey};
+use arc_swap::ArcSwap;
 use http::HeaderName;
-use spur_config::{Config, LbPolicy, Limits, ListenerProtocol, UpstreamProtocol};
+use spur_config::{
+    Config, Fault, HealthCheck, LbPolicy, Limits, ListenerProtocol, UpstreamProtocol,
+};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -47,7 +53,16 @@ pub struct RouteRt {
     pub name: Arc<str>,
     pub matcher: Matcher,
     pub target: Target,
+    /// The sticky key for a split and for `ring_hash` clusters.
+    pub hash_on: Option<HashOn>,
     pub timeout: Option<Duration>,
+    pub retry: Option<RetryRt>,
+    pub fault: Option<Fault>,
+}
+
+pub struct RetryRt {
+    pub policy: RetryPolicy,
+    pub budget: Arc<Budget>,
 }
 
 pub enum Target {
@@ -56,21 +71,64 @@ pub enum Target {
         clusters: Vec<Arc<ClusterRt>>,
         weights: Vec<u32>,
         total: u64,
-        hash_on: Option<HashOn>,
     },
 }
 
 pub struct ClusterRt {
     pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
-    pub endpoints: Vec<Arc<EndpointState>>,
-    pub balancer: Balancer,
+    pub lb: LbPolicy,
+    /// The endpoints and their balancer; swapped on its own when DNS answers change.
+    pub members: ArcSwap<Members>,
     pub client: Client,
     pub connect_timeout: Duration,
+    pub breaker: Option<BreakerRt>,
+    pub limits: Option<Arc<ClusterLimits>>,
+    pub health_check: Option<HealthCheck>,
+    /// `host:port` to resolve periodically, for `dns:` clusters.
+    pub dns: Option<String>,
 }
 
-/// A config the proxy cannot apply even though it validated (e.g. an endpoint list the
-/// registry cannot use). Validation normally catches everything first.
+pub struct BreakerRt {
+    pub settings: breaker::Settings,
+    pub max_ejection_percent: u32,
+}
+
+pub struct Members {
+    pub endpoints: Vec<Arc<EndpointState>>,
+    pub balancer: Balancer,
+}
+
+impl Members {
+    pub fn build(lb: LbPolicy, endpoints: Vec<Arc<EndpointState>>) -> Members {
+        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight_now()).collect();
+        let balancer = match lb {
+            LbPolicy::RoundRobin => Balancer::round_robin(&weights),
+            LbPolicy::LeastRequest => Balancer::LeastRequest,
+            LbPolicy::Ewma => Balancer::Ewma,
+            LbPolicy::RingHash => {
+                let ids: Vec<&str> = endpoints.iter().map(|e| &*e.label).collect();
+                Balancer::ring_hash(&ids, &weights)
+            }
+        };
+        Members {
+            endpoints,
+            balancer,
+        }
+    }
+}
+
+impl ClusterRt {
+    /// Whether one more endpoint of this cluster may be ejected (`max_ejection_percent`).
+    pub fn may_eject(&self, members: &Members) -> bool {
+        let Some(b) = &self.breaker else { return false };
+        let ejected = members.endpoints.iter().filter(|e| e.is_ejected()).count();
+        ejected < breaker::max_ejected(members.endpoints.len(), b.max_ejection_percent)
+    }
+}
+
+/// A config the proxy cannot apply even though it validated. Validation normally catches
+/// everything first.
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
 pub struct CompileError {
@@ -85,6 +143,46 @@ impl ListenerRt {
     }
 }
 
+fn compile_cluster(
+    c: &spur_config::Cluster,
+    registry: &Registry,
+) -> Result<(ClusterRt, ClientKey), CompileError> {
+    let mut endpoints = Vec::with_capacity(c.endpoints.len());
+    for (k, ep) in c.endpoints.iter().enumerate() {
+        let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
+            path: format!("clusters[{}].endpoints[{k}]", c.name),
+            message: format!("`{}` is not an IP address with a port", ep.address()),
+        })?;
+        endpoints.push(registry.endpoint(&c.name, addr, ep.weight()));
+    }
+    let key = ClientKey {
+        cluster: c.name.clone(),
+        protocol: c.protocol,
+        connect_timeout: c.connect_timeout.get(),
+    };
+    let cluster = ClusterRt {
+        name: c.name.as_str().into(),
+        protocol: c.protocol,
+        lb: c.lb,
+        members: ArcSwap::from_pointee(Members::build(c.lb, endpoints)),
+        client: registry.client(key.clone()),
+        connect_timeout: c.connect_timeout.get(),
+        breaker: c.circuit_breaker.map(|cb| BreakerRt {
+            settings: breaker::Settings {
+                consecutive_failures: cb.consecutive_failures,
+                ejection_time: cb.ejection_time.get(),
+            },
+            max_ejection_percent: cb.max_ejection_percent,
+        }),
+        limits: c
+            .circuit_breaker
+            .map(|cb| registry.limits(&c.name, cb.max_requests, cb.max_pending)),
+        health_check: c.health_check.clone(),
+        dns: c.dns.clone(),
+    };
+    Ok((cluster, key))
+}
+
 impl Snapshot {
     pub fn compile(
         cfg: Arc<Config>,
@@ -94,45 +192,9 @@ impl Snapshot {
         let mut clusters = HashMap::new();
         let mut client_keys = Vec::new();
         for c in &cfg.clusters {
-            let name: Arc<str> = c.name.as_str().into();
-            let mut endpoints = Vec::with_capacity(c.endpoints.len());
-            for (k, ep) in c.endpoints.iter().enumerate() {
-                let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
-                    path: format!("clusters[{}].endpoints[{k}]", c.name),
-                    message: format!("`{}` is not an IP address with a port", ep.address()),
-                })?;
-                endpoints.push(registry.endpoint(&c.name, addr, ep.weight()));
-            }
-            let weights: Vec<u32> = c.endpoints.iter().map(|e| e.weight()).collect();
-            let balancer = match c.lb {
-                LbPolicy::RoundRobin => Balancer::round_robin(&weights),
-                LbPolicy::LeastRequest => Balancer::LeastRequest,
-                LbPolicy::Ewma => Balancer::Ewma,
-                LbPolicy::RingHash => {
-                    return Err(CompileError {
-                        path: format!("clusters[{}].lb", c.name),
-                        message: "ring_hash: not supported yet".into(),
-                    })
-                }
-            };
-            let key = ClientKey {
-                cluster: c.name.clone(),
-                protocol: c.protocol,
-                connect_timeout: c.connect_timeout.get(),
-            };
-            let client = registry.client(key.clone());
+            let (cluster, key) = compile_cluster(c, registry)?;
             client_keys.push(key);
-            clusters.insert(
-                c.name.clone(),
-                Arc::new(ClusterRt {
-                    name,
-                    protocol: c.protocol,
-                    endpoints,
-                    balancer,
-                    client,
-                    connect_timeout: c.connect_timeout.get(),
-                }),
-            );
+            clusters.insert(c.name.clone(), Arc::new(cluster));
         }
         let cluster = |path: String, name: &str| {
             clusters.get(name).cloned().ok_or_else(|| CompileError {
@@ -170,18 +232,29 @@ impl Snapshot {
                         total: weights.iter().map(|w| u64::from(*w)).sum::<u64>().max(1),
                         weights,
                         clusters: cs,
-                        hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
                     }
                 };
+                let name: Arc<str> = r
+                    .name
+                    .clone()
+                    .unwrap_or_else(|| format!("{}#{j}", l.name))
+                    .into();
+                let retry = r.retry.as_ref().map(|rc| RetryRt {
+                    policy: RetryPolicy::new(rc),
+                    budget: registry.budget(
+                        &format!("{}/{name}", l.name),
+                        rc.budget.ratio,
+                        rc.budget.min_per_sec,
+                    ),
+                });
                 routes.push(RouteRt {
-                    name: r
-                        .name
-                        .clone()
-                        .unwrap_or_else(|| format!("{}#{j}", l.name))
-                        .into(),
+                    name,
                     matcher,
                     target,
+                    hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
                     timeout: r.timeout.map(|t| t.get()),
+                    retry,
+                    fault: r.fault.clone(),
                 });
             }
             listeners.insert(

@@ -2,7 +2,9 @@
 //! request body type sent through them.
 
 use bytes::Bytes;
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
@@ -45,16 +47,70 @@ pub fn new_client(key: &ClientKey) -> Client {
     builder.build(conn)
 }
 
-/// A request body on its way upstream: streamed from the client, or bytes Spur holds.
+/// A request body on its way upstream: streamed from the client, or bytes Spur holds
+/// (which can be sent again on a retry).
 pub enum ReqBody {
     /// Streamed from the client; the counter adds up the bytes for the access log.
     Streaming(Incoming, Arc<AtomicU64>),
-    Full(Option<Bytes>),
+    /// The part Spur read while trying to buffer, then the rest of the stream.
+    Prefixed(Option<Bytes>, Incoming, Arc<AtomicU64>),
+    /// A whole body held in memory, with its trailers if it had any.
+    Replay(Option<Bytes>, Option<HeaderMap>),
 }
 
 impl ReqBody {
     pub fn counted(body: Incoming, counter: Arc<AtomicU64>) -> ReqBody {
         ReqBody::Streaming(body, counter)
+    }
+
+    pub fn replay(data: &Bytes, trailers: &Option<HeaderMap>) -> ReqBody {
+        ReqBody::Replay((!data.is_empty()).then(|| data.clone()), trailers.clone())
+    }
+}
+
+/// A request body read for a possible retry.
+pub enum Buffered {
+    /// The whole body (at most `max` bytes) and its trailers: replayable.
+    Whole(Bytes, Option<HeaderMap>),
+    /// Too large (or failed to read): stream it, once.
+    Stream(ReqBody),
+}
+
+/// Reads up to `max` bytes of `body` so the request can be retried; a longer body (by its
+/// declared length, or once `max` is passed) is handed back as a stream.
+pub async fn buffer(mut body: Incoming, max: u64, counter: Arc<AtomicU64>) -> Buffered {
+    if body.is_end_stream() {
+        return Buffered::Whole(Bytes::new(), None);
+    }
+    if body.size_hint().lower() > max {
+        return Buffered::Stream(ReqBody::Streaming(body, counter));
+    }
+    let mut buf = bytes::BytesMut::new();
+    loop {
+        match body.frame().await {
+            None => return Buffered::Whole(buf.freeze(), None),
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => {
+                    counter.fetch_add(d.len() as u64, Ordering::Relaxed);
+                    buf.extend_from_slice(&d);
+                    if buf.len() as u64 > max {
+                        return Buffered::Stream(ReqBody::Prefixed(
+                            Some(buf.freeze()),
+                            body,
+                            counter,
+                        ));
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        return Buffered::Whole(buf.freeze(), Some(trailers));
+                    }
+                }
+            },
+            // The client's body broke: send what there is; the upstream sees a short body
+            // and the exchange fails as it would have without buffering.
+            Some(Err(_)) => return Buffered::Stream(ReqBody::Replay(Some(buf.freeze()), None)),
+        }
     }
 }
 
@@ -67,7 +123,10 @@ impl Body for ReqBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
         match self.get_mut() {
-            ReqBody::Streaming(b, counter) => {
+            ReqBody::Prefixed(prefix @ Some(_), _, _) => {
+                Poll::Ready(prefix.take().map(|d| Ok(Frame::data(d))))
+            }
+            ReqBody::Streaming(b, counter) | ReqBody::Prefixed(None, b, counter) => {
                 let polled = Pin::new(b).poll_frame(cx);
                 if let Poll::Ready(Some(Ok(frame))) = &polled {
                     if let Some(d) = frame.data_ref() {
@@ -76,21 +135,28 @@ impl Body for ReqBody {
                 }
                 polled
             }
-            ReqBody::Full(b) => Poll::Ready(b.take().map(|d| Ok(Frame::data(d)))),
+            ReqBody::Replay(data, trailers) => {
+                if let Some(d) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(d))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
         }
     }
 
     fn is_end_stream(&self) -> bool {
         match self {
             ReqBody::Streaming(b, _) => b.is_end_stream(),
-            ReqBody::Full(b) => b.is_none(),
+            ReqBody::Prefixed(p, b, _) => p.is_none() && b.is_end_stream(),
+            ReqBody::Replay(d, t) => d.is_none() && t.is_none(),
         }
     }
 
     fn size_hint(&self) -> SizeHint {
         match self {
             ReqBody::Streaming(b, _) => b.size_hint(),
-            ReqBody::Full(b) => SizeHint::with_exact(b.as_ref().map_or(0, |d| d.len() as u64)),
+            ReqBody::Prefixed(..) => SizeHint::default(),
+            ReqBody::Replay(d, _) => SizeHint::with_exact(d.as_ref().map_or(0, |d| d.len() as u64)),
         }
     }
 }

@@ -31,11 +31,23 @@ pub type Handler = Arc<
 pub struct Backend {
     pub addr: SocketAddr,
     task: tokio::task::JoinHandle<()>,
+    conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Backend {
+    /// Stops the backend as a crashed process would: the port refuses connections and
+    /// every open connection is reset.
+    pub fn kill(&self) {
+        self.task.abort();
+        for c in self.conns.lock().unwrap().drain(..) {
+            c.abort();
+        }
+    }
 }
 
 impl Drop for Backend {
     fn drop(&mut self) {
-        self.task.abort();
+        self.kill();
     }
 }
 
@@ -47,13 +59,15 @@ where
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = tcp.local_addr().unwrap();
     let handler = Arc::new(handler);
+    let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+    let tracked = conns.clone();
     let task = tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = tcp.accept().await else {
                 continue;
             };
             let handler = handler.clone();
-            tokio::spawn(async move {
+            let conn = tokio::spawn(async move {
                 let svc = service_fn(move |req| {
                     let fut = handler(req);
                     async move { Ok::<_, Infallible>(fut.await) }
@@ -62,9 +76,12 @@ where
                     .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
+            let mut list = tracked.lock().unwrap();
+            list.retain(|h| !h.is_finished());
+            list.push(conn.abort_handle());
         }
     });
-    Backend { addr, task }
+    Backend { addr, task, conns }
 }
 
 /// A backend that answers `name` and echoes the request headers as `x-echo-<name>` headers.

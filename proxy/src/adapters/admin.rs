@@ -84,21 +84,22 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
                 .into_iter()
                 .map(|name| {
                     let c = &snap.clusters[name];
-                    let endpoints: Vec<_> = c
+                    let members = c.members.load();
+                    let endpoints: Vec<_> = members
                         .endpoints
                         .iter()
                         .map(|e| {
                             json!({
                                 "address": &*e.label,
                                 "weight": e.weight_now(),
-                                "healthy": true,
-                                "ejected": false,
+                                "healthy": e.is_healthy(),
+                                "ejected": e.is_ejected(),
                                 "in_flight": e.in_flight_now(),
                                 "ewma_ms": (e.ewma_ms() * 1000.0).round() / 1000.0,
                             })
                         })
                         .collect();
-                    json!({ "name": name, "endpoints": endpoints })
+                    json!({ "name": name, "lb": c.lb, "endpoints": endpoints })
                 })
                 .collect();
             json_reply(json!({ "version": snap.version, "clusters": clusters }))

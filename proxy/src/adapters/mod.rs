@@ -1,6 +1,8 @@
 //! I/O at the edges: listeners, the admin server, connection idling.
 
 pub mod admin;
+pub mod dns;
+pub mod health;
 pub mod idle;
 pub mod listener;
 pub mod tcp;

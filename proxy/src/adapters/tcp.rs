@@ -25,10 +25,13 @@ pub(crate) async fn serve_conn(
     let Some(cluster) = lst.default_cluster.clone() else {
         return;
     };
-    let Some(idx) = cluster
+    let members = cluster.members.load_full();
+    let now = Instant::now();
+    let picked = members
         .balancer
-        .pick(&cluster.endpoints, None, Instant::now())
-    else {
+        .pick(&members.endpoints, None, now, None)
+        .filter(|i| members.endpoints[*i].try_acquire(now));
+    let Some(idx) = picked else {
         tracing::warn!(
             listener = &*lst.name,
             cluster = &*cluster.name,
@@ -36,7 +39,7 @@ pub(crate) async fn serve_conn(
         );
         return;
     };
-    let endpoint = cluster.endpoints[idx].clone();
+    let endpoint = members.endpoints[idx].clone();
     let _in_flight = endpoint.start();
     let connect_timeout = cluster.connect_timeout;
     let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.addr))

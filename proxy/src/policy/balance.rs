@@ -6,6 +6,8 @@
 //!
 //! - `round_robin`: a precomputed smooth weighted schedule walked by an atomic cursor.
 //! - `least_request`: power of two choices on in-flight requests per unit of weight.
+//! - `ring_hash`: consistent hashing of the route's `hash_on` key onto a ring of virtual
+//!   nodes (100 per unit of weight), so removing one of N endpoints moves only ~1/N of keys.
 //! - `ewma`: power of two choices on peak-EWMA latency × (in-flight + 1) per unit of weight.
 //!   Failures are recorded as a large latency sample, so an endpoint that fails fast never
 //!   looks like the fastest one.
@@ -13,6 +15,7 @@
 //! Two random choices rather than a full scan: it is O(1), avoids the herd effect of every
 //! proxy picking the same "best" endpoint, and is what finagle, linkerd and Envoy do.
 
+use super::split::stable_hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -35,6 +38,10 @@ pub enum Balancer {
     },
     LeastRequest,
     Ewma,
+    /// Sorted (point, endpoint index) pairs.
+    RingHash {
+        ring: Vec<(u64, u32)>,
+    },
 }
 
 impl Balancer {
@@ -45,13 +52,28 @@ impl Balancer {
         }
     }
 
+    /// A ring for endpoints identified by `ids` (their addresses), with these weights.
+    pub fn ring_hash(ids: &[&str], weights: &[u32]) -> Balancer {
+        let mut ring = Vec::new();
+        for (i, (id, w)) in ids.iter().zip(weights).enumerate() {
+            let vnodes = (u64::from(*w).min(100) * 100).max(1);
+            for v in 0..vnodes {
+                ring.push((stable_hash(v, id.as_bytes()), i as u32));
+            }
+        }
+        ring.sort_unstable();
+        Balancer::RingHash { ring }
+    }
+
     /// Chooses an endpoint, avoiding `exclude` (the one a retry just failed on) when another
-    /// is available. `None` when no endpoint is available.
+    /// is available. `key` is the request's hash key, used by `ring_hash` only. `None` when
+    /// no endpoint is available.
     pub fn pick<E: Candidate>(
         &self,
         eps: &[E],
         exclude: Option<usize>,
         now: Instant,
+        key: Option<&[u8]>,
     ) -> Option<usize> {
         let usable = |i: usize| eps[i].available() && Some(i) != exclude;
         let any_usable = (0..eps.len()).any(usable);
@@ -80,6 +102,19 @@ impl Balancer {
             Balancer::Ewma => p2c(eps, usable, |e| {
                 e.latency_ns(now) * f64::from(e.in_flight() + 1)
             }),
+            Balancer::RingHash { ring } => {
+                let Some(key) = key else {
+                    return weighted_draw(eps, &usable, None);
+                };
+                if ring.is_empty() {
+                    return None;
+                }
+                let h = stable_hash(0x7269_6e67, key);
+                let start = ring.partition_point(|(p, _)| *p < h);
+                (0..ring.len())
+                    .map(|k| ring[(start + k) % ring.len()].1 as usize)
+                    .find(|i| *i < eps.len() && usable(*i))
+            }
         }
     }
 }
@@ -256,14 +291,14 @@ mod tests {
         let now = Instant::now();
         let mut counts = [0; 3];
         for _ in 0..400 {
-            counts[rr.pick(&eps, None, now).unwrap()] += 1;
+            counts[rr.pick(&eps, None, now, None).unwrap()] += 1;
         }
         assert_eq!(counts, [200, 100, 100]);
         eps[0].available = false;
         for _ in 0..50 {
-            assert_ne!(rr.pick(&eps, None, now), Some(0));
+            assert_ne!(rr.pick(&eps, None, now, None), Some(0));
         }
-        assert_ne!(rr.pick(&eps, Some(1), now), Some(1));
+        assert_ne!(rr.pick(&eps, Some(1), now, None), Some(1));
     }
 
     #[test]
@@ -271,7 +306,7 @@ mod tests {
         let eps = vec![ep(1, 10, 1.0), ep(1, 0, 1.0)];
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(Balancer::LeastRequest.pick(&eps, None, now), Some(1));
+            assert_eq!(Balancer::LeastRequest.pick(&eps, None, now, None), Some(1));
         }
     }
 
@@ -281,7 +316,7 @@ mod tests {
         let now = Instant::now();
         let mut slow = 0;
         for _ in 0..3000 {
-            if Balancer::Ewma.pick(&eps, None, now) == Some(1) {
+            if Balancer::Ewma.pick(&eps, None, now, None) == Some(1) {
                 slow += 1;
             }
         }
@@ -299,9 +334,9 @@ mod tests {
             Balancer::round_robin(&[1, 1]),
         ] {
             for _ in 0..50 {
-                assert_eq!(b.pick(&eps, Some(0), now), Some(1));
+                assert_eq!(b.pick(&eps, Some(0), now, None), Some(1));
             }
-            assert_eq!(b.pick(&eps[..1], Some(0), now), Some(0));
+            assert_eq!(b.pick(&eps[..1], Some(0), now, None), Some(0));
         }
     }
 
@@ -326,18 +361,61 @@ mod tests {
         assert!(f.estimate_ns(t0) >= 1e9);
     }
 
+    #[test]
+    fn ring_hash_is_sticky_and_moves_few_keys_when_an_endpoint_goes() {
+        let ids: Vec<String> = (0..5).map(|i| format!("10.0.0.{i}:80")).collect();
+        let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
+        let eps: Vec<Ep> = (0..5).map(|_| ep(1, 0, 1.0)).collect();
+        let ring = Balancer::ring_hash(&refs, &[1; 5]);
+        let now = Instant::now();
+        let keys: Vec<String> = (0..5000).map(|k| format!("user-{k}")).collect();
+        let before: Vec<usize> = keys
+            .iter()
+            .map(|k| ring.pick(&eps, None, now, Some(k.as_bytes())).unwrap())
+            .collect();
+        // Same key, same endpoint.
+        for (k, b) in keys.iter().zip(&before).take(100) {
+            assert_eq!(ring.pick(&eps, None, now, Some(k.as_bytes())), Some(*b));
+        }
+        // Shares are roughly even.
+        for i in 0..5 {
+            let share = before.iter().filter(|b| **b == i).count() as f64 / 5000.0;
+            assert!((0.12..0.28).contains(&share), "endpoint {i} share {share}");
+        }
+        // Remove endpoint 4: only its keys move.
+        let ring4 = Balancer::ring_hash(&refs[..4], &[1; 4]);
+        let after: Vec<usize> = keys
+            .iter()
+            .map(|k| {
+                ring4
+                    .pick(&eps[..4], None, now, Some(k.as_bytes()))
+                    .unwrap()
+            })
+            .collect();
+        let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
+        let on_removed = before.iter().filter(|b| **b == 4).count();
+        assert_eq!(moved, on_removed, "only the removed endpoint's keys move");
+        let frac = moved as f64 / 5000.0;
+        assert!(
+            (0.12..0.28).contains(&frac),
+            "remapped fraction {frac}, about 1/5 expected"
+        );
+    }
+
     proptest! {
         #[test]
         fn never_picks_an_unavailable_endpoint_while_one_is_available(
             eps in proptest::collection::vec((1u32..10, 0u32..20, 0.1f64..100.0, any::<bool>()), 1..8),
-            policy in 0usize..3,
+            policy in 0usize..4,
         ) {
             let eps: Vec<Ep> = eps.into_iter().map(|(w, f, l, a)| Ep { weight: w, in_flight: f, latency: l * 1e6, available: a }).collect();
             let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
-            let b = match policy { 0 => Balancer::Ewma, 1 => Balancer::LeastRequest, _ => Balancer::round_robin(&weights) };
+            let ids: Vec<String> = (0..eps.len()).map(|i| format!("e{i}")).collect();
+            let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
+            let b = match policy { 0 => Balancer::Ewma, 1 => Balancer::LeastRequest, 2 => Balancer::ring_hash(&refs, &weights), _ => Balancer::round_robin(&weights) };
             let any = eps.iter().any(|e| e.available);
-            for _ in 0..20 {
-                match b.pick(&eps, None, Instant::now()) {
+            for k in 0..20u8 {
+                match b.pick(&eps, None, Instant::now(), Some(&[k])) {
                     Some(i) => prop_assert!(eps[i].available),
                     None => prop_assert!(!any),
                 }

@@ -5,9 +5,17 @@
 //! | which route answers a request | [`route`] |
 //! | which side of a weighted split | [`split`] |
 //! | which endpoint of a cluster | [`balance`] |
+//! | whether an endpoint is ejected, and for how long | [`breaker`] |
+//! | whether health checks mark an endpoint down or up | [`health`] |
+//! | whether a failed try is retried, after what pause | [`retry`] |
+//! | whether the cluster can afford another retry | [`budget`] |
 //! | which request ID and trace context go upstream | [`correlation`] |
 
 pub mod balance;
+pub mod breaker;
+pub mod budget;
 pub mod correlation;
+pub mod health;
+pub mod retry;
 pub mod route;
 pub mod split;

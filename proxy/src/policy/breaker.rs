@@ -1,0 +1,238 @@
+//! Outlier ejection, per endpoint: the circuit breaker's state machine.
+//!
+//! ```text
+//!            N failures in a row                 ejection time over
+//!  Closed ───────────────────────▶ Open(until) ─────────────────────▶ HalfOpen
+//!    ▲                                  ▲                               │ one probe
+//!    │            probe succeeded       │     probe failed: ejected     │ request
+//!    └──────────────────────────────────┼───── again, for longer ◀──────┘
+//! ```
+//!
+//! A failure is a 5xx, a connect failure, a reset or a timeout. The k-th ejection in a row
+//! lasts `ejection_time × min(2^k, 10)`; after a probe succeeds and the endpoint then stays
+//! closed for ten ejection times, the count starts again. Whether an ejection may happen at
+//! all (`max_ejection_percent`) is the cluster's call: the caller passes `may_eject`.
+
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    pub consecutive_failures: u32,
+    pub ejection_time: Duration,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum State {
+    Closed,
+    Open { until: Instant },
+    HalfOpen { probing: bool },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Transition {
+    None,
+    Ejected,
+    Restored,
+}
+
+#[derive(Debug)]
+pub struct Breaker {
+    state: State,
+    consecutive: u32,
+    ejections: u32,
+    closed_since: Instant,
+}
+
+/// How many endpoints of `total` may be ejected at once: `percent` of them rounded down,
+/// but at least one (as in Envoy) unless the percentage is 0.
+pub fn max_ejected(total: usize, percent: u32) -> usize {
+    if percent == 0 {
+        return 0;
+    }
+    (total * percent as usize / 100).max(1)
+}
+
+impl Breaker {
+    pub fn new(now: Instant) -> Breaker {
+        Breaker {
+            state: State::Closed,
+            consecutive: 0,
+            ejections: 0,
+            closed_since: now,
+        }
+    }
+
+    /// Whether a request may be sent now (without claiming the probe slot).
+    pub fn available(&self, now: Instant) -> bool {
+        match self.state {
+            State::Closed => true,
+            State::Open { until } => now >= until,
+            State::HalfOpen { probing } => !probing,
+        }
+    }
+
+    /// Failures in a row so far (while closed).
+    pub fn consecutive(&self) -> u32 {
+        self.consecutive
+    }
+
+    pub fn is_ejected(&self) -> bool {
+        !matches!(self.state, State::Closed)
+    }
+
+    /// Claims the right to send a request: always while closed; once (the probe) when the
+    /// ejection time is over. `false`: pick another endpoint.
+    pub fn acquire(&mut self, now: Instant) -> bool {
+        match self.state {
+            State::Closed => true,
+            State::Open { until } if now >= until => {
+                self.state = State::HalfOpen { probing: true };
+                true
+            }
+            State::HalfOpen { probing: false } => {
+                self.state = State::HalfOpen { probing: true };
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A claimed request ended without a verdict (the client went away): free the probe.
+    pub fn release(&mut self) {
+        if let State::HalfOpen { probing: true } = self.state {
+            self.state = State::HalfOpen { probing: false };
+        }
+    }
+
+    /// Records the result of a request this breaker let through.
+    pub fn record(
+        &mut self,
+        failed: bool,
+        now: Instant,
+        s: &Settings,
+        may_eject: bool,
+    ) -> Transition {
+        match self.state {
+            State::HalfOpen { .. } => {
+                if failed {
+                    self.eject(now, s);
+                    Transition::None
+                } else {
+                    self.state = State::Closed;
+                    self.consecutive = 0;
+                    self.closed_since = now;
+                    Transition::Restored
+                }
+            }
+            State::Open { .. } => Transition::None, // a request sent before the ejection
+            State::Closed => {
+                if !failed {
+                    self.consecutive = 0;
+                    if self.ejections > 0
+                        && now.saturating_duration_since(self.closed_since) > s.ejection_time * 10
+                    {
+                        self.ejections = 0;
+                    }
+                    return Transition::None;
+                }
+                self.consecutive += 1;
+                if self.consecutive >= s.consecutive_failures && may_eject {
+                    self.eject(now, s);
+                    Transition::Ejected
+                } else {
+                    Transition::None
+                }
+            }
+        }
+    }
+
+    fn eject(&mut self, now: Instant, s: &Settings) {
+        let factor = 1u32.checked_shl(self.ejections).unwrap_or(u32::MAX).min(10);
+        self.state = State::Open {
+            until: now + s.ejection_time * factor,
+        };
+        self.ejections = self.ejections.saturating_add(1);
+        self.consecutive = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Settings = Settings {
+        consecutive_failures: 3,
+        ejection_time: Duration::from_secs(10),
+    };
+
+    #[test]
+    fn ejects_after_n_failures_then_one_probe_closes_it() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(t0);
+        assert_eq!(b.record(true, t0, &S, true), Transition::None);
+        assert_eq!(
+            b.record(false, t0, &S, true),
+            Transition::None,
+            "a success resets the run"
+        );
+        assert_eq!(b.record(true, t0, &S, true), Transition::None);
+        assert_eq!(b.record(true, t0, &S, true), Transition::None);
+        assert_eq!(b.record(true, t0, &S, true), Transition::Ejected);
+        assert!(!b.available(t0 + Duration::from_secs(9)));
+        assert!(!b.acquire(t0 + Duration::from_secs(9)));
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(b.acquire(t1), "the probe");
+        assert!(!b.acquire(t1), "only one probe at a time");
+        assert_eq!(b.record(false, t1, &S, true), Transition::Restored);
+        assert!(b.acquire(t1) && b.acquire(t1));
+    }
+
+    #[test]
+    fn ejection_time_doubles_up_to_ten_times() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(t0);
+        for _ in 0..3 {
+            b.record(true, t0, &S, true);
+        }
+        let mut now = t0;
+        let mut lengths = Vec::new();
+        for _ in 0..5 {
+            // find when it becomes available again
+            let mut probe = now;
+            while !b.available(probe) {
+                probe += Duration::from_secs(10);
+            }
+            lengths.push((probe - now).as_secs());
+            assert!(b.acquire(probe));
+            b.record(true, probe, &S, true); // the probe fails: ejected again
+            now = probe;
+        }
+        assert_eq!(lengths, vec![10, 20, 40, 80, 100]);
+    }
+
+    #[test]
+    fn released_probe_can_be_retried_and_may_eject_is_honoured() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(t0);
+        for _ in 0..5 {
+            assert_eq!(b.record(true, t0, &S, false), Transition::None);
+        }
+        assert!(!b.is_ejected(), "the cluster said no more ejections");
+        for _ in 0..3 {
+            b.record(true, t0, &S, true);
+        }
+        let t1 = t0 + Duration::from_secs(10);
+        assert!(b.acquire(t1));
+        b.release();
+        assert!(b.acquire(t1));
+    }
+
+    #[test]
+    fn max_ejected_counts() {
+        assert_eq!(max_ejected(3, 50), 1);
+        assert_eq!(max_ejected(10, 50), 5);
+        assert_eq!(max_ejected(1, 10), 1);
+        assert_eq!(max_ejected(5, 0), 0);
+        assert_eq!(max_ejected(4, 100), 4);
+    }
+}

@@ -1,0 +1,780 @@
+//! End-to-end: load balancing, retries, budgets, circuit breaking, health checks, faults.
+
+mod common;
+
+use bytes::Bytes;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Runs `total` GETs of `path` with `concurrency` workers, bounded by `limit`; returns the
+/// answers (status, backend name, latency).
+async fn load(
+    addr: std::net::SocketAddr,
+    path: &str,
+    total: usize,
+    concurrency: usize,
+    limit: Duration,
+) -> Vec<(u16, String, Duration)> {
+    let client = h1_client();
+    let next = Arc::new(AtomicU64::new(0));
+    let deadline = Instant::now() + limit;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let client = client.clone();
+        let next = next.clone();
+        let path = path.to_string();
+        workers.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            while next.fetch_add(1, Ordering::Relaxed) < total as u64 && Instant::now() < deadline {
+                let req = Request::get(format!("http://{addr}{path}"))
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+                let t = Instant::now();
+                let a = send(&client, req).await;
+                out.push((
+                    a.status,
+                    a.header("x-backend").unwrap_or("-").to_string(),
+                    t.elapsed(),
+                ));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    all
+}
+
+fn p99(lat: &mut [Duration]) -> Duration {
+    lat.sort();
+    lat[(lat.len() * 99 / 100).min(lat.len() - 1)]
+}
+
+fn ok_backend_named(
+    name: &'static str,
+    delay: Duration,
+) -> impl std::future::Future<Output = Backend> {
+    backend(move |_req| async move {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        Response::builder()
+            .header("x-backend", name)
+            .body(Full::new(Bytes::from(name)))
+            .unwrap()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_an_endpoint_mid_load_loses_no_requests_and_ejects_it() {
+    let a = ok_backend_named("a", Duration::ZERO).await;
+    let b = ok_backend_named("b", Duration::ZERO).await;
+    let c_hits = Arc::new(AtomicU64::new(0));
+    let ch = c_hits.clone();
+    let c = backend(move |_req| {
+        ch.fetch_add(1, Ordering::Relaxed);
+        async {
+            Response::builder()
+                .header("x-backend", "c")
+                .body(Full::new(Bytes::from("c")))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - match: {{ path_prefix: / }}
+        cluster: app
+        timeout: 5s
+        retry: {{ attempts: 3, retry_on: [connect-failure, reset, "503"], backoff: {{ base: 5ms, max: 50ms }}, budget: {{ ratio: 0.5, min_per_sec: 50 }} }}
+clusters:
+  - name: app
+    endpoints: ["{}", "{}", "{}"]
+    lb: round_robin
+    circuit_breaker: {{ consecutive_failures: 3, ejection_time: 30s, max_ejection_percent: 50 }}
+"#,
+        a.addr, b.addr, c.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+
+    let killer = async move {
+        // Kill `c` once the load is well under way (it has served 300 requests).
+        assert!(
+            eventually(Duration::from_secs(20), || async {
+                c_hits.load(Ordering::Relaxed) >= 300
+            })
+            .await
+        );
+        c.kill();
+        c
+    };
+    let (answers, _c) = tokio::join!(load(web, "/", 3000, 16, Duration::from_secs(30)), killer);
+    assert!(answers.len() >= 2000, "only {} requests ran", answers.len());
+    let ok = answers.iter().filter(|a| a.0 == 200).count();
+    let rate = ok as f64 / answers.len() as f64;
+    assert!(
+        rate >= 0.999,
+        "success rate {rate} ({ok}/{})",
+        answers.len()
+    );
+
+    let dead = _c.addr.to_string();
+    assert_eq!(
+        metric(
+            admin,
+            "spur_endpoint_ejected",
+            &[("cluster", "app"), ("endpoint", &dead)]
+        )
+        .await,
+        1.0
+    );
+    assert!(
+        metric(
+            admin,
+            "spur_circuit_open_total",
+            &[("cluster", "app"), ("reason", "ejection")]
+        )
+        .await
+            >= 1.0
+    );
+    let clusters: serde_json::Value =
+        serde_json::from_slice(&get(admin, "/clusters", &[]).await.body).unwrap();
+    let eps = clusters["clusters"][0]["endpoints"].as_array().unwrap();
+    for ep in eps {
+        assert_eq!(ep["ejected"], ep["address"] == dead.as_str(), "{ep}");
+    }
+    eprintln!(
+        "kill test: {ok}/{} succeeded ({:.3}%)",
+        answers.len(),
+        rate * 100.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ewma_avoids_a_slow_endpoint_where_round_robin_does_not() {
+    let fast1 = ok_backend_named("fast1", Duration::ZERO).await;
+    let fast2 = ok_backend_named("fast2", Duration::ZERO).await;
+    let slow = ok_backend_named("slow", Duration::from_millis(50)).await;
+    let eps = format!(r#"["{}", "{}", "{}"]"#, fast1.addr, fast2.addr, slow.addr);
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - {{ match: {{ path_prefix: /ewma }}, cluster: by-ewma }}
+      - {{ match: {{ path_prefix: /rr }}, cluster: by-rr }}
+clusters:
+  - {{ name: by-ewma, endpoints: {eps}, lb: ewma }}
+  - {{ name: by-rr, endpoints: {eps}, lb: round_robin }}
+"#
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let mut report = Vec::new();
+    for path in ["/ewma", "/rr"] {
+        let answers = load(web, path, 600, 8, Duration::from_secs(30)).await;
+        assert!(answers.iter().all(|a| a.0 == 200));
+        let slow_share =
+            answers.iter().filter(|a| a.1 == "slow").count() as f64 / answers.len() as f64;
+        let mut lat: Vec<Duration> = answers.iter().map(|a| a.2).collect();
+        report.push((path, slow_share, p99(&mut lat)));
+    }
+    eprintln!("ewma vs round robin (path, slow share, p99): {report:?}");
+    let (_, ewma_share, ewma_p99) = report[0];
+    let (_, rr_share, rr_p99) = report[1];
+    assert!(
+        ewma_share < 0.10,
+        "ewma sent {ewma_share} to the slow endpoint"
+    );
+    assert!(
+        rr_share > 0.30,
+        "round robin sent {rr_share} to the slow endpoint"
+    );
+    assert!(
+        rr_p99 >= Duration::from_millis(50),
+        "round robin p99 {rr_p99:?}"
+    );
+    assert!(
+        ewma_p99 < Duration::from_millis(40),
+        "ewma p99 {ewma_p99:?} is not near the fast endpoints'"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ewma_counts_fast_failures_against_an_endpoint() {
+    let good1 = ok_backend_named("good1", Duration::from_millis(2)).await;
+    let good2 = ok_backend_named("good2", Duration::from_millis(2)).await;
+    let failing = backend(|_req| async {
+        Response::builder()
+            .status(503)
+            .header("x-backend", "failing")
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - {{ name: app, endpoints: ["{}", "{}", "{}"], lb: ewma }}
+"#,
+        good1.addr, good2.addr, failing.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let answers = load(web, "/", 1000, 8, Duration::from_secs(30)).await;
+    let failing_share =
+        answers.iter().filter(|a| a.1 == "failing").count() as f64 / answers.len() as f64;
+    eprintln!("instant-503 endpoint share under ewma: {failing_share}");
+    assert!(
+        failing_share < 0.05,
+        "ewma sent {failing_share} to an endpoint that fails instantly"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_budget_bounds_amplification_when_everything_fails() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    let down = backend(move |_req| {
+        h.fetch_add(1, Ordering::Relaxed);
+        async {
+            Response::builder()
+                .status(503)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - match: {{ path_prefix: / }}
+        cluster: down
+        retry: {{ attempts: 3, retry_on: ["503"], backoff: {{ base: 0ms, max: 0ms }}, budget: {{ ratio: 0.2, min_per_sec: 5 }} }}
+clusters:
+  - {{ name: down, endpoints: ["{}"] }}
+"#,
+        down.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let started = Instant::now();
+    let answers = load(web, "/", 500, 8, Duration::from_secs(20)).await;
+    let secs = started.elapsed().as_secs_f64().ceil();
+    let requests = answers.len() as f64;
+    assert!(answers.iter().all(|a| a.0 == 503));
+    let tries = hits.load(Ordering::Relaxed) as f64;
+    let bound = requests * 1.2 + 5.0 * secs;
+    eprintln!(
+        "budget: {requests} requests, {tries} upstream tries (bound {bound}), {:.3}x",
+        tries / requests
+    );
+    assert!(tries <= bound, "{tries} tries > {bound}");
+    assert!(tries > requests, "some retries expected");
+    let ep = down.addr.to_string();
+    assert_eq!(
+        metric(
+            admin,
+            "spur_upstream_requests_total",
+            &[("cluster", "down"), ("endpoint", &ep), ("code", "503")]
+        )
+        .await,
+        tries
+    );
+    assert!(
+        metric(
+            admin,
+            "spur_retry_budget_exhausted_total",
+            &[("cluster", "down")]
+        )
+        .await
+            >= requests * 0.5
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_retries_total",
+            &[("cluster", "down"), ("reason", "503")]
+        )
+        .await,
+        tries - requests
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_ejects_after_n_failures_and_one_probe_closes_it() {
+    let broken = Arc::new(AtomicBool::new(true));
+    let hits = Arc::new(AtomicU64::new(0));
+    let (br, h) = (broken.clone(), hits.clone());
+    let flaky = backend(move |_req| {
+        h.fetch_add(1, Ordering::Relaxed);
+        let status = if br.load(Ordering::Relaxed) { 503 } else { 200 };
+        async move {
+            Response::builder()
+                .status(status)
+                .header("x-backend", "flaky")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let steady = ok_backend_named("steady", Duration::ZERO).await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - name: app
+    endpoints: ["{}", "{}"]
+    lb: round_robin
+    circuit_breaker: {{ consecutive_failures: 3, ejection_time: 400ms, max_ejection_percent: 50 }}
+"#,
+        flaky.addr, steady.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let flaky_ep = flaky.addr.to_string();
+
+    // Round robin alternates: after 3 failures at `flaky` it is ejected.
+    let mut failures = 0;
+    while hits.load(Ordering::Relaxed) < 3 {
+        if get(web, "/", &[]).await.status == 503 {
+            failures += 1;
+        }
+    }
+    assert_eq!(failures, 3);
+    assert_eq!(
+        metric(
+            admin,
+            "spur_endpoint_ejected",
+            &[("cluster", "app"), ("endpoint", &flaky_ep)]
+        )
+        .await,
+        1.0
+    );
+    // While ejected it gets nothing.
+    for _ in 0..20 {
+        let a = get(web, "/", &[]).await;
+        assert_eq!((a.status, a.header("x-backend")), (200, Some("steady")));
+    }
+    assert_eq!(hits.load(Ordering::Relaxed), 3);
+
+    // It recovers; after the ejection time, one probe goes through and closes the breaker.
+    broken.store(false, Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            get(web, "/", &[]).await;
+            hits.load(Ordering::Relaxed) == 4
+        })
+        .await,
+        "no probe reached the endpoint"
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_endpoint_ejected",
+            &[("cluster", "app"), ("endpoint", &flaky_ep)]
+        )
+        .await,
+        0.0
+    );
+    let mut backends = HashMap::new();
+    for _ in 0..10 {
+        *backends
+            .entry(
+                get(web, "/", &[])
+                    .await
+                    .header("x-backend")
+                    .unwrap()
+                    .to_string(),
+            )
+            .or_insert(0) += 1;
+    }
+    assert_eq!(
+        backends.get("flaky"),
+        Some(&5),
+        "traffic is shared again: {backends:?}"
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn max_requests_fails_fast_instead_of_queueing() {
+    let release = Arc::new(tokio::sync::Notify::new());
+    let arrived = Arc::new(AtomicU64::new(0));
+    let (rel, arr) = (release.clone(), arrived.clone());
+    let held = backend(move |_req| {
+        let rel = rel.clone();
+        arr.fetch_add(1, Ordering::Relaxed);
+        async move {
+            rel.notified().await;
+            Response::new(Full::new(Bytes::from("done")))
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - name: app
+    endpoints: ["{}"]
+    circuit_breaker: {{ max_requests: 2, max_pending: 1 }}
+"#,
+        held.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let first: Vec<_> = (0..3)
+        .map(|_| tokio::spawn(async move { get(web, "/", &[]).await }))
+        .collect();
+    // Two in flight at the backend, one waiting in the proxy.
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            arrived.load(Ordering::Relaxed) == 2
+        })
+        .await
+    );
+    // The next request finds both slots and the one pending place taken: 503 at once.
+    let t = Instant::now();
+    let over = loop {
+        let a = get(web, "/", &[]).await;
+        if a.status == 503 {
+            break a;
+        }
+    };
+    assert!(
+        t.elapsed() < Duration::from_secs(1),
+        "took {:?}",
+        t.elapsed()
+    );
+    assert_eq!(over.header("x-spur-error"), Some("overloaded"));
+    assert!(
+        metric(
+            admin,
+            "spur_circuit_open_total",
+            &[("cluster", "app"), ("reason", "max_pending")]
+        )
+        .await
+            >= 1.0
+    );
+    assert_eq!(
+        arrived.load(Ordering::Relaxed),
+        2,
+        "the backend never saw more than max_requests"
+    );
+    // Releasing lets the held and the pending request finish.
+    for _ in 0..3 {
+        release.notify_waiters();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.notify_waiters();
+    }
+    for f in first {
+        let a = tokio::time::timeout(Duration::from_secs(5), f)
+            .await
+            .expect("finishes")
+            .unwrap();
+        assert_eq!(a.status, 200);
+    }
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_posts_are_not_replayed_small_bodies_and_gets_are() {
+    let bodies = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = bodies.clone();
+    let always_503 = backend(move |req: Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            let attempt = req
+                .headers()
+                .get("x-spur-attempt")
+                .map(|v| v.to_str().unwrap().to_string());
+            let method = req.method().to_string();
+            let len = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes().len())
+                .unwrap_or(0);
+            seen.lock().unwrap().push((method, len, attempt));
+            Response::builder()
+                .status(503)
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - match: {{ path_prefix: / }}
+        cluster: app
+        retry: {{ attempts: 2, retry_on: ["503"], backoff: {{ base: 1ms, max: 1ms }}, max_body: 64KiB }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        always_503.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+
+    assert_eq!(get(web, "/", &[]).await.status, 503);
+    let small = Request::post(format!("http://{web}/"))
+        .body(Full::new(Bytes::from(vec![7u8; 1024])))
+        .unwrap();
+    assert_eq!(send(&h1_client(), small).await.status, 503);
+    let big = Request::post(format!("http://{web}/"))
+        .body(Full::new(Bytes::from(vec![7u8; 1 << 20])))
+        .unwrap();
+    assert_eq!(send(&h1_client(), big).await.status, 503);
+
+    let seen = bodies.lock().unwrap().clone();
+    let s = |m: &str, len: usize, a: Option<&str>| (m.to_string(), len, a.map(str::to_string));
+    assert_eq!(
+        seen,
+        vec![
+            s("GET", 0, None),
+            s("GET", 0, Some("2")),
+            s("POST", 1024, None),
+            s("POST", 1024, Some("2")),
+            s("POST", 1 << 20, None),
+        ]
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_retry_skipped_total",
+            &[("cluster", "app"), ("reason", "body_too_large")]
+        )
+        .await,
+        1.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_try_timeout_retries_on_another_endpoint() {
+    let stuck = ok_backend_named("stuck", Duration::from_secs(10)).await;
+    let quick = ok_backend_named("quick", Duration::ZERO).await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - match: {{ path_prefix: / }}
+        cluster: app
+        timeout: 3s
+        retry: {{ attempts: 2, per_try_timeout: 200ms, retry_on: [timeout], backoff: {{ base: 1ms, max: 1ms }} }}
+clusters:
+  - {{ name: app, endpoints: ["{}", "{}"], lb: round_robin }}
+"#,
+        stuck.addr, quick.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    for _ in 0..4 {
+        let t = Instant::now();
+        let a = get(web, "/", &[]).await;
+        assert_eq!((a.status, a.header("x-backend")), (200, Some("quick")));
+        assert!(t.elapsed() < Duration::from_secs(1), "{:?}", t.elapsed());
+    }
+    assert!(
+        metric(
+            proxy.admin_addr().unwrap(),
+            "spur_retries_total",
+            &[("cluster", "app"), ("reason", "timeout")]
+        )
+        .await
+            >= 2.0
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_checks_take_a_failing_endpoint_out_and_back() {
+    let sick = Arc::new(AtomicBool::new(false));
+    let s = sick.clone();
+    let checked = backend(move |req: Request<hyper::body::Incoming>| {
+        let sick = s.load(Ordering::Relaxed);
+        async move {
+            if req.uri().path() == "/healthz" {
+                let status = if sick { 500 } else { 200 };
+                return Response::builder()
+                    .status(status)
+                    .body(Full::new(Bytes::new()))
+                    .unwrap();
+            }
+            Response::builder()
+                .header("x-backend", "checked")
+                .body(Full::new(Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let other = ok_backend_named("other", Duration::ZERO).await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - name: app
+    endpoints: ["{}", "{}"]
+    lb: round_robin
+    health_check: {{ path: /healthz, interval: 50ms, timeout: 100ms, unhealthy_threshold: 2, healthy_threshold: 2 }}
+"#,
+        checked.addr, other.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let ep = checked.addr.to_string();
+    sick.store(true, Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            metric(
+                admin,
+                "spur_endpoint_healthy",
+                &[("cluster", "app"), ("endpoint", &ep)],
+            )
+            .await
+                == 0.0
+                && get(admin, "/metrics", &[])
+                    .await
+                    .text()
+                    .contains("spur_endpoint_healthy")
+        })
+        .await
+    );
+    for _ in 0..10 {
+        assert_eq!(get(web, "/", &[]).await.header("x-backend"), Some("other"));
+    }
+    let clusters: serde_json::Value =
+        serde_json::from_slice(&get(admin, "/clusters", &[]).await.body).unwrap();
+    let down: Vec<_> = clusters["clusters"][0]["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["healthy"] == false)
+        .collect();
+    assert_eq!(down.len(), 1);
+    assert_eq!(down[0]["address"], ep.as_str());
+    sick.store(false, Ordering::Relaxed);
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            get(web, "/", &[]).await.header("x-backend") == Some("checked")
+        })
+        .await
+    );
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_abort_and_delay_and_ring_hash_is_sticky() {
+    let a = ok_backend_named("a", Duration::ZERO).await;
+    let b = ok_backend_named("b", Duration::ZERO).await;
+    let c = ok_backend_named("c", Duration::ZERO).await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - {{ match: {{ path_prefix: /abort }}, cluster: app, fault: {{ abort: {{ percent: 100, status: 418 }} }} }}
+      - {{ match: {{ path_prefix: /delay }}, cluster: app, fault: {{ delay: {{ percent: 100, duration: 150ms }} }} }}
+      - match: {{ path_prefix: /sticky }}
+        split: [{{ cluster: ring, weight: 1 }}]
+        hash_on: header:x-user-id
+clusters:
+  - {{ name: app, endpoints: ["{a}"] }}
+  - {{ name: ring, endpoints: ["{a}", "{b}", "{c}"], lb: ring_hash }}
+"#,
+        a = a.addr,
+        b = b.addr,
+        c = c.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let x = get(web, "/abort", &[]).await;
+    assert_eq!((x.status, x.header("x-spur-error")), (418, Some("fault")));
+    let t = Instant::now();
+    assert_eq!(get(web, "/delay", &[]).await.status, 200);
+    assert!(t.elapsed() >= Duration::from_millis(150));
+
+    let mut seen = std::collections::HashSet::new();
+    for u in 0..60 {
+        let user = format!("user-{u}");
+        let first = get(web, "/sticky", &[("x-user-id", &user)])
+            .await
+            .header("x-backend")
+            .unwrap()
+            .to_string();
+        for _ in 0..3 {
+            assert_eq!(
+                get(web, "/sticky", &[("x-user-id", &user)])
+                    .await
+                    .header("x-backend"),
+                Some(first.as_str())
+            );
+        }
+        seen.insert(first);
+    }
+    assert_eq!(seen.len(), 3, "keys spread over every endpoint");
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dns_clusters_resolve_their_endpoints() {
+    let app = ok_backend_named("app", Duration::ZERO).await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - {{ name: app, dns: "127.0.0.1:{}" }}
+"#,
+        app.addr.port()
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    assert_eq!(get(web, "/", &[]).await.header("x-backend"), Some("app"));
+    proxy.shutdown().await;
+}
