@@ -47,6 +47,11 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// The connection's place in its listener's accounting (active count, drain). An
+    /// upgraded connection outlives hyper's connection task, so its tunnel holds this too.
+    pub guard: Arc<crate::adapters::listener::ConnGuard>,
+    pub activity: crate::adapters::idle::Activity,
+    pub idle_timeout: Duration,
 }
 
 pub async fn handle(
@@ -411,7 +416,13 @@ async fn proxy(
                 resp.headers_mut().insert(header::UPGRADE, proto);
                 let upstream = hyper::upgrade::on(&mut resp);
                 ex.upgraded = true;
-                tokio::spawn(tunnel(downstream, upstream));
+                tokio::spawn(tunnel(
+                    downstream,
+                    upstream,
+                    ctx.guard.clone(),
+                    ctx.activity.clone(),
+                    ctx.idle_timeout,
+                ));
             }
             _ => {
                 return local_response(
@@ -541,8 +552,15 @@ fn scopeguard<F: FnOnce()>(f: F) -> impl Drop {
     Guard(Some(f))
 }
 
-/// Splices an upgraded client connection to the upgraded upstream one.
-async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade::OnUpgrade) {
+/// Splices an upgraded client connection to the upgraded upstream one, for as long as
+/// bytes move (the listener's idle timeout applies), holding the connection's guard.
+async fn tunnel(
+    downstream: hyper::upgrade::OnUpgrade,
+    upstream: hyper::upgrade::OnUpgrade,
+    _guard: Arc<crate::adapters::listener::ConnGuard>,
+    activity: crate::adapters::idle::Activity,
+    idle_timeout: Duration,
+) {
     let (d, u) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
         Err(e) => {
@@ -552,7 +570,12 @@ async fn tunnel(downstream: hyper::upgrade::OnUpgrade, upstream: hyper::upgrade:
     };
     let mut d = TokioIo::new(d);
     let mut u = TokioIo::new(u);
-    if let Err(e) = tokio::io::copy_bidirectional(&mut d, &mut u).await {
-        tracing::debug!(error = %e, "upgraded connection ended with an error");
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut d, &mut u) => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "upgraded connection ended with an error");
+            }
+        }
+        _ = activity.idle_for(idle_timeout) => tracing::debug!("upgraded connection idle timeout"),
     }
 }

@@ -45,7 +45,7 @@ pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
 }
 
 /// Decrements the active-connection count and gauge when a connection ends.
-pub(crate) struct ConnGuard {
+pub struct ConnGuard {
     active: Arc<AtomicUsize>,
     gauge: prometheus_client::metrics::gauge::Gauge,
     _drain: mpsc::Sender<()>,
@@ -138,7 +138,7 @@ async fn serve_http_conn(
     stream: TcpStream,
     peer: SocketAddr,
     mut shutdown: watch::Receiver<bool>,
-    _guard: ConnGuard,
+    guard: ConnGuard,
 ) {
     let activity = Activity::new();
     let io = TokioIo::new(IdleIo::new(stream, activity.clone()));
@@ -146,6 +146,9 @@ async fn serve_http_conn(
         shared: shared.clone(),
         listener: lst.name.clone(),
         peer,
+        guard: Arc::new(guard),
+        activity: activity.clone(),
+        idle_timeout: lst.limits.idle_timeout.get(),
     });
     let svc = service_fn(move |req| handle(ctx.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
