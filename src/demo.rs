@@ -108,6 +108,7 @@ Ctrl-C to stop."
     );
     wait_for_signal().await;
     proxy.shutdown().await;
+    log::flush();
     ExitCode::SUCCESS
 }
 

@@ -86,6 +86,7 @@ pub fn main(args: &[String]) -> ExitCode {
             Ok(p) => p,
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
+                log::flush();
                 eprintln!("spur proxy: {e}");
                 return ExitCode::from(1);
             }
@@ -94,6 +95,7 @@ pub fn main(args: &[String]) -> ExitCode {
         tracing::info!("shutting down: draining in-flight requests");
         proxy.shutdown().await;
         tracing::info!("stopped");
+        log::flush();
         ExitCode::SUCCESS
     })
 }

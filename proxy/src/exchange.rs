@@ -2,6 +2,7 @@
 //! written once when the response body ends (or is dropped), so the duration and byte
 //! counts cover the whole exchange.
 
+use crate::access::{self, Val};
 use crate::endpoint::InFlight;
 use crate::headers::X_SPUR_ERROR;
 use crate::metrics::{RequestLabels, RouteLabels};
@@ -84,23 +85,47 @@ impl Exchange {
                 cluster: self.cluster.clone(),
             })
             .observe(elapsed.as_secs_f64());
+        if !access::enabled() {
+            return;
+        }
         let endpoint = self.endpoint.as_ref().map_or(DASH, |e| &e.0.label);
-        tracing::info!(
-            target: "spur::access",
-            request_id = self.request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or(DASH),
-            trace_id = self.trace_id.as_ref().and_then(|t| std::str::from_utf8(t).ok()).unwrap_or(DASH),
-            listener = &*self.listener,
-            route = &*self.route,
-            cluster = &*self.cluster,
-            endpoint,
-            method = self.method.as_str(),
-            path = self.path.as_str(),
-            status = self.status,
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            bytes_received = self.bytes_received.load(Ordering::Relaxed),
-            bytes_sent = self.bytes_sent,
-            error = self.error.unwrap_or(DASH),
-            upgraded = self.upgraded,
+        access::emit(
+            "access",
+            &[
+                (
+                    "request_id",
+                    Val::Str(
+                        self.request_id
+                            .as_ref()
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or(DASH),
+                    ),
+                ),
+                (
+                    "trace_id",
+                    Val::Str(
+                        self.trace_id
+                            .as_ref()
+                            .and_then(|t| std::str::from_utf8(t).ok())
+                            .unwrap_or(DASH),
+                    ),
+                ),
+                ("listener", Val::Str(&self.listener)),
+                ("route", Val::Str(&self.route)),
+                ("cluster", Val::Str(&self.cluster)),
+                ("endpoint", Val::Str(endpoint)),
+                ("method", Val::Str(self.method.as_str())),
+                ("path", Val::Str(self.path.as_str())),
+                ("status", Val::U64(u64::from(self.status))),
+                ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
+                (
+                    "bytes_received",
+                    Val::U64(self.bytes_received.load(Ordering::Relaxed)),
+                ),
+                ("bytes_sent", Val::U64(self.bytes_sent)),
+                ("error", Val::Str(self.error.unwrap_or(DASH))),
+                ("upgraded", Val::Bool(self.upgraded)),
+            ],
         );
     }
 }

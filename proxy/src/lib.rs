@@ -7,6 +7,7 @@
 //! - [`adapters`]: listeners (http, tcp), the admin server.
 //! - [`Proxy`]: starts and stops all of it.
 
+pub mod access;
 pub mod adapters;
 pub mod cli;
 pub mod echo;

@@ -2,6 +2,7 @@
 //! listener's cluster. Half-close is passed on: when one side finishes sending, the other
 //! side's write half is shut down and the opposite direction keeps flowing.
 
+use crate::access::{self, Val};
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
 use crate::metrics::UpstreamLabels;
@@ -18,7 +19,7 @@ pub(crate) async fn serve_conn(
     lst: Arc<ListenerRt>,
     mut client: TcpStream,
     peer: SocketAddr,
-    mut shutdown: watch::Receiver<bool>,
+    _shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
     let start = Instant::now();
@@ -42,17 +43,24 @@ pub(crate) async fn serve_conn(
     let endpoint = members.endpoints[idx].clone();
     let _in_flight = endpoint.start();
     let connect_timeout = cluster.connect_timeout;
-    let upstream = match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.addr))
-        .await
-    {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) | Err(_) => {
-            endpoint.observe(start.elapsed(), true);
-            count(&shared, &cluster.name, &endpoint.label, 0);
-            tracing::info!(target: "spur::access", listener = &*lst.name, cluster = &*cluster.name, endpoint = &*endpoint.label, %peer, error = "upstream_unreachable", "tcp");
-            return;
-        }
-    };
+    let upstream =
+        match tokio::time::timeout(connect_timeout, TcpStream::connect(endpoint.addr)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(_)) | Err(_) => {
+                endpoint.observe(start.elapsed(), true);
+                count(&shared, &cluster.name, &endpoint.label, 0);
+                log_conn(
+                    &lst.name,
+                    &cluster.name,
+                    &endpoint.label,
+                    peer,
+                    (0, 0),
+                    start,
+                    "upstream_unreachable",
+                );
+                return;
+            }
+        };
     endpoint.observe(start.elapsed(), false);
     let _ = upstream.set_nodelay(true);
     let activity = Activity::new();
@@ -61,26 +69,49 @@ pub(crate) async fn serve_conn(
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut up) => r.map_err(|e| e.to_string()),
         _ = activity.idle_for(idle) => Err("idle_timeout".to_string()),
-        // On shutdown a tcp connection gets the drain timeout to finish on its own; the
-        // listener stops waiting for it after that and the runtime closes it.
-        _ = async { let _ = shutdown.wait_for(|s| *s).await; std::future::pending::<()>().await } => unreachable!(),
     };
     count(&shared, &cluster.name, &endpoint.label, 200);
-    let (sent, received, error) = match &result {
-        Ok((to_up, to_client)) => (*to_client, *to_up, "-"),
-        Err(e) => (0, 0, e.as_str()),
+    let (bytes, error) = match &result {
+        Ok((to_up, to_client)) => ((*to_up, *to_client), "-"),
+        Err(e) => ((0, 0), e.as_str()),
     };
-    tracing::info!(
-        target: "spur::access",
-        listener = &*lst.name,
-        cluster = &*cluster.name,
-        endpoint = &*endpoint.label,
-        %peer,
-        bytes_received = received,
-        bytes_sent = sent,
-        duration_ms = start.elapsed().as_secs_f64() * 1e3,
+    log_conn(
+        &lst.name,
+        &cluster.name,
+        &endpoint.label,
+        peer,
+        bytes,
+        start,
         error,
-        "tcp"
+    );
+}
+
+/// One access line per TCP connection: bytes are (received from the client, sent to it).
+fn log_conn(
+    listener: &str,
+    cluster: &str,
+    endpoint: &str,
+    peer: SocketAddr,
+    bytes: (u64, u64),
+    start: Instant,
+    error: &str,
+) {
+    if !access::enabled() {
+        return;
+    }
+    let peer = peer.to_string();
+    access::emit(
+        "tcp",
+        &[
+            ("listener", Val::Str(listener)),
+            ("cluster", Val::Str(cluster)),
+            ("endpoint", Val::Str(endpoint)),
+            ("peer", Val::Str(&peer)),
+            ("bytes_received", Val::U64(bytes.0)),
+            ("bytes_sent", Val::U64(bytes.1)),
+            ("duration_ms", Val::F64(start.elapsed().as_secs_f64() * 1e3)),
+            ("error", Val::Str(error)),
+        ],
     );
 }
 
