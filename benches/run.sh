@@ -2,12 +2,15 @@
 # Spur load benchmark: the same HTTP/1.1 GET traffic sent
 #   direct    -> origin (nginx, fixed 100-byte body)
 #   spur      -> origin   (target/release/spur proxy --config <generated yaml>)
+#   spur-mtls -> Spur listener -> mTLS -> Spur TLS listener -> origin (both hops in one
+#                Spur process; certificates made with openssl), plus a full-handshake rate
+#   spur-2hop -> the same two hops in plaintext (optional: the baseline for mTLS's cost)
 #   haproxy   -> origin
 #   nginx     -> origin   (second nginx as reverse proxy, upstream keepalive)
 # measured with wrk: max throughput, low-concurrency latency, CPU time per
 # request and peak memory of the proxy process(es).
 #
-# Usage: benches/run.sh [--build] [--duration 10] [--targets direct,spur,haproxy,nginx] ...
+# Usage: benches/run.sh [--build] [--duration 10] [--targets direct,spur,spur-mtls,haproxy,nginx] ...
 #        benches/run.sh --help
 # Everything listens on 127.0.0.1 only. See benches/README.md.
 set -Eeuo pipefail
@@ -22,7 +25,8 @@ LAT_DURATION=${LAT_DURATION:-5}     # 1-connection latency run per target, secon
 WARMUP=${WARMUP:-2}                 # warm-up run before the measured ones, seconds (0 = none)
 CONNECTIONS=${CONNECTIONS:-64}      # wrk connections for the throughput run
 THREADS=${THREADS:-2}               # wrk threads for the throughput run
-TARGETS=${TARGETS:-direct,spur,haproxy,nginx}
+TARGETS=${TARGETS:-direct,spur,spur-mtls,haproxy,nginx}
+HS_DURATION=${HS_DURATION:-3}       # spur-mtls: full-handshake run with openssl s_time, seconds (0 = none)
 PIN=${PIN:-1}                       # 1 = pin with taskset (see README), 0 = no pinning
 PROXY_CPUS=${PROXY_CPUS:-}          # CPU list for the proxy under test (default: last allowed CPU)
 LOAD_CPUS=${LOAD_CPUS:-}            # CPU list for wrk + origin (default: the other CPUs)
@@ -52,7 +56,10 @@ Options (environment variable in brackets):
   --warmup N              warm-up per target, seconds, 0 = none [WARMUP=$WARMUP]
   --connections N         wrk connections for the throughput run [CONNECTIONS=$CONNECTIONS]
   --threads N             wrk threads for the throughput run [THREADS=$THREADS]
-  --targets LIST          comma-separated subset of direct,spur,haproxy,nginx [TARGETS]
+  --targets LIST          comma-separated subset of direct,spur,spur-mtls,spur-2hop,haproxy,nginx
+                          [TARGETS=$TARGETS]
+  --handshake-duration N  spur-mtls: full mTLS handshakes with openssl s_time, seconds, 0 = none
+                          [HS_DURATION=$HS_DURATION]
   --proxy-cpus LIST       taskset CPU list for the proxy [PROXY_CPUS, default: last allowed CPU]
   --load-cpus LIST        taskset CPU list for wrk and the origin [LOAD_CPUS, default: the rest]
   --workers N             worker threads/processes for every proxy [PROXY_WORKERS, default: #proxy CPUs]
@@ -77,6 +84,7 @@ while [[ $# -gt 0 ]]; do
     --connections) CONNECTIONS=${2:?}; shift ;;
     --threads) THREADS=${2:?}; shift ;;
     --targets) TARGETS=${2:?}; shift ;;
+    --handshake-duration) HS_DURATION=${2:?}; shift ;;
     --proxy-cpus) PROXY_CPUS=${2:?}; shift ;;
     --load-cpus) LOAD_CPUS=${2:?}; shift ;;
     --workers) PROXY_WORKERS=${2:?}; shift ;;
@@ -115,7 +123,8 @@ WARMUP=$(to_secs "$WARMUP")
 [[ $LAT_PIN == same || $LAT_PIN == split ]] || die "--latency-pin must be 'same' or 'split'"
 IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-  case $t in direct|spur|haproxy|nginx) ;; *) die "unknown target '$t' (direct, spur, haproxy, nginx)" ;; esac
+  case $t in direct|spur|spur-mtls|spur-2hop|haproxy|nginx) ;;
+    *) die "unknown target '$t' (direct, spur, spur-mtls, spur-2hop, haproxy, nginx)" ;; esac
 done
 want() { [[ ",$TARGETS," == *",$1,"* ]]; }
 
@@ -130,6 +139,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX_BIN ]] || missing+=(nginx)          # the origin is always nginx
 if want haproxy && [[ ! -x $HAPROXY_BIN ]]; then missing+=(haproxy); fi
 command -v curl >/dev/null || missing+=(curl)
+if want spur-mtls && ! command -v openssl >/dev/null; then missing+=(openssl); fi
 command -v pgrep >/dev/null || missing+=(procps)
 command -v taskset >/dev/null || missing+=(util-linux)
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -143,7 +153,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
 fi
 
-if want spur; then
+if want spur || want spur-mtls || want spur-2hop; then
   if [[ $BUILD == 1 || ! -x $SPUR_BIN ]]; then
     command -v cargo >/dev/null || die "cargo not found; cannot build $SPUR_BIN"
     log "building Spur: cargo build --release --bin spur"
@@ -491,8 +501,94 @@ clusters:
 EOF
 }
 
+# make_mesh_certs DIR : a CA, and ECDSA P-256 workload certificates for the two sides of the
+# mesh hop, with SPIFFE URI SANs (plus localhost / 127.0.0.1) and client+server auth.
+make_mesh_certs() {
+  local dir=$1 side
+  mkdir -p "$dir"
+  openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 2 \
+    -subj /CN=spur-bench-ca -keyout "$dir/ca.key" -out "$dir/ca.crt" \
+    -addext basicConstraints=critical,CA:TRUE -addext keyUsage=critical,keyCertSign,cRLSign \
+    >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; die "openssl: CA"; }
+  for side in outbound inbound; do
+    openssl req -new -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes \
+      -subj "/CN=$side" -keyout "$dir/$side.key" -out "$dir/$side.csr" >>"$dir/openssl.log" 2>&1 \
+      || { cat "$dir/openssl.log" >&2; die "openssl: $side key"; }
+    printf '%s\n' \
+      "basicConstraints=critical,CA:FALSE" \
+      "keyUsage=critical,digitalSignature" \
+      "extendedKeyUsage=serverAuth,clientAuth" \
+      "subjectAltName=URI:spiffe://bench.local/ns/bench/sa/$side,DNS:localhost,IP:127.0.0.1" \
+      >"$dir/$side.ext"
+    openssl x509 -req -in "$dir/$side.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" \
+      -CAcreateserial -days 2 -extfile "$dir/$side.ext" -out "$dir/$side.crt" >>"$dir/openssl.log" 2>&1 \
+      || { cat "$dir/openssl.log" >&2; die "openssl: $side certificate"; }
+  done
+}
+
+# write_spur_mesh_conf FILE PORT ADMIN_PORT INBOUND_PORT ORIGIN_PORT CERT_DIR|"" : the two
+# sides of a mesh hop in one process. "bench" (plaintext, what wrk calls) forwards to the
+# "inbound" listener, which forwards to the origin; with CERT_DIR that hop is mutual TLS with
+# SPIFFE identities checked both ways, without it plaintext.
+write_spur_mesh_conf() {
+  local file=$1 port=$2 admin=$3 inport=$4 oport=$5 dir=$6 ltls="" ctls=""
+  if [[ -n $dir ]]; then
+    ltls="    tls: { cert: $dir/inbound.crt, key: $dir/inbound.key, client_ca: $dir/ca.crt, allow_identities: [\"spiffe://bench.local/ns/bench/sa/outbound\"] }"
+    ctls="    tls: { ca: $dir/ca.crt, cert: $dir/outbound.crt, key: $dir/outbound.key, expect_identities: [\"spiffe://bench.local/ns/bench/sa/inbound\"] }"
+  fi
+  cat >"$file" <<EOF
+# Spur: a mesh hop (outbound side -> inbound side) in one process
+admin:
+  listen: 127.0.0.1:$admin
+listeners:
+  - name: bench
+    listen: 127.0.0.1:$port
+    protocol: http
+    cluster: mesh
+  - name: inbound
+    listen: 127.0.0.1:$inport
+    protocol: http
+$ltls
+    cluster: origin
+clusters:
+  - name: mesh
+    endpoints: ["127.0.0.1:$inport"]
+    lb: round_robin
+$ctls
+  - name: origin
+    endpoints: ["127.0.0.1:$oport"]
+    lb: round_robin
+EOF
+}
+
+# measure_handshakes NAME PID PORT CERT_DIR : new mTLS sessions (full handshakes, client
+# certificate included) against Spur's TLS listener with openssl s_time for HS_DURATION s;
+# the rate, and Spur's CPU time per handshake (its server side only).
+measure_handshakes() {
+  local name=$1 pid=$2 port=$3 dir=$4 pids=() t0 t1 n
+  [[ $HS_DURATION -gt 0 ]] || return 0
+  log "$name: full mTLS handshakes with openssl s_time, ${HS_DURATION}s"
+  mapfile -t pids < <(proc_tree "$pid")
+  t0=$(cpu_ticks "${pids[@]}")
+  "${ON_LOAD_CPUS[@]}" timeout --kill-after=5 $((HS_DURATION + 30)) \
+    openssl s_time -connect "127.0.0.1:$port" -new -time "$HS_DURATION" \
+    -cert "$dir/outbound.crt" -key "$dir/outbound.key" -CAfile "$dir/ca.crt" \
+    >"$RUN_DIR/$name.s_time.txt" 2>&1 || warn "openssl s_time exited non-zero ($RUN_DIR/$name.s_time.txt)"
+  t1=$(cpu_ticks "${pids[@]}")
+  # "N connections in T.TTs; R connections/user sec, ..." then "N connections in S real seconds, ..."
+  n=$(awk '/connections in [0-9]+ real seconds/ { print $1; exit }' "$RUN_DIR/$name.s_time.txt")
+  if [[ -n $n && $n -gt 0 ]]; then
+    R_HS_RATE[$name]=$(awk -v n="$n" -v d="$HS_DURATION" 'BEGIN { printf "%.0f", n / d }')
+    R_HS_CPU[$name]=$(awk -v d=$((t1 - t0)) -v hz="$CLK_TCK" -v n="$n" 'BEGIN { printf "%.0f", d / hz * 1e6 / n }')
+    R_HS_N[$name]=$n
+  else
+    warn "$name: no handshake completed (see $RUN_DIR/$name.s_time.txt)"
+  fi
+}
+
 # -------------------------------------------------------------- benchmark --
 declare -A R_RPS R_REQS R_ERRS R_P50 R_P99 R_LP50 R_LP99 R_CPU R_CPUS R_HWM R_RSS R_PSS R_STATUS
+declare -A R_HS_RATE R_HS_CPU R_HS_N
 
 # bench NAME URL PID|"" : warm-up, throughput (CPU sampled around it), latency, memory.
 bench() {
@@ -595,6 +691,30 @@ for target in "${TARGET_LIST[@]}"; do
       stop_proc "$pid"
       trim_log "$RUN_DIR/spur.stderr.log"
       ;;
+    spur-mtls|spur-2hop)
+      free_port SPUR_PORT; free_port SPUR_ADMIN_PORT; free_port SPUR_IN_PORT
+      certs=""
+      if [[ $target == spur-mtls ]]; then
+        certs="$WORK/certs"
+        [[ -f $certs/ca.crt ]] || make_mesh_certs "$certs"
+      fi
+      write_spur_mesh_conf "$RUN_DIR/$target.yaml" "$SPUR_PORT" "$SPUR_ADMIN_PORT" "$SPUR_IN_PORT" "$ORIGIN_PORT" "$certs"
+      start_proc "$target" "${ON_PROXY_CPUS[@]}" env -u RUST_LOG TOKIO_WORKER_THREADS="$PROXY_WORKERS" \
+        "$SPUR_BIN" proxy --config "$RUN_DIR/$target.yaml"
+      pid=$LAST_PID
+      if wait_ok "$target" "http://127.0.0.1:$SPUR_PORT/" "$pid"; then
+        bench "$target" "http://127.0.0.1:$SPUR_PORT/" "$pid"
+        if [[ -n $certs ]]; then
+          measure_handshakes "$target" "$pid" "$SPUR_IN_PORT" "$certs"
+          curl --noproxy '*' -s -m 2 "http://127.0.0.1:$SPUR_ADMIN_PORT/metrics" \
+            | grep -E '^spur_(upstream_)?tls_handshake_errors_total' >"$RUN_DIR/$target.tls-errors.txt" || true
+        fi
+      else
+        R_STATUS[$target]=failed
+      fi
+      stop_proc "$pid"
+      trim_log "$RUN_DIR/$target.stderr.log"
+      ;;
     haproxy)
       free_port HAPROXY_PORT
       write_haproxy_conf "$RUN_DIR/haproxy.cfg" "$HAPROXY_PORT" "$ORIGIN_PORT"
@@ -670,6 +790,18 @@ REPORT="$RUN_DIR/report.md"
     echo "Spur vs HAProxy: throughput $(ratio "${R_RPS[spur]}" "${R_RPS[haproxy]}"), CPU per request $(ratio "${R_CPU[spur]:-}" "${R_CPU[haproxy]:-}") (throughput: higher is better; CPU: lower is better)."
   else
     echo "Spur vs HAProxy: n/a (both targets must run)."
+  fi
+  if [[ ${R_STATUS[spur-mtls]:-} == ok ]]; then
+    echo
+    echo "spur-mtls: wrk → Spur listener → mutual TLS (TLS 1.3, ECDSA P-256, SPIFFE IDs checked both ways) → Spur TLS listener → origin. Both sides of the hop run in one Spur process, so its CPU µs/req covers two hops. Keep-alive pools the mTLS connections: a request pays for encryption, not for a handshake."
+    if [[ ${R_STATUS[spur-2hop]:-} == ok ]]; then
+      echo "mTLS cost per request: $(awk -v a="${R_CPU[spur-mtls]:-0}" -v b="${R_CPU[spur-2hop]:-0}" 'BEGIN { printf "%+.2f", a - b }') CPU µs, $(delta_us "${R_LP50[spur-mtls]}" "${R_LP50[spur-2hop]}") p50 at 1 connection (spur-mtls vs spur-2hop: the same two hops in plaintext)."
+    elif [[ ${R_STATUS[spur]:-} == ok ]]; then
+      echo "mTLS cost per request, estimated against two plaintext hops as 2 × spur: $(awk -v a="${R_CPU[spur-mtls]:-0}" -v b="${R_CPU[spur]:-0}" 'BEGIN { printf "%+.2f", a - 2 * b }') CPU µs (--targets spur-2hop,spur-mtls measures the baseline instead)."
+    fi
+    if [[ -n ${R_HS_RATE[spur-mtls]:-} ]]; then
+      echo "Full mTLS handshakes (openssl s_time -new with a client certificate, ${HS_DURATION}s, client on the load CPUs): ${R_HS_RATE[spur-mtls]}/s; Spur CPU per handshake (server side): ${R_HS_CPU[spur-mtls]} µs."
+    fi
   fi
   echo
   echo "<details><summary>details</summary>"

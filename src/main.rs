@@ -12,7 +12,7 @@ commands:
   demo                       run a proxy with two echo backends and a canary split, in one process
   proxy --config FILE        run the data plane from a config file
   validate FILE              check a config file: every error with its field path
-  control                    run the control plane (not supported yet)
+  control                    run the control plane (configs per group, watched by proxies)
   help                       this text
 
 Run `spur <command> --help` for a command's options.";
@@ -25,7 +25,9 @@ fn main() -> ExitCode {
     };
     match cmd.as_str() {
         "proxy" => spur_proxy::cli::main(rest),
-        "control" => spur_control::cli::main(rest),
+        "control" => spur_control::cli::main(rest, |format| {
+            spur_proxy::log::init(format.and_then(spur_proxy::log::LogFormat::parse))
+        }),
         "validate" => validate(rest),
         "demo" => demo::main(rest),
         "inject" | "init-iptables" => {

@@ -210,9 +210,11 @@ clusters:
         rr_p99 >= Duration::from_millis(50),
         "round robin p99 {rr_p99:?}"
     );
+    // Below the slow endpoint's own 50 ms, and far below round robin's tail (the margin
+    // allows for a loaded CI machine, where every latency in this test stretches).
     assert!(
-        ewma_p99 < Duration::from_millis(40),
-        "ewma p99 {ewma_p99:?} is not near the fast endpoints'"
+        ewma_p99 < Duration::from_millis(50) && ewma_p99 * 2 < rr_p99,
+        "ewma p99 {ewma_p99:?} is not near the fast endpoints' (round robin: {rr_p99:?})"
     );
     proxy.shutdown().await;
 }

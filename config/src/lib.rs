@@ -81,6 +81,18 @@ pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
     load(&text, path.file_name().and_then(|n| n.to_str()))
 }
 
+/// Reads a token file (bearer tokens, join tokens): its content with surrounding
+/// whitespace trimmed. A missing or empty file is an error that names the file.
+pub fn read_token_file(path: &std::path::Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| format!("cannot read token file {}: {e}", path.display()))?;
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        return Err(format!("token file {} is empty", path.display()));
+    }
+    Ok(token)
+}
+
 /// A one-line description of a valid config, for `spur validate`.
 pub fn summary(cfg: &Config) -> String {
     let routes: usize = cfg.listeners.iter().map(|l| l.routes.len()).sum();

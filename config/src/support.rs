@@ -15,9 +15,6 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         if l.protocol == ListenerProtocol::Http3 {
             e.push(format!("{p}.protocol"), format!("http3: {NOT_YET}"));
         }
-        if l.tls.is_some() {
-            e.push(format!("{p}.tls"), NOT_YET);
-        }
         if l.trust_incoming_flags {
             e.push(format!("{p}.trust_incoming_flags"), NOT_YET);
         }
@@ -47,9 +44,6 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         }
         if c.fallback.is_some() {
             e.push(format!("{p}.fallback"), NOT_YET);
-        }
-        if c.tls.is_some() {
-            e.push(format!("{p}.tls"), NOT_YET);
         }
     }
     if !cfg.flags.is_empty() {

@@ -180,7 +180,6 @@ fn fields_not_built_yet_are_refused_by_path() {
 listeners:
   - name: a
     listen: 127.0.0.1:1
-    tls: { cert: c.pem, key: k.pem }
     trust_incoming_flags: true
     routes:
       - cluster: c
@@ -200,7 +199,6 @@ flags:
 "#,
     );
     for expected in [
-        "listeners[0].tls: not supported yet",
         "listeners[0].trust_incoming_flags: not supported yet",
         "listeners[0].routes[0].match.flag: not supported yet",
         "listeners[0].routes[0].mirror: not supported yet",
@@ -208,6 +206,40 @@ flags:
     ] {
         assert_has(&errs, expected);
     }
+}
+
+#[test]
+fn tls_on_listeners_and_clusters_is_accepted() {
+    let cfg = load(
+        r#"
+listeners:
+  - name: inbound
+    listen: 127.0.0.1:1
+    cluster: c
+    tls:
+      cert: /etc/spur/tls/tls.crt
+      key: /etc/spur/tls/tls.key
+      client_ca: /etc/spur/tls/ca.crt
+      allow_identities: ["spiffe://cluster.local/ns/shop/sa/web"]
+clusters:
+  - name: c
+    endpoints: ["127.0.0.1:2"]
+    tls:
+      ca: /etc/spur/tls/ca.crt
+      cert: /etc/spur/tls/tls.crt
+      key: /etc/spur/tls/tls.key
+      server_name: checkout.shop.svc
+      expect_identities: ["spiffe://cluster.local/ns/shop/sa/checkout"]
+"#,
+        None,
+    )
+    .expect("tls settings validate");
+    let tls = cfg.clusters[0].tls.as_ref().unwrap();
+    assert_eq!(tls.server_name.as_deref(), Some("checkout.shop.svc"));
+    // Files are read by the proxy when it applies the config, not by validation.
+    assert!(errors_of("listeners: [{ name: a, listen: 127.0.0.1:1, cluster: c, tls: { cert: c.pem } }]\nclusters: [{ name: c, endpoints: [\"127.0.0.1:2\"] }]")
+        .iter()
+        .any(|e| e.contains("missing field `key`")));
 }
 
 #[test]

@@ -359,7 +359,9 @@ impl EndpointSpec {
     }
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// TLS origination to a cluster's endpoints. `Eq + Hash`: the proxy keys upstream
+/// connection pools by it, so clusters with different TLS settings never share a pool.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ClientTls {
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -1,18 +1,27 @@
 //! The `spur proxy` / `spur-proxy` command line.
 
 use crate::log::{self, LogFormat};
-use crate::Proxy;
+use crate::{reload, Proxy};
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
 
-pub const USAGE: &str = "usage: spur proxy --config FILE [--log-format json|text]
+pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--log-format json|text]
+       spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE]
 
-Runs the data plane from a config file (YAML or JSON, by extension or content).
+Runs the data plane, from a config file (YAML or JSON, by extension or content; reloaded
+on SIGHUP, and when it changes with --watch) or from the control plane at URL (FILE is
+then a bootstrap used until the first push).
 SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.";
 
 #[derive(Debug, Default)]
 pub struct ProxyArgs {
     pub config: Option<PathBuf>,
+    pub watch: bool,
+    pub control: Option<String>,
+    pub node: Option<String>,
+    pub group: Option<String>,
+    pub token_file: Option<PathBuf>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -41,16 +50,53 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
                         .ok_or_else(|| format!("--log-format: `{v}` is not json or text"))?,
                 );
             }
-            "--watch" | "--control" | "--node" | "--group" | "--token-file" | "--identity"
-            | "--join-token-file" => {
+            "--watch" => out.watch = true,
+            "--control" => {
+                out.control = Some(value("--control")?.trim_end_matches('/').to_string())
+            }
+            "--node" => out.node = Some(value("--node")?),
+            "--group" => out.group = Some(value("--group")?),
+            "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
+            "--identity" | "--join-token-file" => {
                 return Err(format!("{flag}: not supported yet"));
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
     }
-    if out.config.is_none() {
-        return Err("--config FILE is required".into());
+    match &out.control {
+        None => {
+            if out.config.is_none() {
+                return Err("--config FILE (or --control URL) is required".into());
+            }
+            for (set, name) in [
+                (out.node.is_some(), "--node"),
+                (out.group.is_some(), "--group"),
+                (out.token_file.is_some(), "--token-file"),
+            ] {
+                if set {
+                    return Err(format!("{name} goes with --control"));
+                }
+            }
+        }
+        Some(url) => {
+            if !url.starts_with("http://") {
+                return Err(if url.starts_with("https://") {
+                    "--control: https URLs are not supported yet".into()
+                } else {
+                    format!("--control: `{url}` is not an http:// URL")
+                });
+            }
+            if out.node.is_none() || out.group.is_none() {
+                return Err("--control needs --node NAME and --group GROUP".into());
+            }
+            if out.watch {
+                return Err(
+                    "--watch is for file mode; with --control the control plane pushes changes"
+                        .into(),
+                );
+            }
+        }
     }
     Ok(out)
 }
@@ -69,11 +115,25 @@ pub fn main(args: &[String]) -> ExitCode {
         }
     };
     log::init(parsed.log_format);
-    let path = parsed.config.expect("checked above");
-    let cfg = match spur_config::load_file(&path) {
-        Ok(c) => c,
+    let bootstrap = match &parsed.config {
+        Some(path) => match spur_config::load_file(path) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("spur proxy: {} is not a valid config:\n{e}", path.display());
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
+    let token = match parsed
+        .token_file
+        .as_deref()
+        .map(spur_config::read_token_file)
+        .transpose()
+    {
+        Ok(t) => t,
         Err(e) => {
-            eprintln!("spur proxy: {} is not a valid config:\n{e}", path.display());
+            eprintln!("spur proxy: {e}");
             return ExitCode::from(1);
         }
     };
@@ -82,13 +142,31 @@ pub fn main(args: &[String]) -> ExitCode {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let proxy = match Proxy::start(cfg).await {
-            Ok(p) => p,
+        let started = match bootstrap {
+            Some(cfg) => Proxy::start(cfg).await,
+            None => Proxy::idle(),
+        };
+        let proxy = match started {
+            Ok(p) => Arc::new(p),
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 log::flush();
                 eprintln!("spur proxy: {e}");
                 return ExitCode::from(1);
+            }
+        };
+        let _source = match parsed.control {
+            Some(url) => {
+                let src = reload::ControlSource {
+                    url,
+                    node: parsed.node.expect("checked"),
+                    group: parsed.group.expect("checked"),
+                    token,
+                };
+                reload::spawn_control(proxy.clone(), src)
+            }
+            None => {
+                reload::spawn_file(proxy.clone(), parsed.config.expect("checked"), parsed.watch)
             }
         };
         wait_for_signal().await;
@@ -132,7 +210,7 @@ mod tests {
         assert_eq!(p.log_format, Some(LogFormat::Json));
         assert_eq!(
             parse_proxy_args(&args(&[])).unwrap_err(),
-            "--config FILE is required"
+            "--config FILE (or --control URL) is required"
         );
         assert_eq!(
             parse_proxy_args(&args(&["--config"])).unwrap_err(),
@@ -142,9 +220,28 @@ mod tests {
             parse_proxy_args(&args(&["--bogus"])).unwrap_err(),
             "unknown option `--bogus`"
         );
+        assert!(
+            parse_proxy_args(&args(&["--config", "a", "--watch"]))
+                .unwrap()
+                .watch
+        );
         assert_eq!(
-            parse_proxy_args(&args(&["--config", "a", "--watch"])).unwrap_err(),
-            "--watch: not supported yet"
+            parse_proxy_args(&args(&["--control", "http://c:7070", "--node", "n"])).unwrap_err(),
+            "--control needs --node NAME and --group GROUP"
+        );
+        let c = parse_proxy_args(&args(&[
+            "--control",
+            "http://c:7070/",
+            "--node",
+            "n",
+            "--group",
+            "g",
+        ]))
+        .unwrap();
+        assert_eq!(c.control.as_deref(), Some("http://c:7070"));
+        assert_eq!(
+            parse_proxy_args(&args(&["--config", "a", "--group", "g"])).unwrap_err(),
+            "--group goes with --control"
         );
     }
 }

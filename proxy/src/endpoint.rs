@@ -10,6 +10,7 @@ use crate::policy::balance::{Candidate, PeakEwma};
 use crate::policy::breaker::{self, Breaker, Transition};
 use crate::policy::budget::Budget;
 use crate::policy::health::Health;
+use crate::tls::ClientTlsRt;
 use crate::upstream::{Client, ClientKey};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -171,12 +172,15 @@ pub struct ClusterLimits {
     pub waiting: AtomicU32,
 }
 
+/// A cluster's pooled client and the TLS it originates with (`None`: plain).
+type PooledClient = (Client, Option<Arc<ClientTlsRt>>);
+
 /// Where endpoint state, connection pools, concurrency limits and retry budgets live
 /// between snapshots.
 #[derive(Default)]
 pub struct Registry {
     endpoints: Mutex<HashMap<(String, SocketAddr), Weak<EndpointState>>>,
-    clients: Mutex<HashMap<ClientKey, Client>>,
+    clients: Mutex<HashMap<ClientKey, PooledClient>>,
     limits: Mutex<HashMap<String, Arc<ClusterLimits>>>,
     budgets: Mutex<HashMap<String, Arc<Budget>>>,
 }
@@ -196,13 +200,15 @@ impl Registry {
         state
     }
 
-    /// The pooled client for a cluster's upstream settings.
-    pub fn client(&self, key: ClientKey) -> Client {
+    /// The pooled client for a cluster's upstream settings, and the TLS it originates with.
+    /// `tls` (freshly loaded from the files) is used only when no client exists yet for these
+    /// settings; an existing client keeps its own, which its watcher keeps current.
+    pub fn client(&self, key: ClientKey, tls: Option<Arc<ClientTlsRt>>) -> PooledClient {
         self.clients
             .lock()
             .unwrap()
             .entry(key.clone())
-            .or_insert_with(|| crate::upstream::new_client(&key))
+            .or_insert_with(|| (crate::upstream::new_client(&key, tls.clone()), tls))
             .clone()
     }
 

@@ -35,6 +35,8 @@ pub struct Exchange {
     pub upgraded: bool,
     /// The cluster's `max_requests` slot, held until the response ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The verified mTLS peer's SPIFFE ID.
+    pub peer_identity: Option<Arc<str>>,
 }
 
 static DASH: &str = "-";
@@ -64,6 +66,7 @@ impl Exchange {
             bytes_received: Arc::new(AtomicU64::new(0)),
             upgraded: false,
             permit: None,
+            peer_identity: None,
         }
     }
 
@@ -125,6 +128,10 @@ impl Exchange {
                 ("bytes_sent", Val::U64(self.bytes_sent)),
                 ("error", Val::Str(self.error.unwrap_or(DASH))),
                 ("upgraded", Val::Bool(self.upgraded)),
+                (
+                    "peer_identity",
+                    Val::Str(self.peer_identity.as_deref().unwrap_or(DASH)),
+                ),
             ],
         );
     }

@@ -1,7 +1,8 @@
 //! The HTTP request path, as named phases run in this order for every request:
 //!
 //! 1. **correlate**: keep or make the request ID; child span in `traceparent`.
-//! 2. **admit**: the request head within `max_header_bytes`, else 431.
+//! 2. **admit**: a peer outside the listener's `allow_identities` gets 403 `forbidden`; the
+//!    request head must fit `max_header_bytes`, else 431.
 //! 3. **route**: first matching route of the listener, else its default cluster, else 404.
 //! 4. **split**: the route's cluster, or one side of its weighted split (sticky by `hash_on`).
 //! 5. **fault**: injected delay or abort, when the route asks for it.
@@ -52,6 +53,19 @@ pub struct ConnCtx {
     pub guard: Arc<crate::adapters::listener::ConnGuard>,
     pub activity: crate::adapters::idle::Activity,
     pub idle_timeout: Duration,
+    /// The SPIFFE ID of the verified mTLS peer: in the access log, and sent upstream in
+    /// `x-spur-peer-identity`.
+    pub peer_identity: Option<Arc<str>>,
+    /// Set when the connection came over TLS.
+    pub tls: Option<TlsSession>,
+}
+
+/// What the TLS handshake settled for a connection, prepared once for all its requests.
+pub struct TlsSession {
+    /// `x-spur-peer-identity` for upstream requests.
+    pub identity_header: Option<HeaderValue>,
+    /// The peer passes the listener's `allow_identities`; if not, every request gets 403.
+    pub allowed: bool,
 }
 
 pub async fn handle(
@@ -64,12 +78,13 @@ pub async fn handle(
         .path_and_query()
         .cloned()
         .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let ex = Exchange::new(
+    let mut ex = Exchange::new(
         ctx.shared.clone(),
         ctx.listener.clone(),
         req.method().clone(),
         path,
     );
+    ex.peer_identity = ctx.peer_identity.clone();
     let Some(lst) = snap.listeners.get(&*ctx.listener).cloned() else {
         // The listener was removed by a config push while this connection was open.
         return Ok(local_response(
@@ -118,6 +133,10 @@ async fn proxy(
     }
 
     // 2. admit
+    if ctx.tls.as_ref().is_some_and(|t| !t.allowed) {
+        ctx.shared.metrics.reject(&lst.name, "forbidden");
+        return local_response(StatusCode::FORBIDDEN, "forbidden", id_header, Some(ex));
+    }
     if headers::head_size(&req) > lst.limits.max_header_bytes.get() as usize {
         ctx.shared.metrics.reject(&lst.name, "headers_too_large");
         return local_response(
@@ -223,7 +242,18 @@ async fn proxy(
     let (mut parts, body) = req.into_parts();
     headers::strip_hop_by_hop(&mut parts.headers);
     parts.headers.remove(&X_SPUR_PEER_IDENTITY);
-    headers::set_forwarded(&mut parts.headers, ctx.peer.ip(), "http");
+    let proto = match &ctx.tls {
+        Some(tls) => {
+            if let Some(id) = &tls.identity_header {
+                parts
+                    .headers
+                    .insert(X_SPUR_PEER_IDENTITY.clone(), id.clone());
+            }
+            "https"
+        }
+        None => "http",
+    };
+    headers::set_forwarded(&mut parts.headers, ctx.peer.ip(), proto);
     if let Some((_, Some(proto))) = &upgrade {
         parts
             .headers
@@ -303,7 +333,10 @@ async fn proxy(
                 .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(attempt));
         }
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(Scheme::HTTP);
+        uri.scheme = Some(match cluster.tls {
+            Some(_) => Scheme::HTTPS,
+            None => Scheme::HTTP,
+        });
         uri.authority = Some(endpoint.authority.clone());
         uri.path_and_query = Some(ex.path.clone());
         try_parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
@@ -319,10 +352,10 @@ async fn proxy(
         let call = cluster.client.request(up_req);
         let outcome_resp = match limit {
             Some(at) => match tokio::time::timeout_at(at.into(), call).await {
-                Ok(r) => r.map_err(classify_error),
+                Ok(r) => r.map_err(|e| classify_error(ctx, &cluster, e)),
                 Err(_) => Err(Outcome::Timeout),
             },
-            None => call.await.map_err(classify_error),
+            None => call.await.map_err(|e| classify_error(ctx, &cluster, e)),
         };
         let outcome = match &outcome_resp {
             Ok(r) => Outcome::Status(r.status().as_u16()),
@@ -451,8 +484,24 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-fn classify_error(e: hyper_util::client::legacy::Error) -> Outcome {
+fn classify_error(
+    ctx: &ConnCtx,
+    cluster: &ClusterRt,
+    e: hyper_util::client::legacy::Error,
+) -> Outcome {
     tracing::debug!(error = %e, "upstream error");
+    if let Some(tls) = upstream::tls_failure(&e) {
+        let reason = tls.reason(crate::tls::Role::Client);
+        tracing::debug!(cluster = &*cluster.name, reason, error = %tls, "upstream TLS handshake failed");
+        ctx.shared
+            .metrics
+            .upstream_tls_errors
+            .get_or_create(&ClusterReasonLabels {
+                cluster: cluster.name.clone(),
+                reason,
+            })
+            .inc();
+    }
     if e.is_connect() {
         Outcome::ConnectFailure
     } else {

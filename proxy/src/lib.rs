@@ -5,7 +5,9 @@
 //! - [`endpoint`]: per-endpoint state that outlives snapshots.
 //! - [`forward`]: the HTTP request path, phase by phase; [`exchange`]: its log and metrics.
 //! - [`adapters`]: listeners (http, tcp), the admin server.
-//! - [`Proxy`]: starts and stops all of it.
+//! - [`tls`]: TLS and mutual TLS: certificate files, SPIFFE identities, verifiers.
+//! - [`Proxy`]: starts, reconfigures ([`Proxy::apply`]) and stops all of it.
+//! - [`reload`]: where new configs come from: the control plane, or a watched file.
 
 pub mod access;
 pub mod adapters;
@@ -18,7 +20,9 @@ pub mod headers;
 pub mod log;
 pub mod metrics;
 pub mod policy;
+pub mod reload;
 pub mod snapshot;
+pub mod tls;
 pub mod upstream;
 
 use arc_swap::ArcSwap;
@@ -29,7 +33,7 @@ use spur_config::Config;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -44,13 +48,14 @@ pub struct Shared {
     pub dash: Arc<str>,
 }
 
+/// Why a config was not applied. The proxy keeps serving its previous config.
 #[derive(Debug, thiserror::Error)]
-pub enum StartError {
+pub enum ApplyError {
     #[error("invalid config:\n{0}")]
     Invalid(#[from] spur_config::ConfigError),
     #[error("cannot apply config: {0}")]
     Compile(#[from] snapshot::CompileError),
-    #[error("listener `{name}` cannot listen on {addr}: {source}")]
+    #[error("{name} cannot listen on {addr}: {source}")]
     Bind {
         name: String,
         addr: String,
@@ -58,132 +63,263 @@ pub enum StartError {
     },
 }
 
-/// Starts what a snapshot needs besides requests: the first DNS answers (awaited, so
-/// traffic does not start against empty clusters), DNS refreshes and health checks.
-async fn start_background(shared: &Arc<Shared>, snap: &Snapshot) {
-    for cluster in snap.clusters.values() {
-        if cluster.dns.is_some() {
-            adapters::dns::refresh(shared, cluster).await;
-            adapters::dns::spawn(shared.clone(), cluster);
-        }
-        adapters::health::spawn(shared.clone(), cluster);
-    }
+/// The error of [`Proxy::start`]: the same reasons as a rejected config.
+pub type StartError = ApplyError;
+
+/// A listener's running accept loop.
+struct ListenerTask {
+    /// The configured address (port 0 stays 0).
+    listen: SocketAddr,
+    stop: watch::Sender<bool>,
+    drain: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+struct AdminTask {
+    listen: String,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Running {
+    listeners: HashMap<String, ListenerTask>,
+    /// Tasks of removed or moved listeners, still finishing their connections.
+    retired: Vec<ListenerTask>,
+    admin: Option<AdminTask>,
 }
 
 /// A running proxy.
 pub struct Proxy {
     pub shared: Arc<Shared>,
-    shutdown: watch::Sender<bool>,
-    tasks: Vec<JoinHandle<()>>,
-    addrs: HashMap<String, SocketAddr>,
-    admin_addr: Option<SocketAddr>,
+    /// Serializes applies; holds the listener tasks.
+    running: tokio::sync::Mutex<Running>,
+    addrs: Mutex<HashMap<String, SocketAddr>>,
+    admin_addr: Mutex<Option<SocketAddr>>,
 }
 
 impl Proxy {
-    /// Validates and applies `cfg`, binds every listener and the admin server, and starts
-    /// serving. Listening on port 0 picks a free port: see [`Proxy::listener_addr`].
-    pub async fn start(cfg: Config) -> Result<Proxy, StartError> {
-        spur_config::validate(&cfg)?;
+    /// Validates and applies `cfg` as version 0, binds every listener and the admin server,
+    /// and starts serving. Listening on port 0 picks a free port: see
+    /// [`Proxy::listener_addr`].
+    pub async fn start(cfg: Config) -> Result<Proxy, ApplyError> {
+        let proxy = Proxy::idle()?;
+        proxy.apply(cfg, 0).await?;
+        Ok(proxy)
+    }
+
+    /// A proxy with no config yet: nothing listens and `/ready` would say no. Used when the
+    /// first config comes from the control plane.
+    pub fn idle() -> Result<Proxy, ApplyError> {
         let registry = Registry::default();
-        let snapshot = Snapshot::compile(Arc::new(cfg), 0, &registry)?;
-        let metrics = Metrics::new();
-        metrics.config_version.set(0);
+        let snapshot = Snapshot::compile(Arc::new(Config::default()), 0, &registry)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
-            metrics,
+            metrics: Metrics::new(),
             ready: AtomicBool::new(false),
             dash: "-".into(),
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
-        let snap = shared.snapshot.load_full();
-        start_background(&shared, &snap).await;
+        Ok(Proxy {
+            shared,
+            running: tokio::sync::Mutex::new(Running::default()),
+            addrs: Mutex::new(HashMap::new()),
+            admin_addr: Mutex::new(None),
+        })
+    }
 
-        let admin = match &snap.config.admin {
-            Some(a) => {
-                let tcp = tokio::net::TcpListener::bind(&a.listen)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: "admin".into(),
-                        addr: a.listen.clone(),
-                        source,
-                    })?;
-                Some(tcp)
-            }
-            None => None,
+    /// Applies a new config without a restart: validate, compile, bind what is new, swap the
+    /// snapshot, then start new listeners and retire removed or moved ones (they stop
+    /// accepting; a removed listener's connections drain). On any error nothing changes.
+    pub async fn apply(&self, cfg: Config, version: u64) -> Result<(), ApplyError> {
+        let result = self.try_apply(cfg, version).await;
+        let outcome = if result.is_ok() {
+            "applied"
+        } else {
+            "rejected"
         };
+        self.shared
+            .metrics
+            .config_updates
+            .get_or_create(&metrics::ResultLabels { result: outcome })
+            .inc();
+        match &result {
+            Ok(()) => tracing::info!(version, "config applied"),
+            Err(e) => {
+                tracing::warn!(version, error = %e, "config rejected; the previous one stays")
+            }
+        }
+        result
+    }
+
+    async fn try_apply(&self, cfg: Config, version: u64) -> Result<(), ApplyError> {
+        spur_config::validate(&cfg)?;
+        let mut running = self.running.lock().await;
+        let old = self.shared.snapshot.load_full();
+        let snap = Snapshot::compile(Arc::new(cfg), version, &self.shared.registry)?;
+        snap.carry_over_from(&old);
+
+        // Bind everything new before touching anything, so a taken port rejects the whole
+        // config and the old one keeps serving.
         let mut names: Vec<&String> = snap.listeners.keys().collect();
         names.sort();
-        let mut bound = Vec::new();
+        let mut fresh = Vec::new();
         for name in names {
             let lst = &snap.listeners[name];
-            let b = adapters::listener::bind(lst)
+            let unchanged = running
+                .listeners
+                .get(name)
+                .is_some_and(|t| t.listen == lst.listen);
+            if unchanged {
+                continue;
+            }
+            let bound = adapters::listener::bind(lst)
                 .await
-                .map_err(|source| StartError::Bind {
-                    name: name.clone(),
+                .map_err(|source| ApplyError::Bind {
+                    name: format!("listener `{name}`"),
                     addr: lst.listen.to_string(),
                     source,
                 })?;
-            bound.push(b);
+            fresh.push(bound);
         }
-
-        let mut tasks = Vec::new();
-        let mut addrs = HashMap::new();
-        for b in bound {
-            tracing::info!(listener = &*b.name, addr = %b.addr, "listening");
-            addrs.insert(b.name.to_string(), b.addr);
-            tasks.push(tokio::spawn(adapters::listener::serve(
-                shared.clone(),
-                b,
-                shutdown_rx.clone(),
-            )));
-        }
-        let admin_addr = match admin {
-            Some(tcp) => {
-                let addr = tcp.local_addr().ok();
-                if let Some(a) = addr {
-                    tracing::info!(addr = %a, "admin listening");
-                }
-                tasks.push(tokio::spawn(adapters::admin::serve(
-                    shared.clone(),
-                    tcp,
-                    shutdown_rx.clone(),
-                )));
-                addr
+        let admin_listen = snap.config.admin.as_ref().map(|a| a.listen.clone());
+        let new_admin = match &admin_listen {
+            Some(listen) if running.admin.as_ref().map(|a| &a.listen) != Some(listen) => {
+                let tcp = tokio::net::TcpListener::bind(listen.as_str())
+                    .await
+                    .map_err(|source| ApplyError::Bind {
+                        name: "admin".into(),
+                        addr: listen.clone(),
+                        source,
+                    })?;
+                Some((listen.clone(), tcp))
             }
-            None => None,
+            _ => None,
         };
-        shared
-            .metrics
-            .config_updates
-            .get_or_create(&metrics::ResultLabels { result: "applied" })
-            .inc();
-        shared.ready.store(true, Ordering::Release);
-        Ok(Proxy {
-            shared,
-            shutdown,
-            tasks,
-            addrs,
-            admin_addr,
-        })
+
+        // Swap: from here on, new requests see the new config.
+        let snap = Arc::new(snap);
+        self.shared.snapshot.store(snap.clone());
+        self.shared.metrics.config_version.set(version as i64);
+        start_background(&self.shared, &snap).await;
+
+        for bound in fresh {
+            let name = bound.name.to_string();
+            let (stop, stop_rx) = watch::channel(false);
+            let (drain, drain_rx) = watch::channel(false);
+            let addr = bound.addr;
+            tracing::info!(listener = name.as_str(), addr = %addr, "listening");
+            let task = tokio::spawn(adapters::listener::serve(
+                self.shared.clone(),
+                bound,
+                stop_rx,
+                drain_rx,
+            ));
+            let listen = snap.listeners[&name].listen;
+            if let Some(old) = running.listeners.insert(
+                name.clone(),
+                ListenerTask {
+                    listen,
+                    stop,
+                    drain,
+                    task,
+                },
+            ) {
+                // Moved: the old socket stops accepting; its connections carry on.
+                let _ = old.stop.send(true);
+                running.retired.push(old);
+            }
+            self.addrs.lock().unwrap().insert(name, addr);
+        }
+        let removed: Vec<String> = running
+            .listeners
+            .keys()
+            .filter(|n| !snap.listeners.contains_key(*n))
+            .cloned()
+            .collect();
+        for name in removed {
+            if let Some(old) = running.listeners.remove(&name) {
+                tracing::info!(listener = name.as_str(), "listener removed: draining");
+                let _ = old.stop.send(true);
+                let _ = old.drain.send(true);
+                running.retired.push(old);
+            }
+            self.addrs.lock().unwrap().remove(&name);
+        }
+        running.retired.retain(|t| !t.task.is_finished());
+
+        if let Some((listen, tcp)) = new_admin {
+            if let Some(old) = running.admin.take() {
+                let _ = old.stop.send(true);
+            }
+            let addr = tcp.local_addr().map_err(|source| ApplyError::Bind {
+                name: "admin".into(),
+                addr: listen.clone(),
+                source,
+            })?;
+            let (stop, stop_rx) = watch::channel(false);
+            tracing::info!(addr = %addr, "admin listening");
+            let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
+            running.admin = Some(AdminTask { listen, stop, task });
+            *self.admin_addr.lock().unwrap() = Some(addr);
+        } else if admin_listen.is_none() {
+            if let Some(old) = running.admin.take() {
+                let _ = old.stop.send(true);
+                *self.admin_addr.lock().unwrap() = None;
+            }
+        }
+        self.shared.ready.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// The version of the config being served.
+    pub fn version(&self) -> u64 {
+        self.shared.snapshot.load().version
     }
 
     /// The bound address of a listener (useful when the config asked for port 0).
     pub fn listener_addr(&self, name: &str) -> Option<SocketAddr> {
-        self.addrs.get(name).copied()
+        self.addrs.lock().unwrap().get(name).copied()
     }
 
     pub fn admin_addr(&self) -> Option<SocketAddr> {
-        self.admin_addr
+        *self.admin_addr.lock().unwrap()
     }
 
     /// Graceful shutdown: stop accepting, let in-flight requests finish for at most the
     /// config's `drain_timeout`, then return.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         self.shared.ready.store(false, Ordering::Release);
-        let _ = self.shutdown.send(true);
-        for t in self.tasks {
-            let _ = t.await;
+        let mut running = self.running.lock().await;
+        let mut tasks = Vec::new();
+        for (_, t) in running.listeners.drain() {
+            tasks.push(t);
         }
+        tasks.append(&mut running.retired);
+        for t in &tasks {
+            let _ = t.stop.send(true);
+            let _ = t.drain.send(true);
+        }
+        for t in tasks {
+            let _ = t.task.await;
+        }
+        if let Some(admin) = running.admin.take() {
+            let _ = admin.stop.send(true);
+            let _ = admin.task.await;
+        }
+    }
+}
+
+/// Starts what a snapshot needs besides requests: the first DNS answers (awaited, so
+/// traffic does not start against empty clusters), DNS refreshes and health checks.
+async fn start_background(shared: &Arc<Shared>, snap: &Snapshot) {
+    for cluster in snap.clusters.values() {
+        if cluster.dns.is_some() {
+            if cluster.members.load().endpoints.is_empty() {
+                adapters::dns::refresh(shared, cluster).await;
+            }
+            adapters::dns::spawn(shared.clone(), cluster);
+        }
+        adapters::health::spawn(shared.clone(), cluster);
     }
 }

@@ -90,6 +90,12 @@ pub struct Metrics {
     pub endpoint_ejected: Family<EndpointLabels, Gauge>,
     pub endpoint_healthy: Family<EndpointLabels, Gauge>,
     pub circuit_open: Family<ClusterReasonLabels, Counter>,
+    /// Downstream TLS handshakes that failed, by reason (`no_client_cert`, `unknown_ca`,
+    /// `expired`, `identity_not_allowed`, `timeout`...).
+    pub tls_handshake_errors: Family<ListenerReasonLabels, Counter>,
+    /// TLS handshakes to upstream endpoints that failed, by reason
+    /// (`identity_not_expected`, `unknown_ca`, `name_mismatch`, `peer_alert`...).
+    pub upstream_tls_errors: Family<ClusterReasonLabels, Counter>,
 }
 
 impl Metrics {
@@ -176,8 +182,22 @@ impl Metrics {
             "Times a breaker refused or removed capacity: ejection, max_requests, max_pending",
             circuit_open.clone(),
         );
+        let tls_handshake_errors = Family::<ListenerReasonLabels, Counter>::default();
+        registry.register(
+            "spur_tls_handshake_errors",
+            "Downstream TLS handshakes that failed, by reason",
+            tls_handshake_errors.clone(),
+        );
+        let upstream_tls_errors = Family::<ClusterReasonLabels, Counter>::default();
+        registry.register(
+            "spur_upstream_tls_handshake_errors",
+            "TLS handshakes to upstream endpoints that failed, by reason",
+            upstream_tls_errors.clone(),
+        );
         Metrics {
             registry,
+            tls_handshake_errors,
+            upstream_tls_errors,
             retries,
             retry_budget_exhausted,
             retry_skipped,

@@ -12,6 +12,7 @@ use crate::policy::budget::Budget;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
+use crate::tls::{ClientTlsRt, ServerTls, TlsError};
 use crate::upstream::{Client, ClientKey};
 use arc_swap::ArcSwap;
 use http::HeaderName;
@@ -47,6 +48,8 @@ pub struct ListenerRt {
     pub routes: Vec<RouteRt>,
     /// Route label for requests answered by the default cluster.
     pub default_route_name: Arc<str>,
+    /// TLS termination (and mutual TLS), when the listener has `tls`.
+    pub tls: Option<Arc<ServerTls>>,
 }
 
 pub struct RouteRt {
@@ -87,6 +90,8 @@ pub struct ClusterRt {
     pub health_check: Option<HealthCheck>,
     /// `host:port` to resolve periodically, for `dns:` clusters.
     pub dns: Option<String>,
+    /// TLS origination, when the cluster has `tls` (the same one its pooled client uses).
+    pub tls: Option<Arc<ClientTlsRt>>,
 }
 
 pub struct BreakerRt {
@@ -143,29 +148,50 @@ impl ListenerRt {
     }
 }
 
+/// A TLS file or field error, at its config path (never with file content).
+fn tls_error(prefix: String) -> impl FnOnce(TlsError) -> CompileError {
+    move |e| CompileError {
+        path: format!("{prefix}.tls.{}", e.field),
+        message: e.error.to_string(),
+    }
+}
+
 fn compile_cluster(
+    i: usize,
     c: &spur_config::Cluster,
     registry: &Registry,
 ) -> Result<(ClusterRt, ClientKey), CompileError> {
     let mut endpoints = Vec::with_capacity(c.endpoints.len());
     for (k, ep) in c.endpoints.iter().enumerate() {
         let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
-            path: format!("clusters[{}].endpoints[{k}]", c.name),
+            path: format!("clusters[{i}].endpoints[{k}]"),
             message: format!("`{}` is not an IP address with a port", ep.address()),
         })?;
         endpoints.push(registry.endpoint(&c.name, addr, ep.weight()));
     }
+    // Read on every compile, so that a missing or broken file rejects the config; the pooled
+    // client keeps the TLS it was built with when the settings are the same (its own watcher
+    // keeps that one current).
+    let tls = match &c.tls {
+        Some(t) => Some(Arc::new(
+            ClientTlsRt::load(&c.name, t, c.protocol)
+                .map_err(tls_error(format!("clusters[{i}]")))?,
+        )),
+        None => None,
+    };
     let key = ClientKey {
         cluster: c.name.clone(),
         protocol: c.protocol,
         connect_timeout: c.connect_timeout.get(),
+        tls: c.tls.clone(),
     };
+    let (client, tls) = registry.client(key.clone(), tls);
     let cluster = ClusterRt {
         name: c.name.as_str().into(),
         protocol: c.protocol,
         lb: c.lb,
         members: ArcSwap::from_pointee(Members::build(c.lb, endpoints)),
-        client: registry.client(key.clone()),
+        client,
         connect_timeout: c.connect_timeout.get(),
         breaker: c.circuit_breaker.map(|cb| BreakerRt {
             settings: breaker::Settings {
@@ -179,11 +205,25 @@ fn compile_cluster(
             .map(|cb| registry.limits(&c.name, cb.max_requests, cb.max_pending)),
         health_check: c.health_check.clone(),
         dns: c.dns.clone(),
+        tls,
     };
     Ok((cluster, key))
 }
 
 impl Snapshot {
+    /// Takes over what the previous snapshot learned at run time: the current DNS answers
+    /// of `dns:` clusters that still resolve the same name (so a push never empties them).
+    pub fn carry_over_from(&self, old: &Snapshot) {
+        for (name, c) in &self.clusters {
+            let Some(prev) = old.clusters.get(name) else {
+                continue;
+            };
+            if c.dns.is_some() && c.dns == prev.dns && c.lb == prev.lb {
+                c.members.store(prev.members.load_full());
+            }
+        }
+    }
+
     pub fn compile(
         cfg: Arc<Config>,
         version: u64,
@@ -191,8 +231,8 @@ impl Snapshot {
     ) -> Result<Snapshot, CompileError> {
         let mut clusters = HashMap::new();
         let mut client_keys = Vec::new();
-        for c in &cfg.clusters {
-            let (cluster, key) = compile_cluster(c, registry)?;
+        for (i, c) in cfg.clusters.iter().enumerate() {
+            let (cluster, key) = compile_cluster(i, c, registry)?;
             client_keys.push(key);
             clusters.insert(c.name.clone(), Arc::new(cluster));
         }
@@ -257,6 +297,13 @@ impl Snapshot {
                     fault: r.fault.clone(),
                 });
             }
+            let tls = match &l.tls {
+                Some(t) => Some(Arc::new(
+                    ServerTls::load(&l.name, t, l.protocol)
+                        .map_err(tls_error(format!("listeners[{i}]")))?,
+                )),
+                None => None,
+            };
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerRt {
@@ -267,6 +314,7 @@ impl Snapshot {
                     default_cluster,
                     routes,
                     default_route_name: "default".into(),
+                    tls,
                 }),
             );
         }

@@ -1,36 +1,106 @@
-//! Upstream connections: pooled HTTP/1.1 and HTTP/2 (prior knowledge) clients, and the
+//! Upstream connections: pooled HTTP/1.1 and HTTP/2 clients, plain or over TLS, and the
 //! request body type sent through them.
+//!
+//! TLS clusters connect through [`Connector`]: hyper-util's TCP connector, then the
+//! cluster's TLS handshake ([`crate::tls::ClientTlsRt`]) with ALPN `h2` or `http/1.1` by the
+//! cluster's protocol. Not hyper-rustls: its connector holds one fixed `ClientConfig`, while
+//! Spur swaps configs when certificate files rotate, verifies a name other than the
+//! dialled address (`server_name`, or SPIFFE identities), and counts handshake failures by
+//! reason.
 
+use crate::tls::{ClientTlsRt, HandshakeError, Stream};
 use bytes::Bytes;
 use http::HeaderMap;
+use http::Uri;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use spur_config::UpstreamProtocol;
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, ReqBody>;
+pub type Client = hyper_util::client::legacy::Client<Connector, ReqBody>;
 
 /// The settings that shape a client; clusters with equal settings share nothing but the
-/// key shape (each cluster has its own pool, keyed by name).
+/// key shape (each cluster has its own pool, keyed by name). TLS settings are part of it, so
+/// a change of `tls` makes a new pool rather than reusing connections made with the old one.
 #[derive(Clone, Debug, Hash, PartialEq, Eq)]
 pub struct ClientKey {
     pub cluster: String,
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
+    pub tls: Option<spur_config::ClientTls>,
 }
 
-pub fn new_client(key: &ClientKey) -> Client {
-    let mut conn = HttpConnector::new();
-    conn.set_connect_timeout(Some(key.connect_timeout));
-    conn.set_nodelay(true);
-    conn.set_keepalive(Some(Duration::from_secs(60)));
+/// TCP, then TLS for clusters that have it.
+#[derive(Clone)]
+pub struct Connector {
+    tcp: HttpConnector,
+    tls: Option<Arc<ClientTlsRt>>,
+    /// Bounds the TLS handshake (the TCP connect has its own, equal, bound).
+    handshake_timeout: Duration,
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = TokioIo<Stream>;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<TokioIo<Stream>, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.tcp.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let connecting = self.tcp.call(uri);
+        let tls = self.tls.clone();
+        let timeout = self.handshake_timeout;
+        Box::pin(async move {
+            let tcp = connecting.await?.into_inner();
+            let Some(tls) = tls else {
+                return Ok(TokioIo::new(Stream::Plain(tcp)));
+            };
+            let ip = tcp.peer_addr()?.ip();
+            match tokio::time::timeout(timeout, tls.connect(tcp, ip, false)).await {
+                Ok(Ok(stream)) => Ok(TokioIo::new(stream)),
+                Ok(Err(e)) => Err(e.into()),
+                Err(_) => Err(HandshakeError::Timeout.into()),
+            }
+        })
+    }
+}
+
+/// The TLS handshake failure behind an upstream request error, if that is what it was.
+pub fn tls_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a HandshakeError> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(h) = err.downcast_ref::<HandshakeError>() {
+            return Some(h);
+        }
+        cur = err.source();
+    }
+    None
+}
+
+pub fn new_client(key: &ClientKey, tls: Option<Arc<ClientTlsRt>>) -> Client {
+    let mut tcp = HttpConnector::new();
+    tcp.set_connect_timeout(Some(key.connect_timeout));
+    tcp.set_nodelay(true);
+    tcp.set_keepalive(Some(Duration::from_secs(60)));
+    // The scheme says nothing here: the cluster's `tls` decides.
+    tcp.enforce_http(false);
+    let conn = Connector {
+        tcp,
+        tls,
+        handshake_timeout: key.connect_timeout,
+    };
     let mut builder = hyper_util::client::legacy::Client::builder(TokioExecutor::new());
     builder
         .timer(TokioTimer::new())

@@ -266,17 +266,22 @@ fn unsafe_kill(pid: u32, sig: &str) {
 /// Writes `yaml` to a temp file and runs `spur proxy --config` on it; waits until every
 /// listener (and the admin server, if any) has logged its address.
 pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
-    let dir = std::env::temp_dir().join(format!(
-        "spur-test-{}-{}",
-        std::process::id(),
-        fastrand_u64()
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = temp_dir("spur-test");
     let path = dir.join("config.yaml");
     std::fs::write(&path, yaml).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    spawn_spur_with(
+        &["proxy", "--config", &path],
+        expect_listeners,
+        yaml.contains("admin:"),
+    )
+}
+
+/// Runs `spur ARGS` (JSON logs) and waits until `expect_listeners` listeners (and the admin
+/// server, when `expect_admin`) have logged their addresses.
+pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: bool) -> SpurProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spur"))
-        .args(["proxy", "--config"])
-        .arg(&path)
+        .args(args)
         .args(["--log-format", "json"])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -297,8 +302,7 @@ pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
     let mut listeners = std::collections::HashMap::new();
     let mut admin = None;
     let deadline = Instant::now() + Duration::from_secs(20);
-    let has_admin = yaml.contains("admin:");
-    while listeners.len() < expect_listeners || (has_admin && admin.is_none()) {
+    while listeners.len() < expect_listeners || (expect_admin && admin.is_none()) {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
@@ -329,4 +333,67 @@ fn fastrand_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u64(Instant::now().elapsed().as_nanos() as u64);
     h.finish()
+}
+
+/// A fresh temporary directory for one test.
+pub fn temp_dir(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "spur-{tag}-{}-{}",
+        std::process::id(),
+        fastrand_u64()
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A control plane in this process, on a free port, with its own data directory.
+pub async fn start_control(
+    token: Option<&str>,
+) -> (spur_control::ControlHandle, std::path::PathBuf) {
+    let dir = temp_dir("control");
+    let h = spur_control::start(spur_control::Options {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: dir.clone(),
+        token: token.map(str::to_string),
+    })
+    .await
+    .expect("control plane starts");
+    (h, dir)
+}
+
+/// Sends a request with an optional body and bearer token; returns status and JSON body.
+pub async fn call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> (u16, serde_json::Value) {
+    try_call(addr, method, path, body, token)
+        .await
+        .expect("request reaches the server")
+}
+
+/// [`call`], but `None` when the server cannot be reached or the answer is cut off.
+pub async fn try_call(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&str>,
+    token: Option<&str>,
+) -> Option<(u16, serde_json::Value)> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.unwrap_or("").to_string())))
+        .unwrap();
+    let resp = h1_client().request(req).await.ok()?;
+    let status = resp.status().as_u16();
+    let body = resp.into_body().collect().await.ok()?.to_bytes();
+    let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
+    Some((status, v))
 }

@@ -1,9 +1,12 @@
 //! Downstream listeners: accept loops for `http` and `tcp` listeners, with the limits that
 //! protect the proxy from bad clients, and draining on shutdown.
 //!
-//! Every connection task holds a clone of the listener's drain sender; shutdown stops the
-//! accept loop, asks HTTP connections to finish gracefully, and waits until every task has
-//! dropped its clone (or the drain timeout passes).
+//! A listener task has two signals. `stop` ends its accept loop (the listener was removed,
+//! or moved to another address: a new task serves the new socket) while its established
+//! connections carry on. `drain` asks those connections to finish: HTTP connections
+//! complete their in-flight requests and close; after the drain timeout the rest are
+//! dropped. Every connection task holds a clone of the task's completion sender, so the
+//! task knows when the last one is gone.
 
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::forward::{handle, ConnCtx};
@@ -58,9 +61,14 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Runs a listener until `shutdown` turns true, then drains its connections for at most
-/// the snapshot's drain timeout.
-pub async fn serve(shared: Arc<Shared>, bound: Bound, mut shutdown: watch::Receiver<bool>) {
+/// Runs a listener's accept loop until `stop` turns true; then waits for its connections
+/// to end, or, once `drain` turns true, for at most the drain timeout.
+pub async fn serve(
+    shared: Arc<Shared>,
+    bound: Bound,
+    mut stop: watch::Receiver<bool>,
+    mut drain: watch::Receiver<bool>,
+) {
     let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
     let active = Arc::new(AtomicUsize::new(0));
     let gauge = shared
@@ -73,7 +81,7 @@ pub async fn serve(shared: Arc<Shared>, bound: Bound, mut shutdown: watch::Recei
     loop {
         let accepted = tokio::select! {
             r = bound.tcp.accept() => r,
-            _ = shutdown.wait_for(|s| *s) => break,
+            _ = stop.wait_for(|s| *s) => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
@@ -102,7 +110,7 @@ pub async fn serve(shared: Arc<Shared>, bound: Bound, mut shutdown: watch::Recei
         };
         let _ = stream.set_nodelay(true);
         let shared = shared.clone();
-        let shutdown = shutdown.clone();
+        let shutdown = drain.clone();
         match lst.protocol {
             spur_config::ListenerProtocol::Tcp => {
                 tokio::spawn(crate::adapters::tcp::serve_conn(
@@ -116,8 +124,15 @@ pub async fn serve(shared: Arc<Shared>, bound: Bound, mut shutdown: watch::Recei
     }
     drop(bound.tcp);
     drop(drain_tx);
-    let drain = shared.snapshot.load().drain_timeout;
-    if tokio::time::timeout(drain, drain_rx.recv()).await.is_err() {
+    tokio::select! {
+        _ = drain_rx.recv() => return, // every connection has ended on its own
+        _ = drain.wait_for(|d| *d) => {}
+    }
+    let timeout = shared.snapshot.load().drain_timeout;
+    if tokio::time::timeout(timeout, drain_rx.recv())
+        .await
+        .is_err()
+    {
         tracing::warn!(
             listener = &*bound.name,
             open = active.load(Ordering::Relaxed),
@@ -140,8 +155,12 @@ async fn serve_http_conn(
     mut shutdown: watch::Receiver<bool>,
     guard: ConnGuard,
 ) {
+    let Some(down) = crate::adapters::tls::accept(&shared, &lst, stream, peer).await else {
+        return;
+    };
+    let peer_identity = down.peer_identity();
     let activity = Activity::new();
-    let io = TokioIo::new(IdleIo::new(stream, activity.clone()));
+    let io = TokioIo::new(IdleIo::new(down.stream, activity.clone()));
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         listener: lst.name.clone(),
@@ -149,6 +168,8 @@ async fn serve_http_conn(
         guard: Arc::new(guard),
         activity: activity.clone(),
         idle_timeout: lst.limits.idle_timeout.get(),
+        peer_identity,
+        tls: down.session,
     });
     let svc = service_fn(move |req| handle(ctx.clone(), req));
     let mut builder = auto::Builder::new(TokioExecutor::new());
@@ -166,6 +187,9 @@ async fn serve_http_conn(
     let mut conn = pin!(builder.serve_connection_with_upgrades(io, svc));
     let idle = lst.limits.idle_timeout.get();
     let mut draining = false;
+    // Once draining, the connection gets the drain timeout to finish, then it is dropped.
+    let drain_deadline = tokio::time::sleep(std::time::Duration::from_secs(10 * 365 * 86_400));
+    tokio::pin!(drain_deadline);
     loop {
         tokio::select! {
             res = conn.as_mut() => {
@@ -183,6 +207,12 @@ async fn serve_http_conn(
             _ = shutdown.wait_for(|s| *s), if !draining => {
                 draining = true;
                 conn.as_mut().graceful_shutdown();
+                let timeout = shared.snapshot.load().drain_timeout;
+                drain_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            _ = &mut drain_deadline, if draining => {
+                tracing::debug!(listener = &*lst.name, %peer, "drain timeout: connection closed");
+                break;
             }
             _ = activity.idle_for(idle) => {
                 tracing::debug!(listener = &*lst.name, %peer, "idle timeout");

@@ -1,4 +1,4 @@
-//! I/O at the edges: listeners, the admin server, connection idling.
+//! I/O at the edges: listeners (and their TLS step), the admin server, connection idling.
 
 pub mod admin;
 pub mod dns;
@@ -6,3 +6,4 @@ pub mod health;
 pub mod idle;
 pub mod listener;
 pub mod tcp;
+pub mod tls;

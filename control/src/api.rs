@@ -1,0 +1,366 @@
+//! The control API: JSON over HTTP, per SPEC's table. Handlers validate with spur-config
+//! before anything is stored, and answer errors as `{"errors": [{"path", "message"}]}`.
+
+use crate::store::{valid_group, Stored};
+use crate::Control;
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use spur_config::{Config, FieldError, Flag, FlagRule, Format};
+use std::sync::Arc;
+
+pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
+
+/// Largest request body accepted (a config).
+pub const MAX_BODY: usize = 4 * 1024 * 1024;
+
+fn full(status: StatusCode, value: &Value) -> Response<Body> {
+    let mut text = serde_json::to_vec(value).unwrap_or_default();
+    text.push(b'\n');
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(
+            Full::new(Bytes::from(text))
+                .map_err(|never| match never {})
+                .boxed(),
+        )
+        .expect("static parts are valid")
+}
+
+/// A 200 answer with this JSON document.
+pub fn error_free(value: Value) -> Response<Body> {
+    full(StatusCode::OK, &value)
+}
+
+pub fn error(status: StatusCode, path: &str, message: impl Into<String>) -> Response<Body> {
+    full(
+        status,
+        &json!({ "errors": [{ "path": path, "message": message.into() }] }),
+    )
+}
+
+fn errors(status: StatusCode, errs: &[FieldError]) -> Response<Body> {
+    full(status, &json!({ "errors": errs }))
+}
+
+fn config_doc(s: &Stored) -> Value {
+    json!({ "version": s.version, "config": s.config })
+}
+
+/// Constant-time comparison: the time taken does not depend on where the tokens differ.
+fn same_token(given: &[u8], expected: &[u8]) -> bool {
+    let mut diff = given.len() ^ expected.len();
+    for (i, e) in expected.iter().enumerate() {
+        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
+    }
+    diff == 0
+}
+
+fn authorized(control: &Control, req: &Request<Incoming>) -> bool {
+    let Some(token) = &control.token else {
+        return true;
+    };
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    same_token(given.trim().as_bytes(), token.as_bytes())
+}
+
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+    match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(_) => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "",
+            format!("body larger than {MAX_BODY} bytes, or unreadable"),
+        )),
+    }
+}
+
+fn parse_config(text: &str, json_type: bool) -> Result<Config, Vec<FieldError>> {
+    let format = if json_type {
+        Format::Json
+    } else {
+        Format::detect(None, text)
+    };
+    let cfg = spur_config::parse(text, format).map_err(|e| vec![e])?;
+    spur_config::validate(&cfg).map_err(|e| e.errors)?;
+    Ok(cfg)
+}
+
+fn is_json(req: &Request<Incoming>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"))
+}
+
+/// A body field that a JSON or YAML document carries.
+fn parse_doc<T: for<'de> Deserialize<'de>>(text: &[u8], json_type: bool) -> Result<T, String> {
+    let s = std::str::from_utf8(text).map_err(|_| "body is not UTF-8".to_string())?;
+    if json_type || s.trim_start().starts_with('{') {
+        serde_json::from_str(s).map_err(|e| e.to_string())
+    } else {
+        serde_yaml_ng::from_str(s).map_err(|e| e.to_string())
+    }
+}
+
+pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let method = req.method().clone();
+    let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match (method.as_str(), segs.as_slice()) {
+        ("GET", ["healthz"]) => return full(StatusCode::OK, &json!({ "status": "ok" })),
+        ("GET", ["metrics"]) => {
+            return Response::builder()
+                .header(
+                    header::CONTENT_TYPE,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                )
+                .body(
+                    Full::new(Bytes::from(control.metrics.encode()))
+                        .map_err(|never| match never {})
+                        .boxed(),
+                )
+                .expect("static parts are valid")
+        }
+        _ => {}
+    }
+    if segs.first() != Some(&"v1") {
+        return error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("no such endpoint: {method} {path}"),
+        );
+    }
+    if !authorized(&control, &req) {
+        control.metrics.unauthorized.inc();
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "",
+            "missing or wrong bearer token",
+        );
+    }
+    match (method.clone(), &segs[1..]) {
+        (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies_doc()),
+        (Method::POST, ["identity", "certify"]) => error(
+            StatusCode::NOT_FOUND,
+            "",
+            "the mesh CA is not supported yet",
+        ),
+        (m, ["groups", group, rest @ ..]) => {
+            if !valid_group(group) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "group",
+                    format!("`{group}` is not a group name (letters, digits, -, _, .)"),
+                );
+            }
+            let group = group.to_string();
+            match (m, rest) {
+                (Method::PUT, ["config"]) => put_config(&control, &group, req).await,
+                (Method::GET, ["config"]) => match control.store.current(&group) {
+                    Some(s) => full(StatusCode::OK, &config_doc(&s)),
+                    None => error(
+                        StatusCode::NOT_FOUND,
+                        "",
+                        format!("group `{group}` has no config"),
+                    ),
+                },
+                (Method::GET, ["history"]) => {
+                    let versions: Vec<Value> = control
+                        .store
+                        .history(&group)
+                        .iter()
+                        .map(|s| json!({ "version": s.version, "created_at": s.created_at, "action": s.action, "config": s.config }))
+                        .collect();
+                    full(
+                        StatusCode::OK,
+                        &json!({ "group": group, "versions": versions }),
+                    )
+                }
+                (Method::POST, ["rollback"]) => rollback(&control, &group, req).await,
+                (Method::PATCH, ["flags", flag]) => {
+                    let flag = flag.to_string();
+                    patch_flag(&control, &group, &flag, req).await
+                }
+                (Method::GET, ["watch"]) => {
+                    crate::watch::watch(&control, &group, req.uri().query())
+                }
+                (Method::POST, ["proxies", node, "status"]) => {
+                    let node = node.to_string();
+                    report_status(&control, &group, &node, req).await
+                }
+                _ => error(
+                    StatusCode::NOT_FOUND,
+                    "",
+                    format!("no such endpoint: {method} {path}"),
+                ),
+            }
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("no such endpoint: {method} {path}"),
+        ),
+    }
+}
+
+async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>) -> Response<Body> {
+    let json_type = is_json(&req);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return error(StatusCode::BAD_REQUEST, "", "body is not UTF-8");
+    };
+    match parse_config(text, json_type) {
+        Ok(cfg) => control.commit(group, "put".into(), cfg).await,
+        Err(errs) => {
+            control.metrics.writes_rejected.inc();
+            errors(StatusCode::BAD_REQUEST, &errs)
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackBody {
+    version: u64,
+}
+
+async fn rollback(control: &Arc<Control>, group: &str, req: Request<Incoming>) -> Response<Body> {
+    let json_type = is_json(&req);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let rb: RollbackBody = match parse_doc(&body, json_type) {
+        Ok(b) => b,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "version", e),
+    };
+    let Some(old) = control.store.get(group, rb.version) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "version",
+            format!("group `{group}` has no version {}", rb.version),
+        );
+    };
+    // A config valid when stored may not be under today's rules; check again.
+    if let Err(e) = spur_config::validate(&old.config) {
+        return errors(StatusCode::BAD_REQUEST, &e.errors);
+    }
+    control
+        .commit(
+            group,
+            format!("rollback to {}", rb.version),
+            old.config.clone(),
+        )
+        .await
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlagPatch {
+    enabled: Option<bool>,
+    rules: Option<Vec<FlagRule>>,
+}
+
+async fn patch_flag(
+    control: &Arc<Control>,
+    group: &str,
+    flag: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let json_type = is_json(&req);
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let patch: FlagPatch = match parse_doc(&body, json_type) {
+        Ok(p) => p,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
+    };
+    if patch.enabled.is_none() && patch.rules.is_none() {
+        return error(StatusCode::BAD_REQUEST, "", "give `enabled` and/or `rules`");
+    }
+    // Read-modify-write under the write lock, so two patches never lose each other.
+    let _write = control.write_lock.lock().await;
+    let Some(current) = control.store.current(group) else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "",
+            format!("group `{group}` has no config"),
+        );
+    };
+    let mut cfg = current.config.clone();
+    let entry = cfg
+        .flags
+        .entry(flag.to_string())
+        .or_insert_with(Flag::default);
+    if let Some(e) = patch.enabled {
+        entry.enabled = e;
+    }
+    if let Some(r) = patch.rules {
+        entry.rules = r;
+    }
+    if let Err(e) = spur_config::validate(&cfg) {
+        control.metrics.writes_rejected.inc();
+        return errors(StatusCode::BAD_REQUEST, &e.errors);
+    }
+    control.commit_locked(group, format!("flag {flag}"), cfg)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StatusReport {
+    /// The version the proxy now serves.
+    applied_version: Option<u64>,
+    /// The version it rejected, and why.
+    rejected_version: Option<u64>,
+    error: Option<String>,
+}
+
+async fn report_status(
+    control: &Arc<Control>,
+    group: &str,
+    node: &str,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let report: StatusReport = match parse_doc(&body, true) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
+    };
+    let error_text = match (report.rejected_version, report.error) {
+        (Some(v), Some(e)) => Some(format!("version {v} rejected: {e}")),
+        (None, Some(e)) => Some(e),
+        _ => None,
+    };
+    control.record_status(group, node, report.applied_version, error_text);
+    full(StatusCode::OK, &json!({ "ok": true }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_compare_whole() {
+        assert!(same_token(b"secret", b"secret"));
+        assert!(!same_token(b"secreT", b"secret"));
+        assert!(!same_token(b"secret-and-more", b"secret"));
+        assert!(!same_token(b"", b"secret"));
+    }
+}

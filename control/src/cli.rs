@@ -1,0 +1,117 @@
+//! The `spur control` / `spur-control` command line.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE] [--log-format json|text]
+
+Runs the control plane: configs per group, history, rollback, watch streams for proxies.
+Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data. With --token-file, every /v1/
+call needs `Authorization: Bearer <the file's content>`.";
+
+#[derive(Debug)]
+pub struct ControlArgs {
+    pub listen: std::net::SocketAddr,
+    pub data_dir: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub log_format: Option<String>,
+}
+
+pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
+    let mut out = ControlArgs {
+        listen: "127.0.0.1:7070".parse().expect("default address"),
+        data_dir: PathBuf::from("spur-data"),
+        token_file: None,
+        log_format: None,
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = |name: &str| -> Result<String, String> {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or_else(|| format!("{name} needs a value"))
+        };
+        match flag {
+            "--listen" => {
+                let v = value("--listen")?;
+                out.listen = v.parse().map_err(|_| {
+                    format!("--listen: `{v}` is not an address like 127.0.0.1:7070")
+                })?;
+            }
+            "--data-dir" => out.data_dir = PathBuf::from(value("--data-dir")?),
+            "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
+            "--log-format" => out.log_format = Some(value("--log-format")?),
+            "--ca-dir" | "--join-token-file" | "--kubernetes" | "--tls-cert" | "--tls-key" => {
+                return Err(format!("{flag}: not supported yet"))
+            }
+            "-h" | "--help" => return Err(String::new()),
+            other => return Err(format!("unknown option `{other}`")),
+        }
+    }
+    Ok(out)
+}
+
+/// Entry point of `spur control ARGS` and of the `spur-control` binary. `init_log` sets up
+/// logging (the umbrella binary shares the proxy's).
+pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
+    let parsed = match parse(args) {
+        Ok(p) => p,
+        Err(msg) if msg.is_empty() => {
+            println!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(msg) => {
+            eprintln!("spur control: {msg}\n\n{USAGE}");
+            return ExitCode::from(2);
+        }
+    };
+    init_log(parsed.log_format.as_deref());
+    let token = match parsed
+        .token_file
+        .as_deref()
+        .map(spur_config::read_token_file)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("spur control: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
+    rt.block_on(async move {
+        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token };
+        let handle = match crate::start(opts).await {
+            Ok(h) => h,
+            Err(e) => {
+                eprintln!("spur control: {e}");
+                return ExitCode::from(1);
+            }
+        };
+        tracing::info!(addr = %handle.addr, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), "control plane listening");
+        wait_for_signal().await;
+        tracing::info!("control plane stopping");
+        ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = tokio::signal::ctrl_c() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,236 @@
+//! Versioned configs per group, persisted under the data directory.
+//!
+//! Layout: `<data-dir>/groups/<group>/<version, 20 digits>.json`, one file per version,
+//! each a [`Stored`] record. A version is acknowledged only after its file is written,
+//! fsynced and renamed into place and the directory is fsynced, so after a crash (even
+//! `kill -9` mid-write) the store holds exactly the acknowledged versions: a half-written
+//! file only ever exists under a temporary name, which loading removes.
+//!
+//! Versions count up per group from 1. Nothing is ever deleted: history is the list of
+//! files, and a rollback stores an old config again as a new version.
+
+use serde::{Deserialize, Serialize};
+use spur_config::Config;
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// One stored version of a group's config.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Stored {
+    pub version: u64,
+    /// Seconds since the Unix epoch.
+    pub created_at: u64,
+    /// What made this version: `put`, `rollback to N`, `flag NAME`.
+    pub action: String,
+    pub config: Config,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("cannot write the data directory {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+}
+
+pub struct Store {
+    dir: PathBuf,
+    groups: Mutex<HashMap<String, BTreeMap<u64, Arc<Stored>>>>,
+}
+
+/// Group names are used as directory names: letters, digits, `-`, `_`, `.` (not leading).
+pub fn valid_group(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 128
+        && !name.starts_with('.')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+fn io_err(path: &Path, source: std::io::Error) -> StoreError {
+    StoreError::Io {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+impl Store {
+    /// Opens (creating it if needed) the store under `dir` and loads every version.
+    /// Leftover temporary files from an interrupted write are removed.
+    pub fn open(dir: &Path) -> Result<Store, StoreError> {
+        let groups_dir = dir.join("groups");
+        fs::create_dir_all(&groups_dir).map_err(|e| io_err(&groups_dir, e))?;
+        let mut groups = HashMap::new();
+        for entry in fs::read_dir(&groups_dir).map_err(|e| io_err(&groups_dir, e))? {
+            let entry = entry.map_err(|e| io_err(&groups_dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !valid_group(&name) || !entry.path().is_dir() {
+                continue;
+            }
+            let mut versions = BTreeMap::new();
+            for file in fs::read_dir(entry.path()).map_err(|e| io_err(&entry.path(), e))? {
+                let file = file.map_err(|e| io_err(&entry.path(), e))?;
+                let path = file.path();
+                let fname = file.file_name().to_string_lossy().into_owned();
+                if fname.starts_with(".tmp") {
+                    let _ = fs::remove_file(&path);
+                    continue;
+                }
+                if !fname.ends_with(".json") {
+                    continue;
+                }
+                let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
+                match serde_json::from_str::<Stored>(&text) {
+                    Ok(s) => {
+                        versions.insert(s.version, Arc::new(s));
+                    }
+                    // Cannot happen with rename-into-place; say so loudly rather than stop.
+                    Err(e) => {
+                        tracing::error!(file = %path.display(), error = %e, "unreadable stored version skipped")
+                    }
+                }
+            }
+            groups.insert(name, versions);
+        }
+        Ok(Store {
+            dir: dir.to_path_buf(),
+            groups: Mutex::new(groups),
+        })
+    }
+
+    pub fn current(&self, group: &str) -> Option<Arc<Stored>> {
+        self.groups
+            .lock()
+            .unwrap()
+            .get(group)?
+            .values()
+            .next_back()
+            .cloned()
+    }
+
+    pub fn get(&self, group: &str, version: u64) -> Option<Arc<Stored>> {
+        self.groups
+            .lock()
+            .unwrap()
+            .get(group)?
+            .get(&version)
+            .cloned()
+    }
+
+    /// Every version of a group, newest first.
+    pub fn history(&self, group: &str) -> Vec<Arc<Stored>> {
+        self.groups
+            .lock()
+            .unwrap()
+            .get(group)
+            .map(|v| v.values().rev().cloned().collect())
+            .unwrap_or_default()
+    }
+
+    pub fn groups(&self) -> Vec<String> {
+        let mut g: Vec<String> = self.groups.lock().unwrap().keys().cloned().collect();
+        g.sort();
+        g
+    }
+
+    /// Stores `config` as the group's next version; returns it once it is durable.
+    /// Callers serialize writes per store (the API holds a write lock), so the version
+    /// read here is still the newest when the file lands.
+    pub fn append(
+        &self,
+        group: &str,
+        action: String,
+        config: Config,
+    ) -> Result<Arc<Stored>, StoreError> {
+        let version = self.current(group).map_or(1, |c| c.version + 1);
+        let created_at = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let stored = Arc::new(Stored {
+            version,
+            created_at,
+            action,
+            config,
+        });
+        let dir = self.dir.join("groups").join(group);
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let json = serde_json::to_vec_pretty(&*stored).expect("a config serializes");
+        let tmp = dir.join(format!(".tmp-{version:020}"));
+        let dest = dir.join(format!("{version:020}.json"));
+        {
+            let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+            f.write_all(&json).map_err(|e| io_err(&tmp, e))?;
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        }
+        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        // The rename is durable only once the directory entry is.
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&dir, e))?;
+        self.groups
+            .lock()
+            .unwrap()
+            .entry(group.to_string())
+            .or_default()
+            .insert(version, stored.clone());
+        Ok(stored)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(node: &str) -> Config {
+        Config {
+            node: Some(node.into()),
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn versions_survive_a_reopen_and_temp_files_are_dropped() {
+        let dir = std::env::temp_dir().join(format!("spur-store-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.append("shop", "put".into(), cfg("a")).unwrap().version, 1);
+        assert_eq!(s.append("shop", "put".into(), cfg("b")).unwrap().version, 2);
+        assert_eq!(
+            s.append("other", "put".into(), cfg("c")).unwrap().version,
+            1
+        );
+        // A write interrupted before its rename.
+        fs::write(
+            dir.join("groups/shop/.tmp-00000000000000000003"),
+            b"{\"version\": 3, \"trunc",
+        )
+        .unwrap();
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        assert_eq!(s.current("shop").unwrap().config, cfg("b"));
+        assert_eq!(
+            s.history("shop")
+                .iter()
+                .map(|v| v.version)
+                .collect::<Vec<_>>(),
+            vec![2, 1]
+        );
+        assert_eq!(s.groups(), vec!["other".to_string(), "shop".to_string()]);
+        assert!(!dir.join("groups/shop/.tmp-00000000000000000003").exists());
+        assert_eq!(s.append("shop", "put".into(), cfg("d")).unwrap().version, 3);
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn group_names() {
+        assert!(valid_group("shop-1.prod"));
+        assert!(!valid_group("../etc"));
+        assert!(!valid_group(".hidden"));
+        assert!(!valid_group(""));
+    }
+}

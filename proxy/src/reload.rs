@@ -1,0 +1,289 @@
+//! Where new configs come from while the proxy runs: the control plane's watch stream, or
+//! the config file (on SIGHUP, and polled with `--watch`). Either way a new config goes
+//! through [`Proxy::apply`], which rejects it whole or applies it whole.
+
+use crate::{metrics, Proxy};
+use bytes::{Bytes, BytesMut};
+use http::{header, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::{connect::HttpConnector, Client};
+use hyper_util::rt::TokioExecutor;
+use serde::Deserialize;
+use spur_config::Config;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+/// How long the watch stream may stay silent (the control plane sends a heartbeat line
+/// every 10 s) before the proxy treats the connection as dead and reconnects.
+pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
+const BACKOFF_BASE: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Where to watch for configs.
+#[derive(Clone, Debug)]
+pub struct ControlSource {
+    /// `http://host:port`, no trailing slash.
+    pub url: String,
+    pub node: String,
+    pub group: String,
+    pub token: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Pushed {
+    version: u64,
+    config: serde_json::Value,
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+/// Capped exponential backoff with full jitter.
+struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    fn next(&mut self) -> Duration {
+        let cap = BACKOFF_BASE
+            .saturating_mul(1 << self.attempt.min(10))
+            .min(BACKOFF_MAX);
+        self.attempt += 1;
+        Duration::from_millis(fastrand::u64(
+            cap.as_millis() as u64 / 2..=cap.as_millis() as u64,
+        ))
+    }
+}
+
+/// Watches the control plane for the proxy's group, for as long as the process runs:
+/// applies each version, reports the outcome, reconnects with backoff when the stream
+/// breaks, and resumes after the newest version it has seen.
+pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let mut seen = proxy.version();
+        let mut backoff = Backoff { attempt: 0 };
+        loop {
+            match watch_once(&proxy, &client, &src, &mut seen, &mut backoff).await {
+                Ok(()) => {
+                    tracing::info!(url = src.url.as_str(), "watch stream ended; reconnecting")
+                }
+                Err(e) => tracing::warn!(
+                    url = src.url.as_str(),
+                    error = e.as_str(),
+                    "control plane unreachable; serving the last good config"
+                ),
+            }
+            tokio::time::sleep(backoff.next()).await;
+        }
+    })
+}
+
+fn request(
+    src: &ControlSource,
+    method: http::Method,
+    path: &str,
+    body: Bytes,
+) -> Result<Request<Full<Bytes>>, String> {
+    let mut req = Request::builder()
+        .method(method)
+        .uri(format!("{}{path}", src.url));
+    if let Some(t) = &src.token {
+        req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    if !body.is_empty() {
+        req = req.header(header::CONTENT_TYPE, "application/json");
+    }
+    req.body(Full::new(body))
+        .map_err(|e| format!("bad control URL {}: {e}", src.url))
+}
+
+async fn watch_once(
+    proxy: &Arc<Proxy>,
+    client: &HttpClient,
+    src: &ControlSource,
+    seen: &mut u64,
+    backoff: &mut Backoff,
+) -> Result<(), String> {
+    let path = format!(
+        "/v1/groups/{}/watch?after={}&node={}",
+        src.group, *seen, src.node
+    );
+    let req = request(src, http::Method::GET, &path, Bytes::new())?;
+    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
+        .await
+        .map_err(|_| "connect timed out".to_string())?
+        .map_err(|e| e.to_string())?;
+    if resp.status() != StatusCode::OK {
+        let status = resp.status();
+        let body = resp
+            .into_body()
+            .collect()
+            .await
+            .map(|b| b.to_bytes())
+            .unwrap_or_default();
+        return Err(format!(
+            "watch answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        ));
+    }
+    tracing::info!(
+        url = src.url.as_str(),
+        group = src.group.as_str(),
+        after = *seen,
+        "watching the control plane"
+    );
+    report(client, src, proxy.version(), None).await;
+    let mut body = resp.into_body();
+    let mut buf = BytesMut::new();
+    loop {
+        let frame = match tokio::time::timeout(SILENCE_LIMIT, body.frame()).await {
+            Err(_) => {
+                return Err(format!(
+                    "no word from the control plane for {SILENCE_LIMIT:?}"
+                ))
+            }
+            Ok(None) => return Ok(()),
+            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(Some(Ok(f))) => f,
+        };
+        let Ok(data) = frame.into_data() else {
+            continue;
+        };
+        backoff.attempt = 0;
+        buf.extend_from_slice(&data);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line = buf.split_to(pos + 1);
+            let text = String::from_utf8_lossy(&line);
+            if text.trim().is_empty() {
+                continue; // heartbeat
+            }
+            handle_line(proxy, client, src, text.trim(), seen).await;
+        }
+    }
+}
+
+async fn handle_line(
+    proxy: &Arc<Proxy>,
+    client: &HttpClient,
+    src: &ControlSource,
+    line: &str,
+    seen: &mut u64,
+) {
+    let pushed: Pushed = match serde_json::from_str(line) {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(error = %e, "unreadable line from the control plane");
+            return;
+        }
+    };
+    if pushed.version <= *seen {
+        return; // already applied or rejected
+    }
+    *seen = pushed.version;
+    let result = match serde_json::from_value::<Config>(pushed.config) {
+        Ok(cfg) => proxy
+            .apply(cfg, pushed.version)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => {
+            proxy
+                .shared
+                .metrics
+                .config_updates
+                .get_or_create(&metrics::ResultLabels { result: "rejected" })
+                .inc();
+            Err(format!("config does not parse: {e}"))
+        }
+    };
+    match result {
+        Ok(()) => report(client, src, pushed.version, None).await,
+        Err(e) => report(client, src, proxy.version(), Some((pushed.version, e))).await,
+    }
+}
+
+/// Tells the control plane which version this proxy serves (and which it rejected, why).
+async fn report(
+    client: &HttpClient,
+    src: &ControlSource,
+    applied: u64,
+    rejected: Option<(u64, String)>,
+) {
+    let mut doc = serde_json::json!({ "applied_version": applied });
+    if let Some((v, e)) = rejected {
+        doc["rejected_version"] = v.into();
+        doc["error"] = e.into();
+    }
+    let path = format!("/v1/groups/{}/proxies/{}/status", src.group, src.node);
+    let Ok(req) = request(src, http::Method::POST, &path, Bytes::from(doc.to_string())) else {
+        return;
+    };
+    match tokio::time::timeout(Duration::from_secs(3), client.request(req)).await {
+        Ok(Ok(r)) if r.status().is_success() => {}
+        Ok(Ok(r)) => tracing::warn!(status = %r.status(), "status report refused"),
+        Ok(Err(e)) => tracing::debug!(error = %e, "status report failed"),
+        Err(_) => tracing::debug!("status report timed out"),
+    }
+}
+
+/// Reloads the config file on SIGHUP, and every second when it changed if `poll` is set.
+pub fn spawn_file(proxy: Arc<Proxy>, path: PathBuf, poll: bool) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        #[cfg(unix)]
+        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
+        let mut stamp = file_stamp(&path);
+        loop {
+            let tick = tokio::time::sleep(Duration::from_secs(1));
+            #[cfg(unix)]
+            let hangup = async {
+                match hup.as_mut() {
+                    Some(h) => {
+                        h.recv().await;
+                    }
+                    None => std::future::pending::<()>().await,
+                }
+            };
+            #[cfg(not(unix))]
+            let hangup = std::future::pending::<()>();
+            let forced = tokio::select! {
+                _ = hangup => true,
+                _ = tick => false,
+            };
+            let now = file_stamp(&path);
+            if forced || (poll && now != stamp) {
+                stamp = now;
+                reload_file(&proxy, &path).await;
+            }
+        }
+    })
+}
+
+fn file_stamp(path: &std::path::Path) -> Option<(SystemTime, u64)> {
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.modified().ok()?, m.len()))
+}
+
+async fn reload_file(proxy: &Proxy, path: &std::path::Path) {
+    let started = Instant::now();
+    match spur_config::load_file(path) {
+        Ok(cfg) => {
+            if *proxy.shared.snapshot.load().config == cfg {
+                tracing::debug!(file = %path.display(), "config file unchanged");
+                return;
+            }
+            let version = proxy.version() + 1;
+            if proxy.apply(cfg, version).await.is_ok() {
+                tracing::info!(file = %path.display(), version, took_ms = started.elapsed().as_millis() as u64, "config file reloaded");
+            }
+        }
+        Err(e) => {
+            proxy
+                .shared
+                .metrics
+                .config_updates
+                .get_or_create(&metrics::ResultLabels { result: "rejected" })
+                .inc();
+            tracing::warn!(file = %path.display(), errors = %e, "config file rejected; the previous one stays");
+        }
+    }
+}
