@@ -1,40 +1,53 @@
-//! `spur demo`: a proxy in front of two echo backends, `v1` and `v2`, with a sticky canary
-//! split and a header route, all in one process. Prints the URLs and curl lines to try.
+//! `spur demo`: the whole system in one process. A control plane holds the config of group
+//! `demo`; a proxy watches it; two echo backends, `v1` and `v2`, stand behind the proxy.
+//! The config has a sticky 90/10 canary split, a feature flag that sends beta users to v2,
+//! and a mirror that copies checkout traffic to v2 and compares the answers. Prints the
+//! URLs and curl lines to try, including one that turns the flag off live.
 
+use spur_proxy::reload::{spawn_control, ControlSource};
 use spur_proxy::{cli::wait_for_signal, echo, log, Proxy};
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-const HELP: &str = "usage: spur demo [--listen ADDR] [--admin ADDR]
+const HELP: &str = "usage: spur demo [--listen ADDR] [--admin ADDR] [--control ADDR]
 
-Starts two echo backends (v1, v2) and a proxy in front of them (default 127.0.0.1:8080,
-admin 127.0.0.1:9901) with a 90/10 canary split, sticky by x-user-id, and a route that
-sends `x-user-group: beta` to v2. Serves until Ctrl-C.";
+Starts a control plane (default 127.0.0.1:7070), two echo backends (v1, v2) and a proxy
+(default 127.0.0.1:8080, admin 127.0.0.1:9901) that watches the control plane. Routes:
+the flag `new-checkout` (on for `x-user-group: beta`) sends requests to v2; everything
+else is split 90% v1 / 10% v2, sticky per x-user-id; /checkout is mirrored to v2.
+Serves until Ctrl-C.";
 
 pub fn main(args: &[String]) -> ExitCode {
     let mut listen = "127.0.0.1:8080".to_string();
     let mut admin = "127.0.0.1:9901".to_string();
+    let mut control = "127.0.0.1:7070".to_string();
     let mut it = args.iter();
     while let Some(a) = it.next() {
-        match a.as_str() {
-            "--listen" => match it.next() {
-                Some(v) => listen = v.clone(),
-                None => return usage("--listen needs an address"),
-            },
-            "--admin" => match it.next() {
-                Some(v) => admin = v.clone(),
-                None => return usage("--admin needs an address"),
-            },
+        let slot = match a.as_str() {
+            "--listen" => &mut listen,
+            "--admin" => &mut admin,
+            "--control" => &mut control,
             "-h" | "--help" => {
                 println!("{HELP}");
                 return ExitCode::SUCCESS;
             }
             other => return usage(&format!("unknown option `{other}`")),
+        };
+        match it.next() {
+            Some(v) => *slot = v.clone(),
+            None => return usage(&format!("{a} needs an address")),
         }
     }
+    let Ok(control) = control.parse::<SocketAddr>() else {
+        return usage(&format!(
+            "--control: `{control}` is not an address like 127.0.0.1:7070"
+        ));
+    };
     log::init(None);
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
-    rt.block_on(run(listen, admin))
+    rt.block_on(run(listen, admin, control))
 }
 
 fn usage(msg: &str) -> ExitCode {
@@ -42,7 +55,43 @@ fn usage(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-async fn run(listen: String, admin: String) -> ExitCode {
+fn demo_config(listen: &str, admin: &str, v1: SocketAddr, v2: SocketAddr) -> String {
+    format!(
+        r#"
+node: demo
+admin: {{ listen: "{admin}" }}
+listeners:
+  - name: demo
+    listen: "{listen}"
+    routes:
+      - name: new-checkout
+        match: {{ flag: new-checkout }}
+        cluster: v2
+      - name: checkout
+        match: {{ path_prefix: /checkout }}
+        cluster: v1
+        mirror: {{ cluster: v2, percent: 100 }}
+      - name: canary
+        match: {{ path_prefix: / }}
+        split:
+          - {{ cluster: v1, weight: 90 }}
+          - {{ cluster: v2, weight: 10 }}
+        hash_on: header:x-user-id
+        timeout: 5s
+        retry: {{ attempts: 2, retry_on: [connect-failure, reset, "503"] }}
+clusters:
+  - {{ name: v1, endpoints: ["{v1}"] }}
+  - {{ name: v2, endpoints: ["{v2}"] }}
+flags:
+  new-checkout:
+    enabled: true
+    rules:
+      - {{ header: x-user-group, values: [beta] }}
+"#
+    )
+}
+
+async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
     let any: SocketAddr = "127.0.0.1:0".parse().expect("address");
     let (v1, _t1) = match echo::start("v1", any).await {
         Ok(x) => x,
@@ -52,41 +101,37 @@ async fn run(listen: String, admin: String) -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(&format!("cannot start backend v2: {e}")),
     };
-    let yaml = format!(
-        r#"
-node: demo
-admin: {{ listen: "{admin}" }}
-listeners:
-  - name: demo
-    listen: "{listen}"
-    routes:
-      - name: beta-users
-        match: {{ headers: [{{ name: x-user-group, value: beta }}] }}
-        cluster: v2
-      - name: canary
-        match: {{ path_prefix: / }}
-        split:
-          - {{ cluster: v1, weight: 90 }}
-          - {{ cluster: v2, weight: 10 }}
-        hash_on: header:x-user-id
-        timeout: 5s
-clusters:
-  - {{ name: v1, endpoints: ["{v1}"] }}
-  - {{ name: v2, endpoints: ["{v2}"] }}
-"#
-    );
-    let cfg = match spur_config::load(&yaml, Some("demo.yaml")) {
+    let data_dir = std::env::temp_dir().join(format!("spur-demo-{}", std::process::id()));
+    let cp = match spur_control::start(spur_control::Options { listen: control, data_dir: data_dir.clone(), token: None }).await {
+        Ok(h) => h,
+        Err(e) => return fail(&format!("{e}\n(is another `spur demo` running? try --control 127.0.0.1:0 --listen 127.0.0.1:0 --admin 127.0.0.1:0)")),
+    };
+    let cfg = match spur_config::load(&demo_config(&listen, &admin, v1, v2), Some("demo.yaml")) {
         Ok(c) => c,
         Err(e) => return fail(&format!("demo config is invalid: {e}")),
     };
-    let proxy = match Proxy::start(cfg).await {
+    let _ = cp.control.commit("demo", "put".into(), cfg).await;
+    let proxy = Arc::new(match Proxy::idle() {
         Ok(p) => p,
-        Err(e) => {
-            return fail(&format!(
-            "{e}\n(is another `spur demo` running? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)"
-        ))
+        Err(e) => return fail(&e.to_string()),
+    });
+    let control_url = format!("http://{}", cp.addr);
+    spawn_control(
+        proxy.clone(),
+        ControlSource {
+            url: control_url.clone(),
+            node: "demo-proxy".into(),
+            group: "demo".into(),
+            token: None,
+        },
+    );
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while proxy.listener_addr("demo").is_none() {
+        if Instant::now() > deadline {
+            return fail(&format!("the proxy could not apply the demo config (is {listen} or {admin} taken? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)"));
         }
-    };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let url = format!("http://{}", proxy.listener_addr("demo").expect("bound"));
     let admin_url = format!("http://{}", proxy.admin_addr().expect("bound"));
     println!(
@@ -94,20 +139,26 @@ clusters:
 
   proxy     {url}
   admin     {admin_url}   (/metrics /ready /live /config /clusters)
+  control   {control_url}   (group `demo`)
   backends  v1 http://{v1}   v2 http://{v2}
 
-Routes: `x-user-group: beta` goes to v2; everything else is split 90% v1 / 10% v2,
+Routes: the flag `new-checkout` (on for `x-user-group: beta`) sends requests to v2;
+/checkout goes to v1 and is mirrored to v2; everything else is split 90% v1 / 10% v2,
 sticky per x-user-id.
 
 Try:
   curl -s {url}/hello -H 'x-user-id: alice'
-  curl -s {url}/hello -H 'x-user-group: beta'
-  curl -s {admin_url}/metrics | grep spur_requests_total
+  curl -s {url}/checkout -H 'x-user-group: beta'
+  curl -s -X PATCH {control_url}/v1/groups/demo/flags/new-checkout -d '{{\"enabled\": false}}'
+then the second line again (now v1), and:
+  curl -s {admin_url}/metrics | grep -E 'spur_(requests|flag_evaluations|mirror_requests)_total'
 
 Ctrl-C to stop."
     );
     wait_for_signal().await;
     proxy.shutdown().await;
+    drop(cp);
+    let _ = std::fs::remove_dir_all(&data_dir);
     log::flush();
     ExitCode::SUCCESS
 }

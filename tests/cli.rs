@@ -73,42 +73,55 @@ fn validate_prints_a_summary_or_every_error() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn demo_serves_the_routes_it_prints() {
     let mut child = spur()
-        .args(["demo", "--listen", "127.0.0.1:0", "--admin", "127.0.0.1:0"])
+        .args([
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+            "--control",
+            "127.0.0.1:0",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let stdout = child.stdout.take().unwrap();
-    let (proxy_url, admin_url) = tokio::task::spawn_blocking(move || {
-        let mut proxy = None;
-        let mut admin = None;
+    let urls = tokio::task::spawn_blocking(move || {
+        let mut urls = std::collections::HashMap::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.unwrap();
-            let t = line.trim();
-            if let Some(u) = t.strip_prefix("proxy") {
-                proxy = Some(u.trim().to_string());
+            let mut words = line.split_whitespace();
+            if let (Some(k @ ("proxy" | "admin" | "control")), Some(u)) =
+                (words.next(), words.next())
+            {
+                urls.insert(
+                    k.to_string(),
+                    u.trim_start_matches("http://")
+                        .parse::<std::net::SocketAddr>()
+                        .unwrap(),
+                );
             }
-            if let Some(u) = t.strip_prefix("admin") {
-                admin = Some(u.split_whitespace().next().unwrap().to_string());
-            }
-            if t.starts_with("Ctrl-C") {
+            if line.trim().starts_with("Ctrl-C") {
                 break;
             }
         }
-        (
-            proxy.expect("proxy url printed"),
-            admin.expect("admin url printed"),
-        )
+        urls
     })
     .await
     .unwrap();
-    let addr: std::net::SocketAddr = proxy_url.trim_start_matches("http://").parse().unwrap();
-    let admin: std::net::SocketAddr = admin_url.trim_start_matches("http://").parse().unwrap();
+    let (addr, admin, control) = (urls["proxy"], urls["admin"], urls["control"]);
 
-    let beta = get(addr, "/hello", &[("x-user-group", "beta")]).await;
+    // The flag sends beta users to v2, and v2 sees the flag.
+    let beta = get(addr, "/checkout", &[("x-user-group", "beta")]).await;
     assert_eq!(beta.status, 200);
     assert!(
         beta.text().contains("\"backend\": \"v2\""),
+        "{}",
+        beta.text()
+    );
+    assert!(
+        beta.text().contains("\"x-spur-flags\": \"new-checkout\""),
         "{}",
         beta.text()
     );
@@ -130,19 +143,45 @@ async fn demo_serves_the_routes_it_prints() {
         on_v1 += usize::from(a == "v1");
     }
     assert!(on_v1 >= 35, "only {on_v1}/50 users on v1");
+    let labels = [
+        ("listener", "demo"),
+        ("route", "new-checkout"),
+        ("cluster", "v2"),
+        ("code", "200"),
+    ];
+    assert!(metric(admin, "spur_requests_total", &labels).await >= 1.0);
+
+    // The printed PATCH line turns the flag off, live.
+    let (s, v) = call(
+        control,
+        "PATCH",
+        "/v1/groups/demo/flags/new-checkout",
+        Some(r#"{"enabled": false}"#),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
     assert!(
-        metric(
-            admin,
-            "spur_requests_total",
-            &[
-                ("listener", "demo"),
-                ("route", "beta-users"),
-                ("cluster", "v2"),
-                ("code", "200")
-            ]
-        )
+        eventually(Duration::from_secs(3), || async {
+            get(addr, "/checkout", &[("x-user-group", "beta")])
+                .await
+                .header("x-backend")
+                == Some("v1")
+        })
         .await
-            >= 1.0
+    );
+    // /checkout is mirrored to v2, which answers differently (it names itself).
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            metric(
+                admin,
+                "spur_mirror_requests_total",
+                &[("cluster", "v2"), ("outcome", "differ")],
+            )
+            .await
+                >= 1.0
+        })
+        .await
     );
 
     let _ = Command::new("kill")

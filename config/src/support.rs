@@ -15,23 +15,11 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         if l.protocol == ListenerProtocol::Http3 {
             e.push(format!("{p}.protocol"), format!("http3: {NOT_YET}"));
         }
-        if l.trust_incoming_flags {
-            e.push(format!("{p}.trust_incoming_flags"), NOT_YET);
-        }
         if l.alt_svc_h3.is_some() {
             e.push(format!("{p}.alt_svc_h3"), NOT_YET);
         }
         if l.original_dst {
             e.push(format!("{p}.original_dst"), NOT_YET);
-        }
-        for (j, r) in l.routes.iter().enumerate() {
-            let rp = format!("{p}.routes[{j}]");
-            if r.matches.flag.is_some() {
-                e.push(format!("{rp}.match.flag"), NOT_YET);
-            }
-            if r.mirror.is_some() {
-                e.push(format!("{rp}.mirror"), NOT_YET);
-            }
         }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
@@ -45,8 +33,5 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         if c.fallback.is_some() {
             e.push(format!("{p}.fallback"), NOT_YET);
         }
-    }
-    if !cfg.flags.is_empty() {
-        e.push("flags", NOT_YET);
     }
 }

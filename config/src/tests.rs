@@ -180,32 +180,37 @@ fn fields_not_built_yet_are_refused_by_path() {
 listeners:
   - name: a
     listen: 127.0.0.1:1
-    trust_incoming_flags: true
-    routes:
-      - cluster: c
-        match: { flag: f }
-        mirror: { cluster: c, percent: 5 }
-        fault: { abort: { percent: 1, status: 503 } }
+    cluster: c
+    alt_svc_h3: 8443
+    original_dst: true
+  - name: q
+    listen: 127.0.0.1:2
+    protocol: http3
+    cluster: c
+    tls: { cert: c.pem, key: k.pem }
 clusters:
   - name: c
     endpoints: ["127.0.0.1:2"]
-    lb: ring_hash
-    circuit_breaker: { consecutive_failures: 3 }
-    health_check: { path: /healthz }
   - name: d
-    dns: "d.svc:80"
-flags:
-  f: { enabled: true, rules: [{ percent: 10, hash_on: "header:x-user-id" }] }
+    k8s: "checkout.shop:8080"
+  - name: e
+    endpoints: ["127.0.0.1:3"]
+    protocol: http3
+    fallback: http2
+    tls: { ca: ca.pem }
 "#,
     );
     for expected in [
-        "listeners[0].trust_incoming_flags: not supported yet",
-        "listeners[0].routes[0].match.flag: not supported yet",
-        "listeners[0].routes[0].mirror: not supported yet",
-        "flags: not supported yet",
+        "listeners[0].alt_svc_h3: not supported yet",
+        "listeners[0].original_dst: not supported yet",
+        "listeners[1].protocol: http3: not supported yet",
+        "clusters[1].k8s: not supported yet",
+        "clusters[2].protocol: http3: not supported yet",
+        "clusters[2].fallback: not supported yet",
     ] {
         assert_has(&errs, expected);
     }
+    assert_eq!(errs.len(), 6, "{errs:#?}");
 }
 
 #[test]

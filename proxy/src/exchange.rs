@@ -37,6 +37,11 @@ pub struct Exchange {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The verified mTLS peer's SPIFFE ID.
     pub peer_identity: Option<Arc<str>>,
+    /// When the request is mirrored: where to report this exchange's status and body hash.
+    pub mirror: Option<(
+        tokio::sync::oneshot::Sender<crate::mirror::PrimaryResult>,
+        crate::mirror::BodyHash,
+    )>,
 }
 
 static DASH: &str = "-";
@@ -67,10 +72,14 @@ impl Exchange {
             upgraded: false,
             permit: None,
             peer_identity: None,
+            mirror: None,
         }
     }
 
     fn finish(&mut self) {
+        if let Some((tx, hash)) = self.mirror.take() {
+            let _ = tx.send((self.status, hash.value()));
+        }
         let elapsed = self.start.elapsed();
         let m = &self.shared.metrics;
         m.requests
@@ -194,6 +203,9 @@ impl Body for RespBody {
             Poll::Ready(Some(Ok(frame))) => {
                 if let (Some(ex), Some(d)) = (this.exchange.as_mut(), frame.data_ref()) {
                     ex.bytes_sent += d.len() as u64;
+                    if let Some((_, hash)) = ex.mirror.as_mut() {
+                        hash.update(d);
+                    }
                 }
             }
             Poll::Ready(Some(Err(_))) => {

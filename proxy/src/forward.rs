@@ -21,20 +21,20 @@ use crate::endpoint::EndpointState;
 use crate::exchange::{local_response, Exchange, RespBody};
 use crate::headers::{self, TRACEPARENT, X_SPUR_PEER_IDENTITY};
 use crate::metrics::{ClusterLabels, ClusterReasonLabels, EndpointLabels, UpstreamLabels};
+use crate::mirror;
 use crate::policy::breaker::Transition;
 use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
 use crate::policy::retry::Outcome;
 use crate::policy::route::RequestView;
-use crate::policy::split;
+use crate::policy::{flags, split};
 use crate::snapshot::{ClusterRt, ListenerRt, RouteRt, Snapshot, Target};
 use crate::upstream::{self, Buffered, ReqBody};
 use crate::Shared;
 use bytes::Bytes;
-use http::uri::{PathAndQuery, Scheme};
+use http::uri::PathAndQuery;
 use http::{header, HeaderMap, HeaderValue, Request, Response, StatusCode, Uri, Version};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use spur_config::UpstreamProtocol;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -42,6 +42,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub static X_SPUR_ATTEMPT: header::HeaderName = header::HeaderName::from_static("x-spur-attempt");
+pub static X_SPUR_FLAGS: header::HeaderName = header::HeaderName::from_static("x-spur-flags");
+pub static X_SPUR_MIRROR: header::HeaderName = header::HeaderName::from_static("x-spur-mirror");
 
 /// What a connection knows about itself, shared by its requests.
 pub struct ConnCtx {
@@ -147,6 +149,9 @@ async fn proxy(
         );
     }
 
+    // 2b. flags
+    let flags_on = decide_flags(ctx, snap, lst, req.headers_mut());
+
     // 3. route
     let view = RequestView {
         method: req.method(),
@@ -154,7 +159,7 @@ async fn proxy(
         host: headers::host(&req),
         headers: req.headers(),
     };
-    let route: Option<&RouteRt> = lst.route(&view);
+    let route: Option<&RouteRt> = lst.route(&view, &flags_on);
     // 4. split
     let hash_key: Option<Bytes> = route
         .and_then(|r| r.hash_on.as_ref())
@@ -166,7 +171,7 @@ async fn proxy(
             clusters,
             weights,
             total,
-        }) => clusters[split::choose(weights, *total, hash_key.as_deref())].clone(),
+        }) => choose_split(clusters, weights, *total, hash_key.as_deref()),
         None => match &lst.default_cluster {
             Some(c) => c.clone(),
             None => return local_response(StatusCode::NOT_FOUND, "no_route", id_header, Some(ex)),
@@ -269,30 +274,59 @@ async fn proxy(
             parts.headers.insert(header::HOST, v);
         }
     }
-    match cluster.protocol {
-        UpstreamProtocol::Http2 => {
-            parts.version = Version::HTTP_2;
-            parts.headers.remove(header::HOST);
-        }
-        _ => parts.version = Version::HTTP_11,
+    parts.version = cluster.http_version();
+    if parts.version == Version::HTTP_2 {
+        parts.headers.remove(header::HOST);
     }
 
     let retry = route
         .and_then(|r| r.retry.as_ref())
         .filter(|_| upgrade.is_none());
     let deadline = route.and_then(|r| r.timeout).map(|t| ex.start + t);
-    // The body: buffered whole when a retry may need to send it again.
+    let mirror_to = route
+        .and_then(|r| r.mirror.as_ref())
+        .filter(|m| upgrade.is_none() && fastrand::f64() * 100.0 < m.percent);
+    // The body: buffered whole when a retry may need to send it again, or a mirror a copy.
+    let buffer_limit = match (retry, mirror_to) {
+        (Some(r), Some(_)) => Some(r.policy.max_body.max(mirror::MAX_BODY)),
+        (Some(r), None) => Some(r.policy.max_body),
+        (None, Some(_)) => Some(mirror::MAX_BODY),
+        (None, None) => None,
+    };
+    if let Some(r) = retry {
+        r.budget.deposit(Instant::now());
+    }
     let mut replay: Option<(Bytes, Option<HeaderMap>)> = None;
     let mut first_body = None;
-    match retry {
-        Some(r) => {
-            r.budget.deposit(Instant::now());
-            match upstream::buffer(body, r.policy.max_body, ex.bytes_received.clone()).await {
-                Buffered::Whole(data, trailers) => replay = Some((data, trailers)),
-                Buffered::Stream(b) => first_body = Some(b),
-            }
-        }
+    match buffer_limit {
+        Some(limit) => match upstream::buffer(body, limit, ex.bytes_received.clone()).await {
+            Buffered::Whole(data, trailers) => replay = Some((data, trailers)),
+            Buffered::Stream(b) => first_body = Some(b),
+        },
         None => first_body = Some(ReqBody::counted(body, ex.bytes_received.clone())),
+    }
+
+    // A retry may resend only a body within its own max_body.
+    let retry_replayable = match (&replay, retry) {
+        (Some((data, _)), Some(r)) => data.len() as u64 <= r.policy.max_body,
+        _ => false,
+    };
+    if let Some(m) = mirror_to {
+        let tx = match &replay {
+            Some(body) => mirror::spawn(
+                ctx.shared.clone(),
+                m.cluster.clone(),
+                &parts,
+                ex.path.clone(),
+                body.clone(),
+                ex.request_id.clone(),
+            ),
+            None => {
+                mirror::dropped(&ctx.shared, &m.cluster.name);
+                None
+            }
+        };
+        ex.mirror = tx.map(|tx| (tx, mirror::BodyHash::default()));
     }
 
     let mut attempt: u32 = 1;
@@ -333,10 +367,7 @@ async fn proxy(
                 .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(attempt));
         }
         let mut uri = http::uri::Parts::default();
-        uri.scheme = Some(match cluster.tls {
-            Some(_) => Scheme::HTTPS,
-            None => Scheme::HTTP,
-        });
+        uri.scheme = Some(cluster.scheme());
         uri.authority = Some(endpoint.authority.clone());
         uri.path_and_query = Some(ex.path.clone());
         try_parts.uri = Uri::from_parts(uri).expect("scheme, authority and path make a URI");
@@ -368,7 +399,7 @@ async fn proxy(
             retry.is_some_and(|r| r.policy.retryable(outcome, attempt)) && !whole_request_over;
         if may_retry {
             let r = retry.expect("checked");
-            if replay.is_none() {
+            if !retry_replayable {
                 ctx.shared
                     .metrics
                     .retry_skipped
@@ -468,6 +499,92 @@ async fn proxy(
         }
     }
     resp.map(|b| RespBody::upstream(b, ex))
+}
+
+/// One side of a split; a side with no available endpoint gives its share to the others
+/// (chosen the same sticky way), rather than failing its users.
+fn choose_split(
+    clusters: &[Arc<ClusterRt>],
+    weights: &[u32],
+    total: u64,
+    key: Option<&[u8]>,
+) -> Arc<ClusterRt> {
+    let first = split::choose(weights, total, key);
+    if clusters[first].has_available_endpoint() {
+        return clusters[first].clone();
+    }
+    let live: Vec<u32> = clusters
+        .iter()
+        .zip(weights)
+        .map(|(c, w)| if c.has_available_endpoint() { *w } else { 0 })
+        .collect();
+    let live_total: u64 = live.iter().map(|w| u64::from(*w)).sum();
+    if live_total == 0 {
+        return clusters[first].clone();
+    }
+    clusters[split::choose(&live, live_total, key)].clone()
+}
+
+/// Decides which flags are on for this request: the trusted peer's decisions from
+/// `x-spur-flags`, or else each flag evaluated once here. Rewrites `x-spur-flags` for the
+/// upstream with the flags that are on (an untrusted client's header never passes).
+fn decide_flags(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    lst: &ListenerRt,
+    headers: &mut HeaderMap,
+) -> Vec<bool> {
+    let incoming = headers.remove(&X_SPUR_FLAGS);
+    let trusted = lst.trust_incoming_flags || ctx.peer_identity.is_some();
+    let mut on = vec![false; snap.flags.len()];
+    let value = match incoming
+        .as_ref()
+        .filter(|_| trusted)
+        .and_then(|v| v.to_str().ok())
+    {
+        Some(kept) => {
+            for name in flags::parse_header(kept) {
+                if let Some(i) = snap.flags.iter().position(|f| &*f.name == name) {
+                    on[i] = true;
+                }
+            }
+            for (i, f) in snap.flags.iter().enumerate() {
+                if on[i] {
+                    f.on.inc()
+                } else {
+                    f.off.inc()
+                };
+            }
+            // Flags this proxy does not know pass on unchanged, for the hops after it.
+            HeaderValue::from_str(&flags::header_value(flags::parse_header(kept))).ok()
+        }
+        None => {
+            for (i, f) in snap.flags.iter().enumerate() {
+                on[i] = f.flag.evaluate(headers);
+                if on[i] {
+                    f.on.inc()
+                } else {
+                    f.off.inc()
+                };
+            }
+            if snap.flags.is_empty() {
+                Some(HeaderValue::from_static(""))
+            } else {
+                HeaderValue::from_str(&flags::header_value(
+                    snap.flags
+                        .iter()
+                        .zip(&on)
+                        .filter(|(_, o)| **o)
+                        .map(|(f, _)| &*f.name),
+                ))
+                .ok()
+            }
+        }
+    };
+    if let Some(v) = value {
+        headers.insert(X_SPUR_FLAGS.clone(), v);
+    }
+    on
 }
 
 enum TryResult {

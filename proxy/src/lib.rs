@@ -19,6 +19,7 @@ pub mod forward;
 pub mod headers;
 pub mod log;
 pub mod metrics;
+pub mod mirror;
 pub mod policy;
 pub mod reload;
 pub mod snapshot;
@@ -46,6 +47,8 @@ pub struct Shared {
     pub ready: AtomicBool,
     /// The `-` label, shared so that an unrouted request allocates nothing.
     pub dash: Arc<str>,
+    /// Bounds mirrored copies in flight (see [`mirror`]).
+    pub mirror_slots: Arc<tokio::sync::Semaphore>,
 }
 
 /// Why a config was not applied. The proxy keeps serving its previous config.
@@ -112,13 +115,15 @@ impl Proxy {
     /// first config comes from the control plane.
     pub fn idle() -> Result<Proxy, ApplyError> {
         let registry = Registry::default();
-        let snapshot = Snapshot::compile(Arc::new(Config::default()), 0, &registry)?;
+        let metrics = Metrics::new();
+        let snapshot = Snapshot::compile(Arc::new(Config::default()), 0, &registry, &metrics)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
-            metrics: Metrics::new(),
+            metrics,
             ready: AtomicBool::new(false),
             dash: "-".into(),
+            mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
         });
         Ok(Proxy {
             shared,
@@ -156,7 +161,12 @@ impl Proxy {
         spur_config::validate(&cfg)?;
         let mut running = self.running.lock().await;
         let old = self.shared.snapshot.load_full();
-        let snap = Snapshot::compile(Arc::new(cfg), version, &self.shared.registry)?;
+        let snap = Snapshot::compile(
+            Arc::new(cfg),
+            version,
+            &self.shared.registry,
+            &self.shared.metrics,
+        )?;
         snap.carry_over_from(&old);
 
         // Bind everything new before touching anything, so a taken port rejects the whole

@@ -51,6 +51,18 @@ pub struct EndpointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MirrorLabels {
+    pub cluster: Arc<str>,
+    pub outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FlagLabels {
+    pub flag: Arc<str>,
+    pub result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: Arc<str>,
 }
@@ -96,6 +108,8 @@ pub struct Metrics {
     /// TLS handshakes to upstream endpoints that failed, by reason
     /// (`identity_not_expected`, `unknown_ca`, `name_mismatch`, `peer_alert`...).
     pub upstream_tls_errors: Family<ClusterReasonLabels, Counter>,
+    pub flag_evaluations: Family<FlagLabels, Counter>,
+    pub mirror_requests: Family<MirrorLabels, Counter>,
 }
 
 impl Metrics {
@@ -194,8 +208,22 @@ impl Metrics {
             "TLS handshakes to upstream endpoints that failed, by reason",
             upstream_tls_errors.clone(),
         );
+        let flag_evaluations = Family::<FlagLabels, Counter>::default();
+        registry.register(
+            "spur_flag_evaluations",
+            "Flag decisions, by flag and result (on, off); decisions kept from a trusted peer count too",
+            flag_evaluations.clone(),
+        );
+        let mirror_requests = Family::<MirrorLabels, Counter>::default();
+        registry.register(
+            "spur_mirror_requests",
+            "Mirrored copies by outcome: same, differ (status or body hash), error, dropped",
+            mirror_requests.clone(),
+        );
         Metrics {
             registry,
+            flag_evaluations,
+            mirror_requests,
             tls_handshake_errors,
             upstream_tls_errors,
             retries,

@@ -9,6 +9,7 @@ use crate::endpoint::{ClusterLimits, EndpointState, Registry};
 use crate::policy::balance::Balancer;
 use crate::policy::breaker;
 use crate::policy::budget::Budget;
+use crate::policy::flags::CompiledFlag;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
@@ -31,6 +32,16 @@ pub struct Snapshot {
     pub clusters: HashMap<String, Arc<ClusterRt>>,
     pub correlation: CorrelationRt,
     pub drain_timeout: Duration,
+    /// Every flag, sorted by name; routes and requests refer to them by index.
+    pub flags: Vec<FlagRt>,
+}
+
+pub struct FlagRt {
+    pub name: Arc<str>,
+    pub flag: CompiledFlag,
+    /// `spur_flag_evaluations_total{flag, result="on"|"off"}`, resolved once.
+    pub on: prometheus_client::metrics::counter::Counter,
+    pub off: prometheus_client::metrics::counter::Counter,
 }
 
 pub struct CorrelationRt {
@@ -50,6 +61,8 @@ pub struct ListenerRt {
     pub default_route_name: Arc<str>,
     /// TLS termination (and mutual TLS), when the listener has `tls`.
     pub tls: Option<Arc<ServerTls>>,
+    /// Keep `x-spur-flags` from any client (it is always kept from an mTLS peer).
+    pub trust_incoming_flags: bool,
 }
 
 pub struct RouteRt {
@@ -61,6 +74,14 @@ pub struct RouteRt {
     pub timeout: Option<Duration>,
     pub retry: Option<RetryRt>,
     pub fault: Option<Fault>,
+    /// `match.flag`: the index of the flag that must be on.
+    pub flag: Option<usize>,
+    pub mirror: Option<MirrorRt>,
+}
+
+pub struct MirrorRt {
+    pub cluster: Arc<ClusterRt>,
+    pub percent: f64,
 }
 
 pub struct RetryRt {
@@ -124,6 +145,33 @@ impl Members {
 }
 
 impl ClusterRt {
+    /// The URI scheme of requests to this cluster's endpoints.
+    pub fn scheme(&self) -> http::uri::Scheme {
+        if self.tls.is_some() {
+            http::uri::Scheme::HTTPS
+        } else {
+            http::uri::Scheme::HTTP
+        }
+    }
+
+    /// The HTTP version spoken to this cluster's endpoints.
+    pub fn http_version(&self) -> http::Version {
+        match self.protocol {
+            UpstreamProtocol::Http2 => http::Version::HTTP_2,
+            _ => http::Version::HTTP_11,
+        }
+    }
+
+    /// Whether any endpoint could take a request now (healthy, not ejected).
+    pub fn has_available_endpoint(&self) -> bool {
+        let now = std::time::Instant::now();
+        self.members
+            .load()
+            .endpoints
+            .iter()
+            .any(|e| e.is_available(now))
+    }
+
     /// Whether one more endpoint of this cluster may be ejected (`max_ejection_percent`).
     pub fn may_eject(&self, members: &Members) -> bool {
         let Some(b) = &self.breaker else { return false };
@@ -143,8 +191,13 @@ pub struct CompileError {
 
 impl ListenerRt {
     /// The first route that matches, or `None`.
-    pub fn route(&self, req: &RequestView<'_>) -> Option<&RouteRt> {
-        self.routes.iter().find(|r| r.matcher.matches(req))
+    /// The first route that matches, given the flags that are on for the request.
+    pub fn route(&self, req: &RequestView<'_>, flags_on: &[bool]) -> Option<&RouteRt> {
+        self.routes.iter().find(|r| {
+            r.flag
+                .is_none_or(|i| flags_on.get(i).copied().unwrap_or(false))
+                && r.matcher.matches(req)
+        })
     }
 }
 
@@ -228,7 +281,33 @@ impl Snapshot {
         cfg: Arc<Config>,
         version: u64,
         registry: &Registry,
+        metrics: &crate::metrics::Metrics,
     ) -> Result<Snapshot, CompileError> {
+        // Flags first: routes refer to them by index. BTreeMap order: sorted by name.
+        let flags: Vec<FlagRt> = cfg
+            .flags
+            .iter()
+            .map(|(name, f)| {
+                let label = |result| crate::metrics::FlagLabels {
+                    flag: name.as_str().into(),
+                    result,
+                };
+                // One statement each: a family's read guard must be gone before the next
+                // get_or_create, which may need the write lock.
+                let on = metrics.flag_evaluations.get_or_create(&label("on")).clone();
+                let off = metrics
+                    .flag_evaluations
+                    .get_or_create(&label("off"))
+                    .clone();
+                FlagRt {
+                    name: name.as_str().into(),
+                    flag: CompiledFlag::compile(name, f),
+                    on,
+                    off,
+                }
+            })
+            .collect();
+        let flag_index = |name: &str| flags.iter().position(|f| &*f.name == name);
         let mut clusters = HashMap::new();
         let mut client_keys = Vec::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
@@ -295,6 +374,20 @@ impl Snapshot {
                     timeout: r.timeout.map(|t| t.get()),
                     retry,
                     fault: r.fault.clone(),
+                    flag: match &r.matches.flag {
+                        Some(f) => Some(flag_index(f).ok_or_else(|| CompileError {
+                            path: format!("{path}.match.flag"),
+                            message: format!("unknown flag `{f}`"),
+                        })?),
+                        None => None,
+                    },
+                    mirror: match &r.mirror {
+                        Some(m) => Some(MirrorRt {
+                            cluster: cluster(format!("{path}.mirror.cluster"), &m.cluster)?,
+                            percent: m.percent,
+                        }),
+                        None => None,
+                    },
                 });
             }
             let tls = match &l.tls {
@@ -315,6 +408,7 @@ impl Snapshot {
                     routes,
                     default_route_name: "default".into(),
                     tls,
+                    trust_incoming_flags: l.trust_incoming_flags,
                 }),
             );
         }
@@ -336,6 +430,7 @@ impl Snapshot {
             listeners,
             clusters,
             correlation,
+            flags,
         })
     }
 }

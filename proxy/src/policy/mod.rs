@@ -2,6 +2,7 @@
 //!
 //! | decision | module |
 //! |---|---|
+//! | which feature flags are on for a request | [`flags`] |
 //! | which route answers a request | [`route`] |
 //! | which side of a weighted split | [`split`] |
 //! | which endpoint of a cluster | [`balance`] |
@@ -15,6 +16,7 @@ pub mod balance;
 pub mod breaker;
 pub mod budget;
 pub mod correlation;
+pub mod flags;
 pub mod health;
 pub mod retry;
 pub mod route;
