@@ -45,7 +45,7 @@ pub enum StartError {
 }
 
 /// What the control plane knows of one proxy.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 struct ProxyStatus {
     applied_version: Option<u64>,
     last_error: Option<String>,
@@ -180,13 +180,7 @@ impl Control {
 
     pub fn record_seen(&self, group: &str, node: &str) {
         let mut p = self.proxies.lock().unwrap();
-        let e = p
-            .entry((group.to_string(), node.to_string()))
-            .or_insert(ProxyStatus {
-                applied_version: None,
-                last_error: None,
-                last_seen: 0,
-            });
+        let e = p.entry((group.to_string(), node.to_string())).or_default();
         e.last_seen = now_secs();
     }
 
@@ -198,13 +192,7 @@ impl Control {
         error: Option<String>,
     ) {
         let mut p = self.proxies.lock().unwrap();
-        let e = p
-            .entry((group.to_string(), node.to_string()))
-            .or_insert(ProxyStatus {
-                applied_version: None,
-                last_error: None,
-                last_seen: 0,
-            });
+        let e = p.entry((group.to_string(), node.to_string())).or_default();
         if applied.is_some() {
             e.applied_version = applied;
         }

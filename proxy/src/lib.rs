@@ -143,11 +143,7 @@ impl Proxy {
         } else {
             "rejected"
         };
-        self.shared
-            .metrics
-            .config_updates
-            .get_or_create(&metrics::ResultLabels { result: outcome })
-            .inc();
+        self.shared.metrics.count_update(outcome);
         match &result {
             Ok(()) => tracing::info!(version, "config applied"),
             Err(e) => {

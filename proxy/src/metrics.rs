@@ -249,6 +249,13 @@ impl Metrics {
         out
     }
 
+    /// Counts a config update: `applied` or `rejected`.
+    pub fn count_update(&self, result: &'static str) {
+        self.config_updates
+            .get_or_create(&ResultLabels { result })
+            .inc();
+    }
+
     pub fn reject(&self, listener: &Arc<str>, reason: &'static str) {
         self.rejected
             .get_or_create(&ListenerReasonLabels {

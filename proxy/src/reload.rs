@@ -2,7 +2,7 @@
 //! the config file (on SIGHUP, and polled with `--watch`). Either way a new config goes
 //! through [`Proxy::apply`], which rejects it whole or applies it whole.
 
-use crate::{metrics, Proxy};
+use crate::Proxy;
 use bytes::{Bytes, BytesMut};
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -187,12 +187,7 @@ async fn handle_line(
             .await
             .map_err(|e| e.to_string()),
         Err(e) => {
-            proxy
-                .shared
-                .metrics
-                .config_updates
-                .get_or_create(&metrics::ResultLabels { result: "rejected" })
-                .inc();
+            proxy.shared.metrics.count_update("rejected");
             Err(format!("config does not parse: {e}"))
         }
     };
@@ -277,12 +272,7 @@ async fn reload_file(proxy: &Proxy, path: &std::path::Path) {
             }
         }
         Err(e) => {
-            proxy
-                .shared
-                .metrics
-                .config_updates
-                .get_or_create(&metrics::ResultLabels { result: "rejected" })
-                .inc();
+            proxy.shared.metrics.count_update("rejected");
             tracing::warn!(file = %path.display(), errors = %e, "config file rejected; the previous one stays");
         }
     }
