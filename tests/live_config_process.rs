@@ -282,3 +282,55 @@ async fn file_mode_reloads_on_change_and_on_sighup() {
     );
     assert!(metric(admin, "spur_config_version", &[]).await > v);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_is_live_at_once_and_ready_after_its_first_config() {
+    let (cp, _dir) = start_control(None).await;
+    let c = cp.addr;
+    let app = named_backend("app").await;
+    let url = format!("http://{c}");
+    // No config for the group yet: the admin server (pinned by --admin) answers anyway.
+    let spur = spawn_spur_with(
+        &[
+            "proxy",
+            "--control",
+            &url,
+            "--node",
+            "pod-1",
+            "--group",
+            "shop",
+            "--admin",
+            "127.0.0.1:0",
+        ],
+        0,
+        true,
+    );
+    let admin = spur.admin.unwrap();
+    assert_eq!(get(admin, "/live", &[]).await.status, 200);
+    assert_eq!(
+        get(admin, "/ready", &[]).await.status,
+        503,
+        "not ready before the first config"
+    );
+    let cfg = format!("listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n", app.addr);
+    let (s, _) = call(c, "PUT", "/v1/groups/shop/config", Some(&cfg), None).await;
+    assert_eq!(s, 200);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            get(admin, "/ready", &[]).await.status == 200
+        })
+        .await
+    );
+    // A config that tries to move the pinned admin server is rejected and reported.
+    let moved = format!("admin: {{ listen: \"127.0.0.1:1\" }}\n{cfg}");
+    call(c, "PUT", "/v1/groups/shop/config", Some(&moved), None).await;
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            call(c, "GET", "/v1/proxies", None, None).await.1[0]["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("admin.listen") && e.contains("--admin"))
+        })
+        .await
+    );
+    assert_eq!(metric(admin, "spur_config_version", &[]).await, 1.0);
+}

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 
-pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--log-format json|text]
-       spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE]
+pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--admin ADDR] [--log-format json|text]
+       spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE] [--admin ADDR]
 
 Runs the data plane, from a config file (YAML or JSON, by extension or content; reloaded
 on SIGHUP, and when it changes with --watch) or from the control plane at URL (FILE is
-then a bootstrap used until the first push).
+then a bootstrap used until the first push). --admin starts the admin server at once, at
+ADDR, whatever the configs say (so probes work before the first config arrives).
 SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.";
 
 #[derive(Debug, Default)]
@@ -22,6 +23,7 @@ pub struct ProxyArgs {
     pub node: Option<String>,
     pub group: Option<String>,
     pub token_file: Option<PathBuf>,
+    pub admin: Option<String>,
     pub log_format: Option<LogFormat>,
 }
 
@@ -51,6 +53,15 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
                 );
             }
             "--watch" => out.watch = true,
+            "--admin" => {
+                let v = value("--admin")?;
+                if v.parse::<std::net::SocketAddr>().is_err() {
+                    return Err(format!(
+                        "--admin: `{v}` is not an address like 127.0.0.1:9901"
+                    ));
+                }
+                out.admin = Some(v);
+            }
             "--control" => {
                 out.control = Some(value("--control")?.trim_end_matches('/').to_string())
             }
@@ -142,10 +153,17 @@ pub fn main(args: &[String]) -> ExitCode {
         .build()
         .expect("tokio runtime");
     rt.block_on(async move {
-        let started = match bootstrap {
-            Some(cfg) => Proxy::start(cfg).await,
-            None => Proxy::idle(),
-        };
+        let started = async {
+            let proxy = Proxy::idle()?;
+            if let Some(addr) = &parsed.admin {
+                proxy.pin_admin(addr).await?;
+            }
+            if let Some(cfg) = bootstrap {
+                proxy.apply(cfg, 0).await?;
+            }
+            Ok::<_, crate::ApplyError>(proxy)
+        }
+        .await;
         let proxy = match started {
             Ok(p) => Arc::new(p),
             Err(e) => {

@@ -90,6 +90,8 @@ struct Running {
     /// Tasks of removed or moved listeners, still finishing their connections.
     retired: Vec<ListenerTask>,
     admin: Option<AdminTask>,
+    /// Set by [`Proxy::pin_admin`] (`--admin`): configs do not move the admin server.
+    admin_pinned: bool,
 }
 
 /// A running proxy.
@@ -189,7 +191,21 @@ impl Proxy {
             fresh.push(bound);
         }
         let admin_listen = snap.config.admin.as_ref().map(|a| a.listen.clone());
+        if running.admin_pinned {
+            let pinned = running
+                .admin
+                .as_ref()
+                .map(|a| a.listen.clone())
+                .unwrap_or_default();
+            if admin_listen.as_ref().is_some_and(|l| *l != pinned) {
+                return Err(ApplyError::Compile(snapshot::CompileError {
+                    path: "admin.listen".into(),
+                    message: format!("this proxy's admin server is fixed by --admin at {pinned}; leave admin out or use the same address"),
+                }));
+            }
+        }
         let new_admin = match &admin_listen {
+            _ if running.admin_pinned => None,
             Some(listen) if running.admin.as_ref().map(|a| &a.listen) != Some(listen) => {
                 let tcp = tokio::net::TcpListener::bind(listen.as_str())
                     .await
@@ -268,7 +284,7 @@ impl Proxy {
             let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
             running.admin = Some(AdminTask { listen, stop, task });
             *self.admin_addr.lock().unwrap() = Some(addr);
-        } else if admin_listen.is_none() {
+        } else if admin_listen.is_none() && !running.admin_pinned {
             if let Some(old) = running.admin.take() {
                 let _ = old.stop.send(true);
                 *self.admin_addr.lock().unwrap() = None;
@@ -276,6 +292,36 @@ impl Proxy {
         }
         self.shared.ready.store(true, Ordering::Release);
         Ok(())
+    }
+
+    /// Starts the admin server at `listen` now, before any config, and keeps it there
+    /// (`spur proxy --admin`): probes can reach `/live` and `/ready` while the first config
+    /// is still on its way from the control plane.
+    pub async fn pin_admin(&self, listen: &str) -> Result<SocketAddr, ApplyError> {
+        let mut running = self.running.lock().await;
+        let bind_err = |source| ApplyError::Bind {
+            name: "admin".into(),
+            addr: listen.to_string(),
+            source,
+        };
+        let tcp = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(bind_err)?;
+        let addr = tcp.local_addr().map_err(bind_err)?;
+        if let Some(old) = running.admin.take() {
+            let _ = old.stop.send(true);
+        }
+        let (stop, stop_rx) = watch::channel(false);
+        tracing::info!(addr = %addr, "admin listening");
+        let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
+        running.admin = Some(AdminTask {
+            listen: listen.to_string(),
+            stop,
+            task,
+        });
+        running.admin_pinned = true;
+        *self.admin_addr.lock().unwrap() = Some(addr);
+        Ok(addr)
     }
 
     /// The version of the config being served.
