@@ -1,13 +1,18 @@
-# Spur: one image holding the data plane and the control plane.
+# Spur: two images from one build.
 #
-#   docker build -t spur .
-#   docker run --rm spur validate /etc/spur/spur.yaml           (with the file mounted)
+#   docker build -t spur .                        the proxy and the control plane (default target)
+#   docker build --target init -t spur-init .     the pod init step: `spur init-iptables`
+#
+#   docker run --rm -v "$PWD/spur.yaml:/etc/spur/spur.yaml:ro" spur validate /etc/spur/spur.yaml
 #   docker run --rm -p 7070:7070 spur control --listen 0.0.0.0:7070
-#   docker run --rm spur proxy --config /etc/spur/spur.yaml
+#   docker run --rm -v "$PWD/spur.yaml:/etc/spur/spur.yaml:ro" spur proxy --config /etc/spur/spur.yaml
 #
-# Binaries in /usr/local/bin: spur (umbrella: `spur proxy`, `spur control`, ...),
-# spur-proxy and spur-control. Needs BuildKit (the default builder of `docker build`
-# since Docker 23) for the cache mounts below.
+# The default image holds the binaries spur (umbrella: `spur proxy`, `spur control`, ...),
+# spur-proxy and spur-control in /usr/local/bin, on distroless: no shell, no package
+# manager, runs as a non-root user. `spur inject` uses it for the `spur-proxy` sidecar and
+# derives the init image's name from it (`.../spur:TAG` -> `.../spur-init:TAG`): push both.
+# Needs BuildKit (the default builder of `docker build` since Docker 23) for the cache
+# mounts below.
 
 # ---------------------------------------------------------------- build stage --
 FROM rust:1.95-bookworm AS builder
@@ -15,7 +20,7 @@ WORKDIR /src
 COPY . .
 # Cache mounts keep the crates.io downloads and the compiled dependencies between
 # builds. target/ is a cache mount, so it is not part of the image layer: the
-# binaries are copied out of it in this same RUN.
+# binaries are copied out of it in this same RUN. --locked: build exactly Cargo.lock.
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
@@ -25,16 +30,32 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
  && mkdir -p /out \
  && cp target/release/spur target/release/spur-proxy target/release/spur-control /out/
 
+# ------------------------------------------------------------------ init stage --
+# `spur init-iptables` runs `iptables-restore`, which distroless does not have. This image
+# runs for a second per pod start, as root with NET_ADMIN, and is never a long-lived
+# container. Debian's iptables is the nf_tables flavour; `iptables-legacy-restore` is
+# there too (`spur init-iptables --iptables-restore iptables-legacy-restore`).
+FROM debian:bookworm-slim AS init
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends iptables \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=builder /out/spur /usr/local/bin/spur
+ENTRYPOINT ["/usr/local/bin/spur"]
+CMD ["init-iptables", "--help"]
+
 # -------------------------------------------------------------- runtime stage --
-# distroless/cc: glibc, libgcc and CA certificates, no shell. The :nonroot tag runs
-# as uid/gid 65532 ("nonroot").
+# Last, so that a plain `docker build .` builds it. distroless/cc: glibc (the build stage
+# is Debian 12 too), libgcc and CA certificates, no shell. The :nonroot tag runs as
+# uid/gid 65532 ("nonroot"); in Kubernetes the injected sidecar runs as uid 1337 instead
+# (its traffic is the one iptables leaves alone).
 FROM gcr.io/distroless/cc-debian12:nonroot
 COPY --from=builder /out/ /usr/local/bin/
 USER nonroot:nonroot
 # `spur control` keeps its default data dir (./spur-data) under the writable home.
 WORKDIR /home/nonroot
-# 7070: control plane API (spur control default listen)
-# 9901: proxy admin endpoints (/metrics /ready /live /config /clusters)
-# 8443: conventional inbound listener; listener ports are whatever the config says.
-EXPOSE 7070 9901 8443
+# 7070: control plane API (`spur control --listen`)
+# 9901: proxy admin endpoints (/metrics /ready /live /config /clusters), as configured
+# 15006: the sidecar's inbound listener in Kubernetes; other listener ports are whatever
+#        the config says.
+EXPOSE 7070 9901 15006
 ENTRYPOINT ["/usr/local/bin/spur"]

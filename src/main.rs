@@ -1,6 +1,8 @@
 //! `spur`: the umbrella command. `spur proxy`, `spur control`, `spur validate`, `spur demo`.
 
 mod demo;
+mod inject;
+mod iptables;
 
 use std::process::ExitCode;
 
@@ -13,6 +15,8 @@ commands:
   proxy --config FILE        run the data plane from a config file
   validate FILE              check a config file: every error with its field path
   control                    run the control plane (configs per group, watched by proxies)
+  inject FILE|-              add the Spur sidecar to the workloads of Kubernetes manifests
+  init-iptables [--dry-run]  redirect a pod's TCP through its proxy (the sidecar's init step)
   help                       this text
 
 Run `spur <command> --help` for a command's options.";
@@ -30,10 +34,8 @@ fn main() -> ExitCode {
         }),
         "validate" => validate(rest),
         "demo" => demo::main(rest),
-        "inject" | "init-iptables" => {
-            eprintln!("spur {cmd}: not supported yet");
-            ExitCode::from(2)
-        }
+        "inject" => inject::main(rest),
+        "init-iptables" => iptables::main(rest),
         "help" | "-h" | "--help" => {
             println!("{USAGE}");
             ExitCode::SUCCESS
