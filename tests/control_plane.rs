@@ -490,6 +490,7 @@ async fn proxy_reconnects_after_the_control_plane_restarts() {
                 listen,
                 data_dir: dir,
                 token: None,
+                ca: None,
             })
             .await
             .unwrap()

@@ -140,6 +140,10 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
             format!("no such endpoint: {method} {path}"),
         );
     }
+    // Proxies joining the mesh have a join token, not the API token.
+    if method == Method::POST && segs == ["v1", "identity", "certify"] {
+        return certify(&control, req).await;
+    }
     if !authorized(&control, &req) {
         control.metrics.unauthorized.inc();
         return error(
@@ -228,6 +232,51 @@ async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>)
             control.metrics.writes_rejected.inc();
             errors(StatusCode::BAD_REQUEST, &errs)
         }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CertifyBody {
+    /// A PEM PKCS#10 request whose one URI SAN is the SPIFFE ID wanted.
+    csr: String,
+    join_token: String,
+}
+
+/// `POST /v1/identity/certify`: a CSR and the join token in, a workload certificate out.
+async fn certify(control: &Arc<Control>, req: Request<Incoming>) -> Response<Body> {
+    let Some((ca, join_token)) = &control.ca else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "",
+            "the mesh CA is off: start spur control with --ca-dir and --join-token-file",
+        );
+    };
+    let body = match read_body(req).await {
+        Ok(b) => b,
+        Err(r) => return r,
+    };
+    let request: CertifyBody = match parse_doc(&body, true) {
+        Ok(r) => r,
+        Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
+    };
+    if !same_token(request.join_token.trim().as_bytes(), join_token.as_bytes()) {
+        control.metrics.unauthorized.inc();
+        return error(
+            StatusCode::UNAUTHORIZED,
+            "join_token",
+            "wrong join token: nothing issued",
+        );
+    }
+    match ca.certify(&request.csr) {
+        Ok(issued) => {
+            control.metrics.certificates_issued.inc();
+            full(
+                StatusCode::OK,
+                &json!({ "certificate": issued.certificate_pem, "ca": issued.ca_pem, "expires_at": issued.expires_at }),
+            )
+        }
+        Err(e) => error(StatusCode::BAD_REQUEST, "csr", e.to_string()),
     }
 }
 

@@ -4,10 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE] [--log-format json|text]
+                    [--ca-dir DIR --join-token-file FILE [--trust-domain D] [--cert-ttl 24h]]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
 Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data. With --token-file, every /v1/
-call needs `Authorization: Bearer <the file's content>`.";
+call needs `Authorization: Bearer <the file's content>`. With --ca-dir, the control plane is
+the mesh CA: POST /v1/identity/certify signs workload certificates (SPIFFE IDs of the trust
+domain, default cluster.local) for proxies that present the join token.";
 
 #[derive(Debug)]
 pub struct ControlArgs {
@@ -15,6 +18,10 @@ pub struct ControlArgs {
     pub data_dir: PathBuf,
     pub token_file: Option<PathBuf>,
     pub log_format: Option<String>,
+    pub ca_dir: Option<PathBuf>,
+    pub join_token_file: Option<PathBuf>,
+    pub trust_domain: String,
+    pub cert_ttl: std::time::Duration,
 }
 
 pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
@@ -23,6 +30,10 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
         data_dir: PathBuf::from("spur-data"),
         token_file: None,
         log_format: None,
+        ca_dir: None,
+        join_token_file: None,
+        trust_domain: "cluster.local".into(),
+        cert_ttl: std::time::Duration::from_secs(24 * 3600),
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -46,12 +57,28 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
             "--data-dir" => out.data_dir = PathBuf::from(value("--data-dir")?),
             "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
             "--log-format" => out.log_format = Some(value("--log-format")?),
-            "--ca-dir" | "--join-token-file" | "--kubernetes" | "--tls-cert" | "--tls-key" => {
+            "--ca-dir" => out.ca_dir = Some(PathBuf::from(value("--ca-dir")?)),
+            "--join-token-file" => {
+                out.join_token_file = Some(PathBuf::from(value("--join-token-file")?))
+            }
+            "--trust-domain" => out.trust_domain = value("--trust-domain")?,
+            "--cert-ttl" => {
+                let v = value("--cert-ttl")?;
+                let d: spur_config::Duration = v.parse().map_err(|e| format!("--cert-ttl: {e}"))?;
+                if d.get() < std::time::Duration::from_secs(60) {
+                    return Err("--cert-ttl: at least 1m".into());
+                }
+                out.cert_ttl = d.get();
+            }
+            "--kubernetes" | "--tls-cert" | "--tls-key" => {
                 return Err(format!("{flag}: not supported yet"))
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
+    }
+    if out.ca_dir.is_some() != out.join_token_file.is_some() {
+        return Err("--ca-dir and --join-token-file go together".into());
     }
     Ok(out)
 }
@@ -85,7 +112,22 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
     };
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
-        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token };
+        let ca = match (&parsed.ca_dir, &parsed.join_token_file) {
+            (Some(dir), Some(f)) => match spur_config::read_token_file(f) {
+                Ok(join_token) => Some(crate::CaOptions {
+                    dir: dir.clone(),
+                    join_token,
+                    trust_domain: parsed.trust_domain.clone(),
+                    ttl: parsed.cert_ttl,
+                }),
+                Err(e) => {
+                    eprintln!("spur control: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ => None,
+        };
+        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token, ca };
         let handle = match crate::start(opts).await {
             Ok(h) => h,
             Err(e) => {

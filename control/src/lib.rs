@@ -7,6 +7,7 @@
 //! - [`watch`]: fan-out of new versions to watching proxies.
 
 pub mod api;
+pub mod ca;
 pub mod cli;
 pub mod store;
 pub mod watch;
@@ -31,12 +32,23 @@ pub struct Options {
     pub data_dir: PathBuf,
     /// With a token, every `/v1/` call needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
+    /// With a CA, `POST /v1/identity/certify` signs workload certificates.
+    pub ca: Option<CaOptions>,
+}
+
+pub struct CaOptions {
+    pub dir: PathBuf,
+    pub join_token: String,
+    pub trust_domain: String,
+    pub ttl: std::time::Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error(transparent)]
     Store(#[from] store::StoreError),
+    #[error(transparent)]
+    Ca(#[from] ca::CaError),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -58,6 +70,7 @@ pub struct Metrics {
     pub writes_rejected: Counter,
     pub unauthorized: Counter,
     pub watchers: Gauge,
+    pub certificates_issued: Counter,
 }
 
 impl Metrics {
@@ -87,12 +100,19 @@ impl Metrics {
             "Open watch streams",
             watchers.clone(),
         );
+        let certificates_issued = Counter::default();
+        registry.register(
+            "spur_control_certificates_issued",
+            "Workload certificates signed by the mesh CA",
+            certificates_issued.clone(),
+        );
         Metrics {
             registry,
             writes,
             writes_rejected,
             unauthorized,
             watchers,
+            certificates_issued,
         }
     }
 
@@ -107,6 +127,8 @@ impl Metrics {
 pub struct Control {
     pub store: Store,
     pub token: Option<String>,
+    /// The mesh CA and the join token that proxies present to it.
+    pub ca: Option<(ca::MeshCa, String)>,
     pub metrics: Metrics,
     /// Serializes writes, so version numbers and read-modify-writes never interleave.
     pub write_lock: tokio::sync::Mutex<()>,
@@ -125,6 +147,7 @@ impl Control {
         Control {
             store,
             token,
+            ca: None,
             metrics: Metrics::new(),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
@@ -240,7 +263,14 @@ impl Drop for ControlHandle {
 /// Opens the store, binds the API and serves it in the background.
 pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
     let store = Store::open(&opts.data_dir)?;
-    let control = Arc::new(Control::new(store, opts.token));
+    let mut control = Control::new(store, opts.token);
+    if let Some(c) = opts.ca {
+        control.ca = Some((
+            ca::MeshCa::open(&c.dir, &c.trust_domain, c.ttl)?,
+            c.join_token,
+        ));
+    }
+    let control = Arc::new(control);
     let tcp = tokio::net::TcpListener::bind(opts.listen)
         .await
         .map_err(|source| StartError::Bind {

@@ -355,6 +355,7 @@ pub async fn start_control(
         listen: "127.0.0.1:0".parse().unwrap(),
         data_dir: dir.clone(),
         token: token.map(str::to_string),
+        ca: None,
     })
     .await
     .expect("control plane starts");
