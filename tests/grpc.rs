@@ -447,3 +447,59 @@ async fn server_stream_delivers_every_message_in_order_then_trailers() {
         Some("100")
     );
 }
+
+/// A bidirectional stream opened before 20 config pushes (half of them adding or removing a
+/// listener on another port) keeps working through all of them: pushes swap the snapshot
+/// for new requests and never touch established streams.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grpc_stream_survives_twenty_config_pushes() {
+    let mut s = setup().await;
+    let backend = s._backend.addr;
+    let (tx, rx) = mpsc::channel::<Bytes>(1);
+    s.client.ready().await.expect("channel ready");
+    let mut replies = s
+        .client
+        .streaming(
+            Request::new(ReceiverStream::new(rx)),
+            PathAndQuery::from_static(CHAT),
+            Raw,
+        )
+        .await
+        .expect("stream opens")
+        .into_inner();
+    let extra_port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    for n in 1..=20u64 {
+        let extra = if n % 2 == 1 {
+            format!("  - {{ name: extra, listen: \"127.0.0.1:{extra_port}\", cluster: echo }}\n")
+        } else {
+            String::new()
+        };
+        let yaml = format!(
+            "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  - name: grpc\n    listen: 127.0.0.1:0\n    routes:\n      - {{ name: echo, match: {{ path_prefix: /spur.test.Echo/ }}, cluster: echo }}\n{extra}clusters:\n  - {{ name: echo, endpoints: [\"{backend}\"], protocol: http2, connect_timeout: {}ms }}\n",
+            1000 + n
+        );
+        s.proxy
+            .apply(spur_config::load(&yaml, None).unwrap(), n)
+            .await
+            .expect("push applies");
+        assert_eq!(s.proxy.listener_addr("extra").is_some(), n % 2 == 1);
+        tx.send(Bytes::from(format!("after push {n}")))
+            .await
+            .expect("request stream open");
+        let reply = tokio::time::timeout(STEP, replies.message())
+            .await
+            .expect("reply in time")
+            .expect("no error mid-stream")
+            .expect("stream still open");
+        assert_eq!(reply, Bytes::from(format!("echo: after push {n}")));
+    }
+    drop(tx);
+    let end = tokio::time::timeout(STEP, replies.message())
+        .await
+        .expect("stream ends in time");
+    assert!(matches!(end, Ok(None)), "clean end, got {end:?}");
+}
