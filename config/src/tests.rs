@@ -244,7 +244,14 @@ clusters:
     // Files are read by the proxy when it applies the config, not by validation.
     assert!(errors_of("listeners: [{ name: a, listen: 127.0.0.1:1, cluster: c, tls: { cert: c.pem } }]\nclusters: [{ name: c, endpoints: [\"127.0.0.1:2\"] }]")
         .iter()
-        .any(|e| e.contains("missing field `key`")));
+        .any(|e| e == "listeners[0].tls: cert and key go together"));
+    // No files at all: the proxy's workload identity (whether it has one is checked when
+    // the config is applied); allow_identities then needs no client_ca (the mesh CA).
+    load(
+        "listeners: [{ name: a, listen: 127.0.0.1:1, cluster: c, tls: { allow_identities: [\"spiffe://td/a\"] } }]\nclusters: [{ name: c, endpoints: [\"127.0.0.1:2\"], tls: {} }]",
+        None,
+    )
+    .expect("tls blocks without files validate");
 }
 
 #[test]

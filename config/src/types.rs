@@ -101,8 +101,11 @@ pub struct Listener {
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerTls {
-    pub cert: String,
-    pub key: String,
+    /// Without `cert` and `key` the listener presents the proxy's workload identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_ca: Option<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]

@@ -83,12 +83,22 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         }
         check_limits(&format!("{p}.limits"), &l.limits, e);
         if let Some(tls) = &l.tls {
-            check_file(&format!("{p}.tls.cert"), &tls.cert, e);
-            check_file(&format!("{p}.tls.key"), &tls.key, e);
+            // No cert and key: the proxy's workload identity (checked when applied, where it
+            // is known whether the proxy has one).
+            match (&tls.cert, &tls.key) {
+                (Some(cert), Some(key)) => {
+                    check_file(&format!("{p}.tls.cert"), cert, e);
+                    check_file(&format!("{p}.tls.key"), key, e);
+                }
+                (None, None) => {}
+                _ => e.push(format!("{p}.tls"), "cert and key go together"),
+            }
             if let Some(ca) = &tls.client_ca {
                 check_file(&format!("{p}.tls.client_ca"), ca, e);
             }
-            if !tls.allow_identities.is_empty() && tls.client_ca.is_none() {
+            // Without files the mesh CA verifies client certificates.
+            let verifies_clients = tls.client_ca.is_some() || tls.cert.is_none();
+            if !tls.allow_identities.is_empty() && !verifies_clients {
                 e.push(
                     format!("{p}.tls.allow_identities"),
                     "needs client_ca: identities come from verified client certificates",

@@ -1,18 +1,24 @@
 //! The `spur proxy` / `spur-proxy` command line.
 
 use crate::log::{self, LogFormat};
+use crate::tls::{Identity, WorkloadIdentity};
 use crate::{reload, Proxy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--admin ADDR] [--log-format json|text]
        spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE] [--admin ADDR]
+                  [--identity spiffe://TD/PATH --join-token-file F]
 
 Runs the data plane, from a config file (YAML or JSON, by extension or content; reloaded
 on SIGHUP, and when it changes with --watch) or from the control plane at URL (FILE is
 then a bootstrap used until the first push). --admin starts the admin server at once, at
 ADDR, whatever the configs say (so probes work before the first config arrives).
+--identity gets a workload certificate for that SPIFFE ID from the control plane's mesh CA
+(with the join token in F) before any config is applied, and renews it; tls blocks that
+name no files use it.
 SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.";
 
 #[derive(Debug, Default)]
@@ -25,7 +31,12 @@ pub struct ProxyArgs {
     pub token_file: Option<PathBuf>,
     pub admin: Option<String>,
     pub log_format: Option<LogFormat>,
+    pub identity: Option<Identity>,
+    pub join_token_file: Option<PathBuf>,
 }
+
+/// How long the proxy keeps trying an unreachable mesh CA at start before giving up.
+pub const CERTIFY_START_LIMIT: Duration = Duration::from_secs(30);
 
 /// Parses `spur proxy` arguments. Options that belong to features not built yet are refused
 /// with a clear message rather than ignored.
@@ -68,12 +79,24 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
             "--node" => out.node = Some(value("--node")?),
             "--group" => out.group = Some(value("--group")?),
             "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
-            "--identity" | "--join-token-file" => {
-                return Err(format!("{flag}: not supported yet"));
+            "--identity" => {
+                let v = value("--identity")?;
+                out.identity = Some(Identity::parse(&v).map_err(|e| format!("--identity: {e}"))?);
+            }
+            "--join-token-file" => {
+                out.join_token_file = Some(PathBuf::from(value("--join-token-file")?))
             }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
+    }
+    match (&out.identity, &out.join_token_file, &out.control) {
+        (Some(_), _, None) => {
+            return Err("--identity needs --control URL: the control plane is the mesh CA".into())
+        }
+        (Some(_), None, _) => return Err("--identity needs --join-token-file F".into()),
+        (None, Some(_), _) => return Err("--join-token-file goes with --identity".into()),
+        _ => {}
     }
     match &out.control {
         None => {
@@ -152,9 +175,46 @@ pub fn main(args: &[String]) -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
+    let join_token = match parsed
+        .join_token_file
+        .as_deref()
+        .map(spur_config::read_token_file)
+        .transpose()
+    {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("spur proxy: {e}");
+            return ExitCode::from(1);
+        }
+    };
     rt.block_on(async move {
+        // The certificate first: configs may name no TLS files and need it.
+        let identity = match (&parsed.identity, &parsed.control, &join_token) {
+            (Some(id), Some(url), Some(token)) => {
+                match WorkloadIdentity::obtain_with_retry(
+                    id.clone(),
+                    url,
+                    token,
+                    CERTIFY_START_LIMIT,
+                )
+                .await
+                {
+                    Ok(w) => Some(w),
+                    Err(e) => {
+                        tracing::error!(error = %e, "no workload certificate: cannot start");
+                        log::flush();
+                        eprintln!("spur proxy: {e}");
+                        return ExitCode::from(1);
+                    }
+                }
+            }
+            _ => None,
+        };
         let started = async {
             let proxy = Proxy::idle()?;
+            if let Some(w) = identity {
+                let _ = proxy.set_identity(w);
+            }
             if let Some(addr) = &parsed.admin {
                 proxy.pin_admin(addr).await?;
             }
@@ -260,6 +320,47 @@ mod tests {
         assert_eq!(
             parse_proxy_args(&args(&["--config", "a", "--group", "g"])).unwrap_err(),
             "--group goes with --control"
+        );
+    }
+
+    #[test]
+    fn identity_needs_the_control_plane_and_a_join_token() {
+        let base = ["--control", "http://c:7070", "--node", "n", "--group", "g"];
+        let with = |extra: &[&str]| {
+            let mut a: Vec<&str> = base.to_vec();
+            a.extend_from_slice(extra);
+            parse_proxy_args(&args(&a))
+        };
+        let ok = with(&[
+            "--identity",
+            "spiffe://td/ns/x/sa/y",
+            "--join-token-file",
+            "t",
+        ])
+        .unwrap();
+        assert_eq!(ok.identity.unwrap().as_str(), "spiffe://td/ns/x/sa/y");
+        assert!(with(&["--identity", "web", "--join-token-file", "t"])
+            .unwrap_err()
+            .starts_with("--identity: `web` is not a SPIFFE ID"));
+        assert_eq!(
+            with(&["--identity", "spiffe://td/a"]).unwrap_err(),
+            "--identity needs --join-token-file F"
+        );
+        assert_eq!(
+            with(&["--join-token-file", "t"]).unwrap_err(),
+            "--join-token-file goes with --identity"
+        );
+        assert_eq!(
+            parse_proxy_args(&args(&[
+                "--config",
+                "a",
+                "--identity",
+                "spiffe://td/a",
+                "--join-token-file",
+                "t"
+            ]))
+            .unwrap_err(),
+            "--identity needs --control URL: the control plane is the mesh CA"
         );
     }
 }

@@ -34,7 +34,7 @@ use spur_config::Config;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
@@ -49,6 +49,9 @@ pub struct Shared {
     pub dash: Arc<str>,
     /// Bounds mirrored copies in flight (see [`mirror`]).
     pub mirror_slots: Arc<tokio::sync::Semaphore>,
+    /// The certificate from the mesh CA that `tls` blocks naming no files use; set once,
+    /// before the first config ([`Proxy::set_identity`]).
+    pub identity: OnceLock<Arc<tls::WorkloadIdentity>>,
 }
 
 /// Why a config was not applied. The proxy keeps serving its previous config.
@@ -118,7 +121,8 @@ impl Proxy {
     pub fn idle() -> Result<Proxy, ApplyError> {
         let registry = Registry::default();
         let metrics = Metrics::new();
-        let snapshot = Snapshot::compile(Arc::new(Config::default()), 0, &registry, &metrics)?;
+        let snapshot =
+            Snapshot::compile(Arc::new(Config::default()), 0, &registry, &metrics, None)?;
         let shared = Arc::new(Shared {
             snapshot: ArcSwap::from_pointee(snapshot),
             registry,
@@ -126,6 +130,7 @@ impl Proxy {
             ready: AtomicBool::new(false),
             dash: "-".into(),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
+            identity: OnceLock::new(),
         });
         Ok(Proxy {
             shared,
@@ -164,6 +169,7 @@ impl Proxy {
             version,
             &self.shared.registry,
             &self.shared.metrics,
+            self.shared.identity.get(),
         )?;
         snap.carry_over_from(&old);
 
@@ -322,6 +328,22 @@ impl Proxy {
         running.admin_pinned = true;
         *self.admin_addr.lock().unwrap() = Some(addr);
         Ok(addr)
+    }
+
+    /// Gives the proxy its workload identity (`--identity`): `tls` blocks that name no files
+    /// present its certificate and trust the mesh CA. Set it before applying a config that
+    /// needs it; it cannot be replaced afterwards (it renews itself), so a second call
+    /// answers the identity back as an error.
+    pub fn set_identity(
+        &self,
+        identity: Arc<tls::WorkloadIdentity>,
+    ) -> Result<(), Arc<tls::WorkloadIdentity>> {
+        self.shared.identity.set(identity)
+    }
+
+    /// The proxy's workload identity, when it has one.
+    pub fn identity(&self) -> Option<&Arc<tls::WorkloadIdentity>> {
+        self.shared.identity.get()
     }
 
     /// The version of the config being served.

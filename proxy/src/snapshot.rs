@@ -13,7 +13,7 @@ use crate::policy::flags::CompiledFlag;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
-use crate::tls::{ClientTlsRt, ServerTls, TlsError};
+use crate::tls::{ClientTlsRt, ServerTls, TlsError, WorkloadIdentity};
 use crate::upstream::{Client, ClientKey};
 use arc_swap::ArcSwap;
 use http::HeaderName;
@@ -213,6 +213,7 @@ fn compile_cluster(
     i: usize,
     c: &spur_config::Cluster,
     registry: &Registry,
+    identity: Option<&Arc<WorkloadIdentity>>,
 ) -> Result<(ClusterRt, ClientKey), CompileError> {
     let mut endpoints = Vec::with_capacity(c.endpoints.len());
     for (k, ep) in c.endpoints.iter().enumerate() {
@@ -227,7 +228,7 @@ fn compile_cluster(
     // keeps that one current).
     let tls = match &c.tls {
         Some(t) => Some(Arc::new(
-            ClientTlsRt::load(&c.name, t, c.protocol)
+            ClientTlsRt::load_with(&c.name, t, c.protocol, identity)
                 .map_err(tls_error(format!("clusters[{i}]")))?,
         )),
         None => None,
@@ -282,6 +283,7 @@ impl Snapshot {
         version: u64,
         registry: &Registry,
         metrics: &crate::metrics::Metrics,
+        identity: Option<&Arc<WorkloadIdentity>>,
     ) -> Result<Snapshot, CompileError> {
         // Flags first: routes refer to them by index. BTreeMap order: sorted by name.
         let flags: Vec<FlagRt> = cfg
@@ -311,7 +313,7 @@ impl Snapshot {
         let mut clusters = HashMap::new();
         let mut client_keys = Vec::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
-            let (cluster, key) = compile_cluster(i, c, registry)?;
+            let (cluster, key) = compile_cluster(i, c, registry, identity)?;
             client_keys.push(key);
             clusters.insert(c.name.clone(), Arc::new(cluster));
         }
@@ -392,7 +394,7 @@ impl Snapshot {
             }
             let tls = match &l.tls {
                 Some(t) => Some(Arc::new(
-                    ServerTls::load(&l.name, t, l.protocol)
+                    ServerTls::load_with(&l.name, t, l.protocol, identity)
                         .map_err(tls_error(format!("listeners[{i}]")))?,
                 )),
                 None => None,

@@ -14,9 +14,14 @@
 //! pair (new certificate, old key) fails the key/certificate match, is not swapped in, and is
 //! retried on the next tick, by which time the writer has usually finished.
 //!
+//! A TLS setting that names no files uses the proxy's workload identity instead
+//! ([`Source::workload`]): its sources read the current certificate, key and mesh CA from
+//! memory, so a renewal changes their bytes and is picked up by the same poll and swap.
+//!
 //! The task holds only a `Weak` reference: when the snapshot that owns the TLS setting is
 //! replaced and dropped, the task ends on its next tick.
 
+use super::workload::{Material, WorkloadIdentity};
 use arc_swap::ArcSwap;
 use rustls::pki_types::pem::{self, PemObject};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
@@ -46,6 +51,10 @@ pub enum MaterialError {
     Pem { path: String, what: &'static str },
     #[error("{path}: {what}")]
     Invalid { path: String, what: String },
+    #[error("no file given and this proxy has no workload identity (start it with --identity)")]
+    NoIdentity,
+    #[error("cert and key go together")]
+    Paired,
 }
 
 /// A [`MaterialError`] and the config field it is about (`cert`, `key`, `client_ca`, `ca`,
@@ -66,11 +75,22 @@ impl TlsError {
     }
 }
 
-/// One file a TLS setting reads, and the config field that names it.
+/// Which part of the workload identity's material a [`Source`] reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Cert,
+    Key,
+    Ca,
+}
+
+/// One file a TLS setting reads, and the config field that names it; or, for a setting that
+/// names no files, one part of the workload identity.
 #[derive(Clone, Debug)]
 pub struct Source {
     pub field: &'static str,
+    /// The file; for the workload identity a description used in messages only.
     pub path: PathBuf,
+    workload: Option<(Arc<WorkloadIdentity>, Part)>,
 }
 
 impl Source {
@@ -78,10 +98,35 @@ impl Source {
         Source {
             field,
             path: path.into(),
+            workload: None,
         }
     }
 
-    fn read(&self) -> Result<Vec<u8>, TlsError> {
+    /// `part` of the workload identity's current material, in place of a file.
+    pub fn workload(field: &'static str, id: &Arc<WorkloadIdentity>, part: Part) -> Source {
+        let what = match part {
+            Part::Cert => "certificate",
+            Part::Key => "key",
+            Part::Ca => "mesh CA",
+        };
+        Source {
+            field,
+            path: format!("(workload identity {}: {what})", id.identity()).into(),
+            workload: Some((id.clone(), part)),
+        }
+    }
+
+    fn read(&self, material: &mut Option<Arc<Material>>) -> Result<Vec<u8>, TlsError> {
+        if let Some((id, part)) = &self.workload {
+            // One load per read of all sources, so certificate and key come from the same
+            // issue even when a renewal lands in between.
+            let m = material.get_or_insert_with(|| id.material());
+            return Ok(match part {
+                Part::Cert => m.cert_pem.clone(),
+                Part::Key => m.key_pem.clone(),
+                Part::Ca => m.ca_pem.clone(),
+            });
+        }
         std::fs::read(&self.path).map_err(|source| {
             TlsError::new(
                 self.field,
@@ -256,7 +301,8 @@ async fn poll<C: Send + Sync + 'static>(weak: Weak<Watched<C>>) {
 }
 
 fn read_all(sources: &[Source]) -> Result<Vec<Vec<u8>>, TlsError> {
-    sources.iter().map(Source::read).collect()
+    let mut material = None;
+    sources.iter().map(|s| s.read(&mut material)).collect()
 }
 
 fn fingerprint(files: &[Vec<u8>]) -> u64 {

@@ -12,6 +12,9 @@
 //! - A cluster with `tls` originates TLS ([`ClientTlsRt`]), presenting `cert`/`key` when
 //!   set, verifying the server against `ca` (or the system bundle) and, with
 //!   `expect_identities`, its SPIFFE ID instead of its DNS name.
+//! - A `tls` block that names no files uses the proxy's workload identity from the mesh CA
+//!   ([`WorkloadIdentity`]): it presents the workload certificate and trusts the mesh CA,
+//!   so a listener requires client certificates (mutual TLS) and a cluster presents one.
 //! - Every certificate, key and CA file is re-read when it changes ([`files`]): new
 //!   handshakes use the new material, established connections keep theirs.
 //!
@@ -25,12 +28,14 @@ pub mod files;
 mod identity;
 mod stream;
 mod verify;
+pub mod workload;
 
 pub use files::{MaterialError, TlsError, RELOAD_INTERVAL};
 pub use identity::{Identity, IdentityError};
 pub use stream::Stream;
+pub use workload::{CertifyError, WorkloadIdentity};
 
-use files::{Built, Source, Watched};
+use files::{Built, Part, Source, Watched};
 use rustls::client::danger::ServerCertVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
@@ -82,11 +87,24 @@ pub struct Accepted {
 }
 
 impl ServerTls {
-    /// Reads the files and builds the config; starts watching them for changes.
+    /// Reads the files and builds the config; starts watching them for changes. For a
+    /// proxy without a workload identity.
     pub fn load(
         listener: &str,
         cfg: &spur_config::ServerTls,
         protocol: ListenerProtocol,
+    ) -> Result<ServerTls, TlsError> {
+        ServerTls::load_with(listener, cfg, protocol, None)
+    }
+
+    /// [`ServerTls::load`]; without `cert`/`key` the listener presents `identity`'s
+    /// certificate, and then without `client_ca` it requires client certificates from the
+    /// mesh CA.
+    pub fn load_with(
+        listener: &str,
+        cfg: &spur_config::ServerTls,
+        protocol: ListenerProtocol,
+        identity: Option<&Arc<WorkloadIdentity>>,
     ) -> Result<ServerTls, TlsError> {
         let listener: Arc<str> = listener.into();
         let allow = parse_identities("allow_identities", &cfg.allow_identities)?;
@@ -95,9 +113,22 @@ impl ServerTls {
             ListenerProtocol::Tcp => Vec::new(),
             _ => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
         };
-        let mut sources = vec![Source::new("cert", &cfg.cert), Source::new("key", &cfg.key)];
-        if let Some(ca) = &cfg.client_ca {
-            sources.push(Source::new("client_ca", ca));
+        let mut sources = match (&cfg.cert, &cfg.key, identity) {
+            (Some(cert), Some(key), _) => vec![Source::new("cert", cert), Source::new("key", key)],
+            (None, None, Some(id)) => vec![
+                Source::workload("cert", id, Part::Cert),
+                Source::workload("key", id, Part::Key),
+            ],
+            (None, None, None) => return Err(TlsError::new("cert", MaterialError::NoIdentity)),
+            (Some(_), None, _) => return Err(TlsError::new("key", MaterialError::Paired)),
+            (None, Some(_), _) => return Err(TlsError::new("cert", MaterialError::Paired)),
+        };
+        match (&cfg.client_ca, identity) {
+            (Some(ca), _) => sources.push(Source::new("client_ca", ca)),
+            (None, Some(id)) if cfg.cert.is_none() => {
+                sources.push(Source::workload("client_ca", id, Part::Ca))
+            }
+            (None, _) => {}
         }
         let (src, who) = (sources.clone(), listener.clone());
         let handshake_allow = if checks_at_handshake {
@@ -192,14 +223,40 @@ pub struct ClientTlsRt {
 }
 
 impl ClientTlsRt {
-    /// Reads the files and builds the config; starts watching them for changes.
+    /// Reads the files and builds the config; starts watching them for changes. For a
+    /// proxy without a workload identity.
     pub fn load(
         cluster: &str,
         cfg: &spur_config::ClientTls,
         protocol: UpstreamProtocol,
     ) -> Result<ClientTlsRt, TlsError> {
+        ClientTlsRt::load_with(cluster, cfg, protocol, None)
+    }
+
+    /// [`ClientTlsRt::load`]; a block that names no files (no `ca`, `cert`, `key`) on a
+    /// proxy with a workload identity presents its certificate and trusts the mesh CA. (On
+    /// a proxy without one it verifies against the system CA bundle, as before: TLS to
+    /// services outside the mesh.)
+    pub fn load_with(
+        cluster: &str,
+        cfg: &spur_config::ClientTls,
+        protocol: UpstreamProtocol,
+        identity: Option<&Arc<WorkloadIdentity>>,
+    ) -> Result<ClientTlsRt, TlsError> {
         let cluster: Arc<str> = cluster.into();
         let expect = parse_identities("expect_identities", &cfg.expect_identities)?;
+        let no_files = cfg.ca.is_none() && cfg.cert.is_none() && cfg.key.is_none();
+        let workload = identity.filter(|_| no_files);
+        if workload.is_some() && expect.is_empty() {
+            // Mesh certificates name a SPIFFE ID only, no DNS name to check.
+            return Err(TlsError::new(
+                "expect_identities",
+                MaterialError::Invalid {
+                    path: "(none)".into(),
+                    what: "with the workload identity, list the SPIFFE IDs the servers may have (mesh certificates carry no DNS name)".into(),
+                },
+            ));
+        }
         let server_name = match &cfg.server_name {
             Some(n) => Some(ServerName::try_from(n.clone()).map_err(|_| {
                 TlsError::new(
@@ -212,10 +269,11 @@ impl ClientTlsRt {
             })?),
             None => None,
         };
-        let ca = match (&cfg.ca, files::system_ca_bundle()) {
-            (Some(ca), _) => Source::new("ca", ca),
-            (None, Some(system)) => Source::new("ca", system),
-            (None, None) => {
+        let ca = match (workload, &cfg.ca, files::system_ca_bundle()) {
+            (Some(id), _, _) => Source::workload("ca", id, Part::Ca),
+            (None, Some(ca), _) => Source::new("ca", ca),
+            (None, None, Some(system)) => Source::new("ca", system),
+            (None, None, None) => {
                 return Err(TlsError::new(
                     "ca",
                     MaterialError::Invalid {
@@ -225,11 +283,14 @@ impl ClientTlsRt {
                 ))
             }
         };
-        let system_roots = cfg.ca.is_none();
+        let system_roots = cfg.ca.is_none() && workload.is_none();
         let mut sources = vec![ca];
         if let (Some(cert), Some(key)) = (&cfg.cert, &cfg.key) {
             sources.push(Source::new("cert", cert));
             sources.push(Source::new("key", key));
+        } else if let Some(id) = workload {
+            sources.push(Source::workload("cert", id, Part::Cert));
+            sources.push(Source::workload("key", id, Part::Key));
         }
         let (src, label) = (sources.clone(), format!("cluster {cluster}"));
         let build = move |files: &[Vec<u8>]| -> Result<Built<ClientConfig>, TlsError> {

@@ -63,8 +63,8 @@ fn leaf(ca: &Ca, id: &str, serial: u64) -> (String, String) {
 
 fn server_cfg(cert: &str, key: &str, ca: Option<&str>) -> spur_config::ServerTls {
     spur_config::ServerTls {
-        cert: cert.into(),
-        key: key.into(),
+        cert: Some(cert.into()),
+        key: Some(key.into()),
         client_ca: ca.map(Into::into),
         allow_identities: vec![],
     }
