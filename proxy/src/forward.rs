@@ -610,14 +610,7 @@ fn classify_error(
     if let Some(tls) = upstream::tls_failure(&e) {
         let reason = tls.reason(crate::tls::Role::Client);
         tracing::debug!(cluster = &*cluster.name, reason, error = %tls, "upstream TLS handshake failed");
-        ctx.shared
-            .metrics
-            .upstream_tls_errors
-            .get_or_create(&ClusterReasonLabels {
-                cluster: cluster.name.clone(),
-                reason,
-            })
-            .inc();
+        ctx.shared.metrics.upstream_tls_error(&cluster.name, reason);
     }
     if e.is_connect() {
         Outcome::ConnectFailure

@@ -249,6 +249,16 @@ impl Metrics {
         out
     }
 
+    /// Counts a failed TLS handshake to an endpoint of `cluster`.
+    pub fn upstream_tls_error(&self, cluster: &Arc<str>, reason: &'static str) {
+        self.upstream_tls_errors
+            .get_or_create(&ClusterReasonLabels {
+                cluster: cluster.clone(),
+                reason,
+            })
+            .inc();
+    }
+
     /// Counts a config update: `applied` or `rejected`.
     pub fn count_update(&self, result: &'static str) {
         self.config_updates

@@ -10,7 +10,7 @@
 use crate::access::{self, Val};
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
-use crate::metrics::{ClusterReasonLabels, UpstreamLabels};
+use crate::metrics::UpstreamLabels;
 use crate::snapshot::{ClusterRt, ListenerRt};
 use crate::tls::{HandshakeError, Role, Stream};
 use crate::Shared;
@@ -108,14 +108,7 @@ async fn connect(
     handshake.map_err(|e| {
         let reason = e.reason(Role::Client);
         tracing::debug!(cluster = &*cluster.name, %addr, reason, error = %e, "upstream TLS handshake failed");
-        shared
-            .metrics
-            .upstream_tls_errors
-            .get_or_create(&ClusterReasonLabels {
-                cluster: cluster.name.clone(),
-                reason,
-            })
-            .inc();
+        shared.metrics.upstream_tls_error(&cluster.name, reason);
         "upstream_tls"
     })
 }
