@@ -780,3 +780,63 @@ clusters:
     assert_eq!(get(web, "/", &[]).await.header("x-backend"), Some("app"));
     proxy.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_upload_is_never_forwarded_short() {
+    let hits = Arc::new(AtomicU64::new(0));
+    let h = hits.clone();
+    let app = backend(move |_req| {
+        h.fetch_add(1, Ordering::Relaxed);
+        async { Response::new(Full::new(Bytes::new())) }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - {{ match: {{ path_prefix: / }}, cluster: app, retry: {{ attempts: 2, retry_on: ["503"] }} }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        let mut s = tokio::net::TcpStream::connect(web).await.unwrap();
+        // Promises 1000 bytes, sends 10, then goes away.
+        s.write_all(b"POST /pay HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\n0123456789")
+            .await
+            .unwrap();
+        s.shutdown().await.unwrap();
+    }
+    assert!(
+        eventually(Duration::from_secs(3), || async {
+            metric(
+                admin,
+                "spur_requests_total",
+                &[
+                    ("listener", "web"),
+                    ("route", "web#0"),
+                    ("cluster", "app"),
+                    ("code", "400"),
+                ],
+            )
+            .await
+                == 1.0
+        })
+        .await,
+        "the broken upload is answered 400"
+    );
+    assert_eq!(
+        hits.load(Ordering::Relaxed),
+        0,
+        "the upstream never saw a truncated request"
+    );
+    proxy.shutdown().await;
+}

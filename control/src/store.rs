@@ -168,10 +168,13 @@ impl Store {
             f.sync_all().map_err(|e| io_err(&tmp, e))?;
         }
         fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
-        // The rename is durable only once the directory entry is.
-        fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(|e| io_err(&dir, e))?;
+        // The rename is durable only once the directory entry is. If that cannot be made
+        // sure, the version is not acknowledged: remove it so the number is not reused
+        // for a different config after a crash.
+        if let Err(e) = fs::File::open(&dir).and_then(|d| d.sync_all()) {
+            let _ = fs::remove_file(&dest);
+            return Err(io_err(&dir, e));
+        }
         self.groups
             .lock()
             .unwrap()

@@ -233,7 +233,7 @@ pub fn main(args: &[String]) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        let _source = match parsed.control {
+        let source = match parsed.control {
             Some(url) => {
                 let src = reload::ControlSource {
                     url,
@@ -248,6 +248,8 @@ pub fn main(args: &[String]) -> ExitCode {
             }
         };
         wait_for_signal().await;
+        // No config may arrive while draining.
+        source.abort();
         tracing::info!("shutting down: draining in-flight requests");
         proxy.shutdown().await;
         tracing::info!("stopped");

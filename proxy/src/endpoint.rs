@@ -124,6 +124,18 @@ impl EndpointState {
         self.ewma.lock().unwrap().estimate_ns(Instant::now()) / 1e6
     }
 
+    pub fn set_weight(&self, w: u32) {
+        self.weight.store(w, Ordering::Relaxed);
+    }
+
+    /// Forgets any ejection (the cluster no longer has a circuit breaker).
+    pub fn reset_breaker(&self) {
+        if self.open.load(Ordering::Relaxed) {
+            *self.breaker.lock().unwrap() = Breaker::new(Instant::now());
+            self.open.store(false, Ordering::Relaxed);
+        }
+    }
+
     pub fn weight_now(&self) -> u32 {
         self.weight.load(Ordering::Relaxed)
     }
@@ -188,14 +200,13 @@ pub struct Registry {
 impl Registry {
     /// The state of endpoint `addr` of `cluster`: the existing one if a snapshot still holds
     /// it, else a new one. The weight is updated to the config's.
-    pub fn endpoint(&self, cluster: &str, addr: SocketAddr, weight: u32) -> Arc<EndpointState> {
+    pub fn endpoint(&self, cluster: &str, addr: SocketAddr) -> Arc<EndpointState> {
         let mut map = self.endpoints.lock().unwrap();
         let key = (cluster.to_string(), addr);
         if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
-            existing.weight.store(weight, Ordering::Relaxed);
             return existing;
         }
-        let state = Arc::new(EndpointState::new(addr, weight));
+        let state = Arc::new(EndpointState::new(addr, 1));
         map.insert(key, Arc::downgrade(&state));
         state
     }

@@ -55,6 +55,8 @@ pub struct ConnCtx {
     pub guard: Arc<crate::adapters::listener::ConnGuard>,
     pub activity: crate::adapters::idle::Activity,
     pub idle_timeout: Duration,
+    /// Turns true when the listener drains; an upgraded tunnel then gets the drain timeout.
+    pub drain: tokio::sync::watch::Receiver<bool>,
     /// The SPIFFE ID of the verified mTLS peer: in the access log, and sent upstream in
     /// `x-spur-peer-identity`.
     pub peer_identity: Option<Arc<str>>,
@@ -219,8 +221,10 @@ async fn proxy(
                         Some(ex),
                     );
                 }
+                // Waiting for a slot spends the request's own time, not a fresh timeout.
                 let wait = route
                     .and_then(|r| r.timeout)
+                    .map(|t| (ex.start + t).saturating_duration_since(Instant::now()))
                     .unwrap_or(Duration::from_secs(3600));
                 match tokio::time::timeout(wait, limits.slots.clone().acquire_owned()).await {
                     Ok(Ok(p)) => p,
@@ -302,6 +306,9 @@ async fn proxy(
         Some(limit) => match upstream::buffer(body, limit, ex.bytes_received.clone()).await {
             Buffered::Whole(data, trailers) => replay = Some((data, trailers)),
             Buffered::Stream(b) => first_body = Some(b),
+            Buffered::Broken => {
+                return local_response(StatusCode::BAD_REQUEST, "bad_request", id_header, Some(ex));
+            }
         },
         None => first_body = Some(ReqBody::counted(body, ex.bytes_received.clone())),
     }
@@ -329,6 +336,9 @@ async fn proxy(
         ex.mirror = tx.map(|tx| (tx, mirror::BodyHash::default()));
     }
 
+    if deadline.is_some_and(|d| Instant::now() >= d) {
+        return local_response(StatusCode::GATEWAY_TIMEOUT, "timeout", id_header, Some(ex));
+    }
     let mut attempt: u32 = 1;
     let mut exclude: Option<usize> = None;
     let result = loop {
@@ -395,8 +405,13 @@ async fn proxy(
         record(ctx, &cluster, &members, &endpoint, outcome, sent.elapsed());
 
         let whole_request_over = deadline.is_some_and(|d| Instant::now() >= d);
-        let may_retry =
-            retry.is_some_and(|r| r.policy.retryable(outcome, attempt)) && !whole_request_over;
+        // The pause before a retry; a retry whose pause alone reaches the deadline is not
+        // made, so the client gets this answer rather than a 504.
+        let pause = retry.map(|r| r.policy.backoff(attempt)).unwrap_or_default();
+        let fits = deadline.is_none_or(|d| Instant::now() + pause < d);
+        let may_retry = retry.is_some_and(|r| r.policy.retryable(outcome, attempt))
+            && !whole_request_over
+            && fits;
         if may_retry {
             let r = retry.expect("checked");
             if !retry_replayable {
@@ -425,13 +440,8 @@ async fn proxy(
                         reason: outcome.reason(),
                     })
                     .inc();
-                let pause = r.policy.backoff(attempt);
-                let wake = earliest(Some(Instant::now() + pause), deadline).expect("some");
                 drop(outcome_resp);
-                tokio::time::sleep_until(wake.into()).await;
-                if deadline.is_some_and(|d| Instant::now() >= d) {
-                    break TryResult::Failed(Outcome::Timeout, true);
-                }
+                tokio::time::sleep(pause).await;
                 attempt += 1;
                 exclude = Some(idx);
                 continue;
@@ -480,12 +490,14 @@ async fn proxy(
                 resp.headers_mut().insert(header::UPGRADE, proto);
                 let upstream = hyper::upgrade::on(&mut resp);
                 ex.upgraded = true;
+                let drained = crate::adapters::idle::drained(ctx.drain.clone(), snap.drain_timeout);
                 tokio::spawn(tunnel(
                     downstream,
                     upstream,
                     ctx.guard.clone(),
                     ctx.activity.clone(),
                     ctx.idle_timeout,
+                    drained,
                 ));
             }
             _ => {
@@ -719,6 +731,7 @@ async fn tunnel(
     _guard: Arc<crate::adapters::listener::ConnGuard>,
     activity: crate::adapters::idle::Activity,
     idle_timeout: Duration,
+    drained: impl std::future::Future<Output = ()>,
 ) {
     let (d, u) = match tokio::try_join!(downstream, upstream) {
         Ok(pair) => pair,
@@ -736,5 +749,6 @@ async fn tunnel(
             }
         }
         _ = activity.idle_for(idle_timeout) => tracing::debug!("upgraded connection idle timeout"),
+        _ = drained => tracing::debug!("upgraded connection closed: drain timeout"),
     }
 }

@@ -225,9 +225,18 @@ impl Proxy {
             _ => None,
         };
 
+        // First DNS answers for clusters that have none yet, before any request can see
+        // them (one after another, each bounded by its own timeout).
+        for c in snap.clusters.values() {
+            if c.dns.is_some() && c.members.load().endpoints.is_empty() {
+                adapters::dns::refresh(&self.shared, c).await;
+            }
+        }
+
         // Swap: from here on, new requests see the new config.
         let snap = Arc::new(snap);
         self.shared.snapshot.store(snap.clone());
+        snap.settle();
         self.shared.metrics.config_version.set(version as i64);
         start_background(&self.shared, &snap).await;
 
@@ -384,14 +393,10 @@ impl Proxy {
     }
 }
 
-/// Starts what a snapshot needs besides requests: the first DNS answers (awaited, so
-/// traffic does not start against empty clusters), DNS refreshes and health checks.
+/// Starts what a snapshot needs besides requests: DNS refreshes and health checks.
 async fn start_background(shared: &Arc<Shared>, snap: &Snapshot) {
     for cluster in snap.clusters.values() {
         if cluster.dns.is_some() {
-            if cluster.members.load().endpoints.is_empty() {
-                adapters::dns::refresh(shared, cluster).await;
-            }
             adapters::dns::spawn(shared.clone(), cluster);
         }
         adapters::health::spawn(shared.clone(), cluster);

@@ -116,10 +116,10 @@ async fn watch_once(
         .map_err(|e| e.to_string())?;
     if resp.status() != StatusCode::OK {
         let status = resp.status();
-        let body = resp
-            .into_body()
-            .collect()
+        let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
             .await
+            .ok()
+            .and_then(Result::ok)
             .map(|b| b.to_bytes())
             .unwrap_or_default();
         return Err(format!(
@@ -158,42 +158,69 @@ async fn watch_once(
             if text.trim().is_empty() {
                 continue; // heartbeat
             }
-            handle_line(proxy, client, src, text.trim(), seen).await;
+            handle_line(proxy, client, src, text.trim(), seen).await?;
         }
     }
 }
 
+/// Applies one pushed version and reports the outcome. `Err` asks the caller to reconnect
+/// later and get the same version again: it failed for a reason that may pass (a port
+/// still held by the previous process), unlike an invalid config, which is final.
 async fn handle_line(
     proxy: &Arc<Proxy>,
     client: &HttpClient,
     src: &ControlSource,
     line: &str,
     seen: &mut u64,
-) {
+) -> Result<(), String> {
     let pushed: Pushed = match serde_json::from_str(line) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "unreadable line from the control plane");
-            return;
+            return Ok(());
         }
     };
     if pushed.version <= *seen {
-        return; // already applied or rejected
+        return Ok(()); // already applied or rejected
     }
-    *seen = pushed.version;
     let result = match serde_json::from_value::<Config>(pushed.config) {
-        Ok(cfg) => proxy
-            .apply(cfg, pushed.version)
-            .await
-            .map_err(|e| e.to_string()),
+        Ok(cfg) => proxy.apply(cfg, pushed.version).await,
         Err(e) => {
             proxy.shared.metrics.count_update("rejected");
-            Err(format!("config does not parse: {e}"))
+            *seen = pushed.version;
+            let e = format!("config does not parse: {e}");
+            report(client, src, proxy.version(), Some((pushed.version, e))).await;
+            return Ok(());
         }
     };
     match result {
-        Ok(()) => report(client, src, pushed.version, None).await,
-        Err(e) => report(client, src, proxy.version(), Some((pushed.version, e))).await,
+        Ok(()) => {
+            *seen = pushed.version;
+            report(client, src, pushed.version, None).await;
+            Ok(())
+        }
+        Err(e @ crate::ApplyError::Bind { .. }) => {
+            let e = format!("{e} (will retry)");
+            report(
+                client,
+                src,
+                proxy.version(),
+                Some((pushed.version, e.clone())),
+            )
+            .await;
+            Err(e)
+        }
+        Err(e) => {
+            *seen = pushed.version;
+            report(
+                client,
+                src,
+                proxy.version(),
+                Some((pushed.version, e.to_string())),
+            )
+            .await;
+            Ok(())
+        }
     }
 }
 

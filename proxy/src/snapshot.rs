@@ -123,11 +123,14 @@ pub struct BreakerRt {
 pub struct Members {
     pub endpoints: Vec<Arc<EndpointState>>,
     pub balancer: Balancer,
+    /// The configured weight of each endpoint.
+    pub weights: Vec<u32>,
 }
 
 impl Members {
-    pub fn build(lb: LbPolicy, endpoints: Vec<Arc<EndpointState>>) -> Members {
-        let weights: Vec<u32> = endpoints.iter().map(|e| e.weight_now()).collect();
+    /// `weights` are the config's, one per endpoint (the endpoints' live weights change
+    /// only when a snapshot is applied, see [`Snapshot::settle`]).
+    pub fn build(lb: LbPolicy, endpoints: Vec<Arc<EndpointState>>, weights: Vec<u32>) -> Members {
         let balancer = match lb {
             LbPolicy::RoundRobin => Balancer::round_robin(&weights),
             LbPolicy::LeastRequest => Balancer::LeastRequest,
@@ -140,6 +143,7 @@ impl Members {
         Members {
             endpoints,
             balancer,
+            weights,
         }
     }
 }
@@ -221,7 +225,7 @@ fn compile_cluster(
             path: format!("clusters[{i}].endpoints[{k}]"),
             message: format!("`{}` is not an IP address with a port", ep.address()),
         })?;
-        endpoints.push(registry.endpoint(&c.name, addr, ep.weight()));
+        endpoints.push(registry.endpoint(&c.name, addr));
     }
     // Read on every compile, so that a missing or broken file rejects the config; the pooled
     // client keeps the TLS it was built with when the settings are the same (its own watcher
@@ -244,7 +248,11 @@ fn compile_cluster(
         name: c.name.as_str().into(),
         protocol: c.protocol,
         lb: c.lb,
-        members: ArcSwap::from_pointee(Members::build(c.lb, endpoints)),
+        members: ArcSwap::from_pointee(Members::build(
+            c.lb,
+            endpoints,
+            c.endpoints.iter().map(|e| e.weight()).collect(),
+        )),
         client,
         connect_timeout: c.connect_timeout.get(),
         breaker: c.circuit_breaker.map(|cb| BreakerRt {
@@ -265,6 +273,21 @@ fn compile_cluster(
 }
 
 impl Snapshot {
+    /// Once this snapshot is the one serving: endpoints take its weights, and endpoints of
+    /// clusters without a circuit breaker lose any ejection left from an earlier config.
+    /// (Done after the swap, so a rejected config changes nothing.)
+    pub fn settle(&self) {
+        for c in self.clusters.values() {
+            let members = c.members.load();
+            for (e, w) in members.endpoints.iter().zip(&members.weights) {
+                e.set_weight(*w);
+                if c.breaker.is_none() {
+                    e.reset_breaker();
+                }
+            }
+        }
+    }
+
     /// Takes over what the previous snapshot learned at run time: the current DNS answers
     /// of `dns:` clusters that still resolve the same name (so a push never empties them).
     pub fn carry_over_from(&self, old: &Snapshot) {

@@ -144,6 +144,8 @@ pub enum Buffered {
     Whole(Bytes, Option<HeaderMap>),
     /// Too large (or failed to read): stream it, once.
     Stream(ReqBody),
+    /// The client's body broke off while being read: the request must not go upstream.
+    Broken,
 }
 
 /// Reads up to `max` bytes of `body` so the request can be retried; a longer body (by its
@@ -179,7 +181,7 @@ pub async fn buffer(mut body: Incoming, max: u64, counter: Arc<AtomicU64>) -> Bu
             },
             // The client's body broke: send what there is; the upstream sees a short body
             // and the exchange fails as it would have without buffering.
-            Some(Err(_)) => return Buffered::Stream(ReqBody::Replay(Some(buf.freeze()), None)),
+            Some(Err(_)) => return Buffered::Broken,
         }
     }
 }

@@ -49,13 +49,14 @@ pub async fn refresh(shared: &Shared, cluster: &ClusterRt) {
     if same {
         return;
     }
-    let endpoints = addrs
+    let endpoints: Vec<_> = addrs
         .iter()
-        .map(|a| shared.registry.endpoint(&cluster.name, *a, 1))
+        .map(|a| shared.registry.endpoint(&cluster.name, *a))
         .collect();
+    let weights = vec![1; endpoints.len()];
     cluster
         .members
-        .store(Arc::new(Members::build(cluster.lb, endpoints)));
+        .store(Arc::new(Members::build(cluster.lb, endpoints, weights)));
     tracing::info!(
         cluster = &*cluster.name,
         target = target.as_str(),

@@ -121,3 +121,13 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
     }
 }
+
+/// Completes `drain_timeout` after `drain` turns true: how long a connection that cannot be
+/// closed gracefully (raw TCP, an upgraded tunnel) may still run once draining starts.
+pub async fn drained(mut drain: tokio::sync::watch::Receiver<bool>, drain_timeout: Duration) {
+    if drain.wait_for(|d| *d).await.is_err() {
+        // The listener task is gone without draining (the process is exiting).
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(drain_timeout).await;
+}

@@ -168,6 +168,7 @@ async fn serve_http_conn(
         guard: Arc::new(guard),
         activity: activity.clone(),
         idle_timeout: lst.limits.idle_timeout.get(),
+        drain: shutdown.clone(),
         peer_identity,
         tls: down.session,
     });

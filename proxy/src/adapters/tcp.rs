@@ -25,7 +25,7 @@ pub(crate) async fn serve_conn(
     lst: Arc<ListenerRt>,
     client: TcpStream,
     peer: SocketAddr,
-    _shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
     let start = Instant::now();
@@ -76,6 +76,7 @@ pub(crate) async fn serve_conn(
     let result = tokio::select! {
         r = tokio::io::copy_bidirectional(&mut client, &mut up) => r.map_err(|e| e.to_string()),
         _ = activity.idle_for(idle) => Err("idle_timeout".to_string()),
+        _ = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout) => Err("drain_timeout".to_string()),
     };
     count(&shared, &cluster.name, &endpoint.label, 200);
     let (bytes, error) = match &result {
