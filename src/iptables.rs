@@ -25,9 +25,8 @@
 //! listener and the same exclusions as a connection from another pod. The proxy's
 //! connection to the application at 127.0.0.1 is left alone, or it would loop.
 //!
-//! REDIRECT rewrites the destination, so the proxy needs SO_ORIGINAL_DST to learn where a
-//! connection was going; routing on it (`original_dst`) is not built yet, so today the
-//! inbound listener forwards to one local port and the outbound listener routes by Host.
+//! REDIRECT rewrites the destination, so the proxy reads SO_ORIGINAL_DST to learn where a
+//! connection was going: listeners with `original_dst: true` route by it (docs/config.md).
 //! IPv4 only: IPv6 traffic of a dual-stack pod is not intercepted.
 //!
 //! A re-run (an init container can run again in the same pod sandbox) replaces the SPUR

@@ -18,9 +18,6 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         if l.alt_svc_h3.is_some() {
             e.push(format!("{p}.alt_svc_h3"), NOT_YET);
         }
-        if l.original_dst {
-            e.push(format!("{p}.original_dst"), NOT_YET);
-        }
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
         let p = format!("clusters[{i}]");

@@ -182,7 +182,6 @@ listeners:
     listen: 127.0.0.1:1
     cluster: c
     alt_svc_h3: 8443
-    original_dst: true
   - name: q
     listen: 127.0.0.1:2
     protocol: http3
@@ -202,7 +201,6 @@ clusters:
     );
     for expected in [
         "listeners[0].alt_svc_h3: not supported yet",
-        "listeners[0].original_dst: not supported yet",
         "listeners[1].protocol: http3: not supported yet",
         "clusters[1].k8s: not supported yet",
         "clusters[2].protocol: http3: not supported yet",
@@ -210,7 +208,35 @@ clusters:
     ] {
         assert_has(&errs, expected);
     }
-    assert_eq!(errs.len(), 6, "{errs:#?}");
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+}
+
+#[test]
+fn original_dst_listeners_need_no_cluster() {
+    let yaml = r#"
+listeners:
+  - name: out
+    listen: 127.0.0.1:15001
+    original_dst: true
+  - name: raw
+    listen: 127.0.0.1:15002
+    protocol: tcp
+    original_dst: true
+clusters:
+  - name: c
+    endpoints: ["10.0.0.1:8080"]
+"#;
+    assert_eq!(errors_of(yaml), Vec::<String>::new());
+    let without = yaml.replace("    original_dst: true\n", "");
+    let errs = errors_of(&without);
+    assert_has(
+        &errs,
+        "listeners[0]: an http listener needs routes, a default cluster or original_dst",
+    );
+    assert_has(
+        &errs,
+        "listeners[1].cluster: a tcp listener needs a cluster",
+    );
 }
 
 #[test]

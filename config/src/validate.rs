@@ -65,7 +65,8 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
         }
         match l.protocol {
             ListenerProtocol::Tcp => {
-                if l.cluster.is_none() {
+                // With original_dst the cluster owning the destination is enough.
+                if l.cluster.is_none() && !l.original_dst {
                     e.push(format!("{p}.cluster"), "a tcp listener needs a cluster");
                 }
                 if !l.routes.is_empty() {
@@ -76,8 +77,11 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
                 }
             }
             ListenerProtocol::Http | ListenerProtocol::Http3 => {
-                if l.cluster.is_none() && l.routes.is_empty() {
-                    e.push(&p, "an http listener needs routes or a default cluster");
+                if l.cluster.is_none() && l.routes.is_empty() && !l.original_dst {
+                    e.push(
+                        &p,
+                        "an http listener needs routes, a default cluster or original_dst",
+                    );
                 }
             }
         }

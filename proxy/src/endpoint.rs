@@ -57,9 +57,13 @@ impl EndpointState {
             && (!self.open.load(Ordering::Relaxed) || self.breaker.lock().unwrap().available(now))
     }
 
-    /// Claims a request slot from the breaker (the single probe while half-open).
-    pub fn try_acquire(&self, now: Instant) -> bool {
-        !self.open.load(Ordering::Relaxed) || self.breaker.lock().unwrap().acquire(now)
+    /// Claims a request slot from the breaker: `None` when refused, `Some(true)` when this
+    /// request is the single probe of a half-open breaker.
+    pub fn try_acquire(&self, now: Instant) -> Option<bool> {
+        if !self.open.load(Ordering::Relaxed) {
+            return Some(false);
+        }
+        self.breaker.lock().unwrap().acquire(now)
     }
 
     pub fn is_ejected(&self) -> bool {
@@ -77,11 +81,12 @@ impl EndpointState {
         failed: bool,
         settings: &breaker::Settings,
         may_eject: impl FnOnce() -> bool,
+        probe: bool,
     ) -> Transition {
         let now = Instant::now();
         let mut b = self.breaker.lock().unwrap();
         let may = failed && !b.is_ejected() && may_eject_needed(&b, settings) && may_eject();
-        let t = b.record(failed, now, settings, may);
+        let t = b.record(failed, now, settings, may, probe);
         self.open.store(b.is_ejected(), Ordering::Relaxed);
         t
     }
@@ -102,10 +107,14 @@ impl EndpointState {
         }
     }
 
-    /// Counts a request in flight until the guard is dropped.
-    pub fn start(self: &Arc<Self>) -> InFlight {
+    /// Counts a request in flight until the guard is dropped; `probe` as returned by
+    /// [`EndpointState::try_acquire`].
+    pub fn start(self: &Arc<Self>, probe: bool) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight {
+            endpoint: self.clone(),
+            probe,
+        }
     }
 
     /// Records how long the endpoint took to answer (or fail).
@@ -163,14 +172,19 @@ impl Candidate for Arc<EndpointState> {
 }
 
 /// A request in flight to an endpoint; dropping it ends the count.
-pub struct InFlight(pub Arc<EndpointState>);
+pub struct InFlight {
+    pub endpoint: Arc<EndpointState>,
+    /// This request holds the half-open probe slot.
+    pub probe: bool,
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        if self.0.open.load(Ordering::Relaxed) {
-            // A probe that ended without a verdict (the client went away) frees the slot.
-            self.0.breaker.lock().unwrap().release();
+        self.endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
+        if self.probe {
+            // A probe that ended without a verdict (the client went away) frees the slot;
+            // after a verdict the breaker is no longer half-open and this does nothing.
+            self.endpoint.breaker.lock().unwrap().release();
         }
     }
 }

@@ -100,7 +100,7 @@ impl Exchange {
         if !access::enabled() {
             return;
         }
-        let endpoint = self.endpoint.as_ref().map_or(DASH, |e| &e.0.label);
+        let endpoint = self.endpoint.as_ref().map_or(DASH, |e| &e.endpoint.label);
         access::emit(
             "access",
             &[

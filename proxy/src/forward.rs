@@ -50,6 +50,9 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// Where the connection was going before an iptables redirect, on `original_dst`
+    /// listeners (the local address when it was not redirected); `None` elsewhere.
+    pub original_dst: Option<SocketAddr>,
     /// The connection's place in its listener's accounting (active count, drain). An
     /// upgraded connection outlives hyper's connection task, so its tunnel holds this too.
     pub guard: Arc<crate::adapters::listener::ConnGuard>,
@@ -174,8 +177,13 @@ async fn proxy(
             weights,
             total,
         }) => choose_split(clusters, weights, *total, hash_key.as_deref()),
-        None => match &lst.default_cluster {
-            Some(c) => c.clone(),
+        // Transparent mode: no route matched, so the cluster owning the original destination.
+        None => match ctx
+            .original_dst
+            .and_then(|a| snap.cluster_for_addr(a))
+            .or_else(|| lst.default_cluster.clone())
+        {
+            Some(c) => c,
             None => return local_response(StatusCode::NOT_FOUND, "no_route", id_header, Some(ex)),
         },
     };
@@ -353,19 +361,19 @@ async fn proxy(
             else {
                 break None;
             };
-            if members.endpoints[i].try_acquire(now) {
-                break Some(i);
+            if let Some(probe) = members.endpoints[i].try_acquire(now) {
+                break Some((i, probe));
             }
             if skip == Some(i) {
                 break None;
             }
             skip = Some(i);
         };
-        let Some(idx) = picked else {
+        let Some((idx, probe)) = picked else {
             break TryResult::NoEndpoint;
         };
         let endpoint = members.endpoints[idx].clone();
-        ex.endpoint = Some(endpoint.start());
+        ex.endpoint = Some(endpoint.start(probe));
 
         let mut try_parts = match (&replay, attempt) {
             (None, _) => std::mem::replace(&mut parts, Request::new(()).into_parts().0),
@@ -402,7 +410,15 @@ async fn proxy(
             Ok(r) => Outcome::Status(r.status().as_u16()),
             Err(o) => *o,
         };
-        record(ctx, &cluster, &members, &endpoint, outcome, sent.elapsed());
+        record(
+            ctx,
+            &cluster,
+            &members,
+            &endpoint,
+            outcome,
+            sent.elapsed(),
+            probe,
+        );
 
         let whole_request_over = deadline.is_some_and(|d| Instant::now() >= d);
         // The pause before a retry; a retry whose pause alone reaches the deadline is not
@@ -648,6 +664,7 @@ fn record(
     endpoint: &Arc<EndpointState>,
     outcome: Outcome,
     rtt: Duration,
+    probe: bool,
 ) {
     let failed = outcome.is_failure();
     endpoint.observe(rtt, failed);
@@ -665,7 +682,7 @@ fn record(
         })
         .inc();
     if let Some(b) = &cluster.breaker {
-        match endpoint.record(failed, &b.settings, || cluster.may_eject(members)) {
+        match endpoint.record(failed, &b.settings, || cluster.may_eject(members), probe) {
             Transition::Ejected => {
                 tracing::warn!(
                     cluster = &*cluster.name,

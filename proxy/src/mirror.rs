@@ -151,7 +151,10 @@ async fn send(
         .pick(&members.endpoints, None, now, None)
         .ok_or(())?;
     let endpoint = members.endpoints[idx].clone();
-    let _in_flight = endpoint.start();
+    // Copies respect an ejection like any request; a copy holding the probe slot frees it
+    // when done (it reports no verdict).
+    let probe = endpoint.try_acquire(now).ok_or(())?;
+    let _in_flight = endpoint.start(probe);
     head.uri = Uri::builder()
         .scheme(cluster.scheme())
         .authority(endpoint.authority.clone())

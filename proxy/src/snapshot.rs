@@ -34,6 +34,12 @@ pub struct Snapshot {
     pub drain_timeout: Duration,
     /// Every flag, sorted by name; routes and requests refer to them by index.
     pub flags: Vec<FlagRt>,
+    /// `original_dst` routing: each static endpoint address (ip:port) to the cluster that
+    /// lists it (the first in config order, when several do). `dns:` clusters are matched
+    /// at request time against their current answers, see [`Snapshot::cluster_for_addr`].
+    pub by_addr: HashMap<SocketAddr, Arc<ClusterRt>>,
+    /// The `dns:` clusters, in config order, for that scan.
+    pub dns_clusters: Vec<Arc<ClusterRt>>,
 }
 
 pub struct FlagRt {
@@ -63,6 +69,8 @@ pub struct ListenerRt {
     pub tls: Option<Arc<ServerTls>>,
     /// Keep `x-spur-flags` from any client (it is always kept from an mTLS peer).
     pub trust_incoming_flags: bool,
+    /// Transparent mode: read each connection's original destination and route by it.
+    pub original_dst: bool,
 }
 
 pub struct RouteRt {
@@ -273,6 +281,26 @@ fn compile_cluster(
 }
 
 impl Snapshot {
+    /// The cluster that owns `addr` (an original destination): a static endpoint with that
+    /// exact ip:port, else a `dns:` cluster whose current answers include it. `None` for an
+    /// address no cluster knows: such connections are never forwarded to it as is.
+    pub fn cluster_for_addr(&self, addr: SocketAddr) -> Option<Arc<ClusterRt>> {
+        let addr = canonical(addr);
+        if let Some(c) = self.by_addr.get(&addr) {
+            return Some(c.clone());
+        }
+        self.dns_clusters
+            .iter()
+            .find(|c| {
+                c.members
+                    .load()
+                    .endpoints
+                    .iter()
+                    .any(|e| canonical(e.addr) == addr)
+            })
+            .cloned()
+    }
+
     /// Once this snapshot is the one serving: endpoints take its weights, and endpoints of
     /// clusters without a circuit breaker lose any ejection left from an earlier config.
     /// (Done after the swap, so a rejected config changes nothing.)
@@ -335,10 +363,21 @@ impl Snapshot {
         let flag_index = |name: &str| flags.iter().position(|f| &*f.name == name);
         let mut clusters = HashMap::new();
         let mut client_keys = Vec::new();
+        let mut by_addr = HashMap::new();
+        let mut dns_clusters = Vec::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
             let (cluster, key) = compile_cluster(i, c, registry, identity)?;
             client_keys.push(key);
-            clusters.insert(c.name.clone(), Arc::new(cluster));
+            let cluster = Arc::new(cluster);
+            if cluster.dns.is_some() {
+                dns_clusters.push(cluster.clone());
+            }
+            for e in &cluster.members.load().endpoints {
+                by_addr
+                    .entry(canonical(e.addr))
+                    .or_insert_with(|| cluster.clone());
+            }
+            clusters.insert(c.name.clone(), cluster);
         }
         let cluster = |path: String, name: &str| {
             clusters.get(name).cloned().ok_or_else(|| CompileError {
@@ -434,6 +473,7 @@ impl Snapshot {
                     default_route_name: "default".into(),
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
+                    original_dst: l.original_dst,
                 }),
             );
         }
@@ -456,6 +496,60 @@ impl Snapshot {
             clusters,
             correlation,
             flags,
+            by_addr,
+            dns_clusters,
         })
+    }
+}
+
+/// An IPv4-mapped IPv6 address as plain IPv4, and no flow info or scope: the form both
+/// sides of an original-destination lookup are compared in.
+fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => SocketAddr::new((*v6.ip()).into(), v6.port()),
+        },
+        v4 => v4,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn original_destinations_map_to_the_cluster_listing_them() {
+        let cfg = spur_config::load(
+            r#"
+listeners:
+  - name: out
+    listen: 127.0.0.1:0
+    original_dst: true
+clusters:
+  - name: a
+    endpoints: ["10.0.0.1:8080", "10.0.0.2:8080"]
+  - name: b
+    endpoints: ["10.0.0.2:8080", "10.0.0.3:9090"]
+"#,
+            Some("c.yaml"),
+        )
+        .unwrap();
+        let registry = Registry::default();
+        let metrics = crate::metrics::Metrics::new();
+        let snap = Snapshot::compile(Arc::new(cfg), 1, &registry, &metrics, None).unwrap();
+        let owner = |a: &str| {
+            snap.cluster_for_addr(a.parse().unwrap())
+                .map(|c| c.name.to_string())
+        };
+        assert_eq!(owner("10.0.0.1:8080").as_deref(), Some("a"));
+        // Listed twice: the first cluster in the file owns it.
+        assert_eq!(owner("10.0.0.2:8080").as_deref(), Some("a"));
+        assert_eq!(owner("10.0.0.3:9090").as_deref(), Some("b"));
+        assert_eq!(owner("[::ffff:10.0.0.3]:9090").as_deref(), Some("b"));
+        // Same IP, another port; unknown IP: nobody's (refused, not forwarded as is).
+        assert_eq!(owner("10.0.0.3:8080"), None);
+        assert_eq!(owner("10.9.9.9:8080"), None);
+        assert!(snap.listeners["out"].original_dst);
     }
 }

@@ -47,6 +47,72 @@ pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
     })
 }
 
+/// Where an accepted connection was going before an iptables `REDIRECT` (transparent mode,
+/// `original_dst: true`): `SO_ORIGINAL_DST` for IPv4, `IP6T_SO_ORIGINAL_DST` for IPv6. When
+/// the call fails (the connection was not redirected, or conntrack is not loaded), its
+/// original destination is the address it reached: the socket's local address.
+pub fn original_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    redirected_dst(stream).or_else(|| stream.local_addr().ok())
+}
+
+#[cfg(target_os = "linux")]
+fn redirected_dst(stream: &TcpStream) -> Option<SocketAddr> {
+    use std::net::{Ipv4Addr, Ipv6Addr, SocketAddrV4, SocketAddrV6};
+    use std::os::fd::AsRawFd;
+    // From <linux/netfilter_ipv4.h> and <linux/netfilter_ipv6/ip6_tables.h>; both 80.
+    const SO_ORIGINAL_DST: libc::c_int = 80;
+    const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+    let fd = stream.as_raw_fd();
+    let v6 = stream.local_addr().ok()?.is_ipv6();
+    // SAFETY: a zeroed sockaddr_storage is valid, the length passed is its size, and the fd
+    // is a live socket borrowed from `stream` for the duration of the call.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        let (level, name) = if v6 {
+            (libc::SOL_IPV6, IP6T_SO_ORIGINAL_DST)
+        } else {
+            (libc::SOL_IP, SO_ORIGINAL_DST)
+        };
+        let rc = libc::getsockopt(
+            fd,
+            level,
+            name,
+            (&mut storage as *mut libc::sockaddr_storage).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return None;
+        }
+        match storage.ss_family as libc::c_int {
+            libc::AF_INET => {
+                let a = &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>();
+                let ip = Ipv4Addr::from(u32::from_be(a.sin_addr.s_addr));
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(a.sin_port),
+                )))
+            }
+            libc::AF_INET6 => {
+                let a = &*(&storage as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>();
+                let ip = Ipv6Addr::from(a.sin6_addr.s6_addr);
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    ip,
+                    u16::from_be(a.sin6_port),
+                    a.sin6_flowinfo,
+                    a.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn redirected_dst(_stream: &TcpStream) -> Option<SocketAddr> {
+    None
+}
+
 /// Decrements the active-connection count and gauge when a connection ends.
 pub struct ConnGuard {
     active: Arc<AtomicUsize>,
@@ -109,16 +175,23 @@ pub async fn serve(
             _drain: drain_tx.clone(),
         };
         let _ = stream.set_nodelay(true);
+        let orig = if lst.original_dst {
+            original_dst(&stream)
+        } else {
+            None
+        };
         let shared = shared.clone();
         let shutdown = drain.clone();
         match lst.protocol {
             spur_config::ListenerProtocol::Tcp => {
                 tokio::spawn(crate::adapters::tcp::serve_conn(
-                    shared, lst, stream, peer, shutdown, guard,
+                    shared, lst, stream, peer, orig, shutdown, guard,
                 ));
             }
             _ => {
-                tokio::spawn(serve_http_conn(shared, lst, stream, peer, shutdown, guard));
+                tokio::spawn(serve_http_conn(
+                    shared, lst, stream, peer, orig, shutdown, guard,
+                ));
             }
         }
     }
@@ -152,6 +225,7 @@ async fn serve_http_conn(
     lst: Arc<ListenerRt>,
     stream: TcpStream,
     peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
     mut shutdown: watch::Receiver<bool>,
     guard: ConnGuard,
 ) {
@@ -165,6 +239,7 @@ async fn serve_http_conn(
         shared: shared.clone(),
         listener: lst.name.clone(),
         peer,
+        original_dst,
         guard: Arc::new(guard),
         activity: activity.clone(),
         idle_timeout: lst.limits.idle_timeout.get(),
@@ -234,5 +309,17 @@ fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
         Some("malformed")
     } else {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[tokio::test]
+    async fn without_a_redirect_the_original_destination_is_the_local_address() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        assert_eq!(super::original_dst(&server), Some(addr));
     }
 }

@@ -25,11 +25,16 @@ pub(crate) async fn serve_conn(
     lst: Arc<ListenerRt>,
     client: TcpStream,
     peer: SocketAddr,
+    original_dst: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
     let start = Instant::now();
-    let Some(cluster) = lst.default_cluster.clone() else {
+    // Transparent mode: the cluster that owns the original destination, else the listener's.
+    // Never the original destination itself: an address no cluster owns is not an open
+    // door (no open proxy).
+    let owner = original_dst.and_then(|a| shared.snapshot.load().cluster_for_addr(a));
+    let Some(cluster) = owner.or_else(|| lst.default_cluster.clone()) else {
         return;
     };
     let Some(down) = crate::adapters::tls::accept(&shared, &lst, client, peer).await else {
@@ -49,8 +54,12 @@ pub(crate) async fn serve_conn(
     let picked = members
         .balancer
         .pick(&members.endpoints, None, now, None)
-        .filter(|i| members.endpoints[*i].try_acquire(now));
-    let Some(idx) = picked else {
+        .and_then(|i| {
+            members.endpoints[i]
+                .try_acquire(now)
+                .map(|probe| (i, probe))
+        });
+    let Some((idx, probe)) = picked else {
         tracing::warn!(
             listener = &*lst.name,
             cluster = &*cluster.name,
@@ -59,7 +68,7 @@ pub(crate) async fn serve_conn(
         return;
     };
     let endpoint = members.endpoints[idx].clone();
-    let _in_flight = endpoint.start();
+    let _in_flight = endpoint.start(probe);
     let upstream = match connect(&shared, &cluster, endpoint.addr).await {
         Ok(s) => s,
         Err(error) => {

@@ -81,19 +81,20 @@ impl Breaker {
     }
 
     /// Claims the right to send a request: always while closed; once (the probe) when the
-    /// ejection time is over. `false`: pick another endpoint.
-    pub fn acquire(&mut self, now: Instant) -> bool {
+    /// ejection time is over. `None`: pick another endpoint; `Some(true)`: this request is
+    /// the probe, and only its result decides the half-open state.
+    pub fn acquire(&mut self, now: Instant) -> Option<bool> {
         match self.state {
-            State::Closed => true,
+            State::Closed => Some(false),
             State::Open { until } if now >= until => {
                 self.state = State::HalfOpen { probing: true };
-                true
+                Some(true)
             }
             State::HalfOpen { probing: false } => {
                 self.state = State::HalfOpen { probing: true };
-                true
+                Some(true)
             }
-            _ => false,
+            _ => None,
         }
     }
 
@@ -104,15 +105,18 @@ impl Breaker {
         }
     }
 
-    /// Records the result of a request this breaker let through.
+    /// Records the result of a request this breaker let through; `probe` says whether it
+    /// was the half-open probe (other requests, sent before the ejection, do not decide).
     pub fn record(
         &mut self,
         failed: bool,
         now: Instant,
         s: &Settings,
         may_eject: bool,
+        probe: bool,
     ) -> Transition {
         match self.state {
+            State::HalfOpen { .. } if !probe => Transition::None,
             State::HalfOpen { .. } => {
                 if failed {
                     self.eject(now, s);
@@ -169,22 +173,26 @@ mod tests {
     fn ejects_after_n_failures_then_one_probe_closes_it() {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
-        assert_eq!(b.record(true, t0, &S, true), Transition::None);
+        assert_eq!(b.record(true, t0, &S, true, false), Transition::None);
         assert_eq!(
-            b.record(false, t0, &S, true),
+            b.record(false, t0, &S, true, false),
             Transition::None,
             "a success resets the run"
         );
-        assert_eq!(b.record(true, t0, &S, true), Transition::None);
-        assert_eq!(b.record(true, t0, &S, true), Transition::None);
-        assert_eq!(b.record(true, t0, &S, true), Transition::Ejected);
+        assert_eq!(b.record(true, t0, &S, true, false), Transition::None);
+        assert_eq!(b.record(true, t0, &S, true, false), Transition::None);
+        assert_eq!(b.record(true, t0, &S, true, false), Transition::Ejected);
         assert!(!b.available(t0 + Duration::from_secs(9)));
-        assert!(!b.acquire(t0 + Duration::from_secs(9)));
+        assert_eq!(b.acquire(t0 + Duration::from_secs(9)), None);
         let t1 = t0 + Duration::from_secs(10);
-        assert!(b.acquire(t1), "the probe");
-        assert!(!b.acquire(t1), "only one probe at a time");
-        assert_eq!(b.record(false, t1, &S, true), Transition::Restored);
-        assert!(b.acquire(t1) && b.acquire(t1));
+        assert_eq!(b.acquire(t1), Some(true), "the probe");
+        assert_eq!(b.acquire(t1), None, "only one probe at a time");
+        // A request sent before the ejection finishes now: it does not decide.
+        assert_eq!(b.record(false, t1, &S, true, false), Transition::None);
+        assert!(b.is_ejected());
+        assert_eq!(b.record(false, t1, &S, true, true), Transition::Restored);
+        assert_eq!(b.acquire(t1), Some(false));
+        assert_eq!(b.acquire(t1), Some(false));
     }
 
     #[test]
@@ -192,19 +200,18 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..3 {
-            b.record(true, t0, &S, true);
+            b.record(true, t0, &S, true, false);
         }
         let mut now = t0;
         let mut lengths = Vec::new();
         for _ in 0..5 {
-            // find when it becomes available again
             let mut probe = now;
             while !b.available(probe) {
                 probe += Duration::from_secs(10);
             }
             lengths.push((probe - now).as_secs());
-            assert!(b.acquire(probe));
-            b.record(true, probe, &S, true); // the probe fails: ejected again
+            assert_eq!(b.acquire(probe), Some(true));
+            b.record(true, probe, &S, true, true); // the probe fails: ejected again
             now = probe;
         }
         assert_eq!(lengths, vec![10, 20, 40, 80, 100]);
@@ -215,16 +222,16 @@ mod tests {
         let t0 = Instant::now();
         let mut b = Breaker::new(t0);
         for _ in 0..5 {
-            assert_eq!(b.record(true, t0, &S, false), Transition::None);
+            assert_eq!(b.record(true, t0, &S, false, false), Transition::None);
         }
         assert!(!b.is_ejected(), "the cluster said no more ejections");
         for _ in 0..3 {
-            b.record(true, t0, &S, true);
+            b.record(true, t0, &S, true, false);
         }
         let t1 = t0 + Duration::from_secs(10);
-        assert!(b.acquire(t1));
+        assert_eq!(b.acquire(t1), Some(true));
         b.release();
-        assert!(b.acquire(t1));
+        assert_eq!(b.acquire(t1), Some(true));
     }
 
     #[test]
