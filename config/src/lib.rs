@@ -3,6 +3,7 @@
 //! Pure: no sockets, no runtime. The proxy and the control plane both call [`load`] (or
 //! [`validate`] on a config they already hold) and act only on a config that passed.
 
+pub mod args;
 mod parse;
 mod support;
 mod types;

@@ -35,18 +35,9 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
         trust_domain: "cluster.local".into(),
         cert_ttl: std::time::Duration::from_secs(24 * 3600),
     };
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+    let mut flags = spur_config::args::Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = |name: &str| flags.value(name);
         match flag {
             "--listen" => {
                 let v = value("--listen")?;

@@ -42,18 +42,9 @@ pub const CERTIFY_START_LIMIT: Duration = Duration::from_secs(30);
 /// with a clear message rather than ignored.
 pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
     let mut out = ProxyArgs::default();
-    let mut it = args.iter();
-    while let Some(arg) = it.next() {
-        let (flag, inline) = match arg.split_once('=') {
-            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
-            _ => (arg.as_str(), None),
-        };
-        let mut value = |name: &str| -> Result<String, String> {
-            inline
-                .clone()
-                .or_else(|| it.next().cloned())
-                .ok_or_else(|| format!("{name} needs a value"))
-        };
+    let mut flags = spur_config::args::Flags::new(args);
+    while let Some(flag) = flags.next_flag() {
+        let mut value = |name: &str| flags.value(name);
         match flag {
             "--config" | "-c" => out.config = Some(PathBuf::from(value("--config")?)),
             "--log-format" => {
