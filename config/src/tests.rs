@@ -181,30 +181,69 @@ listeners:
   - name: a
     listen: 127.0.0.1:1
     cluster: c
-    alt_svc_h3: 8443
-  - name: q
-    listen: 127.0.0.1:2
-    protocol: http3
-    cluster: c
-    tls: { cert: c.pem, key: k.pem }
 clusters:
   - name: c
     endpoints: ["127.0.0.1:2"]
   - name: d
     k8s: "checkout.shop:8080"
-  - name: e
+"#,
+    );
+    assert_has(&errs, "clusters[1].k8s: not supported yet");
+    assert_eq!(errs.len(), 1, "{errs:#?}");
+}
+
+#[test]
+fn http3_settings_are_checked() {
+    // One port for TCP and UDP is fine; http3 needs tls; original_dst and alt_svc_h3 have
+    // their places.
+    let ok = errors_of(
+        r#"
+listeners:
+  - name: a
+    listen: 127.0.0.1:8443
+    cluster: c
+    alt_svc_h3: 8443
+    tls: { cert: Cargo.toml, key: Cargo.toml }
+  - name: q
+    listen: 127.0.0.1:8443
+    protocol: http3
+    cluster: c
+    tls: { cert: Cargo.toml, key: Cargo.toml }
+clusters:
+  - name: c
     endpoints: ["127.0.0.1:3"]
     protocol: http3
     fallback: http2
-    tls: { ca: ca.pem }
+    tls: { ca: Cargo.toml }
+"#,
+    );
+    assert!(ok.is_empty(), "{ok:#?}");
+    let errs = errors_of(
+        r#"
+listeners:
+  - name: q
+    listen: 127.0.0.1:2
+    protocol: http3
+    cluster: c
+    original_dst: true
+  - name: t
+    listen: 127.0.0.1:3
+    protocol: tcp
+    cluster: c
+    alt_svc_h3: 8443
+clusters:
+  - name: c
+    endpoints: ["127.0.0.1:3"]
+    protocol: http3
+    fallback: http3
 "#,
     );
     for expected in [
-        "listeners[0].alt_svc_h3: not supported yet",
-        "listeners[1].protocol: http3: not supported yet",
-        "clusters[1].k8s: not supported yet",
-        "clusters[2].protocol: http3: not supported yet",
-        "clusters[2].fallback: not supported yet",
+        "listeners[0].tls: an http3 listener needs tls (QUIC always encrypts)",
+        "listeners[0].original_dst: applies to tcp and http listeners (redirected TCP connections)",
+        "listeners[1].alt_svc_h3: applies to http listeners (it advertises an http3 one)",
+        "clusters[0].tls: an http3 cluster needs tls (QUIC always encrypts)",
+        "clusters[0].fallback: must be http1 or http2",
     ] {
         assert_has(&errs, expected);
     }

@@ -53,7 +53,9 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
             e,
         );
         if let Some(addr) = check_addr(&format!("{p}.listen"), &l.listen, e) {
-            if addr.port() != 0 && !listen_addrs.insert(addr) {
+            // An http3 listener's UDP port may equal a TCP listener's.
+            let udp = l.protocol == ListenerProtocol::Http3;
+            if addr.port() != 0 && !listen_addrs.insert((udp, addr)) {
                 e.push(
                     format!("{p}.listen"),
                     format!("{addr} is used by another listener"),
@@ -115,6 +117,18 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
             e.push(
                 format!("{p}.tls"),
                 "an http3 listener needs tls (QUIC always encrypts)",
+            );
+        }
+        if l.original_dst && l.protocol == ListenerProtocol::Http3 {
+            e.push(
+                format!("{p}.original_dst"),
+                "applies to tcp and http listeners (redirected TCP connections)",
+            );
+        }
+        if l.alt_svc_h3.is_some() && l.protocol != ListenerProtocol::Http {
+            e.push(
+                format!("{p}.alt_svc_h3"),
+                "applies to http listeners (it advertises an http3 one)",
             );
         }
         if l.alt_svc_h3 == Some(0) {

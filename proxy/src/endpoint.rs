@@ -11,7 +11,7 @@ use crate::policy::breaker::{self, Breaker, Transition};
 use crate::policy::budget::Budget;
 use crate::policy::health::Health;
 use crate::tls::ClientTlsRt;
-use crate::upstream::{Client, ClientKey};
+use crate::upstream::{ClientKey, Upstream};
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -199,7 +199,7 @@ pub struct ClusterLimits {
 }
 
 /// A cluster's pooled client and the TLS it originates with (`None`: plain).
-type PooledClient = (Client, Option<Arc<ClientTlsRt>>);
+type PooledClient = (Upstream, Option<Arc<ClientTlsRt>>);
 
 /// Where endpoint state, connection pools, concurrency limits and retry budgets live
 /// between snapshots.
@@ -228,12 +228,22 @@ impl Registry {
     /// The pooled client for a cluster's upstream settings, and the TLS it originates with.
     /// `tls` (freshly loaded from the files) is used only when no client exists yet for these
     /// settings; an existing client keeps its own, which its watcher keeps current.
-    pub fn client(&self, key: ClientKey, tls: Option<Arc<ClientTlsRt>>) -> PooledClient {
+    pub fn client(
+        &self,
+        key: ClientKey,
+        tls: Option<Arc<ClientTlsRt>>,
+        metrics: &crate::metrics::Metrics,
+    ) -> PooledClient {
         self.clients
             .lock()
             .unwrap()
             .entry(key.clone())
-            .or_insert_with(|| (crate::upstream::new_client(&key, tls.clone()), tls))
+            .or_insert_with(|| {
+                (
+                    crate::upstream::new_upstream(&key, tls.clone(), metrics),
+                    tls,
+                )
+            })
             .clone()
     }
 

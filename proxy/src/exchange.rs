@@ -3,6 +3,7 @@
 //! counts cover the whole exchange.
 
 use crate::access::{self, Val};
+use crate::body::{BoxError, InBody};
 use crate::endpoint::InFlight;
 use crate::headers::X_SPUR_ERROR;
 use crate::metrics::{RequestLabels, RouteLabels};
@@ -10,7 +11,6 @@ use crate::Shared;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
-use hyper::body::Incoming;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -154,12 +154,12 @@ pub struct RespBody {
 }
 
 enum Inner {
-    Upstream(Incoming),
+    Upstream(InBody),
     Local(Option<Bytes>),
 }
 
 impl RespBody {
-    pub fn upstream(body: Incoming, exchange: Exchange) -> RespBody {
+    pub fn upstream(body: InBody, exchange: Exchange) -> RespBody {
         RespBody {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
@@ -188,12 +188,12 @@ impl Drop for RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = match &mut this.inner {
             Inner::Upstream(b) => Pin::new(b).poll_frame(cx),

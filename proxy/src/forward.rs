@@ -17,6 +17,7 @@
 //! The exchange record (access log, request metrics) is written when the response body
 //! ends, see [`crate::exchange`].
 
+use crate::body::InBody;
 use crate::endpoint::EndpointState;
 use crate::exchange::{local_response, Exchange, RespBody};
 use crate::headers::{self, TRACEPARENT, X_SPUR_PEER_IDENTITY};
@@ -28,7 +29,7 @@ use crate::policy::retry::Outcome;
 use crate::policy::route::RequestView;
 use crate::policy::{flags, split};
 use crate::snapshot::{ClusterRt, ListenerRt, RouteRt, Snapshot, Target};
-use crate::upstream::{self, Buffered, ReqBody};
+use crate::upstream::{self, Buffered, ReqBody, UpstreamError};
 use crate::Shared;
 use bytes::Bytes;
 use http::uri::PathAndQuery;
@@ -79,6 +80,11 @@ pub async fn handle(
     ctx: Arc<ConnCtx>,
     req: Request<Incoming>,
 ) -> Result<Response<RespBody>, Infallible> {
+    Ok(handle_any(&ctx, req.map(InBody::Http)).await)
+}
+
+/// The request path for a request from any transport (HTTP/1.1, HTTP/2, HTTP/3).
+pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBody> {
     let snap = ctx.shared.snapshot.load_full();
     let path = req
         .uri()
@@ -94,21 +100,25 @@ pub async fn handle(
     ex.peer_identity = ctx.peer_identity.clone();
     let Some(lst) = snap.listeners.get(&*ctx.listener).cloned() else {
         // The listener was removed by a config push while this connection was open.
-        return Ok(local_response(
+        return local_response(
             StatusCode::SERVICE_UNAVAILABLE,
             "no_route",
             &snap.correlation.header,
             Some(ex),
-        ));
+        );
     };
-    Ok(proxy(&ctx, &snap, &lst, req, ex).await)
+    let mut resp = proxy(ctx, &snap, &lst, req, ex).await;
+    if let Some(v) = &lst.alt_svc {
+        resp.headers_mut().insert(header::ALT_SVC, v.clone());
+    }
+    resp
 }
 
 async fn proxy(
     ctx: &ConnCtx,
     snap: &Snapshot,
     lst: &ListenerRt,
-    mut req: Request<Incoming>,
+    mut req: Request<InBody>,
     mut ex: Exchange,
 ) -> Response<RespBody> {
     let id_header = &snap.correlation.header;
@@ -491,6 +501,10 @@ async fn proxy(
     };
 
     // 8. respond
+    if resp.version() == Version::HTTP_3 {
+        // hyper's HTTP/1.1 server writes the version it is given; HTTP/3 is not one.
+        *resp.version_mut() = Version::HTTP_11;
+    }
     let status = resp.status();
     ex.status = status.as_u16();
     let resp_upgrade = resp.headers().get(header::UPGRADE).cloned();
@@ -616,7 +630,7 @@ fn decide_flags(
 }
 
 enum TryResult {
-    Response(Response<Incoming>),
+    Response(Response<InBody>),
     /// The last try's outcome, and whether the whole-request timeout ended the tries.
     Failed(Outcome, bool),
     NoEndpoint,
@@ -629,18 +643,13 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
     }
 }
 
-fn classify_error(
-    ctx: &ConnCtx,
-    cluster: &ClusterRt,
-    e: hyper_util::client::legacy::Error,
-) -> Outcome {
+fn classify_error(ctx: &ConnCtx, cluster: &ClusterRt, e: UpstreamError) -> Outcome {
     tracing::debug!(error = %e, "upstream error");
-    if let Some(tls) = upstream::tls_failure(&e) {
-        let reason = tls.reason(crate::tls::Role::Client);
-        tracing::debug!(cluster = &*cluster.name, reason, error = %tls, "upstream TLS handshake failed");
+    if let Some(reason) = e.tls_reason {
+        tracing::debug!(cluster = &*cluster.name, reason, error = %e, "upstream TLS handshake failed");
         ctx.shared.metrics.upstream_tls_error(&cluster.name, reason);
     }
-    if e.is_connect() {
+    if e.connect {
         Outcome::ConnectFailure
     } else {
         Outcome::Reset

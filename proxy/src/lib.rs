@@ -11,6 +11,7 @@
 
 pub mod access;
 pub mod adapters;
+pub mod body;
 pub mod cli;
 pub mod echo;
 pub mod endpoint;
@@ -21,6 +22,7 @@ pub mod log;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
+pub mod quic;
 pub mod reload;
 pub mod snapshot;
 pub mod tls;
@@ -74,6 +76,8 @@ pub type StartError = ApplyError;
 
 /// A listener's running accept loop.
 struct ListenerTask {
+    /// UDP (`http3`) or TCP: a listener that changes transport is bound anew.
+    udp: bool,
     /// The configured address (port 0 stays 0).
     listen: SocketAddr,
     stop: watch::Sender<bool>,
@@ -183,7 +187,7 @@ impl Proxy {
             let unchanged = running
                 .listeners
                 .get(name)
-                .is_some_and(|t| t.listen == lst.listen);
+                .is_some_and(|t| t.listen == lst.listen && t.udp == lst.is_udp());
             if unchanged {
                 continue;
             }
@@ -253,9 +257,11 @@ impl Proxy {
                 drain_rx,
             ));
             let listen = snap.listeners[&name].listen;
+            let udp = snap.listeners[&name].is_udp();
             if let Some(old) = running.listeners.insert(
                 name.clone(),
                 ListenerTask {
+                    udp,
                     listen,
                     stop,
                     drain,

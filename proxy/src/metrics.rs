@@ -78,6 +78,33 @@ pub struct ResultLabels {
     pub result: &'static str,
 }
 
+/// Which side a QUIC figure belongs to: `listener="…"` (downstream) or `cluster="…"`
+/// (upstream), so one metric family covers both as SPEC names it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+pub enum Side {
+    Listener(Arc<str>),
+    Cluster(Arc<str>),
+}
+
+impl EncodeLabelSet for Side {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelSetEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        match self {
+            Side::Listener(n) => [("listener", n.clone())].encode(encoder),
+            Side::Cluster(n) => [("cluster", n.clone())].encode(encoder),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabel {
+    pub reason: &'static str,
+}
+
+pub type SideReasonLabels = (Side, ReasonLabel);
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -110,6 +137,14 @@ pub struct Metrics {
     pub upstream_tls_errors: Family<ClusterReasonLabels, Counter>,
     pub flag_evaluations: Family<FlagLabels, Counter>,
     pub mirror_requests: Family<MirrorLabels, Counter>,
+    pub quic_connections_active: Family<Side, Gauge>,
+    /// QUIC handshakes that failed, by side and reason (`no_client_cert`, `unknown_ca`,
+    /// `identity_not_expected`, `peer_alert`, `timeout`...).
+    pub quic_handshake_errors: Family<SideReasonLabels, Counter>,
+    /// HTTP/3 request streams, by side.
+    pub quic_streams: Family<Side, Counter>,
+    /// Times an http3 cluster turned to its TCP fallback for an endpoint.
+    pub quic_fallback: Family<ClusterLabels, Counter>,
 }
 
 impl Metrics {
@@ -220,8 +255,36 @@ impl Metrics {
             "Mirrored copies by outcome: same, differ (status or body hash), error, dropped",
             mirror_requests.clone(),
         );
+        let quic_connections_active = Family::<Side, Gauge>::default();
+        registry.register(
+            "spur_quic_connections_active",
+            "Open QUIC connections, on a listener or to a cluster",
+            quic_connections_active.clone(),
+        );
+        let quic_handshake_errors = Family::<SideReasonLabels, Counter>::default();
+        registry.register(
+            "spur_quic_handshake_errors",
+            "QUIC handshakes that failed, on a listener or to a cluster, by reason",
+            quic_handshake_errors.clone(),
+        );
+        let quic_streams = Family::<Side, Counter>::default();
+        registry.register(
+            "spur_quic_streams",
+            "HTTP/3 request streams, on a listener or to a cluster",
+            quic_streams.clone(),
+        );
+        let quic_fallback = Family::<ClusterLabels, Counter>::default();
+        registry.register(
+            "spur_quic_fallback",
+            "Times an http3 cluster fell back to TCP for an endpoint after QUIC failed",
+            quic_fallback.clone(),
+        );
         Metrics {
             registry,
+            quic_connections_active,
+            quic_handshake_errors,
+            quic_streams,
+            quic_fallback,
             flag_evaluations,
             mirror_requests,
             tls_handshake_errors,

@@ -14,7 +14,7 @@ use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
 use crate::tls::{ClientTlsRt, ServerTls, TlsError, WorkloadIdentity};
-use crate::upstream::{Client, ClientKey};
+use crate::upstream::{ClientKey, Upstream};
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use spur_config::{
@@ -71,6 +71,8 @@ pub struct ListenerRt {
     pub trust_incoming_flags: bool,
     /// Transparent mode: read each connection's original destination and route by it.
     pub original_dst: bool,
+    /// `Alt-Svc` advertising the HTTP/3 listener (`alt_svc_h3`), on every response.
+    pub alt_svc: Option<http::HeaderValue>,
 }
 
 pub struct RouteRt {
@@ -112,7 +114,7 @@ pub struct ClusterRt {
     pub lb: LbPolicy,
     /// The endpoints and their balancer; swapped on its own when DNS answers change.
     pub members: ArcSwap<Members>,
-    pub client: Client,
+    pub client: Upstream,
     pub connect_timeout: Duration,
     pub breaker: Option<BreakerRt>,
     pub limits: Option<Arc<ClusterLimits>>,
@@ -170,7 +172,8 @@ impl ClusterRt {
     pub fn http_version(&self) -> http::Version {
         match self.protocol {
             UpstreamProtocol::Http2 => http::Version::HTTP_2,
-            _ => http::Version::HTTP_11,
+            UpstreamProtocol::Http3 => http::Version::HTTP_3,
+            UpstreamProtocol::Http1 => http::Version::HTTP_11,
         }
     }
 
@@ -202,6 +205,11 @@ pub struct CompileError {
 }
 
 impl ListenerRt {
+    /// `http3` listeners listen on UDP.
+    pub fn is_udp(&self) -> bool {
+        self.protocol == ListenerProtocol::Http3
+    }
+
     /// The first route that matches, or `None`.
     /// The first route that matches, given the flags that are on for the request.
     pub fn route(&self, req: &RequestView<'_>, flags_on: &[bool]) -> Option<&RouteRt> {
@@ -225,6 +233,7 @@ fn compile_cluster(
     i: usize,
     c: &spur_config::Cluster,
     registry: &Registry,
+    metrics: &crate::metrics::Metrics,
     identity: Option<&Arc<WorkloadIdentity>>,
 ) -> Result<(ClusterRt, ClientKey), CompileError> {
     let mut endpoints = Vec::with_capacity(c.endpoints.len());
@@ -238,9 +247,14 @@ fn compile_cluster(
     // Read on every compile, so that a missing or broken file rejects the config; the pooled
     // client keeps the TLS it was built with when the settings are the same (its own watcher
     // keeps that one current).
+    // What TCP connections speak: the cluster's protocol, or an http3 cluster's fallback.
+    let tcp_protocol = match c.protocol {
+        UpstreamProtocol::Http3 => c.fallback.unwrap_or(UpstreamProtocol::Http2),
+        p => p,
+    };
     let tls = match &c.tls {
         Some(t) => Some(Arc::new(
-            ClientTlsRt::load_with(&c.name, t, c.protocol, identity)
+            ClientTlsRt::load_with(&c.name, t, tcp_protocol, identity)
                 .map_err(tls_error(format!("clusters[{i}]")))?,
         )),
         None => None,
@@ -250,8 +264,9 @@ fn compile_cluster(
         protocol: c.protocol,
         connect_timeout: c.connect_timeout.get(),
         tls: c.tls.clone(),
+        fallback: c.fallback,
     };
-    let (client, tls) = registry.client(key.clone(), tls);
+    let (client, tls) = registry.client(key.clone(), tls, metrics);
     let cluster = ClusterRt {
         name: c.name.as_str().into(),
         protocol: c.protocol,
@@ -366,7 +381,7 @@ impl Snapshot {
         let mut by_addr = HashMap::new();
         let mut dns_clusters = Vec::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
-            let (cluster, key) = compile_cluster(i, c, registry, identity)?;
+            let (cluster, key) = compile_cluster(i, c, registry, metrics, identity)?;
             client_keys.push(key);
             let cluster = Arc::new(cluster);
             if cluster.dns.is_some() {
@@ -474,6 +489,10 @@ impl Snapshot {
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
                     original_dst: l.original_dst,
+                    alt_svc: l.alt_svc_h3.map(|port| {
+                        http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
+                            .expect("a port makes a valid header value")
+                    }),
                 }),
             );
         }

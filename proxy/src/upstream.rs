@@ -8,13 +8,13 @@
 //! dialled address (`server_name`, or SPIFFE identities), and counts handshake failures by
 //! reason.
 
+use crate::body::{BoxError, InBody};
 use crate::tls::{ClientTlsRt, HandshakeError, Stream};
 use bytes::Bytes;
-use http::HeaderMap;
 use http::Uri;
+use http::{HeaderMap, Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
-use hyper::body::Incoming;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use spur_config::UpstreamProtocol;
@@ -36,6 +36,7 @@ pub struct ClientKey {
     pub protocol: UpstreamProtocol,
     pub connect_timeout: Duration,
     pub tls: Option<spur_config::ClientTls>,
+    pub fallback: Option<UpstreamProtocol>,
 }
 
 /// TCP, then TLS for clusters that have it.
@@ -46,8 +47,6 @@ pub struct Connector {
     /// Bounds the TLS handshake (the TCP connect has its own, equal, bound).
     handshake_timeout: Duration,
 }
-
-type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 impl tower_service::Service<Uri> for Connector {
     type Response = TokioIo<Stream>;
@@ -89,6 +88,89 @@ pub fn tls_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a H
     None
 }
 
+/// A cluster's way to its endpoints: a pooled hyper client (HTTP/1.1, HTTP/2, over TCP or
+/// TLS), or HTTP/3 over QUIC (with its TCP fallback).
+// One per cluster, cloned rarely (health checks): the size difference costs nothing.
+#[allow(clippy::large_enum_variant)]
+#[derive(Clone)]
+pub enum Upstream {
+    Hyper(Client),
+    H3(Arc<crate::quic::client::H3Client>),
+}
+
+/// Why an upstream request failed, as the breaker and retries see it.
+#[derive(Debug)]
+pub struct UpstreamError {
+    /// No connection could be made (refused, unreachable, handshake failed): the request
+    /// never reached the endpoint.
+    pub connect: bool,
+    /// A TLS handshake to the endpoint failed, with this reason (TCP connections; QUIC
+    /// handshakes are counted by the QUIC client).
+    pub tls_reason: Option<&'static str>,
+    pub error: BoxError,
+}
+
+impl std::fmt::Display for UpstreamError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.error.fmt(f)
+    }
+}
+
+impl UpstreamError {
+    pub fn from_hyper(e: hyper_util::client::legacy::Error) -> UpstreamError {
+        UpstreamError {
+            connect: e.is_connect(),
+            tls_reason: tls_failure(&e).map(|h| h.reason(crate::tls::Role::Client)),
+            error: e.into(),
+        }
+    }
+}
+
+impl Upstream {
+    pub async fn request(&self, req: Request<ReqBody>) -> Result<Response<InBody>, UpstreamError> {
+        match self {
+            Upstream::Hyper(c) => match c.request(req).await {
+                Ok(r) => Ok(r.map(InBody::Http)),
+                Err(e) => Err(UpstreamError::from_hyper(e)),
+            },
+            Upstream::H3(c) => c.request(req).await,
+        }
+    }
+}
+
+/// The client for a cluster's settings: HTTP/3 over QUIC for `http3` clusters (with a TCP
+/// client for `fallback`), else a pooled hyper client.
+pub fn new_upstream(
+    key: &ClientKey,
+    tls: Option<Arc<ClientTlsRt>>,
+    metrics: &crate::metrics::Metrics,
+) -> Upstream {
+    match (key.protocol, tls) {
+        (UpstreamProtocol::Http3, Some(tls)) => {
+            let fallback = key.fallback.map(|p| {
+                let tcp = ClientKey {
+                    protocol: p,
+                    ..key.clone()
+                };
+                let version = if p == UpstreamProtocol::Http2 {
+                    http::Version::HTTP_2
+                } else {
+                    http::Version::HTTP_11
+                };
+                (new_client(&tcp, Some(tls.clone())), version)
+            });
+            Upstream::H3(Arc::new(crate::quic::client::H3Client::new(
+                &key.cluster,
+                tls,
+                key.connect_timeout,
+                fallback,
+                metrics,
+            )))
+        }
+        (_, tls) => Upstream::Hyper(new_client(key, tls)),
+    }
+}
+
 pub fn new_client(key: &ClientKey, tls: Option<Arc<ClientTlsRt>>) -> Client {
     let mut tcp = HttpConnector::new();
     tcp.set_connect_timeout(Some(key.connect_timeout));
@@ -121,15 +203,15 @@ pub fn new_client(key: &ClientKey, tls: Option<Arc<ClientTlsRt>>) -> Client {
 /// (which can be sent again on a retry).
 pub enum ReqBody {
     /// Streamed from the client; the counter adds up the bytes for the access log.
-    Streaming(Incoming, Arc<AtomicU64>),
+    Streaming(InBody, Arc<AtomicU64>),
     /// The part Spur read while trying to buffer, then the rest of the stream.
-    Prefixed(Option<Bytes>, Incoming, Arc<AtomicU64>),
+    Prefixed(Option<Bytes>, InBody, Arc<AtomicU64>),
     /// A whole body held in memory, with its trailers if it had any.
     Replay(Option<Bytes>, Option<HeaderMap>),
 }
 
 impl ReqBody {
-    pub fn counted(body: Incoming, counter: Arc<AtomicU64>) -> ReqBody {
+    pub fn counted(body: InBody, counter: Arc<AtomicU64>) -> ReqBody {
         ReqBody::Streaming(body, counter)
     }
 
@@ -150,7 +232,7 @@ pub enum Buffered {
 
 /// Reads up to `max` bytes of `body` so the request can be retried; a longer body (by its
 /// declared length, or once `max` is passed) is handed back as a stream.
-pub async fn buffer(mut body: Incoming, max: u64, counter: Arc<AtomicU64>) -> Buffered {
+pub async fn buffer(mut body: InBody, max: u64, counter: Arc<AtomicU64>) -> Buffered {
     if body.is_end_stream() {
         return Buffered::Whole(Bytes::new(), None);
     }
@@ -188,12 +270,12 @@ pub async fn buffer(mut body: Incoming, max: u64, counter: Arc<AtomicU64>) -> Bu
 
 impl Body for ReqBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ReqBody::Prefixed(prefix @ Some(_), _, _) => {
                 Poll::Ready(prefix.take().map(|d| Ok(Frame::data(d))))

@@ -2,6 +2,8 @@
 //! process or as a child process, and real HTTP clients.
 #![allow(dead_code)]
 
+pub mod pki;
+
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};

@@ -10,8 +10,7 @@ use crate::metrics::EndpointLabels;
 use crate::snapshot::ClusterRt;
 use crate::upstream::ReqBody;
 use crate::Shared;
-use http::{Request, Version};
-use spur_config::UpstreamProtocol;
+use http::Request;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -26,15 +25,15 @@ pub fn spawn(shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
             let members = c.members.load_full();
             let mut checks = Vec::with_capacity(members.endpoints.len());
             for ep in members.endpoints.iter() {
-                let uri = format!("http://{}{}", ep.label, hc.path);
-                let mut req = Request::get(uri).header("user-agent", "spur-health-check");
-                if c.protocol == UpstreamProtocol::Http2 {
-                    req = req.version(Version::HTTP_2);
-                }
+                let uri = format!("{}://{}{}", c.scheme(), ep.label, hc.path);
+                let req = Request::get(uri)
+                    .header("user-agent", "spur-health-check")
+                    .version(c.http_version());
                 let Ok(req) = req.body(ReqBody::Replay(None, None)) else {
                     continue;
                 };
-                let call = c.client.request(req);
+                let client = c.client.clone();
+                let call = async move { client.request(req).await };
                 let timeout = hc.timeout.get();
                 checks.push((
                     ep.clone(),

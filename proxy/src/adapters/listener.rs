@@ -26,11 +26,26 @@ use tokio::sync::{mpsc, watch};
 /// A bound listener, before its accept loop runs.
 pub struct Bound {
     pub name: Arc<str>,
-    pub tcp: TcpListener,
+    pub socket: Socket,
     pub addr: SocketAddr,
 }
 
+pub enum Socket {
+    Tcp(TcpListener),
+    /// `http3` listeners: a QUIC endpoint on a UDP socket.
+    Quic(quinn::Endpoint),
+}
+
 pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
+    if lst.protocol == spur_config::ListenerProtocol::Http3 {
+        let endpoint = crate::quic::server::bind(lst)?;
+        let addr = endpoint.local_addr()?;
+        return Ok(Bound {
+            name: lst.name.clone(),
+            socket: Socket::Quic(endpoint),
+            addr,
+        });
+    }
     let socket = match lst.listen {
         SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
         SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -42,7 +57,7 @@ pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
     let addr = tcp.local_addr()?;
     Ok(Bound {
         name: lst.name.clone(),
-        tcp,
+        socket: Socket::Tcp(tcp),
         addr,
     })
 }
@@ -120,6 +135,22 @@ pub struct ConnGuard {
     _drain: mpsc::Sender<()>,
 }
 
+impl ConnGuard {
+    pub fn new(
+        active: Arc<AtomicUsize>,
+        gauge: prometheus_client::metrics::gauge::Gauge,
+        drain: mpsc::Sender<()>,
+    ) -> ConnGuard {
+        active.fetch_add(1, Ordering::Relaxed);
+        gauge.inc();
+        ConnGuard {
+            active,
+            gauge,
+            _drain: drain,
+        }
+    }
+}
+
 impl Drop for ConnGuard {
     fn drop(&mut self) {
         self.active.fetch_sub(1, Ordering::Relaxed);
@@ -132,34 +163,50 @@ impl Drop for ConnGuard {
 pub async fn serve(
     shared: Arc<Shared>,
     bound: Bound,
-    mut stop: watch::Receiver<bool>,
-    mut drain: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
 ) {
-    let (drain_tx, mut drain_rx) = mpsc::channel::<()>(1);
+    let tcp = match bound.socket {
+        Socket::Tcp(tcp) => tcp,
+        Socket::Quic(endpoint) => {
+            return crate::quic::server::serve(shared, bound.name, endpoint, stop, drain).await
+        }
+    };
+    serve_tcp(shared, bound.name, tcp, stop, drain).await
+}
+
+async fn serve_tcp(
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    tcp: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+) {
+    let (drain_tx, drain_rx) = mpsc::channel::<()>(1);
     let active = Arc::new(AtomicUsize::new(0));
     let gauge = shared
         .metrics
         .connections_active
         .get_or_create(&ListenerLabels {
-            listener: bound.name.clone(),
+            listener: name.clone(),
         })
         .clone();
     loop {
         let accepted = tokio::select! {
-            r = bound.tcp.accept() => r,
+            r = tcp.accept() => r,
             _ = stop.wait_for(|s| *s) => break,
         };
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
                 // EMFILE and friends: back off a little instead of spinning.
-                tracing::warn!(listener = &*bound.name, error = %e, "accept failed");
+                tracing::warn!(listener = &*name, error = %e, "accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 continue;
             }
         };
         let snap = shared.snapshot.load();
-        let Some(lst) = snap.listeners.get(&*bound.name).cloned() else {
+        let Some(lst) = snap.listeners.get(&*name).cloned() else {
             continue;
         };
         if active.load(Ordering::Relaxed) >= lst.limits.max_connections as usize {
@@ -167,13 +214,7 @@ pub async fn serve(
             drop(stream);
             continue;
         }
-        active.fetch_add(1, Ordering::Relaxed);
-        gauge.inc();
-        let guard = ConnGuard {
-            active: active.clone(),
-            gauge: gauge.clone(),
-            _drain: drain_tx.clone(),
-        };
+        let guard = ConnGuard::new(active.clone(), gauge.clone(), drain_tx.clone());
         let _ = stream.set_nodelay(true);
         let orig = if lst.original_dst {
             original_dst(&stream)
@@ -195,8 +236,21 @@ pub async fn serve(
             }
         }
     }
-    drop(bound.tcp);
+    drop(tcp);
     drop(drain_tx);
+    wait_connections(&shared, &name, &active, drain_rx, drain).await;
+}
+
+/// After a listener's accept loop ends: waits for its connections to end on their own, or,
+/// once `drain` turns true, for at most the drain timeout. The connections' guards hold the
+/// senders of `drain_rx`.
+pub(crate) async fn wait_connections(
+    shared: &Shared,
+    name: &str,
+    active: &AtomicUsize,
+    mut drain_rx: mpsc::Receiver<()>,
+    mut drain: watch::Receiver<bool>,
+) {
     tokio::select! {
         _ = drain_rx.recv() => return, // every connection has ended on its own
         _ = drain.wait_for(|d| *d) => {}
@@ -207,7 +261,7 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!(
-            listener = &*bound.name,
+            listener = name,
             open = active.load(Ordering::Relaxed),
             "drain timeout: closing connections still open"
         );

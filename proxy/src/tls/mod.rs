@@ -65,6 +65,7 @@ pub fn provider() -> Arc<CryptoProvider> {
 
 pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
+pub const ALPN_H3: &[u8] = b"h3";
 
 /// A listener's TLS: the current server config (rebuilt when its files change) and the
 /// identity policy.
@@ -111,7 +112,8 @@ impl ServerTls {
         let checks_at_handshake = protocol == ListenerProtocol::Tcp;
         let alpn: Vec<Vec<u8>> = match protocol {
             ListenerProtocol::Tcp => Vec::new(),
-            _ => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
+            ListenerProtocol::Http3 => vec![ALPN_H3.to_vec()],
+            ListenerProtocol::Http => vec![ALPN_H2.to_vec(), ALPN_HTTP11.to_vec()],
         };
         let mut sources = match (&cfg.cert, &cfg.key, identity) {
             (Some(cert), Some(key), _) => vec![Source::new("cert", cert), Source::new("key", key)],
@@ -173,6 +175,24 @@ impl ServerTls {
             allow,
             checks_at_handshake,
         })
+    }
+
+    /// The server config new handshakes use now (it changes when the files rotate).
+    pub fn current(&self) -> Arc<ServerConfig> {
+        self.config.current()
+    }
+
+    /// The verified peer's identity from a certificate chain, and whether it passes
+    /// `allow_identities` (QUIC connections, whose handshake quinn runs).
+    pub fn check_peer(
+        &self,
+        chain: Option<&[CertificateDer<'static>]>,
+    ) -> (Option<Identity>, bool) {
+        let peer = chain
+            .and_then(|c| c.first())
+            .and_then(|leaf| Identity::from_cert(leaf));
+        let allowed = self.checks_at_handshake || self.allows(peer.as_ref());
+        (peer, allowed)
     }
 
     /// Whether `peer` passes `allow_identities`.
@@ -325,6 +345,8 @@ impl ClientTlsRt {
         };
         let config = Arc::new(Watched::load(label, sources, Box::new(build))?);
         Watched::watch(&config);
+        // What TCP connections offer; an http3 cluster's QUIC connections offer `h3` (see
+        // `crate::quic::client`), and its TCP fallback is HTTP/2.
         let alpn = match protocol {
             UpstreamProtocol::Http1 => vec![ALPN_HTTP11.to_vec()],
             _ => vec![ALPN_H2.to_vec()],
@@ -334,6 +356,20 @@ impl ClientTlsRt {
             server_name,
             alpn,
         })
+    }
+
+    /// The client config new handshakes use now (it changes when the files rotate).
+    pub fn current(&self) -> Arc<ClientConfig> {
+        self.config.current()
+    }
+
+    /// The name to verify when connecting to `ip`: `server_name`, or the address itself.
+    pub fn server_name_for(&self, ip: IpAddr) -> String {
+        match &self.server_name {
+            Some(ServerName::DnsName(n)) => n.as_ref().to_string(),
+            Some(ServerName::IpAddress(a)) => IpAddr::from(*a).to_string(),
+            _ => ip.to_string(),
+        }
     }
 
     /// The TLS handshake on a new upstream connection to `ip`. `opaque` (a tcp listener's

@@ -1,0 +1,147 @@
+//! A message body coming into the proxy from either transport: a hyper connection (HTTP/1.1
+//! and HTTP/2, client side or upstream side) or an HTTP/3 stream. The request path reads
+//! both the same way, so HTTP/3 requests and responses take the one request path.
+
+use bytes::{Buf, Bytes};
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use hyper::body::Incoming;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+pub enum InBody {
+    Http(Incoming),
+    /// Boxed: an h3 stream is large, and hyper bodies are the common case.
+    H3(Box<H3Recv>),
+}
+
+impl From<Incoming> for InBody {
+    fn from(b: Incoming) -> InBody {
+        InBody::Http(b)
+    }
+}
+
+impl Body for InBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.get_mut() {
+            InBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InBody::H3(b) => b.poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            InBody::Http(b) => b.is_end_stream(),
+            InBody::H3(b) => b.state == H3State::Done,
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            InBody::Http(b) => b.size_hint(),
+            InBody::H3(b) => match b.length {
+                Some(n) if b.state == H3State::Data => SizeHint::with_exact(n),
+                _ => SizeHint::default(),
+            },
+        }
+    }
+}
+
+/// The receiving half of an HTTP/3 request stream (a request body on a listener) or of a
+/// response stream (a response body from an upstream).
+pub struct H3Recv {
+    stream: H3Stream,
+    state: H3State,
+    /// `content-length`, when the peer declared one.
+    length: Option<u64>,
+}
+
+enum H3Stream {
+    Server(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>),
+    Client(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>),
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum H3State {
+    Data,
+    Trailers,
+    Done,
+}
+
+impl H3Recv {
+    pub fn server(
+        stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+        headers: &HeaderMap,
+    ) -> H3Recv {
+        H3Recv {
+            stream: H3Stream::Server(stream),
+            state: H3State::Data,
+            length: content_length(headers),
+        }
+    }
+
+    pub fn client(
+        stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        headers: &HeaderMap,
+    ) -> H3Recv {
+        H3Recv {
+            stream: H3Stream::Client(stream),
+            state: H3State::Data,
+            length: content_length(headers),
+        }
+    }
+
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        loop {
+            match self.state {
+                H3State::Data => {
+                    let polled = match &mut self.stream {
+                        H3Stream::Server(s) => ready!(s.poll_recv_data(cx))
+                            .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                        H3Stream::Client(s) => ready!(s.poll_recv_data(cx))
+                            .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                    };
+                    match polled {
+                        Ok(Some(data)) if data.is_empty() => continue,
+                        Ok(Some(data)) => return Poll::Ready(Some(Ok(Frame::data(data)))),
+                        Ok(None) => self.state = H3State::Trailers,
+                        Err(e) => {
+                            self.state = H3State::Done;
+                            return Poll::Ready(Some(Err(e.into())));
+                        }
+                    }
+                }
+                H3State::Trailers => {
+                    let polled = match &mut self.stream {
+                        H3Stream::Server(s) => ready!(s.poll_recv_trailers(cx)),
+                        H3Stream::Client(s) => ready!(s.poll_recv_trailers(cx)),
+                    };
+                    self.state = H3State::Done;
+                    return Poll::Ready(match polled {
+                        Ok(Some(t)) => Some(Ok(Frame::trailers(t))),
+                        Ok(None) => None,
+                        Err(e) => Some(Err(e.into())),
+                    });
+                }
+                H3State::Done => return Poll::Ready(None),
+            }
+        }
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}

@@ -1,0 +1,431 @@
+//! Upstream HTTP/3: one QUIC connection per endpoint, shared by all requests to it (each
+//! request is a stream), opened on first use and again after it closes.
+//!
+//! A connection failure (no handshake within `connect_timeout`, refused, a TLS failure) is
+//! a connect failure for the breaker and the retry policy, exactly like a TCP one. With
+//! `fallback`, a QUIC connection that cannot be made for a reason other than TLS
+//! verification (UDP blocked, nothing listening, timeout) sends the request over the
+//! cluster's TCP+TLS client instead, and that endpoint stays on TCP for
+//! [`FALLBACK_PERIOD`] before QUIC is tried again; each turn to TCP is counted in
+//! `spur_quic_fallback_total{cluster}`.
+
+use crate::body::{H3Recv, InBody};
+use crate::metrics::{ClusterLabels, ReasonLabel, Side};
+use crate::tls::{ClientTlsRt, Role};
+use crate::upstream::{Client, ReqBody, UpstreamError};
+use bytes::Bytes;
+use http::{header, Request, Response, Version};
+use http_body::Body;
+use http_body_util::BodyExt;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// How long an endpoint whose QUIC connection failed stays on the TCP fallback.
+pub const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
+/// Keep-alives hold pooled connections open through idle periods.
+const KEEP_ALIVE: Duration = Duration::from_secs(10);
+const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+type SendRequest = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+#[derive(Clone)]
+struct Conn {
+    send: SendRequest,
+    quic: quinn::Connection,
+}
+
+pub struct H3Client {
+    cluster: Arc<str>,
+    tls: Arc<ClientTlsRt>,
+    connect_timeout: Duration,
+    /// Client endpoints (UDP sockets), one per address family, made on first use.
+    sockets: Mutex<[Option<quinn::Endpoint>; 2]>,
+    /// The rustls config a quinn config was last built from, and that quinn config.
+    quic_config: Mutex<Option<(Arc<rustls::ClientConfig>, quinn::ClientConfig)>>,
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Conn>>>>>,
+    fallback: Option<Fallback>,
+    metrics: QuicMetrics,
+}
+
+struct Fallback {
+    client: Client,
+    version: Version,
+    /// Endpoints on TCP, until when.
+    until: Mutex<HashMap<SocketAddr, Instant>>,
+}
+
+struct QuicMetrics {
+    active: Gauge,
+    streams: Counter,
+    fallback: Counter,
+    errors: Family<crate::metrics::SideReasonLabels, Counter>,
+}
+
+/// Why no QUIC connection could be made.
+struct ConnectFailure {
+    error: crate::body::BoxError,
+    /// Worth trying TCP: the network failed, not the peer's certificate.
+    may_fall_back: bool,
+    /// Another request turned this endpoint to TCP while this one waited for it.
+    fell_back: bool,
+}
+
+impl H3Client {
+    pub fn new(
+        cluster: &str,
+        tls: Arc<ClientTlsRt>,
+        connect_timeout: Duration,
+        fallback: Option<(Client, Version)>,
+        metrics: &crate::metrics::Metrics,
+    ) -> H3Client {
+        let cluster: Arc<str> = cluster.into();
+        let side = Side::Cluster(cluster.clone());
+        H3Client {
+            metrics: QuicMetrics {
+                active: metrics.quic_connections_active.get_or_create(&side).clone(),
+                streams: metrics.quic_streams.get_or_create(&side).clone(),
+                fallback: metrics
+                    .quic_fallback
+                    .get_or_create(&ClusterLabels {
+                        cluster: cluster.clone(),
+                    })
+                    .clone(),
+                errors: metrics.quic_handshake_errors.clone(),
+            },
+            cluster,
+            tls,
+            connect_timeout,
+            sockets: Mutex::new([None, None]),
+            quic_config: Mutex::new(None),
+            conns: Mutex::new(HashMap::new()),
+            fallback: fallback.map(|(client, version)| Fallback {
+                client,
+                version,
+                until: Mutex::new(HashMap::new()),
+            }),
+        }
+    }
+
+    pub async fn request(
+        &self,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<InBody>, UpstreamError> {
+        let addr: SocketAddr = req
+            .uri()
+            .authority()
+            .and_then(|a| a.as_str().parse().ok())
+            .ok_or_else(|| UpstreamError {
+                connect: true,
+                tls_reason: None,
+                error: "the request URI names no endpoint address".into(),
+            })?;
+        if let Some(fb) = &self.fallback {
+            if fb.active(addr) {
+                return fb.send(req).await;
+            }
+        }
+        // A pooled connection may have closed since its last use (the peer's idle timeout,
+        // a restart); a request that could not open a stream on it gets one fresh
+        // connection. Its body is untouched until a stream is open.
+        let mut fresh = false;
+        loop {
+            let conn = match self.connection(addr, fresh).await {
+                Ok(c) => c,
+                Err(f) => {
+                    if let (Some(fb), true) = (&self.fallback, f.fell_back) {
+                        return fb.send(req).await;
+                    }
+                    if let (Some(fb), true) = (&self.fallback, f.may_fall_back) {
+                        fb.start(addr);
+                        self.metrics.fallback.inc();
+                        tracing::warn!(
+                            cluster = &*self.cluster,
+                            endpoint = %addr,
+                            error = %f.error,
+                            period_s = FALLBACK_PERIOD.as_secs(),
+                            "QUIC connection failed: falling back to TCP for this endpoint"
+                        );
+                        return fb.send(req).await;
+                    }
+                    return Err(UpstreamError {
+                        connect: true,
+                        tls_reason: None,
+                        error: f.error,
+                    });
+                }
+            };
+            match self.send(conn.clone(), req).await {
+                Ok(resp) => return Ok(resp),
+                Err(Unsent::Again(r)) if !fresh => {
+                    req = *r;
+                    fresh = true;
+                }
+                Err(Unsent::Again(_)) => {
+                    return Err(UpstreamError {
+                        connect: true,
+                        tls_reason: None,
+                        error: "the new QUIC connection closed before the request was sent".into(),
+                    })
+                }
+                Err(Unsent::Failed(e)) => return Err(e),
+            }
+        }
+    }
+
+    /// The endpoint's pooled connection, or a new one (`fresh`: the pooled one failed).
+    async fn connection(&self, addr: SocketAddr, fresh: bool) -> Result<Conn, ConnectFailure> {
+        let slot = self.conns.lock().unwrap().entry(addr).or_default().clone();
+        let mut slot = slot.lock().await;
+        if self.fallback.as_ref().is_some_and(|f| f.active(addr)) {
+            return Err(ConnectFailure {
+                error: "on the TCP fallback".into(),
+                may_fall_back: true,
+                fell_back: true,
+            });
+        }
+        if let Some(c) = slot.as_ref() {
+            if !fresh && c.quic.close_reason().is_none() {
+                return Ok(c.clone());
+            }
+            if fresh && c.quic.close_reason().is_none() {
+                c.quic.close(0u32.into(), b"replaced");
+            }
+        }
+        *slot = None;
+        let conn = match tokio::time::timeout(self.connect_timeout, self.connect(addr)).await {
+            Ok(r) => r?,
+            Err(_) => {
+                self.handshake_error("timeout");
+                return Err(ConnectFailure {
+                    error: format!(
+                        "no QUIC handshake with {addr} within {:?}",
+                        self.connect_timeout
+                    )
+                    .into(),
+                    may_fall_back: true,
+                    fell_back: false,
+                });
+            }
+        };
+        *slot = Some(conn.clone());
+        Ok(conn)
+    }
+
+    async fn connect(&self, addr: SocketAddr) -> Result<Conn, ConnectFailure> {
+        let io_failure = |e: String| ConnectFailure {
+            error: e.into(),
+            may_fall_back: true,
+            fell_back: false,
+        };
+        let endpoint = self
+            .socket(addr)
+            .map_err(|e| io_failure(format!("cannot open a UDP socket: {e}")))?;
+        let config = self.client_config().map_err(|e| ConnectFailure {
+            error: e.into(),
+            may_fall_back: false,
+            fell_back: false,
+        })?;
+        let name = self.tls.server_name_for(addr.ip());
+        let connecting = endpoint
+            .connect_with(config, addr, &name)
+            .map_err(|e| io_failure(format!("cannot connect to {addr}: {e}")))?;
+        let quic = match connecting.await {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = super::handshake_reason(&e, Role::Client);
+                self.handshake_error(reason);
+                tracing::debug!(cluster = &*self.cluster, endpoint = %addr, reason, error = %e, "QUIC handshake failed");
+                let tls = matches!(
+                    reason,
+                    "unknown_ca"
+                        | "expired"
+                        | "not_yet_valid"
+                        | "identity_not_expected"
+                        | "bad_certificate"
+                        | "no_client_cert"
+                        | "peer_alert"
+                        | "alpn"
+                );
+                return Err(ConnectFailure {
+                    error: format!("QUIC handshake with {addr} failed ({reason}): {e}").into(),
+                    may_fall_back: !tls,
+                    fell_back: false,
+                });
+            }
+        };
+        let (mut driver, send) = h3::client::builder()
+            .build::<_, _, Bytes>(h3_quinn::Connection::new(quic.clone()))
+            .await
+            .map_err(|e| io_failure(format!("HTTP/3 setup with {addr} failed: {e}")))?;
+        let active = self.metrics.active.clone();
+        active.inc();
+        let cluster = self.cluster.clone();
+        tokio::spawn(async move {
+            let e = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+            active.dec();
+            if !e.is_h3_no_error() {
+                tracing::debug!(cluster = &*cluster, endpoint = %addr, error = %e, "HTTP/3 connection closed");
+            }
+        });
+        Ok(Conn { send, quic })
+    }
+
+    fn handshake_error(&self, reason: &'static str) {
+        self.metrics
+            .errors
+            .get_or_create(&(Side::Cluster(self.cluster.clone()), ReasonLabel { reason }))
+            .inc();
+    }
+
+    fn socket(&self, addr: SocketAddr) -> std::io::Result<quinn::Endpoint> {
+        let mut sockets = self.sockets.lock().unwrap();
+        let i = usize::from(addr.is_ipv6());
+        if let Some(e) = &sockets[i] {
+            return Ok(e.clone());
+        }
+        let bind: SocketAddr = if addr.is_ipv6() {
+            "[::]:0".parse().expect("an address")
+        } else {
+            "0.0.0.0:0".parse().expect("an address")
+        };
+        let e = quinn::Endpoint::client(bind)?;
+        sockets[i] = Some(e.clone());
+        Ok(e)
+    }
+
+    /// A quinn client config from the cluster's current rustls config with ALPN `h3`;
+    /// rebuilt when the TLS files rotate.
+    fn client_config(&self) -> Result<quinn::ClientConfig, String> {
+        let current = self.tls.current();
+        let mut cached = self.quic_config.lock().unwrap();
+        if let Some((src, cfg)) = cached.as_ref() {
+            if Arc::ptr_eq(src, &current) {
+                return Ok(cfg.clone());
+            }
+        }
+        let mut rustls_cfg = (*current).clone();
+        rustls_cfg.alpn_protocols = vec![crate::tls::ALPN_H3.to_vec()];
+        rustls_cfg.enable_early_data = false;
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(rustls_cfg)
+            .map_err(|e| format!("the cluster's TLS settings cannot carry QUIC: {e}"))?;
+        let mut cfg = quinn::ClientConfig::new(Arc::new(crypto));
+        cfg.transport_config(super::transport(IDLE_TIMEOUT, Some(KEEP_ALIVE)));
+        *cached = Some((current, cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Sends one request as a stream of `conn`: the head, then the body (in its own task,
+    /// while the response is awaited, so a server may answer before reading it all).
+    async fn send(
+        &self,
+        mut conn: Conn,
+        req: Request<ReqBody>,
+    ) -> Result<Response<InBody>, Unsent> {
+        let (mut parts, body) = req.into_parts();
+        parts.version = Version::HTTP_3;
+        // `:authority` comes from the URI.
+        parts.headers.remove(header::HOST);
+        if conn.quic.close_reason().is_some() {
+            return Err(Unsent::Again(Box::new(Request::from_parts(parts, body))));
+        }
+        let stream = match conn.send.send_request(Request::from_parts(parts, ())).await {
+            Ok(s) => s,
+            Err(e) => return Err(Unsent::Failed(reset(e))),
+        };
+        self.metrics.streams.inc();
+        let (mut tx, mut rx) = stream.split();
+        if body.is_end_stream() {
+            if let Err(e) = tx.finish().await {
+                return Err(Unsent::Failed(reset(e)));
+            }
+        } else {
+            tokio::spawn(async move {
+                let mut body = body;
+                loop {
+                    match body.frame().await {
+                        Some(Ok(frame)) => match frame.into_data() {
+                            Ok(d) => {
+                                if tx.send_data(d).await.is_err() {
+                                    return;
+                                }
+                            }
+                            Err(frame) => {
+                                if let Ok(t) = frame.into_trailers() {
+                                    let _ = tx.send_trailers(t).await;
+                                    return;
+                                }
+                            }
+                        },
+                        None => {
+                            let _ = tx.finish().await;
+                            return;
+                        }
+                        Some(Err(e)) => {
+                            tracing::debug!(error = %e, "request body failed: stream reset");
+                            tx.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        let head = rx
+            .recv_response()
+            .await
+            .map_err(|e| Unsent::Failed(reset(e)))?;
+        let (parts, ()) = head.into_parts();
+        let body = InBody::H3(Box::new(H3Recv::client(rx, &parts.headers)));
+        Ok(Response::from_parts(parts, body))
+    }
+}
+
+enum Unsent {
+    /// No stream could be opened: the request, untouched, may go on another connection.
+    Again(Box<Request<ReqBody>>),
+    Failed(UpstreamError),
+}
+
+fn reset(e: impl std::error::Error + Send + Sync + 'static) -> UpstreamError {
+    UpstreamError {
+        connect: false,
+        tls_reason: None,
+        error: Box::new(e),
+    }
+}
+
+impl Fallback {
+    fn active(&self, addr: SocketAddr) -> bool {
+        let mut until = self.until.lock().unwrap();
+        match until.get(&addr) {
+            Some(t) if Instant::now() < *t => true,
+            Some(_) => {
+                until.remove(&addr);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn start(&self, addr: SocketAddr) {
+        self.until
+            .lock()
+            .unwrap()
+            .insert(addr, Instant::now() + FALLBACK_PERIOD);
+    }
+
+    async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<InBody>, UpstreamError> {
+        *req.version_mut() = self.version;
+        if self.version == Version::HTTP_2 {
+            req.headers_mut().remove(header::HOST);
+        }
+        match self.client.request(req).await {
+            Ok(r) => Ok(r.map(InBody::Http)),
+            Err(e) => Err(UpstreamError::from_hyper(e)),
+        }
+    }
+}

@@ -1,0 +1,334 @@
+//! `http3` listeners: a QUIC endpoint on a UDP socket; each connection's request streams
+//! become requests on the common request path ([`crate::forward::handle_any`]).
+//!
+//! Like TCP listeners: `max_connections` (refused over it), `header_timeout` (for the
+//! handshake and for each request's headers), `idle_timeout` (QUIC's idle timeout),
+//! `max_header_bytes` (431 from the request path; h3 refuses heads far larger), draining
+//! (GOAWAY, in-flight requests finish, then the drain timeout), `allow_identities` (403 per
+//! request) and the verified peer identity in the access log and upstream.
+
+use crate::adapters::idle::Activity;
+use crate::adapters::listener::ConnGuard;
+use crate::body::{H3Recv, InBody};
+use crate::forward::{handle_any, ConnCtx, TlsSession};
+use crate::metrics::{ListenerLabels, ReasonLabel, Side};
+use crate::snapshot::ListenerRt;
+use crate::tls::{Role, ServerTls};
+use crate::Shared;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response};
+use http_body_util::BodyExt;
+use rustls::pki_types::CertificateDer;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinSet;
+
+type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+
+/// Binds the listener's UDP socket and makes its QUIC endpoint.
+pub fn bind(lst: &ListenerRt) -> std::io::Result<quinn::Endpoint> {
+    let tls = lst.tls.as_ref().ok_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "an http3 listener needs tls",
+        )
+    })?;
+    let config = server_config(lst, &tls.current())?;
+    let socket = std::net::UdpSocket::bind(lst.listen)?;
+    quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(config),
+        socket,
+        Arc::new(quinn::TokioRuntime),
+    )
+}
+
+fn server_config(
+    lst: &ListenerRt,
+    tls: &Arc<rustls::ServerConfig>,
+) -> std::io::Result<quinn::ServerConfig> {
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls.clone()).map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("the listener's TLS settings cannot carry QUIC: {e}"),
+        )
+    })?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(super::transport(lst.limits.idle_timeout.get(), None));
+    Ok(config)
+}
+
+/// The quinn config built from a rustls config (rebuilt when the files rotate, or when a
+/// config push changes the listener's TLS).
+struct ConfigCache {
+    source: Arc<rustls::ServerConfig>,
+    idle: std::time::Duration,
+    config: Arc<quinn::ServerConfig>,
+}
+
+impl ConfigCache {
+    fn get(
+        cache: &mut Option<ConfigCache>,
+        lst: &ListenerRt,
+        tls: &ServerTls,
+    ) -> std::io::Result<Arc<quinn::ServerConfig>> {
+        let current = tls.current();
+        let idle = lst.limits.idle_timeout.get();
+        if let Some(c) = cache.as_ref() {
+            if Arc::ptr_eq(&c.source, &current) && c.idle == idle {
+                return Ok(c.config.clone());
+            }
+        }
+        let config = Arc::new(server_config(lst, &current)?);
+        *cache = Some(ConfigCache {
+            source: current,
+            idle,
+            config: config.clone(),
+        });
+        Ok(config)
+    }
+}
+
+/// The accept loop of an `http3` listener, then the wait for its connections (see
+/// [`crate::adapters::listener`] for `stop` and `drain`).
+pub async fn serve(
+    shared: Arc<Shared>,
+    name: Arc<str>,
+    endpoint: quinn::Endpoint,
+    mut stop: watch::Receiver<bool>,
+    drain: watch::Receiver<bool>,
+) {
+    let (drain_tx, drain_rx) = mpsc::channel::<()>(1);
+    let active = Arc::new(AtomicUsize::new(0));
+    let gauge = shared
+        .metrics
+        .connections_active
+        .get_or_create(&ListenerLabels {
+            listener: name.clone(),
+        })
+        .clone();
+    let mut cache = None;
+    loop {
+        let incoming = tokio::select! {
+            i = endpoint.accept() => i,
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let Some(incoming) = incoming else { break };
+        let snap = shared.snapshot.load();
+        let Some(lst) = snap.listeners.get(&*name).cloned() else {
+            incoming.refuse();
+            continue;
+        };
+        if active.load(Ordering::Relaxed) >= lst.limits.max_connections as usize {
+            shared.metrics.reject(&lst.name, "max_connections");
+            incoming.refuse();
+            continue;
+        }
+        let Some(tls) = lst.tls.clone() else {
+            incoming.refuse();
+            continue;
+        };
+        let config = match ConfigCache::get(&mut cache, &lst, &tls) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = &*name, error = %e, "QUIC connection refused");
+                incoming.refuse();
+                continue;
+            }
+        };
+        let connecting = match incoming.accept_with(config) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::debug!(listener = &*name, error = %e, "QUIC connection failed");
+                continue;
+            }
+        };
+        let guard = ConnGuard::new(active.clone(), gauge.clone(), drain_tx.clone());
+        tokio::spawn(serve_conn(
+            shared.clone(),
+            lst,
+            tls,
+            connecting,
+            guard,
+            drain.clone(),
+        ));
+    }
+    // No new connections; established ones carry on (the endpoint's driver runs on its own).
+    endpoint.set_server_config(None);
+    drop(drain_tx);
+    crate::adapters::listener::wait_connections(&shared, &name, &active, drain_rx, drain).await;
+    endpoint.close(0u32.into(), b"listener closed");
+}
+
+/// Decrements a gauge when dropped.
+struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+async fn serve_conn(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    tls: Arc<ServerTls>,
+    connecting: quinn::Connecting,
+    guard: ConnGuard,
+    mut drain: watch::Receiver<bool>,
+) {
+    let peer = connecting.remote_address();
+    let side = Side::Listener(lst.name.clone());
+    let header_timeout = lst.limits.header_timeout.get();
+    let handshake_failed = |reason: &'static str| {
+        shared
+            .metrics
+            .quic_handshake_errors
+            .get_or_create(&(side.clone(), ReasonLabel { reason }))
+            .inc();
+    };
+    let conn = match tokio::time::timeout(header_timeout, connecting).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            let reason = super::handshake_reason(&e, Role::Server);
+            handshake_failed(reason);
+            tracing::debug!(listener = &*lst.name, %peer, reason, error = %e, "QUIC handshake failed");
+            return;
+        }
+        Err(_) => {
+            handshake_failed("timeout");
+            return;
+        }
+    };
+    let quic_gauge = shared
+        .metrics
+        .quic_connections_active
+        .get_or_create(&side)
+        .clone();
+    quic_gauge.inc();
+    let _quic_gauge = GaugeGuard(quic_gauge);
+    let streams = shared.metrics.quic_streams.get_or_create(&side).clone();
+
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let (identity, allowed) = tls.check_peer(chain.as_deref().map(Vec::as_slice));
+    if !allowed {
+        tracing::debug!(
+            listener = &*lst.name,
+            identity = identity.as_ref().map_or("-", |p| p.as_str()),
+            "peer identity not allowed: its requests get 403"
+        );
+    }
+    let identity_header = identity
+        .as_ref()
+        .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+    let ctx = Arc::new(ConnCtx {
+        shared: shared.clone(),
+        listener: lst.name.clone(),
+        peer,
+        original_dst: None,
+        guard: Arc::new(guard),
+        activity: Activity::new(),
+        idle_timeout: lst.limits.idle_timeout.get(),
+        drain: drain.clone(),
+        peer_identity: identity.map(|i| i.as_arc().clone()),
+        tls: Some(TlsSession {
+            identity_header,
+            allowed,
+        }),
+    });
+    // h3 refuses heads over this outright; the request path answers 431 for heads over
+    // max_header_bytes, so leave it room to.
+    let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
+    let mut h3: H3Conn = match h3::server::builder()
+        .max_field_section_size(max_field)
+        .build(h3_quinn::Connection::new(conn.clone()))
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(listener = &*lst.name, %peer, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+    };
+    let mut requests = JoinSet::new();
+    let mut draining = false;
+    while !draining {
+        tokio::select! {
+            accepted = h3.accept() => match accepted {
+                Ok(Some(resolver)) => {
+                    streams.inc();
+                    requests.spawn(serve_request(ctx.clone(), resolver, header_timeout));
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    if !e.is_h3_no_error() {
+                        tracing::debug!(listener = &*lst.name, %peer, error = %e, "HTTP/3 connection ended");
+                    }
+                    break;
+                }
+            },
+            Some(_) = requests.join_next(), if !requests.is_empty() => {}
+            _ = drain.wait_for(|d| *d) => draining = true,
+        }
+    }
+    if draining {
+        // GOAWAY: no new requests; the ones in flight finish below.
+        let _ = h3.shutdown(0).await;
+    }
+    while requests.join_next().await.is_some() {}
+    conn.close(0u32.into(), b"");
+}
+
+async fn serve_request(ctx: Arc<ConnCtx>, resolver: Resolver, header_timeout: std::time::Duration) {
+    let (req, stream) = match tokio::time::timeout(header_timeout, resolver.resolve_request()).await
+    {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            tracing::debug!(listener = &*ctx.listener, error = %e, "HTTP/3 request refused");
+            return;
+        }
+        Err(_) => {
+            ctx.shared.metrics.reject(&ctx.listener, "header_timeout");
+            return;
+        }
+    };
+    let (mut tx, rx) = stream.split();
+    let (parts, ()) = req.into_parts();
+    let body = InBody::H3(Box::new(H3Recv::server(rx, &parts.headers)));
+    let resp = handle_any(&ctx, Request::from_parts(parts, body)).await;
+    let (parts, mut body) = resp.into_parts();
+    if let Err(e) = tx.send_response(Response::from_parts(parts, ())).await {
+        tracing::debug!(listener = &*ctx.listener, error = %e, "HTTP/3 response not sent");
+        return;
+    }
+    loop {
+        match body.frame().await {
+            Some(Ok(frame)) => match frame.into_data() {
+                Ok(d) => {
+                    if tx.send_data(d).await.is_err() {
+                        return;
+                    }
+                }
+                Err(frame) => {
+                    if let Ok(t) = frame.into_trailers() {
+                        let _ = tx.send_trailers(t).await;
+                        return;
+                    }
+                }
+            },
+            None => {
+                let _ = tx.finish().await;
+                return;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(listener = &*ctx.listener, error = %e, "response body failed: stream reset");
+                tx.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,588 @@
+//! End-to-end: HTTP/3 over QUIC through real UDP sockets on 127.0.0.1 — an h3 client
+//! (quinn + h3) to an `http3` listener, proxy → HTTP/3 + mTLS → proxy, the TCP fallback
+//! when UDP is closed, Alt-Svc, certificate rotation and live listener changes.
+
+mod common;
+
+use bytes::{Buf, Bytes};
+use common::pki::*;
+use common::*;
+use http::{Request, Response};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
+
+fn id(sa: &str) -> String {
+    format!("spiffe://test.local/ns/shop/sa/{sa}")
+}
+
+fn client_tls(ca: &str, auth: Option<&Leaf>) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(ca).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(roots);
+    let mut cfg = match auth {
+        Some(leaf) => {
+            let chain = CertificateDer::pem_file_iter(&leaf.cert)
+                .unwrap()
+                .collect::<Result<Vec<_>, _>>()
+                .unwrap();
+            builder
+                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&leaf.key).unwrap())
+                .unwrap()
+        }
+        None => builder.with_no_client_auth(),
+    };
+    cfg.alpn_protocols = vec![b"h3".to_vec()];
+    cfg
+}
+
+/// A client HTTP/3 connection to `addr` (server name `localhost`).
+struct H3Conn {
+    send: H3Send,
+    quic: quinn::Connection,
+    _endpoint: quinn::Endpoint,
+}
+
+impl H3Conn {
+    async fn open(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<H3Conn, String> {
+        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
+        let connecting = endpoint
+            .connect(addr, "localhost")
+            .map_err(|e| e.to_string())?;
+        let quic = tokio::time::timeout(Duration::from_secs(2), connecting)
+            .await
+            .map_err(|_| "handshake timed out".to_string())?
+            .map_err(|e| format!("handshake: {e}"))?;
+        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(quic.clone()))
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(async move {
+            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
+        });
+        Ok(H3Conn {
+            send,
+            quic,
+            _endpoint: endpoint,
+        })
+    }
+
+    /// The serial number of the certificate the server presented.
+    fn server_serial(&self) -> Vec<u8> {
+        let chain = self
+            .quic
+            .peer_identity()
+            .unwrap()
+            .downcast::<Vec<CertificateDer<'static>>>()
+            .unwrap();
+        spur_proxy::tls::der::serial(&chain[0]).unwrap().to_vec()
+    }
+
+    /// Sends a request whose body is `chunks`, and reads the whole response.
+    async fn request(
+        &self,
+        req: Request<()>,
+        chunks: Vec<Bytes>,
+    ) -> Result<(Response<()>, Bytes), String> {
+        let mut send = self.send.clone();
+        let mut stream = send.send_request(req).await.map_err(|e| e.to_string())?;
+        for c in chunks {
+            stream.send_data(c).await.map_err(|e| e.to_string())?;
+        }
+        stream.finish().await.map_err(|e| e.to_string())?;
+        let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
+        let mut body = Vec::new();
+        while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
+            let n = chunk.remaining();
+            body.extend_from_slice(&chunk.copy_to_bytes(n));
+        }
+        Ok((resp, Bytes::from(body)))
+    }
+
+    async fn get(&self, path: &str) -> Result<(Response<()>, Bytes), String> {
+        let req = Request::get(format!("https://localhost{path}"))
+            .body(())
+            .unwrap();
+        self.request(req, Vec::new()).await
+    }
+}
+
+/// An app that reports what it saw: body length, the correlation headers and the peer
+/// identity Spur forwarded.
+async fn reporting_app() -> Backend {
+    backend(|req: Request<Incoming>| async move {
+        let h = |n: &str| {
+            req.headers()
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string()
+        };
+        let (rid, tp, peer, host) = (
+            h("x-request-id"),
+            h("traceparent"),
+            h("x-spur-peer-identity"),
+            h("host"),
+        );
+        let method = req.method().to_string();
+        let len = req.into_body().collect().await.unwrap().to_bytes().len();
+        Response::builder()
+            .header("x-seen-request-id", rid)
+            .header("x-seen-traceparent", tp)
+            .header("x-seen-peer", peer)
+            .header("x-seen-host", host)
+            .body(Full::new(Bytes::from(format!("{method} {len}"))))
+            .unwrap()
+    })
+    .await
+}
+
+fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
+    r.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h3_client_reaches_an_http1_app_through_an_http3_listener() {
+    let pki = Pki::new("h3-edge");
+    let server = pki.issue("edge", None, 1);
+    let app = reporting_app().await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: edge
+    listen: 127.0.0.1:0
+    protocol: http3
+    tls: {{ cert: {cert}, key: {key} }}
+    cluster: app
+clusters:
+  - name: app
+    endpoints: ["{app}"]
+"#,
+        cert = server.cert,
+        key = server.key,
+        app = app.addr,
+    ))
+    .await;
+    let addr = proxy.listener_addr("edge").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let conn = H3Conn::open(addr, client_tls(&pki.ca_path, None))
+        .await
+        .unwrap();
+
+    // GET: correlation headers reach the app and come back.
+    let (resp, body) = conn.get("/hello").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body, "GET 0");
+    let rid = header(&resp, "x-request-id");
+    assert_eq!(rid.len(), 36, "a generated request ID comes back: {rid:?}");
+    assert_eq!(header(&resp, "x-seen-request-id"), rid);
+    assert_eq!(header(&resp, "x-seen-traceparent").len(), 55);
+    assert_eq!(header(&resp, "x-seen-host"), "localhost");
+
+    // POST, 10 MiB streamed in 64 KiB chunks.
+    let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+    let chunks = vec![chunk; 160];
+    let req = Request::post("https://localhost/upload")
+        .header("content-length", (160 * 64 * 1024).to_string())
+        .body(())
+        .unwrap();
+    let (resp, body) = conn.request(req, chunks).await.unwrap();
+    assert_eq!(resp.status(), 200);
+    assert_eq!(body, format!("POST {}", 10 * 1024 * 1024));
+
+    // 100 concurrent requests on the one connection.
+    let conn = Arc::new(conn);
+    let mut tasks = Vec::new();
+    for i in 0..100 {
+        let conn = conn.clone();
+        tasks.push(tokio::spawn(async move {
+            let (resp, body) = conn.get(&format!("/c/{i}")).await?;
+            Ok::<_, String>((resp.status().as_u16(), body))
+        }));
+    }
+    let mut ok = 0;
+    for t in tasks {
+        let (status, body) = t.await.unwrap().unwrap();
+        assert_eq!((status, &body[..]), (200, &b"GET 0"[..]));
+        ok += 1;
+    }
+    assert_eq!(ok, 100);
+
+    let text = get(admin, "/metrics", &[]).await.text();
+    let streams = metric_in(&text, "spur_quic_streams_total", &[("listener", "edge")]);
+    assert_eq!(streams, 102.0, "{text}");
+    assert_eq!(
+        metric_in(
+            &text,
+            "spur_requests_total",
+            &[
+                ("listener", "edge"),
+                ("route", "default"),
+                ("cluster", "app"),
+                ("code", "200")
+            ]
+        ),
+        102.0
+    );
+    assert_eq!(
+        metric_in(
+            &text,
+            "spur_quic_connections_active",
+            &[("listener", "edge")]
+        ),
+        1.0
+    );
+}
+
+/// Proxy B: an http3 listener with mutual TLS that allows only A's identity, in front of
+/// the app.
+async fn proxy_b(pki: &Pki, app: SocketAddr) -> spur_proxy::Proxy {
+    let b = pki.issue("b", Some(&id("b")), 20);
+    start_proxy(&format!(
+        r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: inbound
+    listen: 127.0.0.1:0
+    protocol: http3
+    tls:
+      cert: {cert}
+      key: {key}
+      client_ca: {ca}
+      allow_identities: ["{a}"]
+    cluster: app
+clusters:
+  - name: app
+    endpoints: ["{app}"]
+"#,
+        cert = b.cert,
+        key = b.key,
+        ca = pki.ca_path,
+        a = id("a"),
+    ))
+    .await
+}
+
+/// Proxy A: plain HTTP in, HTTP/3 with mTLS to `b`, presenting `who`'s certificate and
+/// expecting the server to be `expect`.
+async fn proxy_a(
+    pki: &Pki,
+    who: &str,
+    serial: u64,
+    b: SocketAddr,
+    expect: &str,
+) -> spur_proxy::Proxy {
+    let a = pki.issue(who, Some(&id(who)), serial);
+    start_proxy(&format!(
+        r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: outbound
+    listen: 127.0.0.1:0
+    cluster: b
+clusters:
+  - name: b
+    endpoints: ["{b}"]
+    protocol: http3
+    connect_timeout: 1s
+    tls:
+      ca: {ca}
+      cert: {cert}
+      key: {key}
+      expect_identities: ["{expect}"]
+"#,
+        ca = pki.ca_path,
+        cert = a.cert,
+        key = a.key,
+    ))
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_to_proxy_over_http3_with_mutual_tls() {
+    let pki = Pki::new("h3-hop");
+    let app = reporting_app().await;
+    let b = proxy_b(&pki, app.addr).await;
+    let b_addr = b.listener_addr("inbound").unwrap();
+    let a = proxy_a(&pki, "a", 10, b_addr, &id("b")).await;
+    let a_addr = a.listener_addr("outbound").unwrap();
+
+    // 50 requests, one QUIC connection; B sees and forwards A's verified identity.
+    for i in 0..50 {
+        let r = get(a_addr, &format!("/x/{i}"), &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.text(), "GET 0");
+        assert_eq!(r.header("x-seen-peer"), Some(id("a").as_str()));
+    }
+    let client = h1_client();
+    let req = Request::post(format!("http://{a_addr}/upload"))
+        .body(Full::new(Bytes::from(vec![7u8; 300_000])))
+        .unwrap();
+    let r = send(&client, req).await;
+    assert_eq!(r.text(), "POST 300000");
+    let a_admin = a.admin_addr().unwrap();
+    assert_eq!(
+        metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
+        1.0,
+        "the requests share one QUIC connection"
+    );
+    assert_eq!(
+        metric(a_admin, "spur_quic_streams_total", &[("cluster", "b")]).await,
+        51.0
+    );
+    let b_admin = b.admin_addr().unwrap();
+    assert_eq!(
+        metric(
+            b_admin,
+            "spur_requests_total",
+            &[
+                ("listener", "inbound"),
+                ("route", "default"),
+                ("cluster", "app"),
+                ("code", "200")
+            ]
+        )
+        .await,
+        51.0
+    );
+
+    // A proxy that expects another server identity refuses B: a connect failure, counted.
+    let wary = proxy_a(&pki, "a", 11, b_addr, &id("somebody-else")).await;
+    let r = get(wary.listener_addr("outbound").unwrap(), "/", &[]).await;
+    assert_eq!(r.status, 502);
+    assert_eq!(r.header("x-spur-error"), Some("upstream_unreachable"));
+    assert_eq!(
+        metric(
+            wary.admin_addr().unwrap(),
+            "spur_quic_handshake_errors_total",
+            &[("cluster", "b"), ("reason", "identity_not_expected")]
+        )
+        .await,
+        1.0
+    );
+
+    // A peer whose identity B does not allow: its requests are refused with 403.
+    let intruder = proxy_a(&pki, "intruder", 12, b_addr, &id("b")).await;
+    let r = get(intruder.listener_addr("outbound").unwrap(), "/", &[]).await;
+    assert_eq!(r.status, 403);
+    assert_eq!(r.header("x-spur-error"), Some("forbidden"));
+
+    // A client without a certificate does not get through B's handshake.
+    let bare = H3Conn::open(b_addr, client_tls(&pki.ca_path, None)).await;
+    let refused = match bare {
+        Err(_) => true,
+        Ok(c) => c.get("/").await.is_err(),
+    };
+    assert!(refused, "a client without a certificate is refused");
+    assert!(
+        eventually(Duration::from_secs(2), || async {
+            metric(
+                b_admin,
+                "spur_quic_handshake_errors_total",
+                &[("listener", "inbound"), ("reason", "no_client_cert")],
+            )
+            .await
+                == 1.0
+        })
+        .await
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_udp_closed_fallback_http2_keeps_requests_succeeding() {
+    let pki = Pki::new("h3-fallback");
+    let app = reporting_app().await;
+    // B listens on TCP only (HTTP/2 and HTTP/1.1 over mTLS); nothing answers on its UDP port.
+    let b_leaf = pki.issue("b", Some(&id("b")), 30);
+    let b = start_proxy(&format!(
+        r#"
+listeners:
+  - name: inbound
+    listen: 127.0.0.1:0
+    tls: {{ cert: {cert}, key: {key}, client_ca: {ca} }}
+    cluster: app
+clusters:
+  - name: app
+    endpoints: ["{app}"]
+"#,
+        cert = b_leaf.cert,
+        key = b_leaf.key,
+        ca = pki.ca_path,
+        app = app.addr,
+    ))
+    .await;
+    let b_addr = b.listener_addr("inbound").unwrap();
+    let a_leaf = pki.issue("a", Some(&id("a")), 31);
+    let a = start_proxy(&format!(
+        r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: outbound
+    listen: 127.0.0.1:0
+    cluster: b
+clusters:
+  - name: b
+    endpoints: ["{b_addr}"]
+    protocol: http3
+    fallback: http2
+    connect_timeout: 300ms
+    tls: {{ ca: {ca}, cert: {cert}, key: {key}, expect_identities: ["{b_id}"] }}
+"#,
+        ca = pki.ca_path,
+        cert = a_leaf.cert,
+        key = a_leaf.key,
+        b_id = id("b"),
+    ))
+    .await;
+    let a_addr = a.listener_addr("outbound").unwrap();
+
+    // A bounded load: 8 workers for 2 s.
+    let ok = Arc::new(AtomicUsize::new(0));
+    let failed = Arc::new(AtomicUsize::new(0));
+    let until = Instant::now() + Duration::from_secs(2);
+    let mut workers = Vec::new();
+    for _ in 0..8 {
+        let (ok, failed) = (ok.clone(), failed.clone());
+        workers.push(tokio::spawn(async move {
+            let client = h1_client();
+            while Instant::now() < until {
+                let req = Request::get(format!("http://{a_addr}/")).body(Full::default());
+                match client.request(req.unwrap()).await {
+                    Ok(r) if r.status() == 200 => {
+                        let peer = r.headers().get("x-seen-peer").cloned();
+                        let _ = r.into_body().collect().await;
+                        assert_eq!(peer.unwrap(), id("a").as_str(), "mTLS on the TCP hop");
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+            }
+        }));
+    }
+    for w in workers {
+        w.await.unwrap();
+    }
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{ok} succeeded");
+    assert!(ok > 50, "only {ok} requests in 2 s");
+    let admin = a.admin_addr().unwrap();
+    assert_eq!(
+        metric(admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
+        1.0,
+        "one turn to TCP for the one endpoint, kept for the fallback period"
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_quic_handshake_errors_total",
+            &[("cluster", "b"), ("reason", "timeout")]
+        )
+        .await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn alt_svc_rotation_and_live_http3_listeners() {
+    let pki = Pki::new("h3-live");
+    let leaf = pki.issue("edge", None, 40);
+    let app = named_backend("app").await;
+    let yaml = |with_h3: bool| {
+        let y = format!(
+            r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: app
+    alt_svc_h3: 8443
+clusters:
+  - name: app
+    endpoints: ["{app}"]
+"#,
+            app = app.addr
+        );
+        let y = if with_h3 {
+            y.replace(
+                "clusters:",
+                &format!(
+                    "  - name: h3\n    listen: 127.0.0.1:0\n    protocol: http3\n    tls: {{ cert: {}, key: {} }}\n    cluster: app\nclusters:",
+                    leaf.cert, leaf.key
+                ),
+            )
+        } else {
+            y
+        };
+        spur_config::load(&y, Some("t.yaml")).unwrap()
+    };
+    let proxy = spur_proxy::Proxy::start(yaml(false)).await.unwrap();
+    let web = proxy.listener_addr("web").unwrap();
+    let r = get(web, "/", &[]).await;
+    assert_eq!(r.header("alt-svc"), Some("h3=\":8443\"; ma=86400"));
+
+    // Added live.
+    proxy.apply(yaml(true), 2).await.unwrap();
+    let h3_addr = proxy.listener_addr("h3").unwrap();
+    let conn = H3Conn::open(h3_addr, client_tls(&pki.ca_path, None))
+        .await
+        .unwrap();
+    assert_eq!(conn.server_serial(), vec![40]);
+    let (resp, body) = conn.get("/").await.unwrap();
+    assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"app"[..]));
+
+    // Rotation: new connections get the new certificate; the open one keeps working.
+    let rotated = pki.issue("edge", None, 41);
+    assert_eq!(rotated.cert, leaf.cert);
+    let fresh = Arc::new(tokio::sync::Mutex::new(None));
+    assert!(
+        eventually(Duration::from_secs(5), || {
+            let tls = client_tls(&pki.ca_path, None);
+            let fresh = fresh.clone();
+            async move {
+                let c = H3Conn::open(h3_addr, tls).await.unwrap();
+                let rotated = c.server_serial() == vec![41];
+                *fresh.lock().await = Some(c);
+                rotated
+            }
+        })
+        .await,
+        "new QUIC connections present the rotated certificate"
+    );
+    let fresh = fresh.lock().await.take().unwrap();
+    let (resp, _) = fresh.get("/").await.unwrap();
+    assert_eq!(resp.status(), 200);
+    let (resp, _) = conn.get("/").await.unwrap();
+    assert_eq!(resp.status(), 200, "the established connection carries on");
+    drop(conn);
+
+    // Removed live: no handshake any more.
+    proxy.apply(yaml(false), 3).await.unwrap();
+    assert!(proxy.listener_addr("h3").is_none());
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            H3Conn::open(h3_addr, client_tls(&pki.ca_path, None))
+                .await
+                .is_err()
+        })
+        .await,
+        "the removed http3 listener no longer accepts connections"
+    );
+}
