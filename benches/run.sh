@@ -4,6 +4,8 @@
 #   spur      -> origin   (target/release/spur proxy --config <generated yaml>)
 #   spur-mtls -> Spur listener -> mTLS -> Spur TLS listener -> origin (both hops in one
 #                Spur process; certificates made with openssl), plus a full-handshake rate
+#   spur-mtls-h2 -> the same two hops with HTTP/2 over mTLS between them
+#   spur-h3   -> the same two hops with HTTP/3 over QUIC + mTLS between them
 #   spur-2hop -> the same two hops in plaintext (optional: the baseline for mTLS's cost)
 #   haproxy   -> origin
 #   nginx     -> origin   (second nginx as reverse proxy, upstream keepalive)
@@ -25,7 +27,7 @@ LAT_DURATION=${LAT_DURATION:-5}     # 1-connection latency run per target, secon
 WARMUP=${WARMUP:-2}                 # warm-up run before the measured ones, seconds (0 = none)
 CONNECTIONS=${CONNECTIONS:-64}      # wrk connections for the throughput run
 THREADS=${THREADS:-2}               # wrk threads for the throughput run
-TARGETS=${TARGETS:-direct,spur,spur-mtls,haproxy,nginx}
+TARGETS=${TARGETS:-direct,spur,spur-mtls,spur-mtls-h2,spur-h3,haproxy,nginx}
 HS_DURATION=${HS_DURATION:-3}       # spur-mtls: full-handshake run with openssl s_time, seconds (0 = none)
 PIN=${PIN:-1}                       # 1 = pin with taskset (see README), 0 = no pinning
 PROXY_CPUS=${PROXY_CPUS:-}          # CPU list for the proxy under test (default: last allowed CPU)
@@ -56,7 +58,8 @@ Options (environment variable in brackets):
   --warmup N              warm-up per target, seconds, 0 = none [WARMUP=$WARMUP]
   --connections N         wrk connections for the throughput run [CONNECTIONS=$CONNECTIONS]
   --threads N             wrk threads for the throughput run [THREADS=$THREADS]
-  --targets LIST          comma-separated subset of direct,spur,spur-mtls,spur-2hop,haproxy,nginx
+  --targets LIST          comma-separated subset of direct,spur,spur-mtls,spur-mtls-h2,spur-h3,
+                          spur-2hop,haproxy,nginx
                           [TARGETS=$TARGETS]
   --handshake-duration N  spur-mtls: full mTLS handshakes with openssl s_time, seconds, 0 = none
                           [HS_DURATION=$HS_DURATION]
@@ -123,8 +126,8 @@ WARMUP=$(to_secs "$WARMUP")
 [[ $LAT_PIN == same || $LAT_PIN == split ]] || die "--latency-pin must be 'same' or 'split'"
 IFS=, read -r -a TARGET_LIST <<<"$TARGETS"
 for t in "${TARGET_LIST[@]}"; do
-  case $t in direct|spur|spur-mtls|spur-2hop|haproxy|nginx) ;;
-    *) die "unknown target '$t' (direct, spur, spur-mtls, spur-2hop, haproxy, nginx)" ;; esac
+  case $t in direct|spur|spur-mtls|spur-mtls-h2|spur-h3|spur-2hop|haproxy|nginx) ;;
+    *) die "unknown target '$t' (direct, spur, spur-mtls, spur-mtls-h2, spur-h3, spur-2hop, haproxy, nginx)" ;; esac
 done
 want() { [[ ",$TARGETS," == *",$1,"* ]]; }
 
@@ -139,7 +142,7 @@ command -v wrk >/dev/null || missing+=(wrk)
 [[ -x $NGINX_BIN ]] || missing+=(nginx)          # the origin is always nginx
 if want haproxy && [[ ! -x $HAPROXY_BIN ]]; then missing+=(haproxy); fi
 command -v curl >/dev/null || missing+=(curl)
-if want spur-mtls && ! command -v openssl >/dev/null; then missing+=(openssl); fi
+if { want spur-mtls || want spur-mtls-h2 || want spur-h3; } && ! command -v openssl >/dev/null; then missing+=(openssl); fi
 command -v pgrep >/dev/null || missing+=(procps)
 command -v taskset >/dev/null || missing+=(util-linux)
 if [[ ${#missing[@]} -gt 0 ]]; then
@@ -153,7 +156,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
   HAPROXY_BIN=$(command -v haproxy || echo /usr/sbin/haproxy)
 fi
 
-if want spur || want spur-mtls || want spur-2hop; then
+if want spur || want spur-mtls || want spur-mtls-h2 || want spur-h3 || want spur-2hop; then
   if [[ $BUILD == 1 || ! -x $SPUR_BIN ]]; then
     command -v cargo >/dev/null || die "cargo not found; cannot build $SPUR_BIN"
     log "building Spur: cargo build --release --bin spur"
@@ -526,12 +529,15 @@ make_mesh_certs() {
   done
 }
 
-# write_spur_mesh_conf FILE PORT ADMIN_PORT INBOUND_PORT ORIGIN_PORT CERT_DIR|"" : the two
-# sides of a mesh hop in one process. "bench" (plaintext, what wrk calls) forwards to the
+# write_spur_mesh_conf FILE PORT ADMIN_PORT INBOUND_PORT ORIGIN_PORT CERT_DIR|"" [HOP] : the
+# two sides of a mesh hop in one process. "bench" (plaintext, what wrk calls) forwards to the
 # "inbound" listener, which forwards to the origin; with CERT_DIR that hop is mutual TLS with
-# SPIFFE identities checked both ways, without it plaintext.
+# SPIFFE identities checked both ways, without it plaintext. HOP: http1 (default), http2
+# (ALPN h2) or http3 (QUIC; the inbound listener is then UDP).
 write_spur_mesh_conf() {
-  local file=$1 port=$2 admin=$3 inport=$4 oport=$5 dir=$6 ltls="" ctls=""
+  local file=$1 port=$2 admin=$3 inport=$4 oport=$5 dir=$6 hop=${7:-http1} ltls="" ctls=""
+  local lproto=http
+  [[ $hop == http3 ]] && lproto=http3
   if [[ -n $dir ]]; then
     ltls="    tls: { cert: $dir/inbound.crt, key: $dir/inbound.key, client_ca: $dir/ca.crt, allow_identities: [\"spiffe://bench.local/ns/bench/sa/outbound\"] }"
     ctls="    tls: { ca: $dir/ca.crt, cert: $dir/outbound.crt, key: $dir/outbound.key, expect_identities: [\"spiffe://bench.local/ns/bench/sa/inbound\"] }"
@@ -547,12 +553,13 @@ listeners:
     cluster: mesh
   - name: inbound
     listen: 127.0.0.1:$inport
-    protocol: http
+    protocol: $lproto
 $ltls
     cluster: origin
 clusters:
   - name: mesh
     endpoints: ["127.0.0.1:$inport"]
+    protocol: $hop
     lb: round_robin
 $ctls
   - name: origin
@@ -691,23 +698,26 @@ for target in "${TARGET_LIST[@]}"; do
       stop_proc "$pid"
       trim_log "$RUN_DIR/spur.stderr.log"
       ;;
-    spur-mtls|spur-2hop)
+    spur-mtls|spur-mtls-h2|spur-h3|spur-2hop)
       free_port SPUR_PORT; free_port SPUR_ADMIN_PORT; free_port SPUR_IN_PORT
       certs=""
-      if [[ $target == spur-mtls ]]; then
+      if [[ $target != spur-2hop ]]; then
         certs="$WORK/certs"
         [[ -f $certs/ca.crt ]] || make_mesh_certs "$certs"
       fi
-      write_spur_mesh_conf "$RUN_DIR/$target.yaml" "$SPUR_PORT" "$SPUR_ADMIN_PORT" "$SPUR_IN_PORT" "$ORIGIN_PORT" "$certs"
+      case $target in spur-mtls-h2) hop=http2 ;; spur-h3) hop=http3 ;; *) hop=http1 ;; esac
+      write_spur_mesh_conf "$RUN_DIR/$target.yaml" "$SPUR_PORT" "$SPUR_ADMIN_PORT" "$SPUR_IN_PORT" "$ORIGIN_PORT" "$certs" "$hop"
       start_proc "$target" "${ON_PROXY_CPUS[@]}" env -u RUST_LOG TOKIO_WORKER_THREADS="$PROXY_WORKERS" \
         "$SPUR_BIN" proxy --config "$RUN_DIR/$target.yaml"
       pid=$LAST_PID
       if wait_ok "$target" "http://127.0.0.1:$SPUR_PORT/" "$pid"; then
         bench "$target" "http://127.0.0.1:$SPUR_PORT/" "$pid"
-        if [[ -n $certs ]]; then
+        if [[ $target == spur-mtls ]]; then
           measure_handshakes "$target" "$pid" "$SPUR_IN_PORT" "$certs"
+        fi
+        if [[ -n $certs ]]; then
           curl --noproxy '*' -s -m 2 "http://127.0.0.1:$SPUR_ADMIN_PORT/metrics" \
-            | grep -E '^spur_(upstream_)?tls_handshake_errors_total' >"$RUN_DIR/$target.tls-errors.txt" || true
+            | grep -E '^spur_((upstream_)?tls_handshake_errors_total|quic_)' >"$RUN_DIR/$target.tls-errors.txt" || true
         fi
       else
         R_STATUS[$target]=failed
@@ -802,6 +812,10 @@ REPORT="$RUN_DIR/report.md"
     if [[ -n ${R_HS_RATE[spur-mtls]:-} ]]; then
       echo "Full mTLS handshakes (openssl s_time -new with a client certificate, ${HS_DURATION}s, client on the load CPUs): ${R_HS_RATE[spur-mtls]}/s; Spur CPU per handshake (server side): ${R_HS_CPU[spur-mtls]} µs."
     fi
+  fi
+  if [[ ${R_STATUS[spur-mtls-h2]:-} == ok || ${R_STATUS[spur-h3]:-} == ok ]]; then
+    echo
+    echo "spur-mtls-h2 and spur-h3: the same two hops, with HTTP/2 over mutual TLS (ALPN h2) or HTTP/3 over QUIC with mutual TLS between them (one multiplexed connection carries all ${CONNECTIONS} client connections' requests)."
   fi
   echo
   echo "<details><summary>details</summary>"

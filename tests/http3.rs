@@ -332,6 +332,12 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.text(), "GET 0");
         assert_eq!(r.header("x-seen-peer"), Some(id("a").as_str()));
+        let host = a_addr.to_string();
+        assert_eq!(
+            r.header("x-seen-host"),
+            Some(host.as_str()),
+            "the Host crosses the hop"
+        );
     }
     let client = h1_client();
     let req = Request::post(format!("http://{a_addr}/upload"))
@@ -584,5 +590,122 @@ clusters:
         })
         .await,
         "the removed http3 listener no longer accepts connections"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_http3_requests_in_flight_finish() {
+    let pki = Pki::new("h3-drain");
+    let leaf = pki.issue("edge", None, 50);
+    let slow = backend(|_req: Request<Incoming>| async {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        Response::new(Full::new(Bytes::from_static(b"slow")))
+    })
+    .await;
+    let proxy = Arc::new(
+        start_proxy(&format!(
+            r#"
+drain_timeout: 5s
+listeners:
+  - name: h3
+    listen: 127.0.0.1:0
+    protocol: http3
+    tls: {{ cert: {cert}, key: {key} }}
+    cluster: slow
+clusters:
+  - name: slow
+    endpoints: ["{slow}"]
+"#,
+            cert = leaf.cert,
+            key = leaf.key,
+            slow = slow.addr,
+        ))
+        .await,
+    );
+    let addr = proxy.listener_addr("h3").unwrap();
+    let conn = Arc::new(
+        H3Conn::open(addr, client_tls(&pki.ca_path, None))
+            .await
+            .unwrap(),
+    );
+    let in_flight = {
+        let conn = conn.clone();
+        tokio::spawn(async move { conn.get("/slow").await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    proxy.shutdown().await;
+    let (resp, body) = in_flight
+        .await
+        .unwrap()
+        .expect("the request in flight completes");
+    assert_eq!((resp.status().as_u16(), &body[..]), (200, &b"slow"[..]));
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "shutdown waited for the request, not for the drain timeout: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        H3Conn::open(addr, client_tls(&pki.ca_path, None))
+            .await
+            .is_err(),
+        "no new connections after shutdown"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
+    let pki = Pki::new("h3-restart");
+    let app = reporting_app().await;
+    let b = proxy_b(&pki, app.addr).await;
+    let b_addr = b.listener_addr("inbound").unwrap();
+    let a = proxy_a(&pki, "a", 60, b_addr, &id("b")).await;
+    let a_addr = a.listener_addr("outbound").unwrap();
+    for _ in 0..5 {
+        assert_eq!(get(a_addr, "/", &[]).await.status, 200);
+    }
+    // B goes away (GOAWAY, then its connections close) and comes back on the same port.
+    b.shutdown().await;
+    drop(b);
+    let b_leaf = pki.issue("b2", Some(&id("b")), 61);
+    let b2_yaml = format!(
+        r#"
+listeners:
+  - name: inbound
+    listen: {b_addr}
+    protocol: http3
+    tls: {{ cert: {cert}, key: {key}, client_ca: {ca}, allow_identities: ["{a}"] }}
+    cluster: app
+clusters:
+  - name: app
+    endpoints: ["{app}"]
+"#,
+        cert = b_leaf.cert,
+        key = b_leaf.key,
+        ca = pki.ca_path,
+        a = id("a"),
+        app = app.addr,
+    );
+    // The old socket is released when quinn's endpoint driver notices it is gone.
+    let mut b2 = None;
+    for _ in 0..50 {
+        let cfg = spur_config::load(&b2_yaml, Some("b2.yaml")).unwrap();
+        match spur_proxy::Proxy::start(cfg).await {
+            Ok(p) => {
+                b2 = Some(p);
+                break;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    let _b2 = b2.expect("B comes back on its port");
+    for i in 0..5 {
+        let r = get(a_addr, "/", &[]).await;
+        assert_eq!(r.status, 200, "request {i} after the restart: {}", r.text());
+    }
+    let admin = a.admin_addr().unwrap();
+    assert_eq!(
+        metric(admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
+        1.0
     );
 }

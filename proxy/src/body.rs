@@ -66,7 +66,13 @@ pub struct H3Recv {
 
 enum H3Stream {
     Server(h3::server::RequestStream<h3_quinn::RecvStream, Bytes>),
-    Client(h3::client::RequestStream<h3_quinn::RecvStream, Bytes>),
+    /// The connection's request sender rides along: h3 closes a connection when its last
+    /// sender is dropped, and a pooled connection that was replaced must live until its
+    /// responses are read.
+    Client {
+        stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
+        _conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    },
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -91,9 +97,13 @@ impl H3Recv {
     pub fn client(
         stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
         headers: &HeaderMap,
+        conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
     ) -> H3Recv {
         H3Recv {
-            stream: H3Stream::Client(stream),
+            stream: H3Stream::Client {
+                stream,
+                _conn: conn,
+            },
             state: H3State::Data,
             length: content_length(headers),
         }
@@ -106,7 +116,7 @@ impl H3Recv {
                     let polled = match &mut self.stream {
                         H3Stream::Server(s) => ready!(s.poll_recv_data(cx))
                             .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
-                        H3Stream::Client(s) => ready!(s.poll_recv_data(cx))
+                        H3Stream::Client { stream: s, .. } => ready!(s.poll_recv_data(cx))
                             .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
                     };
                     match polled {
@@ -122,7 +132,7 @@ impl H3Recv {
                 H3State::Trailers => {
                     let polled = match &mut self.stream {
                         H3Stream::Server(s) => ready!(s.poll_recv_trailers(cx)),
-                        H3Stream::Client(s) => ready!(s.poll_recv_trailers(cx)),
+                        H3Stream::Client { stream: s, .. } => ready!(s.poll_recv_trailers(cx)),
                     };
                     self.state = H3State::Done;
                     return Poll::Ready(match polled {

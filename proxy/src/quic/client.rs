@@ -192,10 +192,9 @@ impl H3Client {
             if !fresh && c.quic.close_reason().is_none() {
                 return Ok(c.clone());
             }
-            if fresh && c.quic.close_reason().is_none() {
-                c.quic.close(0u32.into(), b"replaced");
-            }
         }
+        // A replaced connection (closed, or going away after the server's GOAWAY) lives on
+        // for the requests still using it; h3 closes it when the last of them is done.
         *slot = None;
         let conn = match tokio::time::timeout(self.connect_timeout, self.connect(addr)).await {
             Ok(r) => r?,
@@ -328,14 +327,29 @@ impl H3Client {
     ) -> Result<Response<InBody>, Unsent> {
         let (mut parts, body) = req.into_parts();
         parts.version = Version::HTTP_3;
-        // `:authority` comes from the URI.
-        parts.headers.remove(header::HOST);
+        // `:authority` is the URI's: the client's Host (so the next hop can route by it),
+        // while the connection goes to the endpoint's address.
+        if let Some(host) = parts.headers.remove(header::HOST) {
+            if let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) {
+                let mut uri = parts.uri.clone().into_parts();
+                uri.authority = Some(authority);
+                if let Ok(u) = http::Uri::from_parts(uri) {
+                    parts.uri = u;
+                }
+            }
+        }
         if conn.quic.close_reason().is_some() {
             return Err(Unsent::Again(Box::new(Request::from_parts(parts, body))));
         }
-        let stream = match conn.send.send_request(Request::from_parts(parts, ())).await {
+        let stream = match conn
+            .send
+            .send_request(Request::from_parts(parts.clone(), ()))
+            .await
+        {
             Ok(s) => s,
-            Err(e) => return Err(Unsent::Failed(reset(e))),
+            // Nothing was sent (the connection closed, or the server sent GOAWAY): the
+            // request may go on a new connection.
+            Err(_) => return Err(Unsent::Again(Box::new(Request::from_parts(parts, body)))),
         };
         self.metrics.streams.inc();
         let (mut tx, mut rx) = stream.split();
@@ -379,7 +393,7 @@ impl H3Client {
             .await
             .map_err(|e| Unsent::Failed(reset(e)))?;
         let (parts, ()) = head.into_parts();
-        let body = InBody::H3(Box::new(H3Recv::client(rx, &parts.headers)));
+        let body = InBody::H3(Box::new(H3Recv::client(rx, &parts.headers, conn.send)));
         Ok(Response::from_parts(parts, body))
     }
 }

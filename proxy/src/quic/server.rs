@@ -25,6 +25,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+
+/// How long a draining connection stays open after its last response, unless the client
+/// closes it first.
+const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
 /// Binds the listener's UDP socket and makes its QUIC endpoint.
@@ -160,6 +164,9 @@ pub async fn serve(
     drop(drain_tx);
     crate::adapters::listener::wait_connections(&shared, &name, &active, drain_rx, drain).await;
     endpoint.close(0u32.into(), b"listener closed");
+    // Closed connections linger a few round trips (QUIC's draining state); the socket is
+    // released once they are gone.
+    let _ = tokio::time::timeout(CLOSE_LINGER, endpoint.wait_idle()).await;
 }
 
 /// Decrements a gauge when dropped.
@@ -280,7 +287,13 @@ async fn serve_conn(
         let _ = h3.shutdown(0).await;
     }
     while requests.join_next().await.is_some() {}
-    conn.close(0u32.into(), b"");
+    if conn.close_reason().is_none() {
+        // A QUIC close discards response bytes not yet acknowledged, and h3 does not say
+        // when they are: give the client a moment to receive them (or to close first).
+        let linger = shared.snapshot.load().drain_timeout.min(CLOSE_LINGER);
+        let _ = tokio::time::timeout(linger, conn.closed()).await;
+        conn.close(0u32.into(), b"");
+    }
 }
 
 async fn serve_request(ctx: Arc<ConnCtx>, resolver: Resolver, header_timeout: std::time::Duration) {
