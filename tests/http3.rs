@@ -256,13 +256,18 @@ clusters:
 /// Proxy B: an http3 listener with mutual TLS that allows only A's identity, in front of
 /// the app.
 async fn proxy_b(pki: &Pki, app: SocketAddr) -> spur_proxy::Proxy {
-    let b = pki.issue("b", Some(&id("b")), 20);
-    start_proxy(&format!(
+    start_proxy(&proxy_b_yaml(pki, app, "127.0.0.1:0", 20)).await
+}
+
+/// Proxy B's config, listening on `listen`, with a fresh certificate numbered `serial`.
+fn proxy_b_yaml(pki: &Pki, app: SocketAddr, listen: &str, serial: u64) -> String {
+    let b = pki.issue(&format!("b{serial}"), Some(&id("b")), serial);
+    format!(
         r#"
 admin: {{ listen: 127.0.0.1:0 }}
 listeners:
   - name: inbound
-    listen: 127.0.0.1:0
+    listen: {listen}
     protocol: http3
     tls:
       cert: {cert}
@@ -278,8 +283,7 @@ clusters:
         key = b.key,
         ca = pki.ca_path,
         a = id("a"),
-    ))
-    .await
+    )
 }
 
 /// Proxy A: plain HTTP in, HTTP/3 with mTLS to `b`, presenting `who`'s certificate and
@@ -667,25 +671,7 @@ async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
     // B goes away (GOAWAY, then its connections close) and comes back on the same port.
     b.shutdown().await;
     drop(b);
-    let b_leaf = pki.issue("b2", Some(&id("b")), 61);
-    let b2_yaml = format!(
-        r#"
-listeners:
-  - name: inbound
-    listen: {b_addr}
-    protocol: http3
-    tls: {{ cert: {cert}, key: {key}, client_ca: {ca}, allow_identities: ["{a}"] }}
-    cluster: app
-clusters:
-  - name: app
-    endpoints: ["{app}"]
-"#,
-        cert = b_leaf.cert,
-        key = b_leaf.key,
-        ca = pki.ca_path,
-        a = id("a"),
-        app = app.addr,
-    );
+    let b2_yaml = proxy_b_yaml(&pki, app.addr, &b_addr.to_string(), 61);
     // The old socket is released when quinn's endpoint driver notices it is gone.
     let mut b2 = None;
     for _ in 0..50 {

@@ -155,3 +155,76 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
         .parse()
         .ok()
 }
+
+/// The sending half of an HTTP/3 stream: a response on a listener, or a request body to an
+/// upstream.
+pub enum H3Send {
+    Server(h3::server::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>),
+    Client(h3::client::RequestStream<h3_quinn::SendStream<Bytes>, Bytes>),
+}
+
+impl H3Send {
+    /// Sends `body` (data, then trailers or the end of the stream); a body that fails resets
+    /// the stream with `cancel`, so the peer sees a broken message, not a short one.
+    pub async fn send_body<B>(mut self, mut body: B, cancel: h3::error::Code)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: std::fmt::Display,
+    {
+        use http_body_util::BodyExt;
+        loop {
+            let sent = match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(d) => self.data(d).await,
+                    Err(frame) => match frame.into_trailers() {
+                        Ok(t) => {
+                            let _ = self.trailers(t).await;
+                            return;
+                        }
+                        Err(_) => Ok(()),
+                    },
+                },
+                None => {
+                    let _ = self.finish().await;
+                    return;
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(error = %e, "body failed: HTTP/3 stream reset");
+                    self.reset(cancel);
+                    return;
+                }
+            };
+            if sent.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn data(&mut self, d: Bytes) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3Send::Server(s) => s.send_data(d).await,
+            H3Send::Client(s) => s.send_data(d).await,
+        }
+    }
+
+    async fn trailers(&mut self, t: HeaderMap) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3Send::Server(s) => s.send_trailers(t).await,
+            H3Send::Client(s) => s.send_trailers(t).await,
+        }
+    }
+
+    async fn finish(&mut self) -> Result<(), h3::error::StreamError> {
+        match self {
+            H3Send::Server(s) => s.finish().await,
+            H3Send::Client(s) => s.finish().await,
+        }
+    }
+
+    fn reset(&mut self, code: h3::error::Code) {
+        match self {
+            H3Send::Server(s) => s.stop_stream(code),
+            H3Send::Client(s) => s.stop_stream(code),
+        }
+    }
+}

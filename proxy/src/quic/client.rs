@@ -9,14 +9,13 @@
 //! [`FALLBACK_PERIOD`] before QUIC is tried again; each turn to TCP is counted in
 //! `spur_quic_fallback_total{cluster}`.
 
-use crate::body::{H3Recv, InBody};
+use crate::body::{H3Recv, H3Send, InBody};
 use crate::metrics::{ClusterLabels, ReasonLabel, Side};
 use crate::tls::{ClientTlsRt, Role};
 use crate::upstream::{Client, ReqBody, UpstreamError};
 use bytes::Bytes;
 use http::{header, Request, Response, Version};
 use http_body::Body;
-use http_body_util::BodyExt;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -358,35 +357,7 @@ impl H3Client {
                 return Err(Unsent::Failed(reset(e)));
             }
         } else {
-            tokio::spawn(async move {
-                let mut body = body;
-                loop {
-                    match body.frame().await {
-                        Some(Ok(frame)) => match frame.into_data() {
-                            Ok(d) => {
-                                if tx.send_data(d).await.is_err() {
-                                    return;
-                                }
-                            }
-                            Err(frame) => {
-                                if let Ok(t) = frame.into_trailers() {
-                                    let _ = tx.send_trailers(t).await;
-                                    return;
-                                }
-                            }
-                        },
-                        None => {
-                            let _ = tx.finish().await;
-                            return;
-                        }
-                        Some(Err(e)) => {
-                            tracing::debug!(error = %e, "request body failed: stream reset");
-                            tx.stop_stream(h3::error::Code::H3_REQUEST_CANCELLED);
-                            return;
-                        }
-                    }
-                }
-            });
+            tokio::spawn(H3Send::Client(tx).send_body(body, h3::error::Code::H3_REQUEST_CANCELLED));
         }
         let head = rx
             .recv_response()

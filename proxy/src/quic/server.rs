@@ -9,7 +9,7 @@
 
 use crate::adapters::idle::Activity;
 use crate::adapters::listener::ConnGuard;
-use crate::body::{H3Recv, InBody};
+use crate::body::{H3Recv, H3Send, InBody};
 use crate::forward::{handle_any, ConnCtx, TlsSession};
 use crate::metrics::{ListenerLabels, ReasonLabel, Side};
 use crate::snapshot::ListenerRt;
@@ -17,7 +17,6 @@ use crate::tls::{Role, ServerTls};
 use crate::Shared;
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
-use http_body_util::BodyExt;
 use rustls::pki_types::CertificateDer;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -313,35 +312,12 @@ async fn serve_request(ctx: Arc<ConnCtx>, resolver: Resolver, header_timeout: st
     let (parts, ()) = req.into_parts();
     let body = InBody::H3(Box::new(H3Recv::server(rx, &parts.headers)));
     let resp = handle_any(&ctx, Request::from_parts(parts, body)).await;
-    let (parts, mut body) = resp.into_parts();
+    let (parts, body) = resp.into_parts();
     if let Err(e) = tx.send_response(Response::from_parts(parts, ())).await {
         tracing::debug!(listener = &*ctx.listener, error = %e, "HTTP/3 response not sent");
         return;
     }
-    loop {
-        match body.frame().await {
-            Some(Ok(frame)) => match frame.into_data() {
-                Ok(d) => {
-                    if tx.send_data(d).await.is_err() {
-                        return;
-                    }
-                }
-                Err(frame) => {
-                    if let Ok(t) = frame.into_trailers() {
-                        let _ = tx.send_trailers(t).await;
-                        return;
-                    }
-                }
-            },
-            None => {
-                let _ = tx.finish().await;
-                return;
-            }
-            Some(Err(e)) => {
-                tracing::debug!(listener = &*ctx.listener, error = %e, "response body failed: stream reset");
-                tx.stop_stream(h3::error::Code::H3_INTERNAL_ERROR);
-                return;
-            }
-        }
-    }
+    H3Send::Server(tx)
+        .send_body(body, h3::error::Code::H3_INTERNAL_ERROR)
+        .await;
 }
