@@ -21,9 +21,6 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
     }
     for (i, c) in cfg.clusters.iter().enumerate() {
         let p = format!("clusters[{i}]");
-        if c.k8s.is_some() {
-            e.push(format!("{p}.k8s"), NOT_YET);
-        }
         if c.protocol == UpstreamProtocol::Http3 {
             e.push(format!("{p}.protocol"), format!("http3: {NOT_YET}"));
         }
