@@ -13,8 +13,9 @@ call needs `Authorization: Bearer <the file's content>`. With --ca-dir, the cont
 the mesh CA: POST /v1/identity/certify signs workload certificates (SPIFFE IDs of the trust
 domain, default cluster.local) for proxies that present the join token. With --kubernetes,
 clusters written `k8s: name.namespace:port` get the ready endpoints of that Service from its
-EndpointSlices, watched through the Kubernetes API (in-cluster service account, or
---kubeconfig PATH, or KUBECONFIG / ~/.kube/config); each change is pushed as a new version.";
+EndpointSlices, watched through the Kubernetes API (--kubeconfig PATH; without it
+KUBECONFIG or ~/.kube/config if present, else the pod's service account); each change is
+pushed to the proxies as a new version.";
 
 #[derive(Debug)]
 pub struct ControlArgs {
