@@ -13,7 +13,8 @@ usage: spur <command> [options]
 commands:
   demo                       run a proxy with two echo backends and a canary split, in one process
   proxy --config FILE        run the data plane from a config file
-  validate FILE              check a config file: every error with its field path
+  validate [--kubernetes] FILE
+                             check a config file: every error with its field path
   control                    run the control plane (configs per group, watched by proxies)
   inject FILE|-              add the Spur sidecar to the workloads of Kubernetes manifests
   init-iptables [--dry-run]  redirect a pod's TCP through its proxy (the sidecar's init step)
@@ -51,13 +52,34 @@ fn main() -> ExitCode {
     }
 }
 
-/// `spur validate FILE`: exit 0 and a one-line summary, or exit 1 and every error.
+const VALIDATE_USAGE: &str = "usage: spur validate [--kubernetes] FILE
+
+Checks a config as a proxy would: exit 0 and a one-line summary, or exit 1 and every error
+with its field path. With --kubernetes, as `spur control --kubernetes` would: `k8s:` clusters
+are accepted (a proxy given one directly refuses it; the control plane resolves them).";
+
+/// `spur validate [--kubernetes] FILE`: exit 0 and a one-line summary, or exit 1 and every
+/// error.
 fn validate(args: &[String]) -> ExitCode {
-    let [file] = args else {
-        eprintln!("usage: spur validate FILE");
-        return ExitCode::from(2);
+    let (rules, file) = match args {
+        [flag, file] if flag == "--kubernetes" => (
+            spur_config::Rules {
+                k8s_discovery: true,
+                ..Default::default()
+            },
+            file,
+        ),
+        [flag] if flag == "-h" || flag == "--help" => {
+            println!("{VALIDATE_USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        [file] if !file.starts_with("--") => (spur_config::Rules::default(), file),
+        _ => {
+            eprintln!("{VALIDATE_USAGE}");
+            return ExitCode::from(2);
+        }
     };
-    match spur_config::load_file(std::path::Path::new(file)) {
+    match spur_config::load_file_with(std::path::Path::new(file), rules) {
         Ok(cfg) => {
             println!("{file}: {}", spur_config::summary(&cfg));
             ExitCode::SUCCESS

@@ -491,6 +491,7 @@ async fn proxy_reconnects_after_the_control_plane_restarts() {
                 data_dir: dir,
                 token: None,
                 ca: None,
+                kubernetes: None,
             })
             .await
             .unwrap()

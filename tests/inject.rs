@@ -342,9 +342,14 @@ fn deploy_example_is_the_injected_plain_manifest() {
         succeed(out, "inject deploy/control-plane.yaml"),
         read(&control)
     );
+    // Checked as the control plane of deploy/ (`--kubernetes`) checks them.
     for config in ["spur-echo.yaml", "spur-client.yaml"] {
         let out = spur()
-            .args(["validate", example.join(config).to_str().unwrap()])
+            .args([
+                "validate",
+                "--kubernetes",
+                example.join(config).to_str().unwrap(),
+            ])
             .output()
             .unwrap();
         assert!(out.status.success(), "{config}: {}", text(&out.stderr));

@@ -37,6 +37,7 @@ async fn control_with_ca_ttl(ttl: Duration) -> (spur_control::ControlHandle, std
             trust_domain: "cluster.local".into(),
             ttl,
         }),
+        kubernetes: None,
     })
     .await
     .unwrap();

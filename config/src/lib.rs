@@ -5,7 +5,6 @@
 
 pub mod args;
 mod parse;
-mod support;
 mod types;
 mod units;
 mod validate;
@@ -13,6 +12,7 @@ mod validate;
 pub use parse::{parse, Format};
 pub use types::*;
 pub use units::{ByteSize, Duration};
+pub use validate::K8S_NEEDS_DISCOVERY;
 
 use std::fmt;
 
@@ -51,11 +51,30 @@ impl fmt::Display for ConfigError {
     }
 }
 
-/// Validates a parsed config: all errors, each with its field path, or `Ok`.
+/// The few rules that depend on where a config is going. The default is a proxy's: what
+/// `spur proxy --config`, `spur validate` and a proxy's own check of every config apply.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rules {
+    /// `k8s:` clusters are accepted: the config goes to a control plane with Kubernetes
+    /// discovery (`spur control --kubernetes`), which renders them to endpoints. Elsewhere
+    /// they are an error that says so.
+    pub k8s_discovery: bool,
+    /// The config was rendered by the control plane (pushed on its watch stream): a cluster
+    /// may have an empty `endpoints` list, which is how a discovered service with no ready
+    /// endpoint arrives. Users cannot write such a cluster.
+    pub rendered: bool,
+}
+
+/// Validates a parsed config under the default (a proxy's) [`Rules`]: all errors, each with
+/// its field path, or `Ok`.
 pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
+    validate_with(cfg, Rules::default())
+}
+
+/// [`validate`] under these rules.
+pub fn validate_with(cfg: &Config, rules: Rules) -> Result<(), ConfigError> {
     let mut errors = validate::Errors(Vec::new());
-    validate::check(cfg, &mut errors);
-    support::check(cfg, &mut errors);
+    validate::check(cfg, rules, &mut errors);
     if errors.0.is_empty() {
         Ok(())
     } else {
@@ -65,21 +84,31 @@ pub fn validate(cfg: &Config) -> Result<(), ConfigError> {
 
 /// Parses and validates a config text; `file_name` (if any) picks the format by extension.
 pub fn load(text: &str, file_name: Option<&str>) -> Result<Config, ConfigError> {
+    load_with(text, file_name, Rules::default())
+}
+
+/// [`load`] under these rules.
+pub fn load_with(text: &str, file_name: Option<&str>, rules: Rules) -> Result<Config, ConfigError> {
     let format = Format::detect(file_name, text);
     let cfg = parse(text, format).map_err(|e| ConfigError { errors: vec![e] })?;
-    validate(&cfg)?;
+    validate_with(&cfg, rules)?;
     Ok(cfg)
 }
 
 /// Reads, parses and validates a config file.
 pub fn load_file(path: &std::path::Path) -> Result<Config, ConfigError> {
+    load_file_with(path, Rules::default())
+}
+
+/// [`load_file`] under these rules.
+pub fn load_file_with(path: &std::path::Path, rules: Rules) -> Result<Config, ConfigError> {
     let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
         errors: vec![FieldError {
             path: String::new(),
             message: format!("cannot read {}: {e}", path.display()),
         }],
     })?;
-    load(&text, path.file_name().and_then(|n| n.to_str()))
+    load_with(&text, path.file_name().and_then(|n| n.to_str()), rules)
 }
 
 /// Reads a token file (bearer tokens, join tokens): its content with surrounding

@@ -174,25 +174,6 @@ clusters: [{ name: c, endpoints: ["127.0.0.1:2"] }]
 }
 
 #[test]
-fn fields_not_built_yet_are_refused_by_path() {
-    let errs = errors_of(
-        r#"
-listeners:
-  - name: a
-    listen: 127.0.0.1:1
-    cluster: c
-clusters:
-  - name: c
-    endpoints: ["127.0.0.1:2"]
-  - name: d
-    k8s: "checkout.shop:8080"
-"#,
-    );
-    assert_has(&errs, "clusters[1].k8s: not supported yet");
-    assert_eq!(errs.len(), 1, "{errs:#?}");
-}
-
-#[test]
 fn http3_settings_are_checked() {
     // One port for TCP and UDP is fine; http3 needs tls; original_dst and alt_svc_h3 have
     // their places.
@@ -371,4 +352,85 @@ fn parse_errors_name_the_field() {
             .starts_with("drain_timeout: `10x` has an unknown unit"),
         "{err}"
     );
+}
+
+#[test]
+fn k8s_clusters_need_discovery_and_a_well_formed_target() {
+    let yaml = r#"
+listeners: [{ name: web, listen: 127.0.0.1:1, cluster: a }]
+clusters:
+  - { name: a, k8s: "checkout.shop:8080" }
+  - { name: b, k8s: "foo" }
+  - { name: c, k8s: "Checkout.shop:8080" }
+  - { name: d, k8s: "checkout.shop.svc:8080" }
+  - { name: e, k8s: "checkout.shop:0" }
+  - { name: f, k8s: "checkout.shop:8080", endpoints: ["127.0.0.1:1"] }
+"#;
+    // A proxy (file, `spur validate`): every well-formed k8s cluster is refused, saying why.
+    let errs = errors_of(yaml);
+    let needs = format!("clusters[0].k8s: {K8S_NEEDS_DISCOVERY}");
+    assert_has(&errs, &needs);
+    assert!(K8S_NEEDS_DISCOVERY.contains("spur control --kubernetes"));
+    let form = |path: &str, value: &str| format!("{path}: `{value}`: {K8S_TARGET_FORM}");
+    for (path, value) in [
+        ("clusters[1].k8s", "foo"),
+        ("clusters[2].k8s", "Checkout.shop:8080"),
+        ("clusters[3].k8s", "checkout.shop.svc:8080"),
+        ("clusters[4].k8s", "checkout.shop:0"),
+    ] {
+        assert_has(&errs, &form(path, value));
+    }
+    assert!(K8S_TARGET_FORM.starts_with("expected name.namespace:port"));
+    assert_has(
+        &errs,
+        "clusters[5]: needs exactly one of endpoints, dns, k8s",
+    );
+
+    // A control plane with discovery: only the malformed ones and the mixed one remain.
+    let cfg = parse(yaml, Format::Yaml).unwrap();
+    let rules = Rules {
+        k8s_discovery: true,
+        rendered: false,
+    };
+    let errs: Vec<String> = validate_with(&cfg, rules)
+        .unwrap_err()
+        .errors
+        .iter()
+        .map(|e| e.to_string())
+        .collect();
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    assert!(
+        !errs.iter().any(|e| e.starts_with("clusters[0]")),
+        "{errs:#?}"
+    );
+
+    let target: K8sTarget = "checkout.shop:8080".parse().unwrap();
+    assert_eq!(
+        (target.name.as_str(), target.namespace.as_str(), target.port),
+        ("checkout", "shop", 8080)
+    );
+    assert_eq!(target.to_string(), "checkout.shop:8080");
+    assert!(
+        "9lives.shop:80".parse::<K8sTarget>().is_err(),
+        "a Service name starts with a letter"
+    );
+    assert!(
+        "web.9-ns:80".parse::<K8sTarget>().is_ok(),
+        "a namespace may start with a digit"
+    );
+}
+
+#[test]
+fn only_rendered_configs_may_have_a_cluster_without_endpoints() {
+    let yaml = "listeners: [{ name: web, listen: 127.0.0.1:1, cluster: a }]\nclusters: [{ name: a, endpoints: [] }]\n";
+    assert_eq!(
+        errors_of(yaml),
+        vec!["clusters[0]: needs exactly one of endpoints, dns, k8s".to_string()]
+    );
+    let cfg = parse(yaml, Format::Yaml).unwrap();
+    let rendered = Rules {
+        k8s_discovery: false,
+        rendered: true,
+    };
+    assert_eq!(validate_with(&cfg, rendered), Ok(()));
 }

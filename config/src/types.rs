@@ -519,3 +519,53 @@ pub mod defaults {
         2
     }
 }
+
+/// What a `k8s:` cluster names: `name.namespace:port`, a Kubernetes Service, its namespace
+/// and the port of its endpoints (see [`K8sTarget::from_str`] for the rules).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct K8sTarget {
+    pub name: String,
+    pub namespace: String,
+    pub port: u16,
+}
+
+/// The message for a `k8s:` value that is not `name.namespace:port`.
+pub const K8S_TARGET_FORM: &str = "expected name.namespace:port (a Service, its namespace and \
+     a port, e.g. checkout.shop:8080; names in lowercase letters, digits and `-`)";
+
+impl std::str::FromStr for K8sTarget {
+    type Err = String;
+
+    /// `name.namespace:port`: the Service name a DNS-1035 label (a lowercase letter, then
+    /// lowercase letters, digits and `-`, at most 63), the namespace a DNS-1123 label (the
+    /// same, but it may start with a digit), the port 1-65535.
+    fn from_str(s: &str) -> Result<K8sTarget, String> {
+        fn label(l: &str) -> bool {
+            !l.is_empty()
+                && l.len() <= 63
+                && l.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        }
+        let bad = || format!("`{s}`: {K8S_TARGET_FORM}");
+        let (svc, port) = s.rsplit_once(':').ok_or_else(bad)?;
+        let (name, namespace) = svc.split_once('.').ok_or_else(bad)?;
+        let port: u16 = port.parse().map_err(|_| bad())?;
+        let name_ok = label(name) && name.starts_with(|c: char| c.is_ascii_lowercase());
+        if port == 0 || !name_ok || !label(namespace) {
+            return Err(bad());
+        }
+        Ok(K8sTarget {
+            name: name.into(),
+            namespace: namespace.into(),
+            port,
+        })
+    }
+}
+
+impl std::fmt::Display for K8sTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}:{}", self.name, self.namespace, self.port)
+    }
+}

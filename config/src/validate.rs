@@ -19,8 +19,14 @@ impl Errors {
     }
 }
 
+/// Why a `k8s:` cluster is refused where there is no Kubernetes discovery.
+pub const K8S_NEEDS_DISCOVERY: &str = "k8s clusters need `spur control --kubernetes`, which \
+     watches the Service's EndpointSlices and pushes its ready endpoints to the proxies; \
+     this config goes to a proxy or control plane without it (use `endpoints` or `dns` \
+     here, or give the config to a control plane started with --kubernetes)";
+
 /// Checks everything that parsing cannot: references, ranges, formats, duplicates.
-pub(crate) fn check(cfg: &Config, e: &mut Errors) {
+pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
     let clusters: HashSet<&str> = cfg.clusters.iter().map(|c| c.name.as_str()).collect();
 
     if let Some(node) = &cfg.node {
@@ -149,7 +155,7 @@ pub(crate) fn check(cfg: &Config, e: &mut Errors) {
 
     let mut cluster_names = BTreeSet::new();
     for (i, c) in cfg.clusters.iter().enumerate() {
-        check_cluster(&format!("clusters[{i}]"), c, &mut cluster_names, e);
+        check_cluster(&format!("clusters[{i}]"), c, &mut cluster_names, rules, e);
     }
 
     for (name, flag) in &cfg.flags {
@@ -421,13 +427,21 @@ fn valid_retry_on(cond: &str) -> bool {
     }
 }
 
-fn check_cluster<'a>(p: &str, c: &'a Cluster, names: &mut BTreeSet<&'a str>, e: &mut Errors) {
+fn check_cluster<'a>(
+    p: &str,
+    c: &'a Cluster,
+    names: &mut BTreeSet<&'a str>,
+    rules: crate::Rules,
+    e: &mut Errors,
+) {
     check_name(&format!("{p}.name"), &c.name, names, "cluster", e);
     let sources = [!c.endpoints.is_empty(), c.dns.is_some(), c.k8s.is_some()]
         .iter()
         .filter(|x| **x)
         .count();
-    if sources != 1 {
+    // A config rendered by the control plane lists a discovered service that has no ready
+    // endpoint as a cluster with an empty `endpoints` list.
+    if sources > 1 || (sources == 0 && !rules.rendered) {
         e.push(p, "needs exactly one of endpoints, dns, k8s");
     }
     let mut seen = BTreeSet::new();
@@ -468,16 +482,10 @@ fn check_cluster<'a>(p: &str, c: &'a Cluster, names: &mut BTreeSet<&'a str>, e: 
         }
     }
     if let Some(k8s) = &c.k8s {
-        let ok = k8s.rsplit_once(':').is_some_and(|(svc, port)| {
-            svc.split_once('.')
-                .is_some_and(|(n, ns)| !n.is_empty() && !ns.is_empty())
-                && port.parse::<u16>().is_ok_and(|p| p > 0)
-        });
-        if !ok {
-            e.push(
-                format!("{p}.k8s"),
-                format!("`{k8s}` must be service.namespace:port"),
-            );
+        if let Err(msg) = k8s.parse::<K8sTarget>() {
+            e.push(format!("{p}.k8s"), msg);
+        } else if !rules.k8s_discovery {
+            e.push(format!("{p}.k8s"), K8S_NEEDS_DISCOVERY);
         }
     }
     if let Some(fb) = c.fallback {

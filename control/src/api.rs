@@ -51,6 +51,20 @@ fn config_doc(s: &Stored) -> Value {
     json!({ "version": s.version, "config": s.config })
 }
 
+/// What the group's proxies receive for this version: `k8s:` clusters rendered to
+/// endpoint lists.
+fn rendered_doc(s: &Stored) -> Value {
+    json!({ "version": s.version, "config": crate::k8s::render(&s.config, &s.discovered) })
+}
+
+/// `?rendered=true` (or `1`) asks for the config as proxies receive it.
+fn wants_rendered(query: Option<&str>) -> bool {
+    query
+        .unwrap_or("")
+        .split('&')
+        .any(|p| matches!(p.split_once('='), Some(("rendered", "true" | "1"))) || p == "rendered")
+}
+
 /// Constant-time comparison: the time taken does not depend on where the tokens differ.
 fn same_token(given: &[u8], expected: &[u8]) -> bool {
     let mut diff = given.len() ^ expected.len();
@@ -84,14 +98,18 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     }
 }
 
-fn parse_config(text: &str, json_type: bool) -> Result<Config, Vec<FieldError>> {
+fn parse_config(
+    text: &str,
+    json_type: bool,
+    rules: spur_config::Rules,
+) -> Result<Config, Vec<FieldError>> {
     let format = if json_type {
         Format::Json
     } else {
         Format::detect(None, text)
     };
     let cfg = spur_config::parse(text, format).map_err(|e| vec![e])?;
-    spur_config::validate(&cfg).map_err(|e| e.errors)?;
+    spur_config::validate_with(&cfg, rules).map_err(|e| e.errors)?;
     Ok(cfg)
 }
 
@@ -171,6 +189,9 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
             match (m, rest) {
                 (Method::PUT, ["config"]) => put_config(&control, &group, req).await,
                 (Method::GET, ["config"]) => match control.store.current(&group) {
+                    Some(s) if wants_rendered(req.uri().query()) => {
+                        full(StatusCode::OK, &rendered_doc(&s))
+                    }
                     Some(s) => full(StatusCode::OK, &config_doc(&s)),
                     None => error(
                         StatusCode::NOT_FOUND,
@@ -183,7 +204,13 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
                         .store
                         .history(&group)
                         .iter()
-                        .map(|s| json!({ "version": s.version, "created_at": s.created_at, "action": s.action, "config": s.config }))
+                        .map(|s| {
+                            let mut v = json!({ "version": s.version, "created_at": s.created_at, "action": s.action, "config": s.config });
+                            if !s.discovered.is_empty() {
+                                v["discovered"] = json!(s.discovered);
+                            }
+                            v
+                        })
                         .collect();
                     full(
                         StatusCode::OK,
@@ -226,7 +253,7 @@ async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>)
     let Ok(text) = std::str::from_utf8(&body) else {
         return error(StatusCode::BAD_REQUEST, "", "body is not UTF-8");
     };
-    match parse_config(text, json_type) {
+    match parse_config(text, json_type, control.rules()) {
         Ok(cfg) => control.commit(group, "put".into(), cfg).await,
         Err(errs) => {
             control.metrics.writes_rejected.inc();
@@ -303,8 +330,9 @@ async fn rollback(control: &Arc<Control>, group: &str, req: Request<Incoming>) -
             format!("group `{group}` has no version {}", rb.version),
         );
     };
-    // A config valid when stored may not be under today's rules; check again.
-    if let Err(e) = spur_config::validate(&old.config) {
+    // A config valid when stored may not be under today's rules; check again. Its `k8s:`
+    // clusters get today's endpoints: a rollback restores what the user wrote.
+    if let Err(e) = spur_config::validate_with(&old.config, control.rules()) {
         return errors(StatusCode::BAD_REQUEST, &e.errors);
     }
     control
@@ -361,7 +389,7 @@ async fn patch_flag(
     if let Some(r) = patch.rules {
         entry.rules = r;
     }
-    if let Err(e) = spur_config::validate(&cfg) {
+    if let Err(e) = spur_config::validate_with(&cfg, control.rules()) {
         control.metrics.writes_rejected.inc();
         return errors(StatusCode::BAD_REQUEST, &e.errors);
     }

@@ -5,12 +5,17 @@ use std::process::ExitCode;
 
 pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE] [--log-format json|text]
                     [--ca-dir DIR --join-token-file FILE [--trust-domain D] [--cert-ttl 24h]]
+                    [--kubernetes [--kubeconfig PATH]]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
 Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data. With --token-file, every /v1/
 call needs `Authorization: Bearer <the file's content>`. With --ca-dir, the control plane is
 the mesh CA: POST /v1/identity/certify signs workload certificates (SPIFFE IDs of the trust
-domain, default cluster.local) for proxies that present the join token.";
+domain, default cluster.local) for proxies that present the join token. With --kubernetes,
+clusters written `k8s: name.namespace:port` get the ready endpoints of that Service from its
+EndpointSlices, watched through the Kubernetes API (--kubeconfig PATH; without it
+KUBECONFIG or ~/.kube/config if present, else the pod's service account); each change is
+pushed to the proxies as a new version.";
 
 #[derive(Debug)]
 pub struct ControlArgs {
@@ -22,6 +27,8 @@ pub struct ControlArgs {
     pub join_token_file: Option<PathBuf>,
     pub trust_domain: String,
     pub cert_ttl: std::time::Duration,
+    pub kubernetes: bool,
+    pub kubeconfig: Option<PathBuf>,
 }
 
 pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
@@ -34,6 +41,8 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
         join_token_file: None,
         trust_domain: "cluster.local".into(),
         cert_ttl: std::time::Duration::from_secs(24 * 3600),
+        kubernetes: false,
+        kubeconfig: None,
     };
     let mut flags = spur_config::args::Flags::new(args);
     while let Some(flag) = flags.next_flag() {
@@ -61,15 +70,18 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
                 }
                 out.cert_ttl = d.get();
             }
-            "--kubernetes" | "--tls-cert" | "--tls-key" => {
-                return Err(format!("{flag}: not supported yet"))
-            }
+            "--kubernetes" => out.kubernetes = true,
+            "--kubeconfig" => out.kubeconfig = Some(PathBuf::from(value("--kubeconfig")?)),
+            "--tls-cert" | "--tls-key" => return Err(format!("{flag}: not supported yet")),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
     }
     if out.ca_dir.is_some() != out.join_token_file.is_some() {
         return Err("--ca-dir and --join-token-file go together".into());
+    }
+    if out.kubeconfig.is_some() && !out.kubernetes {
+        return Err("--kubeconfig only applies with --kubernetes".into());
     }
     Ok(out)
 }
@@ -118,7 +130,10 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
             },
             _ => None,
         };
-        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token, ca };
+        let kubernetes = parsed.kubernetes.then(|| crate::k8s::KubernetesOptions {
+            kubeconfig: parsed.kubeconfig.clone(),
+        });
+        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token, ca, kubernetes };
         let handle = match crate::start(opts).await {
             Ok(h) => h,
             Err(e) => {
@@ -126,7 +141,7 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %handle.addr, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), "control plane listening");
+        tracing::info!(addr = %handle.addr, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), kubernetes = parsed.kubernetes, "control plane listening");
         wait_for_signal().await;
         tracing::info!("control plane stopping");
         ExitCode::SUCCESS

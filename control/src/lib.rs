@@ -5,10 +5,13 @@
 //! - [`api`]: the HTTP handlers of SPEC's control API.
 //! - [`store`]: versions and history, persisted under the data directory.
 //! - [`watch`]: fan-out of new versions to watching proxies.
+//! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
+//!   EndpointSlices, each change a new version.
 
 pub mod api;
 pub mod ca;
 pub mod cli;
+pub mod k8s;
 pub mod store;
 pub mod watch;
 
@@ -34,6 +37,8 @@ pub struct Options {
     pub token: Option<String>,
     /// With a CA, `POST /v1/identity/certify` signs workload certificates.
     pub ca: Option<CaOptions>,
+    /// With it, `k8s:` clusters are accepted and filled from the Kubernetes API.
+    pub kubernetes: Option<k8s::KubernetesOptions>,
 }
 
 pub struct CaOptions {
@@ -49,6 +54,8 @@ pub enum StartError {
     Store(#[from] store::StoreError),
     #[error(transparent)]
     Ca(#[from] ca::CaError),
+    #[error("{0}")]
+    Kubernetes(String),
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -71,6 +78,9 @@ pub struct Metrics {
     pub unauthorized: Counter,
     pub watchers: Gauge,
     pub certificates_issued: Counter,
+    pub k8s_watch_errors: Counter,
+    pub k8s_versions: Counter,
+    pub k8s_synced: Gauge,
 }
 
 impl Metrics {
@@ -106,6 +116,24 @@ impl Metrics {
             "Workload certificates signed by the mesh CA",
             certificates_issued.clone(),
         );
+        let k8s_watch_errors = Counter::default();
+        registry.register(
+            "spur_control_k8s_watch_errors",
+            "Failed lists and watches of EndpointSlices (each retried with backoff)",
+            k8s_watch_errors.clone(),
+        );
+        let k8s_versions = Counter::default();
+        registry.register(
+            "spur_control_k8s_discovery_versions",
+            "Versions made because discovered endpoints changed",
+            k8s_versions.clone(),
+        );
+        let k8s_synced = Gauge::default();
+        registry.register(
+            "spur_control_k8s_synced",
+            "1 once the EndpointSlices have been listed (Kubernetes discovery)",
+            k8s_synced.clone(),
+        );
         Metrics {
             registry,
             writes,
@@ -113,6 +141,9 @@ impl Metrics {
             unauthorized,
             watchers,
             certificates_issued,
+            k8s_watch_errors,
+            k8s_versions,
+            k8s_synced,
         }
     }
 
@@ -129,6 +160,8 @@ pub struct Control {
     pub token: Option<String>,
     /// The mesh CA and the join token that proxies present to it.
     pub ca: Option<(ca::MeshCa, String)>,
+    /// Kubernetes discovery (`--kubernetes`): accepts `k8s:` clusters and fills them.
+    pub discovery: Option<Arc<k8s::Discovery>>,
     pub metrics: Metrics,
     /// Serializes writes, so version numbers and read-modify-writes never interleave.
     pub write_lock: tokio::sync::Mutex<()>,
@@ -148,10 +181,19 @@ impl Control {
             store,
             token,
             ca: None,
+            discovery: None,
             metrics: Metrics::new(),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
             proxies: Mutex::new(BTreeMap::new()),
+        }
+    }
+
+    /// The validation rules of configs written to this control plane.
+    pub fn rules(&self) -> spur_config::Rules {
+        spur_config::Rules {
+            k8s_discovery: self.discovery.is_some(),
+            rendered: false,
         }
     }
 
@@ -182,21 +224,96 @@ impl Control {
         action: String,
         cfg: Config,
     ) -> http::Response<api::Body> {
-        match self.store.append(group, action, cfg) {
+        let previous = self.store.current(group);
+        let discovered = self.discovered_for(&cfg, previous.as_deref());
+        match self.store_locked(group, action, cfg, discovered) {
+            Ok(stored) => api::error_free(json!({ "version": stored.version })),
+            Err(e) => api::error(http::StatusCode::INTERNAL_SERVER_ERROR, "", e.to_string()),
+        }
+    }
+
+    /// Stores a version and announces it to the group's watchers (write lock held).
+    fn store_locked(
+        &self,
+        group: &str,
+        action: String,
+        cfg: Config,
+        discovered: k8s::Discovered,
+    ) -> Result<Arc<Stored>, store::StoreError> {
+        match self.store.append(group, action, cfg, discovered) {
             Ok(stored) => {
                 self.metrics.writes.inc();
                 let version = stored.version;
+                let action = stored.action.clone();
                 let mut channels = self.channels.lock().unwrap();
                 let tx = channels
                     .entry(group.to_string())
                     .or_insert_with(|| tokio_watch::channel(None).0);
-                tx.send_replace(Some(stored));
-                tracing::info!(group, version, "config stored");
-                api::error_free(json!({ "version": version }))
+                tx.send_replace(Some(stored.clone()));
+                tracing::info!(group, version, action, "config stored");
+                Ok(stored)
             }
             Err(e) => {
                 tracing::error!(group, error = %e, "cannot store config");
-                api::error(http::StatusCode::INTERNAL_SERVER_ERROR, "", e.to_string())
+                Err(e)
+            }
+        }
+    }
+
+    /// The endpoints a new version of `cfg` is made with: what discovery knows now; before
+    /// its first complete list (or without discovery), the previous version's endpoints of
+    /// the targets it still has, so a restart or a broken API never empties a cluster.
+    fn discovered_for(&self, cfg: &Config, previous: Option<&Stored>) -> k8s::Discovered {
+        let targets = k8s::targets(cfg);
+        if targets.is_empty() {
+            return k8s::Discovered::new();
+        }
+        if let Some(found) = self.discovery.as_ref().and_then(|d| d.lookup(&targets)) {
+            return found;
+        }
+        let Some(previous) = previous else {
+            return k8s::Discovered::new();
+        };
+        targets
+            .iter()
+            .filter_map(|t| {
+                let key = t.to_string();
+                let eps = previous.discovered.get(&key)?.clone();
+                Some((key, eps))
+            })
+            .collect()
+    }
+
+    /// Makes a new version of every group whose discovered endpoints differ from its current
+    /// version's: the same user config, the new endpoints, a history note saying what
+    /// changed. Nothing happens before discovery's first complete list.
+    pub async fn refresh_discovery(&self) {
+        let Some(discovery) = &self.discovery else {
+            return;
+        };
+        let _write = self.write_lock.lock().await;
+        let Some(slices) = discovery.snapshot() else {
+            return;
+        };
+        for group in self.store.groups() {
+            let Some(current) = self.store.current(&group) else {
+                continue;
+            };
+            let targets = k8s::targets(&current.config);
+            if targets.is_empty() && current.discovered.is_empty() {
+                continue;
+            }
+            let found = slices.lookup(&targets);
+            if found == current.discovered {
+                continue;
+            }
+            let action = k8s::describe_change(&current.discovered, &found);
+            // A failed write is logged by store_locked; the next change tries again.
+            if self
+                .store_locked(&group, action, current.config.clone(), found)
+                .is_ok()
+            {
+                self.metrics.k8s_versions.inc();
             }
         }
     }
@@ -246,17 +363,21 @@ pub struct ControlHandle {
     pub addr: SocketAddr,
     pub control: Arc<Control>,
     task: tokio::task::JoinHandle<()>,
+    discovery: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlHandle {
     pub fn stop(&self) {
         self.task.abort();
+        if let Some(d) = &self.discovery {
+            d.abort();
+        }
     }
 }
 
 impl Drop for ControlHandle {
     fn drop(&mut self) {
-        self.task.abort();
+        self.stop();
     }
 }
 
@@ -270,6 +391,18 @@ pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
             c.join_token,
         ));
     }
+    let kubernetes = match &opts.kubernetes {
+        Some(k) => {
+            let client = k8s::client(k).await.map_err(StartError::Kubernetes)?;
+            let (discovery, writer) = k8s::Discovery::new();
+            control.discovery = Some(Arc::new(discovery));
+            Some((client, writer))
+        }
+        None => {
+            warn_of_k8s_clusters(&control.store);
+            None
+        }
+    };
     let control = Arc::new(control);
     let tcp = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -281,6 +414,8 @@ pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
         addr: opts.listen,
         source,
     })?;
+    let discovery =
+        kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let c = control.clone();
     // Connections live in a JoinSet owned by the accept loop: stopping the control plane
     // (aborting that task) closes every open connection and watch stream with it.
@@ -310,5 +445,21 @@ pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
         addr,
         control,
         task,
+        discovery,
     })
+}
+
+/// Without `--kubernetes`, groups whose config has `k8s:` clusters keep the endpoints they
+/// were last stored with, and new writes with such clusters are refused: say so at start.
+fn warn_of_k8s_clusters(store: &Store) {
+    for group in store.groups() {
+        if let Some(current) = store.current(&group) {
+            if !k8s::targets(&current.config).is_empty() {
+                tracing::warn!(
+                    group,
+                    "this group has k8s clusters but the control plane runs without --kubernetes: its endpoints stay as last discovered"
+                );
+            }
+        }
+    }
 }

@@ -23,9 +23,15 @@ pub struct Stored {
     pub version: u64,
     /// Seconds since the Unix epoch.
     pub created_at: u64,
-    /// What made this version: `put`, `rollback to N`, `flag NAME`.
+    /// What made this version: `put`, `rollback to N`, `flag NAME`, `discovery: ...`.
     pub action: String,
+    /// The config as the user wrote it (`k8s:` clusters included).
     pub config: Config,
+    /// The endpoints of its `k8s:` clusters when this version was made (Kubernetes
+    /// discovery): proxies receive the config rendered with them
+    /// ([`crate::k8s::render`]). Empty for configs without `k8s:` clusters.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub discovered: crate::k8s::Discovered,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -138,14 +144,15 @@ impl Store {
         g
     }
 
-    /// Stores `config` as the group's next version; returns it once it is durable.
-    /// Callers serialize writes per store (the API holds a write lock), so the version
-    /// read here is still the newest when the file lands.
+    /// Stores `config` (with the endpoints discovered for it) as the group's next version;
+    /// returns it once it is durable. Callers serialize writes per store (the API holds a
+    /// write lock), so the version read here is still the newest when the file lands.
     pub fn append(
         &self,
         group: &str,
         action: String,
         config: Config,
+        discovered: crate::k8s::Discovered,
     ) -> Result<Arc<Stored>, StoreError> {
         let version = self.current(group).map_or(1, |c| c.version + 1);
         let created_at = std::time::SystemTime::now()
@@ -156,6 +163,7 @@ impl Store {
             created_at,
             action,
             config,
+            discovered,
         });
         let dir = self.dir.join("groups").join(group);
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -201,10 +209,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spur-store-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let s = Store::open(&dir).unwrap();
-        assert_eq!(s.append("shop", "put".into(), cfg("a")).unwrap().version, 1);
-        assert_eq!(s.append("shop", "put".into(), cfg("b")).unwrap().version, 2);
         assert_eq!(
-            s.append("other", "put".into(), cfg("c")).unwrap().version,
+            s.append("shop", "put".into(), cfg("a"), Default::default())
+                .unwrap()
+                .version,
+            1
+        );
+        assert_eq!(
+            s.append("shop", "put".into(), cfg("b"), Default::default())
+                .unwrap()
+                .version,
+            2
+        );
+        assert_eq!(
+            s.append("other", "put".into(), cfg("c"), Default::default())
+                .unwrap()
+                .version,
             1
         );
         // A write interrupted before its rename.
@@ -225,7 +245,12 @@ mod tests {
         );
         assert_eq!(s.groups(), vec!["other".to_string(), "shop".to_string()]);
         assert!(!dir.join("groups/shop/.tmp-00000000000000000003").exists());
-        assert_eq!(s.append("shop", "put".into(), cfg("d")).unwrap().version, 3);
+        assert_eq!(
+            s.append("shop", "put".into(), cfg("d"), Default::default())
+                .unwrap()
+                .version,
+            3
+        );
         let _ = fs::remove_dir_all(&dir);
     }
 

@@ -38,10 +38,12 @@ impl http_body::Body for ChannelBody {
     }
 }
 
+/// One version as proxies receive it: `k8s:` clusters rendered to the endpoints that
+/// version was made with.
 fn line(s: &Stored) -> Bytes {
-    let mut v =
-        serde_json::to_vec(&serde_json::json!({ "version": s.version, "config": s.config }))
-            .unwrap_or_default();
+    let config = crate::k8s::render(&s.config, &s.discovered);
+    let mut v = serde_json::to_vec(&serde_json::json!({ "version": s.version, "config": config }))
+        .unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }

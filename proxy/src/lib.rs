@@ -148,7 +148,28 @@ impl Proxy {
     /// snapshot, then start new listeners and retire removed or moved ones (they stop
     /// accepting; a removed listener's connections drain). On any error nothing changes.
     pub async fn apply(&self, cfg: Config, version: u64) -> Result<(), ApplyError> {
-        let result = self.try_apply(cfg, version).await;
+        self.apply_with(cfg, version, spur_config::Rules::default())
+            .await
+    }
+
+    /// [`Proxy::apply`] for a config pushed by the control plane. It was validated there
+    /// against what the user wrote and then rendered: `k8s:` clusters arrive as endpoint
+    /// lists, an empty one for a service with no ready endpoint (see [`spur_config::Rules`]).
+    pub async fn apply_pushed(&self, cfg: Config, version: u64) -> Result<(), ApplyError> {
+        let rules = spur_config::Rules {
+            rendered: true,
+            ..Default::default()
+        };
+        self.apply_with(cfg, version, rules).await
+    }
+
+    async fn apply_with(
+        &self,
+        cfg: Config,
+        version: u64,
+        rules: spur_config::Rules,
+    ) -> Result<(), ApplyError> {
+        let result = self.try_apply(cfg, version, rules).await;
         let outcome = if result.is_ok() {
             "applied"
         } else {
@@ -164,8 +185,13 @@ impl Proxy {
         result
     }
 
-    async fn try_apply(&self, cfg: Config, version: u64) -> Result<(), ApplyError> {
-        spur_config::validate(&cfg)?;
+    async fn try_apply(
+        &self,
+        cfg: Config,
+        version: u64,
+        rules: spur_config::Rules,
+    ) -> Result<(), ApplyError> {
+        spur_config::validate_with(&cfg, rules)?;
         let mut running = self.running.lock().await;
         let old = self.shared.snapshot.load_full();
         let snap = Snapshot::compile(

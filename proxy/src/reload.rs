@@ -184,7 +184,7 @@ async fn handle_line(
         return Ok(()); // already applied or rejected
     }
     let result = match serde_json::from_value::<Config>(pushed.config) {
-        Ok(cfg) => proxy.apply(cfg, pushed.version).await,
+        Ok(cfg) => proxy.apply_pushed(cfg, pushed.version).await,
         Err(e) => {
             proxy.shared.metrics.count_update("rejected");
             *seen = pushed.version;

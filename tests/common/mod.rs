@@ -59,6 +59,25 @@ where
     Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
 {
     let tcp = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    serve_backend(tcp, handler)
+}
+
+/// [`backend`] on a given address (another loopback IP such as 127.0.0.2, so that several
+/// backends can share one port as a Service's pods do); `None` if it cannot be bound.
+pub async fn backend_on<F, Fut>(addr: SocketAddr, handler: F) -> Option<Backend>
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
+    let tcp = TcpListener::bind(addr).await.ok()?;
+    Some(serve_backend(tcp, handler))
+}
+
+fn serve_backend<F, Fut>(tcp: TcpListener, handler: F) -> Backend
+where
+    F: Fn(Request<Incoming>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<Full<Bytes>>> + Send + 'static,
+{
     let addr = tcp.local_addr().unwrap();
     let handler = Arc::new(handler);
     let conns: Arc<std::sync::Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
@@ -226,6 +245,8 @@ pub struct SpurProcess {
     pub child: Child,
     pub listeners: std::collections::HashMap<String, SocketAddr>,
     pub admin: Option<SocketAddr>,
+    /// `spur control`: the API's address.
+    pub control: Option<SocketAddr>,
     pub stderr_lines: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
@@ -282,6 +303,23 @@ pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
 /// Runs `spur ARGS` (JSON logs) and waits until `expect_listeners` listeners (and the admin
 /// server, when `expect_admin`) have logged their addresses.
 pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: bool) -> SpurProcess {
+    spawn_until(args, expect_listeners, expect_admin, false)
+}
+
+/// Runs `spur control ARGS` (JSON logs; add `--listen 127.0.0.1:0`) and waits until it
+/// has logged the address it listens on.
+pub fn spawn_spur_control(args: &[&str]) -> SpurProcess {
+    let mut all = vec!["control"];
+    all.extend_from_slice(args);
+    spawn_until(&all, 0, false, true)
+}
+
+fn spawn_until(
+    args: &[&str],
+    expect_listeners: usize,
+    expect_admin: bool,
+    expect_control: bool,
+) -> SpurProcess {
     let mut child = Command::new(env!("CARGO_BIN_EXE_spur"))
         .args(args)
         .args(["--log-format", "json"])
@@ -303,8 +341,12 @@ pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: boo
     });
     let mut listeners = std::collections::HashMap::new();
     let mut admin = None;
+    let mut control = None;
     let deadline = Instant::now() + Duration::from_secs(20);
-    while listeners.len() < expect_listeners || (expect_admin && admin.is_none()) {
+    while listeners.len() < expect_listeners
+        || (expect_admin && admin.is_none())
+        || (expect_control && control.is_none())
+    {
         let left = deadline.saturating_duration_since(Instant::now());
         let line = rx
             .recv_timeout(left)
@@ -320,12 +362,15 @@ pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: boo
             );
         } else if msg == "admin listening" {
             admin = Some(v["addr"].as_str().unwrap().parse().unwrap());
+        } else if msg == "control plane listening" {
+            control = Some(v["addr"].as_str().unwrap().parse().unwrap());
         }
     }
     SpurProcess {
         child,
         listeners,
         admin,
+        control,
         stderr_lines: lines,
     }
 }
@@ -358,6 +403,7 @@ pub async fn start_control(
         data_dir: dir.clone(),
         token: token.map(str::to_string),
         ca: None,
+        kubernetes: None,
     })
     .await
     .expect("control plane starts");
