@@ -601,9 +601,15 @@ clusters:
 async fn shutdown_lets_http3_requests_in_flight_finish() {
     let pki = Pki::new("h3-drain");
     let leaf = pki.issue("edge", None, 50);
-    let slow = backend(|_req: Request<Incoming>| async {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        Response::new(Full::new(Bytes::from_static(b"slow")))
+    let arrived = Arc::new(tokio::sync::Notify::new());
+    let seen = arrived.clone();
+    let slow = backend(move |_req: Request<Incoming>| {
+        let seen = seen.clone();
+        async move {
+            seen.notify_one();
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            Response::new(Full::new(Bytes::from_static(b"slow")))
+        }
     })
     .await;
     let proxy = Arc::new(
@@ -636,7 +642,10 @@ clusters:
         let conn = conn.clone();
         tokio::spawn(async move { conn.get("/slow").await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Shut down while the request is at the app.
+    tokio::time::timeout(Duration::from_secs(5), arrived.notified())
+        .await
+        .expect("the request reaches the app");
     let started = Instant::now();
     proxy.shutdown().await;
     let (resp, body) = in_flight
@@ -685,13 +694,143 @@ async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
         }
     }
     let _b2 = b2.expect("B comes back on its port");
-    for i in 0..5 {
-        let r = get(a_addr, "/", &[]).await;
+    // 20 requests at once: they share one new connection.
+    let mut tasks = Vec::new();
+    for _ in 0..20 {
+        tasks.push(tokio::spawn(async move { get(a_addr, "/", &[]).await }));
+    }
+    for (i, t) in tasks.into_iter().enumerate() {
+        let r = t.await.unwrap();
         assert_eq!(r.status, 200, "request {i} after the restart: {}", r.text());
     }
     let admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fallback_ends_when_quic_works_again() {
+    let pki = Pki::new("h3-recover");
+    let app = reporting_app().await;
+    let b_leaf = pki.issue("b", Some(&id("b")), 70);
+    let b_yaml = |port: u16, with_h3: bool| {
+        let tls = format!(
+            "{{ cert: {}, key: {}, client_ca: {} }}",
+            b_leaf.cert, b_leaf.key, pki.ca_path
+        );
+        let mut y = format!(
+            r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: inbound-tcp
+    listen: 127.0.0.1:{port}
+    tls: {tls}
+    cluster: app
+"#
+        );
+        if with_h3 {
+            y.push_str(&format!(
+                "  - name: inbound-h3\n    listen: 127.0.0.1:{port}\n    protocol: http3\n    tls: {tls}\n    cluster: app\n"
+            ));
+        }
+        y.push_str(&format!(
+            "clusters:\n  - name: app\n    endpoints: [\"{}\"]\n",
+            app.addr
+        ));
+        spur_config::load(&y, Some("b.yaml")).unwrap()
+    };
+    // B starts with TCP only: A's QUIC handshakes time out and it falls back.
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let b = spur_proxy::Proxy::start(b_yaml(port, false)).await.unwrap();
+    let a_leaf = pki.issue("a", Some(&id("a")), 71);
+    let a = spawn_spur_env(
+        &format!(
+            r#"
+admin: {{ listen: 127.0.0.1:0 }}
+listeners:
+  - name: outbound
+    listen: 127.0.0.1:0
+    cluster: b
+clusters:
+  - name: b
+    endpoints: ["127.0.0.1:{port}"]
+    protocol: http3
+    fallback: http2
+    connect_timeout: 300ms
+    tls: {{ ca: {ca}, cert: {cert}, key: {key}, expect_identities: ["{b_id}"] }}
+"#,
+            ca = pki.ca_path,
+            cert = a_leaf.cert,
+            key = a_leaf.key,
+            b_id = id("b"),
+        ),
+        &[("SPUR_QUIC_FALLBACK_PERIOD", "1s")],
+        1,
+    );
+    let a_addr = a.listeners["outbound"];
+    let a_admin = a.admin.unwrap();
+
+    // Steady traffic through A for the whole test.
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (ok, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load = {
+        let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+        tokio::spawn(async move {
+            let client = h1_client();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                let req = Request::get(format!("http://{a_addr}/")).body(Full::default());
+                match client.request(req.unwrap()).await {
+                    Ok(r) if r.status() == 200 => {
+                        let _ = r.into_body().collect().await;
+                        ok.fetch_add(1, Ordering::Relaxed)
+                    }
+                    _ => failed.fetch_add(1, Ordering::Relaxed),
+                };
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await == 1.0
+        })
+        .await,
+        "A falls back to TCP"
+    );
+    // Let a fallback period or two pass with QUIC still failing, then open B's UDP port.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    b.apply(b_yaml(port, true), 2).await.unwrap();
+    let b_admin = b.admin_addr().unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            metric(
+                b_admin,
+                "spur_quic_streams_total",
+                &[("listener", "inbound-h3")],
+            )
+            .await
+                > 10.0
+        })
+        .await,
+        "after a period, a background handshake succeeds and requests take QUIC again"
+    );
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
+    assert_eq!(failed, 0, "{ok} succeeded");
+    assert_eq!(
+        metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
+        1.0,
+        "failed probes keep the endpoint on TCP without counting a new fallback"
+    );
+    assert_eq!(
+        metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
         1.0
     );
 }

@@ -71,9 +71,16 @@ enum H3Stream {
     /// responses are read.
     Client {
         stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
-        _conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+        _keep: ClientKeep,
     },
 }
+
+/// What a response body from an upstream keeps alive: the connection's request sender,
+/// and the request body's cancel signal (dropped with the response body).
+pub type ClientKeep = (
+    h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+    tokio::sync::oneshot::Sender<()>,
+);
 
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum H3State {
@@ -97,12 +104,12 @@ impl H3Recv {
     pub fn client(
         stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
         headers: &HeaderMap,
-        conn: h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>,
+        keep: ClientKeep,
     ) -> H3Recv {
         H3Recv {
             stream: H3Stream::Client {
                 stream,
-                _conn: conn,
+                _keep: keep,
             },
             state: H3State::Data,
             length: content_length(headers),
@@ -164,18 +171,37 @@ pub enum H3Send {
 }
 
 impl H3Send {
-    /// Sends `body` (data, then trailers or the end of the stream); a body that fails resets
-    /// the stream with `cancel`, so the peer sees a broken message, not a short one.
-    pub async fn send_body<B>(mut self, mut body: B, cancel: h3::error::Code)
-    where
+    /// Sends `body` (data, then trailers or the end of the stream); a body that fails, or
+    /// `cancelled` resolving first, resets the stream with `cancel`, so the peer sees a
+    /// broken message, not a short one.
+    pub async fn send_body<B>(
+        mut self,
+        mut body: B,
+        cancel: h3::error::Code,
+        cancelled: impl std::future::Future<Output = ()>,
+    ) where
         B: Body<Data = Bytes> + Unpin,
         B::Error: std::fmt::Display,
     {
         use http_body_util::BodyExt;
+        tokio::pin!(cancelled);
         loop {
-            let sent = match body.frame().await {
+            let frame = tokio::select! {
+                f = body.frame() => f,
+                _ = &mut cancelled => {
+                    self.reset(cancel);
+                    return;
+                }
+            };
+            let sent = match frame {
                 Some(Ok(frame)) => match frame.into_data() {
-                    Ok(d) => self.data(d).await,
+                    Ok(d) => tokio::select! {
+                        r = self.data(d) => r,
+                        _ = &mut cancelled => {
+                            self.reset(cancel);
+                            return;
+                        }
+                    },
                     Err(frame) => match frame.into_trailers() {
                         Ok(t) => {
                             let _ = self.trailers(t).await;

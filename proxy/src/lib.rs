@@ -294,8 +294,13 @@ impl Proxy {
                     task,
                 },
             ) {
-                // Moved: the old socket stops accepting; its connections carry on.
+                // Moved: the old socket stops accepting; its connections carry on. A QUIC
+                // socket also carries its connections, so an http3 listener's are drained
+                // (GOAWAY): the old port is released once they are done.
                 let _ = old.stop.send(true);
+                if old.udp {
+                    let _ = old.drain.send(true);
+                }
                 running.retired.push(old);
             }
             self.addrs.lock().unwrap().insert(name, addr);

@@ -303,7 +303,22 @@ pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
 /// Runs `spur ARGS` (JSON logs) and waits until `expect_listeners` listeners (and the admin
 /// server, when `expect_admin`) have logged their addresses.
 pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: bool) -> SpurProcess {
-    spawn_until(args, expect_listeners, expect_admin, false)
+    spawn_until(args, &[], expect_listeners, expect_admin, false)
+}
+
+/// [`spawn_spur`] with extra environment variables.
+pub fn spawn_spur_env(yaml: &str, env: &[(&str, &str)], expect_listeners: usize) -> SpurProcess {
+    let dir = temp_dir("spur-test");
+    let path = dir.join("config.yaml");
+    std::fs::write(&path, yaml).unwrap();
+    let path = path.to_str().unwrap().to_string();
+    spawn_until(
+        &["proxy", "--config", &path],
+        env,
+        expect_listeners,
+        yaml.contains("admin:"),
+        false,
+    )
 }
 
 /// Runs `spur control ARGS` (JSON logs; add `--listen 127.0.0.1:0`) and waits until it
@@ -311,11 +326,12 @@ pub fn spawn_spur_with(args: &[&str], expect_listeners: usize, expect_admin: boo
 pub fn spawn_spur_control(args: &[&str]) -> SpurProcess {
     let mut all = vec!["control"];
     all.extend_from_slice(args);
-    spawn_until(&all, 0, false, true)
+    spawn_until(&all, &[], 0, false, true)
 }
 
 fn spawn_until(
     args: &[&str],
+    env: &[(&str, &str)],
     expect_listeners: usize,
     expect_admin: bool,
     expect_control: bool,
@@ -323,6 +339,7 @@ fn spawn_until(
     let mut child = Command::new(env!("CARGO_BIN_EXE_spur"))
         .args(args)
         .args(["--log-format", "json"])
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

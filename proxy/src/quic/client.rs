@@ -6,8 +6,12 @@
 //! `fallback`, a QUIC connection that cannot be made for a reason other than TLS
 //! verification (UDP blocked, nothing listening, timeout) sends the request over the
 //! cluster's TCP+TLS client instead, and that endpoint stays on TCP for
-//! [`FALLBACK_PERIOD`] before QUIC is tried again; each turn to TCP is counted in
+//! [`FALLBACK_PERIOD`]; then one QUIC handshake is tried in the background (requests stay on
+//! TCP meanwhile) and QUIC takes over again if it succeeds. Each turn to TCP is counted in
 //! `spur_quic_fallback_total{cluster}`.
+//!
+//! Requests waiting while a connection is being made share its outcome: a handshake that
+//! fails fails them all at once, rather than each trying its own in turn.
 
 use crate::body::{H3Recv, H3Send, InBody};
 use crate::metrics::{ClusterLabels, ReasonLabel, Side};
@@ -24,8 +28,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long an endpoint whose QUIC connection failed stays on the TCP fallback.
+/// How long an endpoint whose QUIC connection failed stays on the TCP fallback, unless the
+/// environment variable `SPUR_QUIC_FALLBACK_PERIOD` (e.g. `5s`) says otherwise.
 pub const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
+
+fn fallback_period() -> Duration {
+    match std::env::var("SPUR_QUIC_FALLBACK_PERIOD") {
+        Ok(v) => match v.parse::<spur_config::Duration>() {
+            Ok(d) if !d.get().is_zero() => d.get(),
+            _ => {
+                tracing::warn!(
+                    value = v.as_str(),
+                    "SPUR_QUIC_FALLBACK_PERIOD is not a duration like 30s: using 30s"
+                );
+                FALLBACK_PERIOD
+            }
+        },
+        Err(_) => FALLBACK_PERIOD,
+    }
+}
 /// Keep-alives hold pooled connections open through idle periods.
 const KEEP_ALIVE: Duration = Duration::from_secs(10);
 const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -46,16 +67,32 @@ pub struct H3Client {
     sockets: Mutex<[Option<quinn::Endpoint>; 2]>,
     /// The rustls config a quinn config was last built from, and that quinn config.
     quic_config: Mutex<Option<(Arc<rustls::ClientConfig>, quinn::ClientConfig)>>,
-    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Option<Conn>>>>>,
+    conns: Mutex<HashMap<SocketAddr, Arc<tokio::sync::Mutex<Slot>>>>,
     fallback: Option<Fallback>,
     metrics: QuicMetrics,
+}
+
+/// An endpoint's connection, and the last failed attempt to make one.
+#[derive(Default)]
+struct Slot {
+    conn: Option<Conn>,
+    /// When the last attempt failed, and why.
+    failed: Option<(Instant, Arc<str>)>,
 }
 
 struct Fallback {
     client: Client,
     version: Version,
-    /// Endpoints on TCP, until when.
-    until: Mutex<HashMap<SocketAddr, Instant>>,
+    period: Duration,
+    /// Endpoints on TCP: until when, and whether a QUIC probe is under way.
+    until: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
+}
+
+enum Route {
+    Quic,
+    Tcp,
+    /// TCP, and this request's turn to start the background QUIC probe.
+    TcpAndProbe,
 }
 
 struct QuicMetrics {
@@ -105,13 +142,14 @@ impl H3Client {
             fallback: fallback.map(|(client, version)| Fallback {
                 client,
                 version,
+                period: fallback_period(),
                 until: Mutex::new(HashMap::new()),
             }),
         }
     }
 
     pub async fn request(
-        &self,
+        self: &Arc<Self>,
         mut req: Request<ReqBody>,
     ) -> Result<Response<InBody>, UpstreamError> {
         let addr: SocketAddr = req
@@ -124,31 +162,25 @@ impl H3Client {
                 error: "the request URI names no endpoint address".into(),
             })?;
         if let Some(fb) = &self.fallback {
-            if fb.active(addr) {
-                return fb.send(req).await;
+            match fb.route(addr) {
+                Route::Quic => {}
+                Route::Tcp => return fb.send(req).await,
+                Route::TcpAndProbe => {
+                    let this = self.clone();
+                    tokio::spawn(async move { this.probe(addr).await });
+                    return fb.send(req).await;
+                }
             }
         }
         // A pooled connection may have closed since its last use (the peer's idle timeout,
-        // a restart); a request that could not open a stream on it gets one fresh
-        // connection. Its body is untouched until a stream is open.
-        let mut fresh = false;
+        // a restart, its GOAWAY); a request that could not open a stream on it gets one
+        // fresh connection. Its body is untouched until a stream is open.
+        let mut stale = None;
         loop {
-            let conn = match self.connection(addr, fresh).await {
+            let conn = match self.connection(addr, stale, false).await {
                 Ok(c) => c,
                 Err(f) => {
                     if let (Some(fb), true) = (&self.fallback, f.fell_back) {
-                        return fb.send(req).await;
-                    }
-                    if let (Some(fb), true) = (&self.fallback, f.may_fall_back) {
-                        fb.start(addr);
-                        self.metrics.fallback.inc();
-                        tracing::warn!(
-                            cluster = &*self.cluster,
-                            endpoint = %addr,
-                            error = %f.error,
-                            period_s = FALLBACK_PERIOD.as_secs(),
-                            "QUIC connection failed: falling back to TCP for this endpoint"
-                        );
                         return fb.send(req).await;
                     }
                     return Err(UpstreamError {
@@ -158,11 +190,11 @@ impl H3Client {
                     });
                 }
             };
-            match self.send(conn.clone(), req).await {
+            match self.send(&conn, req).await {
                 Ok(resp) => return Ok(resp),
-                Err(Unsent::Again(r)) if !fresh => {
+                Err(Unsent::Again(r)) if stale.is_none() => {
                     req = *r;
-                    fresh = true;
+                    stale = Some(conn.quic.stable_id());
                 }
                 Err(Unsent::Again(_)) => {
                     return Err(UpstreamError {
@@ -176,30 +208,70 @@ impl H3Client {
         }
     }
 
-    /// The endpoint's pooled connection, or a new one (`fresh`: the pooled one failed).
-    async fn connection(&self, addr: SocketAddr, fresh: bool) -> Result<Conn, ConnectFailure> {
+    /// After the fallback period: one QUIC handshake; QUIC again if it works, another
+    /// period on TCP if not.
+    async fn probe(&self, addr: SocketAddr) {
+        let Some(fb) = &self.fallback else { return };
+        match self.connection(addr, None, true).await {
+            Ok(_) => {
+                fb.end(addr);
+                tracing::info!(cluster = &*self.cluster, endpoint = %addr, "QUIC works again: leaving the TCP fallback");
+            }
+            Err(f) => {
+                fb.start(addr);
+                tracing::debug!(cluster = &*self.cluster, endpoint = %addr, error = %f.error, "QUIC still fails: staying on TCP");
+            }
+        }
+    }
+
+    /// The endpoint's pooled connection, or a new one. `stale`: the pooled connection with
+    /// this id failed, make another (unless someone already has). `probe`: the fallback's
+    /// background attempt.
+    async fn connection(
+        &self,
+        addr: SocketAddr,
+        stale: Option<usize>,
+        probe: bool,
+    ) -> Result<Conn, ConnectFailure> {
+        let asked = Instant::now();
         let slot = self.conns.lock().unwrap().entry(addr).or_default().clone();
         let mut slot = slot.lock().await;
-        if self.fallback.as_ref().is_some_and(|f| f.active(addr)) {
+        if !probe && self.fallback.as_ref().is_some_and(|f| f.on_tcp(addr)) {
             return Err(ConnectFailure {
                 error: "on the TCP fallback".into(),
                 may_fall_back: true,
                 fell_back: true,
             });
         }
-        if let Some(c) = slot.as_ref() {
-            if !fresh && c.quic.close_reason().is_none() {
+        if let Some(c) = &slot.conn {
+            if c.quic.close_reason().is_none() && Some(c.quic.stable_id()) != stale {
                 return Ok(c.clone());
+            }
+        }
+        // An attempt that failed while this request waited answers for it too.
+        if let Some((at, error)) = &slot.failed {
+            if *at >= asked && !probe {
+                return Err(ConnectFailure {
+                    error: error.to_string().into(),
+                    may_fall_back: false,
+                    fell_back: false,
+                });
             }
         }
         // A replaced connection (closed, or going away after the server's GOAWAY) lives on
         // for the requests still using it; h3 closes it when the last of them is done.
-        *slot = None;
-        let conn = match tokio::time::timeout(self.connect_timeout, self.connect(addr)).await {
-            Ok(r) => r?,
+        slot.conn = None;
+        let attempt = tokio::time::timeout(self.connect_timeout, self.connect(addr)).await;
+        let failure = match attempt {
+            Ok(Ok(conn)) => {
+                slot.conn = Some(conn.clone());
+                slot.failed = None;
+                return Ok(conn);
+            }
+            Ok(Err(f)) => f,
             Err(_) => {
                 self.handshake_error("timeout");
-                return Err(ConnectFailure {
+                ConnectFailure {
                     error: format!(
                         "no QUIC handshake with {addr} within {:?}",
                         self.connect_timeout
@@ -207,11 +279,26 @@ impl H3Client {
                     .into(),
                     may_fall_back: true,
                     fell_back: false,
-                });
+                }
             }
         };
-        *slot = Some(conn.clone());
-        Ok(conn)
+        slot.failed = Some((Instant::now(), failure.error.to_string().into()));
+        if let (Some(fb), true, false) = (&self.fallback, failure.may_fall_back, probe) {
+            fb.start(addr);
+            self.metrics.fallback.inc();
+            tracing::warn!(
+                cluster = &*self.cluster,
+                endpoint = %addr,
+                error = %failure.error,
+                period_ms = fb.period.as_millis() as u64,
+                "QUIC connection failed: falling back to TCP for this endpoint"
+            );
+            return Err(ConnectFailure {
+                fell_back: true,
+                ..failure
+            });
+        }
+        Err(failure)
     }
 
     async fn connect(&self, addr: SocketAddr) -> Result<Conn, ConnectFailure> {
@@ -319,52 +406,72 @@ impl H3Client {
 
     /// Sends one request as a stream of `conn`: the head, then the body (in its own task,
     /// while the response is awaited, so a server may answer before reading it all).
-    async fn send(
-        &self,
-        mut conn: Conn,
-        req: Request<ReqBody>,
-    ) -> Result<Response<InBody>, Unsent> {
-        let (mut parts, body) = req.into_parts();
-        parts.version = Version::HTTP_3;
-        // `:authority` is the URI's: the client's Host (so the next hop can route by it),
-        // while the connection goes to the endpoint's address.
-        if let Some(host) = parts.headers.remove(header::HOST) {
-            if let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) {
-                let mut uri = parts.uri.clone().into_parts();
-                uri.authority = Some(authority);
-                if let Ok(u) = http::Uri::from_parts(uri) {
-                    parts.uri = u;
-                }
-            }
-        }
+    async fn send(&self, conn: &Conn, req: Request<ReqBody>) -> Result<Response<InBody>, Unsent> {
+        let (parts, body) = req.into_parts();
         if conn.quic.close_reason().is_some() {
             return Err(Unsent::Again(Box::new(Request::from_parts(parts, body))));
         }
-        let stream = match conn
-            .send
-            .send_request(Request::from_parts(parts.clone(), ()))
-            .await
-        {
+        // The head as sent; `parts` stays as it came, for another connection or the fallback.
+        let mut head = parts.clone();
+        head.version = Version::HTTP_3;
+        // `:authority` is the client's Host (so the next hop can route by it), while the
+        // connection goes to the endpoint's address.
+        if let Some(host) = head.headers.remove(header::HOST) {
+            if let Ok(authority) = http::uri::Authority::try_from(host.as_bytes()) {
+                let mut uri = head.uri.clone().into_parts();
+                uri.authority = Some(authority);
+                if let Ok(u) = http::Uri::from_parts(uri) {
+                    head.uri = u;
+                }
+            }
+        }
+        let mut send = conn.send.clone();
+        let stream = match send.send_request(Request::from_parts(head, ())).await {
             Ok(s) => s,
+            Err(e @ h3::error::StreamError::HeaderTooBig { .. }) => {
+                return Err(Unsent::Failed(reset(e)))
+            }
             // Nothing was sent (the connection closed, or the server sent GOAWAY): the
             // request may go on a new connection.
             Err(_) => return Err(Unsent::Again(Box::new(Request::from_parts(parts, body)))),
         };
         self.metrics.streams.inc();
         let (mut tx, mut rx) = stream.split();
+        // Dropped when this request is abandoned (a timeout) or its response is done: the
+        // body task then resets the stream instead of sending on.
+        let (cancel, cancelled) = tokio::sync::oneshot::channel::<()>();
         if body.is_end_stream() {
             if let Err(e) = tx.finish().await {
                 return Err(Unsent::Failed(reset(e)));
             }
         } else {
-            tokio::spawn(H3Send::Client(tx).send_body(body, h3::error::Code::H3_REQUEST_CANCELLED));
+            tokio::spawn(H3Send::Client(tx).send_body(
+                body,
+                h3::error::Code::H3_REQUEST_CANCELLED,
+                async move {
+                    let _ = cancelled.await;
+                },
+            ));
         }
-        let head = rx
-            .recv_response()
-            .await
-            .map_err(|e| Unsent::Failed(reset(e)))?;
+        let head = match rx.recv_response().await {
+            Ok(h) => h,
+            Err(e) => {
+                // Refused unprocessed (after the server's GOAWAY): safe to send again.
+                let rejected = matches!(&e, h3::error::StreamError::RemoteTerminate { code, .. }
+                    if *code == h3::error::Code::H3_REQUEST_REJECTED);
+                return Err(Unsent::Failed(UpstreamError {
+                    connect: rejected,
+                    tls_reason: None,
+                    error: Box::new(e),
+                }));
+            }
+        };
         let (parts, ()) = head.into_parts();
-        let body = InBody::H3(Box::new(H3Recv::client(rx, &parts.headers, conn.send)));
+        let body = InBody::H3(Box::new(H3Recv::client(
+            rx,
+            &parts.headers,
+            (conn.send.clone(), cancel),
+        )));
         Ok(Response::from_parts(parts, body))
     }
 }
@@ -384,23 +491,34 @@ fn reset(e: impl std::error::Error + Send + Sync + 'static) -> UpstreamError {
 }
 
 impl Fallback {
-    fn active(&self, addr: SocketAddr) -> bool {
+    fn route(&self, addr: SocketAddr) -> Route {
         let mut until = self.until.lock().unwrap();
-        match until.get(&addr) {
-            Some(t) if Instant::now() < *t => true,
-            Some(_) => {
-                until.remove(&addr);
-                false
+        match until.get_mut(&addr) {
+            None => Route::Quic,
+            Some((t, probing)) => {
+                if Instant::now() < *t || *probing {
+                    Route::Tcp
+                } else {
+                    *probing = true;
+                    Route::TcpAndProbe
+                }
             }
-            None => false,
         }
+    }
+
+    fn on_tcp(&self, addr: SocketAddr) -> bool {
+        self.until.lock().unwrap().contains_key(&addr)
     }
 
     fn start(&self, addr: SocketAddr) {
         self.until
             .lock()
             .unwrap()
-            .insert(addr, Instant::now() + FALLBACK_PERIOD);
+            .insert(addr, (Instant::now() + self.period, false));
+    }
+
+    fn end(&self, addr: SocketAddr) {
+        self.until.lock().unwrap().remove(&addr);
     }
 
     async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<InBody>, UpstreamError> {

@@ -25,8 +25,7 @@ use tokio::task::JoinSet;
 
 type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
 
-/// How long a draining connection stays open after its last response, unless the client
-/// closes it first.
+/// How long a draining connection stays open once quiet, unless the client closes it first.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
@@ -261,14 +260,22 @@ async fn serve_conn(
         }
     };
     let mut requests = JoinSet::new();
+    let drain_timeout = || shared.snapshot.load().drain_timeout;
     let mut draining = false;
-    while !draining {
+    let mut timed_out = false;
+    // Once draining, the time the requests in flight have left.
+    let deadline = tokio::time::sleep(std::time::Duration::from_secs(10 * 365 * 86_400));
+    tokio::pin!(deadline);
+    loop {
+        let mut goaway = false;
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
                     streams.inc();
                     requests.spawn(serve_request(ctx.clone(), resolver, header_timeout));
                 }
+                // The client's GOAWAY, or after ours: every accepted request is done (h3
+                // refuses later streams with H3_REQUEST_REJECTED, so they can be retried).
                 Ok(None) => break,
                 Err(e) => {
                     if !e.is_h3_no_error() {
@@ -278,19 +285,44 @@ async fn serve_conn(
                 }
             },
             Some(_) = requests.join_next(), if !requests.is_empty() => {}
-            _ = drain.wait_for(|d| *d) => draining = true,
+            _ = drain.wait_for(|d| *d), if !draining => {
+                draining = true;
+                goaway = true;
+                deadline.as_mut().reset(tokio::time::Instant::now() + drain_timeout());
+            }
+            _ = &mut deadline, if draining => {
+                tracing::debug!(listener = &*lst.name, %peer, "drain timeout: HTTP/3 connection closed");
+                timed_out = true;
+                break;
+            }
+            // Draining and nothing in flight: the client has had its answers (and its
+            // requests that crossed the GOAWAY have arrived) once it is quiet for a moment.
+            // A QUIC close discards bytes not yet acknowledged, and h3 does not say when
+            // they are; so close when the client does, or after this quiet moment.
+            _ = tokio::time::sleep(CLOSE_LINGER), if draining && requests.is_empty() => break,
+            _ = conn.closed() => break,
+        }
+        if goaway {
+            // GOAWAY naming the next stream: the ones accepted so far will be answered.
+            let _ = h3.shutdown(1).await;
         }
     }
-    if draining {
-        // GOAWAY: no new requests; the ones in flight finish below.
-        let _ = h3.shutdown(0).await;
+    // Requests still running (the client left, or the drain timeout passed) get the drain
+    // timeout at most; then they are cancelled, which drops their upstream requests too.
+    let finished = !timed_out
+        && tokio::time::timeout(drain_timeout(), async {
+            while requests.join_next().await.is_some() {}
+        })
+        .await
+        .is_ok();
+    if !finished {
+        requests.abort_all();
     }
-    while requests.join_next().await.is_some() {}
     if conn.close_reason().is_none() {
-        // A QUIC close discards response bytes not yet acknowledged, and h3 does not say
-        // when they are: give the client a moment to receive them (or to close first).
-        let linger = shared.snapshot.load().drain_timeout.min(CLOSE_LINGER);
-        let _ = tokio::time::timeout(linger, conn.closed()).await;
+        if !draining {
+            // The client's GOAWAY: it closes once it has its answers.
+            let _ = tokio::time::timeout(CLOSE_LINGER, conn.closed()).await;
+        }
         conn.close(0u32.into(), b"");
     }
 }
@@ -318,6 +350,10 @@ async fn serve_request(ctx: Arc<ConnCtx>, resolver: Resolver, header_timeout: st
         return;
     }
     H3Send::Server(tx)
-        .send_body(body, h3::error::Code::H3_INTERNAL_ERROR)
+        .send_body(
+            body,
+            h3::error::Code::H3_INTERNAL_ERROR,
+            std::future::pending(),
+        )
         .await;
 }
