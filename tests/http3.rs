@@ -321,14 +321,44 @@ clusters:
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn proxy_to_proxy_over_http3_with_mutual_tls() {
-    let pki = Pki::new("h3-hop");
+/// App ← B (http3 listener, mTLS) ← A (http3 cluster), with A's certificate numbered
+/// `serial`.
+struct Hop {
+    pki: Pki,
+    app: Backend,
+    b: spur_proxy::Proxy,
+    b_addr: SocketAddr,
+    a: spur_proxy::Proxy,
+    a_addr: SocketAddr,
+}
+
+async fn hop(tag: &str, serial: u64) -> Hop {
+    let pki = Pki::new(tag);
     let app = reporting_app().await;
     let b = proxy_b(&pki, app.addr).await;
     let b_addr = b.listener_addr("inbound").unwrap();
-    let a = proxy_a(&pki, "a", 10, b_addr, &id("b")).await;
+    let a = proxy_a(&pki, "a", serial, b_addr, &id("b")).await;
     let a_addr = a.listener_addr("outbound").unwrap();
+    Hop {
+        pki,
+        app,
+        b,
+        b_addr,
+        a,
+        a_addr,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_to_proxy_over_http3_with_mutual_tls() {
+    let Hop {
+        pki,
+        app: _app,
+        b,
+        b_addr,
+        a,
+        a_addr,
+    } = hop("h3-hop", 10).await;
 
     // 50 requests, one QUIC connection; B sees and forwards A's verified identity.
     for i in 0..50 {
@@ -668,12 +698,14 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
-    let pki = Pki::new("h3-restart");
-    let app = reporting_app().await;
-    let b = proxy_b(&pki, app.addr).await;
-    let b_addr = b.listener_addr("inbound").unwrap();
-    let a = proxy_a(&pki, "a", 60, b_addr, &id("b")).await;
-    let a_addr = a.listener_addr("outbound").unwrap();
+    let Hop {
+        pki,
+        app,
+        b,
+        b_addr,
+        a,
+        a_addr,
+    } = hop("h3-restart", 60).await;
     for _ in 0..5 {
         assert_eq!(get(a_addr, "/", &[]).await.status, 200);
     }

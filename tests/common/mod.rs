@@ -289,15 +289,7 @@ fn unsafe_kill(pid: u32, sig: &str) {
 /// Writes `yaml` to a temp file and runs `spur proxy --config` on it; waits until every
 /// listener (and the admin server, if any) has logged its address.
 pub fn spawn_spur(yaml: &str, expect_listeners: usize) -> SpurProcess {
-    let dir = temp_dir("spur-test");
-    let path = dir.join("config.yaml");
-    std::fs::write(&path, yaml).unwrap();
-    let path = path.to_str().unwrap().to_string();
-    spawn_spur_with(
-        &["proxy", "--config", &path],
-        expect_listeners,
-        yaml.contains("admin:"),
-    )
+    spawn_spur_env(yaml, &[], expect_listeners)
 }
 
 /// Runs `spur ARGS` (JSON logs) and waits until `expect_listeners` listeners (and the admin
