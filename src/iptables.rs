@@ -27,7 +27,13 @@
 //!
 //! REDIRECT rewrites the destination, so the proxy reads SO_ORIGINAL_DST to learn where a
 //! connection was going: listeners with `original_dst: true` route by it (docs/config.md).
-//! IPv4 only: IPv6 traffic of a dual-stack pod is not intercepted.
+//!
+//! IPv6: the same rules go to `ip6tables-restore` (loopback `::1`), so a dual-stack pod
+//! cannot bypass its proxy over IPv6. With `--ipv6 auto` (the default) that happens when the
+//! namespace has a global IPv6 address (a dual-stack pod); `on` always, `off` never. A
+//! failure to install them is fatal, as for IPv4: a half-intercepted pod must not start.
+//! Redirected IPv6 connections arrive at `::1`, so in dual-stack pods the listeners listen
+//! on `[::]` (which takes IPv4 too).
 //!
 //! A re-run (an init container can run again in the same pod sandbox) replaces the SPUR
 //! chains — declaring a chain in iptables-restore input flushes it — and adds the two
@@ -51,8 +57,35 @@ options:
   --skip-ports LIST            comma-separated TCP ports left alone both ways, e.g. 5432,6379
   --skip-inbound-ports LIST    ports of this pod that bypass the proxy (e.g. the admin port)
   --skip-outbound-ports LIST   destination ports that bypass the proxy
+  --ipv6 auto|on|off           IPv6 rules too (ip6tables): auto = when this namespace has a
+                               global IPv6 address, i.e. a dual-stack pod (default auto)
   --iptables-restore CMD       the restore command (default iptables-restore; e.g.
-                               iptables-legacy-restore on nodes without nf_tables)";
+                               iptables-legacy-restore on nodes without nf_tables); the IPv6
+                               one is its ip6tables twin (ip6tables-restore)";
+
+/// Which IP family a rule set is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn loopback(self) -> &'static str {
+        match self {
+            Family::V4 => "127.0.0.1/32",
+            Family::V6 => "::1/128",
+        }
+    }
+}
+
+/// Whether to install IPv6 rules.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ipv6 {
+    Auto,
+    On,
+    Off,
+}
 
 /// What to redirect where.
 #[derive(Debug, Clone, PartialEq)]
@@ -71,11 +104,16 @@ const JUMPS: [&str; 2] = [
 ];
 
 impl Rules {
-    /// The `nat` table in iptables-save form (as `iptables-save -t nat` prints it back).
-    pub fn render(&self) -> String {
+    /// The `nat` table in iptables-save form (as `iptables-save -t nat` prints it back), for
+    /// `iptables-restore` (IPv4) or `ip6tables-restore` (IPv6).
+    pub fn render(&self, family: Family) -> String {
         let (inp, outp, uid) = (self.inbound_port, self.outbound_port, self.proxy_uid);
+        let what = match family {
+            Family::V4 => "",
+            Family::V6 => " (IPv6, ip6tables)",
+        };
         let mut r = vec![
-            format!("# spur init-iptables: inbound TCP to :{inp}, outbound TCP to :{outp}, proxy uid {uid}"),
+            format!("# spur init-iptables{what}: inbound TCP to :{inp}, outbound TCP to :{outp}, proxy uid {uid}"),
             "*nat".into(),
         ];
         for chain in [
@@ -103,7 +141,8 @@ impl Rules {
         }
         r.extend([
             format!(
-                "-A SPUR_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner {uid} -j SPUR_INBOUND"
+                "-A SPUR_OUTPUT ! -d {} -o lo -m owner --uid-owner {uid} -j SPUR_INBOUND",
+                family.loopback()
             ),
             format!("-A SPUR_OUTPUT -o lo -m owner ! --uid-owner {uid} -j RETURN"),
             format!("-A SPUR_OUTPUT -m owner --uid-owner {uid} -j RETURN"),
@@ -117,7 +156,7 @@ impl Rules {
 
 /// Entry point of `spur init-iptables ARGS`.
 pub fn main(args: &[String]) -> ExitCode {
-    let (rules, dry_run, restore) = match parse_args(args) {
+    let (rules, opts) = match parse_args(args) {
         Ok(Some(p)) => p,
         Ok(None) => {
             println!("{HELP}");
@@ -130,25 +169,80 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let text = rules.render();
-    if dry_run {
-        print!("{text}");
+    let v6 = match opts.ipv6 {
+        Ipv6::On => true,
+        Ipv6::Off => false,
+        // A dry run shows what a dual-stack pod gets.
+        Ipv6::Auto => opts.dry_run || has_global_ipv6(),
+    };
+    if opts.dry_run {
+        print!("{}", rules.render(Family::V4));
+        if v6 {
+            print!("{}", rules.render(Family::V6));
+        }
         return ExitCode::SUCCESS;
     }
-    match apply(&text, &restore) {
-        Ok(applied) => {
-            print!("{applied}");
-            eprintln!("spur init-iptables: rules applied with {restore} --noflush");
-            ExitCode::SUCCESS
+    let mut steps = vec![(Family::V4, opts.restore.clone())];
+    if v6 {
+        steps.push((Family::V6, ip6_twin(&opts.restore)));
+    } else {
+        eprintln!("spur init-iptables: no global IPv6 address here: IPv4 rules only (--ipv6 on to add IPv6 ones)");
+    }
+    for (family, restore) in steps {
+        match apply(&rules.render(family), &restore) {
+            Ok(applied) => {
+                print!("{applied}");
+                eprintln!("spur init-iptables: rules applied with {restore} --noflush");
+            }
+            Err(msg) => {
+                eprintln!("spur init-iptables: {msg}");
+                if family == Family::V6 {
+                    eprintln!("spur init-iptables: this pod has IPv6: without these rules its IPv6 traffic would bypass the proxy (--ipv6 off only where no IPv6 traffic is possible)");
+                }
+                return ExitCode::from(1);
+            }
         }
-        Err(msg) => {
-            eprintln!("spur init-iptables: {msg}");
-            ExitCode::from(1)
-        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The command line besides the rules.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Options {
+    pub dry_run: bool,
+    pub restore: String,
+    pub ipv6: Ipv6,
+}
+
+/// `iptables-restore` → `ip6tables-restore`, `iptables-legacy-restore` →
+/// `ip6tables-legacy-restore` (a path keeps its directory).
+fn ip6_twin(restore: &str) -> String {
+    let (dir, base) = match restore.rsplit_once('/') {
+        Some((d, b)) => (format!("{d}/"), b),
+        None => (String::new(), restore),
+    };
+    match base.strip_prefix("iptables") {
+        Some(rest) => format!("{dir}ip6tables{rest}"),
+        None => "ip6tables-restore".to_string(),
     }
 }
 
-fn parse_args(args: &[String]) -> Result<Option<(Rules, bool, String)>, String> {
+/// Whether this network namespace has a global-scope IPv6 address (`/proc/net/if_inet6`,
+/// scope 00): a dual-stack pod. Loopback and link-local addresses alone do not count.
+fn has_global_ipv6() -> bool {
+    std::fs::read_to_string("/proc/net/if_inet6")
+        .map(|t| global_ipv6_in(&t))
+        .unwrap_or(false)
+}
+
+fn global_ipv6_in(if_inet6: &str) -> bool {
+    // address ifindex prefixlen scope flags name
+    if_inet6
+        .lines()
+        .any(|l| l.split_whitespace().nth(3) == Some("00"))
+}
+
+fn parse_args(args: &[String]) -> Result<Option<(Rules, Options)>, String> {
     let mut rules = Rules {
         inbound_port: 15006,
         outbound_port: 15001,
@@ -156,7 +250,11 @@ fn parse_args(args: &[String]) -> Result<Option<(Rules, bool, String)>, String> 
         skip_inbound: vec![],
         skip_outbound: vec![],
     };
-    let (mut dry_run, mut restore) = (false, "iptables-restore".to_string());
+    let mut opts = Options {
+        dry_run: false,
+        restore: "iptables-restore".to_string(),
+        ipv6: Ipv6::Auto,
+    };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -172,7 +270,7 @@ fn parse_args(args: &[String]) -> Result<Option<(Rules, bool, String)>, String> 
         let list = |v: String| parse_port_list(&v).map_err(|e| format!("{flag}: {e}"));
         match flag {
             "-h" | "--help" => return Ok(None),
-            "--dry-run" => dry_run = true,
+            "--dry-run" => opts.dry_run = true,
             "--inbound-port" => rules.inbound_port = parse_port(flag, &value()?)?,
             "--outbound-port" => rules.outbound_port = parse_port(flag, &value()?)?,
             "--proxy-uid" => rules.proxy_uid = parse_uid(flag, &value()?)?,
@@ -183,7 +281,15 @@ fn parse_args(args: &[String]) -> Result<Option<(Rules, bool, String)>, String> 
             }
             "--skip-inbound-ports" => rules.skip_inbound.extend(list(value()?)?),
             "--skip-outbound-ports" => rules.skip_outbound.extend(list(value()?)?),
-            "--iptables-restore" => restore = value()?,
+            "--iptables-restore" => opts.restore = value()?,
+            "--ipv6" => {
+                opts.ipv6 = match value()?.as_str() {
+                    "auto" => Ipv6::Auto,
+                    "on" => Ipv6::On,
+                    "off" => Ipv6::Off,
+                    v => return Err(format!("--ipv6: `{v}` is not auto, on or off")),
+                }
+            }
             other => return Err(format!("unknown option `{other}`")),
         }
     }
@@ -195,7 +301,7 @@ fn parse_args(args: &[String]) -> Result<Option<(Rules, bool, String)>, String> 
     }
     dedup(&mut rules.skip_inbound);
     dedup(&mut rules.skip_outbound);
-    Ok(Some((rules, dry_run, restore)))
+    Ok(Some((rules, opts)))
 }
 
 /// Removes repeats, keeping the first of each.
@@ -319,11 +425,12 @@ mod tests {
 
     #[test]
     fn default_rules() {
-        let (rules, dry, restore) = parse_args(&args(&["--dry-run"])).unwrap().unwrap();
-        assert!(dry);
-        assert_eq!(restore, "iptables-restore");
+        let (rules, opts) = parse_args(&args(&["--dry-run"])).unwrap().unwrap();
+        assert!(opts.dry_run);
+        assert_eq!(opts.restore, "iptables-restore");
+        assert_eq!(opts.ipv6, Ipv6::Auto);
         assert_eq!(
-            rules.render(),
+            rules.render(Family::V4),
             "\
 # spur init-iptables: inbound TCP to :15006, outbound TCP to :15001, proxy uid 1337
 *nat
@@ -359,11 +466,11 @@ COMMIT
             "5432, 6379,5432",
             "--skip-outbound-ports=53",
         ]);
-        let (rules, dry, _) = parse_args(&a).unwrap().unwrap();
-        assert!(!dry);
+        let (rules, opts) = parse_args(&a).unwrap().unwrap();
+        assert!(!opts.dry_run);
         assert_eq!(rules.skip_inbound, [9901, 5432, 6379]);
         assert_eq!(rules.skip_outbound, [5432, 6379, 53]);
-        let text = rules.render();
+        let text = rules.render(Family::V4);
         let body: Vec<&str> = text.lines().skip(8).collect();
         assert_eq!(
             body,
@@ -396,10 +503,56 @@ COMMIT
             (&["--inbound-port", "15001"], "must differ"),
             (&["--proxy-uid"], "needs a value"),
             (&["--flush"], "unknown option `--flush`"),
+            (&["--ipv6", "maybe"], "`maybe` is not auto, on or off"),
         ] {
             let e = parse_args(&args(a)).unwrap_err();
             assert!(e.contains(msg), "{a:?}: {e}");
         }
         assert_eq!(parse_port_list(" ").unwrap(), Vec::<u16>::new());
+    }
+
+    #[test]
+    fn ipv6_rules_differ_only_in_loopback_and_title() {
+        let (rules, opts) = parse_args(&args(&[
+            "--ipv6=on",
+            "--iptables-restore",
+            "/usr/sbin/iptables-legacy-restore",
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(opts.ipv6, Ipv6::On);
+        assert_eq!(
+            ip6_twin(&opts.restore),
+            "/usr/sbin/ip6tables-legacy-restore"
+        );
+        assert_eq!(ip6_twin("iptables-restore"), "ip6tables-restore");
+        assert_eq!(ip6_twin("my-restore"), "ip6tables-restore");
+        let v4 = rules.render(Family::V4);
+        let v6 = rules.render(Family::V6);
+        let differ: Vec<(&str, &str)> =
+            v4.lines().zip(v6.lines()).filter(|(a, b)| a != b).collect();
+        assert_eq!(
+            differ,
+            [
+                (
+                    "# spur init-iptables: inbound TCP to :15006, outbound TCP to :15001, proxy uid 1337",
+                    "# spur init-iptables (IPv6, ip6tables): inbound TCP to :15006, outbound TCP to :15001, proxy uid 1337"
+                ),
+                (
+                    "-A SPUR_OUTPUT ! -d 127.0.0.1/32 -o lo -m owner --uid-owner 1337 -j SPUR_INBOUND",
+                    "-A SPUR_OUTPUT ! -d ::1/128 -o lo -m owner --uid-owner 1337 -j SPUR_INBOUND"
+                ),
+            ]
+        );
+    }
+
+    #[test]
+    fn only_a_global_ipv6_address_makes_a_pod_dual_stack() {
+        let lo = "00000000000000000000000000000001 01 80 10 80       lo\n";
+        let link = "fe80000000000000c8f1d2fffe3a1b2c 02 40 20 80     eth0\n";
+        let global = "fd000211001400000000000000000002 02 40 00 80     eth0\n";
+        assert!(!global_ipv6_in(""));
+        assert!(!global_ipv6_in(&format!("{lo}{link}")));
+        assert!(global_ipv6_in(&format!("{lo}{link}{global}")));
     }
 }

@@ -394,6 +394,13 @@ fn fake_iptables(test: &str, restore_body: &str, save_output: &str) -> PathBuf {
     };
     write("iptables-restore", restore_body);
     write("iptables-save", &format!("printf '%s' '{save_output}'"));
+    write(
+        "ip6tables-restore",
+        &restore_body
+            .replace("$here/args", "$here/args6")
+            .replace("$here/stdin", "$here/stdin6"),
+    );
+    write("ip6tables-save", "printf ''");
     dir
 }
 
@@ -406,13 +413,20 @@ fn init_iptables_applies_the_rules_with_iptables_restore() {
     );
     let dry = succeed(
         spur()
-            .args(["init-iptables", "--dry-run", "--skip-ports", "5432"])
+            .args([
+                "init-iptables",
+                "--dry-run",
+                "--ipv6",
+                "off",
+                "--skip-ports",
+                "5432",
+            ])
             .output()
             .unwrap(),
         "dry run",
     );
     let out = spur()
-        .args(["init-iptables", "--skip-ports", "5432"])
+        .args(["init-iptables", "--ipv6", "off", "--skip-ports", "5432"])
         .env("PATH", &dir)
         .output()
         .unwrap();
@@ -428,6 +442,31 @@ fn init_iptables_applies_the_rules_with_iptables_restore() {
         .collect();
     assert_eq!(stdin, expected);
     assert!(stdin.contains("-A OUTPUT -p tcp -j SPUR_OUTPUT\n"));
+    assert!(!dir.join("stdin6").exists(), "--ipv6 off: no IPv6 rules");
+
+    // --ipv6 on: the IPv6 table goes to ip6tables-restore, whole (its save shows no jumps).
+    let dry6 = succeed(
+        spur()
+            .args(["init-iptables", "--dry-run", "--ipv6", "on"])
+            .output()
+            .unwrap(),
+        "dry run v6",
+    );
+    let out = spur()
+        .args(["init-iptables", "--ipv6", "on"])
+        .env("PATH", &dir)
+        .output()
+        .unwrap();
+    succeed(out, "apply v6");
+    assert_eq!(read(&dir.join("args6")).trim(), "--noflush");
+    let stdin6 = read(&dir.join("stdin6"));
+    let v6_part = &dry6[dry6
+        .find("# spur init-iptables (IPv6")
+        .expect("the dry run shows IPv6 rules")..];
+    assert_eq!(stdin6, v6_part);
+    assert!(stdin6
+        .contains("-A SPUR_OUTPUT ! -d ::1/128 -o lo -m owner --uid-owner 1337 -j SPUR_INBOUND\n"));
+    assert!(stdin6.contains("-A PREROUTING -p tcp -j SPUR_INBOUND\n"));
     let _ = std::fs::remove_dir_all(&dir);
 }
 
@@ -436,7 +475,7 @@ fn init_iptables_reports_a_missing_or_failing_iptables_restore() {
     let empty = std::env::temp_dir().join(format!("spur-iptables-empty-{}", std::process::id()));
     std::fs::create_dir_all(&empty).unwrap();
     let out = spur()
-        .arg("init-iptables")
+        .args(["init-iptables", "--ipv6", "off"])
         .env("PATH", &empty)
         .output()
         .unwrap();
@@ -454,7 +493,7 @@ fn init_iptables_reports_a_missing_or_failing_iptables_restore() {
         "",
     );
     let out = spur()
-        .arg("init-iptables")
+        .args(["init-iptables", "--ipv6", "off"])
         .env("PATH", &dir)
         .output()
         .unwrap();

@@ -182,6 +182,8 @@ fn original_dst_through_two_sidecars_in_namespaces() {
         "ip",
         "iptables-restore",
         "iptables-save",
+        "ip6tables-restore",
+        "ip6tables-save",
         "setpriv",
         "python3",
     ]
@@ -217,6 +219,8 @@ fn original_dst_through_two_sidecars_in_namespaces() {
     run(&["ip", "netns", "add", &lab.b]).unwrap();
     let (va, vb) = (format!("spa{pid}"), format!("spb{pid}"));
     let (ip_a, ip_b) = (format!("10.211.{n}.1"), format!("10.211.{n}.2"));
+    // Dual stack: a global (ULA) IPv6 address beside each IPv4 one.
+    let (ip6_a, ip6_b) = (format!("fd00:211:{n}::1"), format!("fd00:211:{n}::2"));
     run(&[
         "ip", "-n", &lab.a, "link", "add", &va, "type", "veth", "peer", "name", &vb, "netns",
         &lab.b,
@@ -237,6 +241,21 @@ fn original_dst_through_two_sidecars_in_namespaces() {
         run(&["ip", "-n", ns, "link", "set", dev, "up"]).unwrap();
         run(&["ip", "-n", ns, "link", "set", "lo", "up"]).unwrap();
     }
+    for (ns, dev, addr) in [(&lab.a, &va, &ip6_a), (&lab.b, &vb, &ip6_b)] {
+        run(&[
+            "ip",
+            "-n",
+            ns,
+            "-6",
+            "addr",
+            "add",
+            &format!("{addr}/64"),
+            "dev",
+            dev,
+            "nodad",
+        ])
+        .unwrap();
+    }
 
     let dir = lab.dir.clone();
     std::fs::create_dir_all(dir.join("www")).unwrap();
@@ -255,11 +274,11 @@ fn original_dst_through_two_sidecars_in_namespaces() {
 admin: {{ listen: 127.0.0.1:9901 }}
 listeners:
   - name: outbound
-    listen: 127.0.0.1:15001
+    listen: "[::]:15001"
     original_dst: true
 clusters:
   - name: b
-    endpoints: ["{ip_b}:8080"]
+    endpoints: ["{ip_b}:8080", "[{ip6_b}]:8080"]
     tls:
       ca: "{ca}"
       cert: "{a_crt}"
@@ -279,7 +298,7 @@ clusters:
 admin: {{ listen: 127.0.0.1:9901 }}
 listeners:
   - name: inbound
-    listen: 0.0.0.0:15006
+    listen: "[::]:15006"
     original_dst: true
     cluster: app
     tls:
@@ -376,7 +395,16 @@ clusters:
         logs()
     );
 
-    // Both sidecars saw it.
+    // The same over IPv6: init-iptables saw the global IPv6 address and installed the
+    // ip6tables rules too, so the call cannot bypass the sidecars.
+    let answer6 = lab.wait_status(&lab.a, &format!("http://[{ip6_b}]:8080/"), "200", up);
+    assert!(
+        answer6.contains("hello from b"),
+        "answer: {answer6}\n{}",
+        logs()
+    );
+
+    // Both sidecars saw both.
     let scrape = |ns: &str| lab.get(ns, "http://127.0.0.1:9901/metrics").unwrap();
     let a_metrics = scrape(&lab.a);
     let b_metrics = scrape(&lab.b);
@@ -391,14 +419,19 @@ clusters:
         &[("listener", "inbound"), ("cluster", "app"), ("code", "200")],
     );
     assert!(
-        a_count >= 1.0,
-        "A did not count it:\n{a_metrics}\n{}",
+        a_count >= 2.0,
+        "A did not count both:\n{a_metrics}\n{}",
         logs()
     );
     assert!(
-        b_count >= 1.0,
-        "B did not count it:\n{b_metrics}\n{}",
+        b_count >= 2.0,
+        "B did not count both:\n{b_metrics}\n{}",
         logs()
+    );
+    let ip6tables = lab.exec(&lab.a, &["ip6tables-save", "-t", "nat"]).unwrap();
+    assert!(
+        ip6tables.contains("-A SPUR_OUT_REDIRECT -p tcp -j REDIRECT --to-ports 15001"),
+        "{ip6tables}"
     );
 
     // A destination no cluster owns is refused, not forwarded as is.

@@ -78,7 +78,12 @@ fn redirected_dst(stream: &TcpStream) -> Option<SocketAddr> {
     const SO_ORIGINAL_DST: libc::c_int = 80;
     const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
     let fd = stream.as_raw_fd();
-    let v6 = stream.local_addr().ok()?.is_ipv6();
+    // An IPv4 connection on a dual-stack `[::]` socket has an IPv4-mapped address: its
+    // conntrack entry, and so its original destination, is IPv4's.
+    let v6 = match stream.local_addr().ok()? {
+        SocketAddr::V6(a) => a.ip().to_ipv4_mapped().is_none(),
+        SocketAddr::V4(_) => false,
+    };
     // SAFETY: a zeroed sockaddr_storage is valid, the length passed is its size, and the fd
     // is a live socket borrowed from `stream` for the duration of the call.
     unsafe {
@@ -375,5 +380,26 @@ mod tests {
         let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
         let (server, _) = l.accept().await.unwrap();
         assert_eq!(super::original_dst(&server), Some(addr));
+    }
+
+    #[tokio::test]
+    async fn an_ipv4_connection_on_a_dual_stack_socket_is_not_mistaken_for_ipv6() {
+        let Ok(l) = tokio::net::TcpListener::bind("[::]:0").await else {
+            return; // no IPv6 in this environment
+        };
+        let port = l.local_addr().unwrap().port();
+        let _client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let (server, _) = l.accept().await.unwrap();
+        // Not redirected: the local address, as the mapped IPv4 address it is.
+        let dst = super::original_dst(&server).unwrap();
+        assert_eq!(dst.port(), port);
+        match dst {
+            std::net::SocketAddr::V6(a) => {
+                assert_eq!(a.ip().to_ipv4_mapped(), Some(std::net::Ipv4Addr::LOCALHOST))
+            }
+            v4 => assert_eq!(v4.ip(), std::net::Ipv4Addr::LOCALHOST),
+        }
     }
 }
