@@ -6,8 +6,12 @@
 //! `kill -9` mid-write) the store holds exactly the acknowledged versions: a half-written
 //! file only ever exists under a temporary name, which loading removes.
 //!
-//! Versions count up per group from 1. Nothing is ever deleted: history is the list of
-//! files, and a rollback stores an old config again as a new version.
+//! Versions count up per group from 1. History is the list of files, and a rollback stores
+//! an old config again as a new version. Nothing a user wrote is ever deleted: every `put`,
+//! `rollback` and `flag` version stays. Versions made by Kubernetes discovery (the same
+//! config with new endpoints) are kept up to [`KEEP_DISCOVERY`] per group, the newest; a
+//! cluster whose pods churn all day would otherwise grow the history (and the control
+//! plane's memory) all day.
 
 use serde::{Deserialize, Serialize};
 use spur_config::Config;
@@ -32,6 +36,14 @@ pub struct Stored {
     /// ([`crate::k8s::render`]). Empty for configs without `k8s:` clusters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub discovered: crate::k8s::Discovered,
+}
+
+/// How many discovery-made versions each group keeps (the newest).
+pub const KEEP_DISCOVERY: usize = 100;
+
+/// Whether a version was made by Kubernetes discovery (and so may be pruned).
+fn by_discovery(s: &Stored) -> bool {
+    s.action.starts_with("discovery:")
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +112,9 @@ impl Store {
                         tracing::error!(file = %path.display(), error = %e, "unreadable stored version skipped")
                     }
                 }
+            }
+            for old in Store::prune_discovery(&mut versions) {
+                let _ = fs::remove_file(entry.path().join(format!("{old:020}.json")));
             }
             groups.insert(name, versions);
         }
@@ -183,13 +198,46 @@ impl Store {
             let _ = fs::remove_file(&dest);
             return Err(io_err(&dir, e));
         }
-        self.groups
-            .lock()
-            .unwrap()
-            .entry(group.to_string())
-            .or_default()
-            .insert(version, stored.clone());
+        let pruned = {
+            let mut groups = self.groups.lock().unwrap();
+            let versions = groups.entry(group.to_string()).or_default();
+            versions.insert(version, stored.clone());
+            if by_discovery(&stored) {
+                Store::prune_discovery(versions)
+            } else {
+                Vec::new()
+            }
+        };
+        for old in pruned {
+            // Best effort: a file left behind is loaded (and pruned) again at the next start.
+            let path = dir.join(format!("{old:020}.json"));
+            if let Err(e) = fs::remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove a pruned discovery version");
+            }
+        }
         Ok(stored)
+    }
+
+    /// Drops the oldest discovery-made versions beyond [`KEEP_DISCOVERY`] (never the
+    /// newest version); returns their numbers.
+    fn prune_discovery(versions: &mut BTreeMap<u64, Arc<Stored>>) -> Vec<u64> {
+        let newest = versions.keys().next_back().copied();
+        let older: Vec<u64> = versions
+            .values()
+            .filter(|s| by_discovery(s) && Some(s.version) != newest)
+            .map(|s| s.version)
+            .collect();
+        let newest_counts = versions
+            .values()
+            .next_back()
+            .is_some_and(|s| by_discovery(s));
+        let keep = KEEP_DISCOVERY - usize::from(newest_counts);
+        let excess = older.len().saturating_sub(keep);
+        let pruned: Vec<u64> = older.into_iter().take(excess).collect();
+        for v in &pruned {
+            versions.remove(v);
+        }
+        pruned
     }
 }
 
@@ -251,6 +299,56 @@ mod tests {
                 .version,
             3
         );
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn discovery_versions_are_pruned_but_user_versions_stay() {
+        let dir = std::env::temp_dir().join(format!("spur-store-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let s = Store::open(&dir).unwrap();
+        s.append("shop", "put".into(), cfg("a"), Default::default())
+            .unwrap();
+        let extra = 5;
+        for i in 0..KEEP_DISCOVERY + extra {
+            if i == 50 {
+                s.append("shop", "flag beta".into(), cfg("a"), Default::default())
+                    .unwrap();
+            }
+            s.append(
+                "shop",
+                format!("discovery: web.shop:8080 {i} -> {} endpoint(s)", i + 1),
+                cfg("a"),
+                Default::default(),
+            )
+            .unwrap();
+        }
+        let newest = (KEEP_DISCOVERY + extra + 2) as u64;
+        let check = |s: &Store| {
+            let history = s.history("shop");
+            assert_eq!(
+                history.iter().filter(|v| by_discovery(v)).count(),
+                KEEP_DISCOVERY
+            );
+            assert!(history.iter().any(|v| v.action == "put" && v.version == 1));
+            assert!(history.iter().any(|v| v.action == "flag beta"));
+            assert_eq!(history.len(), KEEP_DISCOVERY + 2);
+            assert_eq!(s.current("shop").unwrap().version, newest);
+            assert!(
+                s.get("shop", 2).is_none(),
+                "the oldest discovery version went"
+            );
+            let files = fs::read_dir(dir.join("groups/shop")).unwrap().count();
+            assert_eq!(files, KEEP_DISCOVERY + 2);
+        };
+        check(&s);
+        drop(s);
+        let s = Store::open(&dir).unwrap();
+        check(&s);
+        let next = s
+            .append("shop", "put".into(), cfg("b"), Default::default())
+            .unwrap();
+        assert_eq!(next.version, newest + 1);
         let _ = fs::remove_dir_all(&dir);
     }
 
