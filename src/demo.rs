@@ -119,6 +119,7 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
     spawn_control(
         proxy.clone(),
         ControlSource {
+            client: spur_proxy::control_client::client(None).expect("a control client"),
             url: control_url.clone(),
             node: "demo-proxy".into(),
             group: "demo".into(),

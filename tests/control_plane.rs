@@ -44,6 +44,7 @@ async fn watching_proxy(
     spawn_control(
         proxy.clone(),
         ControlSource {
+            client: spur_proxy::control_client::client(None).expect("a control client"),
             url: format!("http://{control}"),
             node: node.into(),
             group: group.into(),

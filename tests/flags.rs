@@ -207,6 +207,7 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
     spur_proxy::reload::spawn_control(
         proxy.clone(),
         spur_proxy::reload::ControlSource {
+            client: spur_proxy::control_client::client(None).expect("a control client"),
             url: format!("http://{c}"),
             node: "n".into(),
             group: "shop".into(),

@@ -175,7 +175,7 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
             "",
-            "the mesh CA is not supported yet",
+            "this control plane is not a mesh CA: start it with --ca-dir DIR --join-token-file F",
         ),
         (m, ["groups", group, rest @ ..]) => {
             if !valid_group(group) {

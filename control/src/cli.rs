@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE] [--log-format json|text]
                     [--ca-dir DIR --join-token-file FILE [--trust-domain D] [--cert-ttl 24h]]
-                    [--kubernetes [--kubeconfig PATH]]
+                    [--kubernetes [--kubeconfig PATH]] [--tls-cert FILE --tls-key FILE]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
 Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data. With --token-file, every /v1/
@@ -15,7 +15,9 @@ domain, default cluster.local) for proxies that present the join token. With --k
 clusters written `k8s: name.namespace:port` get the ready endpoints of that Service from its
 EndpointSlices, watched through the Kubernetes API (--kubeconfig PATH; without it
 KUBECONFIG or ~/.kube/config if present, else the pod's service account); each change is
-pushed to the proxies as a new version.";
+pushed to the proxies as a new version. With --tls-cert and --tls-key (PEM; re-read when
+they change) the API is served over HTTPS only: proxies use --control https://HOST:PORT
+and, for a private CA, --control-ca FILE.";
 
 #[derive(Debug)]
 pub struct ControlArgs {
@@ -29,6 +31,8 @@ pub struct ControlArgs {
     pub cert_ttl: std::time::Duration,
     pub kubernetes: bool,
     pub kubeconfig: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
 }
 
 pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
@@ -43,6 +47,8 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
         cert_ttl: std::time::Duration::from_secs(24 * 3600),
         kubernetes: false,
         kubeconfig: None,
+        tls_cert: None,
+        tls_key: None,
     };
     let mut flags = spur_config::args::Flags::new(args);
     while let Some(flag) = flags.next_flag() {
@@ -72,13 +78,17 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
             }
             "--kubernetes" => out.kubernetes = true,
             "--kubeconfig" => out.kubeconfig = Some(PathBuf::from(value("--kubeconfig")?)),
-            "--tls-cert" | "--tls-key" => return Err(format!("{flag}: not supported yet")),
+            "--tls-cert" => out.tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
+            "--tls-key" => out.tls_key = Some(PathBuf::from(value("--tls-key")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
     }
     if out.ca_dir.is_some() != out.join_token_file.is_some() {
         return Err("--ca-dir and --join-token-file go together".into());
+    }
+    if out.tls_cert.is_some() != out.tls_key.is_some() {
+        return Err("--tls-cert and --tls-key go together".into());
     }
     if out.kubeconfig.is_some() && !out.kubernetes {
         return Err("--kubeconfig only applies with --kubernetes".into());
@@ -113,6 +123,17 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let tls = match (&parsed.tls_cert, &parsed.tls_key) {
+        (Some(cert), Some(key)) => match crate::tls::ApiTls::load(cert, key) {
+            Ok(t) => Some(std::sync::Arc::new(t)),
+            Err(e) => {
+                eprintln!("spur control: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        _ => None,
+    };
+    let https = tls.is_some();
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
         let ca = match (&parsed.ca_dir, &parsed.join_token_file) {
@@ -134,14 +155,14 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
             kubeconfig: parsed.kubeconfig.clone(),
         });
         let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token, ca, kubernetes };
-        let handle = match crate::start(opts).await {
+        let handle = match crate::start_with_tls(opts, tls).await {
             Ok(h) => h,
             Err(e) => {
                 eprintln!("spur control: {e}");
                 return ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %handle.addr, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), kubernetes = parsed.kubernetes, "control plane listening");
+        tracing::info!(addr = %handle.addr, https, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), kubernetes = parsed.kubernetes, "control plane listening");
         wait_for_signal().await;
         tracing::info!("control plane stopping");
         ExitCode::SUCCESS

@@ -13,6 +13,7 @@ pub mod ca;
 pub mod cli;
 pub mod k8s;
 pub mod store;
+pub mod tls;
 pub mod watch;
 
 use hyper::service::service_fn;
@@ -381,8 +382,16 @@ impl Drop for ControlHandle {
     }
 }
 
-/// Opens the store, binds the API and serves it in the background.
+/// Opens the store, binds the API and serves it (plain HTTP) in the background.
 pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
+    start_with_tls(opts, None).await
+}
+
+/// [`start`]; with `tls`, the API is served over HTTPS only.
+pub async fn start_with_tls(
+    opts: Options,
+    tls: Option<Arc<tls::ApiTls>>,
+) -> Result<ControlHandle, StartError> {
     let store = Store::open(&opts.data_dir)?;
     let mut control = Control::new(store, opts.token);
     if let Some(c) = opts.ca {
@@ -430,14 +439,34 @@ pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
                 Some(_) = conns.join_next(), if !conns.is_empty() => continue,
             };
             let c = c.clone();
+            let tls = tls.clone();
             conns.spawn(async move {
                 let svc = service_fn(move |req| {
                     let c = c.clone();
                     async move { Ok::<_, std::convert::Infallible>(api::route(c, req).await) }
                 });
-                let _ = auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
-                    .await;
+                let builder = auto::Builder::new(TokioExecutor::new());
+                match tls {
+                    None => {
+                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
+                    }
+                    Some(tls) => {
+                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
+                        let handshake = tokio::time::timeout(
+                            std::time::Duration::from_secs(10),
+                            acceptor.accept(stream),
+                        );
+                        match handshake.await {
+                            Ok(Ok(s)) => {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::debug!(error = %e, "control API TLS handshake failed")
+                            }
+                            Err(_) => tracing::debug!("control API TLS handshake timed out"),
+                        }
+                    }
+                }
             });
         }
     });

@@ -10,11 +10,12 @@ use std::time::Duration;
 
 pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--admin ADDR] [--log-format json|text]
        spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE] [--admin ADDR]
-                  [--identity spiffe://TD/PATH --join-token-file F]
+                  [--control-ca FILE] [--identity spiffe://TD/PATH --join-token-file F]
 
 Runs the data plane, from a config file (YAML or JSON, by extension or content; reloaded
 on SIGHUP, and when it changes with --watch) or from the control plane at URL (FILE is
-then a bootstrap used until the first push). --admin starts the admin server at once, at
+then a bootstrap used until the first push; an https:// URL is verified against the CA in
+--control-ca FILE, else the system CA bundle). --admin starts the admin server at once, at
 ADDR, whatever the configs say (so probes work before the first config arrives).
 --identity gets a workload certificate for that SPIFFE ID from the control plane's mesh CA
 (with the join token in F) before any config is applied, and renews it; tls blocks that
@@ -33,6 +34,7 @@ pub struct ProxyArgs {
     pub log_format: Option<LogFormat>,
     pub identity: Option<Identity>,
     pub join_token_file: Option<PathBuf>,
+    pub control_ca: Option<PathBuf>,
 }
 
 /// How long the proxy keeps trying an unreachable mesh CA at start before giving up.
@@ -70,6 +72,7 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
             "--node" => out.node = Some(value("--node")?),
             "--group" => out.group = Some(value("--group")?),
             "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
+            "--control-ca" => out.control_ca = Some(PathBuf::from(value("--control-ca")?)),
             "--identity" => {
                 let v = value("--identity")?;
                 out.identity = Some(Identity::parse(&v).map_err(|e| format!("--identity: {e}"))?);
@@ -98,6 +101,7 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
                 (out.node.is_some(), "--node"),
                 (out.group.is_some(), "--group"),
                 (out.token_file.is_some(), "--token-file"),
+                (out.control_ca.is_some(), "--control-ca"),
             ] {
                 if set {
                     return Err(format!("{name} goes with --control"));
@@ -105,12 +109,13 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
             }
         }
         Some(url) => {
-            if !url.starts_with("http://") {
-                return Err(if url.starts_with("https://") {
-                    "--control: https URLs are not supported yet".into()
-                } else {
-                    format!("--control: `{url}` is not an http:// URL")
-                });
+            if !url.starts_with("http://") && !url.starts_with("https://") {
+                return Err(format!(
+                    "--control: `{url}` is not an http:// or https:// URL"
+                ));
+            }
+            if out.control_ca.is_some() && !url.starts_with("https://") {
+                return Err("--control-ca goes with an https:// control URL".into());
             }
             if out.node.is_none() || out.group.is_none() {
                 return Err("--control needs --node NAME and --group GROUP".into());
@@ -162,6 +167,16 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let control_client = match &parsed.control {
+        Some(_) => match crate::control_client::client(parsed.control_ca.as_deref()) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("spur proxy: {e}");
+                return ExitCode::from(1);
+            }
+        },
+        None => None,
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -183,6 +198,7 @@ pub fn main(args: &[String]) -> ExitCode {
         let identity = match (&parsed.identity, &parsed.control, &join_token) {
             (Some(id), Some(url), Some(token)) => {
                 match WorkloadIdentity::obtain_with_retry(
+                    control_client.clone().expect("made with --control"),
                     id.clone(),
                     url,
                     token,
@@ -228,6 +244,7 @@ pub fn main(args: &[String]) -> ExitCode {
             Some(url) => {
                 let src = reload::ControlSource {
                     url,
+                    client: control_client.expect("made with --control"),
                     node: parsed.node.expect("checked"),
                     group: parsed.group.expect("checked"),
                     token,

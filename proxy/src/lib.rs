@@ -13,6 +13,7 @@ pub mod access;
 pub mod adapters;
 pub mod body;
 pub mod cli;
+pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;

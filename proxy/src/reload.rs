@@ -6,8 +6,6 @@ use crate::Proxy;
 use bytes::{Bytes, BytesMut};
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use serde::Deserialize;
 use spur_config::Config;
 use std::path::PathBuf;
@@ -23,8 +21,10 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// Where to watch for configs.
 #[derive(Clone, Debug)]
 pub struct ControlSource {
-    /// `http://host:port`, no trailing slash.
+    /// `http://host:port` or `https://host:port`, no trailing slash.
     pub url: String,
+    /// The HTTP(S) client for it ([`crate::control_client::client`]).
+    pub client: crate::control_client::ControlClient,
     pub node: String,
     pub group: String,
     pub token: Option<String>,
@@ -36,7 +36,7 @@ struct Pushed {
     config: serde_json::Value,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = crate::control_client::ControlClient;
 
 /// Capped exponential backoff with full jitter.
 struct Backoff {
@@ -60,7 +60,7 @@ impl Backoff {
 /// breaks, and resumes after the newest version it has seen.
 pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let client: HttpClient = src.client.clone();
         let mut seen = proxy.version();
         let mut backoff = Backoff { attempt: 0 };
         loop {
@@ -113,7 +113,7 @@ async fn watch_once(
     let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
         .await
         .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| crate::control_client::error_chain(&e))?;
     if resp.status() != StatusCode::OK {
         let status = resp.status();
         let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())

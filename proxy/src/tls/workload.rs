@@ -22,8 +22,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::{connect::HttpConnector, Client};
-use hyper_util::rt::TokioExecutor;
 use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
@@ -82,6 +80,8 @@ pub enum CertifyError {
     Unavailable { url: String, message: String },
     #[error("cannot make a key or CSR: {0}")]
     Local(String),
+    #[error("{0}")]
+    Client(String),
 }
 
 impl CertifyError {
@@ -98,7 +98,7 @@ struct Answer {
     expires_at: u64,
 }
 
-type HttpClient = Client<HttpConnector, Full<Bytes>>;
+type HttpClient = crate::control_client::ControlClient;
 
 /// This proxy's SPIFFE identity and its current certificate from the mesh CA.
 pub struct WorkloadIdentity {
@@ -130,7 +130,17 @@ impl WorkloadIdentity {
         control_url: &str,
         join_token: &str,
     ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
-        let client: HttpClient = Client::builder(TokioExecutor::new()).build_http();
+        let client = crate::control_client::client(None).map_err(CertifyError::Client)?;
+        WorkloadIdentity::obtain_via(client, id, control_url, join_token).await
+    }
+
+    /// [`WorkloadIdentity::obtain`] through `client` (an HTTPS control plane's CA).
+    pub async fn obtain_via(
+        client: HttpClient,
+        id: Identity,
+        control_url: &str,
+        join_token: &str,
+    ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
         let control_url = control_url.trim_end_matches('/').to_string();
         let material = certify(&client, &control_url, &id, join_token).await?;
         let this = Arc::new(WorkloadIdentity {
@@ -149,6 +159,7 @@ impl WorkloadIdentity {
     /// [`WorkloadIdentity::obtain`], retrying transient failures (CA unreachable, 5xx) with
     /// backoff for at most `limit`; a refused join token or request fails at once.
     pub async fn obtain_with_retry(
+        client: HttpClient,
         id: Identity,
         control_url: &str,
         join_token: &str,
@@ -157,7 +168,9 @@ impl WorkloadIdentity {
         let deadline = Instant::now() + limit;
         let mut attempt = 0;
         loop {
-            match WorkloadIdentity::obtain(id.clone(), control_url, join_token).await {
+            match WorkloadIdentity::obtain_via(client.clone(), id.clone(), control_url, join_token)
+                .await
+            {
                 Err(e) if e.is_transient() && Instant::now() < deadline => {
                     let wait =
                         backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
@@ -264,7 +277,7 @@ async fn certify(
     let resp = tokio::time::timeout(REQUEST_TIMEOUT, client.request(req))
         .await
         .map_err(|_| unavailable("request timed out".into()))?
-        .map_err(|e| unavailable(e.to_string()))?;
+        .map_err(|e| unavailable(crate::control_client::error_chain(&e)))?;
     let status = resp.status();
     let bytes = tokio::time::timeout(REQUEST_TIMEOUT, resp.into_body().collect())
         .await
