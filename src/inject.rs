@@ -57,6 +57,11 @@ options:
   --outbound-port N    the proxy's outbound listener (default 15001)
   --admin-port N       the proxy's admin server, for probes and metrics (default 9901)
   --uid N              the proxy's user id, whose traffic is never redirected (default 1337)
+  --token-secret NAME  a Secret holding the control plane's bearer token (key `token`),
+                       mounted into the sidecar and passed as --token-file
+  --control-ca-secret NAME
+                       a Secret holding the CA of an https:// control plane (key `ca.crt`),
+                       mounted into the sidecar and passed as --control-ca
 
 The group's config on the control plane must match: `admin.listen: 0.0.0.0:ADMIN`, an
 inbound listener on 0.0.0.0:INBOUND and an outbound listener on 127.0.0.1:OUTBOUND.
@@ -76,6 +81,11 @@ pub struct Options {
     pub outbound_port: u16,
     pub admin_port: u16,
     pub uid: u32,
+    /// A Secret with the control plane's bearer token (key `token`), mounted into the
+    /// sidecar for `--token-file`.
+    pub token_secret: Option<String>,
+    /// A Secret with the CA of an https control plane (key `ca.crt`), for `--control-ca`.
+    pub control_ca_secret: Option<String>,
 }
 
 /// Entry point of `spur inject ARGS`.
@@ -121,6 +131,7 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
     let mut init_image = None;
     let mut control = DEFAULT_CONTROL.to_string();
     let (mut inbound, mut outbound, mut admin, mut uid) = (15006, 15001, 9901, 1337);
+    let (mut token_secret, mut control_ca_secret) = (None, None);
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -142,16 +153,21 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
             "--outbound-port" => outbound = crate::iptables::parse_port(flag, &value()?)?,
             "--admin-port" => admin = crate::iptables::parse_port(flag, &value()?)?,
             "--uid" => uid = crate::iptables::parse_uid(flag, &value()?)?,
+            "--token-secret" => token_secret = Some(secret_name(flag, value()?)?),
+            "--control-ca-secret" => control_ca_secret = Some(secret_name(flag, value()?)?),
             f if f.starts_with('-') && f != "-" => return Err(format!("unknown option `{f}`")),
             file if input.is_none() => input = Some(file.to_string()),
             extra => return Err(format!("one input only (got `{extra}` too)")),
         }
     }
     let input = input.ok_or("FILE (or - for stdin) is required")?;
-    if !control.starts_with("http://") {
+    if !control.starts_with("http://") && !control.starts_with("https://") {
         return Err(format!(
-            "--control: `{control}` is not an http:// URL (the proxy speaks plain HTTP to the control plane)"
+            "--control: `{control}` is not an http:// or https:// URL"
         ));
+    }
+    if control_ca_secret.is_some() && !control.starts_with("https://") {
+        return Err("--control-ca-secret goes with an https:// --control URL".into());
     }
     if inbound == outbound || inbound == admin || outbound == admin {
         return Err(format!(
@@ -170,8 +186,28 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
         outbound_port: outbound,
         admin_port: admin,
         uid,
+        token_secret,
+        control_ca_secret,
     };
     Ok(Some((input, opts)))
+}
+
+/// A Secret's name: a DNS subdomain (lowercase letters, digits, `-`, `.`; at most 253).
+fn secret_name(flag: &str, name: String) -> Result<String, String> {
+    let ok = !name.is_empty()
+        && name.len() <= 253
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && name.starts_with(|c: char| c.is_ascii_alphanumeric())
+        && name.ends_with(|c: char| c.is_ascii_alphanumeric());
+    if ok {
+        Ok(name)
+    } else {
+        Err(format!(
+            "{flag}: `{name}` is not a Secret name (lowercase letters, digits, - and .)"
+        ))
+    }
 }
 
 /// `registry/spur:tag` → `registry/spur-init:tag`: the init image is built from the same
@@ -444,7 +480,18 @@ pub(crate) mod tests {
         for (a, msg) in [
             (&["f", "--uid", "0"][..], "--uid"),
             (&["f", "--admin-port", "15006"], "must differ"),
-            (&["f", "--control", "https://x"], "http://"),
+            (
+                &["f", "--control", "ftp://x"],
+                "not an http:// or https:// URL",
+            ),
+            (
+                &["f", "--control-ca-secret", "ca"],
+                "--control-ca-secret goes with an https:// --control URL",
+            ),
+            (
+                &["f", "--token-secret", "Spur_Token"],
+                "is not a Secret name",
+            ),
             (&["f", "--inbound-port", "70000"], "--inbound-port"),
             (&["f", "g"], "one input only"),
             (&[], "is required"),

@@ -113,6 +113,18 @@ const CASES: &[(&str, &[&str], bool)] = &[
     ("multi", &[], false),
     ("list", &[], false),
     ("skip-ports", &[], false),
+    (
+        "secrets",
+        &[
+            "--control",
+            "https://spur-control.mesh.svc:7443",
+            "--token-secret",
+            "spur-token",
+            "--control-ca-secret",
+            "spur-control-ca",
+        ],
+        false,
+    ),
     ("opted-out", &[], true),
     ("already-injected", &[], true),
 ];

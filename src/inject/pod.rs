@@ -149,6 +149,33 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
             proxy_container(opts, &group),
         ],
     );
+    let secrets = secret_mounts(opts);
+    if !secrets.is_empty() {
+        if let Some(Value::Sequence(existing)) = spec.get("volumes") {
+            for v in existing {
+                if let Some(n) = v.get("name").and_then(Value::as_str) {
+                    if secrets.iter().any(|s| s.volume == n) {
+                        return Err(format!(
+                            "{}: already has a volume named `{n}`",
+                            field("spec.volumes")
+                        ));
+                    }
+                }
+            }
+        }
+        let volumes = spec
+            .entry("volumes".into())
+            .or_insert_with(|| Value::Sequence(vec![]));
+        let Value::Sequence(volumes) = volumes else {
+            return Err(format!("{}: not a list", field("spec.volumes")));
+        };
+        for s in &secrets {
+            volumes.push(map([
+                ("name", s.volume.into()),
+                ("secret", map([("secretName", s.secret.as_str().into())])),
+            ]));
+        }
+    }
 
     let metadata = ensure_before(template, "metadata", "spec", Value::Mapping(Mapping::new()))
         .as_mapping_mut()
@@ -263,24 +290,60 @@ fn http_probe(path: &str, port: u16, extra: Vec<(&str, Value)>) -> Value {
     Value::Mapping(m)
 }
 
+/// A Secret mounted into the sidecar: the volume's name, the Secret, where it is mounted,
+/// and the flag and file the proxy is given.
+struct SecretMount {
+    volume: &'static str,
+    secret: String,
+    dir: &'static str,
+    flag: &'static str,
+    file: &'static str,
+}
+
+fn secret_mounts(opts: &Options) -> Vec<SecretMount> {
+    let mut out = Vec::new();
+    if let Some(secret) = &opts.token_secret {
+        out.push(SecretMount {
+            volume: "spur-token",
+            secret: secret.clone(),
+            dir: "/etc/spur/token",
+            flag: "--token-file",
+            file: "/etc/spur/token/token",
+        });
+    }
+    if let Some(secret) = &opts.control_ca_secret {
+        out.push(SecretMount {
+            volume: "spur-control-ca",
+            secret: secret.clone(),
+            dir: "/etc/spur/control-ca",
+            flag: "--control-ca",
+            file: "/etc/spur/control-ca/ca.crt",
+        });
+    }
+    out
+}
+
 fn proxy_container(opts: &Options, group: &str) -> Value {
-    map([
+    let admin = format!("0.0.0.0:{}", opts.admin_port);
+    let secrets = secret_mounts(opts);
+    let mut args = vec![
+        "proxy",
+        "--control",
+        &opts.control,
+        "--node",
+        "$(POD_NAME)",
+        "--group",
+        group,
+        "--admin",
+        &admin,
+    ];
+    for s in &secrets {
+        args.extend([s.flag, s.file]);
+    }
+    let mut c = map([
         ("name", PROXY.into()),
         ("image", opts.image.as_str().into()),
-        (
-            "args",
-            strings(&[
-                "proxy",
-                "--control",
-                &opts.control,
-                "--node",
-                "$(POD_NAME)",
-                "--group",
-                group,
-                "--admin",
-                &format!("0.0.0.0:{}", opts.admin_port),
-            ]),
-        ),
+        ("args", strings(&args)),
         (
             "env",
             Value::Sequence(vec![map([
@@ -340,7 +403,23 @@ fn proxy_container(opts: &Options, group: &str) -> Value {
                 ("capabilities", map([("drop", strings(&["ALL"]))])),
             ]),
         ),
-    ])
+    ]);
+    if !secrets.is_empty() {
+        let mounts = secrets
+            .iter()
+            .map(|s| {
+                map([
+                    ("name", s.volume.into()),
+                    ("mountPath", s.dir.into()),
+                    ("readOnly", true.into()),
+                ])
+            })
+            .collect();
+        if let Value::Mapping(m) = &mut c {
+            m.insert("volumeMounts".into(), Value::Sequence(mounts));
+        }
+    }
+    c
 }
 
 fn init_container(opts: &Options, skip_ports: &[u16]) -> Value {
