@@ -221,17 +221,15 @@ impl Store {
     /// Drops the oldest discovery-made versions beyond [`KEEP_DISCOVERY`] (never the
     /// newest version); returns their numbers.
     fn prune_discovery(versions: &mut BTreeMap<u64, Arc<Stored>>) -> Vec<u64> {
-        let newest = versions.keys().next_back().copied();
+        let Some(newest) = versions.values().next_back().cloned() else {
+            return Vec::new();
+        };
         let older: Vec<u64> = versions
             .values()
-            .filter(|s| by_discovery(s) && Some(s.version) != newest)
+            .filter(|s| by_discovery(s) && s.version != newest.version)
             .map(|s| s.version)
             .collect();
-        let newest_counts = versions
-            .values()
-            .next_back()
-            .is_some_and(|s| by_discovery(s));
-        let keep = KEEP_DISCOVERY - usize::from(newest_counts);
+        let keep = KEEP_DISCOVERY - usize::from(by_discovery(&newest));
         let excess = older.len().saturating_sub(keep);
         let pruned: Vec<u64> = older.into_iter().take(excess).collect();
         for v in &pruned {

@@ -27,37 +27,26 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 #[derive(Clone)]
 pub struct ControlConnector {
     http: HttpConnector,
-    /// `None` when no CA could be loaded: `https` URLs then fail with a clear error.
-    tls: Option<Arc<rustls::ClientConfig>>,
-    no_tls_why: Arc<str>,
+    /// Why there is none when no CA could be loaded: `https` URLs then fail with it.
+    tls: Result<Arc<rustls::ClientConfig>, Arc<str>>,
 }
 
 /// A client for the control plane. `ca`: the PEM bundle its certificate must chain to
 /// (`--control-ca`); without it, the system bundle. Fails only on a `ca` that cannot be
 /// read or holds no usable certificate.
 pub fn client(ca: Option<&Path>) -> Result<ControlClient, String> {
-    let (tls, no_tls_why) = match ca {
-        Some(path) => (Some(tls_config(path)?), String::new()),
+    let tls = match ca {
+        Some(path) => Ok(tls_config(path)?),
         None => match crate::tls::files::system_ca_bundle().map(tls_config) {
-            Some(Ok(cfg)) => (Some(cfg), String::new()),
-            Some(Err(e)) => (None, e),
-            None => (
-                None,
-                "no system CA bundle found: give --control-ca FILE".to_string(),
-            ),
+            Some(r) => r.map_err(Arc::from),
+            None => Err("no system CA bundle found: give --control-ca FILE".into()),
         },
     };
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(5)));
-    Ok(
-        Client::builder(TokioExecutor::new()).build(ControlConnector {
-            http,
-            tls,
-            no_tls_why: no_tls_why.into(),
-        }),
-    )
+    Ok(Client::builder(TokioExecutor::new()).build(ControlConnector { http, tls }))
 }
 
 fn tls_config(path: &Path) -> Result<Arc<rustls::ClientConfig>, String> {
@@ -95,13 +84,12 @@ impl tower_service::Service<Uri> for ControlConnector {
             .map(|h| h.trim_start_matches('[').trim_end_matches(']').to_string());
         let connecting = self.http.call(uri);
         let tls = self.tls.clone();
-        let why = self.no_tls_why.clone();
         Box::pin(async move {
             let tcp = connecting.await?.into_inner();
             if !https {
                 return Ok(TokioIo::new(Stream::Plain(tcp)));
             }
-            let tls = tls.ok_or_else(|| why.to_string())?;
+            let tls = tls.map_err(|why| why.to_string())?;
             let name = ServerName::try_from(host.unwrap_or_default())
                 .map_err(|_| "the control URL has no valid host name")?;
             let stream = tokio::time::timeout(

@@ -325,20 +325,10 @@ impl H3Client {
                 let reason = super::handshake_reason(&e, Role::Client);
                 self.handshake_error(reason);
                 tracing::debug!(cluster = &*self.cluster, endpoint = %addr, reason, error = %e, "QUIC handshake failed");
-                let tls = matches!(
-                    reason,
-                    "unknown_ca"
-                        | "expired"
-                        | "not_yet_valid"
-                        | "identity_not_expected"
-                        | "bad_certificate"
-                        | "no_client_cert"
-                        | "peer_alert"
-                        | "alpn"
-                );
                 return Err(ConnectFailure {
                     error: format!("QUIC handshake with {addr} failed ({reason}): {e}").into(),
-                    may_fall_back: !tls,
+                    // A TLS refusal would meet TCP + TLS the same way.
+                    may_fall_back: super::tls_alert(&e).is_none(),
                     fell_back: false,
                 });
             }

@@ -22,27 +22,32 @@ use std::time::Duration;
 /// `identity_not_expected` (client), `bad_certificate`, `alpn`, `peer_alert` (the other
 /// end refused us), `timeout`, `reset`, `protocol`, `io`.
 pub fn handshake_reason(e: &ConnectionError, role: Role) -> &'static str {
-    match e {
-        ConnectionError::TransportError(te) => {
-            let code = u64::from(te.code);
-            match code.checked_sub(0x100).filter(|a| *a < 0x100) {
-                Some(alert) => alert_reason(alert as u8, &te.reason, role),
-                None => "protocol",
-            }
-        }
-        ConnectionError::ConnectionClosed(c) => {
-            let code = u64::from(c.error_code);
-            if (0x100..0x200).contains(&code) {
-                "peer_alert"
-            } else {
-                "protocol"
-            }
-        }
-        ConnectionError::TimedOut => "timeout",
-        ConnectionError::Reset => "reset",
-        ConnectionError::VersionMismatch => "protocol",
+    match (e, tls_alert(e)) {
+        (ConnectionError::TransportError(te), Some(alert)) => alert_reason(alert, &te.reason, role),
+        (ConnectionError::ConnectionClosed(_), Some(_)) => "peer_alert",
+        (ConnectionError::TimedOut, _) => "timeout",
+        (ConnectionError::Reset, _) => "reset",
+        (
+            ConnectionError::TransportError(_)
+            | ConnectionError::ConnectionClosed(_)
+            | ConnectionError::VersionMismatch,
+            _,
+        ) => "protocol",
         _ => "io",
     }
+}
+
+/// The TLS alert behind a failed handshake (QUIC's CRYPTO_ERROR codes 0x100–0x1ff), raised
+/// here or by the peer: a certificate or TLS refusal, which TCP + TLS would meet too.
+pub fn tls_alert(e: &ConnectionError) -> Option<u8> {
+    let code = match e {
+        ConnectionError::TransportError(te) => u64::from(te.code),
+        ConnectionError::ConnectionClosed(c) => u64::from(c.error_code),
+        _ => return None,
+    };
+    code.checked_sub(0x100)
+        .filter(|a| *a < 0x100)
+        .map(|a| a as u8)
 }
 
 /// TLS alert numbers (RFC 8446 §6) as QUIC carries them in CRYPTO_ERROR codes.

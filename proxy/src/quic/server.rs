@@ -24,10 +24,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
+type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
 /// How long a draining connection stays open once quiet, unless the client closes it first.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
-type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 
 /// Binds the listener's UDP socket and makes its QUIC endpoint.
 pub fn bind(lst: &ListenerRt) -> std::io::Result<quinn::Endpoint> {
@@ -220,13 +220,6 @@ async fn serve_conn(
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
     let (identity, allowed) = tls.check_peer(chain.as_deref().map(Vec::as_slice));
-    if !allowed {
-        tracing::debug!(
-            listener = &*lst.name,
-            identity = identity.as_ref().map_or("-", |p| p.as_str()),
-            "peer identity not allowed: its requests get 403"
-        );
-    }
     let identity_header = identity
         .as_ref()
         .and_then(|id| HeaderValue::from_str(id.as_str()).ok());

@@ -182,16 +182,20 @@ impl ServerTls {
         self.config.current()
     }
 
-    /// The verified peer's identity from a certificate chain, and whether it passes
-    /// `allow_identities` (QUIC connections, whose handshake quinn runs).
-    pub fn check_peer(
-        &self,
-        chain: Option<&[CertificateDer<'static>]>,
-    ) -> (Option<Identity>, bool) {
+    /// The verified peer's identity from its certificate chain, and whether it passes
+    /// `allow_identities` (for TLS over TCP and over QUIC alike).
+    pub fn check_peer(&self, chain: Option<&[CertificateDer<'_>]>) -> (Option<Identity>, bool) {
         let peer = chain
             .and_then(|c| c.first())
             .and_then(|leaf| Identity::from_cert(leaf));
         let allowed = self.checks_at_handshake || self.allows(peer.as_ref());
+        if !allowed {
+            tracing::debug!(
+                listener = &*self.listener,
+                identity = peer.as_ref().map_or("-", |p| p.as_str()),
+                "peer identity not allowed: its requests get 403"
+            );
+        }
         (peer, allowed)
     }
 
@@ -212,20 +216,7 @@ impl ServerTls {
             Ok(Err(e)) => return Err(HandshakeError::Io(e)),
             Ok(Ok(s)) => s,
         };
-        let peer = stream
-            .get_ref()
-            .1
-            .peer_certificates()
-            .and_then(|chain| chain.first())
-            .and_then(|leaf| Identity::from_cert(leaf));
-        let allowed = self.checks_at_handshake || self.allows(peer.as_ref());
-        if !allowed {
-            tracing::debug!(
-                listener = &*self.listener,
-                identity = peer.as_ref().map_or("-", |p| p.as_str()),
-                "peer identity not allowed: its requests get 403"
-            );
-        }
+        let (peer, allowed) = self.check_peer(stream.get_ref().1.peer_certificates());
         Ok(Accepted {
             stream: Stream::Server(Box::new(stream)),
             peer,
