@@ -5,11 +5,13 @@
 
 pub mod args;
 mod parse;
+pub mod spiffe;
 mod types;
 mod units;
 mod validate;
 
 pub use parse::{parse, Format};
+pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use types::*;
 pub use units::{ByteSize, Duration};
 pub use validate::K8S_NEEDS_DISCOVERY;

@@ -187,7 +187,7 @@ impl ServerTls {
     pub fn check_peer(&self, chain: Option<&[CertificateDer<'_>]>) -> (Option<Identity>, bool) {
         let peer = chain
             .and_then(|c| c.first())
-            .and_then(|leaf| Identity::from_cert(leaf));
+            .and_then(|leaf| identity::from_cert(leaf));
         let allowed = self.checks_at_handshake || self.allows(peer.as_ref());
         if !allowed {
             tracing::debug!(
@@ -418,7 +418,7 @@ fn certified_key(
 ) -> Result<(CertifiedKey, String), TlsError> {
     let chain: Vec<CertificateDer<'static>> = cert_src.certs(cert_pem)?;
     let serial = der::serial_hex(&chain[0]).unwrap_or_else(|| "?".into());
-    let identity = Identity::from_cert(&chain[0]);
+    let identity = identity::from_cert(&chain[0]);
     let key: PrivateKeyDer<'static> = key_src.key(key_pem)?;
     let certified = CertifiedKey::from_der(chain, key, p).map_err(|e| match e {
         rustls::Error::InconsistentKeys(_) => key_src.invalid(format!(

@@ -15,7 +15,7 @@
 //! sends as an `access_denied` alert and [`super::reason`] reports as `identity_not_allowed`
 //! (server side) or `identity_not_expected` (client side).
 
-use super::Identity;
+use super::{identity, Identity};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{verify_server_cert_signed_by_trust_anchor, WebPkiServerVerifier};
 use rustls::crypto::{verify_tls12_signature, verify_tls13_signature, CryptoProvider};
@@ -63,7 +63,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
         if !self.allow.is_empty() {
-            let id = Identity::from_cert(end_entity);
+            let id = identity::from_cert(end_entity);
             if !id.as_ref().is_some_and(|id| self.allow.contains(id)) {
                 tracing::debug!(
                     listener = &*self.listener,
@@ -126,7 +126,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
-        let id = Identity::from_cert(end_entity);
+        let id = identity::from_cert(end_entity);
         if !id.as_ref().is_some_and(|id| self.expect.contains(id)) {
             tracing::debug!(
                 cluster = &*self.cluster,

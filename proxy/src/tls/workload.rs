@@ -17,7 +17,7 @@
 //! logs name the identity, the CA URL and the certificate serial only. `Debug` is written
 //! by hand for the same reason.
 
-use super::{der, Identity};
+use super::{der, identity, Identity};
 use arc_swap::ArcSwap;
 use bytes::Bytes;
 use http::{header, Request, StatusCode};
@@ -305,7 +305,7 @@ async fn certify(
         .next()
         .and_then(Result::ok)
         .ok_or_else(|| unavailable("the answer holds no PEM certificate".into()))?;
-    if Identity::from_cert(&leaf).as_ref() != Some(id) {
+    if identity::from_cert(&leaf).as_ref() != Some(id) {
         return Err(unavailable(format!("the certificate is not for {id}")));
     }
     if CertificateDer::pem_slice_iter(answer.ca.as_bytes())
