@@ -214,6 +214,9 @@ pub struct Retry {
     pub budget: Budget,
     #[serde(default = "defaults::max_body")]
     pub max_body: ByteSize,
+    /// Let `reset` and `timeout` retry non-idempotent methods (POST, PATCH) too.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub retry_non_idempotent: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -319,6 +322,9 @@ pub struct Cluster {
     pub protocol: UpstreamProtocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fallback: Option<UpstreamProtocol>,
+    /// http3 clusters with `fallback`: how long an endpoint stays on TCP after QUIC failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fallback_period: Option<Duration>,
     #[serde(default)]
     pub lb: LbPolicy,
     #[serde(default = "defaults::connect_timeout")]
@@ -504,7 +510,7 @@ pub mod defaults {
         1024
     }
     pub fn max_pending() -> u32 {
-        256
+        0
     }
     pub fn hc_interval() -> Duration {
         Duration::from_secs(5)

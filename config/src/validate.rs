@@ -386,7 +386,7 @@ fn check_route(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, e: &m
             if !valid_retry_on(cond) {
                 e.push(
                     format!("{rp}.retry_on[{k}]"),
-                    format!("`{cond}` is not a retry condition (connect-failure, reset, timeout, 5xx, retriable-4xx, or a status code 400-599)"),
+                    format!("`{cond}` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, or a status code 400-599)"),
                 );
             }
         }
@@ -422,7 +422,12 @@ fn check_route(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, e: &m
 
 fn valid_retry_on(cond: &str) -> bool {
     match cond {
-        "connect-failure" | "reset" | "timeout" | "5xx" | "retriable-4xx" => true,
+        "connect-failure"
+        | "reset"
+        | "reset-before-request"
+        | "timeout"
+        | "5xx"
+        | "retriable-4xx" => true,
         code => code.parse::<u16>().is_ok_and(|c| (400..=599).contains(&c)),
     }
 }
@@ -486,6 +491,12 @@ fn check_cluster<'a>(
             e.push(format!("{p}.k8s"), msg);
         } else if !rules.k8s_discovery {
             e.push(format!("{p}.k8s"), K8S_NEEDS_DISCOVERY);
+        }
+    }
+    if let Some(period) = c.fallback_period {
+        check_positive(&format!("{p}.fallback_period"), period, e);
+        if c.fallback.is_none() {
+            e.push(format!("{p}.fallback_period"), "only applies with fallback");
         }
     }
     if let Some(fb) = c.fallback {

@@ -15,6 +15,9 @@ pub enum InBody {
     Http(Incoming),
     /// Boxed: an h3 stream is large, and hyper bodies are the common case.
     H3(Box<H3Recv>),
+    /// Any body, for the request path's own tests (requests and fake upstreams' answers).
+    #[cfg(test)]
+    Test(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
 }
 
 impl From<Incoming> for InBody {
@@ -34,6 +37,8 @@ impl Body for InBody {
         match self.get_mut() {
             InBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             InBody::H3(b) => b.poll_frame(cx),
+            #[cfg(test)]
+            InBody::Test(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -41,6 +46,8 @@ impl Body for InBody {
         match self {
             InBody::Http(b) => b.is_end_stream(),
             InBody::H3(b) => b.state == H3State::Done,
+            #[cfg(test)]
+            InBody::Test(b) => b.is_end_stream(),
         }
     }
 
@@ -51,6 +58,8 @@ impl Body for InBody {
                 Some(n) if b.state == H3State::Data => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
             },
+            #[cfg(test)]
+            InBody::Test(b) => b.size_hint(),
         }
     }
 }

@@ -1,37 +1,59 @@
 //! spur-proxy: the data plane.
 //!
-//! - [`policy`]: pure decisions (routing, splits, load balancing, correlation IDs).
-//! - [`snapshot`]: a config compiled for the request path, swapped atomically.
-//! - [`endpoint`]: per-endpoint state that outlives snapshots.
-//! - [`forward`]: the HTTP request path, phase by phase; [`exchange`]: its log and metrics.
-//! - [`adapters`]: listeners (http, tcp), the admin server.
+//! Deciding:
+//! - [`policy`]: pure decisions, each a small module (routes, flags, splits, balancers,
+//!   breaker, health, retries, budgets, correlation IDs).
+//! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
+//! - [`reason`]: every answer Spur makes itself, with its status and label.
+//!
+//! Doing:
+//! - [`http`]: the HTTP request path: plan, then [`http::tries`], then [`http::respond`];
+//!   [`exchange`]: its access log line and request metrics; [`mirror`]: copies of requests.
+//! - [`attempt`]: one try at one endpoint, for HTTP and TCP alike (slot, pick, record).
+//! - [`upstream`]: connections to endpoints (the per-endpoint pool, TLS origination, the
+//!   request body sent upstream); [`quic`]: HTTP/3 listeners and upstreams.
+//! - [`adapters`]: listeners (http, tcp, TLS), the TCP relay, DNS refresh, health checks,
+//!   the admin server, idle timers.
 //! - [`tls`]: TLS and mutual TLS: certificate files, SPIFFE identities, verifiers.
+//!
+//! State:
+//! - [`snapshot`]: a config compiled for the request path, swapped atomically.
+//! - [`endpoint`]: per-endpoint state that outlives snapshots; [`registry`]: where it and
+//!   the other long-lived state (connectors, limits, budgets) are kept and pruned.
+//! - [`metrics`]: Prometheus series; [`access`] and [`log`]: the access log and logging.
 //! - [`Proxy`]: starts, reconfigures ([`Proxy::apply`]) and stops all of it.
-//! - [`reload`]: where new configs come from: the control plane, or a watched file.
+//! - [`reload`]: where new configs come from: the control plane, or a watched file;
+//!   [`control_client`]: the HTTP(S) client for the control plane.
+//! - Also: [`body`] (bodies from any transport), [`headers`] (hop-by-hop hygiene),
+//!   [`clock`] (the request path's clock), [`cli`], [`echo`] (the demo's backend).
 
 pub mod access;
 pub mod adapters;
+pub mod attempt;
 pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;
-pub mod forward;
 pub mod headers;
+pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
 pub mod quic;
+pub mod reason;
+pub mod registry;
 pub mod reload;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
 
 use arc_swap::ArcSwap;
-use endpoint::Registry;
 use metrics::Metrics;
+use registry::Registry;
 use snapshot::Snapshot;
 use spur_config::Config;
 use std::collections::HashMap;
@@ -137,6 +159,7 @@ impl Proxy {
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
             identity: OnceLock::new(),
         });
+        spawn_sweeper(&shared);
         Ok(Proxy {
             shared,
             running: tokio::sync::Mutex::new(Running::default()),
@@ -268,6 +291,7 @@ impl Proxy {
         let snap = Arc::new(snap);
         self.shared.snapshot.store(snap.clone());
         snap.settle();
+        self.shared.registry.prune(&snap, &self.shared.metrics);
         self.shared.metrics.config_version.set(version as i64);
         start_background(&self.shared, &snap).await;
 
@@ -429,6 +453,22 @@ impl Proxy {
             let _ = admin.task.await;
         }
     }
+}
+
+/// Every few seconds, removes the metric series of endpoints that have left every cluster
+/// and whose last request has ended. Holds the proxy's state weakly: it ends with it.
+fn spawn_sweeper(shared: &Arc<Shared>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(shared);
+    handle.spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let Some(shared) = weak.upgrade() else { return };
+            shared.registry.sweep(&shared.metrics);
+        }
+    });
 }
 
 /// Starts what a snapshot needs besides requests: DNS refreshes and health checks.

@@ -51,7 +51,7 @@ pub async fn refresh(shared: &Shared, cluster: &ClusterRt) {
     }
     let endpoints: Vec<_> = addrs
         .iter()
-        .map(|a| shared.registry.endpoint(&cluster.name, *a))
+        .map(|a| shared.registry.endpoint(&cluster.name, *a, &shared.metrics))
         .collect();
     let weights = vec![1; endpoints.len()];
     cluster

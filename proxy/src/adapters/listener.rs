@@ -9,7 +9,7 @@
 //! task knows when the last one is gone.
 
 use crate::adapters::idle::{Activity, IdleIo};
-use crate::forward::{handle, ConnCtx};
+use crate::http::{handle, ConnCtx};
 use crate::metrics::{ListenerLabels, ListenerReasonLabels};
 use crate::snapshot::ListenerRt;
 use crate::Shared;

@@ -77,9 +77,19 @@ pub fn pick_weighted(weights: &[u32], point: u64) -> usize {
 /// Chooses a split target: sticky when a key is given, random otherwise.
 /// `weights` must add up to `total > 0`.
 pub fn choose(weights: &[u32], total: u64, key: Option<&[u8]>) -> usize {
+    choose_with(weights, total, key, &mut fastrand::Rng::new())
+}
+
+/// [`choose`], drawing from `rng` when there is no key.
+pub fn choose_with(
+    weights: &[u32],
+    total: u64,
+    key: Option<&[u8]>,
+    rng: &mut fastrand::Rng,
+) -> usize {
     let point = match key {
         Some(k) => stable_hash(0x5b11_7000, k) % total,
-        None => fastrand::u64(0..total),
+        None => rng.u64(0..total),
     };
     pick_weighted(weights, point)
 }

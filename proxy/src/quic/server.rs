@@ -1,5 +1,5 @@
 //! `http3` listeners: a QUIC endpoint on a UDP socket; each connection's request streams
-//! become requests on the common request path ([`crate::forward::handle_any`]).
+//! become requests on the common request path ([`crate::http::handle_any`]).
 //!
 //! Like TCP listeners: `max_connections` (refused over it), `header_timeout` (for the
 //! handshake and for each request's headers), `idle_timeout` (QUIC's idle timeout),
@@ -10,7 +10,7 @@
 use crate::adapters::idle::Activity;
 use crate::adapters::listener::ConnGuard;
 use crate::body::{H3Recv, H3Send, InBody};
-use crate::forward::{handle_any, ConnCtx, TlsSession};
+use crate::http::{handle_any, ConnCtx, TlsSession};
 use crate::metrics::{ListenerLabels, ReasonLabel, Side};
 use crate::snapshot::ListenerRt;
 use crate::tls::{Role, ServerTls};

@@ -1,7 +1,11 @@
 //! The proxy's Prometheus metrics, with SPEC's names.
 //!
 //! Label sets hold `Arc<str>` names made when a config is compiled, so recording a request
-//! clones a few pointers and never formats a string.
+//! clones a few pointers and never formats a string. The hottest series (requests and
+//! upstream tries by status code) are resolved once per owner, see [`codes`].
+
+pub mod codes;
+pub use codes::{CodeCounters, WithCode};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -19,6 +23,15 @@ pub struct RequestLabels {
     pub code: u16,
 }
 
+impl WithCode for RequestLabels {
+    fn with_code(&self, code: u16) -> Self {
+        RequestLabels {
+            code,
+            ..self.clone()
+        }
+    }
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RouteLabels {
     pub listener: Arc<str>,
@@ -31,6 +44,32 @@ pub struct UpstreamLabels {
     pub cluster: Arc<str>,
     pub endpoint: Arc<str>,
     pub code: u16,
+}
+
+impl WithCode for UpstreamLabels {
+    fn with_code(&self, code: u16) -> Self {
+        UpstreamLabels {
+            code,
+            ..self.clone()
+        }
+    }
+}
+
+/// `spur_tcp_connections_total`: one per connection of a `tcp` listener, by how it went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub listener: Arc<str>,
+    pub cluster: Arc<str>,
+    pub endpoint: Arc<str>,
+    pub result: &'static str,
+}
+
+/// `spur_tcp_bytes_total`: bytes relayed by `tcp` listeners, by direction.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpBytesLabels {
+    pub listener: Arc<str>,
+    pub cluster: Arc<str>,
+    pub direction: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -105,6 +144,41 @@ pub struct ReasonLabel {
 
 pub type SideReasonLabels = (Side, ReasonLabel);
 
+/// The request series of one (listener, route, cluster), resolved when a snapshot is
+/// compiled: `spur_requests_total` by code and `spur_request_duration_seconds`.
+pub struct TargetMetrics {
+    pub requests: CodeCounters<RequestLabels>,
+    pub duration: Histogram,
+}
+
+impl TargetMetrics {
+    pub fn new(
+        m: &Metrics,
+        listener: &Arc<str>,
+        route: &Arc<str>,
+        cluster: &Arc<str>,
+    ) -> TargetMetrics {
+        let labels = RouteLabels {
+            listener: listener.clone(),
+            route: route.clone(),
+            cluster: cluster.clone(),
+        };
+        let duration = m.request_duration.get_or_create(&labels).clone();
+        TargetMetrics {
+            requests: CodeCounters::new(
+                &m.requests,
+                RequestLabels {
+                    listener: labels.listener,
+                    route: labels.route,
+                    cluster: labels.cluster,
+                    code: 0,
+                },
+            ),
+            duration,
+        }
+    }
+}
+
 fn duration_histogram() -> Histogram {
     Histogram::new([
         0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
@@ -116,6 +190,8 @@ pub struct Metrics {
     pub requests: Family<RequestLabels, Counter>,
     pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
     pub upstream_requests: Family<UpstreamLabels, Counter>,
+    pub tcp_connections: Family<TcpLabels, Counter>,
+    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
     pub connections_active: Family<ListenerLabels, Gauge>,
     /// Connections and requests refused before routing: over max_connections, malformed,
     /// headers too large, slow headers.
@@ -170,6 +246,18 @@ impl Metrics {
             "spur_upstream_requests",
             "Tries sent upstream (retries included), by endpoint and status code (0: no response)",
             upstream_requests.clone(),
+        );
+        let tcp_connections = Family::<TcpLabels, Counter>::default();
+        registry.register(
+            "spur_tcp_connections",
+            "Connections of tcp listeners, by endpoint and result (connected, refused, overloaded, no_healthy_endpoint)",
+            tcp_connections.clone(),
+        );
+        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
+        registry.register(
+            "spur_tcp_bytes",
+            "Bytes relayed by tcp listeners: upstream (client to endpoint) and downstream",
+            tcp_bytes.clone(),
         );
         let connections_active = Family::<ListenerLabels, Gauge>::default();
         registry.register(
@@ -298,6 +386,8 @@ impl Metrics {
             requests,
             request_duration,
             upstream_requests,
+            tcp_connections,
+            tcp_bytes,
             connections_active,
             rejected,
             config_version,
