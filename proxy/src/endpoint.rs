@@ -294,3 +294,65 @@ pub struct ClusterLimits {
     pub slots: Arc<tokio::sync::Semaphore>,
     pub waiting: AtomicU32,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::balance::DEFAULT_RTT;
+
+    fn endpoint(m: &Metrics) -> Arc<EndpointState> {
+        Arc::new(EndpointState::new("c", "10.0.0.1:80".parse().unwrap(), m))
+    }
+
+    #[test]
+    fn an_endpoint_restored_by_its_probe_starts_afresh() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        let s = breaker::Settings {
+            consecutive_failures: 1,
+            ejection_time: Duration::from_secs(10),
+        };
+        let t0 = crate::clock::now();
+        // It was slow, then failed: ejected, and its estimate is high.
+        e.observe(Duration::from_secs(3), false, t0);
+        assert_eq!(e.record(true, &s, || true, false, t0), Transition::Ejected);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 1"#));
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(e.try_acquire(t1), Some(true), "the probe");
+        assert_eq!(e.record(false, &s, || true, true, t1), Transition::Restored);
+        assert_eq!(e.latency_ns(t1), DEFAULT_RTT.as_nanos() as f64);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 0"#));
+    }
+
+    #[test]
+    fn an_endpoint_back_from_failed_health_checks_starts_afresh() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        e.observe(Duration::from_secs(2), false, crate::clock::now());
+        assert_eq!(e.record_check(false, 1, 1), Some(false));
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 0"#));
+        assert_eq!(e.record_check(true, 1, 1), Some(true));
+        assert!(e.latency_ns(crate::clock::now()) <= DEFAULT_RTT.as_nanos() as f64);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 1"#));
+    }
+
+    #[test]
+    fn removing_its_series_leaves_no_trace() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        e.metrics.tries.inc(200);
+        e.metrics.tries.inc(0);
+        e.metrics.tcp_connection(&m, &"db".into(), "refused");
+        assert!(m.encode().contains("10.0.0.1:80"));
+        e.metrics.remove(&m);
+        assert!(!m.encode().contains("10.0.0.1:80"), "{}", m.encode());
+    }
+}
