@@ -185,216 +185,89 @@ fn duration_histogram() -> Histogram {
     ])
 }
 
-pub struct Metrics {
-    pub registry: Registry,
-    pub requests: Family<RequestLabels, Counter>,
-    pub request_duration: Family<RouteLabels, Histogram, fn() -> Histogram>,
-    pub upstream_requests: Family<UpstreamLabels, Counter>,
-    pub tcp_connections: Family<TcpLabels, Counter>,
-    pub tcp_bytes: Family<TcpBytesLabels, Counter>,
-    pub connections_active: Family<ListenerLabels, Gauge>,
+/// Declares [`Metrics`]: each field, its type and initial value, its Prometheus name
+/// (prometheus-client adds `_total` to counters) and its help text, registered in order.
+macro_rules! define_metrics {
+    ($( $(#[$doc:meta])* $field:ident: $ty:ty = $init:expr, $name:literal, $help:literal; )*) => {
+        pub struct Metrics {
+            pub registry: Registry,
+            $( $(#[$doc])* pub $field: $ty, )*
+        }
+
+        impl Metrics {
+            pub fn new() -> Metrics {
+                let mut registry = Registry::default();
+                $(
+                    let $field: $ty = $init;
+                    registry.register($name, $help, $field.clone());
+                )*
+                Metrics { registry, $($field,)* }
+            }
+        }
+    };
+}
+
+define_metrics! {
+    requests: Family<RequestLabels, Counter> = Family::default(),
+        "spur_requests", "Requests answered, by route, cluster and status code";
+    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(duration_histogram),
+        "spur_request_duration_seconds", "Time from request received to the end of the response body";
+    upstream_requests: Family<UpstreamLabels, Counter> = Family::default(),
+        "spur_upstream_requests", "Tries sent upstream (retries included), by endpoint and status code (0: no response)";
+    tcp_connections: Family<TcpLabels, Counter> = Family::default(),
+        "spur_tcp_connections", "Connections of tcp listeners, by endpoint and result (connected, refused, overloaded, no_healthy_endpoint)";
+    tcp_bytes: Family<TcpBytesLabels, Counter> = Family::default(),
+        "spur_tcp_bytes", "Bytes relayed by tcp listeners: upstream (client to endpoint) and downstream";
+    connections_active: Family<ListenerLabels, Gauge> = Family::default(),
+        "spur_connections_active", "Open downstream connections";
     /// Connections and requests refused before routing: over max_connections, malformed,
     /// headers too large, slow headers.
-    pub rejected: Family<ListenerReasonLabels, Counter>,
-    pub config_version: Gauge,
-    pub config_updates: Family<ResultLabels, Counter>,
-    pub retries: Family<ClusterReasonLabels, Counter>,
-    pub retry_budget_exhausted: Family<ClusterLabels, Counter>,
+    rejected: Family<ListenerReasonLabels, Counter> = Family::default(),
+        "spur_downstream_rejected", "Connections or requests refused before routing, by reason";
+    config_version: Gauge = Gauge::default(),
+        "spur_config_version", "Version of the applied config";
+    config_updates: Family<ResultLabels, Counter> = Family::default(),
+        "spur_config_updates", "Config updates, applied or rejected";
+    retries: Family<ClusterReasonLabels, Counter> = Family::default(),
+        "spur_retries", "Retries sent, by the reason of the failed try";
+    retry_budget_exhausted: Family<ClusterLabels, Counter> = Family::default(),
+        "spur_retry_budget_exhausted", "Retries refused because the route's retry budget was spent";
     /// Retries the policy wanted but could not make: the body was too large to replay.
-    pub retry_skipped: Family<ClusterReasonLabels, Counter>,
-    pub endpoint_ejected: Family<EndpointLabels, Gauge>,
-    pub endpoint_healthy: Family<EndpointLabels, Gauge>,
-    pub circuit_open: Family<ClusterReasonLabels, Counter>,
+    retry_skipped: Family<ClusterReasonLabels, Counter> = Family::default(),
+        "spur_retry_skipped", "Retries not made for another reason than the budget (body_too_large)";
+    endpoint_ejected: Family<EndpointLabels, Gauge> = Family::default(),
+        "spur_endpoint_ejected", "1 while the endpoint is ejected by outlier detection";
+    endpoint_healthy: Family<EndpointLabels, Gauge> = Family::default(),
+        "spur_endpoint_healthy", "1 while active health checks pass (or none are configured)";
+    circuit_open: Family<ClusterReasonLabels, Counter> = Family::default(),
+        "spur_circuit_open", "Times a breaker refused or removed capacity: ejection, max_requests, max_pending";
     /// Downstream TLS handshakes that failed, by reason (`no_client_cert`, `unknown_ca`,
     /// `expired`, `identity_not_allowed`, `timeout`...).
-    pub tls_handshake_errors: Family<ListenerReasonLabels, Counter>,
+    tls_handshake_errors: Family<ListenerReasonLabels, Counter> = Family::default(),
+        "spur_tls_handshake_errors", "Downstream TLS handshakes that failed, by reason";
     /// TLS handshakes to upstream endpoints that failed, by reason
     /// (`identity_not_expected`, `unknown_ca`, `name_mismatch`, `peer_alert`...).
-    pub upstream_tls_errors: Family<ClusterReasonLabels, Counter>,
-    pub flag_evaluations: Family<FlagLabels, Counter>,
-    pub mirror_requests: Family<MirrorLabels, Counter>,
-    pub quic_connections_active: Family<Side, Gauge>,
+    upstream_tls_errors: Family<ClusterReasonLabels, Counter> = Family::default(),
+        "spur_upstream_tls_handshake_errors", "TLS handshakes to upstream endpoints that failed, by reason";
+    flag_evaluations: Family<FlagLabels, Counter> = Family::default(),
+        "spur_flag_evaluations", "Flag decisions, by flag and result (on, off); decisions kept from a trusted peer count too";
+    mirror_requests: Family<MirrorLabels, Counter> = Family::default(),
+        "spur_mirror_requests", "Mirrored copies by outcome: same, differ (status or body hash), error, dropped";
+    quic_connections_active: Family<Side, Gauge> = Family::default(),
+        "spur_quic_connections_active", "Open QUIC connections, on a listener or to a cluster";
     /// QUIC handshakes that failed, by side and reason (`no_client_cert`, `unknown_ca`,
     /// `identity_not_expected`, `peer_alert`, `timeout`...).
-    pub quic_handshake_errors: Family<SideReasonLabels, Counter>,
+    quic_handshake_errors: Family<SideReasonLabels, Counter> = Family::default(),
+        "spur_quic_handshake_errors", "QUIC handshakes that failed, on a listener or to a cluster, by reason";
     /// HTTP/3 request streams, by side.
-    pub quic_streams: Family<Side, Counter>,
+    quic_streams: Family<Side, Counter> = Family::default(),
+        "spur_quic_streams", "HTTP/3 request streams, on a listener or to a cluster";
     /// Times an http3 cluster turned to its TCP fallback for an endpoint.
-    pub quic_fallback: Family<ClusterLabels, Counter>,
+    quic_fallback: Family<ClusterLabels, Counter> = Family::default(),
+        "spur_quic_fallback", "Times an http3 cluster fell back to TCP for an endpoint after QUIC failed";
 }
 
 impl Metrics {
-    pub fn new() -> Metrics {
-        let mut registry = Registry::default();
-        let requests = Family::<RequestLabels, Counter>::default();
-        registry.register(
-            "spur_requests",
-            "Requests answered, by route, cluster and status code",
-            requests.clone(),
-        );
-        let request_duration =
-            Family::<RouteLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-                duration_histogram,
-            );
-        registry.register(
-            "spur_request_duration_seconds",
-            "Time from request received to the end of the response body",
-            request_duration.clone(),
-        );
-        let upstream_requests = Family::<UpstreamLabels, Counter>::default();
-        registry.register(
-            "spur_upstream_requests",
-            "Tries sent upstream (retries included), by endpoint and status code (0: no response)",
-            upstream_requests.clone(),
-        );
-        let tcp_connections = Family::<TcpLabels, Counter>::default();
-        registry.register(
-            "spur_tcp_connections",
-            "Connections of tcp listeners, by endpoint and result (connected, refused, overloaded, no_healthy_endpoint)",
-            tcp_connections.clone(),
-        );
-        let tcp_bytes = Family::<TcpBytesLabels, Counter>::default();
-        registry.register(
-            "spur_tcp_bytes",
-            "Bytes relayed by tcp listeners: upstream (client to endpoint) and downstream",
-            tcp_bytes.clone(),
-        );
-        let connections_active = Family::<ListenerLabels, Gauge>::default();
-        registry.register(
-            "spur_connections_active",
-            "Open downstream connections",
-            connections_active.clone(),
-        );
-        let rejected = Family::<ListenerReasonLabels, Counter>::default();
-        registry.register(
-            "spur_downstream_rejected",
-            "Connections or requests refused before routing, by reason",
-            rejected.clone(),
-        );
-        let config_version = Gauge::default();
-        registry.register(
-            "spur_config_version",
-            "Version of the applied config",
-            config_version.clone(),
-        );
-        let config_updates = Family::<ResultLabels, Counter>::default();
-        registry.register(
-            "spur_config_updates",
-            "Config updates, applied or rejected",
-            config_updates.clone(),
-        );
-        let retries = Family::<ClusterReasonLabels, Counter>::default();
-        registry.register(
-            "spur_retries",
-            "Retries sent, by the reason of the failed try",
-            retries.clone(),
-        );
-        let retry_budget_exhausted = Family::<ClusterLabels, Counter>::default();
-        registry.register(
-            "spur_retry_budget_exhausted",
-            "Retries refused because the route's retry budget was spent",
-            retry_budget_exhausted.clone(),
-        );
-        let retry_skipped = Family::<ClusterReasonLabels, Counter>::default();
-        registry.register(
-            "spur_retry_skipped",
-            "Retries not made for another reason than the budget (body_too_large)",
-            retry_skipped.clone(),
-        );
-        let endpoint_ejected = Family::<EndpointLabels, Gauge>::default();
-        registry.register(
-            "spur_endpoint_ejected",
-            "1 while the endpoint is ejected by outlier detection",
-            endpoint_ejected.clone(),
-        );
-        let endpoint_healthy = Family::<EndpointLabels, Gauge>::default();
-        registry.register(
-            "spur_endpoint_healthy",
-            "1 while active health checks pass (or none are configured)",
-            endpoint_healthy.clone(),
-        );
-        let circuit_open = Family::<ClusterReasonLabels, Counter>::default();
-        registry.register(
-            "spur_circuit_open",
-            "Times a breaker refused or removed capacity: ejection, max_requests, max_pending",
-            circuit_open.clone(),
-        );
-        let tls_handshake_errors = Family::<ListenerReasonLabels, Counter>::default();
-        registry.register(
-            "spur_tls_handshake_errors",
-            "Downstream TLS handshakes that failed, by reason",
-            tls_handshake_errors.clone(),
-        );
-        let upstream_tls_errors = Family::<ClusterReasonLabels, Counter>::default();
-        registry.register(
-            "spur_upstream_tls_handshake_errors",
-            "TLS handshakes to upstream endpoints that failed, by reason",
-            upstream_tls_errors.clone(),
-        );
-        let flag_evaluations = Family::<FlagLabels, Counter>::default();
-        registry.register(
-            "spur_flag_evaluations",
-            "Flag decisions, by flag and result (on, off); decisions kept from a trusted peer count too",
-            flag_evaluations.clone(),
-        );
-        let mirror_requests = Family::<MirrorLabels, Counter>::default();
-        registry.register(
-            "spur_mirror_requests",
-            "Mirrored copies by outcome: same, differ (status or body hash), error, dropped",
-            mirror_requests.clone(),
-        );
-        let quic_connections_active = Family::<Side, Gauge>::default();
-        registry.register(
-            "spur_quic_connections_active",
-            "Open QUIC connections, on a listener or to a cluster",
-            quic_connections_active.clone(),
-        );
-        let quic_handshake_errors = Family::<SideReasonLabels, Counter>::default();
-        registry.register(
-            "spur_quic_handshake_errors",
-            "QUIC handshakes that failed, on a listener or to a cluster, by reason",
-            quic_handshake_errors.clone(),
-        );
-        let quic_streams = Family::<Side, Counter>::default();
-        registry.register(
-            "spur_quic_streams",
-            "HTTP/3 request streams, on a listener or to a cluster",
-            quic_streams.clone(),
-        );
-        let quic_fallback = Family::<ClusterLabels, Counter>::default();
-        registry.register(
-            "spur_quic_fallback",
-            "Times an http3 cluster fell back to TCP for an endpoint after QUIC failed",
-            quic_fallback.clone(),
-        );
-        Metrics {
-            registry,
-            quic_connections_active,
-            quic_handshake_errors,
-            quic_streams,
-            quic_fallback,
-            flag_evaluations,
-            mirror_requests,
-            tls_handshake_errors,
-            upstream_tls_errors,
-            retries,
-            retry_budget_exhausted,
-            retry_skipped,
-            endpoint_ejected,
-            endpoint_healthy,
-            circuit_open,
-            requests,
-            request_duration,
-            upstream_requests,
-            tcp_connections,
-            tcp_bytes,
-            connections_active,
-            rejected,
-            config_version,
-            config_updates,
-        }
-    }
-
     pub fn encode(&self) -> String {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
