@@ -227,7 +227,11 @@ impl Proxy {
                 })?;
             fresh.push(bound);
         }
-        let admin_listen = snap.config.admin.as_ref().map(|a| a.listen.clone());
+        let admin_listen = snap
+            .config
+            .admin
+            .as_ref()
+            .map(|a| a.listen.text().to_string());
         if running.admin_pinned {
             let pinned = running
                 .admin

@@ -7,7 +7,7 @@
 //! (`max_body`) to be buffered whole before the first try. A larger body is streamed once
 //! and never retried.
 
-use spur_config::Retry;
+use spur_config::{Retry, RetryCondition};
 use std::time::Duration;
 
 /// What one try came to, as far as retrying is concerned.
@@ -70,6 +70,12 @@ pub struct RetryPolicy {
     any_5xx: bool,
     retriable_4xx: bool,
     codes: Vec<u16>,
+    /// `retry_on: [reset-before-request]`: a reset before any byte of the request was
+    /// written may be retried, whatever the method.
+    pub reset_before_request: bool,
+    /// `retry_non_idempotent`: `reset` and `timeout` retry every method, not only the
+    /// idempotent ones.
+    pub retry_non_idempotent: bool,
 }
 
 impl RetryPolicy {
@@ -86,19 +92,18 @@ impl RetryPolicy {
             any_5xx: false,
             retriable_4xx: false,
             codes: Vec::new(),
+            reset_before_request: false,
+            retry_non_idempotent: r.retry_non_idempotent,
         };
-        for cond in &r.retry_on {
-            match cond.as_str() {
-                "connect-failure" => p.connect_failure = true,
-                "reset" => p.reset = true,
-                "timeout" => p.timeout = true,
-                "5xx" => p.any_5xx = true,
-                "retriable-4xx" => p.retriable_4xx = true,
-                code => {
-                    if let Ok(c) = code.parse() {
-                        p.codes.push(c);
-                    }
-                }
+        for cond in r.retry_on.conditions() {
+            match cond {
+                RetryCondition::ConnectFailure => p.connect_failure = true,
+                RetryCondition::Reset => p.reset = true,
+                RetryCondition::ResetBeforeRequest => p.reset_before_request = true,
+                RetryCondition::Timeout => p.timeout = true,
+                RetryCondition::Any5xx => p.any_5xx = true,
+                RetryCondition::Retriable4xx => p.retriable_4xx = true,
+                RetryCondition::Status(c) => p.codes.push(*c),
             }
         }
         p
