@@ -96,6 +96,7 @@ listeners:
   - { listen: "127.0.0.1:2", cluster: nope3 }
 clusters:
   - { name: app, endpoints: ["not an address", "127.0.0.1:3", "127.0.0.1:3"] }
+  - { name: solo, endpoints: ["localhost:80"] }
 "#;
     assert_eq!(
         errors_of(yaml, "c.yaml"),
@@ -104,6 +105,9 @@ clusters:
             "listeners[1].listen: `localhost:1` is not an IP address with a port such as 127.0.0.1:8080",
             "listeners[3].name: missing: this field is required",
             "clusters[0].endpoints[0]: `not an address` is not an IP address with a port such as 127.0.0.1:8080",
+            // Not also "clusters[1]: needs exactly one of endpoints, dns, k8s": with its
+            // only endpoint left out, the cluster has none, but that is the same mistake.
+            "clusters[1].endpoints[0]: `localhost:80` is not an IP address with a port such as 127.0.0.1:8080 (for a host name, use `dns:` instead of `endpoints`)",
             // A listener whose listen or name failed is still checked (with a stand-in).
             "listeners[1].cluster: unknown cluster `nope1`",
             "listeners[2].cluster: unknown cluster `nope2`",
