@@ -291,3 +291,22 @@ fn the_new_fields_have_their_defaults_and_their_places() {
         ]
     );
 }
+
+#[test]
+fn every_example_validates() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut checked = Vec::new();
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        let name = path.file_name().unwrap().to_string_lossy().to_string();
+        if !(name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json")) {
+            continue;
+        }
+        if let Err(e) = load_file(&path) {
+            panic!("config/examples/{name} does not validate:\n{e}");
+        }
+        checked.push(name);
+    }
+    checked.sort();
+    assert_eq!(checked, ["sidecar.yaml", "standalone.yaml"]);
+}
