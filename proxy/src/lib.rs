@@ -467,7 +467,11 @@ async fn bind_listeners(
 
 /// Binds the admin server's new address, if the config moves it.
 async fn bind_admin(running: &Running, snap: &Snapshot) -> Result<AdminChange, ApplyError> {
-    let listen = snap.config.admin.as_ref().map(|a| a.listen.clone());
+    let listen = snap
+        .config
+        .admin
+        .as_ref()
+        .map(|a| a.listen.text().to_string());
     if running.admin_pinned {
         let pinned = running
             .admin

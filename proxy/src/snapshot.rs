@@ -215,8 +215,9 @@ impl ClusterRt {
     }
 }
 
-/// A config the proxy cannot apply even though it validated. Validation normally catches
-/// everything first.
+/// A config the proxy cannot apply even though it validated: a TLS file that cannot be read
+/// or does not fit, or a TLS block without files on a proxy without a workload identity.
+/// (Values were parsed by spur-config; nothing else here can fail.)
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
 pub struct CompileError {
@@ -256,14 +257,11 @@ fn compile_cluster(
     metrics: &crate::metrics::Metrics,
     identity: Option<&Arc<WorkloadIdentity>>,
 ) -> Result<ClusterRt, CompileError> {
-    let mut endpoints = Vec::with_capacity(c.endpoints.len());
-    for (k, ep) in c.endpoints.iter().enumerate() {
-        let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
-            path: format!("clusters[{i}].endpoints[{k}]"),
-            message: format!("`{}` is not an IP address with a port", ep.address()),
-        })?;
-        endpoints.push(registry.endpoint(&c.name, addr, metrics));
-    }
+    let endpoints = c
+        .endpoints
+        .iter()
+        .map(|ep| registry.endpoint(&c.name, ep.addr(), metrics))
+        .collect();
     // Read on every compile, so that a missing or broken file rejects the config; the pooled
     // client keeps the TLS it was built with when the settings are the same (its own watcher
     // keeps that one current).
@@ -285,9 +283,7 @@ fn compile_cluster(
         connect_timeout: c.connect_timeout.get(),
         tls: c.tls.clone(),
         fallback: c.fallback,
-        fallback_period: c
-            .fallback_period
-            .map_or(crate::quic::client::FALLBACK_PERIOD, |d| d.get()),
+        fallback_period: c.fallback_period().get(),
     };
     let (client, tls) = registry.client(key.clone(), tls, metrics);
     let opaque = HttpConnector {
@@ -320,7 +316,7 @@ fn compile_cluster(
             .circuit_breaker
             .map(|cb| registry.limits(&c.name, cb.max_requests, cb.max_pending)),
         health_check: c.health_check.clone(),
-        dns: c.dns.clone(),
+        dns: c.dns.as_ref().map(|d| d.text().to_string()),
         tls,
     };
     Ok(cluster)
@@ -445,10 +441,7 @@ impl Snapshot {
 
         let mut listeners = HashMap::new();
         for (i, l) in cfg.listeners.iter().enumerate() {
-            let listen: SocketAddr = l.listen.parse().map_err(|_| CompileError {
-                path: format!("listeners[{i}].listen"),
-                message: format!("`{}` is not an address", l.listen),
-            })?;
+            let listen: SocketAddr = *l.listen.get();
             let default_cluster = match &l.cluster {
                 Some(c) => Some(cluster(format!("listeners[{i}].cluster"), c)?),
                 None => None,
@@ -456,10 +449,7 @@ impl Snapshot {
             let mut routes = Vec::with_capacity(l.routes.len());
             for (j, r) in l.routes.iter().enumerate() {
                 let path = format!("listeners[{i}].routes[{j}]");
-                let matcher = Matcher::compile(&r.matches).map_err(|e| CompileError {
-                    path: format!("{path}.match"),
-                    message: e.to_string(),
-                })?;
+                let matcher = Matcher::compile(&r.matches);
                 let target = if let Some(c) = &r.cluster {
                     Target::Cluster(cluster(format!("{path}.cluster"), c)?)
                 } else {
@@ -497,7 +487,7 @@ impl Snapshot {
                     name,
                     matcher,
                     target,
-                    hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
+                    hash_on: r.hash_on.as_deref().map(HashOn::from),
                     timeout: r.timeout.map(|t| t.get()),
                     retry,
                     fault: r.fault.clone(),
@@ -557,12 +547,7 @@ impl Snapshot {
             );
         }
         let correlation = CorrelationRt {
-            header: HeaderName::from_bytes(cfg.correlation.request_id_header.as_bytes()).map_err(
-                |_| CompileError {
-                    path: "correlation.request_id_header".into(),
-                    message: "not a header name".into(),
-                },
-            )?,
+            header: cfg.correlation.request_id_header.get().clone(),
             generate: cfg.correlation.generate,
             trace_context: cfg.correlation.trace_context,
         };

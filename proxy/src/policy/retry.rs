@@ -15,7 +15,7 @@
 //! those retry every method. A failure of the client's own body is never retried.
 
 use crate::reason::Reason;
-use spur_config::Retry;
+use spur_config::{Retry, RetryCondition};
 use std::time::Duration;
 
 /// What one try came to, as far as retrying is concerned.
@@ -128,19 +128,15 @@ impl RetryPolicy {
             retriable_4xx: false,
             codes: Vec::new(),
         };
-        for cond in &r.retry_on {
-            match cond.as_str() {
-                "connect-failure" => p.connect_failure = true,
-                "reset" => p.reset = true,
-                "reset-before-request" => p.reset_before_request = true,
-                "timeout" => p.timeout = true,
-                "5xx" => p.any_5xx = true,
-                "retriable-4xx" => p.retriable_4xx = true,
-                code => {
-                    if let Ok(c) = code.parse() {
-                        p.codes.push(c);
-                    }
-                }
+        for cond in r.retry_on.conditions() {
+            match cond {
+                RetryCondition::ConnectFailure => p.connect_failure = true,
+                RetryCondition::Reset => p.reset = true,
+                RetryCondition::ResetBeforeRequest => p.reset_before_request = true,
+                RetryCondition::Timeout => p.timeout = true,
+                RetryCondition::Any5xx => p.any_5xx = true,
+                RetryCondition::Retriable4xx => p.retriable_4xx = true,
+                RetryCondition::Status(c) => p.codes.push(*c),
             }
         }
         p
