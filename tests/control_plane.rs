@@ -352,9 +352,9 @@ async fn a_config_the_proxy_cannot_apply_is_reported_and_the_old_one_stays() {
             &[("result", "rejected")]
         )
         .await,
-        1.0
+        Some(1.0)
     );
-    assert_eq!(metric(admin, "spur_config_version", &[]).await, 1.0);
+    assert_eq!(metric(admin, "spur_config_version", &[]).await, Some(1.0));
 
     // A later good version applies and clears the error.
     drop(taken);

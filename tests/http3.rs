@@ -229,7 +229,7 @@ clusters:
 
     let text = get(admin, "/metrics", &[]).await.text();
     let streams = metric_in(&text, "spur_quic_streams_total", &[("listener", "edge")]);
-    assert_eq!(streams, 102.0, "{text}");
+    assert_eq!(streams, Some(102.0), "{text}");
     assert_eq!(
         metric_in(
             &text,
@@ -241,7 +241,7 @@ clusters:
                 ("code", "200")
             ]
         ),
-        102.0
+        Some(102.0)
     );
     assert_eq!(
         metric_in(
@@ -249,7 +249,7 @@ clusters:
             "spur_quic_connections_active",
             &[("listener", "edge")]
         ),
-        1.0
+        Some(1.0)
     );
 }
 
@@ -382,12 +382,12 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
     let a_admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "the requests share one QUIC connection"
     );
     assert_eq!(
         metric(a_admin, "spur_quic_streams_total", &[("cluster", "b")]).await,
-        51.0
+        Some(51.0)
     );
     let b_admin = b.admin_addr().unwrap();
     assert_eq!(
@@ -402,7 +402,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
             ]
         )
         .await,
-        51.0
+        Some(51.0)
     );
 
     // A proxy that expects another server identity refuses B: a connect failure, counted.
@@ -417,7 +417,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
             &[("cluster", "b"), ("reason", "identity_not_expected")]
         )
         .await,
-        1.0
+        Some(1.0)
     );
 
     // A peer whose identity B does not allow: its requests are refused with 403.
@@ -441,7 +441,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
                 &[("listener", "inbound"), ("reason", "no_client_cert")],
             )
             .await
-                == 1.0
+                == Some(1.0)
         })
         .await
     );
@@ -527,7 +527,7 @@ clusters:
     let admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "one turn to TCP for the one endpoint, kept for the fallback period"
     );
     assert_eq!(
@@ -537,7 +537,7 @@ clusters:
             &[("cluster", "b"), ("reason", "timeout")]
         )
         .await,
-        1.0
+        Some(1.0)
     );
 }
 
@@ -738,7 +738,7 @@ async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
     let admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0
+        Some(1.0)
     );
 }
 
@@ -830,7 +830,7 @@ clusters:
     };
     assert!(
         eventually(Duration::from_secs(5), || async {
-            metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await == 1.0
+            metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await == Some(1.0)
         })
         .await,
         "A falls back to TCP"
@@ -847,7 +847,7 @@ clusters:
                 &[("listener", "inbound-h3")],
             )
             .await
-                > 10.0
+                > Some(10.0)
         })
         .await,
         "after a period, a background handshake succeeds and requests take QUIC again"
@@ -858,11 +858,11 @@ clusters:
     assert_eq!(failed, 0, "{ok} succeeded");
     assert_eq!(
         metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "failed probes keep the endpoint on TCP without counting a new fallback"
     );
     assert_eq!(
         metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0
+        Some(1.0)
     );
 }

@@ -130,7 +130,7 @@ async fn bad_clients_get_clear_answers() {
                 &text,
                 "spur_downstream_rejected_total",
                 &[("listener", "web"), ("reason", reason)]
-            ) >= 1.0,
+            ) >= Some(1.0),
             "no {reason} counted:\n{text}"
         );
     }

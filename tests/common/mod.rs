@@ -186,13 +186,16 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answ
 }
 
 /// Scrapes the admin `/metrics` and returns the value of the sample with exactly these
-/// name and labels (in any order), or 0.
-pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// name and labels (in any order); `None` when there is no such series, so that a renamed
+/// or missing metric fails an assertion instead of reading as 0. Compare with `Some(x)`
+/// (`== Some(0.0)`, `>= Some(1.0)`: `None` is less than any `Some`).
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let text = get(admin, "/metrics", &[]).await.text();
     metric_in(&text, name, labels)
 }
 
-pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// [`metric`] on a scraped text.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -216,10 +219,14 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             lbls.split(',').count()
         };
         if all && count == labels.len() {
-            return value.parse().unwrap_or(0.0);
+            return Some(
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: `{value}` is not a number")),
+            );
         }
     }
-    0.0
+    None
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
