@@ -3,123 +3,23 @@
 //! when UDP is closed, Alt-Svc, certificate rotation and live listener changes.
 
 mod common;
+#[path = "common/h3.rs"]
+mod h3c;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use common::pki::*;
 use common::*;
+use h3c::{client_tls, header, H3Conn};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
-
 fn id(sa: &str) -> String {
     format!("spiffe://test.local/ns/shop/sa/{sa}")
-}
-
-fn client_tls(ca: &str, auth: Option<&Leaf>) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut cfg = match auth {
-        Some(leaf) => {
-            let chain = CertificateDer::pem_file_iter(&leaf.cert)
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            builder
-                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&leaf.key).unwrap())
-                .unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h3".to_vec()];
-    cfg
-}
-
-/// A client HTTP/3 connection to `addr` (server name `localhost`).
-struct H3Conn {
-    send: H3Send,
-    quic: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-}
-
-impl H3Conn {
-    async fn open(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<H3Conn, String> {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let connecting = endpoint
-            .connect(addr, "localhost")
-            .map_err(|e| e.to_string())?;
-        let quic = tokio::time::timeout(Duration::from_secs(2), connecting)
-            .await
-            .map_err(|_| "handshake timed out".to_string())?
-            .map_err(|e| format!("handshake: {e}"))?;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(quic.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
-        Ok(H3Conn {
-            send,
-            quic,
-            _endpoint: endpoint,
-        })
-    }
-
-    /// The serial number of the certificate the server presented.
-    fn server_serial(&self) -> Vec<u8> {
-        let chain = self
-            .quic
-            .peer_identity()
-            .unwrap()
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .unwrap();
-        spur_proxy::tls::der::serial(&chain[0]).unwrap().to_vec()
-    }
-
-    /// Sends a request whose body is `chunks`, and reads the whole response.
-    async fn request(
-        &self,
-        req: Request<()>,
-        chunks: Vec<Bytes>,
-    ) -> Result<(Response<()>, Bytes), String> {
-        let mut send = self.send.clone();
-        let mut stream = send.send_request(req).await.map_err(|e| e.to_string())?;
-        for c in chunks {
-            stream.send_data(c).await.map_err(|e| e.to_string())?;
-        }
-        stream.finish().await.map_err(|e| e.to_string())?;
-        let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
-        let mut body = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
-            let n = chunk.remaining();
-            body.extend_from_slice(&chunk.copy_to_bytes(n));
-        }
-        Ok((resp, Bytes::from(body)))
-    }
-
-    async fn get(&self, path: &str) -> Result<(Response<()>, Bytes), String> {
-        let req = Request::get(format!("https://localhost{path}"))
-            .body(())
-            .unwrap();
-        self.request(req, Vec::new()).await
-    }
 }
 
 /// An app that reports what it saw: body length, the correlation headers and the peer
@@ -150,13 +50,6 @@ async fn reporting_app() -> Backend {
             .unwrap()
     })
     .await
-}
-
-fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
