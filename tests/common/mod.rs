@@ -124,6 +124,21 @@ pub async fn start_proxy(yaml: &str) -> Proxy {
     Proxy::start(cfg).await.expect("proxy starts")
 }
 
+/// Waits (at most 5 s) until `proxy` serves `version` with its listener `listener` bound;
+/// returns the listener's address. A version is published with its listeners' addresses,
+/// but a test polls for what it needs anyway.
+pub async fn applied(proxy: &Proxy, version: u64, listener: &str) -> SocketAddr {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.version() == version && proxy.listener_addr(listener).is_some()
+        })
+        .await,
+        "version {version} with listener `{listener}` not applied (at version {})",
+        proxy.version()
+    );
+    proxy.listener_addr(listener).unwrap()
+}
+
 /// A plain HTTP/1.1 client (pooled).
 pub fn h1_client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
