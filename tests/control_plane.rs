@@ -358,6 +358,44 @@ async fn a_version_is_published_with_its_listener_addresses() {
     proxy.shutdown().await;
 }
 
+/// A replaced config is freed: no compiled snapshot outlives its version (with no
+/// request holding it), whatever kept per-endpoint state carries over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaced_configs_are_freed() {
+    let a = named_backend("a").await;
+    let b = named_backend("b").await;
+    let proxy = Proxy::start(
+        spur_config::load(
+            &two_backend_config("127.0.0.1:0", a.addr, b.addr, 1, 0),
+            None,
+        )
+        .unwrap(),
+    )
+    .await
+    .unwrap();
+    let web = proxy.listener_addr("web").unwrap();
+    let mut old = Vec::new();
+    for v in 1..=100u64 {
+        old.push(Arc::downgrade(&proxy.shared.snapshot.load_full()));
+        let (wa, wb) = if v % 2 == 0 { (1, 0) } else { (0, 1) };
+        let cfg = two_backend_config("127.0.0.1:0", a.addr, b.addr, wa, wb);
+        proxy
+            .apply(spur_config::load(&cfg, None).unwrap(), v)
+            .await
+            .unwrap();
+        assert_eq!(get(web, "/", &[]).await.status, 200);
+    }
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            old.iter().all(|w| w.upgrade().is_none())
+        })
+        .await,
+        "{} of 100 replaced snapshots still alive",
+        old.iter().filter(|w| w.upgrade().is_some()).count()
+    );
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_config_the_proxy_cannot_apply_is_reported_and_the_old_one_stays() {
     let (cp, _dir) = start_control(None).await;
