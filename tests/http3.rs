@@ -728,8 +728,25 @@ clusters:
         .await,
         "A falls back to TCP"
     );
-    // Let a fallback period or two pass with QUIC still failing, then open B's UDP port.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A fallback period passes with QUIC still failing: the background probe's handshake
+    // times out too (a second timeout after the first), and requests stay on TCP. Then
+    // B's UDP port opens.
+    let timeouts = || async {
+        metric(
+            a_admin,
+            "spur_quic_handshake_errors_total",
+            &[("cluster", "b"), ("reason", "timeout")],
+        )
+        .await
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            timeouts().await >= Some(2.0)
+        })
+        .await,
+        "no probe was made after the fallback period: {:?} handshake timeouts",
+        timeouts().await
+    );
     b.apply(b_yaml(port, true), 2).await.unwrap();
     let b_admin = b.admin_addr().unwrap();
     assert!(
