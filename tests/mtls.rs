@@ -713,3 +713,79 @@ async fn certificates_rotate_under_load_without_a_failed_request() {
     a.shutdown().await;
     b.shutdown().await;
 }
+
+/// `x-spur-flags` from a verified mTLS peer is kept (the peer's proxy decided the flags)
+/// even with `trust_incoming_flags: false`; from a TLS client without a certificate it is
+/// dropped, as from any client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flags_from_a_verified_mtls_peer_are_kept() {
+    let pki = Pki::new("mtls-flags");
+    let b = pki.issue("b", Some(&id("b")), 300);
+    let a = pki.issue("a", Some(&id("a")), 301);
+    let v1 = named_backend("v1").await;
+    let v2 = named_backend("v2").await;
+    let routes = "routes: [{ name: beta, match: { flag: new-checkout }, cluster: v2 }, { name: stable, match: { path_prefix: / }, cluster: v1 }]";
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: mesh
+    listen: 127.0.0.1:0
+    tls: {{ cert: {cert}, key: {key}, client_ca: {ca} }}
+    trust_incoming_flags: false
+    {routes}
+  - name: edge
+    listen: 127.0.0.1:0
+    tls: {{ cert: {cert}, key: {key} }}
+    trust_incoming_flags: false
+    {routes}
+clusters:
+  - {{ name: v1, endpoints: ["{v1}"] }}
+  - {{ name: v2, endpoints: ["{v2}"] }}
+flags:
+  new-checkout:
+    enabled: true
+    rules: [{{ percent: 0, hash_on: "header:x-user-id" }}]
+"#,
+        cert = b.cert,
+        key = b.key,
+        ca = pki.ca_path,
+        v1 = v1.addr,
+        v2 = v2.addr,
+    ))
+    .await;
+    let flag = [("x-spur-flags", "new-checkout")];
+
+    let mut peer = TlsConn::open(
+        proxy.listener_addr("mesh").unwrap(),
+        client_config(&pki.ca_path, Some(&a), &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let r = peer.get("/", &flag).await.unwrap();
+    assert_eq!(
+        (r.header("x-backend"), r.header("x-echo-x-spur-flags")),
+        (Some("v2"), Some("new-checkout")),
+        "the peer's flag decides the route and goes upstream"
+    );
+    assert_eq!(
+        r.header("x-echo-x-spur-peer-identity"),
+        Some(id("a").as_str())
+    );
+    // Without the header, the flag is off for the peer too (0%).
+    let r = peer.get("/", &[]).await.unwrap();
+    assert_eq!(r.header("x-backend"), Some("v1"));
+
+    let mut anonymous = TlsConn::open(
+        proxy.listener_addr("edge").unwrap(),
+        client_config(&pki.ca_path, None, &[b"http/1.1"]),
+    )
+    .await
+    .unwrap();
+    let r = anonymous.get("/", &flag).await.unwrap();
+    assert_eq!(
+        (r.header("x-backend"), r.header("x-echo-x-spur-flags")),
+        (Some("v1"), Some("")),
+        "a client without a verified identity cannot turn a flag on"
+    );
+    proxy.shutdown().await;
+}
