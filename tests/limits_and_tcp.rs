@@ -523,3 +523,59 @@ clusters:
     );
     proxy.shutdown().await;
 }
+
+/// On HTTP/2, frames flow between requests (here the client's keep-alive pings): they
+/// neither start a header timeout nor let the connection go idle, so a connection that
+/// pings lives past both timeouts and serves its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_pings_outlives_header_and_idle_timeouts() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&limits_config(app.addr)).await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let header_timeouts = || async {
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")],
+        )
+        .await
+    };
+    // One real header timeout first, so that the series exists.
+    let silent = TcpStream::connect(web).await.unwrap();
+    closed_after(silent, Instant::now(), Duration::from_secs(5))
+        .await
+        .expect("a silent connection is closed");
+    assert_eq!(header_timeouts().await, Some(1.0));
+
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = || {
+        http::Request::get(format!("http://{web}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(req()).await.unwrap().status(), 200);
+    // Past header_timeout (300 ms) and idle_timeout (700 ms), pinging.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!closed.is_finished(), "the pinging connection was closed");
+    let r = sender
+        .send_request(req())
+        .await
+        .expect("the connection serves its next request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header_timeouts().await,
+        Some(1.0),
+        "no header timeout counted for the HTTP/2 connection"
+    );
+    proxy.shutdown().await;
+}
