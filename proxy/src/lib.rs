@@ -238,6 +238,16 @@ impl Proxy {
             }
         }
 
+        // The listeners' addresses change with the version: whoever sees the new version
+        // ([`Proxy::version`]) finds its listeners in [`Proxy::listener_addr`].
+        {
+            let mut addrs = self.addrs.lock().unwrap();
+            for bound in &fresh {
+                addrs.insert(bound.name.to_string(), bound.addr);
+            }
+            addrs.retain(|name, _| snap.listeners.contains_key(name.as_str()));
+        }
+
         // Swap: from here on, new requests see the new config; then what it no longer uses
         // goes.
         let snap = Arc::new(snap);
@@ -290,7 +300,6 @@ impl Proxy {
                 }
                 running.retired.push(old);
             }
-            self.addrs.lock().unwrap().insert(name, addr);
         }
     }
 
@@ -309,7 +318,6 @@ impl Proxy {
                 let _ = old.drain.send(true);
                 running.retired.push(old);
             }
-            self.addrs.lock().unwrap().remove(&name);
         }
         running.retired.retain(|t| !t.task.is_finished());
     }

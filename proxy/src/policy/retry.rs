@@ -1,6 +1,6 @@
 //! The retry decision: whether a failed try is tried again, and after how long.
 //!
-//! The policy only looks at the outcome of a try; the retry loop in `crate::forward` does
+//! The policy only looks at the outcome of a try; the retry loop in `crate::http::tries` does
 //! the I/O, and [`super::budget`] decides whether the cluster can afford another try.
 //!
 //! A request is retried only when its body can be replayed: it was small enough
