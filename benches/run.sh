@@ -239,9 +239,21 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# Each Spur binary is copied first, so that a rebuild during the run changes nothing; the
+# report names the original path with the copy's size, time and checksum.
+SPUR_INFO=()
+if wants_spur; then
+  for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do
+    mkdir -p "$WORK/bin"
+    cp -p "${SPUR_BINS[$i]}" "$WORK/bin/spur$i"
+    SPUR_INFO+=("$(bin_info "${SPUR_BINS[$i]}" "$WORK/bin/spur$i")")
+    SPUR_BINS[i]="$WORK/bin/spur$i"
+  done
+fi
+
 # ------------------------------------------------------------------ results --
 # Cell key: "PLACEMENT|LOG|PROTO|NAME" (direct: LOG "-"). Latency key: "LATPL|LOG|NAME".
-for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_PROC_CPU R_SYS R_CSW R_HWM R_THREADS R_LOGLINES R_NOTE \
+for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_PROC_CPU R_SYS R_CSW R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
   R_LP50 R_LP99 R_MEM_IDLE R_MEM_CONN R_MEM_OK R_START_MED R_START_RUNS R_HS_RATE R_HS_CPU; do
   declare -A "$_a=()"
 done
@@ -275,6 +287,7 @@ measure() {
     R_PROC_CPU[$key]=$(per_req "$C_PROC_US" "$reqs" 1)
     R_SYS[$key]=$(per_req "$C_SYS" "$reqs" 2)
     R_CSW[$key]=$(per_req "$C_CSW" "$reqs" 2)
+    R_UTIL[$key]=$(awk -v c="$C_TASK_US" -v w="$C_WALL_US" 'BEGIN { if (w > 0) printf "%.0f%%", 100 * c / w; else print "-" }')
   fi
   if [[ $rps == - || $reqs == 0 ]]; then
     fail_cell "$key" "failed (no result)"; warn "$key: no result (see $out)"
@@ -438,8 +451,8 @@ if awk -v l="$LOAD1" 'BEGIN { exit !(l > 0.5) }'; then
   warn "load average is $LOAD1 before the run: numbers may be noisy"
 fi
 log "results: $RUN_DIR (proxy on CPU $PROXY_CPUS, load generator on CPU $LOAD_CPUS; $PROXY_WORKERS worker(s) per proxy)"
-for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do
-  log "Spur${SPUR_LABELS[$i]:+ [${SPUR_LABELS[$i]}]}: ${SPUR_BINS[$i]}"
+for ((i = 0; i < ${#SPUR_INFO[@]}; i++)); do
+  log "Spur${SPUR_LABELS[$i]:+ [${SPUR_LABELS[$i]}]}: ${SPUR_INFO[$i]}"
 done
 START_TS=$(date +%s)
 

@@ -174,7 +174,8 @@ thread_count() {  # threads over the PIDs given
 # `perf stat -p` is started with its events disabled and switched on and off through a
 # control FIFO with acknowledgement, so the window is exact; /proc utime+stime is read as
 # well (the cross-check, and the fallback when perf is unusable). counters_stop sets
-# C_TASK_US (CPU µs, "-" if unknown), C_CSW, C_SYS ("-" if unknown) and C_PROC_US.
+# C_TASK_US (CPU µs), C_CSW, C_SYS ("-" if unknown), C_PROC_US (/proc's CPU µs) and
+# C_WALL_US (the window's length).
 PERF_PID=
 COUNTER_PIDS=()
 USE_PERF=${USE_PERF:-1}
@@ -182,6 +183,7 @@ counters_start() {
   COUNTER_PIDS=("$@")
   C_T0=$(cpu_ticks "$@")
   C_CSW0=$(ctx_switches "$@")
+  C_WALL0=$(date +%s%N)
   PERF_PID=
   [[ $USE_PERF == 1 ]] || return 0
   rm -f "$WORK/perf.ctl" "$WORK/perf.ack" "$WORK/perf.csv"
@@ -207,6 +209,7 @@ counters_stop() {
     read -r -t 10 -u 8 ack || true
   fi
   t1=$(cpu_ticks "${COUNTER_PIDS[@]}")
+  C_WALL_US=$(( ($(date +%s%N) - C_WALL0) / 1000 ))
   C_PROC_US=$(awk -v d=$((t1 - C_T0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_TASK_US=$C_PROC_US
   C_CSW=$(( $(ctx_switches "${COUNTER_PIDS[@]}") - C_CSW0 ))

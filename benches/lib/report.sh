@@ -18,14 +18,17 @@ ratio() {     # ratio A B -> "0.57×"
 proto_label() { if [[ $1 == h1 ]]; then echo "HTTP/1.1"; else echo "HTTP/2"; fi; }
 is_mesh() { [[ $1 == spur-mtls* || $1 == spur-h3* || $1 == spur-2hop* ]]; }
 
-bin_line() {   # bin_line LABEL PATH
-  local b=$2 size sha when
+bin_info() {   # bin_info PATH [COPY] -> "`PATH` (N MB, modified T, sha256 X…)", read from COPY
+  local b=${2:-$1} size sha when
   size=$(stat -c %s "$b" 2>/dev/null || echo 0)
   when=$(date -u -r "$b" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')
   sha=$(sha256sum "$b" 2>/dev/null | cut -c1-12)
-  local how="TOKIO_WORKER_THREADS=$PROXY_WORKERS (its config has no \`workers\`)"
+  echo "\`$1\` ($((size / 1048576)) MB, modified $when, sha256 $sha…)"
+}
+bin_line() {   # bin_line INDEX
+  local b=${SPUR_BINS[$1]} how="TOKIO_WORKER_THREADS=$PROXY_WORKERS (its config has no \`workers\`)"
   [[ ${SPUR_WORKERS_KEY[$b]:-no} == yes ]] && how="\`workers: $PROXY_WORKERS\` in the config and TOKIO_WORKER_THREADS=$PROXY_WORKERS"
-  echo "· Spur${1:+ [$1]}: \`$b\` ($((size / 1048576)) MB, modified $when, sha256 $sha…); workers: $how"
+  echo "· Spur${SPUR_LABELS[$1]:+ [${SPUR_LABELS[$1]}]}: ${SPUR_INFO[$1]}; workers: $how"
 }
 
 report_header() {
@@ -34,7 +37,7 @@ report_header() {
   echo
   echo "$(date -u '+%Y-%m-%d %H:%M UTC') · run took ${ELAPSED}s · load average at start $LOAD1"
   echo "· $(awk -F': *' '/^model name/ {print $2; exit}' /proc/cpuinfo) · ${#ALLOWED[@]} CPUs · kernel $(uname -r)"
-  for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do bin_line "${SPUR_LABELS[$i]}" "${SPUR_BINS[$i]}"; done
+  for ((i = 0; i < ${#SPUR_INFO[@]}; i++)); do bin_line "$i"; done
   echo "· placements: **alone** = the proxy alone on CPU $PROXY_CPUS, wrk/h2load and the origin on CPU $LOAD_CPUS; **shared** = the proxy and the origin on CPU $PROXY_CPUS, wrk/h2load on CPU $LOAD_CPUS"
   echo "· $PROXY_WORKERS worker(s) per proxy (HAProxy nbthread, nginx worker_processes)"
   echo "· HTTP/1.1: wrk -t1 -c$CONNECTIONS, ${DURATION}s; HTTP/2: h2load -t1 -c$H2_CLIENTS -m$H2_STREAMS (h2c, prior knowledge), ${DURATION}s; warm-up ${WARMUP}s after each start; all to an HTTP/1.1 nginx origin (100-byte body)"
@@ -47,17 +50,18 @@ report_main() {
   local key pl lg proto name
   echo "## Throughput and cost per request"
   echo
-  echo "req/s: the client's rate over the run. CPU µs, syscalls and ctx sw (context switches) per request: the proxy's own, over the throughput run. Peak RSS: VmHWM after the cell (HTTP/1.1, HTTP/2 and latency runs of one start)."
+  echo "req/s: the client's rate over the run. CPU µs, syscalls and ctx sw (context switches) per request: the proxy's own, over the throughput run. Proxy CPU: the proxy's CPU time ÷ the run's length (near 100%: the proxy's core was the limit). Peak RSS: VmHWM after the cell (HTTP/1.1, HTTP/2 and latency runs of one start)."
   echo
-  echo "| placement | access log | client | target | req/s | CPU µs/req | syscalls/req | ctx sw/req | peak RSS MiB | errors |"
-  echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|"
+  echo "| placement | access log | client | target | req/s | CPU µs/req | syscalls/req | ctx sw/req | proxy CPU | peak RSS MiB | errors |"
+  echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
   for key in "${CELL_ORDER[@]}"; do
     IFS='|' read -r pl lg proto name <<<"$key"
     is_mesh "$name" && continue
+    [[ $lg == - ]] && lg="—"
     if [[ ${R_STATUS[$key]:-} == ok || ${R_STATUS[$key]:-} == crashed ]]; then
-      echo "| $pl | $lg | $(proto_label "$proto") | $name$([[ ${R_STATUS[$key]} == crashed ]] && echo ' (crashed)') | $(fmt_int "${R_RPS[$key]}") | $(dash "${R_CPU[$key]:-}") | $(dash "${R_SYS[$key]:-}") | $(dash "${R_CSW[$key]:-}") | $(fmt_mib "${R_HWM[$key]:-}") | ${R_ERRS[$key]} |"
+      echo "| $pl | $lg | $(proto_label "$proto") | $name$([[ ${R_STATUS[$key]} == crashed ]] && echo ' (crashed)') | $(fmt_int "${R_RPS[$key]}") | $(dash "${R_CPU[$key]:-}") | $(dash "${R_SYS[$key]:-}") | $(dash "${R_CSW[$key]:-}") | $(dash "${R_UTIL[$key]:-}") | $(fmt_mib "${R_HWM[$key]:-}") | ${R_ERRS[$key]} |"
     else
-      echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_STATUS[$key]:-failed}${R_NOTE[$key]:+: ${R_NOTE[$key]}} | — | — | — | — | — |"
+      echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_STATUS[$key]:-failed}${R_NOTE[$key]:+: ${R_NOTE[$key]}} | — | — | — | — | — | — |"
     fi
   done
   echo
@@ -99,6 +103,7 @@ report_latency() {
   echo "|---|---|---|---:|---:|---:|---:|---:|"
   for key in "${LAT_ORDER[@]}"; do
     IFS='|' read -r lpl lg name <<<"$key"
+    is_mesh "$name" && continue   # in the mesh table
     d="$lpl|-|direct"; hk="$lpl|$lg|haproxy"
     dd="—"
     if [[ $name != direct && $name != haproxy && -n ${R_LP50[$hk]:-} ]]; then
@@ -169,7 +174,8 @@ report_mesh() {
     fi
   done
   echo
-  for name in "${!R_HS_RATE[@]}"; do
+  for name in "${MESH_ORDER[@]}"; do
+    [[ -n ${R_HS_RATE[$name]:-} ]] || continue
     echo "$name: full mTLS handshakes (openssl s_time -new with a client certificate, ${HS_DURATION}s, client on the load CPU): ${R_HS_RATE[$name]}/s; Spur CPU per handshake (server side): ${R_HS_CPU[$name]} µs."
   done
   for name in "${MESH_ORDER[@]}"; do
@@ -193,6 +199,7 @@ report_details() {
   for key in "${CELL_ORDER[@]}"; do
     IFS='|' read -r pl lg proto name <<<"$key"
     [[ ${R_STATUS[$key]:-} == ok || ${R_STATUS[$key]:-} == crashed ]] || continue
+    [[ $lg == - ]] && lg="—"
     echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_REQS[$key]} | ${R_ERRS[$key]} | $(dash "${R_PROC_CPU[$key]:-}") | $(dash "${R_THREADS[$key]:-}") | $(dash "${R_LOGLINES[$key]:-}") |"
   done
   echo
