@@ -50,6 +50,7 @@ INSTALL=${INSTALL:-1}
 BUILD=0
 SPUR_BINS=()
 [[ -n ${SPUR_BIN:-} ]] && SPUR_BINS=("$SPUR_BIN")
+CLI_BINS=0
 
 usage() {
   cat <<EOF
@@ -59,7 +60,7 @@ Compares direct traffic to an nginx origin with traffic through Spur, HAProxy an
 (reverse proxy), in two placements, with access logs off and on, for HTTP/1.1 and HTTP/2
 clients. Prints Markdown tables and writes them to benches/results/latest.md; raw load
 generator output, configs, perf counters and logs go to benches/results/run-<timestamp>/.
-The default run takes about 7 minutes (about 10 with --compare).
+The default run takes about 6 minutes (about 8 with --compare of two binaries).
 
 Options (environment variable in brackets):
   --spur-bin PATH         Spur binary [SPUR_BIN, default target/release/spur]; given twice,
@@ -99,8 +100,13 @@ EOF
 
 while [[ $# -gt 0 ]]; do
   case $1 in
-    --spur-bin) SPUR_BINS+=("${2:?}"); shift ;;
-    --compare) IFS=, read -r -a SPUR_BINS <<<"${2:?}"; shift ;;
+    --spur-bin)   # the first one on the command line replaces SPUR_BIN from the environment
+      [[ $CLI_BINS == 1 ]] || SPUR_BINS=()
+      CLI_BINS=1; SPUR_BINS+=("${2:?}"); shift ;;
+    --compare)
+      IFS=, read -r -a SPUR_BINS <<<"${2:?}"; CLI_BINS=1
+      [[ ${#SPUR_BINS[@]} -ge 2 ]] || die "--compare takes two or more binaries: A,B"
+      shift ;;
     --build) BUILD=1 ;;
     --targets) TARGETS=${2:?}; shift ;;
     --placements) PLACEMENTS=${2:?}; shift ;;
