@@ -23,8 +23,9 @@ PROTO=${PROTO:-h1}
 CONNECTIONS=${CONNECTIONS:-50}
 H2_CLIENTS=${H2_CLIENTS:-10}
 H2_STREAMS=${H2_STREAMS:-10}
-FREQ=${FREQ:-499}
+FREQ=${FREQ:-249}
 CALL_GRAPH=${CALL_GRAPH:-dwarf}
+STACK_BYTES=${STACK_BYTES:-65528}   # stack copied per sample for DWARF unwinding (perf's maximum)
 PROXY_CPUS=${PROXY_CPUS:-}
 LOAD_CPUS=${LOAD_CPUS:-}
 PROXY_WORKERS=${PROXY_WORKERS:-1}
@@ -53,6 +54,8 @@ Options (environment variable in brackets):
   --protocol h1|h2      wrk (HTTP/1.1, -c$CONNECTIONS) or h2load (h2c, -c$H2_CLIENTS -m$H2_STREAMS) [PROTO=$PROTO]
   --freq HZ             samples per second [FREQ=$FREQ]
   --call-graph MODE     dwarf (works without frame pointers; default) or fp [CALL_GRAPH=$CALL_GRAPH]
+  --stack-bytes N       dwarf: stack bytes copied per sample; Spur's futures are large, and
+                        less than the maximum leaves many stacks cut short [STACK_BYTES=$STACK_BYTES]
   --proxy-cpus LIST     [PROXY_CPUS, default: last allowed CPU]
   --load-cpus LIST      [LOAD_CPUS, default: first allowed CPU]
   --workers N           [PROXY_WORKERS=$PROXY_WORKERS]
@@ -72,6 +75,7 @@ while [[ $# -gt 0 ]]; do
     --protocol) PROTO=${2:?}; shift ;;
     --freq) FREQ=${2:?}; shift ;;
     --call-graph) CALL_GRAPH=${2:?}; shift ;;
+    --stack-bytes) STACK_BYTES=${2:?}; shift ;;
     --proxy-cpus) PROXY_CPUS=${2:?}; shift ;;
     --load-cpus) LOAD_CPUS=${2:?}; shift ;;
     --workers) PROXY_WORKERS=${2:?}; shift ;;
@@ -88,8 +92,9 @@ case $TARGET in spur|haproxy|nginx) ;; *) die "--target must be spur, haproxy or
 case $PLACEMENT in alone|shared) ;; *) die "--placement must be alone or shared" ;; esac
 case $LOG in off|on) ;; *) die "--log must be off or on" ;; esac
 case $PROTO in h1|h2) ;; *) die "--protocol must be h1 or h2" ;; esac
-case $CALL_GRAPH in dwarf) CG=(--call-graph "dwarf,16384") ;; fp) CG=(-g) ;; *) die "--call-graph must be dwarf or fp" ;; esac
+case $CALL_GRAPH in dwarf) CG=(--call-graph "dwarf,$STACK_BYTES") ;; fp) CG=(-g) ;; *) die "--call-graph must be dwarf or fp" ;; esac
 [[ $FREQ =~ ^[1-9][0-9]*$ && $PROXY_WORKERS =~ ^[1-9][0-9]*$ ]] || die "--freq and --workers take a positive number"
+[[ $STACK_BYTES =~ ^[0-9]+$ && $STACK_BYTES -ge 1024 && $STACK_BYTES -le 65528 ]] || die "--stack-bytes must be 1024..65528"
 [[ $TARGET != spur || -x $SPUR_BIN ]] || die "Spur binary not found at $SPUR_BIN (build it, or give --spur-bin)"
 
 # ------------------------------------------------------------ dependencies --
