@@ -60,7 +60,7 @@ Compares direct traffic to an nginx origin with traffic through Spur, HAProxy an
 (reverse proxy), in two placements, with access logs off and on, for HTTP/1.1 and HTTP/2
 clients. Prints Markdown tables and writes them to benches/results/latest.md; raw load
 generator output, configs, perf counters and logs go to benches/results/run-<timestamp>/.
-The default run takes about 6 minutes (about 8 with --compare of two binaries).
+The default run takes about 5½ minutes (about 7 with --compare of two binaries).
 
 Options (environment variable in brackets):
   --spur-bin PATH         Spur binary [SPUR_BIN, default target/release/spur]; given twice,
@@ -260,7 +260,7 @@ fi
 # ------------------------------------------------------------------ results --
 # Cell key: "PLACEMENT|LOG|PROTO|NAME" (direct: LOG "-"). Latency key: "LATPL|LOG|NAME".
 for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_PROC_CPU R_SYS R_CSW R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
-  R_LP50 R_LP99 R_MEM_IDLE R_MEM_CONN R_MEM_OK R_START_MED R_START_RUNS R_HS_RATE R_HS_CPU; do
+  R_LP50 R_LP99 R_MEM_IDLE R_MEM_CONN R_MEM_OK R_START_MED R_START_MIN R_START_RUNS R_HS_RATE R_HS_CPU; do
   declare -A "$_a=()"
 done
 CELL_ORDER=(); LAT_ORDER=(); MESH_ORDER=(); MEM_ORDER=()
@@ -445,6 +445,7 @@ startup() {
       --admin-port "$admin" --runs "$STARTUP_RUNS" --cpus "$PROXY_CPUS" --log-prefix "$RUN_DIR/$tag" \
       -- "$bin" proxy --config "$RUN_DIR/$tag.yaml" >"$out" 2>&1; then
     R_START_MED[$name]=$(awk '$1 == "median_ms" { print $2 }' "$out")
+    R_START_MIN[$name]=$(awk '$1 == "min_ms" { print $2 }' "$out")
     R_START_RUNS[$name]=$(awk '$1 == "runs_ms" { print $2 }' "$out")
   else
     R_START_MED[$name]=failed; FAILED=1; warn "startup of $name failed (see $out)"
