@@ -102,7 +102,7 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
         Err(e) => return fail(&format!("cannot start backend v2: {e}")),
     };
     let data_dir = std::env::temp_dir().join(format!("spur-demo-{}", std::process::id()));
-    let cp = match spur_control::start(spur_control::Options { listen: control, data_dir: data_dir.clone(), token: None, ca: None, kubernetes: None }).await {
+    let cp = match spur_control::start(spur_control::Options { listen: control, data_dir: data_dir.clone(), ..Default::default() }).await {
         Ok(h) => h,
         Err(e) => return fail(&format!("{e}\n(is another `spur demo` running? try --control 127.0.0.1:0 --listen 127.0.0.1:0 --admin 127.0.0.1:0)")),
     };

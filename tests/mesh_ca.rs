@@ -36,8 +36,10 @@ async fn control_with_ca_ttl(ttl: Duration) -> (spur_control::ControlHandle, std
             join_token: "join-me".into(),
             trust_domain: "cluster.local".into(),
             ttl,
+            ..Default::default()
         }),
         kubernetes: None,
+        ..Default::default()
     })
     .await
     .unwrap();
