@@ -15,6 +15,10 @@ pub mod cli;
 pub mod join;
 pub mod k8s;
 pub mod proxies;
+// The process metrics of the data plane's collector (one source file, no dependency on
+// spur-proxy for it).
+#[path = "../../proxy/src/process_metrics.rs"]
+mod process_metrics;
 pub mod serve;
 pub mod store;
 pub mod tls;
@@ -126,6 +130,7 @@ pub struct Metrics {
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::default();
+        process_metrics::register(&mut registry);
         let writes = Counter::default();
         registry.register(
             "spur_control_config_writes",

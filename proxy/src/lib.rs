@@ -23,6 +23,7 @@ pub mod log;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
+pub mod process_metrics;
 pub mod quic;
 pub mod reload;
 pub mod snapshot;

@@ -150,6 +150,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Metrics {
         let mut registry = Registry::default();
+        crate::process_metrics::register(&mut registry);
         let requests = Family::<RequestLabels, Counter>::default();
         registry.register(
             "spur_requests",
