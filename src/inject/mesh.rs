@@ -166,7 +166,16 @@ pub fn configs(
     let mut out: BTreeMap<String, (String, String)> = BTreeMap::new();
     let mut errors = Vec::new();
     for w in workloads {
-        let text = config(w, &dests, ports, trust_domain);
+        // The config of the group's first workload, as this one would have it: the same
+        // text but for the workload named in its header comment.
+        let first = out
+            .get(&w.group)
+            .map_or(w.label.as_str(), |(l, _)| l.as_str());
+        let as_first = Workload {
+            label: first.to_string(),
+            ..w.clone()
+        };
+        let text = config(&as_first, &dests, ports, trust_domain);
         match out.get(&w.group) {
             Some((label, other)) if *other != text => errors.push(format!(
                 "group `{}`: {label} and {} need different configs (namespace, service account, ports or mTLS differ): give them different `app` labels",

@@ -494,7 +494,10 @@ mod tests {
         assert_eq!(keys, ["metadata", "spec"]);
         let spec = template["spec"].as_mapping().unwrap();
         let keys: Vec<_> = spec.keys().filter_map(Value::as_str).collect();
-        assert_eq!(keys, ["restartPolicy", "initContainers", "containers"]);
+        assert_eq!(
+            keys,
+            ["restartPolicy", "initContainers", "containers", "volumes"]
+        );
     }
 
     #[test]
