@@ -180,3 +180,111 @@ fn tls_flags_are_checked() {
         .contains("--control-ca goes with an https:// control URL"));
     let _ = std::fs::remove_dir_all(&data);
 }
+
+/// The serial of the certificate a new TLS connection to `addr` is shown, verified against
+/// `pki`'s CA as `localhost`.
+async fn presented_serial(addr: std::net::SocketAddr, pki: &Pki) -> Option<u64> {
+    use rustls_pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca_path).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(spur_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let tcp = tokio::net::TcpStream::connect(addr).await.ok()?;
+    let tls = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg)).connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        ),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let der = tls.get_ref().1.peer_certificates()?[0].to_vec();
+    let serial = spur_proxy::tls::der::serial(&der)?;
+    Some(
+        serial
+            .iter()
+            .fold(0u64, |acc, b| (acc << 8) | u64::from(*b)),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_api_certificate_is_re_read_when_its_files_change() {
+    let pki = Pki::new("control-rotate");
+    let data = temp_dir("control-rotate");
+    let control = control_with_tls(&pki, &data);
+    let api = control.control.unwrap();
+    assert_eq!(presented_serial(api, &pki).await, Some(1));
+
+    // New files in place (each replaced by rename): new handshakes get the new certificate.
+    pki.issue("control", None, 2);
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            presented_serial(api, &pki).await == Some(2)
+        })
+        .await,
+        "the control plane still presents its first certificate"
+    );
+    // And the API works on it for a proxy's client.
+    let client =
+        spur_proxy::control_client::client(Some(std::path::Path::new(&pki.ca_path))).unwrap();
+    let resp = client
+        .request(
+            Request::get(format!("https://127.0.0.1:{}/healthz", api.port()))
+                .body(Full::default())
+                .unwrap(),
+        )
+        .await
+        .expect("HTTPS with the new certificate");
+    assert_eq!(resp.status(), 200);
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+/// The control plane's certificate must be valid for the host of the `--control` URL, not
+/// only signed by the CA: one from the right CA for another name is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_plane_certificate_for_another_name_is_refused() {
+    let pki = Pki::new("control-name");
+    let elsewhere = pki.issue_with("control", None, 1, |p| {
+        p.subject_alt_names = vec![rcgen::SanType::DnsName(
+            "control.spur.test".try_into().unwrap(),
+        )];
+    });
+    let data = temp_dir("control-name");
+    let control = spawn_spur_control(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--tls-cert",
+        &elsewhere.cert,
+        "--tls-key",
+        &elsewhere.key,
+    ]);
+    let api = control.control.unwrap();
+    let client =
+        spur_proxy::control_client::client(Some(std::path::Path::new(&pki.ca_path))).unwrap();
+    for host in ["127.0.0.1".to_string(), "localhost".to_string()] {
+        let err = client
+            .request(
+                Request::get(format!("https://{host}:{}/healthz", api.port()))
+                    .body(Full::default())
+                    .unwrap(),
+            )
+            .await
+            .expect_err("a certificate for control.spur.test accepted for another host");
+        let chain = spur_proxy::control_client::error_chain(&err);
+        assert!(
+            chain.contains("TLS handshake with the control plane failed")
+                && chain.contains("not valid for name"),
+            "{host}: {chain}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&data);
+}

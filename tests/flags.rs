@@ -130,7 +130,7 @@ async fn percentage_rollout_is_sticky_and_grows_without_reshuffling() {
             &[("flag", "new-checkout"), ("result", "on")]
         )
         .await
-            >= (on + on + on20) as f64
+            >= Some((on + on + on20) as f64)
     );
     proxy.shutdown().await;
 }
@@ -214,15 +214,15 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
             token: None,
         },
     );
-    assert!(eventually(Duration::from_secs(5), || async { proxy.version() == 1 }).await);
-    let web = proxy.listener_addr("web").unwrap();
+    let web = applied(&proxy, 1, "web").await;
 
     let failed = Arc::new(AtomicU64::new(0));
-    let last_v2 = Arc::new(std::sync::Mutex::new(Instant::now()));
+    // When each answer came, and from which variant.
+    let answers = Arc::new(std::sync::Mutex::new(Vec::<(Instant, bool)>::new()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut load = Vec::new();
     for w in 0..4 {
-        let (failed, last_v2, stop) = (failed.clone(), last_v2.clone(), stop.clone());
+        let (failed, answers, stop) = (failed.clone(), answers.clone(), stop.clone());
         load.push(tokio::spawn(async move {
             let client = h1_client();
             let mut i = 0;
@@ -235,9 +235,8 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
                     .unwrap();
                 match client.request(req).await {
                     Ok(r) if r.status() == 200 => {
-                        if r.headers().get("x-backend").is_some_and(|v| v == "v2") {
-                            *last_v2.lock().unwrap() = Instant::now();
-                        }
+                        let v2 = r.headers().get("x-backend").is_some_and(|v| v == "v2");
+                        answers.lock().unwrap().push((Instant::now(), v2));
                     }
                     _ => {
                         failed.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +245,14 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The flag is on for everyone: v2 answers before the PATCH.
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            answers.lock().unwrap().iter().filter(|a| a.1).count() >= 20
+        })
+        .await,
+        "v2 never answered while the flag was on"
+    );
     let patched = Instant::now();
     let (s, v) = call(
         c,
@@ -262,12 +268,19 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
     for t in load {
         t.await.unwrap();
     }
-    let switched_after = last_v2.lock().unwrap().saturating_duration_since(patched);
+    let answers = answers.lock().unwrap().clone();
+    let last_v2 = answers.iter().filter(|a| a.1).map(|a| a.0).max().unwrap();
+    let switched_after = last_v2.saturating_duration_since(patched);
     eprintln!("flag off: last request on v2 {switched_after:?} after the PATCH");
     assert!(
         switched_after < Duration::from_secs(1),
         "still routed to v2 {switched_after:?} after the PATCH"
     );
+    let settled = answers
+        .iter()
+        .filter(|a| a.0 > patched + Duration::from_secs(1))
+        .count();
+    assert!(settled > 0, "no request ran a second after the PATCH");
     assert_eq!(failed.load(Ordering::Relaxed), 0);
     let (_, cfg) = call(c, "GET", "/v1/groups/shop/config", None, None).await;
     assert_eq!(cfg["config"]["flags"]["new-checkout"]["enabled"], false);
@@ -444,19 +457,16 @@ clusters:
     // 50 of the 200 went to /diff/.
     assert!(
         eventually(Duration::from_secs(10), || async {
-            metric(
-                admin,
-                "spur_mirror_requests_total",
-                &[("cluster", "shadow"), ("outcome", "differ")],
-            )
-            .await
-                + metric(
-                    admin,
+            let text = get(admin, "/metrics", &[]).await.text();
+            let outcome = |o: &str| {
+                metric_in(
+                    &text,
                     "spur_mirror_requests_total",
-                    &[("cluster", "shadow"), ("outcome", "same")],
+                    &[("cluster", "shadow"), ("outcome", o)],
                 )
-                .await
-                >= 200.0
+                .unwrap_or(0.0)
+            };
+            outcome("differ") + outcome("same") >= 200.0
         })
         .await
     );
@@ -467,7 +477,7 @@ clusters:
             &[("cluster", "shadow"), ("outcome", "differ")]
         )
         .await,
-        50.0
+        Some(50.0)
     );
     assert_eq!(
         metric(
@@ -476,7 +486,7 @@ clusters:
             &[("cluster", "shadow"), ("outcome", "same")]
         )
         .await,
-        150.0
+        Some(150.0)
     );
     assert_eq!(mirrored.load(Ordering::Relaxed), 200);
     proxy.shutdown().await;

@@ -97,6 +97,7 @@ async fn the_demo_mirrors_show_same_and_differ() {
             &[("cluster", cluster), ("outcome", outcome)],
         )
         .await
+        .unwrap_or(0.0)
     };
     let both = eventually(Duration::from_secs(5), || async {
         mirrored("catalog-next", "same").await >= 1.0 && mirrored("v2", "differ").await >= 1.0
@@ -113,18 +114,18 @@ async fn the_demo_mirrors_show_same_and_differ() {
 fn check_process_metrics(text: &str, started: f64) {
     let version = env!("CARGO_PKG_VERSION");
     assert_eq!(
-        metric_in(text, "spur_build_info", &[("version", version)]),
+        metric_in(text, "spur_build_info", &[("version", version)]).unwrap_or(-1.0),
         1.0,
         "{text}"
     );
-    let rss = metric_in(text, "process_resident_memory_bytes", &[]);
+    let rss = metric_in(text, "process_resident_memory_bytes", &[]).unwrap_or(-1.0);
     assert!(rss > 1_000_000.0, "rss {rss}");
-    assert!(metric_in(text, "process_virtual_memory_bytes", &[]) >= rss);
-    let fds = metric_in(text, "process_open_fds", &[]);
+    assert!(metric_in(text, "process_virtual_memory_bytes", &[]).unwrap_or(-1.0) >= rss);
+    let fds = metric_in(text, "process_open_fds", &[]).unwrap_or(-1.0);
     assert!(fds >= 4.0, "open fds {fds}");
-    assert!(metric_in(text, "process_max_fds", &[]) >= fds);
-    assert!(metric_in(text, "process_threads", &[]) >= 1.0);
-    let start = metric_in(text, "process_start_time_seconds", &[]);
+    assert!(metric_in(text, "process_max_fds", &[]).unwrap_or(-1.0) >= fds);
+    assert!(metric_in(text, "process_threads", &[]).unwrap_or(-1.0) >= 1.0);
+    let start = metric_in(text, "process_start_time_seconds", &[]).unwrap_or(-1.0);
     assert!(
         (start - started).abs() < 30.0,
         "start time {start}, spawned at {started}"

@@ -325,10 +325,10 @@ async fn unary_calls_pass_through_with_headers_and_large_messages() {
     ];
     assert!(
         eventually(STEP, || async {
-            metric(admin, "spur_requests_total", &labels).await == 52.0
+            metric(admin, "spur_requests_total", &labels).await == Some(52.0)
         })
         .await,
-        "52 gRPC calls counted as HTTP 200: {}",
+        "52 gRPC calls counted as HTTP 200: {:?}",
         metric(admin, "spur_requests_total", &labels).await
     );
 }

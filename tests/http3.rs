@@ -3,123 +3,23 @@
 //! when UDP is closed, Alt-Svc, certificate rotation and live listener changes.
 
 mod common;
+#[path = "common/h3.rs"]
+mod h3c;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use common::pki::*;
 use common::*;
+use h3c::{client_tls, header, H3Conn};
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-type H3Send = h3::client::SendRequest<h3_quinn::OpenStreams, Bytes>;
-
 fn id(sa: &str) -> String {
     format!("spiffe://test.local/ns/shop/sa/{sa}")
-}
-
-fn client_tls(ca: &str, auth: Option<&Leaf>) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    for c in CertificateDer::pem_file_iter(ca).unwrap() {
-        roots.add(c.unwrap()).unwrap();
-    }
-    let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_protocol_versions(&[&rustls::version::TLS13])
-    .unwrap()
-    .with_root_certificates(roots);
-    let mut cfg = match auth {
-        Some(leaf) => {
-            let chain = CertificateDer::pem_file_iter(&leaf.cert)
-                .unwrap()
-                .collect::<Result<Vec<_>, _>>()
-                .unwrap();
-            builder
-                .with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(&leaf.key).unwrap())
-                .unwrap()
-        }
-        None => builder.with_no_client_auth(),
-    };
-    cfg.alpn_protocols = vec![b"h3".to_vec()];
-    cfg
-}
-
-/// A client HTTP/3 connection to `addr` (server name `localhost`).
-struct H3Conn {
-    send: H3Send,
-    quic: quinn::Connection,
-    _endpoint: quinn::Endpoint,
-}
-
-impl H3Conn {
-    async fn open(addr: SocketAddr, tls: rustls::ClientConfig) -> Result<H3Conn, String> {
-        let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-        let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
-        endpoint.set_default_client_config(quinn::ClientConfig::new(Arc::new(crypto)));
-        let connecting = endpoint
-            .connect(addr, "localhost")
-            .map_err(|e| e.to_string())?;
-        let quic = tokio::time::timeout(Duration::from_secs(2), connecting)
-            .await
-            .map_err(|_| "handshake timed out".to_string())?
-            .map_err(|e| format!("handshake: {e}"))?;
-        let (mut driver, send) = h3::client::new(h3_quinn::Connection::new(quic.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
-        tokio::spawn(async move {
-            let _ = std::future::poll_fn(|cx| driver.poll_close(cx)).await;
-        });
-        Ok(H3Conn {
-            send,
-            quic,
-            _endpoint: endpoint,
-        })
-    }
-
-    /// The serial number of the certificate the server presented.
-    fn server_serial(&self) -> Vec<u8> {
-        let chain = self
-            .quic
-            .peer_identity()
-            .unwrap()
-            .downcast::<Vec<CertificateDer<'static>>>()
-            .unwrap();
-        spur_proxy::tls::der::serial(&chain[0]).unwrap().to_vec()
-    }
-
-    /// Sends a request whose body is `chunks`, and reads the whole response.
-    async fn request(
-        &self,
-        req: Request<()>,
-        chunks: Vec<Bytes>,
-    ) -> Result<(Response<()>, Bytes), String> {
-        let mut send = self.send.clone();
-        let mut stream = send.send_request(req).await.map_err(|e| e.to_string())?;
-        for c in chunks {
-            stream.send_data(c).await.map_err(|e| e.to_string())?;
-        }
-        stream.finish().await.map_err(|e| e.to_string())?;
-        let resp = stream.recv_response().await.map_err(|e| e.to_string())?;
-        let mut body = Vec::new();
-        while let Some(mut chunk) = stream.recv_data().await.map_err(|e| e.to_string())? {
-            let n = chunk.remaining();
-            body.extend_from_slice(&chunk.copy_to_bytes(n));
-        }
-        Ok((resp, Bytes::from(body)))
-    }
-
-    async fn get(&self, path: &str) -> Result<(Response<()>, Bytes), String> {
-        let req = Request::get(format!("https://localhost{path}"))
-            .body(())
-            .unwrap();
-        self.request(req, Vec::new()).await
-    }
 }
 
 /// An app that reports what it saw: body length, the correlation headers and the peer
@@ -150,13 +50,6 @@ async fn reporting_app() -> Backend {
             .unwrap()
     })
     .await
-}
-
-fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
-    r.headers()
-        .get(name)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -229,7 +122,7 @@ clusters:
 
     let text = get(admin, "/metrics", &[]).await.text();
     let streams = metric_in(&text, "spur_quic_streams_total", &[("listener", "edge")]);
-    assert_eq!(streams, 102.0, "{text}");
+    assert_eq!(streams, Some(102.0), "{text}");
     assert_eq!(
         metric_in(
             &text,
@@ -241,7 +134,7 @@ clusters:
                 ("code", "200")
             ]
         ),
-        102.0
+        Some(102.0)
     );
     assert_eq!(
         metric_in(
@@ -249,7 +142,7 @@ clusters:
             "spur_quic_connections_active",
             &[("listener", "edge")]
         ),
-        1.0
+        Some(1.0)
     );
 }
 
@@ -382,12 +275,12 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
     let a_admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "the requests share one QUIC connection"
     );
     assert_eq!(
         metric(a_admin, "spur_quic_streams_total", &[("cluster", "b")]).await,
-        51.0
+        Some(51.0)
     );
     let b_admin = b.admin_addr().unwrap();
     assert_eq!(
@@ -402,7 +295,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
             ]
         )
         .await,
-        51.0
+        Some(51.0)
     );
 
     // A proxy that expects another server identity refuses B: a connect failure, counted.
@@ -417,7 +310,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
             &[("cluster", "b"), ("reason", "identity_not_expected")]
         )
         .await,
-        1.0
+        Some(1.0)
     );
 
     // A peer whose identity B does not allow: its requests are refused with 403.
@@ -441,7 +334,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
                 &[("listener", "inbound"), ("reason", "no_client_cert")],
             )
             .await
-                == 1.0
+                == Some(1.0)
         })
         .await
     );
@@ -527,7 +420,7 @@ clusters:
     let admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "one turn to TCP for the one endpoint, kept for the fallback period"
     );
     assert_eq!(
@@ -537,7 +430,7 @@ clusters:
             &[("cluster", "b"), ("reason", "timeout")]
         )
         .await,
-        1.0
+        Some(1.0)
     );
 }
 
@@ -738,7 +631,7 @@ async fn a_restarted_http3_peer_is_reconnected_without_a_failed_request() {
     let admin = a.admin_addr().unwrap();
     assert_eq!(
         metric(admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0
+        Some(1.0)
     );
 }
 
@@ -830,13 +723,30 @@ clusters:
     };
     assert!(
         eventually(Duration::from_secs(5), || async {
-            metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await == 1.0
+            metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await == Some(1.0)
         })
         .await,
         "A falls back to TCP"
     );
-    // Let a fallback period or two pass with QUIC still failing, then open B's UDP port.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // A fallback period passes with QUIC still failing: the background probe's handshake
+    // times out too (a second timeout after the first), and requests stay on TCP. Then
+    // B's UDP port opens.
+    let timeouts = || async {
+        metric(
+            a_admin,
+            "spur_quic_handshake_errors_total",
+            &[("cluster", "b"), ("reason", "timeout")],
+        )
+        .await
+    };
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            timeouts().await >= Some(2.0)
+        })
+        .await,
+        "no probe was made after the fallback period: {:?} handshake timeouts",
+        timeouts().await
+    );
     b.apply(b_yaml(port, true), 2).await.unwrap();
     let b_admin = b.admin_addr().unwrap();
     assert!(
@@ -847,7 +757,7 @@ clusters:
                 &[("listener", "inbound-h3")],
             )
             .await
-                > 10.0
+                > Some(10.0)
         })
         .await,
         "after a period, a background handshake succeeds and requests take QUIC again"
@@ -858,11 +768,11 @@ clusters:
     assert_eq!(failed, 0, "{ok} succeeded");
     assert_eq!(
         metric(a_admin, "spur_quic_fallback_total", &[("cluster", "b")]).await,
-        1.0,
+        Some(1.0),
         "failed probes keep the endpoint on TCP without counting a new fallback"
     );
     assert_eq!(
         metric(a_admin, "spur_quic_connections_active", &[("cluster", "b")]).await,
-        1.0
+        Some(1.0)
     );
 }

@@ -189,8 +189,13 @@ impl FakeKube {
     /// A kubeconfig that points at this server (plain HTTP, or HTTPS trusting its CA),
     /// with a bearer token, as a service account has.
     fn kubeconfig(&self) -> std::path::PathBuf {
+        self.kubeconfig_trusting(self.ca.as_deref())
+    }
+
+    /// [`FakeKube::kubeconfig`] naming `ca` as the API server's certificate authority.
+    fn kubeconfig_trusting(&self, ca: Option<&std::path::Path>) -> std::path::PathBuf {
         let path = temp_dir("kubeconfig").join("config");
-        let server = match &self.ca {
+        let server = match ca {
             Some(ca) => format!(
                 "server: https://{}\n    certificate-authority: {}",
                 self.addr,
@@ -471,7 +476,15 @@ clusters:
 
 /// The control plane binary with discovery from the fake API.
 fn control(kube: &FakeKube, data_dir: &std::path::Path, listen: &str) -> SpurProcess {
-    let kubeconfig = kube.kubeconfig();
+    control_with(&kube.kubeconfig(), data_dir, listen)
+}
+
+/// The control plane binary with discovery through `kubeconfig`.
+fn control_with(
+    kubeconfig: &std::path::Path,
+    data_dir: &std::path::Path,
+    listen: &str,
+) -> SpurProcess {
     spawn_spur_control(&[
         "--listen",
         listen,
@@ -483,17 +496,18 @@ fn control(kube: &FakeKube, data_dir: &std::path::Path, listen: &str) -> SpurPro
     ])
 }
 
-async fn control_metric(c: SocketAddr, name: &str) -> f64 {
+/// A metric of the control plane; `None` while it cannot be reached, or without the series.
+async fn control_metric(c: SocketAddr, name: &str) -> Option<f64> {
     match try_call(c, "GET", "/metrics", None, None).await {
         Some(_) => metric(c, name, &[]).await,
-        None => 0.0,
+        None => None,
     }
 }
 
 async fn wait_synced(c: SocketAddr) {
     assert!(
         eventually(Duration::from_secs(10), || async {
-            control_metric(c, "spur_control_k8s_synced").await == 1.0
+            control_metric(c, "spur_control_k8s_synced").await == Some(1.0)
         })
         .await,
         "the control plane never listed the EndpointSlices"
@@ -701,7 +715,7 @@ async fn endpoints_added_unready_and_removed_reach_the_proxy_within_2s() {
     );
     assert_eq!(
         control_metric(c, "spur_control_k8s_watch_errors_total").await,
-        0.0
+        Some(0.0)
     );
 
     // What the watcher asked the API for: one cluster-wide list by the service label, then
@@ -760,6 +774,129 @@ async fn discovery_over_https_checks_the_api_servers_certificate() {
         .any(|r| r.contains("watch=true") && r.ends_with("[Bearer fake-token]")));
 }
 
+/// The same API server, but the kubeconfig names another CA: its certificate is refused,
+/// nothing is ever listed, and each failure is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn discovery_refuses_an_api_server_certificate_from_another_ca() {
+    let kube = FakeKube::start_with(true).await;
+    kube.apply(slice("web-abcde", 8080, &[("10.1.2.3", Some(true))]));
+    let (other_ca, _) = tls_server();
+    let data = temp_dir("k8s-data");
+    let cp = control_with(
+        &kube.kubeconfig_trusting(Some(&other_ca)),
+        &data,
+        "127.0.0.1:0",
+    );
+    let c = cp.control.unwrap();
+    assert!(
+        eventually(Duration::from_secs(10), || async {
+            control_metric(c, "spur_control_k8s_watch_errors_total").await >= Some(2.0)
+        })
+        .await,
+        "refused certificates are counted as watch errors (and retried)"
+    );
+    assert_eq!(
+        control_metric(c, "spur_control_k8s_synced").await,
+        Some(0.0),
+        "never synced"
+    );
+    assert!(
+        kube.requests().is_empty(),
+        "a request went through the refused handshake: {:#?}",
+        kube.requests()
+    );
+    // A k8s: cluster PUT meanwhile has no endpoints to render.
+    let (s, v) = call(
+        c,
+        "PUT",
+        "/v1/groups/web/config",
+        Some(&proxy_config(8080)),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let (_, rendered) = call(c, "GET", "/v1/groups/web/config?rendered=true", None, None).await;
+    let endpoints = &rendered["config"]["clusters"][0]["endpoints"];
+    assert!(endpoints.is_null() || endpoints == &json!([]), "{rendered}");
+}
+
+/// A rollback restores the config as written, with the endpoints of the moment: the pods
+/// that are ready now, never the ones recorded with the old version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_restores_the_config_with_the_endpoints_of_the_moment() {
+    let (port, _pods) = pods().await;
+    let kube = FakeKube::start().await;
+    kube.apply(slice("web-abcde", port, &[("127.0.0.2", Some(true))]));
+    let data = temp_dir("k8s-data");
+    let cp = control(&kube, &data, "127.0.0.1:0");
+    let c = cp.control.unwrap();
+    wait_synced(c).await;
+    // Version 1: round robin over the Service, with a as its only pod.
+    let (s, v) = call(
+        c,
+        "PUT",
+        "/v1/groups/web/config",
+        Some(&proxy_config(port)),
+        None,
+    )
+    .await;
+    assert_eq!((s, v["version"].as_u64()), (200, Some(1)), "{v}");
+    let spur = proxy(c, "web");
+    let web = spur.listeners["web"];
+    served_by(web, &["a"], WITHIN).await.unwrap();
+
+    // The pods change (a leaves, b and c come), then the user changes the config.
+    kube.apply(slice(
+        "web-abcde",
+        port,
+        &[("127.0.0.3", Some(true)), ("127.0.0.4", Some(true))],
+    ));
+    served_by(web, &["b", "c"], WITHIN).await.unwrap();
+    let changed = proxy_config(port).replace("lb: round_robin", "lb: least_request");
+    let (s, _) = call(c, "PUT", "/v1/groups/web/config", Some(&changed), None).await;
+    assert_eq!(s, 200);
+
+    // Back to version 1: its config (round robin), today's pods (b and c, not a).
+    let (s, v) = call(
+        c,
+        "POST",
+        "/v1/groups/web/rollback",
+        Some(r#"{"version": 1}"#),
+        None,
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let rolled = v["version"].as_u64().unwrap();
+    let (_, rendered) = call(c, "GET", "/v1/groups/web/config?rendered=true", None, None).await;
+    assert_eq!(rendered["version"].as_u64(), Some(rolled));
+    assert_eq!(rendered["config"]["clusters"][0]["lb"], "round_robin");
+    assert_eq!(
+        rendered["config"]["clusters"][0]["endpoints"],
+        json!([format!("127.0.0.3:{port}"), format!("127.0.0.4:{port}")]),
+        "{rendered}"
+    );
+    let (_, history) = call(c, "GET", "/v1/groups/web/history", None, None).await;
+    let newest = &history["versions"][0];
+    assert_eq!(newest["version"].as_u64(), Some(rolled));
+    assert_eq!(
+        newest["config"]["clusters"][0]["k8s"],
+        format!("web.shop:{port}"),
+        "the config as written: {newest}"
+    );
+    served_by(web, &["b", "c"], WITHIN)
+        .await
+        .map_err(|e| format!("after the rollback: {e}"))
+        .unwrap();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            let (_, p) = call(c, "GET", "/v1/proxies", None, None).await;
+            p[0]["applied_version"].as_u64() == Some(rolled)
+        })
+        .await
+    );
+    drop(spur);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broken_api_keeps_the_last_endpoints_and_discovery_recovers() {
     let (port, _pods) = pods().await;
@@ -793,7 +930,7 @@ async fn a_broken_api_keeps_the_last_endpoints_and_discovery_recovers() {
     ));
     assert!(
         eventually(Duration::from_secs(10), || async {
-            control_metric(c, "spur_control_k8s_watch_errors_total").await >= 1.0
+            control_metric(c, "spur_control_k8s_watch_errors_total").await >= Some(1.0)
         })
         .await,
         "watch errors are counted"
@@ -835,7 +972,7 @@ async fn a_broken_api_keeps_the_last_endpoints_and_discovery_recovers() {
     );
     assert!(
         eventually(Duration::from_secs(10), || async {
-            control_metric(c, "spur_control_k8s_watch_errors_total").await >= 1.0
+            control_metric(c, "spur_control_k8s_watch_errors_total").await >= Some(1.0)
         })
         .await
     );

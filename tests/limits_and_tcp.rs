@@ -5,9 +5,13 @@ mod common;
 use bytes::Bytes;
 use common::*;
 use http_body_util::Full;
+use rustls_pki_types::pem::PemObject;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+/// How late a timeout may fire on a loaded 2-core machine.
+const SLACK: Duration = Duration::from_millis(600);
 
 async fn read_all(stream: &mut TcpStream, limit: Duration) -> (String, bool) {
     let mut out = Vec::new();
@@ -71,30 +75,54 @@ async fn bad_clients_get_clear_answers() {
     let (text, _) = read_all(&mut s, Duration::from_secs(2)).await;
     assert!(text.starts_with("HTTP/1.1 431"), "{text}");
 
-    // A slow client that never finishes its headers is cut off after header_timeout.
+    // A slow client that never finishes its headers is cut off at header_timeout (300 ms).
+    let t = Instant::now();
     let mut s = TcpStream::connect(web).await.unwrap();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n").await.unwrap();
-    let t = Instant::now();
     let (_, closed) = read_all(&mut s, Duration::from_secs(3)).await;
     assert!(closed, "slow client still connected");
     assert!(
-        t.elapsed() < Duration::from_secs(2),
+        (Duration::from_millis(300)..SLACK + Duration::from_millis(300)).contains(&t.elapsed()),
         "cut off after {:?}",
         t.elapsed()
     );
+    let header_timeouts = || async {
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")],
+        )
+        .await
+    };
+    assert_eq!(header_timeouts().await, Some(1.0));
 
-    // An idle keep-alive connection is closed after idle_timeout.
+    // An idle keep-alive connection lives until idle_timeout (700 ms) after its answer, not
+    // header_timeout, and its end is not counted as a header timeout.
     let mut s = TcpStream::connect(web).await.unwrap();
+    let t = Instant::now();
     s.write_all(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
         .await
         .unwrap();
-    let t = Instant::now();
-    let (text, closed) = read_all(&mut s, Duration::from_secs(3)).await;
-    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    let mut buf = [0u8; 4096];
+    let n = s.read(&mut buf).await.unwrap();
+    let answered = Instant::now();
+    let head = String::from_utf8_lossy(&buf[..n]).into_owned();
+    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
     assert!(
-        closed && t.elapsed() >= Duration::from_millis(300),
-        "idle close after {:?}",
-        t.elapsed()
+        head.ends_with("app"),
+        "one read holds the whole answer: {head}"
+    );
+    let (_, closed) = read_all(&mut s, Duration::from_secs(3)).await;
+    let (since_request, idle) = (t.elapsed(), answered.elapsed());
+    assert!(closed, "idle keep-alive connection still open");
+    assert!(
+        since_request >= Duration::from_millis(700) && idle < Duration::from_millis(700) + SLACK,
+        "idle keep-alive connection closed {idle:?} after its answer ({since_request:?} after the request)"
+    );
+    assert_eq!(
+        header_timeouts().await,
+        Some(1.0),
+        "an idle connection's end is not a header timeout"
     );
 
     // max_connections: the 4th concurrent connection is refused at once.
@@ -130,7 +158,7 @@ async fn bad_clients_get_clear_answers() {
                 &text,
                 "spur_downstream_rejected_total",
                 &[("listener", "web"), ("reason", reason)]
-            ) >= 1.0,
+            ) >= Some(1.0),
             "no {reason} counted:\n{text}"
         );
     }
@@ -245,4 +273,317 @@ clusters:
         TcpStream::connect(web).await.is_err(),
         "still accepting after shutdown"
     );
+}
+
+/// Reads until the peer closes (at most `limit`); how long after `since` that was, or
+/// `None` if it stayed open.
+async fn closed_after(mut s: TcpStream, since: Instant, limit: Duration) -> Option<Duration> {
+    let (_, closed) = read_all(&mut s, limit).await;
+    closed.then(|| since.elapsed())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_connections_are_closed_at_header_timeout_and_free_the_listener() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: app
+    limits: {{ max_connections: 200, header_timeout: 500ms, idle_timeout: 30s }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+
+    // 260 connections that never send a byte: 200 fill max_connections, 60 are refused.
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..260 {
+        conns.push(TcpStream::connect(web).await.unwrap());
+    }
+    let waits: Vec<_> = conns
+        .into_iter()
+        .map(|s| tokio::spawn(closed_after(s, started, Duration::from_secs(10))))
+        .collect();
+    let mut ends = Vec::new();
+    for w in waits {
+        ends.push(
+            w.await
+                .unwrap()
+                .expect("a silent connection is still open after 10 s"),
+        );
+    }
+    let header_timeout = Duration::from_millis(500);
+    let at_timeout = ends.iter().filter(|t| **t >= header_timeout).count();
+    assert_eq!(at_timeout, 200, "closed at header_timeout: {ends:?}");
+    let last = ends.iter().max().unwrap();
+    assert!(
+        *last < header_timeout + SLACK,
+        "the last one closed after {last:?}"
+    );
+
+    // The listener serves again at once.
+    assert_eq!(get(web, "/", &[]).await.text(), "app");
+    let rejected = |reason: &'static str| async move {
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "web"), ("reason", reason)],
+        )
+        .await
+    };
+    assert_eq!(rejected("header_timeout").await, Some(200.0));
+    assert_eq!(rejected("max_connections").await, Some(60.0));
+    proxy.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_timeout_bounds_the_tls_handshake_and_the_first_head_together() {
+    let pki = common::pki::Pki::new("head-tls");
+    let leaf = pki.issue("web", None, 1);
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: app
+    tls: {{ cert: {cert}, key: {key} }}
+    limits: {{ header_timeout: 1s, idle_timeout: 30s }}
+clusters:
+  - {{ name: app, endpoints: ["{app}"] }}
+"#,
+        cert = leaf.cert,
+        key = leaf.key,
+        app = app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let header_timeout = Duration::from_secs(1);
+
+    // No ClientHello at all: the handshake times out at header_timeout.
+    let t = Instant::now();
+    let silent = TcpStream::connect(web).await.unwrap();
+    let end = closed_after(silent, t, Duration::from_secs(10)).await;
+    let end = end.expect("a connection without a handshake is still open after 10 s");
+    assert!(
+        (header_timeout..header_timeout + SLACK).contains(&end),
+        "closed after {end:?}"
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_tls_handshake_errors_total",
+            &[("listener", "web"), ("reason", "timeout")]
+        )
+        .await,
+        Some(1.0)
+    );
+
+    // A handshake that starts 600 ms late and completes, then no request: the head is
+    // due header_timeout after accept (at 1 s), not after the handshake (at 1.6 s).
+    let mut roots = rustls::RootCertStore::empty();
+    for c in rustls_pki_types::CertificateDer::pem_file_iter(&pki.ca_path).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let cfg = rustls::ClientConfig::builder_with_provider(spur_proxy::tls::provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let t = Instant::now();
+    let tcp = TcpStream::connect(web).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let mut tls = tokio_rustls::TlsConnector::from(std::sync::Arc::new(cfg))
+        .connect(
+            rustls_pki_types::ServerName::try_from("localhost").unwrap(),
+            tcp,
+        )
+        .await
+        .expect("the handshake completes within header_timeout");
+    let mut buf = [0u8; 64];
+    let read = tokio::time::timeout(Duration::from_secs(10), tls.read(&mut buf)).await;
+    let end = t.elapsed();
+    assert!(
+        matches!(read, Ok(Ok(0)) | Ok(Err(_))),
+        "still open 10 s later"
+    );
+    assert!(
+        (header_timeout..header_timeout + Duration::from_millis(450)).contains(&end),
+        "closed {end:?} after accept"
+    );
+    assert_eq!(
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")]
+        )
+        .await,
+        Some(1.0)
+    );
+    proxy.shutdown().await;
+}
+
+/// A listener whose accept queue is full: the kernel drops further SYNs unanswered, as a
+/// blackholed address would (no RST, so only a timeout ends a connect).
+async fn unanswered_syn() -> (
+    std::net::SocketAddr,
+    tokio::net::TcpListener,
+    Vec<TcpStream>,
+) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    // Fill the queue (never accepted) until a connect goes unanswered.
+    let mut fillers = Vec::new();
+    loop {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(s)) => fillers.push(s),
+            Ok(Err(e)) => panic!("connect to the full listener failed: {e}"),
+            Err(_) => break,
+        }
+        assert!(fillers.len() < 64, "the accept queue never filled");
+    }
+    (addr, listener, fillers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_timeout_ends_a_connect_that_gets_no_answer() {
+    let (blackhole, _listener, _fillers) = unanswered_syn().await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: hole }}
+  - {{ name: raw, listen: 127.0.0.1:0, protocol: tcp, cluster: hole }}
+clusters:
+  - {{ name: hole, endpoints: ["{blackhole}"], connect_timeout: 300ms }}
+"#
+    ))
+    .await;
+    let connect_timeout = Duration::from_millis(300);
+
+    // HTTP: 502 upstream_unreachable after connect_timeout.
+    let t = Instant::now();
+    let a = tokio::time::timeout(
+        Duration::from_secs(10),
+        get(proxy.listener_addr("web").unwrap(), "/", &[]),
+    )
+    .await
+    .expect("answered within 10 s");
+    let took = t.elapsed();
+    assert_eq!(
+        (a.status, a.header("x-spur-error")),
+        (502, Some("upstream_unreachable"))
+    );
+    assert!(
+        (connect_timeout..connect_timeout + SLACK).contains(&took),
+        "answered after {took:?}"
+    );
+
+    // TCP: the client's connection is closed after connect_timeout, nothing sent.
+    let t = Instant::now();
+    let s = TcpStream::connect(proxy.listener_addr("raw").unwrap())
+        .await
+        .unwrap();
+    let end = closed_after(s, t, Duration::from_secs(10))
+        .await
+        .expect("the TCP client is still connected after 10 s");
+    assert!(
+        (connect_timeout..connect_timeout + SLACK).contains(&end),
+        "closed after {end:?}"
+    );
+    // Both counted against the endpoint as failed connects: the HTTP try with code 0, the
+    // TCP connection as refused.
+    let admin = proxy.admin_addr().unwrap();
+    let text = get(admin, "/metrics", &[]).await.text();
+    let endpoint = blackhole.to_string();
+    let http = [
+        ("cluster", "hole"),
+        ("endpoint", endpoint.as_str()),
+        ("code", "0"),
+    ];
+    assert_eq!(
+        metric_in(&text, "spur_upstream_requests_total", &http),
+        Some(1.0),
+        "{text}"
+    );
+    let tcp = [
+        ("listener", "raw"),
+        ("cluster", "hole"),
+        ("endpoint", endpoint.as_str()),
+        ("result", "refused"),
+    ];
+    assert_eq!(
+        metric_in(&text, "spur_tcp_connections_total", &tcp),
+        Some(1.0),
+        "{text}"
+    );
+    proxy.shutdown().await;
+}
+
+/// On HTTP/2, frames flow between requests (here the client's keep-alive pings): they
+/// neither start a header timeout nor let the connection go idle, so a connection that
+/// pings lives past both timeouts and serves its next request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_that_pings_outlives_header_and_idle_timeouts() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&limits_config(app.addr)).await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let header_timeouts = || async {
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "web"), ("reason", "header_timeout")],
+        )
+        .await
+    };
+    // One real header timeout first, so that the series exists.
+    let silent = TcpStream::connect(web).await.unwrap();
+    closed_after(silent, Instant::now(), Duration::from_secs(5))
+        .await
+        .expect("a silent connection is closed");
+    assert_eq!(header_timeouts().await, Some(1.0));
+
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .timer(hyper_util::rt::TokioTimer::new())
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = || {
+        http::Request::get(format!("http://{web}/"))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    assert_eq!(sender.send_request(req()).await.unwrap().status(), 200);
+    // Past header_timeout (300 ms) and idle_timeout (700 ms), pinging.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert!(!closed.is_finished(), "the pinging connection was closed");
+    let r = sender
+        .send_request(req())
+        .await
+        .expect("the connection serves its next request");
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        header_timeouts().await,
+        Some(1.0),
+        "no header timeout counted for the HTTP/2 connection"
+    );
+    proxy.shutdown().await;
 }

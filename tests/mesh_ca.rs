@@ -27,8 +27,18 @@ async fn control_with_ca() -> (spur_control::ControlHandle, std::path::PathBuf) 
 
 async fn control_with_ca_ttl(ttl: Duration) -> (spur_control::ControlHandle, std::path::PathBuf) {
     let dir = temp_dir("ca");
-    let h = spur_control::start(spur_control::Options {
-        listen: "127.0.0.1:0".parse().unwrap(),
+    (ca_at("127.0.0.1:0".parse().unwrap(), &dir, ttl).await, dir)
+}
+
+/// The control plane as mesh CA at `listen`, on the CA (and data) in `dir`: API token
+/// `api-token`, join token `join-me`, trust domain `cluster.local`.
+async fn ca_at(
+    listen: std::net::SocketAddr,
+    dir: &std::path::Path,
+    ttl: Duration,
+) -> spur_control::ControlHandle {
+    spur_control::start(spur_control::Options {
+        listen,
         data_dir: dir.join("data"),
         token: Some("api-token".into()),
         ca: Some(spur_control::CaOptions {
@@ -42,8 +52,7 @@ async fn control_with_ca_ttl(ttl: Duration) -> (spur_control::ControlHandle, std
         ..Default::default()
     })
     .await
-    .unwrap();
-    (h, dir)
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -77,7 +86,7 @@ async fn certify_issues_a_short_lived_spiffe_certificate_for_the_join_token_only
     let (_, m) = (0, get(c, "/metrics", &[]).await.text());
     assert_eq!(
         metric_in(&m, "spur_control_certificates_issued_total", &[]),
-        0.0,
+        Some(0.0),
         "nothing issued"
     );
 
@@ -120,7 +129,7 @@ async fn certify_issues_a_short_lived_spiffe_certificate_for_the_join_token_only
         .contains("trust domain"));
     assert_eq!(
         metric(c, "spur_control_certificates_issued_total", &[]).await,
-        1.0
+        Some(1.0)
     );
     // The API token still guards the rest of /v1/.
     assert_eq!(call(c, "GET", "/v1/proxies", None, None).await.0, 401);
@@ -154,13 +163,20 @@ async fn proxy_with(identity: Arc<WorkloadIdentity>, yaml: &str) -> Proxy {
 /// nothing but identities in the config; B forwards to a plain app.
 struct Mesh {
     cp: spur_control::ControlHandle,
+    /// The mesh CA's directory (`ca.crt` in it).
+    ca_dir: std::path::PathBuf,
     _app: Backend,
     a: Proxy,
     b: Proxy,
 }
 
 async fn mesh(ttl: Duration) -> Mesh {
-    let (cp, _) = control_with_ca_ttl(ttl).await;
+    let (cp, dir) = control_with_ca_ttl(ttl).await;
+    mesh_with(cp, &dir).await
+}
+
+/// [`mesh`] with the mesh CA `cp`, whose directory is `dir`.
+async fn mesh_with(cp: spur_control::ControlHandle, dir: &std::path::Path) -> Mesh {
     let app = named_backend("app").await;
     let b = proxy_with(
         workload(&cp, ID_B).await,
@@ -190,26 +206,31 @@ clusters:
     .await;
     Mesh {
         cp,
+        ca_dir: dir.join("ca"),
         _app: app,
         a,
         b,
     }
 }
 
-/// Records the certificate a server presents, and accepts it: the test reads its serial.
+/// The certificate a server presented, and the intermediates it sent with it (DER).
+type Presented = (Vec<u8>, Vec<Vec<u8>>);
+
+/// Records the certificates a server presents, and accepts them: the test checks them.
 #[derive(Debug)]
-struct Recorder(Arc<std::sync::Mutex<Option<Vec<u8>>>>);
+struct Recorder(Arc<std::sync::Mutex<Option<Presented>>>);
 
 impl ServerCertVerifier for Recorder {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
-        _: &[CertificateDer<'_>],
+        intermediates: &[CertificateDer<'_>],
         _: &ServerName<'_>,
         _: &[u8],
         _: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        *self.0.lock().unwrap() = Some(end_entity.to_vec());
+        let chain = intermediates.iter().map(|c| c.to_vec()).collect();
+        *self.0.lock().unwrap() = Some((end_entity.to_vec(), chain));
         Ok(ServerCertVerified::assertion())
     }
     fn verify_tls12_signature(
@@ -235,9 +256,15 @@ impl ServerCertVerifier for Recorder {
     }
 }
 
-/// The serial of the certificate a new TLS connection to `addr` is shown. (The server then
-/// refuses this client, which has no certificate: that does not matter here.)
+/// The serial of the certificate a new TLS connection to `addr` is shown.
 async fn presented_serial(addr: std::net::SocketAddr) -> Vec<u8> {
+    let (der, _) = presented_chain(addr).await;
+    spur_proxy::tls::der::serial(&der).unwrap().to_vec()
+}
+
+/// The certificate (and intermediates) a new TLS connection to `addr` is shown. (The
+/// server then refuses this client, which has no certificate: that does not matter here.)
+async fn presented_chain(addr: std::net::SocketAddr) -> Presented {
     let seen = Arc::new(std::sync::Mutex::new(None));
     let cfg = ClientConfig::builder_with_provider(spur_proxy::tls::provider())
         .with_safe_default_protocol_versions()
@@ -252,12 +279,8 @@ async fn presented_serial(addr: std::net::SocketAddr) -> Vec<u8> {
             .connect(ServerName::try_from("b.mesh").unwrap(), tcp),
     )
     .await;
-    let der = seen
-        .lock()
-        .unwrap()
-        .take()
-        .expect("the server presented a certificate");
-    spur_proxy::tls::der::serial(&der).unwrap().to_vec()
+    let taken = seen.lock().unwrap().take();
+    taken.expect("the server presented a certificate")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,9 +319,45 @@ async fn two_proxies_join_the_mesh_and_speak_mtls_with_identities_only() {
         !matches!(outcome, Ok(n) if n > 0),
         "answered without a client certificate"
     );
-    // The certificate B presents is its own, from the mesh CA.
-    let serial = presented_serial(m.b.listener_addr("inbound").unwrap()).await;
-    assert!(!serial.is_empty());
+    // The certificate B presents is its own, from the mesh CA: it chains to the CA the
+    // control plane wrote, and its only URI SAN is B's SPIFFE ID.
+    let (leaf, intermediates) = presented_chain(m.b.listener_addr("inbound").unwrap()).await;
+    assert_eq!(spur_proxy::tls::der::uri_sans(&leaf), vec![ID_B]);
+    let ca = CertificateDer::from_pem_file(m.ca_dir.join("ca.crt")).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca).unwrap();
+    let leaf = CertificateDer::from(leaf);
+    let chain: Vec<CertificateDer> = intermediates
+        .into_iter()
+        .map(CertificateDer::from)
+        .collect();
+    rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &rustls::server::ParsedCertificate::try_from(&leaf).unwrap(),
+        &roots,
+        &chain,
+        UnixTime::now(),
+        spur_proxy::tls::provider()
+            .signature_verification_algorithms
+            .all,
+    )
+    .expect("B's certificate chains to the mesh CA");
+    // Another mesh CA's certificate does not verify it.
+    let (other, other_dir) = control_with_ca().await;
+    let mut foreign = rustls::RootCertStore::empty();
+    foreign
+        .add(CertificateDer::from_pem_file(other_dir.join("ca/ca.crt")).unwrap())
+        .unwrap();
+    assert!(rustls::client::verify_server_cert_signed_by_trust_anchor(
+        &rustls::server::ParsedCertificate::try_from(&leaf).unwrap(),
+        &foreign,
+        &chain,
+        UnixTime::now(),
+        spur_proxy::tls::provider()
+            .signature_verification_algorithms
+            .all,
+    )
+    .is_err());
+    drop(other);
     drop(m.cp);
 }
 
@@ -387,4 +446,209 @@ async fn a_proxy_with_a_wrong_join_token_exits_1() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("join token refused (401)"), "{stderr}");
     assert!(!stderr.contains("not-the-token"), "the token is not echoed");
+}
+
+/// A mesh CA that fails while a renewal is due: the proxies keep their current
+/// certificates (and the mTLS hop keeps working), retry, and renew once the CA is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_keeps_the_current_certificate_and_retries() {
+    // 12 s certificates: renewed from 8 s on, expired at 12 s.
+    let ttl = Duration::from_secs(12);
+    let dir = temp_dir("renew-fails");
+    let cp = ca_at("127.0.0.1:0".parse().unwrap(), &dir, ttl).await;
+    let ca_addr = cp.addr;
+    let m = mesh_with(cp, &dir).await;
+    let out = m.a.listener_addr("outbound").unwrap();
+    let inbound = m.b.listener_addr("inbound").unwrap();
+    let first = presented_serial(inbound).await;
+
+    // The CA goes away; in its place, one that answers 503 to everything.
+    m.cp.stop();
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let failing = loop {
+        let counter = asked.clone();
+        let bound = backend_on(ca_addr, move |_req| {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async {
+                http::Response::builder()
+                    .status(503)
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap()
+            }
+        })
+        .await;
+        if let Some(b) = bound {
+            break b;
+        }
+        assert!(Instant::now() < deadline, "the CA's port was not released");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // Renewals are due at 8 s: both proxies ask, fail, and ask again.
+    assert!(
+        eventually(Duration::from_secs(15), || async {
+            asked.load(std::sync::atomic::Ordering::SeqCst) >= 3
+        })
+        .await,
+        "no renewal was attempted"
+    );
+    assert_eq!(m.b.identity().unwrap().generation(), 1);
+    assert_eq!(
+        presented_serial(inbound).await,
+        first,
+        "B kept its certificate"
+    );
+    for _ in 0..5 {
+        let r = get(out, "/while-the-ca-fails", &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-echo-x-spur-peer-identity"), Some(ID_A));
+    }
+
+    // The CA is back (the same CA): the next retry renews, before the certificates expire.
+    failing.kill();
+    drop(failing);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let _back = loop {
+        let started = {
+            let dir = dir.clone();
+            tokio::spawn(async move { ca_at(ca_addr, &dir, ttl).await })
+        };
+        if let Ok(cp) = started.await {
+            break cp;
+        }
+        assert!(Instant::now() < deadline, "the CA could not listen again");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            m.b.identity().unwrap().generation() >= 2 && presented_serial(inbound).await != first
+        })
+        .await,
+        "B did not renew once the CA was back"
+    );
+    assert_eq!(get(out, "/after", &[]).await.status, 200);
+}
+
+/// `spur proxy --identity` with no mesh CA reachable: it retries for 30 s
+/// (`CERTIFY_START_LIMIT`), then exits 1 saying why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_mesh_ca_is_retried_for_30_s_then_the_proxy_exits_1() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let token = temp_dir("no-ca").join("token");
+    std::fs::write(&token, "join-me\n").unwrap();
+    let started = Instant::now();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_spur"))
+        .args([
+            "proxy",
+            "--control",
+            &format!("http://127.0.0.1:{port}"),
+            "--node",
+            "n1",
+            "--group",
+            "g",
+            "--identity",
+            ID_A,
+            "--join-token-file",
+            token.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ])
+        .kill_on_drop(true)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(60), out)
+        .await
+        .expect("exits within 60 s")
+        .unwrap();
+    let took = started.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        (Duration::from_secs(30)..Duration::from_secs(40)).contains(&took),
+        "exited after {took:?}"
+    );
+    let retries = stderr
+        .lines()
+        .filter(|l| l.contains("no workload certificate yet"))
+        .count();
+    assert!(retries >= 5, "{retries} retries in 30 s:\n{stderr}");
+    assert!(
+        stderr.contains("no workload certificate: cannot start"),
+        "{stderr}"
+    );
+}
+
+/// The same, with the mesh CA coming up a few seconds later: the proxy gets its
+/// certificate and carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_ca_that_comes_up_within_30_s_certifies_the_waiting_proxy() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let dir = temp_dir("late-ca");
+    let token = dir.join("token");
+    std::fs::write(&token, "join-me\n").unwrap();
+    let spur = spawn_spur_with(
+        &[
+            "proxy",
+            "--control",
+            &format!("http://127.0.0.1:{port}"),
+            "--node",
+            "n1",
+            "--group",
+            "g",
+            "--identity",
+            ID_A,
+            "--join-token-file",
+            token.to_str().unwrap(),
+        ],
+        0,
+        false,
+    );
+    let said = |what: &'static str| {
+        let lines = spur.stderr_lines.clone();
+        move || {
+            let n = lines
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|l| l.contains(what))
+                .count();
+            async move { n }
+        }
+    };
+    let retried = said("no workload certificate yet");
+    assert!(
+        eventually(Duration::from_secs(10), || {
+            let n = retried();
+            async move { n.await >= 2 }
+        })
+        .await
+    );
+    let cp = ca_at(
+        format!("127.0.0.1:{port}").parse().unwrap(),
+        &dir,
+        Duration::from_secs(3600),
+    )
+    .await;
+    let obtained = said("workload certificate obtained");
+    assert!(
+        eventually(Duration::from_secs(15), || {
+            let n = obtained();
+            async move { n.await >= 1 }
+        })
+        .await,
+        "{:#?}",
+        spur.stderr_lines.lock().unwrap()
+    );
+    assert_eq!(
+        metric(cp.addr, "spur_control_certificates_issued_total", &[]).await,
+        Some(1.0)
+    );
+    drop(spur);
 }

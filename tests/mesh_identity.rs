@@ -108,7 +108,9 @@ async fn a_service_account_token_obtains_its_own_identity_and_nothing_else() {
     .await;
     assert_eq!(s, 200, "{v}");
     assert_eq!(v["identity"], WEB);
-    let before = metric(c, "spur_control_certificates_issued_total", &[]).await;
+    let before = metric(c, "spur_control_certificates_issued_total", &[])
+        .await
+        .unwrap_or(0.0);
     let (s, v) = certify(
         c,
         json!({ "csr": csr(&[API], |_| {}), "sa_token": "tok-web" }),
@@ -167,7 +169,9 @@ async fn a_service_account_token_obtains_its_own_identity_and_nothing_else() {
     let (s, _) = certify(c, json!({ "csr": csr(&[], |_| {}) })).await;
     assert_eq!(s, 400);
     assert_eq!(
-        metric(c, "spur_control_certificates_issued_total", &[]).await,
+        metric(c, "spur_control_certificates_issued_total", &[])
+            .await
+            .unwrap_or(0.0),
         before + 1.0,
         "only the pay/api certificate was issued since"
     );
@@ -435,7 +439,9 @@ async fn a_csr_gets_a_workload_certificate_whatever_it_asks_for() {
         assert_eq!(s, 400, "{bad}: {v}");
     }
     assert_eq!(
-        metric(c, "spur_control_certificates_issued_total", &[]).await,
+        metric(c, "spur_control_certificates_issued_total", &[])
+            .await
+            .unwrap_or(0.0),
         1.0
     );
 }

@@ -16,10 +16,26 @@
 //! cluster owns is refused (404 `no_route`): the outbound listener is not an open proxy.
 //!
 //! Needs root, `ip` (iproute2), `iptables-restore`/`iptables-save`, `setpriv` and `python3`;
-//! without them the test prints "skipped: ..." and passes.
+//! without them the test says "skipped: ..." and passes, unless `SPUR_REQUIRE_NETNS=1`
+//! (set by `.ci/run`, which installs them): then a skip is a failure, so that CI cannot
+//! pass without running it.
+//!
+//! `an_unredirected_connection_to_a_transparent_listener_is_refused` needs none of that
+//! and always runs.
+
+mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+/// Reports why the namespace test cannot run: a failure under `SPUR_REQUIRE_NETNS=1`, a
+/// skip (on stderr, shown by `cargo test -- --nocapture`) otherwise.
+fn skip(why: &str) {
+    if std::env::var("SPUR_REQUIRE_NETNS").is_ok_and(|v| v == "1") {
+        panic!("SPUR_REQUIRE_NETNS=1, but the namespace test cannot run: {why}");
+    }
+    eprintln!("skipped: {why}");
+}
 
 const PROXY_UID: &str = "1337";
 
@@ -191,12 +207,10 @@ fn original_dst_through_two_sidecars_in_namespaces() {
     .filter(|c| !have(c))
     .collect();
     if !is_root() {
-        println!("skipped: needs root (network namespaces and iptables)");
-        return;
+        return skip("needs root (network namespaces and iptables)");
     }
     if !missing.is_empty() {
-        println!("skipped: missing commands: {}", missing.join(", "));
-        return;
+        return skip(&format!("missing commands: {}", missing.join(", ")));
     }
     let pid = std::process::id();
     let n = (pid as u128
@@ -213,8 +227,7 @@ fn original_dst_through_two_sidecars_in_namespaces() {
         dir: std::env::temp_dir().join(format!("spur-netns-{pid}-{n}")),
     };
     if let Err(e) = run(&["ip", "netns", "add", &lab.a]) {
-        println!("skipped: cannot create a network namespace: {e}");
-        return;
+        return skip(&format!("cannot create a network namespace: {e}"));
     }
     run(&["ip", "netns", "add", &lab.b]).unwrap();
     let (va, vb) = (format!("spa{pid}"), format!("spb{pid}"));
@@ -443,4 +456,75 @@ clusters:
         "unknown destination: {refused}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without a redirect, a connection's original destination is the address it reached: the
+/// transparent listener itself, which no cluster owns. It is refused (HTTP: 404
+/// `no_route`; TCP: closed), never forwarded, even with a cluster configured: the outbound
+/// listener is not an open proxy. No namespace or root needed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unredirected_connection_to_a_transparent_listener_is_refused() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let hits = Arc::new(AtomicUsize::new(0));
+    let h = hits.clone();
+    let app = common::backend(move |_req| {
+        h.fetch_add(1, Ordering::SeqCst);
+        async { http::Response::new(http_body_util::Full::new(bytes::Bytes::from("app"))) }
+    })
+    .await;
+    let raw = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let raw_addr = raw.local_addr().unwrap();
+    let raw_accepts = Arc::new(AtomicUsize::new(0));
+    let accepts = raw_accepts.clone();
+    tokio::spawn(async move {
+        while raw.accept().await.is_ok() {
+            accepts.fetch_add(1, Ordering::SeqCst);
+        }
+    });
+    let proxy = common::start_proxy(&format!(
+        r#"
+listeners:
+  - {{ name: out, listen: "127.0.0.1:0", original_dst: true }}
+  - {{ name: out-tcp, listen: "127.0.0.1:0", protocol: tcp, original_dst: true }}
+clusters:
+  - {{ name: app, endpoints: ["{app}"] }}
+  - {{ name: raw, endpoints: ["{raw_addr}"] }}
+"#,
+        app = app.addr
+    ))
+    .await;
+
+    let a = common::get(
+        proxy.listener_addr("out").unwrap(),
+        "/",
+        &[("host", &app.addr.to_string())],
+    )
+    .await;
+    assert_eq!(
+        (a.status, a.header("x-spur-error")),
+        (404, Some("no_route")),
+        "{}",
+        a.text()
+    );
+
+    let mut s = tokio::net::TcpStream::connect(proxy.listener_addr("out-tcp").unwrap())
+        .await
+        .unwrap();
+    let _ = s.write_all(b"hello").await;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("the unowned TCP connection is closed")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "bytes came back on an unowned TCP connection");
+
+    assert_eq!(hits.load(Ordering::SeqCst), 0, "forwarded to the app");
+    assert_eq!(
+        raw_accepts.load(Ordering::SeqCst),
+        0,
+        "forwarded to the TCP backend"
+    );
+    proxy.shutdown().await;
 }

@@ -115,6 +115,7 @@ clusters:
             &[("listener", "in"), ("reason", "bad_certificate")],
         )
         .await
+        .unwrap_or(0.0)
             == 2.0
     })
     .await;
@@ -197,7 +198,8 @@ clusters:
             "spur_upstream_tls_handshake_errors_total",
             &[("cluster", "bad"), ("reason", "bad_certificate")],
         )
-        .await,
+        .await
+        .unwrap_or(0.0),
         1.0,
         "{}",
         get(admin, "/metrics", &[]).await.text()

@@ -2,19 +2,49 @@
 //!
 //! Pure: no sockets, no runtime. The proxy and the control plane both call [`load`] (or
 //! [`validate`] on a config they already hold) and act only on a config that passed.
+//!
+//! Every value is parsed once, here, into the type the proxy uses (a `SocketAddr`, a
+//! `HeaderName`, a compiled regex, a [`SpiffeId`]): validation and the proxy cannot
+//! disagree about what a value means, and the proxy's compile has nothing left to fail on.
+//!
+//! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`] and
+//! [`defaults`] are the schema; [`values`] and [`conditions`] the parsed value types;
+//! `depth` (nesting limit), `tree` (deserializing with paths and plain words) and `parse`
+//! (every parse error) read text; `validate` checks what relates fields to each other.
 
 pub mod args;
+pub mod cluster;
+pub mod conditions;
+pub mod defaults;
+mod depth;
 mod parse;
+pub mod route;
 pub mod spiffe;
-mod types;
+mod tree;
+pub mod types;
 mod units;
 mod validate;
+pub mod values;
 
+pub use cluster::*;
+pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn};
+pub use depth::MAX_DEPTH;
 pub use parse::{parse, Format};
+pub use route::*;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use types::*;
 pub use units::{ByteSize, Duration};
 pub use validate::K8S_NEEDS_DISCOVERY;
+pub use values::{ConfigValue, HeaderRegex, HostPort, Parsed};
+
+/// Refuses a YAML or JSON text nested deeper than [`MAX_DEPTH`], without parsing it (for
+/// any document read from the network, not only configs). The error says so in words.
+pub fn check_depth(text: &str, format: Format) -> Result<(), String> {
+    match format {
+        Format::Json => depth::check_json(text),
+        Format::Yaml => depth::check_yaml(text),
+    }
+}
 
 use std::fmt;
 
@@ -91,10 +121,31 @@ pub fn load(text: &str, file_name: Option<&str>) -> Result<Config, ConfigError> 
 
 /// [`load`] under these rules.
 pub fn load_with(text: &str, file_name: Option<&str>, rules: Rules) -> Result<Config, ConfigError> {
-    let format = Format::detect(file_name, text);
-    let cfg = parse(text, format).map_err(|e| ConfigError { errors: vec![e] })?;
-    validate_with(&cfg, rules)?;
-    Ok(cfg)
+    load_text(text, Format::detect(file_name, text), rules)
+}
+
+/// Parses and validates a config text of a known format: every error of the file, each
+/// at its path once. Parse errors come first; a validation error about a field that failed
+/// to parse, or about what contains it or lies inside it, is a consequence and left out.
+pub fn load_text(text: &str, format: Format, rules: Rules) -> Result<Config, ConfigError> {
+    let read = parse::read(text, format);
+    let mut errors = read.errors;
+    let parse_failed: Vec<String> = errors.iter().map(|e| e.path.clone()).collect();
+    if let Some(cfg) = read.config {
+        let mut found = validate::Errors(Vec::new());
+        validate::check(&cfg, rules, &mut found);
+        for mut e in found.0 {
+            e.path = parse::in_file_terms(&e.path, &read.left_out);
+            let consequence = parse_failed.iter().any(|p| parse::related(p, &e.path));
+            if !consequence && !errors.contains(&e) {
+                errors.push(e);
+            }
+        }
+        if errors.is_empty() {
+            return Ok(cfg);
+        }
+    }
+    Err(ConfigError { errors })
 }
 
 /// Reads, parses and validates a config file.
@@ -141,3 +192,5 @@ pub fn summary(cfg: &Config) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_read;

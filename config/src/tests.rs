@@ -65,7 +65,7 @@ fn a_good_config_loads() {
 fn defaults_are_the_documented_ones() {
     let cfg = load("listeners: []", None).unwrap();
     assert_eq!(cfg.drain_timeout, Duration::from_secs(10));
-    assert_eq!(cfg.correlation.request_id_header, "x-request-id");
+    assert_eq!(cfg.correlation.request_id_header.text(), "x-request-id");
     assert!(cfg.correlation.generate && cfg.correlation.trace_context);
     let l = Limits::default();
     assert_eq!(
@@ -95,13 +95,15 @@ listeners:
   - name: a
     listen: 127.0.0.1:80
     routes:
-      - match: { path: nope, path_prefix: /x, method: "GE T", headers: [{ name: x, value: a, present: true }, { name: y, regex: "(" }] }
+      - match: { path: nope, path_prefix: /x, headers: [{ name: x, value: a, present: true }] }
         cluster: missing
       - split: [{ cluster: app, weight: 0 }]
       - cluster: app
         split: [{ cluster: app, weight: 1 }]
-        hash_on: ip:x
       - {}
+      - match: { method: "GE T", headers: [{ name: y, regex: "(" }] }
+        split: [{ cluster: app, weight: 1 }]
+        hash_on: ip:x
   - name: a
     listen: 127.0.0.1:80
     protocol: tcp
@@ -114,22 +116,22 @@ clusters:
 "#,
     );
     for expected in [
-        "admin.listen: `localhost` is not an IP address with a port (e.g. 127.0.0.1:8080)",
+        "admin.listen: `localhost` is not an IP address with a port such as 127.0.0.1:8080",
         "correlation.request_id_header: `bad header` is not a valid header name",
         "listeners[0].routes[0].match: use either path or path_prefix, not both",
         "listeners[0].routes[0].match.path: `nope` must start with `/`",
-        "listeners[0].routes[0].match.method: `GE T` is not an HTTP method",
+        "listeners[0].routes[4].match.method: `GE T` is not an HTTP method such as GET",
         "listeners[0].routes[0].match.headers[0]: needs exactly one of value, present, regex",
         "listeners[0].routes[0].cluster: unknown cluster `missing`",
         "listeners[0].routes[1].split: weights add up to 0: at least one must be above 0",
         "listeners[0].routes[2]: use either cluster or split, not both",
-        "listeners[0].routes[2].hash_on: `ip:x` must be `header:NAME` or `cookie:NAME`",
+        "listeners[0].routes[4].hash_on: `ip:x` must be `header:NAME` or `cookie:NAME`",
         "listeners[0].routes[3]: needs a cluster or a split",
         "listeners[1].name: duplicate listener name `a`",
-        "listeners[1].listen: 127.0.0.1:80 is used by another listener",
+        "listeners[1].listen: 127.0.0.1:80 is used by another listener (`a`)",
         "listeners[1].cluster: a tcp listener needs a cluster",
         "clusters[0].endpoints[1]: 127.0.0.1:1 is listed twice",
-        "clusters[0].endpoints[2]: `svc.local:80` is not an IP address with a port (e.g. 127.0.0.1:8080): for a host name use `dns:`",
+        "clusters[0].endpoints[2]: `svc.local:80` is not an IP address with a port such as 127.0.0.1:8080 (for a host name, use `dns:` instead of `endpoints`)",
         "clusters[0].endpoints[3].weight: must be between 1 and 10000",
         "clusters[0].connect_timeout: must be greater than 0ms",
         "clusters[1].name: duplicate cluster name `app`",
@@ -137,9 +139,19 @@ clusters:
     ] {
         assert_has(&errs, expected);
     }
-    assert!(errs
-        .iter()
-        .any(|e| e.starts_with("listeners[0].routes[0].match.headers[1].regex: invalid regex")));
+    assert_has(
+        &errs,
+        "listeners[0].routes[4].match.headers[0].regex: `(` is not a valid regular expression: unclosed group",
+    );
+    // Each path once: no message repeats its path, and no path comes twice.
+    let paths: Vec<&str> = errs.iter().map(|e| e.split(": ").next().unwrap()).collect();
+    let unique: std::collections::BTreeSet<&str> = paths.iter().copied().collect();
+    assert_eq!(paths.len(), unique.len(), "{errs:#?}");
+    assert!(
+        errs.iter()
+            .all(|e| e.matches("listeners[").count() + e.matches("clusters[").count() <= 1),
+        "{errs:#?}"
+    );
 }
 
 #[test]
@@ -159,7 +171,7 @@ clusters: [{ name: c, endpoints: ["127.0.0.1:2"] }]
         &errs,
         "listeners[0].routes[0].retry.attempts: must be between 1 and 10",
     );
-    assert_has(&errs, "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, timeout, 5xx, retriable-4xx, or a status code 400-599)");
+    assert_has(&errs, "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, or a status code 400-599)");
     assert!(errs
         .iter()
         .any(|e| e.starts_with("listeners[0].routes[0].retry.retry_on[2]:")));
@@ -286,7 +298,10 @@ clusters:
     )
     .expect("tls settings validate");
     let tls = cfg.clusters[0].tls.as_ref().unwrap();
-    assert_eq!(tls.server_name.as_deref(), Some("checkout.shop.svc"));
+    assert_eq!(
+        tls.server_name.as_ref().map(|n| n.text()),
+        Some("checkout.shop.svc")
+    );
     // Files are read by the proxy when it applies the config, not by validation.
     assert!(errors_of("listeners: [{ name: a, listen: 127.0.0.1:1, cluster: c, tls: { cert: c.pem } }]\nclusters: [{ name: c, endpoints: [\"127.0.0.1:2\"] }]")
         .iter()
@@ -309,6 +324,10 @@ listeners:
     listen: 127.0.0.1:1
     cluster: c
     tls: { cert: c.pem, key: k.pem, allow_identities: ["web"] }
+  - name: b
+    listen: 127.0.0.1:2
+    cluster: c
+    tls: { cert: c.pem, key: k.pem, allow_identities: ["spiffe://td/web"] }
 clusters:
   - name: c
     endpoints: ["127.0.0.1:2"]
@@ -323,8 +342,14 @@ flags:
       - { percent: 150 }
 "#,
     );
-    assert_has(&errs, "listeners[0].tls.allow_identities: needs client_ca: identities come from verified client certificates");
-    assert_has(&errs, "listeners[0].tls.allow_identities[0]: `web` is not a SPIFFE ID (spiffe://trust-domain/path)");
+    assert_has(
+        &errs,
+        "listeners[0].tls.allow_identities[0]: `web` is not a SPIFFE ID: it must start with spiffe://",
+    );
+    assert_has(
+        &errs,
+        "listeners[1].tls.allow_identities: needs client_ca: identities come from verified client certificates",
+    );
     assert_has(
         &errs,
         "clusters[0].fallback: only applies to protocol http3",
@@ -387,12 +412,11 @@ clusters:
     );
 
     // A control plane with discovery: only the malformed ones and the mixed one remain.
-    let cfg = parse(yaml, Format::Yaml).unwrap();
     let rules = Rules {
         k8s_discovery: true,
         rendered: false,
     };
-    let errs: Vec<String> = validate_with(&cfg, rules)
+    let errs: Vec<String> = load_text(yaml, Format::Yaml, rules)
         .unwrap_err()
         .errors
         .iter()

@@ -123,9 +123,7 @@ fn parse_config(
     } else {
         Format::detect(None, text)
     };
-    let cfg = spur_config::parse(text, format).map_err(|e| vec![e])?;
-    spur_config::validate_with(&cfg, rules).map_err(|e| e.errors)?;
-    Ok(cfg)
+    spur_config::load_text(text, format, rules).map_err(|e| e.errors)
 }
 
 fn is_json(req: &Request<Incoming>) -> bool {
@@ -138,7 +136,13 @@ fn is_json(req: &Request<Incoming>) -> bool {
 /// A body field that a JSON or YAML document carries.
 fn parse_doc<T: for<'de> Deserialize<'de>>(text: &[u8], json_type: bool) -> Result<T, String> {
     let s = std::str::from_utf8(text).map_err(|_| "body is not UTF-8".to_string())?;
-    if json_type || s.trim_start().starts_with('{') {
+    let format = if json_type || s.trim_start().starts_with('{') {
+        Format::Json
+    } else {
+        Format::Yaml
+    };
+    spur_config::check_depth(s, format)?;
+    if format == Format::Json {
         serde_json::from_str(s).map_err(|e| e.to_string())
     } else {
         serde_yaml_ng::from_str(s).map_err(|e| e.to_string())

@@ -70,13 +70,8 @@ pub async fn client(opts: &KubernetesOptions) -> Result<kube::Client, String> {
 pub fn targets(cfg: &Config) -> BTreeSet<K8sTarget> {
     cfg.clusters
         .iter()
-        .filter_map(|c| c.k8s.as_deref()?.parse().ok())
+        .filter_map(|c| c.k8s.as_deref().cloned())
         .collect()
-}
-
-fn key(k8s: &str) -> String {
-    k8s.parse::<K8sTarget>()
-        .map_or_else(|_| k8s.to_string(), |t| t.to_string())
 }
 
 /// What a proxy receives: `cfg` with each `k8s:` cluster turned into an `endpoints` list of
@@ -86,9 +81,16 @@ pub fn render(cfg: &Config, discovered: &Discovered) -> Config {
     let mut out = cfg.clone();
     for c in &mut out.clusters {
         if let Some(k8s) = c.k8s.take() {
+            // Discovered endpoints are written from socket addresses (`ready_endpoints`),
+            // so each reads back as one.
             c.endpoints = discovered
-                .get(&key(&k8s))
-                .map(|eps| eps.iter().cloned().map(EndpointSpec::Address).collect())
+                .get(&k8s.get().to_string())
+                .map(|eps| {
+                    eps.iter()
+                        .filter_map(|e| e.parse().ok())
+                        .map(EndpointSpec::Address)
+                        .collect()
+                })
                 .unwrap_or_default();
         }
     }
@@ -518,8 +520,8 @@ clusters:
         assert_eq!(
             out.clusters[0].endpoints,
             vec![
-                EndpointSpec::Address("10.0.0.1:8080".into()),
-                EndpointSpec::Address("10.0.0.2:8080".into())
+                EndpointSpec::Address("10.0.0.1:8080".parse().unwrap()),
+                EndpointSpec::Address("10.0.0.2:8080".parse().unwrap())
             ]
         );
         assert_eq!(out.clusters[0].lb, spur_config::LbPolicy::RoundRobin);

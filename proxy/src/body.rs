@@ -15,6 +15,9 @@ pub enum InBody {
     Http(Incoming),
     /// Boxed: an h3 stream is large, and hyper bodies are the common case.
     H3(Box<H3Recv>),
+    /// Any body, for the request path's own tests (requests and fake upstreams' answers).
+    #[cfg(test)]
+    Test(http_body_util::combinators::UnsyncBoxBody<Bytes, BoxError>),
 }
 
 impl From<Incoming> for InBody {
@@ -34,6 +37,8 @@ impl Body for InBody {
         match self.get_mut() {
             InBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             InBody::H3(b) => b.poll_frame(cx),
+            #[cfg(test)]
+            InBody::Test(b) => Pin::new(b).poll_frame(cx),
         }
     }
 
@@ -41,6 +46,8 @@ impl Body for InBody {
         match self {
             InBody::Http(b) => b.is_end_stream(),
             InBody::H3(b) => b.state == H3State::Done,
+            #[cfg(test)]
+            InBody::Test(b) => b.is_end_stream(),
         }
     }
 
@@ -51,6 +58,8 @@ impl Body for InBody {
                 Some(n) if b.state == H3State::Data => SizeHint::with_exact(n),
                 _ => SizeHint::default(),
             },
+            #[cfg(test)]
+            InBody::Test(b) => b.size_hint(),
         }
     }
 }
@@ -73,6 +82,8 @@ enum H3Stream {
         stream: h3::client::RequestStream<h3_quinn::RecvStream, Bytes>,
         _keep: ClientKeep,
     },
+    /// Handed to [`read_out`] when the body was dropped.
+    Gone,
 }
 
 /// What a response body from an upstream keeps alive: the connection's request sender,
@@ -125,6 +136,7 @@ impl H3Recv {
                             .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
                         H3Stream::Client { stream: s, .. } => ready!(s.poll_recv_data(cx))
                             .map(|o| o.map(|mut b| b.copy_to_bytes(b.remaining()))),
+                        H3Stream::Gone => return Poll::Ready(None),
                     };
                     match polled {
                         Ok(Some(data)) if data.is_empty() => continue,
@@ -140,6 +152,7 @@ impl H3Recv {
                     let polled = match &mut self.stream {
                         H3Stream::Server(s) => ready!(s.poll_recv_trailers(cx)),
                         H3Stream::Client { stream: s, .. } => ready!(s.poll_recv_trailers(cx)),
+                        H3Stream::Gone => return Poll::Ready(None),
                     };
                     self.state = H3State::Done;
                     return Poll::Ready(match polled {
@@ -151,6 +164,62 @@ impl H3Recv {
                 H3State::Done => return Poll::Ready(None),
             }
         }
+    }
+}
+
+/// How much of a request body nobody reads any more the server still reads (and discards)
+/// before it stops the stream, and for how long.
+const READ_OUT_BYTES: usize = 64 * 1024;
+const READ_OUT_TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A request body dropped before its end (the answer did not need the rest: a backend that
+/// answered without reading it, a refusal). Dropping the stream would make quinn stop it
+/// with code 0, which the client reads as an aborted request — even a GET whose end (FIN,
+/// after h3's grease frame on a connection's first request) is still in flight. So the rest
+/// is read out instead: a request that ends soon ends cleanly; one that goes on past
+/// [`READ_OUT_BYTES`] is stopped with `H3_NO_ERROR`, as RFC 9114 §4.1 says a server that
+/// does not need the rest should, so that the client keeps the complete response.
+impl Drop for H3Recv {
+    fn drop(&mut self) {
+        if self.state == H3State::Done || !matches!(self.stream, H3Stream::Server(_)) {
+            return;
+        }
+        let H3Stream::Server(stream) = std::mem::replace(&mut self.stream, H3Stream::Gone) else {
+            return;
+        };
+        let data_done = self.state == H3State::Trailers;
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(read_out(stream, data_done));
+        }
+    }
+}
+
+/// Reads a request to its end, or stops it with `H3_NO_ERROR` after [`READ_OUT_BYTES`].
+/// After [`READ_OUT_TIME`] with a read in flight the stream is dropped (h3-quinn cannot
+/// stop a stream while a read holds it).
+async fn read_out(
+    mut stream: h3::server::RequestStream<h3_quinn::RecvStream, Bytes>,
+    data_done: bool,
+) {
+    let ended = tokio::time::timeout(READ_OUT_TIME, async {
+        let mut left = READ_OUT_BYTES;
+        if !data_done {
+            loop {
+                match stream.recv_data().await {
+                    Ok(Some(chunk)) if chunk.remaining() >= left => return false,
+                    Ok(Some(chunk)) => left -= chunk.remaining(),
+                    Ok(None) => break,
+                    // Reset by the client, or the connection is gone: nothing to stop.
+                    Err(_) => return true,
+                }
+            }
+        }
+        let _ = stream.recv_trailers().await;
+        true
+    })
+    .await;
+    if ended == Ok(false) {
+        stream.stop_sending(h3::error::Code::H3_NO_ERROR);
     }
 }
 

@@ -1,24 +1,27 @@
-//! Per-endpoint state that outlives config swaps: in-flight counts, latency estimates and
-//! upstream connection pools.
+//! Per-endpoint state that outlives config swaps: in-flight counts, latency estimates,
+//! breaker and health state, the upstream connection pool and the endpoint's metric series.
 //!
 //! A compiled snapshot refers to endpoints through `Arc<EndpointState>` handed out by the
-//! [`Registry`]; compiling a new snapshot asks the registry again, which returns the same
-//! state for an endpoint that is still there. So a config push neither resets an endpoint's
-//! load figures nor drops its pooled connections.
+//! [`crate::registry::Registry`]; compiling a new snapshot asks the registry again, which
+//! returns the same state for an endpoint that is still there. So a config push neither
+//! resets an endpoint's load figures nor drops its pooled connections. When the last
+//! snapshot and the last request let go of an endpoint, its state goes, and the registry
+//! removes its metric series.
 
+use crate::metrics::{CodeCounters, EndpointLabels, Metrics, TcpLabels, UpstreamLabels};
 use crate::policy::balance::{Candidate, PeakEwma};
 use crate::policy::breaker::{self, Breaker, Transition};
-use crate::policy::budget::Budget;
 use crate::policy::health::Health;
-use crate::tls::ClientTlsRt;
-use crate::upstream::{ClientKey, Upstream};
-use std::collections::HashMap;
+use crate::upstream::pool::Pool;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub struct EndpointState {
+    pub cluster: Arc<str>,
     pub addr: SocketAddr,
     /// `ip:port`, the endpoint label in metrics and logs.
     pub label: Arc<str>,
@@ -31,22 +34,101 @@ pub struct EndpointState {
     open: AtomicBool,
     health: Mutex<Health>,
     healthy: AtomicBool,
+    /// HTTP/1.1 and HTTP/2 connections to this endpoint.
+    pub pool: Pool,
+    pub metrics: Arc<EndpointMetrics>,
+}
+
+/// The metric series of one endpoint; the registry removes them once the endpoint is gone.
+pub struct EndpointMetrics {
+    /// `spur_upstream_requests_total{cluster, endpoint, code}`.
+    pub tries: CodeCounters<UpstreamLabels>,
+    /// `spur_endpoint_ejected`.
+    pub ejected: Gauge,
+    /// `spur_endpoint_healthy`.
+    pub healthy: Gauge,
+    labels: EndpointLabels,
+    /// `spur_tcp_connections_total` series of this endpoint (by listener and result).
+    tcp: Mutex<Vec<(TcpLabels, Counter)>>,
+}
+
+impl EndpointMetrics {
+    fn new(m: &Metrics, cluster: &Arc<str>, label: &Arc<str>) -> EndpointMetrics {
+        let labels = EndpointLabels {
+            cluster: cluster.clone(),
+            endpoint: label.clone(),
+        };
+        let tries = CodeCounters::new(
+            &m.upstream_requests,
+            UpstreamLabels {
+                cluster: cluster.clone(),
+                endpoint: label.clone(),
+                code: 0,
+            },
+        );
+        let ejected = m.endpoint_ejected.get_or_create(&labels).clone();
+        let healthy = m.endpoint_healthy.get_or_create(&labels).clone();
+        healthy.set(1);
+        EndpointMetrics {
+            tries,
+            ejected,
+            healthy,
+            labels,
+            tcp: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Counts a connection of a `tcp` listener to this endpoint.
+    pub fn tcp_connection(&self, m: &Metrics, listener: &Arc<str>, result: &'static str) {
+        let mut tcp = self.tcp.lock().unwrap();
+        if let Some((_, c)) = tcp
+            .iter()
+            .find(|(l, _)| l.result == result && l.listener == *listener)
+        {
+            c.inc();
+            return;
+        }
+        let labels = TcpLabels {
+            listener: listener.clone(),
+            cluster: self.labels.cluster.clone(),
+            endpoint: self.labels.endpoint.clone(),
+            result,
+        };
+        let c = m.tcp_connections.get_or_create(&labels).clone();
+        c.inc();
+        tcp.push((labels, c));
+    }
+
+    /// Removes every series of this endpoint.
+    pub fn remove(&self, m: &Metrics) {
+        self.tries.remove_all();
+        m.endpoint_ejected.remove(&self.labels);
+        m.endpoint_healthy.remove(&self.labels);
+        for (labels, _) in self.tcp.lock().unwrap().iter() {
+            m.tcp_connections.remove(labels);
+        }
+    }
 }
 
 impl EndpointState {
-    fn new(addr: SocketAddr, weight: u32) -> EndpointState {
+    pub fn new(cluster: &str, addr: SocketAddr, metrics: &Metrics) -> EndpointState {
+        let cluster: Arc<str> = cluster.into();
         let label: Arc<str> = addr.to_string().into();
+        let now = crate::clock::now();
         EndpointState {
+            metrics: Arc::new(EndpointMetrics::new(metrics, &cluster, &label)),
+            cluster,
             addr,
             authority: label.parse().expect("a socket address is an authority"),
             label,
-            weight: AtomicU32::new(weight),
+            weight: AtomicU32::new(1),
             in_flight: AtomicU32::new(0),
-            ewma: Mutex::new(PeakEwma::new(Instant::now())),
-            breaker: Mutex::new(Breaker::new(Instant::now())),
+            ewma: Mutex::new(PeakEwma::new(now)),
+            breaker: Mutex::new(Breaker::new(now)),
             open: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
             healthy: AtomicBool::new(true),
+            pool: Pool::default(),
         }
     }
 
@@ -75,23 +157,36 @@ impl EndpointState {
     }
 
     /// Records a try's result in the breaker; `may_eject` is asked only when this failure
-    /// would eject the endpoint.
+    /// would eject the endpoint. An endpoint restored by its probe starts afresh in the
+    /// balancer (its old latency and failures no longer count against it).
     pub fn record(
         &self,
         failed: bool,
         settings: &breaker::Settings,
         may_eject: impl FnOnce() -> bool,
         probe: bool,
+        now: Instant,
     ) -> Transition {
-        let now = Instant::now();
         let mut b = self.breaker.lock().unwrap();
         let may = failed && !b.is_ejected() && may_eject_needed(&b, settings) && may_eject();
         let t = b.record(failed, now, settings, may, probe);
         self.open.store(b.is_ejected(), Ordering::Relaxed);
+        drop(b);
+        match t {
+            Transition::Ejected => {
+                self.metrics.ejected.set(1);
+            }
+            Transition::Restored => {
+                self.metrics.ejected.set(0);
+                self.ewma.lock().unwrap().reset(now);
+            }
+            Transition::None => {}
+        }
         t
     }
 
-    /// Records a health check; returns the new health when it changed.
+    /// Records a health check; returns the new health when it changed. An endpoint that
+    /// comes back starts afresh in the balancer.
     pub fn record_check(
         &self,
         passed: bool,
@@ -99,12 +194,15 @@ impl EndpointState {
         healthy_threshold: u32,
     ) -> Option<bool> {
         let mut h = self.health.lock().unwrap();
-        if h.record(passed, unhealthy_threshold, healthy_threshold) {
-            self.healthy.store(h.healthy, Ordering::Relaxed);
-            Some(h.healthy)
-        } else {
-            None
+        if !h.record(passed, unhealthy_threshold, healthy_threshold) {
+            return None;
         }
+        self.healthy.store(h.healthy, Ordering::Relaxed);
+        self.metrics.healthy.set(i64::from(h.healthy));
+        if h.healthy {
+            self.ewma.lock().unwrap().reset(crate::clock::now());
+        }
+        Some(h.healthy)
     }
 
     /// Counts a request in flight until the guard is dropped; `probe` as returned by
@@ -117,12 +215,9 @@ impl EndpointState {
         }
     }
 
-    /// Records how long the endpoint took to answer (or fail).
-    pub fn observe(&self, rtt: Duration, failed: bool) {
-        self.ewma
-            .lock()
-            .unwrap()
-            .observe(rtt, failed, Instant::now());
+    /// Records how long the endpoint took to answer, or that it failed.
+    pub fn observe(&self, rtt: Duration, failed: bool, now: Instant) {
+        self.ewma.lock().unwrap().observe(rtt, failed, now);
     }
 
     pub fn in_flight_now(&self) -> u32 {
@@ -130,7 +225,7 @@ impl EndpointState {
     }
 
     pub fn ewma_ms(&self) -> f64 {
-        self.ewma.lock().unwrap().estimate_ns(Instant::now()) / 1e6
+        self.ewma.lock().unwrap().estimate_ns(crate::clock::now()) / 1e6
     }
 
     pub fn set_weight(&self, w: u32) {
@@ -140,8 +235,9 @@ impl EndpointState {
     /// Forgets any ejection (the cluster no longer has a circuit breaker).
     pub fn reset_breaker(&self) {
         if self.open.load(Ordering::Relaxed) {
-            *self.breaker.lock().unwrap() = Breaker::new(Instant::now());
+            *self.breaker.lock().unwrap() = Breaker::new(crate::clock::now());
             self.open.store(false, Ordering::Relaxed);
+            self.metrics.ejected.set(0);
         }
     }
 
@@ -166,8 +262,8 @@ impl Candidate for Arc<EndpointState> {
     fn latency_ns(&self, now: Instant) -> f64 {
         self.ewma.lock().unwrap().estimate_ns(now)
     }
-    fn available(&self) -> bool {
-        self.is_available(Instant::now())
+    fn available(&self, now: Instant) -> bool {
+        self.is_available(now)
     }
 }
 
@@ -190,7 +286,8 @@ impl Drop for InFlight {
 }
 
 /// A cluster's concurrency limits (`max_requests`, `max_pending`): at most `max_requests`
-/// requests in flight; up to `max_pending` more wait for a slot; the rest fail fast.
+/// requests (tcp: connections) in flight; up to `max_pending` more wait for a slot; the rest
+/// fail fast.
 pub struct ClusterLimits {
     pub max_requests: u32,
     pub max_pending: u32,
@@ -198,97 +295,64 @@ pub struct ClusterLimits {
     pub waiting: AtomicU32,
 }
 
-/// A cluster's pooled client and the TLS it originates with (`None`: plain).
-type PooledClient = (Upstream, Option<Arc<ClientTlsRt>>);
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::balance::DEFAULT_RTT;
 
-/// Where endpoint state, connection pools, concurrency limits and retry budgets live
-/// between snapshots.
-#[derive(Default)]
-pub struct Registry {
-    endpoints: Mutex<HashMap<(String, SocketAddr), Weak<EndpointState>>>,
-    clients: Mutex<HashMap<ClientKey, PooledClient>>,
-    limits: Mutex<HashMap<String, Arc<ClusterLimits>>>,
-    budgets: Mutex<HashMap<String, Arc<Budget>>>,
-}
-
-impl Registry {
-    /// The state of endpoint `addr` of `cluster`: the existing one if a snapshot still holds
-    /// it, else a new one. The weight is updated to the config's.
-    pub fn endpoint(&self, cluster: &str, addr: SocketAddr) -> Arc<EndpointState> {
-        let mut map = self.endpoints.lock().unwrap();
-        let key = (cluster.to_string(), addr);
-        if let Some(existing) = map.get(&key).and_then(Weak::upgrade) {
-            return existing;
-        }
-        let state = Arc::new(EndpointState::new(addr, 1));
-        map.insert(key, Arc::downgrade(&state));
-        state
+    fn endpoint(m: &Metrics) -> Arc<EndpointState> {
+        Arc::new(EndpointState::new("c", "10.0.0.1:80".parse().unwrap(), m))
     }
 
-    /// The pooled client for a cluster's upstream settings, and the TLS it originates with.
-    /// `tls` (freshly loaded from the files) is used only when no client exists yet for these
-    /// settings; an existing client keeps its own, which its watcher keeps current.
-    pub fn client(
-        &self,
-        key: ClientKey,
-        tls: Option<Arc<ClientTlsRt>>,
-        metrics: &crate::metrics::Metrics,
-    ) -> PooledClient {
-        self.clients
-            .lock()
-            .unwrap()
-            .entry(key.clone())
-            .or_insert_with(|| {
-                (
-                    crate::upstream::new_upstream(&key, tls.clone(), metrics),
-                    tls,
-                )
-            })
-            .clone()
+    #[test]
+    fn an_endpoint_restored_by_its_probe_starts_afresh() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        let s = breaker::Settings {
+            consecutive_failures: 1,
+            ejection_time: Duration::from_secs(10),
+        };
+        let t0 = crate::clock::now();
+        // It was slow, then failed: ejected, and its estimate is high.
+        e.observe(Duration::from_secs(3), false, t0);
+        assert_eq!(e.record(true, &s, || true, false, t0), Transition::Ejected);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 1"#));
+        let t1 = t0 + Duration::from_secs(10);
+        assert_eq!(e.try_acquire(t1), Some(true), "the probe");
+        assert_eq!(e.record(false, &s, || true, true, t1), Transition::Restored);
+        assert_eq!(e.latency_ns(t1), DEFAULT_RTT.as_nanos() as f64);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 0"#));
     }
 
-    /// The concurrency limits of `cluster`; kept across snapshots while the numbers stay.
-    pub fn limits(&self, cluster: &str, max_requests: u32, max_pending: u32) -> Arc<ClusterLimits> {
-        let mut map = self.limits.lock().unwrap();
-        if let Some(l) = map.get(cluster) {
-            if l.max_requests == max_requests && l.max_pending == max_pending {
-                return l.clone();
-            }
-        }
-        let l = Arc::new(ClusterLimits {
-            max_requests,
-            max_pending,
-            slots: Arc::new(tokio::sync::Semaphore::new(max_requests as usize)),
-            waiting: AtomicU32::new(0),
-        });
-        map.insert(cluster.to_string(), l.clone());
-        l
+    #[test]
+    fn an_endpoint_back_from_failed_health_checks_starts_afresh() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        e.observe(Duration::from_secs(2), false, crate::clock::now());
+        assert_eq!(e.record_check(false, 1, 1), Some(false));
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 0"#));
+        assert_eq!(e.record_check(true, 1, 1), Some(true));
+        assert!(e.latency_ns(crate::clock::now()) <= DEFAULT_RTT.as_nanos() as f64);
+        assert!(m
+            .encode()
+            .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 1"#));
     }
 
-    /// The retry budget of a route (keyed `listener/route`); kept across snapshots while
-    /// its settings stay.
-    pub fn budget(&self, key: &str, ratio: f64, min_per_sec: u32) -> Arc<Budget> {
-        let mut map = self.budgets.lock().unwrap();
-        if let Some(b) = map.get(key) {
-            if b.same_settings(ratio, min_per_sec) {
-                return b.clone();
-            }
-        }
-        let b = Arc::new(Budget::new(ratio, min_per_sec));
-        map.insert(key.to_string(), b.clone());
-        b
-    }
-
-    /// Forgets state no snapshot refers to any more, and clients for settings no cluster
-    /// uses (their idle connections close).
-    pub fn prune(&self, live_clients: &[ClientKey]) {
-        self.endpoints
-            .lock()
-            .unwrap()
-            .retain(|_, w| w.strong_count() > 0);
-        self.clients
-            .lock()
-            .unwrap()
-            .retain(|k, _| live_clients.contains(k));
+    #[test]
+    fn removing_its_series_leaves_no_trace() {
+        let m = Metrics::new();
+        let e = endpoint(&m);
+        e.metrics.tries.inc(200);
+        e.metrics.tries.inc(0);
+        e.metrics.tcp_connection(&m, &"db".into(), "refused");
+        assert!(m.encode().contains("10.0.0.1:80"));
+        e.metrics.remove(&m);
+        assert!(!m.encode().contains("10.0.0.1:80"), "{}", m.encode());
     }
 }

@@ -6,13 +6,16 @@ use crate::access::{self, Val};
 use crate::body::{BoxError, InBody};
 use crate::endpoint::InFlight;
 use crate::headers::X_SPUR_ERROR;
-use crate::metrics::{RequestLabels, RouteLabels};
+use crate::http::plan::Plan;
+use crate::metrics::{RequestLabels, RouteLabels, TargetMetrics};
+use crate::reason::Reason;
+use crate::snapshot::ListenerRt;
+use crate::upstream::BodyStats;
 use crate::Shared;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode};
 use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -31,7 +34,10 @@ pub struct Exchange {
     pub status: u16,
     pub error: Option<&'static str>,
     pub bytes_sent: u64,
-    pub bytes_received: Arc<AtomicU64>,
+    /// What the request body did: bytes read, and whether the client's stream broke off.
+    pub body: Arc<BodyStats>,
+    /// The request series of this route and cluster, when the plan resolved them.
+    pub target: Option<Arc<TargetMetrics>>,
     pub upgraded: bool,
     /// The cluster's `max_requests` slot, held until the response ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -56,7 +62,7 @@ impl Exchange {
         let unknown: Arc<str> = shared.dash.clone();
         Exchange {
             shared,
-            start: Instant::now(),
+            start: crate::clock::now(),
             listener,
             route: unknown.clone(),
             cluster: unknown,
@@ -68,7 +74,8 @@ impl Exchange {
             status: 0,
             error: None,
             bytes_sent: 0,
-            bytes_received: Arc::new(AtomicU64::new(0)),
+            body: Arc::new(BodyStats::default()),
+            target: None,
             upgraded: false,
             permit: None,
             peer_identity: None,
@@ -76,27 +83,43 @@ impl Exchange {
         }
     }
 
+    /// Takes what the plan decided into the record: request ID, trace, route, cluster and
+    /// the series to count the request in.
+    pub fn record_plan(&mut self, plan: &Plan<'_>, lst: &ListenerRt) {
+        self.request_id = plan.request_id.clone();
+        self.trace_id = plan.trace.map(|t| t.trace_id);
+        if let Some(r) = &plan.route_name {
+            self.route = r.clone();
+        }
+        let Some(cluster) = plan.cluster() else {
+            return;
+        };
+        self.cluster = cluster.name.clone();
+        self.target = match (plan.route, &plan.action) {
+            (Some(r), crate::http::plan::Action::Forward(f)) => {
+                r.metrics.get(f.split_side.unwrap_or(0)).cloned()
+            }
+            (None, _) => lst
+                .default_cluster
+                .as_ref()
+                .filter(|d| Arc::ptr_eq(d, cluster))
+                .and(lst.default_metrics.clone()),
+            _ => None,
+        };
+    }
+
     fn finish(&mut self) {
         if let Some((tx, hash)) = self.mirror.take() {
             let _ = tx.send((self.status, hash.value()));
         }
-        let elapsed = self.start.elapsed();
-        let m = &self.shared.metrics;
-        m.requests
-            .get_or_create(&RequestLabels {
-                listener: self.listener.clone(),
-                route: self.route.clone(),
-                cluster: self.cluster.clone(),
-                code: self.status,
-            })
-            .inc();
-        m.request_duration
-            .get_or_create(&RouteLabels {
-                listener: self.listener.clone(),
-                route: self.route.clone(),
-                cluster: self.cluster.clone(),
-            })
-            .observe(elapsed.as_secs_f64());
+        let elapsed = crate::clock::now().saturating_duration_since(self.start);
+        match &self.target {
+            Some(t) => {
+                t.requests.inc(self.status);
+                t.duration.observe(elapsed.as_secs_f64());
+            }
+            None => self.count_slowly(elapsed),
+        }
         if !access::enabled() {
             return;
         }
@@ -130,10 +153,7 @@ impl Exchange {
                 ("path", Val::Str(self.path.as_str())),
                 ("status", Val::U64(u64::from(self.status))),
                 ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
-                (
-                    "bytes_received",
-                    Val::U64(self.bytes_received.load(Ordering::Relaxed)),
-                ),
+                ("bytes_received", Val::U64(self.body.bytes())),
                 ("bytes_sent", Val::U64(self.bytes_sent)),
                 ("error", Val::Str(self.error.unwrap_or(DASH))),
                 ("upgraded", Val::Bool(self.upgraded)),
@@ -143,6 +163,29 @@ impl Exchange {
                 ),
             ],
         );
+    }
+}
+
+impl Exchange {
+    /// Counts a request whose series were not resolved by the plan (refused before a
+    /// route, or sent to an original destination's cluster).
+    fn count_slowly(&self, elapsed: std::time::Duration) {
+        let m = &self.shared.metrics;
+        m.requests
+            .get_or_create(&RequestLabels {
+                listener: self.listener.clone(),
+                route: self.route.clone(),
+                cluster: self.cluster.clone(),
+                code: self.status,
+            })
+            .inc();
+        m.request_duration
+            .get_or_create(&RouteLabels {
+                listener: self.listener.clone(),
+                route: self.route.clone(),
+                cluster: self.cluster.clone(),
+            })
+            .observe(elapsed.as_secs_f64());
     }
 }
 
@@ -210,7 +253,7 @@ impl Body for RespBody {
             }
             Poll::Ready(Some(Err(_))) => {
                 if let Some(ex) = this.exchange.as_mut() {
-                    ex.error = Some("upstream_reset");
+                    ex.error = Some(Reason::UpstreamReset.as_str());
                 }
                 this.close();
             }
@@ -239,10 +282,11 @@ impl Body for RespBody {
 /// request ID.
 pub fn local_response(
     status: StatusCode,
-    reason: &'static str,
+    reason: Reason,
     request_id_header: &http::HeaderName,
     mut exchange: Option<Exchange>,
 ) -> Response<RespBody> {
+    let reason = reason.as_str();
     let text = Bytes::from(format!(
         "{} ({reason})\n",
         status.canonical_reason().unwrap_or("error")

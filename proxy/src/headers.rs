@@ -53,10 +53,18 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
 pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    req.version() == Version::HTTP_11
-        && req.headers().contains_key(header::UPGRADE)
-        && req
-            .headers()
+    is_upgrade_parts(req.version(), req.headers())
+}
+
+/// [`is_upgrade`] for a request head.
+pub fn is_upgrade_head(head: &http::request::Parts) -> bool {
+    is_upgrade_parts(head.version, &head.headers)
+}
+
+pub fn is_upgrade_parts(version: Version, headers: &HeaderMap) -> bool {
+    version == Version::HTTP_11
+        && headers.contains_key(header::UPGRADE)
+        && headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|v| v.to_str().ok())
@@ -77,11 +85,10 @@ pub fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'s
 }
 
 /// The size of a request head as it would be written in HTTP/1.1, for the header limit.
-pub fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len()
-        + req.uri().path_and_query().map_or(1, |p| p.as_str().len())
-        + 12;
-    req.headers()
+pub fn head_size_of(head: &http::request::Parts) -> usize {
+    let line =
+        head.method.as_str().len() + head.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
+    head.headers
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
         .sum::<usize>()
@@ -89,11 +96,11 @@ pub fn head_size<B>(req: &Request<B>) -> usize {
 }
 
 /// The request's host, without port: the URI authority (HTTP/2) or the Host header.
-pub fn host<B>(req: &Request<B>) -> Option<&str> {
-    if let Some(h) = req.uri().host() {
+pub fn host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
+    if let Some(h) = uri.host() {
         return Some(h);
     }
-    let raw = req.headers().get(header::HOST)?.to_str().ok()?;
+    let raw = headers.get(header::HOST)?.to_str().ok()?;
     Some(strip_port(raw))
 }
 

@@ -1,38 +1,60 @@
 //! spur-proxy: the data plane.
 //!
-//! - [`policy`]: pure decisions (routing, splits, load balancing, correlation IDs).
-//! - [`snapshot`]: a config compiled for the request path, swapped atomically.
-//! - [`endpoint`]: per-endpoint state that outlives snapshots.
-//! - [`forward`]: the HTTP request path, phase by phase; [`exchange`]: its log and metrics.
-//! - [`adapters`]: listeners (http, tcp), the admin server.
+//! Deciding:
+//! - [`policy`]: pure decisions, each a small module (routes, flags, splits, balancers,
+//!   breaker, health, retries, budgets, correlation IDs).
+//! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
+//! - [`reason`]: every answer Spur makes itself, with its status and label.
+//!
+//! Doing:
+//! - [`http`]: the HTTP request path: plan, then [`http::tries`], then [`http::respond`];
+//!   [`exchange`]: its access log line and request metrics; [`mirror`]: copies of requests.
+//! - [`attempt`]: one try at one endpoint, for HTTP and TCP alike (slot, pick, record).
+//! - [`upstream`]: connections to endpoints (the per-endpoint pool, TLS origination, the
+//!   request body sent upstream); [`quic`]: HTTP/3 listeners and upstreams.
+//! - [`adapters`]: listeners (http, tcp, TLS), the TCP relay, DNS refresh, health checks,
+//!   the admin server, idle timers.
 //! - [`tls`]: TLS and mutual TLS: certificate files, SPIFFE identities, verifiers.
+//!
+//! State:
+//! - [`snapshot`]: a config compiled for the request path, swapped atomically.
+//! - [`endpoint`]: per-endpoint state that outlives snapshots; [`registry`]: where it and
+//!   the other long-lived state (connectors, limits, budgets) are kept and pruned.
+//! - [`metrics`]: Prometheus series; [`access`] and [`log`]: the access log and logging.
 //! - [`Proxy`]: starts, reconfigures ([`Proxy::apply`]) and stops all of it.
-//! - [`reload`]: where new configs come from: the control plane, or a watched file.
+//! - [`reload`]: where new configs come from: the control plane, or a watched file;
+//!   [`control_client`]: the HTTP(S) client for the control plane.
+//! - Also: [`body`] (bodies from any transport), [`headers`] (hop-by-hop hygiene),
+//!   [`clock`] (the request path's clock), [`cli`], [`echo`] (the demo's backend).
 
 pub mod access;
 pub mod adapters;
+pub mod attempt;
 pub mod body;
 pub mod cli;
+pub mod clock;
 pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;
-pub mod forward;
 pub mod headers;
+pub mod http;
 pub mod log;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
 pub mod process_metrics;
 pub mod quic;
+pub mod reason;
+pub mod registry;
 pub mod reload;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
 
 use arc_swap::ArcSwap;
-use endpoint::Registry;
 use metrics::Metrics;
+use registry::Registry;
 use snapshot::Snapshot;
 use spur_config::Config;
 use std::collections::HashMap;
@@ -138,6 +160,7 @@ impl Proxy {
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
             identity: OnceLock::new(),
         });
+        spawn_sweeper(&shared);
         Ok(Proxy {
             shared,
             running: tokio::sync::Mutex::new(Running::default()),
@@ -204,59 +227,10 @@ impl Proxy {
             self.shared.identity.get(),
         )?;
         snap.carry_over_from(&old);
-
         // Bind everything new before touching anything, so a taken port rejects the whole
         // config and the old one keeps serving.
-        let mut names: Vec<&String> = snap.listeners.keys().collect();
-        names.sort();
-        let mut fresh = Vec::new();
-        for name in names {
-            let lst = &snap.listeners[name];
-            let unchanged = running
-                .listeners
-                .get(name)
-                .is_some_and(|t| t.listen == lst.listen && t.udp == lst.is_udp());
-            if unchanged {
-                continue;
-            }
-            let bound = adapters::listener::bind(lst)
-                .await
-                .map_err(|source| ApplyError::Bind {
-                    name: format!("listener `{name}`"),
-                    addr: lst.listen.to_string(),
-                    source,
-                })?;
-            fresh.push(bound);
-        }
-        let admin_listen = snap.config.admin.as_ref().map(|a| a.listen.clone());
-        if running.admin_pinned {
-            let pinned = running
-                .admin
-                .as_ref()
-                .map(|a| a.listen.clone())
-                .unwrap_or_default();
-            if admin_listen.as_ref().is_some_and(|l| *l != pinned) {
-                return Err(ApplyError::Compile(snapshot::CompileError {
-                    path: "admin.listen".into(),
-                    message: format!("this proxy's admin server is fixed by --admin at {pinned}; leave admin out or use the same address"),
-                }));
-            }
-        }
-        let new_admin = match &admin_listen {
-            _ if running.admin_pinned => None,
-            Some(listen) if running.admin.as_ref().map(|a| &a.listen) != Some(listen) => {
-                let tcp = tokio::net::TcpListener::bind(listen.as_str())
-                    .await
-                    .map_err(|source| ApplyError::Bind {
-                        name: "admin".into(),
-                        addr: listen.clone(),
-                        source,
-                    })?;
-                Some((listen.clone(), tcp))
-            }
-            _ => None,
-        };
-
+        let fresh = bind_listeners(&running, &snap).await?;
+        let admin = bind_admin(&running, &snap).await?;
         // First DNS answers for clusters that have none yet, before any request can see
         // them (one after another, each bounded by its own timeout).
         for c in snap.clusters.values() {
@@ -265,13 +239,39 @@ impl Proxy {
             }
         }
 
-        // Swap: from here on, new requests see the new config.
+        // The listeners' addresses change with the version: whoever sees the new version
+        // ([`Proxy::version`]) finds its listeners in [`Proxy::listener_addr`].
+        {
+            let mut addrs = self.addrs.lock().unwrap();
+            for bound in &fresh {
+                addrs.insert(bound.name.to_string(), bound.addr);
+            }
+            addrs.retain(|name, _| snap.listeners.contains_key(name.as_str()));
+        }
+
+        // Swap: from here on, new requests see the new config; then what it no longer uses
+        // goes.
         let snap = Arc::new(snap);
         self.shared.snapshot.store(snap.clone());
         snap.settle();
+        self.shared.registry.prune(&snap, &self.shared.metrics);
         self.shared.metrics.config_version.set(version as i64);
         start_background(&self.shared, &snap).await;
+        self.start_listeners(&mut running, &snap, fresh);
+        self.retire_removed(&mut running, &snap);
+        self.switch_admin(&mut running, admin)?;
+        self.shared.ready.store(true, Ordering::Release);
+        Ok(())
+    }
 
+    /// Starts the accept loops of newly bound listeners; a listener that moved to another
+    /// address retires its old socket.
+    fn start_listeners(
+        &self,
+        running: &mut Running,
+        snap: &Snapshot,
+        fresh: Vec<adapters::listener::Bound>,
+    ) {
         for bound in fresh {
             let name = bound.name.to_string();
             let (stop, stop_rx) = watch::channel(false);
@@ -284,18 +284,14 @@ impl Proxy {
                 stop_rx,
                 drain_rx,
             ));
-            let listen = snap.listeners[&name].listen;
-            let udp = snap.listeners[&name].is_udp();
-            if let Some(old) = running.listeners.insert(
-                name.clone(),
-                ListenerTask {
-                    udp,
-                    listen,
-                    stop,
-                    drain,
-                    task,
-                },
-            ) {
+            let task = ListenerTask {
+                udp: snap.listeners[&name].is_udp(),
+                listen: snap.listeners[&name].listen,
+                stop,
+                drain,
+                task,
+            };
+            if let Some(old) = running.listeners.insert(name.clone(), task) {
                 // Moved: the old socket stops accepting; its connections carry on. A QUIC
                 // socket also carries its connections, so an http3 listener's are drained
                 // (GOAWAY): the old port is released once they are done.
@@ -305,8 +301,11 @@ impl Proxy {
                 }
                 running.retired.push(old);
             }
-            self.addrs.lock().unwrap().insert(name, addr);
         }
+    }
+
+    /// Listeners the config no longer has stop accepting and drain their connections.
+    fn retire_removed(&self, running: &mut Running, snap: &Snapshot) {
         let removed: Vec<String> = running
             .listeners
             .keys()
@@ -320,31 +319,37 @@ impl Proxy {
                 let _ = old.drain.send(true);
                 running.retired.push(old);
             }
-            self.addrs.lock().unwrap().remove(&name);
         }
         running.retired.retain(|t| !t.task.is_finished());
+    }
 
-        if let Some((listen, tcp)) = new_admin {
-            if let Some(old) = running.admin.take() {
-                let _ = old.stop.send(true);
+    /// Moves the admin server to its newly bound socket, or stops it when the config has
+    /// no `admin` (unless `--admin` pinned it).
+    fn switch_admin(&self, running: &mut Running, admin: AdminChange) -> Result<(), ApplyError> {
+        match admin {
+            AdminChange::Keep => {}
+            AdminChange::Stop => {
+                if let Some(old) = running.admin.take() {
+                    let _ = old.stop.send(true);
+                    *self.admin_addr.lock().unwrap() = None;
+                }
             }
-            let addr = tcp.local_addr().map_err(|source| ApplyError::Bind {
-                name: "admin".into(),
-                addr: listen.clone(),
-                source,
-            })?;
-            let (stop, stop_rx) = watch::channel(false);
-            tracing::info!(addr = %addr, "admin listening");
-            let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
-            running.admin = Some(AdminTask { listen, stop, task });
-            *self.admin_addr.lock().unwrap() = Some(addr);
-        } else if admin_listen.is_none() && !running.admin_pinned {
-            if let Some(old) = running.admin.take() {
-                let _ = old.stop.send(true);
-                *self.admin_addr.lock().unwrap() = None;
+            AdminChange::Move(listen, tcp) => {
+                if let Some(old) = running.admin.take() {
+                    let _ = old.stop.send(true);
+                }
+                let addr = tcp.local_addr().map_err(|source| ApplyError::Bind {
+                    name: "admin".into(),
+                    addr: listen.clone(),
+                    source,
+                })?;
+                let (stop, stop_rx) = watch::channel(false);
+                tracing::info!(addr = %addr, "admin listening");
+                let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
+                running.admin = Some(AdminTask { listen, stop, task });
+                *self.admin_addr.lock().unwrap() = Some(addr);
             }
         }
-        self.shared.ready.store(true, Ordering::Release);
         Ok(())
     }
 
@@ -430,6 +435,96 @@ impl Proxy {
             let _ = admin.task.await;
         }
     }
+}
+
+/// What a config does to the admin server.
+enum AdminChange {
+    Keep,
+    Stop,
+    /// To this address, already bound.
+    Move(String, tokio::net::TcpListener),
+}
+
+/// Binds the listeners that are new or moved in `snap` (not yet serving).
+async fn bind_listeners(
+    running: &Running,
+    snap: &Snapshot,
+) -> Result<Vec<adapters::listener::Bound>, ApplyError> {
+    let mut names: Vec<&String> = snap.listeners.keys().collect();
+    names.sort();
+    let mut fresh = Vec::new();
+    for name in names {
+        let lst = &snap.listeners[name];
+        let unchanged = running
+            .listeners
+            .get(name)
+            .is_some_and(|t| t.listen == lst.listen && t.udp == lst.is_udp());
+        if unchanged {
+            continue;
+        }
+        let bound = adapters::listener::bind(lst)
+            .await
+            .map_err(|source| ApplyError::Bind {
+                name: format!("listener `{name}`"),
+                addr: lst.listen.to_string(),
+                source,
+            })?;
+        fresh.push(bound);
+    }
+    Ok(fresh)
+}
+
+/// Binds the admin server's new address, if the config moves it.
+async fn bind_admin(running: &Running, snap: &Snapshot) -> Result<AdminChange, ApplyError> {
+    let listen = snap
+        .config
+        .admin
+        .as_ref()
+        .map(|a| a.listen.text().to_string());
+    if running.admin_pinned {
+        let pinned = running
+            .admin
+            .as_ref()
+            .map(|a| a.listen.clone())
+            .unwrap_or_default();
+        if listen.as_ref().is_some_and(|l| *l != pinned) {
+            return Err(ApplyError::Compile(snapshot::CompileError {
+                path: "admin.listen".into(),
+                message: format!("this proxy's admin server is fixed by --admin at {pinned}; leave admin out or use the same address"),
+            }));
+        }
+        return Ok(AdminChange::Keep);
+    }
+    let Some(listen) = listen else {
+        return Ok(AdminChange::Stop);
+    };
+    if running.admin.as_ref().map(|a| &a.listen) == Some(&listen) {
+        return Ok(AdminChange::Keep);
+    }
+    let tcp = tokio::net::TcpListener::bind(listen.as_str())
+        .await
+        .map_err(|source| ApplyError::Bind {
+            name: "admin".into(),
+            addr: listen.clone(),
+            source,
+        })?;
+    Ok(AdminChange::Move(listen, tcp))
+}
+
+/// Every few seconds, removes the metric series of endpoints that have left every cluster
+/// and whose last request has ended. Holds the proxy's state weakly: it ends with it.
+fn spawn_sweeper(shared: &Arc<Shared>) {
+    let Ok(handle) = tokio::runtime::Handle::try_current() else {
+        return;
+    };
+    let weak = Arc::downgrade(shared);
+    handle.spawn(async move {
+        loop {
+            tokio::time::sleep(std::time::Duration::from_secs(5)).await;
+            let Some(shared) = weak.upgrade() else { return };
+            shared.registry.sweep(&shared.metrics);
+        }
+    });
 }
 
 /// Starts what a snapshot needs besides requests: DNS refreshes and health checks.

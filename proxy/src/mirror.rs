@@ -12,7 +12,9 @@
 //! request ID, so a team can see where the new version disagrees before switching to it.
 
 use crate::access::{self, Val};
+use crate::attempt::{Attempt, Tried};
 use crate::metrics::MirrorLabels;
+use crate::policy::retry::Outcome;
 use crate::snapshot::ClusterRt;
 use crate::upstream::ReqBody;
 use crate::Shared;
@@ -20,7 +22,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Uri};
 use http_body_util::BodyExt;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::oneshot;
 
 pub const MAX_IN_FLIGHT: usize = 256;
@@ -99,7 +101,7 @@ pub fn spawn(
     *head.version_mut() = parts.version;
     *head.headers_mut() = parts.headers.clone();
     head.headers_mut().insert(
-        crate::forward::X_SPUR_MIRROR.clone(),
+        crate::http::X_SPUR_MIRROR.clone(),
         HeaderValue::from_static("1"),
     );
     let (head, ()) = head.into_parts();
@@ -136,50 +138,45 @@ pub fn spawn(
     Some(tx)
 }
 
-/// Sends the copy and reads its answer: status and body hash.
+/// Sends the copy and reads its answer: status and body hash. The copy is a try like any
+/// other for the mirror cluster: it respects ejections, and what the endpoint did counts.
 async fn send(
     shared: &Shared,
-    cluster: &ClusterRt,
+    cluster: &Arc<ClusterRt>,
     mut head: http::request::Parts,
     path: http::uri::PathAndQuery,
     (data, trailers): (Bytes, Option<HeaderMap>),
 ) -> Result<PrimaryResult, ()> {
-    let members = cluster.members.load_full();
-    let now = Instant::now();
-    let idx = members
-        .balancer
-        .pick(&members.endpoints, None, now, None)
-        .ok_or(())?;
-    let endpoint = members.endpoints[idx].clone();
-    // Copies respect an ejection like any request; a copy holding the probe slot frees it
-    // when done (it reports no verdict).
-    let probe = endpoint.try_acquire(now).ok_or(())?;
-    let _in_flight = endpoint.start(probe);
-    head.uri = Uri::builder()
-        .scheme(cluster.scheme())
-        .authority(endpoint.authority.clone())
-        .path_and_query(path)
-        .build()
-        .map_err(|_| ())?;
+    let attempt = Attempt::pick(cluster, &Tried::default(), None).ok_or(())?;
+    head.uri = if cluster.protocol == spur_config::UpstreamProtocol::Http1 {
+        Uri::from(path)
+    } else {
+        Uri::builder()
+            .scheme(cluster.scheme())
+            .authority(attempt.endpoint().authority.clone())
+            .path_and_query(path)
+            .build()
+            .map_err(|_| ())?
+    };
     head.version = cluster.http_version();
     if head.version == http::Version::HTTP_2 {
         head.headers.remove(http::header::HOST);
     }
     let req = Request::from_parts(head, ReqBody::replay(&data, &trailers));
-    let sent = Instant::now();
-    let resp = tokio::time::timeout(TIMEOUT, cluster.client.request(req))
-        .await
-        .map_err(|_| ())?;
-    let resp = match resp {
-        Ok(r) => r,
+    let sent = tokio::time::timeout(TIMEOUT, cluster.client.send(attempt.endpoint(), req)).await;
+    let resp = match sent {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => {
+            attempt.record(e.failure.outcome(), &shared.metrics);
+            return Err(());
+        }
         Err(_) => {
-            endpoint.observe(sent.elapsed(), true);
+            attempt.record(Outcome::Timeout, &shared.metrics);
             return Err(());
         }
     };
     let status = resp.status().as_u16();
-    endpoint.observe(sent.elapsed(), status >= 500);
-    let _ = shared;
+    attempt.record(Outcome::Status(status), &shared.metrics);
     let mut hash = BodyHash::default();
     let mut body = resp.into_body();
     while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())

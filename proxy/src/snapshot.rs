@@ -5,7 +5,8 @@
 //! budgets from the registry. A request loads the current snapshot once and keeps it for
 //! its whole life, so a swap never changes a request half-way.
 
-use crate::endpoint::{ClusterLimits, EndpointState, Registry};
+use crate::endpoint::{ClusterLimits, EndpointState};
+use crate::metrics::TargetMetrics;
 use crate::policy::balance::Balancer;
 use crate::policy::breaker;
 use crate::policy::budget::Budget;
@@ -13,8 +14,9 @@ use crate::policy::flags::CompiledFlag;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
+use crate::registry::{ClientKey, Registry};
 use crate::tls::{ClientTlsRt, ServerTls, TlsError, WorkloadIdentity};
-use crate::upstream::{ClientKey, Upstream};
+use crate::upstream::{HttpConnector, Upstream};
 use arc_swap::ArcSwap;
 use http::HeaderName;
 use spur_config::{
@@ -65,6 +67,8 @@ pub struct ListenerRt {
     pub routes: Vec<RouteRt>,
     /// Route label for requests answered by the default cluster.
     pub default_route_name: Arc<str>,
+    /// The request series of the default cluster's requests.
+    pub default_metrics: Option<Arc<TargetMetrics>>,
     /// TLS termination (and mutual TLS), when the listener has `tls`.
     pub tls: Option<Arc<ServerTls>>,
     /// Keep `x-spur-flags` from any client (it is always kept from an mTLS peer).
@@ -87,6 +91,8 @@ pub struct RouteRt {
     /// `match.flag`: the index of the flag that must be on.
     pub flag: Option<usize>,
     pub mirror: Option<MirrorRt>,
+    /// The request series of each cluster the route sends to (the split's sides in order).
+    pub metrics: Vec<Arc<TargetMetrics>>,
 }
 
 pub struct MirrorRt {
@@ -108,6 +114,16 @@ pub enum Target {
     },
 }
 
+impl Target {
+    /// The clusters this target sends to (one, or the split's sides in order).
+    pub fn clusters(&self) -> &[Arc<ClusterRt>] {
+        match self {
+            Target::Cluster(c) => std::slice::from_ref(c),
+            Target::Split { clusters, .. } => clusters,
+        }
+    }
+}
+
 pub struct ClusterRt {
     pub name: Arc<str>,
     pub protocol: UpstreamProtocol,
@@ -115,6 +131,10 @@ pub struct ClusterRt {
     /// The endpoints and their balancer; swapped on its own when DNS answers change.
     pub members: ArcSwap<Members>,
     pub client: Upstream,
+    /// The settings `client` was made for (the registry's key).
+    pub client_key: ClientKey,
+    /// Opaque connections for `tcp` listeners: TCP, then the cluster's TLS without ALPN.
+    pub opaque: HttpConnector,
     pub connect_timeout: Duration,
     pub breaker: Option<BreakerRt>,
     pub limits: Option<Arc<ClusterLimits>>,
@@ -195,8 +215,9 @@ impl ClusterRt {
     }
 }
 
-/// A config the proxy cannot apply even though it validated. Validation normally catches
-/// everything first.
+/// A config the proxy cannot apply even though it validated: a TLS file that cannot be read
+/// or does not fit, or a TLS block without files on a proxy without a workload identity.
+/// (Values were parsed by spur-config; nothing else here can fail.)
 #[derive(Debug, thiserror::Error)]
 #[error("{path}: {message}")]
 pub struct CompileError {
@@ -235,15 +256,12 @@ fn compile_cluster(
     registry: &Registry,
     metrics: &crate::metrics::Metrics,
     identity: Option<&Arc<WorkloadIdentity>>,
-) -> Result<(ClusterRt, ClientKey), CompileError> {
-    let mut endpoints = Vec::with_capacity(c.endpoints.len());
-    for (k, ep) in c.endpoints.iter().enumerate() {
-        let addr: SocketAddr = ep.address().parse().map_err(|_| CompileError {
-            path: format!("clusters[{i}].endpoints[{k}]"),
-            message: format!("`{}` is not an IP address with a port", ep.address()),
-        })?;
-        endpoints.push(registry.endpoint(&c.name, addr));
-    }
+) -> Result<ClusterRt, CompileError> {
+    let endpoints = c
+        .endpoints
+        .iter()
+        .map(|ep| registry.endpoint(&c.name, ep.addr(), metrics))
+        .collect();
     // Read on every compile, so that a missing or broken file rejects the config; the pooled
     // client keeps the TLS it was built with when the settings are the same (its own watcher
     // keeps that one current).
@@ -265,8 +283,15 @@ fn compile_cluster(
         connect_timeout: c.connect_timeout.get(),
         tls: c.tls.clone(),
         fallback: c.fallback,
+        fallback_period: c.fallback_period().get(),
     };
     let (client, tls) = registry.client(key.clone(), tls, metrics);
+    let opaque = HttpConnector {
+        protocol: tcp_protocol,
+        tls: tls.clone(),
+        connect_timeout: c.connect_timeout.get(),
+        generation: 0,
+    };
     let cluster = ClusterRt {
         name: c.name.as_str().into(),
         protocol: c.protocol,
@@ -277,6 +302,8 @@ fn compile_cluster(
             c.endpoints.iter().map(|e| e.weight()).collect(),
         )),
         client,
+        client_key: key,
+        opaque,
         connect_timeout: c.connect_timeout.get(),
         breaker: c.circuit_breaker.map(|cb| BreakerRt {
             settings: breaker::Settings {
@@ -289,13 +316,26 @@ fn compile_cluster(
             .circuit_breaker
             .map(|cb| registry.limits(&c.name, cb.max_requests, cb.max_pending)),
         health_check: c.health_check.clone(),
-        dns: c.dns.clone(),
+        dns: c.dns.as_ref().map(|d| d.text().to_string()),
         tls,
     };
-    Ok((cluster, key))
+    Ok(cluster)
 }
 
 impl Snapshot {
+    /// The registry keys of the retry budgets this snapshot's routes use.
+    pub fn budget_keys(&self) -> std::collections::HashSet<String> {
+        self.listeners
+            .values()
+            .flat_map(|l| {
+                l.routes
+                    .iter()
+                    .filter(|r| r.retry.is_some())
+                    .map(move |r| budget_key(&l.name, &r.name))
+            })
+            .collect()
+    }
+
     /// The cluster that owns `addr` (an original destination): a static endpoint with that
     /// exact ip:port, else a `dns:` cluster whose current answers include it. `None` for an
     /// address no cluster knows: such connections are never forwarded to it as is.
@@ -377,12 +417,10 @@ impl Snapshot {
             .collect();
         let flag_index = |name: &str| flags.iter().position(|f| &*f.name == name);
         let mut clusters = HashMap::new();
-        let mut client_keys = Vec::new();
         let mut by_addr = HashMap::new();
         let mut dns_clusters = Vec::new();
         for (i, c) in cfg.clusters.iter().enumerate() {
-            let (cluster, key) = compile_cluster(i, c, registry, metrics, identity)?;
-            client_keys.push(key);
+            let cluster = compile_cluster(i, c, registry, metrics, identity)?;
             let cluster = Arc::new(cluster);
             if cluster.dns.is_some() {
                 dns_clusters.push(cluster.clone());
@@ -403,10 +441,7 @@ impl Snapshot {
 
         let mut listeners = HashMap::new();
         for (i, l) in cfg.listeners.iter().enumerate() {
-            let listen: SocketAddr = l.listen.parse().map_err(|_| CompileError {
-                path: format!("listeners[{i}].listen"),
-                message: format!("`{}` is not an address", l.listen),
-            })?;
+            let listen: SocketAddr = *l.listen.get();
             let default_cluster = match &l.cluster {
                 Some(c) => Some(cluster(format!("listeners[{i}].cluster"), c)?),
                 None => None,
@@ -414,10 +449,7 @@ impl Snapshot {
             let mut routes = Vec::with_capacity(l.routes.len());
             for (j, r) in l.routes.iter().enumerate() {
                 let path = format!("listeners[{i}].routes[{j}]");
-                let matcher = Matcher::compile(&r.matches).map_err(|e| CompileError {
-                    path: format!("{path}.match"),
-                    message: e.to_string(),
-                })?;
+                let matcher = Matcher::compile(&r.matches);
                 let target = if let Some(c) = &r.cluster {
                     Target::Cluster(cluster(format!("{path}.cluster"), c)?)
                 } else {
@@ -437,10 +469,16 @@ impl Snapshot {
                     .clone()
                     .unwrap_or_else(|| format!("{}#{j}", l.name))
                     .into();
+                let lname: Arc<str> = l.name.as_str().into();
+                let metrics = target
+                    .clusters()
+                    .iter()
+                    .map(|c| Arc::new(TargetMetrics::new(metrics, &lname, &name, &c.name)))
+                    .collect();
                 let retry = r.retry.as_ref().map(|rc| RetryRt {
                     policy: RetryPolicy::new(rc),
                     budget: registry.budget(
-                        &format!("{}/{name}", l.name),
+                        &budget_key(&l.name, &name),
                         rc.budget.ratio,
                         rc.budget.min_per_sec,
                     ),
@@ -449,7 +487,7 @@ impl Snapshot {
                     name,
                     matcher,
                     target,
-                    hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
+                    hash_on: r.hash_on.as_deref().map(HashOn::from),
                     timeout: r.timeout.map(|t| t.get()),
                     retry,
                     fault: r.fault.clone(),
@@ -467,8 +505,19 @@ impl Snapshot {
                         }),
                         None => None,
                     },
+                    metrics,
                 });
             }
+            let lname: Arc<str> = l.name.as_str().into();
+            let default_route_name: Arc<str> = "default".into();
+            let default_metrics = default_cluster.as_ref().map(|c: &Arc<ClusterRt>| {
+                Arc::new(TargetMetrics::new(
+                    metrics,
+                    &lname,
+                    &default_route_name,
+                    &c.name,
+                ))
+            });
             let tls = match &l.tls {
                 Some(t) => Some(Arc::new(
                     ServerTls::load_with(&l.name, t, l.protocol, identity)
@@ -479,13 +528,14 @@ impl Snapshot {
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerRt {
-                    name: l.name.as_str().into(),
+                    name: lname,
                     listen,
                     protocol: l.protocol,
                     limits: l.limits,
                     default_cluster,
                     routes,
-                    default_route_name: "default".into(),
+                    default_route_name,
+                    default_metrics,
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
                     original_dst: l.original_dst,
@@ -497,16 +547,10 @@ impl Snapshot {
             );
         }
         let correlation = CorrelationRt {
-            header: HeaderName::from_bytes(cfg.correlation.request_id_header.as_bytes()).map_err(
-                |_| CompileError {
-                    path: "correlation.request_id_header".into(),
-                    message: "not a header name".into(),
-                },
-            )?,
+            header: cfg.correlation.request_id_header.get().clone(),
             generate: cfg.correlation.generate,
             trace_context: cfg.correlation.trace_context,
         };
-        registry.prune(&client_keys);
         Ok(Snapshot {
             version,
             drain_timeout: cfg.drain_timeout.get(),
@@ -519,6 +563,11 @@ impl Snapshot {
             dns_clusters,
         })
     }
+}
+
+/// The registry key of a route's retry budget.
+fn budget_key(listener: &str, route: &str) -> String {
+    format!("{listener}/{route}")
 }
 
 /// An IPv4-mapped IPv6 address as plain IPv4, and no flow info or scope: the form both

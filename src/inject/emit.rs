@@ -290,19 +290,37 @@ mod tests {
 
     #[test]
     fn multi_line_strings_become_literal_blocks_exactly() {
-        for s in [
-            "echo a\necho b\n",
-            "a\nb",
-            "a\n\nb\n\n\n",
-            "  indented\nx\n",
-            "tab\there\n",
-        ] {
+        // Each string as the value of `k` and as the item of `l`, and the exact text.
+        let cases: [(&str, &str); 5] = [
+            // One final line break: clip (`|`).
+            (
+                "echo a\necho b\n",
+                "k: |\n  echo a\n  echo b\nl:\n- |\n  echo a\n  echo b\n",
+            ),
+            // None: strip (`|-`).
+            ("a\nb", "k: |-\n  a\n  b\nl:\n- |-\n  a\n  b\n"),
+            // Several, and an empty line inside: keep (`|+`), empty lines unindented.
+            (
+                "a\n\nb\n\n\n",
+                "k: |+\n  a\n\n  b\n\n\nl:\n- |+\n  a\n\n  b\n\n\n",
+            ),
+            // A first line starting with a space would need an indentation indicator:
+            // double-quoted instead.
+            (
+                "  indented\nx\n",
+                "k: \"  indented\\nx\\n\"\nl:\n- \"  indented\\nx\\n\"\n",
+            ),
+            // A tab is a control character: double-quoted, escaped.
+            (
+                "tab\there\n",
+                "k: \"tab\\there\\n\"\nl:\n- \"tab\\there\\n\"\n",
+            ),
+        ];
+        for (s, expected) in cases {
             let mut m = Mapping::new();
             m.insert("k".into(), Value::String(s.into()));
             m.insert("l".into(), Value::Sequence(vec![Value::String(s.into())]));
-            // to_yaml itself checks that the text reads back as the same value.
-            let out = to_yaml(&Value::Mapping(m)).unwrap();
-            assert_eq!(out.contains("k: |"), literal_block_ok(s), "{out}");
+            assert_eq!(to_yaml(&Value::Mapping(m)).unwrap(), expected, "{s:?}");
         }
         assert_eq!(
             round_trip("args:\n- |\n  set -e\n  run\n"),

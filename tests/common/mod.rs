@@ -124,6 +124,21 @@ pub async fn start_proxy(yaml: &str) -> Proxy {
     Proxy::start(cfg).await.expect("proxy starts")
 }
 
+/// Waits (at most 5 s) until `proxy` serves `version` with its listener `listener` bound;
+/// returns the listener's address. A version is published with its listeners' addresses,
+/// but a test polls for what it needs anyway.
+pub async fn applied(proxy: &Proxy, version: u64, listener: &str) -> SocketAddr {
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            proxy.version() == version && proxy.listener_addr(listener).is_some()
+        })
+        .await,
+        "version {version} with listener `{listener}` not applied (at version {})",
+        proxy.version()
+    );
+    proxy.listener_addr(listener).unwrap()
+}
+
 /// A plain HTTP/1.1 client (pooled).
 pub fn h1_client() -> hyper_util::client::legacy::Client<
     hyper_util::client::legacy::connect::HttpConnector,
@@ -186,13 +201,16 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answ
 }
 
 /// Scrapes the admin `/metrics` and returns the value of the sample with exactly these
-/// name and labels (in any order), or 0.
-pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// name and labels (in any order); `None` when there is no such series, so that a renamed
+/// or missing metric fails an assertion instead of reading as 0. Compare with `Some(x)`
+/// (`== Some(0.0)`, `>= Some(1.0)`: `None` is less than any `Some`).
+pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let text = get(admin, "/metrics", &[]).await.text();
     metric_in(&text, name, labels)
 }
 
-pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+/// [`metric`] on a scraped text.
+pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     for line in text.lines() {
         if line.starts_with('#') {
             continue;
@@ -216,10 +234,14 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
             lbls.split(',').count()
         };
         if all && count == labels.len() {
-            return value.parse().unwrap_or(0.0);
+            return Some(
+                value
+                    .parse()
+                    .unwrap_or_else(|_| panic!("{name}: `{value}` is not a number")),
+            );
         }
     }
-    0.0
+    None
 }
 
 /// Polls `check` until it returns true or `timeout` passes.

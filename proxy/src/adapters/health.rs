@@ -6,7 +6,7 @@
 //! drops that cluster; the health state itself lives with the endpoint, so the next
 //! snapshot's task carries on from it.
 
-use crate::metrics::EndpointLabels;
+use crate::endpoint::EndpointState;
 use crate::snapshot::ClusterRt;
 use crate::upstream::ReqBody;
 use crate::Shared;
@@ -14,7 +14,7 @@ use http::Request;
 use std::sync::Arc;
 use std::time::Duration;
 
-pub fn spawn(shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
+pub fn spawn(_shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
     let Some(hc) = cluster.health_check.clone() else {
         return;
     };
@@ -25,15 +25,12 @@ pub fn spawn(shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
             let members = c.members.load_full();
             let mut checks = Vec::with_capacity(members.endpoints.len());
             for ep in members.endpoints.iter() {
-                let uri = format!("{}://{}{}", c.scheme(), ep.label, hc.path);
-                let req = Request::get(uri)
-                    .header("user-agent", "spur-health-check")
-                    .version(c.http_version());
-                let Ok(req) = req.body(ReqBody::Replay(None, None)) else {
+                let Ok(req) = check_request(&c, ep, &hc.path) else {
                     continue;
                 };
                 let client = c.client.clone();
-                let call = async move { client.request(req).await };
+                let endpoint = ep.clone();
+                let call = async move { client.send(&endpoint, req).await };
                 let timeout = hc.timeout.get();
                 checks.push((
                     ep.clone(),
@@ -61,18 +58,26 @@ pub fn spawn(shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
                         );
                     }
                 }
-                shared
-                    .metrics
-                    .endpoint_healthy
-                    .get_or_create(&EndpointLabels {
-                        cluster: c.name.clone(),
-                        endpoint: ep.label.clone(),
-                    })
-                    .set(i64::from(ep.is_healthy()));
             }
             let interval = hc.interval.get();
             drop((c, members));
             tokio::time::sleep(interval.max(Duration::from_millis(10))).await;
         }
     });
+}
+
+/// `GET path` to one endpoint, in the cluster's protocol (origin form over HTTP/1.1).
+fn check_request(c: &ClusterRt, ep: &EndpointState, path: &str) -> http::Result<Request<ReqBody>> {
+    let uri = if c.protocol == spur_config::UpstreamProtocol::Http1 {
+        path.to_string()
+    } else {
+        format!("{}://{}{}", c.scheme(), ep.label, path)
+    };
+    let mut req = Request::get(uri)
+        .header("user-agent", "spur-health-check")
+        .version(c.http_version());
+    if c.protocol == spur_config::UpstreamProtocol::Http1 {
+        req = req.header(http::header::HOST, &*ep.label);
+    }
+    req.body(ReqBody::empty())
 }

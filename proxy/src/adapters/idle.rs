@@ -1,12 +1,33 @@
-//! Idle detection for a connection: an IO wrapper that stamps the time of the last byte
-//! moved either way, and a future that completes once nothing moved for a while.
+//! Timing of a downstream connection: an IO wrapper that stamps the time of the last byte
+//! moved either way ([`Activity`], for `idle_timeout`), and the request-head clock
+//! ([`HeadClock`], for `header_timeout`).
+//!
+//! Why a head clock of our own: hyper's `header_read_timeout` starts whenever it waits for a
+//! request head, so it also runs while a keep-alive connection sits idle between requests,
+//! closing it at `header_timeout` (and counting a header timeout that never happened),
+//! while a connection that never sends a byte is only bounded by `idle_timeout`. Spur
+//! applies the two as nginx (`client_header_timeout`, `keepalive_timeout`) and HAProxy
+//! (`timeout http-request`, `timeout http-keep-alive`) do:
+//!
+//! - from accept until the first request head is complete: `header_timeout` (the TLS
+//!   handshake included);
+//! - between requests: `idle_timeout`, until the first byte of the next request;
+//! - from that byte until its head is complete: `header_timeout` again.
+//!
+//! The IO wrapper starts the clock on the first byte read while no request is in flight;
+//! the service stops it when hyper hands it a parsed head, and the response body's guard
+//! marks the request done. HTTP/2 frames flow between requests (pings, window updates),
+//! so on an HTTP/2 connection the clock runs only until its first request.
 
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Notify;
 
 fn epoch() -> Instant {
     static EPOCH: OnceLock<Instant> = OnceLock::new();
@@ -51,14 +72,152 @@ impl Default for Activity {
     }
 }
 
+/// `since` when no request head is being read.
+const NO_HEAD: u64 = u64::MAX;
+
+/// When the request head being read on a connection began (see the module doc).
+#[derive(Clone)]
+pub struct HeadClock(Arc<HeadState>);
+
+struct HeadState {
+    /// When reading the current head began (ms on the module's clock), or [`NO_HEAD`].
+    since: AtomicU64,
+    /// Requests whose head was read and whose response has not ended.
+    in_flight: AtomicUsize,
+    /// HTTP/2: the clock stopped for good at the first request.
+    multiplexed: AtomicBool,
+    /// Wakes [`HeadClock::expired`] when a head starts.
+    started: Notify,
+}
+
+impl HeadClock {
+    /// A clock that starts now: call it at accept, so that the TLS handshake counts too.
+    pub fn start() -> HeadClock {
+        HeadClock(Arc::new(HeadState {
+            since: AtomicU64::new(now_ms()),
+            in_flight: AtomicUsize::new(0),
+            multiplexed: AtomicBool::new(false),
+            started: Notify::new(),
+        }))
+    }
+
+    /// Bytes arrived: the first ones while no request is in flight begin the next head.
+    fn on_read(&self) {
+        let s = &self.0;
+        if s.in_flight.load(Ordering::Acquire) == 0
+            && !s.multiplexed.load(Ordering::Acquire)
+            && s.since
+                .compare_exchange(NO_HEAD, now_ms(), Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            s.started.notify_one();
+        }
+    }
+
+    /// A request head is complete: the clock stops until the request is done (drop the
+    /// guard when its response ends).
+    pub fn head_done(&self, version: http::Version) -> RequestGuard {
+        let s = &self.0;
+        if version == http::Version::HTTP_2 {
+            s.multiplexed.store(true, Ordering::Release);
+        }
+        s.in_flight.fetch_add(1, Ordering::AcqRel);
+        s.since.store(NO_HEAD, Ordering::Release);
+        RequestGuard(self.clone())
+    }
+
+    /// Completes once a request head has been pending for `limit`.
+    pub async fn expired(&self, limit: Duration) {
+        let limit_ms = limit.as_millis() as u64;
+        loop {
+            let started = self.0.started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            let since = self.0.since.load(Ordering::Acquire);
+            if since == NO_HEAD {
+                started.await;
+                continue;
+            }
+            let waited = now_ms().saturating_sub(since);
+            if waited >= limit_ms {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(limit_ms - waited)).await;
+        }
+    }
+}
+
+/// A request in flight on a [`HeadClock`]'s connection; dropped when its response ends.
+pub struct RequestGuard(HeadClock);
+
+impl Drop for RequestGuard {
+    fn drop(&mut self) {
+        self.0 .0.in_flight.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// A response body that holds its request's [`RequestGuard`] until it ends or is dropped.
+pub struct Guarded<B> {
+    body: B,
+    guard: Option<RequestGuard>,
+}
+
+impl<B> Guarded<B> {
+    pub fn new(body: B, guard: RequestGuard) -> Guarded<B> {
+        Guarded {
+            body,
+            guard: Some(guard),
+        }
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Body for Guarded<B> {
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.body).poll_frame(cx);
+        if matches!(polled, Poll::Ready(None)) {
+            this.guard = None;
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.body.size_hint()
+    }
+}
+
 pub struct IdleIo<T> {
     inner: T,
     activity: Activity,
+    head: Option<HeadClock>,
 }
 
 impl<T> IdleIo<T> {
     pub fn new(inner: T, activity: Activity) -> Self {
-        IdleIo { inner, activity }
+        IdleIo {
+            inner,
+            activity,
+            head: None,
+        }
+    }
+
+    /// [`IdleIo::new`] that also starts `head` on the first byte of each request.
+    pub fn with_head(inner: T, activity: Activity, head: HeadClock) -> Self {
+        IdleIo {
+            inner,
+            activity,
+            head: Some(head),
+        }
     }
 }
 
@@ -73,6 +232,9 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.activity.touch();
+            if let Some(head) = &this.head {
+                head.on_read();
+            }
         }
         r
     }

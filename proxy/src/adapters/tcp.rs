@@ -2,6 +2,13 @@
 //! listener's cluster. Half-close is passed on: when one side finishes sending, the other
 //! side's write half is shut down and the opposite direction keeps flowing.
 //!
+//! A connection is one [`Attempt`], as an HTTP try is: it takes one of the cluster's
+//! `max_requests` slots (concurrent connections; over it the connection is closed at once,
+//! counted `overloaded`), the balancer picks the endpoint, and the connect outcome feeds the
+//! endpoint's breaker (consecutive refused connects eject it) and latency estimate.
+//! Connections are counted in `spur_tcp_connections_total{result}` and their bytes in
+//! `spur_tcp_bytes_total{direction}`, apart from HTTP requests.
+//!
 //! Either side may be TLS: the listener's `tls` terminates it (identities outside
 //! `allow_identities` are refused in the handshake, as a byte stream has no other way to
 //! answer), the cluster's `tls` originates it (no ALPN: the bytes are opaque). Over TLS a
@@ -10,9 +17,10 @@
 use crate::access::{self, Val};
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
-use crate::metrics::UpstreamLabels;
+use crate::attempt::{self, Attempt, Tried};
+use crate::metrics::{TcpBytesLabels, TcpLabels};
+use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, ListenerRt};
-use crate::tls::{HandshakeError, Role, Stream};
 use crate::Shared;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -29,7 +37,7 @@ pub(crate) async fn serve_conn(
     shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
-    let start = Instant::now();
+    let start = crate::clock::now();
     // Transparent mode: the cluster that owns the original destination, else the listener's.
     // Never the original destination itself: an address no cluster owns is not an open
     // door (no open proxy).
@@ -41,44 +49,41 @@ pub(crate) async fn serve_conn(
         return;
     };
     let identity = down.peer_identity();
-    let mut client = down.stream;
     let conn = Conn {
+        shared: &shared,
         listener: &lst.name,
-        cluster: &cluster.name,
+        cluster: &cluster,
         peer,
         peer_identity: identity.as_deref(),
         start,
     };
-    let members = cluster.members.load_full();
-    let now = Instant::now();
-    let picked = members
-        .balancer
-        .pick(&members.endpoints, None, now, None)
-        .and_then(|i| {
-            members.endpoints[i]
-                .try_acquire(now)
-                .map(|probe| (i, probe))
-        });
-    let Some((idx, probe)) = picked else {
-        tracing::warn!(
-            listener = &*lst.name,
-            cluster = &*cluster.name,
-            "no endpoint available"
-        );
-        return;
+    let deadline = Some(start + cluster.connect_timeout);
+    let _slot = match attempt::admit(&cluster, deadline, &shared.metrics).await {
+        Ok(slot) => slot,
+        Err(reason) => return conn.refused(reason),
     };
-    let endpoint = members.endpoints[idx].clone();
-    let _in_flight = endpoint.start(probe);
-    let upstream = match connect(&shared, &cluster, endpoint.addr).await {
+    let Some(attempt) = Attempt::pick(&cluster, &Tried::default(), None) else {
+        return conn.refused(Reason::NoHealthyEndpoint);
+    };
+    let endpoint = attempt.endpoint().clone();
+    let upstream = match cluster.opaque.connect(endpoint.addr, true).await {
         Ok(s) => s,
-        Err(error) => {
-            endpoint.observe(start.elapsed(), true);
-            count(&shared, &cluster.name, &endpoint.label, 0);
-            conn.log(&endpoint.label, (0, 0), error);
-            return;
+        Err(e) => {
+            if let Some(reason) = e.tls_reason {
+                shared.metrics.upstream_tls_error(&cluster.name, reason);
+            }
+            tracing::debug!(cluster = &*cluster.name, endpoint = &*endpoint.label, error = %e, "tcp connect failed");
+            attempt.record_tcp(false, &lst.name, &shared.metrics);
+            let error = if e.tls_reason.is_some() {
+                "upstream_tls"
+            } else {
+                Reason::UpstreamUnreachable.as_str()
+            };
+            return conn.log(&endpoint.label, (0, 0), error);
         }
     };
-    endpoint.observe(start.elapsed(), false);
+    attempt.record_tcp(true, &lst.name, &shared.metrics);
+    let mut client = down.stream;
     let activity = Activity::new();
     let mut up = IdleIo::new(upstream, activity.clone());
     let idle = lst.limits.idle_timeout.get();
@@ -87,86 +92,86 @@ pub(crate) async fn serve_conn(
         _ = activity.idle_for(idle) => Err("idle_timeout".to_string()),
         _ = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout) => Err("drain_timeout".to_string()),
     };
-    count(&shared, &cluster.name, &endpoint.label, 200);
+    drop(attempt);
     let (bytes, error) = match &result {
         Ok((to_up, to_client)) => ((*to_up, *to_client), "-"),
         Err(e) => ((0, 0), e.as_str()),
     };
+    conn.count_bytes(bytes);
     conn.log(&endpoint.label, bytes, error);
 }
 
-/// TCP to the endpoint, then TLS when the cluster has it, each within `connect_timeout`.
-/// A failure answers the access log's error field.
-async fn connect(
-    shared: &Shared,
-    cluster: &ClusterRt,
-    addr: SocketAddr,
-) -> Result<Stream, &'static str> {
-    let timeout = cluster.connect_timeout;
-    let tcp = match tokio::time::timeout(timeout, TcpStream::connect(addr)).await {
-        Ok(Ok(s)) => s,
-        Ok(Err(_)) | Err(_) => return Err("upstream_unreachable"),
-    };
-    let _ = tcp.set_nodelay(true);
-    let Some(tls) = &cluster.tls else {
-        return Ok(Stream::Plain(tcp));
-    };
-    let handshake = match tokio::time::timeout(timeout, tls.connect(tcp, addr.ip(), true)).await {
-        Ok(r) => r,
-        Err(_) => Err(HandshakeError::Timeout),
-    };
-    handshake.map_err(|e| {
-        let reason = e.reason(Role::Client);
-        tracing::debug!(cluster = &*cluster.name, %addr, reason, error = %e, "upstream TLS handshake failed");
-        shared.metrics.upstream_tls_error(&cluster.name, reason);
-        "upstream_tls"
-    })
-}
-
-/// What the access line of a TCP connection says besides the endpoint and the outcome.
+/// One connection of a `tcp` listener, for its metrics and its access line.
 struct Conn<'a> {
-    listener: &'a str,
-    cluster: &'a str,
+    shared: &'a Shared,
+    listener: &'a Arc<str>,
+    cluster: &'a ClusterRt,
     peer: SocketAddr,
     peer_identity: Option<&'a str>,
     start: Instant,
 }
 
 impl Conn<'_> {
+    /// Closes a connection no endpoint took: counted, and logged.
+    fn refused(&self, reason: Reason) {
+        let result = match reason {
+            Reason::Overloaded => "overloaded",
+            _ => "no_healthy_endpoint",
+        };
+        tracing::debug!(
+            listener = &**self.listener,
+            cluster = &*self.cluster.name,
+            result,
+            "tcp connection refused"
+        );
+        self.shared
+            .metrics
+            .tcp_connections
+            .get_or_create(&TcpLabels {
+                listener: self.listener.clone(),
+                cluster: self.cluster.name.clone(),
+                endpoint: self.shared.dash.clone(),
+                result,
+            })
+            .inc();
+        self.log("-", (0, 0), reason.as_str());
+    }
+
+    /// Bytes are (received from the client, sent to it).
+    fn count_bytes(&self, (up, down): (u64, u64)) {
+        for (direction, n) in [("upstream", up), ("downstream", down)] {
+            self.shared
+                .metrics
+                .tcp_bytes
+                .get_or_create(&TcpBytesLabels {
+                    listener: self.listener.clone(),
+                    cluster: self.cluster.name.clone(),
+                    direction,
+                })
+                .inc_by(n);
+        }
+    }
+
     /// One access line per TCP connection: bytes are (received from the client, sent to it).
     fn log(&self, endpoint: &str, bytes: (u64, u64), error: &str) {
         if !access::enabled() {
             return;
         }
         let peer = self.peer.to_string();
+        let elapsed = crate::clock::now().saturating_duration_since(self.start);
         access::emit(
             "tcp",
             &[
                 ("listener", Val::Str(self.listener)),
-                ("cluster", Val::Str(self.cluster)),
+                ("cluster", Val::Str(&self.cluster.name)),
                 ("endpoint", Val::Str(endpoint)),
                 ("peer", Val::Str(&peer)),
                 ("peer_identity", Val::Str(self.peer_identity.unwrap_or("-"))),
                 ("bytes_received", Val::U64(bytes.0)),
                 ("bytes_sent", Val::U64(bytes.1)),
-                (
-                    "duration_ms",
-                    Val::F64(self.start.elapsed().as_secs_f64() * 1e3),
-                ),
+                ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
                 ("error", Val::Str(error)),
             ],
         );
     }
-}
-
-fn count(shared: &Shared, cluster: &Arc<str>, endpoint: &Arc<str>, code: u16) {
-    shared
-        .metrics
-        .upstream_requests
-        .get_or_create(&UpstreamLabels {
-            cluster: cluster.clone(),
-            endpoint: endpoint.clone(),
-            code,
-        })
-        .inc();
 }

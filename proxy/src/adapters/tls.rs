@@ -3,7 +3,7 @@
 //! connection slot exactly like one that never finishes its headers), with failures counted
 //! in `spur_tls_handshake_errors_total{listener,reason}`.
 
-use crate::forward::TlsSession;
+use crate::http::TlsSession;
 use crate::metrics::ListenerReasonLabels;
 use crate::snapshot::ListenerRt;
 use crate::tls::{Identity, Role, Stream};

@@ -9,8 +9,8 @@
 //! - `ring_hash`: consistent hashing of the route's `hash_on` key onto a ring of virtual
 //!   nodes (100 per unit of weight), so removing one of N endpoints moves only ~1/N of keys.
 //! - `ewma`: power of two choices on peak-EWMA latency × (in-flight + 1) per unit of weight.
-//!   Failures are recorded as a large latency sample, so an endpoint that fails fast never
-//!   looks like the fastest one.
+//!   A failure adds a penalty that fades within about two seconds, so an endpoint that fails
+//!   fast never looks like the fastest one, yet one that recovers is soon tried again.
 //!
 //! Two random choices rather than a full scan: it is O(1), avoids the herd effect of every
 //! proxy picking the same "best" endpoint, and is what finagle, linkerd and Envoy do.
@@ -27,7 +27,7 @@ pub trait Candidate {
     /// Decayed peak-EWMA latency in nanoseconds, as of `now`.
     fn latency_ns(&self, now: Instant) -> f64;
     /// False while the endpoint must not be chosen (ejected, or failing health checks).
-    fn available(&self) -> bool;
+    fn available(&self, now: Instant) -> bool;
 }
 
 #[derive(Debug)]
@@ -65,23 +65,23 @@ impl Balancer {
         Balancer::RingHash { ring }
     }
 
-    /// Chooses an endpoint, avoiding `exclude` (the one a retry just failed on) when another
-    /// is available. `key` is the request's hash key, used by `ring_hash` only. `None` when
-    /// no endpoint is available.
+    /// Chooses an endpoint, avoiding those in `exclude` (the ones a request's earlier tries
+    /// failed on) while another is available. `key` is the request's hash key, used by
+    /// `ring_hash` only. `None` when no endpoint is available.
     pub fn pick<E: Candidate>(
         &self,
         eps: &[E],
-        exclude: Option<usize>,
+        exclude: &[usize],
         now: Instant,
         key: Option<&[u8]>,
     ) -> Option<usize> {
-        let usable = |i: usize| eps[i].available() && Some(i) != exclude;
-        let any_usable = (0..eps.len()).any(usable);
+        let usable = |i: usize| eps[i].available(now) && !exclude.contains(&i);
+        let any_usable = exclude.is_empty() || (0..eps.len()).any(usable);
         let usable = |i: usize| {
             if any_usable {
                 usable(i)
             } else {
-                eps[i].available()
+                eps[i].available(now)
             }
         };
         match self {
@@ -186,21 +186,32 @@ pub fn smooth_schedule(weights: &[u32]) -> Vec<u32> {
     out
 }
 
-/// Peak-EWMA latency estimate of one endpoint.
+/// Peak-EWMA latency estimate of one endpoint, plus a fading penalty for failures.
 ///
-/// A sample above the estimate replaces it at once (the "peak"); a lower one is blended in
-/// with a weight that grows with the time since the last sample (decay constant `TAU`), so
-/// an endpoint recovers its reputation within seconds, not requests.
+/// A latency sample above the estimate replaces it at once (the "peak"); a lower one is
+/// blended in with a weight that grows with the time since the last sample (decay constant
+/// [`TAU`]), so an endpoint recovers its reputation within seconds, not requests.
+///
+/// Failures are not latency: a failed try leaves the estimate alone and sets a penalty of
+/// [`FAILURE_PENALTY`] (or the time the failure took, if longer), which fades with its own,
+/// short constant [`PENALTY_TAU`]. So an endpoint failing fast is avoided, but a dead one is
+/// tried again within about two seconds of its last failure, and one that came back gets
+/// traffic again that soon. (A failure counted as a one-second latency sample under the
+/// ten-second `TAU` kept a recovered endpoint out of rotation for about a minute.)
 #[derive(Debug, Clone, Copy)]
 pub struct PeakEwma {
     estimate_ns: f64,
     stamp: Instant,
+    penalty_ns: f64,
+    penalty_stamp: Instant,
 }
 
 pub const TAU: Duration = Duration::from_secs(10);
+/// How fast a failure's penalty fades: below a millisecond about 1.7 s after a 1 s penalty.
+pub const PENALTY_TAU: Duration = Duration::from_millis(250);
 /// The estimate of an endpoint with no samples yet.
 pub const DEFAULT_RTT: Duration = Duration::from_millis(5);
-/// The latency sample a failure counts as (at least): much slower than any healthy answer.
+/// The penalty a failure adds (at least): much slower than any healthy answer.
 pub const FAILURE_PENALTY: Duration = Duration::from_secs(1);
 
 impl PeakEwma {
@@ -208,35 +219,44 @@ impl PeakEwma {
         PeakEwma {
             estimate_ns: DEFAULT_RTT.as_nanos() as f64,
             stamp: now,
+            penalty_ns: 0.0,
+            penalty_stamp: now,
         }
     }
 
     pub fn observe(&mut self, rtt: Duration, failed: bool, now: Instant) {
-        let sample = if failed {
-            rtt.max(FAILURE_PENALTY)
-        } else {
-            rtt
+        if failed {
+            self.penalty_ns = rtt.max(FAILURE_PENALTY).as_nanos() as f64;
+            self.penalty_stamp = now;
+            return;
         }
-        .as_nanos() as f64;
+        let sample = rtt.as_nanos() as f64;
         if sample > self.estimate_ns {
             self.estimate_ns = sample;
         } else {
-            let decay = self.decay(now);
+            let decay = decay(self.stamp, now, TAU);
             self.estimate_ns = self.estimate_ns * decay + sample * (1.0 - decay);
         }
         self.stamp = now;
     }
 
-    /// The estimate as of `now`, decayed towards zero since the last sample so that an
-    /// endpoint that was slow once gets tried again.
-    pub fn estimate_ns(&self, now: Instant) -> f64 {
-        self.estimate_ns * self.decay(now)
+    /// Starts afresh, as a new endpoint: after a breaker's probe succeeded or health checks
+    /// brought the endpoint back.
+    pub fn reset(&mut self, now: Instant) {
+        *self = PeakEwma::new(now);
     }
 
-    fn decay(&self, now: Instant) -> f64 {
-        let elapsed = now.saturating_duration_since(self.stamp).as_secs_f64();
-        (-elapsed / TAU.as_secs_f64()).exp()
+    /// The estimate as of `now`, decayed towards zero since the last sample so that an
+    /// endpoint that was slow once gets tried again, plus what is left of a failure penalty.
+    pub fn estimate_ns(&self, now: Instant) -> f64 {
+        self.estimate_ns * decay(self.stamp, now, TAU)
+            + self.penalty_ns * decay(self.penalty_stamp, now, PENALTY_TAU)
     }
+}
+
+fn decay(since: Instant, now: Instant, tau: Duration) -> f64 {
+    let elapsed = now.saturating_duration_since(since).as_secs_f64();
+    (-elapsed / tau.as_secs_f64()).exp()
 }
 
 #[cfg(test)]
@@ -261,7 +281,7 @@ mod tests {
         fn latency_ns(&self, _: Instant) -> f64 {
             self.latency
         }
-        fn available(&self) -> bool {
+        fn available(&self, _: Instant) -> bool {
             self.available
         }
     }
@@ -291,14 +311,14 @@ mod tests {
         let now = Instant::now();
         let mut counts = [0; 3];
         for _ in 0..400 {
-            counts[rr.pick(&eps, None, now, None).unwrap()] += 1;
+            counts[rr.pick(&eps, &[], now, None).unwrap()] += 1;
         }
         assert_eq!(counts, [200, 100, 100]);
         eps[0].available = false;
         for _ in 0..50 {
-            assert_ne!(rr.pick(&eps, None, now, None), Some(0));
+            assert_ne!(rr.pick(&eps, &[], now, None), Some(0));
         }
-        assert_ne!(rr.pick(&eps, Some(1), now, None), Some(1));
+        assert_ne!(rr.pick(&eps, &[1], now, None), Some(1));
     }
 
     #[test]
@@ -306,7 +326,7 @@ mod tests {
         let eps = vec![ep(1, 10, 1.0), ep(1, 0, 1.0)];
         let now = Instant::now();
         for _ in 0..100 {
-            assert_eq!(Balancer::LeastRequest.pick(&eps, None, now, None), Some(1));
+            assert_eq!(Balancer::LeastRequest.pick(&eps, &[], now, None), Some(1));
         }
     }
 
@@ -316,7 +336,7 @@ mod tests {
         let now = Instant::now();
         let mut slow = 0;
         for _ in 0..3000 {
-            if Balancer::Ewma.pick(&eps, None, now, None) == Some(1) {
+            if Balancer::Ewma.pick(&eps, &[], now, None) == Some(1) {
                 slow += 1;
             }
         }
@@ -334,9 +354,9 @@ mod tests {
             Balancer::round_robin(&[1, 1]),
         ] {
             for _ in 0..50 {
-                assert_eq!(b.pick(&eps, Some(0), now, None), Some(1));
+                assert_eq!(b.pick(&eps, &[0], now, None), Some(1));
             }
-            assert_eq!(b.pick(&eps[..1], Some(0), now, None), Some(0));
+            assert_eq!(b.pick(&eps[..1], &[0], now, None), Some(0));
         }
     }
 
@@ -355,10 +375,37 @@ mod tests {
         assert!(e.estimate_ns(t0) > 99e6);
         // After 3 TAU the old peak has mostly faded.
         assert!(e.estimate_ns(t0 + TAU * 3) < 6e6);
-        // A failure that answered in 1ms counts as a second.
+        // A failure that answered in 1ms counts as a second, but not for long.
         let mut f = PeakEwma::new(t0);
         f.observe(Duration::from_millis(1), true, t0);
         assert!(f.estimate_ns(t0) >= 1e9);
+        assert!(f.estimate_ns(t0 + Duration::from_millis(1800)) < 1e6 + 5e6);
+        // A success does not erase a fresh penalty; a reset does.
+        f.observe(Duration::from_millis(1), false, t0);
+        assert!(f.estimate_ns(t0) >= 1e9);
+        f.reset(t0);
+        assert_eq!(f.estimate_ns(t0), DEFAULT_RTT.as_nanos() as f64);
+    }
+
+    #[test]
+    fn exclusion_covers_every_tried_endpoint() {
+        let eps = vec![ep(1, 0, 1.0), ep(1, 0, 1.0), ep(1, 0, 1.0), ep(1, 0, 1.0)];
+        let now = Instant::now();
+        for b in [
+            Balancer::Ewma,
+            Balancer::LeastRequest,
+            Balancer::round_robin(&[1; 4]),
+        ] {
+            for _ in 0..100 {
+                assert_eq!(b.pick(&eps, &[0, 1, 3], now, None), Some(2));
+                assert!(!matches!(
+                    b.pick(&eps, &[2, 0], now, None),
+                    Some(0) | Some(2)
+                ));
+            }
+            // All tried: any available one, rather than none.
+            assert!(b.pick(&eps, &[0, 1, 2, 3], now, None).is_some());
+        }
     }
 
     #[test]
@@ -371,11 +418,11 @@ mod tests {
         let keys: Vec<String> = (0..5000).map(|k| format!("user-{k}")).collect();
         let before: Vec<usize> = keys
             .iter()
-            .map(|k| ring.pick(&eps, None, now, Some(k.as_bytes())).unwrap())
+            .map(|k| ring.pick(&eps, &[], now, Some(k.as_bytes())).unwrap())
             .collect();
         // Same key, same endpoint.
         for (k, b) in keys.iter().zip(&before).take(100) {
-            assert_eq!(ring.pick(&eps, None, now, Some(k.as_bytes())), Some(*b));
+            assert_eq!(ring.pick(&eps, &[], now, Some(k.as_bytes())), Some(*b));
         }
         // Shares are roughly even.
         for i in 0..5 {
@@ -386,11 +433,7 @@ mod tests {
         let ring4 = Balancer::ring_hash(&refs[..4], &[1; 4]);
         let after: Vec<usize> = keys
             .iter()
-            .map(|k| {
-                ring4
-                    .pick(&eps[..4], None, now, Some(k.as_bytes()))
-                    .unwrap()
-            })
+            .map(|k| ring4.pick(&eps[..4], &[], now, Some(k.as_bytes())).unwrap())
             .collect();
         let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count();
         let on_removed = before.iter().filter(|b| **b == 4).count();
@@ -415,7 +458,7 @@ mod tests {
             let b = match policy { 0 => Balancer::Ewma, 1 => Balancer::LeastRequest, 2 => Balancer::ring_hash(&refs, &weights), _ => Balancer::round_robin(&weights) };
             let any = eps.iter().any(|e| e.available);
             for k in 0..20u8 {
-                match b.pick(&eps, None, Instant::now(), Some(&[k])) {
+                match b.pick(&eps, &[], Instant::now(), Some(&[k])) {
                     Some(i) => prop_assert!(eps[i].available),
                     None => prop_assert!(!any),
                 }

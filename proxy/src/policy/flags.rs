@@ -37,7 +37,7 @@ pub struct CompiledFlag {
 
 impl CompiledFlag {
     pub fn compile(name: &str, f: &Flag) -> CompiledFlag {
-        let rules = f.rules.iter().filter_map(compile_rule).collect();
+        let rules = f.rules.iter().map(compile_rule).collect();
         CompiledFlag {
             name: name.to_string(),
             enabled: f.enabled,
@@ -82,21 +82,21 @@ pub fn bucket(flag: &str, key: &[u8]) -> u64 {
     stable_hash(stable_hash(0xf1a6, flag.as_bytes()), key) % 10_000
 }
 
-fn compile_rule(r: &FlagRule) -> Option<Rule> {
+/// A rule of a validated flag: exactly one of header, cookie, percent (validation refuses
+/// any other); values were parsed by spur-config.
+fn compile_rule(r: &FlagRule) -> Rule {
     if let Some(h) = &r.header {
-        return Some(Rule::Header(
-            HeaderName::from_bytes(h.as_bytes()).ok()?,
-            r.values.clone(),
-        ));
+        return Rule::Header(h.get().clone(), r.values.clone());
     }
     if let Some(c) = &r.cookie {
-        return Some(Rule::Cookie(c.clone(), r.values.clone()));
+        return Rule::Cookie(c.as_str().to_string(), r.values.clone());
     }
-    let pct = r.percent?;
-    Some(Rule::Percent {
-        basis_points: (pct * 100.0).round().clamp(0.0, 10_000.0) as u64,
-        hash_on: r.hash_on.as_deref().and_then(HashOn::parse),
-    })
+    Rule::Percent {
+        basis_points: (r.percent.unwrap_or(0.0) * 100.0)
+            .round()
+            .clamp(0.0, 10_000.0) as u64,
+        hash_on: r.hash_on.as_deref().map(HashOn::from),
+    }
 }
 
 /// Parses an `x-spur-flags` value: comma-separated flag names.

@@ -1,13 +1,21 @@
 //! The retry decision: whether a failed try is tried again, and after how long.
 //!
-//! The policy only looks at the outcome of a try; the retry loop in `crate::forward` does
+//! The policy only looks at the outcome of a try; the retry loop in `crate::http::tries` does
 //! the I/O, and [`super::budget`] decides whether the cluster can afford another try.
 //!
 //! A request is retried only when its body can be replayed: it was small enough
 //! (`max_body`) to be buffered whole before the first try. A larger body is streamed once
 //! and never retried.
+//!
+//! A reset or a timeout can come after the server acted on the request: an order placed,
+//! then the connection dropped. So `reset` and `timeout` retry only idempotent methods
+//! (RFC 9110 §9.2.2: GET, HEAD, OPTIONS, PUT, DELETE, TRACE) unless the route says
+//! `retry_non_idempotent: true`. A connect failure, or a connection that failed before any
+//! byte of the request was written (`reset-before-request`), never reached the server, so
+//! those retry every method. A failure of the client's own body is never retried.
 
-use spur_config::Retry;
+use crate::reason::Reason;
+use spur_config::{Retry, RetryCondition};
 use std::time::Duration;
 
 /// What one try came to, as far as retrying is concerned.
@@ -15,33 +23,62 @@ use std::time::Duration;
 pub enum Outcome {
     /// The endpoint could not be connected to: the request never left.
     ConnectFailure,
-    /// The connection broke before a response head arrived.
+    /// A connection was made, but it failed before any byte of the request was written.
+    ResetBeforeRequest,
+    /// The connection broke after the request was (partly) written, before a response head.
     Reset,
     /// The per-try timeout fired before a response head arrived.
     Timeout,
     /// A response head arrived with this status.
     Status(u16),
+    /// The client's own request body broke off (or the client left): not the endpoint's
+    /// doing, so it is never charged to it nor retried.
+    ClientAbort,
 }
 
 impl Outcome {
-    /// The `reason` label of `spur_retries_total` for a retry caused by this outcome.
+    /// The `reason` label of `spur_retries_total` for a retry caused by this outcome: the
+    /// same words as `x-spur-error` for the failures Spur names, the status for the others.
     pub fn reason(&self) -> &'static str {
         match self {
-            Outcome::ConnectFailure => "connect-failure",
-            Outcome::Reset => "reset",
-            Outcome::Timeout => "timeout",
             Outcome::Status(s) => status_label(*s),
+            other => other.failure_reason().map_or("-", Reason::as_str),
+        }
+    }
+
+    /// What Spur answers when this is the last try's outcome and no response came.
+    pub fn failure_reason(&self) -> Option<Reason> {
+        match self {
+            Outcome::ConnectFailure => Some(Reason::UpstreamUnreachable),
+            Outcome::ResetBeforeRequest | Outcome::Reset => Some(Reason::UpstreamReset),
+            Outcome::Timeout => Some(Reason::Timeout),
+            Outcome::ClientAbort => Some(Reason::BadRequest),
+            Outcome::Status(_) => None,
         }
     }
 
     /// Whether this outcome counts against an endpoint (breaker, EWMA): connect failures,
-    /// resets, timeouts and 5xx.
+    /// resets, timeouts and 5xx. Never what the client did.
     pub fn is_failure(&self) -> bool {
         match self {
             Outcome::Status(s) => *s >= 500,
+            Outcome::ClientAbort => false,
             _ => true,
         }
     }
+}
+
+/// Methods that may be sent twice with the effect of once (RFC 9110 §9.2.2).
+pub fn idempotent(m: &http::Method) -> bool {
+    matches!(
+        *m,
+        http::Method::GET
+            | http::Method::HEAD
+            | http::Method::OPTIONS
+            | http::Method::PUT
+            | http::Method::DELETE
+            | http::Method::TRACE
+    )
 }
 
 fn status_label(s: u16) -> &'static str {
@@ -65,8 +102,10 @@ pub struct RetryPolicy {
     backoff_base: Duration,
     backoff_max: Duration,
     connect_failure: bool,
+    reset_before_request: bool,
     reset: bool,
     timeout: bool,
+    non_idempotent: bool,
     any_5xx: bool,
     retriable_4xx: bool,
     codes: Vec<u16>,
@@ -81,39 +120,42 @@ impl RetryPolicy {
             backoff_base: r.backoff.base.get(),
             backoff_max: r.backoff.max.get(),
             connect_failure: false,
+            reset_before_request: false,
             reset: false,
             timeout: false,
+            non_idempotent: r.retry_non_idempotent,
             any_5xx: false,
             retriable_4xx: false,
             codes: Vec::new(),
         };
-        for cond in &r.retry_on {
-            match cond.as_str() {
-                "connect-failure" => p.connect_failure = true,
-                "reset" => p.reset = true,
-                "timeout" => p.timeout = true,
-                "5xx" => p.any_5xx = true,
-                "retriable-4xx" => p.retriable_4xx = true,
-                code => {
-                    if let Ok(c) = code.parse() {
-                        p.codes.push(c);
-                    }
-                }
+        for cond in r.retry_on.conditions() {
+            match cond {
+                RetryCondition::ConnectFailure => p.connect_failure = true,
+                RetryCondition::Reset => p.reset = true,
+                RetryCondition::ResetBeforeRequest => p.reset_before_request = true,
+                RetryCondition::Timeout => p.timeout = true,
+                RetryCondition::Any5xx => p.any_5xx = true,
+                RetryCondition::Retriable4xx => p.retriable_4xx = true,
+                RetryCondition::Status(c) => p.codes.push(*c),
             }
         }
         p
     }
 
-    /// Whether `outcome` of try number `attempt` (1-based) may be retried by the policy.
-    /// The budget and the body's replayability are checked by the caller.
-    pub fn retryable(&self, outcome: Outcome, attempt: u32) -> bool {
+    /// Whether `outcome` of try number `attempt` (1-based) of a request with an
+    /// `idempotent` method may be retried by the policy. The budget and the body's
+    /// replayability are checked by the caller.
+    pub fn retryable(&self, outcome: Outcome, attempt: u32, idempotent: bool) -> bool {
         if attempt >= self.attempts {
             return false;
         }
+        let may_repeat = idempotent || self.non_idempotent;
         match outcome {
             Outcome::ConnectFailure => self.connect_failure,
-            Outcome::Reset => self.reset,
-            Outcome::Timeout => self.timeout,
+            Outcome::ResetBeforeRequest => self.reset_before_request || (self.reset && may_repeat),
+            Outcome::Reset => self.reset && may_repeat,
+            Outcome::Timeout => self.timeout && may_repeat,
+            Outcome::ClientAbort => false,
             Outcome::Status(s) => {
                 self.codes.contains(&s)
                     || (self.any_5xx && s >= 500)
@@ -154,18 +196,61 @@ mod tests {
     fn conditions_and_attempts() {
         let p =
             policy(r#"{"attempts": 3, "retry_on": ["connect-failure", "503", "retriable-4xx"]}"#);
-        assert!(p.retryable(Outcome::ConnectFailure, 1));
-        assert!(p.retryable(Outcome::Status(503), 2));
-        assert!(!p.retryable(Outcome::Status(503), 3), "3 attempts in all");
-        assert!(!p.retryable(Outcome::Status(502), 1));
-        assert!(p.retryable(Outcome::Status(409), 1));
-        assert!(!p.retryable(Outcome::Reset, 1));
-        assert!(!p.retryable(Outcome::Timeout, 1));
+        assert!(p.retryable(Outcome::ConnectFailure, 1, true));
+        assert!(p.retryable(Outcome::Status(503), 2, true));
+        assert!(
+            !p.retryable(Outcome::Status(503), 3, true),
+            "3 attempts in all"
+        );
+        assert!(!p.retryable(Outcome::Status(502), 1, true));
+        assert!(p.retryable(Outcome::Status(409), 1, true));
+        assert!(!p.retryable(Outcome::Reset, 1, true));
+        assert!(!p.retryable(Outcome::Timeout, 1, true));
         let all = policy(r#"{"attempts": 2, "on": ["5xx", "reset", "timeout"]}"#);
-        assert!(all.retryable(Outcome::Status(599), 1));
-        assert!(all.retryable(Outcome::Reset, 1));
-        assert!(all.retryable(Outcome::Timeout, 1));
-        assert!(!all.retryable(Outcome::Status(404), 1));
+        assert!(all.retryable(Outcome::Status(599), 1, true));
+        assert!(all.retryable(Outcome::Reset, 1, true));
+        assert!(all.retryable(Outcome::Timeout, 1, true));
+        assert!(!all.retryable(Outcome::Status(404), 1, true));
+        assert!(!all.retryable(Outcome::ClientAbort, 1, true));
+    }
+
+    #[test]
+    fn resets_and_timeouts_repeat_only_idempotent_methods() {
+        let p = policy(
+            r#"{"attempts": 3, "retry_on": ["reset", "timeout", "connect-failure", "503"]}"#,
+        );
+        // A POST: the server may have acted on it.
+        assert!(!p.retryable(Outcome::Reset, 1, false));
+        assert!(!p.retryable(Outcome::Timeout, 1, false));
+        // Never reached the server: safe for every method.
+        assert!(p.retryable(Outcome::ConnectFailure, 1, false));
+        // `reset` covers a reset before the request for idempotent methods only...
+        assert!(p.retryable(Outcome::ResetBeforeRequest, 1, true));
+        assert!(!p.retryable(Outcome::ResetBeforeRequest, 1, false));
+        // ...`reset-before-request` for every method.
+        let before = policy(r#"{"attempts": 3, "retry_on": ["reset-before-request"]}"#);
+        assert!(before.retryable(Outcome::ResetBeforeRequest, 1, false));
+        assert!(!before.retryable(Outcome::Reset, 1, true));
+        // A status answer is an answer: statuses retry for every method, as before.
+        assert!(p.retryable(Outcome::Status(503), 1, false));
+        let opt_in = policy(
+            r#"{"attempts": 3, "retry_on": ["reset", "timeout"], "retry_non_idempotent": true}"#,
+        );
+        assert!(opt_in.retryable(Outcome::Reset, 1, false));
+        assert!(opt_in.retryable(Outcome::Timeout, 1, false));
+        for (m, want) in [
+            ("GET", true),
+            ("HEAD", true),
+            ("OPTIONS", true),
+            ("PUT", true),
+            ("DELETE", true),
+            ("TRACE", true),
+            ("POST", false),
+            ("PATCH", false),
+            ("CONNECT", false),
+        ] {
+            assert_eq!(idempotent(&m.parse().unwrap()), want, "{m}");
+        }
     }
 
     #[test]
@@ -190,7 +275,12 @@ mod tests {
         assert!(Outcome::ConnectFailure.is_failure());
         assert!(Outcome::Status(503).is_failure());
         assert!(!Outcome::Status(404).is_failure());
+        assert!(!Outcome::ClientAbort.is_failure());
         assert_eq!(Outcome::Status(503).reason(), "503");
         assert_eq!(Outcome::Status(507).reason(), "5xx");
+        // One vocabulary: the retry metric says what x-spur-error says.
+        assert_eq!(Outcome::ConnectFailure.reason(), "upstream_unreachable");
+        assert_eq!(Outcome::Reset.reason(), "upstream_reset");
+        assert_eq!(Outcome::Timeout.reason(), "timeout");
     }
 }

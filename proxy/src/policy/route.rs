@@ -1,10 +1,11 @@
 //! Route matching: which route of a listener answers a request. First match wins.
 //!
-//! Matchers are compiled once per config (regexes built, names parsed) so that matching a
-//! request allocates nothing.
+//! Matchers are built once per config from values spur-config has already parsed (methods,
+//! header names, anchored regexes), so building one cannot fail and matching a request
+//! allocates nothing.
 
 use http::{HeaderMap, HeaderName, Method};
-use spur_config::{HeaderMatch, RouteMatch};
+use spur_config::{HeaderMatch, HeaderRegex, RouteMatch};
 
 /// The request facts a route can match on.
 pub struct RequestView<'a> {
@@ -26,7 +27,7 @@ enum PathMatch {
 enum HeaderCond {
     Exact(String),
     Present(bool),
-    Regex(regex::Regex),
+    Regex(HeaderRegex),
 }
 
 /// A compiled `match` block.
@@ -38,37 +39,20 @@ pub struct Matcher {
     headers: Vec<(HeaderName, HeaderCond)>,
 }
 
-/// Why a `match` block could not be compiled (validation catches these first).
-#[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct MatchError(String);
-
 impl Matcher {
-    pub fn compile(m: &RouteMatch) -> Result<Matcher, MatchError> {
+    pub fn compile(m: &RouteMatch) -> Matcher {
         let path = match (&m.path, &m.path_prefix) {
             (Some(p), _) => PathMatch::Exact(p.clone()),
             (None, Some(p)) if p == "/" => PathMatch::Any,
             (None, Some(p)) => PathMatch::Prefix(p.clone()),
             (None, None) => PathMatch::Any,
         };
-        let method = match &m.method {
-            Some(s) => Some(
-                Method::from_bytes(s.as_bytes())
-                    .map_err(|_| MatchError(format!("bad method `{s}`")))?,
-            ),
-            None => None,
-        };
-        let headers = m
-            .headers
-            .iter()
-            .map(compile_header)
-            .collect::<Result<_, _>>()?;
-        Ok(Matcher {
+        Matcher {
             path,
             host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
-            method,
-            headers,
-        })
+            method: m.method.as_deref().cloned(),
+            headers: m.headers.iter().map(compile_header).collect(),
+        }
     }
 
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
@@ -111,20 +95,16 @@ fn prefix_matches(path: &str, prefix: &str) -> bool {
     }
 }
 
-fn compile_header(h: &HeaderMatch) -> Result<(HeaderName, HeaderCond), MatchError> {
-    let name = HeaderName::from_bytes(h.name.as_bytes())
-        .map_err(|_| MatchError(format!("bad header name `{}`", h.name)))?;
+fn compile_header(h: &HeaderMatch) -> (HeaderName, HeaderCond) {
     let cond = if let Some(v) = &h.value {
         HeaderCond::Exact(v.clone())
     } else if let Some(re) = &h.regex {
-        // Anchored: the regex matches the whole value, as in Envoy's safe_regex.
-        let re = regex::Regex::new(&format!("^(?:{re})$"))
-            .map_err(|e| MatchError(format!("bad regex: {e}")))?;
-        HeaderCond::Regex(re)
+        // Anchored by spur-config: the regex matches the whole value, as Envoy's safe_regex.
+        HeaderCond::Regex(re.get().clone())
     } else {
         HeaderCond::Present(h.present.unwrap_or(true))
     };
-    Ok((name, cond))
+    (h.name.get().clone(), cond)
 }
 
 #[cfg(test)]
@@ -133,7 +113,7 @@ mod tests {
 
     fn m(yaml: &str) -> Matcher {
         let rm: RouteMatch = serde_json::from_str(yaml).unwrap();
-        Matcher::compile(&rm).unwrap()
+        Matcher::compile(&rm)
     }
 
     fn req<'a>(

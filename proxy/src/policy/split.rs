@@ -6,24 +6,23 @@
 
 use http::HeaderMap;
 
-/// Where a sticky key comes from: `header:NAME` or `cookie:NAME`.
+/// Where a sticky key comes from: `header:NAME` or `cookie:NAME` (parsed by spur-config).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum HashOn {
     Header(http::HeaderName),
     Cookie(String),
 }
 
-impl HashOn {
-    pub fn parse(spec: &str) -> Option<HashOn> {
-        match spec.split_once(':')? {
-            ("header", name) => http::HeaderName::from_bytes(name.as_bytes())
-                .ok()
-                .map(HashOn::Header),
-            ("cookie", name) if !name.is_empty() => Some(HashOn::Cookie(name.to_string())),
-            _ => None,
+impl From<&spur_config::HashOn> for HashOn {
+    fn from(h: &spur_config::HashOn) -> HashOn {
+        match h {
+            spur_config::HashOn::Header(name) => HashOn::Header(name.clone()),
+            spur_config::HashOn::Cookie(name) => HashOn::Cookie(name.as_str().to_string()),
         }
     }
+}
 
+impl HashOn {
     /// The key's bytes in this request, if it has one.
     pub fn key<'a>(&self, headers: &'a HeaderMap) -> Option<&'a [u8]> {
         match self {
@@ -77,9 +76,19 @@ pub fn pick_weighted(weights: &[u32], point: u64) -> usize {
 /// Chooses a split target: sticky when a key is given, random otherwise.
 /// `weights` must add up to `total > 0`.
 pub fn choose(weights: &[u32], total: u64, key: Option<&[u8]>) -> usize {
+    choose_with(weights, total, key, &mut fastrand::Rng::new())
+}
+
+/// [`choose`], drawing from `rng` when there is no key.
+pub fn choose_with(
+    weights: &[u32],
+    total: u64,
+    key: Option<&[u8]>,
+    rng: &mut fastrand::Rng,
+) -> usize {
     let point = match key {
         Some(k) => stable_hash(0x5b11_7000, k) % total,
-        None => fastrand::u64(0..total),
+        None => rng.u64(0..total),
     };
     pick_weighted(weights, point)
 }
@@ -97,11 +106,8 @@ mod tests {
         assert_eq!(cookie(&h, "beta"), Some("yes"));
         assert_eq!(cookie(&h, "c"), Some("q"));
         assert_eq!(cookie(&h, "b"), None);
-        assert_eq!(
-            HashOn::parse("cookie:beta").unwrap().key(&h),
-            Some(&b"yes"[..])
-        );
-        assert_eq!(HashOn::parse("ip:x"), None);
+        let spec: spur_config::Parsed<spur_config::HashOn> = "cookie:beta".parse().unwrap();
+        assert_eq!(HashOn::from(spec.get()).key(&h), Some(&b"yes"[..]));
     }
 
     #[test]

@@ -5,18 +5,21 @@
 //! a connect failure for the breaker and the retry policy, exactly like a TCP one. With
 //! `fallback`, a QUIC connection that cannot be made for a reason other than TLS
 //! verification (UDP blocked, nothing listening, timeout) sends the request over the
-//! cluster's TCP+TLS client instead, and that endpoint stays on TCP for
-//! [`FALLBACK_PERIOD`]; then one QUIC handshake is tried in the background (requests stay on
-//! TCP meanwhile) and QUIC takes over again if it succeeds. Each turn to TCP is counted in
+//! cluster's TCP+TLS connections instead (the endpoint's pool), and that endpoint stays on
+//! TCP for the cluster's `fallback_period` (default [`FALLBACK_PERIOD`]; the environment
+//! variable `SPUR_QUIC_FALLBACK_PERIOD` overrides it for every cluster); then one QUIC
+//! handshake is tried in the background (requests stay on TCP meanwhile) and QUIC takes
+//! over again if it succeeds. Each turn to TCP is counted in
 //! `spur_quic_fallback_total{cluster}`.
 //!
 //! Requests waiting while a connection is being made share its outcome: a handshake that
 //! fails fails them all at once, rather than each trying its own in turn.
 
 use crate::body::{H3Recv, H3Send, InBody};
+use crate::endpoint::EndpointState;
 use crate::metrics::{ClusterLabels, ReasonLabel, Side};
 use crate::tls::{ClientTlsRt, Role};
-use crate::upstream::{Client, ReqBody, UpstreamError};
+use crate::upstream::{HttpConnector, ReqBody, UpstreamError};
 use bytes::Bytes;
 use http::{header, Request, Response, Version};
 use http_body::Body;
@@ -28,23 +31,25 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// How long an endpoint whose QUIC connection failed stays on the TCP fallback, unless the
-/// environment variable `SPUR_QUIC_FALLBACK_PERIOD` (e.g. `5s`) says otherwise.
+/// How long an endpoint whose QUIC connection failed stays on the TCP fallback when the
+/// cluster's `fallback_period` does not say.
 pub const FALLBACK_PERIOD: Duration = Duration::from_secs(30);
 
-fn fallback_period() -> Duration {
+/// The cluster's `fallback_period`, unless the environment variable
+/// `SPUR_QUIC_FALLBACK_PERIOD` (e.g. `5s`) overrides it.
+fn fallback_period(configured: Duration) -> Duration {
     match std::env::var("SPUR_QUIC_FALLBACK_PERIOD") {
         Ok(v) => match v.parse::<spur_config::Duration>() {
             Ok(d) if !d.get().is_zero() => d.get(),
             _ => {
                 tracing::warn!(
                     value = v.as_str(),
-                    "SPUR_QUIC_FALLBACK_PERIOD is not a duration like 30s: using 30s"
+                    "SPUR_QUIC_FALLBACK_PERIOD is not a duration like 30s: using the cluster's fallback_period"
                 );
-                FALLBACK_PERIOD
+                configured
             }
         },
-        Err(_) => FALLBACK_PERIOD,
+        Err(_) => configured,
     }
 }
 /// Keep-alives hold pooled connections open through idle periods.
@@ -81,8 +86,7 @@ struct Slot {
 }
 
 struct Fallback {
-    client: Client,
-    version: Version,
+    connector: Arc<HttpConnector>,
     period: Duration,
     /// Endpoints on TCP: until when, and whether a QUIC probe is under way.
     until: Mutex<HashMap<SocketAddr, (Instant, bool)>>,
@@ -116,7 +120,7 @@ impl H3Client {
         cluster: &str,
         tls: Arc<ClientTlsRt>,
         connect_timeout: Duration,
-        fallback: Option<(Client, Version)>,
+        fallback: Option<(Arc<HttpConnector>, Duration)>,
         metrics: &crate::metrics::Metrics,
     ) -> H3Client {
         let cluster: Arc<str> = cluster.into();
@@ -139,36 +143,36 @@ impl H3Client {
             sockets: Mutex::new([None, None]),
             quic_config: Mutex::new(None),
             conns: Mutex::new(HashMap::new()),
-            fallback: fallback.map(|(client, version)| Fallback {
-                client,
-                version,
-                period: fallback_period(),
+            fallback: fallback.map(|(connector, period)| Fallback {
+                connector,
+                period: fallback_period(period),
                 until: Mutex::new(HashMap::new()),
             }),
         }
     }
 
+    /// Forgets connections and fallbacks of addresses that are no longer endpoints.
+    pub fn retain(&self, live: &dyn Fn(SocketAddr) -> bool) {
+        self.conns.lock().unwrap().retain(|a, _| live(*a));
+        if let Some(fb) = &self.fallback {
+            fb.until.lock().unwrap().retain(|a, _| live(*a));
+        }
+    }
+
     pub async fn request(
         self: &Arc<Self>,
+        endpoint: &EndpointState,
         mut req: Request<ReqBody>,
     ) -> Result<Response<InBody>, UpstreamError> {
-        let addr: SocketAddr = req
-            .uri()
-            .authority()
-            .and_then(|a| a.as_str().parse().ok())
-            .ok_or_else(|| UpstreamError {
-                connect: true,
-                tls_reason: None,
-                error: "the request URI names no endpoint address".into(),
-            })?;
+        let addr = endpoint.addr;
         if let Some(fb) = &self.fallback {
             match fb.route(addr) {
                 Route::Quic => {}
-                Route::Tcp => return fb.send(req).await,
+                Route::Tcp => return fb.send(endpoint, req).await,
                 Route::TcpAndProbe => {
                     let this = self.clone();
                     tokio::spawn(async move { this.probe(addr).await });
-                    return fb.send(req).await;
+                    return fb.send(endpoint, req).await;
                 }
             }
         }
@@ -181,13 +185,9 @@ impl H3Client {
                 Ok(c) => c,
                 Err(f) => {
                     if let (Some(fb), true) = (&self.fallback, f.fell_back) {
-                        return fb.send(req).await;
+                        return fb.send(endpoint, req).await;
                     }
-                    return Err(UpstreamError {
-                        connect: true,
-                        tls_reason: None,
-                        error: f.error,
-                    });
+                    return Err(UpstreamError::connect(f.error));
                 }
             };
             match self.send(&conn, req).await {
@@ -197,11 +197,9 @@ impl H3Client {
                     stale = Some(conn.quic.stable_id());
                 }
                 Err(Unsent::Again(_)) => {
-                    return Err(UpstreamError {
-                        connect: true,
-                        tls_reason: None,
-                        error: "the new QUIC connection closed before the request was sent".into(),
-                    })
+                    return Err(UpstreamError::not_sent(
+                        "the new QUIC connection closed before the request was sent",
+                    ))
                 }
                 Err(Unsent::Failed(e)) => return Err(e),
             }
@@ -449,10 +447,10 @@ impl H3Client {
                 // Refused unprocessed (after the server's GOAWAY): safe to send again.
                 let rejected = matches!(&e, h3::error::StreamError::RemoteTerminate { code, .. }
                     if *code == h3::error::Code::H3_REQUEST_REJECTED);
-                return Err(Unsent::Failed(UpstreamError {
-                    connect: rejected,
-                    tls_reason: None,
-                    error: Box::new(e),
+                return Err(Unsent::Failed(if rejected {
+                    UpstreamError::not_sent(e)
+                } else {
+                    UpstreamError::sent(e)
                 }));
             }
         };
@@ -473,11 +471,7 @@ enum Unsent {
 }
 
 fn reset(e: impl std::error::Error + Send + Sync + 'static) -> UpstreamError {
-    UpstreamError {
-        connect: false,
-        tls_reason: None,
-        error: Box::new(e),
-    }
+    UpstreamError::sent(e)
 }
 
 impl Fallback {
@@ -511,14 +505,32 @@ impl Fallback {
         self.until.lock().unwrap().remove(&addr);
     }
 
-    async fn send(&self, mut req: Request<ReqBody>) -> Result<Response<InBody>, UpstreamError> {
-        *req.version_mut() = self.version;
-        if self.version == Version::HTTP_2 {
+    /// Sends the request over TCP (+TLS) through the endpoint's pool, in the fallback's
+    /// HTTP version.
+    async fn send(
+        &self,
+        endpoint: &EndpointState,
+        mut req: Request<ReqBody>,
+    ) -> Result<Response<InBody>, UpstreamError> {
+        if self.connector.protocol == spur_config::UpstreamProtocol::Http2 {
+            *req.version_mut() = Version::HTTP_2;
             req.headers_mut().remove(header::HOST);
+        } else {
+            *req.version_mut() = Version::HTTP_11;
+            if let Some(a) = req.uri().authority() {
+                if !req.headers().contains_key(header::HOST) {
+                    if let Ok(v) = http::HeaderValue::from_str(a.as_str()) {
+                        req.headers_mut().insert(header::HOST, v);
+                    }
+                }
+            }
+            if let Some(p) = req.uri().path_and_query().cloned() {
+                *req.uri_mut() = http::Uri::from(p);
+            }
         }
-        match self.client.request(req).await {
-            Ok(r) => Ok(r.map(InBody::Http)),
-            Err(e) => Err(UpstreamError::from_hyper(e)),
-        }
+        endpoint
+            .pool
+            .send(&self.connector, endpoint.addr, req)
+            .await
     }
 }

@@ -1,6 +1,6 @@
 //! QUIC and HTTP/3 (quinn and h3): `http3` listeners ([`server`]) and `http3` clusters
 //! ([`client`]). Both ends hand requests to the same request path as HTTP/1.1 and HTTP/2
-//! ([`crate::forward`]); only the framing differs.
+//! ([`crate::http`]); only the framing differs.
 //!
 //! TLS is the listener's or cluster's own ([`crate::tls`]) with ALPN `h3`: the same
 //! certificates, client CA, SPIFFE verifiers and rotation. Each new connection takes the

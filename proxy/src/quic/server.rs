@@ -1,8 +1,9 @@
 //! `http3` listeners: a QUIC endpoint on a UDP socket; each connection's request streams
-//! become requests on the common request path ([`crate::forward::handle_any`]).
+//! become requests on the common request path ([`crate::http::handle_any`]).
 //!
-//! Like TCP listeners: `max_connections` (refused over it), `header_timeout` (for the
-//! handshake and for each request's headers), `idle_timeout` (QUIC's idle timeout),
+//! Like TCP listeners: `max_connections` (refused over it), `header_timeout` (from the first
+//! packet until the first request, and for each request's headers), `idle_timeout`
+//! (QUIC's idle timeout),
 //! `max_header_bytes` (431 from the request path; h3 refuses heads far larger), draining
 //! (GOAWAY, in-flight requests finish, then the drain timeout), `allow_identities` (403 per
 //! request) and the verified peer identity in the access log and upstream.
@@ -10,7 +11,7 @@
 use crate::adapters::idle::Activity;
 use crate::adapters::listener::ConnGuard;
 use crate::body::{H3Recv, H3Send, InBody};
-use crate::forward::{handle_any, ConnCtx, TlsSession};
+use crate::http::{handle_any, ConnCtx, TlsSession};
 use crate::metrics::{ListenerLabels, ReasonLabel, Side};
 use crate::snapshot::ListenerRt;
 use crate::tls::{Role, ServerTls};
@@ -194,7 +195,11 @@ async fn serve_conn(
             .get_or_create(&(side.clone(), ReasonLabel { reason }))
             .inc();
     };
-    let conn = match tokio::time::timeout(header_timeout, connecting).await {
+    // header_timeout from the first packet until the first request: the handshake, the
+    // HTTP/3 setup and the wait for a request stream share it, as they share a TCP
+    // listener's (a silent QUIC connection holds ~100 KB until it is closed).
+    let first_request_by = tokio::time::Instant::now() + header_timeout;
+    let conn = match tokio::time::timeout_at(first_request_by, connecting).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
             let reason = super::handshake_reason(&e, Role::Server);
@@ -241,14 +246,17 @@ async fn serve_conn(
     // h3 refuses heads over this outright; the request path answers 431 for heads over
     // max_header_bytes, so leave it room to.
     let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
-    let mut h3: H3Conn = match h3::server::builder()
-        .max_field_section_size(max_field)
-        .build(h3_quinn::Connection::new(conn.clone()))
-        .await
-    {
-        Ok(c) => c,
-        Err(e) => {
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(max_field);
+    let setup = builder.build(h3_quinn::Connection::new(conn.clone()));
+    let mut h3: H3Conn = match tokio::time::timeout_at(first_request_by, setup).await {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
             tracing::debug!(listener = &*lst.name, %peer, error = %e, "HTTP/3 setup failed");
+            return;
+        }
+        Err(_) => {
+            no_request(&shared, &lst, &conn);
             return;
         }
     };
@@ -259,11 +267,15 @@ async fn serve_conn(
     // Once draining, the time the requests in flight have left.
     let deadline = tokio::time::sleep(std::time::Duration::from_secs(10 * 365 * 86_400));
     tokio::pin!(deadline);
+    let first_request = tokio::time::sleep_until(first_request_by);
+    tokio::pin!(first_request);
+    let mut had_request = false;
     loop {
         let mut goaway = false;
         tokio::select! {
             accepted = h3.accept() => match accepted {
                 Ok(Some(resolver)) => {
+                    had_request = true;
                     streams.inc();
                     requests.spawn(serve_request(ctx.clone(), resolver, header_timeout));
                 }
@@ -294,6 +306,10 @@ async fn serve_conn(
             // they are; so close when the client does, or after this quiet moment.
             _ = tokio::time::sleep(CLOSE_LINGER), if draining && requests.is_empty() => break,
             _ = conn.closed() => break,
+            _ = &mut first_request, if !had_request && !draining => {
+                no_request(&shared, &lst, &conn);
+                return;
+            }
         }
         if goaway {
             // GOAWAY naming the next stream: the ones accepted so far will be answered.
@@ -318,6 +334,16 @@ async fn serve_conn(
         }
         conn.close(0u32.into(), b"");
     }
+}
+
+/// Closes a connection that sent no request within `header_timeout`, counted as a header
+/// timeout.
+fn no_request(shared: &Shared, lst: &ListenerRt, conn: &quinn::Connection) {
+    shared.metrics.reject(&lst.name, "header_timeout");
+    tracing::debug!(listener = &*lst.name, peer = %conn.remote_address(), "no request within header_timeout: QUIC connection closed");
+    let no_error = quinn::VarInt::from_u64(h3::error::Code::H3_NO_ERROR.value())
+        .unwrap_or(quinn::VarInt::from_u32(0));
+    conn.close(no_error, b"no request");
 }
 
 async fn serve_request(ctx: Arc<ConnCtx>, resolver: Resolver, header_timeout: std::time::Duration) {

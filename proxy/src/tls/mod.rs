@@ -108,7 +108,7 @@ impl ServerTls {
         identity: Option<&Arc<WorkloadIdentity>>,
     ) -> Result<ServerTls, TlsError> {
         let listener: Arc<str> = listener.into();
-        let allow = parse_identities("allow_identities", &cfg.allow_identities)?;
+        let allow: Arc<[Identity]> = cfg.allow_identities.iter().cloned().collect();
         let checks_at_handshake = protocol == ListenerProtocol::Tcp;
         let alpn: Vec<Vec<u8>> = match protocol {
             ListenerProtocol::Tcp => Vec::new(),
@@ -255,7 +255,7 @@ impl ClientTlsRt {
         identity: Option<&Arc<WorkloadIdentity>>,
     ) -> Result<ClientTlsRt, TlsError> {
         let cluster: Arc<str> = cluster.into();
-        let expect = parse_identities("expect_identities", &cfg.expect_identities)?;
+        let expect: Arc<[Identity]> = cfg.expect_identities.iter().cloned().collect();
         let no_files = cfg.ca.is_none() && cfg.cert.is_none() && cfg.key.is_none();
         let workload = identity.filter(|_| no_files);
         if workload.is_some() && expect.is_empty() {
@@ -268,18 +268,7 @@ impl ClientTlsRt {
                 },
             ));
         }
-        let server_name = match &cfg.server_name {
-            Some(n) => Some(ServerName::try_from(n.clone()).map_err(|_| {
-                TlsError::new(
-                    "server_name",
-                    MaterialError::Invalid {
-                        path: n.clone(),
-                        what: "not a DNS name or IP address".into(),
-                    },
-                )
-            })?),
-            None => None,
-        };
+        let server_name = cfg.server_name.as_ref().map(|n| n.get().clone());
         let ca = match (workload, &cfg.ca, files::system_ca_bundle()) {
             (Some(id), _, _) => Source::workload("ca", id, Part::Ca),
             (None, Some(ca), _) => Source::new("ca", ca),
@@ -388,23 +377,6 @@ impl ClientTlsRt {
             .map_err(HandshakeError::Io)?;
         Ok(Stream::Client(Box::new(stream)))
     }
-}
-
-fn parse_identities(field: &str, ids: &[String]) -> Result<Arc<[Identity]>, TlsError> {
-    ids.iter()
-        .enumerate()
-        .map(|(k, s)| {
-            Identity::parse(s).map_err(|e| {
-                TlsError::new(
-                    format!("{field}[{k}]"),
-                    MaterialError::Invalid {
-                        path: s.clone(),
-                        what: e.to_string(),
-                    },
-                )
-            })
-        })
-        .collect()
 }
 
 /// The certificate chain and its key, checked to belong together; and the leaf's serial

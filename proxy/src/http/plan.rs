@@ -1,0 +1,319 @@
+//! **Decide**: what Spur will do with a request, before any I/O.
+//!
+//! [`plan`] reads the compiled snapshot, what the connection knows ([`Peer`]) and the request
+//! head, and returns a [`Plan`]: the request ID and trace context to send, the flags that are
+//! on, the route, and either where the request goes ([`Forward`]: cluster, split side, hash
+//! key, deadline, retry policy, mirror) or why Spur answers it itself ([`Refusal`]). It is
+//! synchronous, does no I/O and changes nothing but counters, so it is tested as a table
+//! of requests and expected plans (see the tests below), and every capability that decides
+//! something about a request (authorization, rate limits, header rules) plugs in here.
+//!
+//! The phases, in order:
+//! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
+//! 2. **admit**: a peer the listener does not allow gets 403 `forbidden`; a head over
+//!    `max_header_bytes` gets 431;
+//! 3. **flags**: each flag decided once (or kept from a trusted peer);
+//! 4. **route**: the first matching route, else the original destination's cluster
+//!    (transparent mode), else the listener's default cluster, else 404;
+//! 5. **split**: the route's cluster or one side of its split (sticky by `hash_on`);
+//! 6. **fault**: injected delay and abort.
+
+use crate::headers;
+use crate::http::X_SPUR_FLAGS;
+use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
+use crate::policy::flags;
+use crate::policy::route::RequestView;
+use crate::policy::split;
+use crate::reason::Reason;
+use crate::snapshot::{ClusterRt, ListenerRt, MirrorRt, RetryRt, RouteRt, Snapshot, Target};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{HeaderValue, StatusCode};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// What the connection knows about the peer, for every request on it.
+#[derive(Clone, Copy)]
+pub struct Peer<'a> {
+    pub addr: SocketAddr,
+    /// The verified mTLS peer's SPIFFE ID.
+    pub identity: Option<&'a Arc<str>>,
+    /// Whether the listener's `allow_identities` let this peer in (true without mTLS).
+    pub allowed: bool,
+    /// Transparent mode: where the connection was going before the redirect.
+    pub original_dst: Option<SocketAddr>,
+}
+
+/// Everything decided about a request.
+pub struct Plan<'s> {
+    /// The request ID to send and answer with (`None`: none, generation is off).
+    pub request_id: Option<HeaderValue>,
+    /// The `traceparent` to send upstream.
+    pub trace: Option<TraceParent>,
+    /// For each of the snapshot's flags (by index), whether it is on.
+    pub flags_on: Vec<bool>,
+    /// `x-spur-flags` for the upstream.
+    pub flags_header: Option<HeaderValue>,
+    /// The matched route (`None`: default cluster or original destination).
+    pub route: Option<&'s RouteRt>,
+    /// The route label for logs and metrics (`None`: refused before a route was chosen).
+    pub route_name: Option<Arc<str>>,
+    /// The injected delay to wait before going on (fault injection).
+    pub delay: Option<Duration>,
+    pub action: Action<'s>,
+}
+
+pub enum Action<'s> {
+    Forward(Forward<'s>),
+    Refuse(Refusal),
+}
+
+/// Where a request goes and how it is tried.
+pub struct Forward<'s> {
+    pub cluster: Arc<ClusterRt>,
+    /// The index of the split side chosen (`None`: no split).
+    pub split_side: Option<usize>,
+    /// The sticky key (split and `ring_hash`).
+    pub hash_key: Option<Bytes>,
+    /// The whole request's deadline (the route's `timeout`).
+    pub deadline: Option<Instant>,
+    pub retry: Option<&'s RetryRt>,
+    /// Mirror this request (the route's `mirror`, sampled).
+    pub mirror: Option<&'s MirrorRt>,
+}
+
+/// An answer Spur makes itself.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: Reason,
+    pub status: StatusCode,
+    /// The cluster label, when a cluster was chosen before the refusal (a fault abort).
+    pub cluster: Option<&'static str>,
+}
+
+impl From<Reason> for Refusal {
+    fn from(reason: Reason) -> Refusal {
+        Refusal {
+            reason,
+            status: reason.status(),
+            cluster: None,
+        }
+    }
+}
+
+impl Plan<'_> {
+    /// The cluster chosen (`None` when refused).
+    pub fn cluster(&self) -> Option<&Arc<ClusterRt>> {
+        match &self.action {
+            Action::Forward(f) => Some(&f.cluster),
+            Action::Refuse(_) => None,
+        }
+    }
+}
+
+/// Decides what to do with a request with head `head` on listener `lst`, at `now`. `rng`
+/// draws the random choices (split without a key, mirror and fault percentages).
+pub fn plan<'s>(
+    snap: &'s Snapshot,
+    lst: &'s ListenerRt,
+    peer: Peer<'_>,
+    head: &Parts,
+    now: Instant,
+    rng: &mut fastrand::Rng,
+) -> Plan<'s> {
+    let (request_id, trace) = correlate(snap, head);
+    let mut plan = Plan {
+        request_id,
+        trace,
+        flags_on: Vec::new(),
+        flags_header: None,
+        route: None,
+        route_name: None,
+        delay: None,
+        action: Action::Refuse(Reason::NoRoute.into()),
+    };
+    if let Err(reason) = admit(lst, peer, head) {
+        plan.action = Action::Refuse(reason.into());
+        return plan;
+    }
+    let (on, header) = decide_flags(snap, lst, peer, &head.headers);
+    plan.flags_on = on;
+    plan.flags_header = header;
+    let view = RequestView {
+        method: &head.method,
+        path: head.uri.path(),
+        host: headers::host_of(&head.uri, &head.headers),
+        headers: &head.headers,
+    };
+    plan.route = lst.route(&view, &plan.flags_on);
+    let Some(route) = plan.route else {
+        // Transparent mode: the cluster owning the original destination, else the default.
+        let cluster = peer
+            .original_dst
+            .and_then(|a| snap.cluster_for_addr(a))
+            .or_else(|| lst.default_cluster.clone());
+        if let Some(cluster) = cluster {
+            plan.route_name = Some(lst.default_route_name.clone());
+            plan.action = Action::Forward(Forward {
+                cluster,
+                split_side: None,
+                hash_key: None,
+                deadline: None,
+                retry: None,
+                mirror: None,
+            });
+        }
+        return plan;
+    };
+    plan.route_name = Some(route.name.clone());
+    let hash_key = route
+        .hash_on
+        .as_ref()
+        .and_then(|h| h.key(&head.headers))
+        .map(Bytes::copy_from_slice);
+    let (cluster, split_side) = match &route.target {
+        Target::Cluster(c) => (c.clone(), None),
+        Target::Split {
+            clusters,
+            weights,
+            total,
+        } => {
+            let i = choose_split(clusters, weights, *total, hash_key.as_deref(), rng);
+            (clusters[i].clone(), Some(i))
+        }
+    };
+    if let Some(fault) = &route.fault {
+        if let Some(d) = &fault.delay {
+            if rng.f64() * 100.0 < d.percent {
+                plan.delay = Some(d.duration.get());
+            }
+        }
+        if let Some(a) = &fault.abort {
+            if rng.f64() * 100.0 < a.percent {
+                plan.action = Action::Refuse(Refusal {
+                    reason: Reason::Fault,
+                    status: StatusCode::from_u16(a.status)
+                        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+                    cluster: None,
+                });
+                return plan;
+            }
+        }
+    }
+    let upgrade = headers::is_upgrade_head(head);
+    plan.action = Action::Forward(Forward {
+        cluster,
+        split_side,
+        hash_key,
+        deadline: route.timeout.map(|t| now + t),
+        retry: route.retry.as_ref().filter(|_| !upgrade),
+        mirror: route
+            .mirror
+            .as_ref()
+            .filter(|m| !upgrade && rng.f64() * 100.0 < m.percent),
+    });
+    plan
+}
+
+/// The request ID (kept when valid, else made when generation is on) and the trace context
+/// (a child of the caller's, or a new trace).
+fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<TraceParent>) {
+    let c = &snap.correlation;
+    let request_id = match head.headers.get(&c.header) {
+        Some(v) if valid_request_id(v) => Some(v.clone()),
+        _ if c.generate => Some(new_request_id()),
+        _ => None,
+    };
+    let trace = c.trace_context.then(|| {
+        head.headers
+            .get(&headers::TRACEPARENT)
+            .and_then(|v| TraceParent::parse(v.as_bytes()))
+            .map_or_else(TraceParent::new_root, |p| p.child())
+    });
+    (request_id, trace)
+}
+
+/// The listener's own limits on who may send what.
+fn admit(lst: &ListenerRt, peer: Peer<'_>, head: &Parts) -> Result<(), Reason> {
+    if !peer.allowed {
+        return Err(Reason::Forbidden);
+    }
+    if headers::head_size_of(head) > lst.limits.max_header_bytes.get() as usize {
+        return Err(Reason::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// Decides which flags are on for this request: the trusted peer's decisions from
+/// `x-spur-flags`, or else each flag evaluated here. Also the `x-spur-flags` value for the
+/// upstream (an untrusted client's header never passes).
+fn decide_flags(
+    snap: &Snapshot,
+    lst: &ListenerRt,
+    peer: Peer<'_>,
+    headers: &http::HeaderMap,
+) -> (Vec<bool>, Option<HeaderValue>) {
+    let trusted = lst.trust_incoming_flags || peer.identity.is_some();
+    let mut on = vec![false; snap.flags.len()];
+    let kept = headers
+        .get(&X_SPUR_FLAGS)
+        .filter(|_| trusted)
+        .and_then(|v| v.to_str().ok());
+    let value = match kept {
+        Some(kept) => {
+            for name in flags::parse_header(kept) {
+                if let Some(i) = snap.flags.iter().position(|f| &*f.name == name) {
+                    on[i] = true;
+                }
+            }
+            // Flags this proxy does not know pass on unchanged, for the hops after it.
+            HeaderValue::from_str(&flags::header_value(flags::parse_header(kept))).ok()
+        }
+        None => {
+            for (i, f) in snap.flags.iter().enumerate() {
+                on[i] = f.flag.evaluate(headers);
+            }
+            if snap.flags.is_empty() {
+                Some(HeaderValue::from_static(""))
+            } else {
+                let names = snap.flags.iter().zip(&on).filter(|(_, o)| **o);
+                HeaderValue::from_str(&flags::header_value(names.map(|(f, _)| &*f.name))).ok()
+            }
+        }
+    };
+    for (f, o) in snap.flags.iter().zip(&on) {
+        let counter = if *o { &f.on } else { &f.off };
+        counter.inc();
+    }
+    (on, value)
+}
+
+/// One side of a split; a side with no available endpoint gives its share to the others
+/// (chosen the same sticky way), rather than failing its users.
+fn choose_split(
+    clusters: &[Arc<ClusterRt>],
+    weights: &[u32],
+    total: u64,
+    key: Option<&[u8]>,
+    rng: &mut fastrand::Rng,
+) -> usize {
+    let first = split::choose_with(weights, total, key, rng);
+    if clusters[first].has_available_endpoint() {
+        return first;
+    }
+    let live: Vec<u32> = clusters
+        .iter()
+        .zip(weights)
+        .map(|(c, w)| if c.has_available_endpoint() { *w } else { 0 })
+        .collect();
+    let live_total: u64 = live.iter().map(|w| u64::from(*w)).sum();
+    if live_total == 0 {
+        return first;
+    }
+    split::choose_with(&live, live_total, key, rng)
+}
+
+#[cfg(test)]
+#[path = "plan_tests.rs"]
+mod tests;

@@ -1,0 +1,367 @@
+//! The plan as a table: a config, a request head, what the connection knows, and the
+//! decision expected. No sockets, no runtime.
+
+use super::*;
+use crate::metrics::Metrics;
+use crate::registry::Registry;
+use std::time::Duration;
+
+const CONFIG: &str = r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: fallback
+    limits: { max_header_bytes: 1KiB }
+    routes:
+      - name: beta
+        match: { path_prefix: /shop, flag: new-shop }
+        cluster: v2
+      - name: shop
+        match: { path_prefix: /shop }
+        split: [{ cluster: v1, weight: 50 }, { cluster: v2, weight: 50 }]
+        hash_on: header:x-user
+        timeout: 2s
+        retry: { attempts: 3, retry_on: [connect-failure] }
+        mirror: { cluster: v2, percent: 100 }
+      - name: admin
+        match: { path: /admin, method: POST, host: ops.example, headers: [{ name: x-team, value: sre }] }
+        cluster: v1
+      - name: broken
+        match: { path_prefix: /broken }
+        cluster: v1
+        fault: { abort: { percent: 100, status: 418 } }
+      - name: slow
+        match: { path_prefix: /slow }
+        cluster: v1
+        fault: { delay: { percent: 100, duration: 300ms } }
+  - name: strict
+    listen: 127.0.0.1:0
+    routes:
+      - match: { path_prefix: /only }
+        cluster: v1
+  - name: out
+    listen: 127.0.0.1:0
+    original_dst: true
+clusters:
+  - { name: v1, endpoints: ["10.0.0.1:80"] }
+  - { name: v2, endpoints: ["10.0.0.2:80", "10.0.0.3:80"] }
+  - { name: fallback, endpoints: ["10.0.0.9:80"] }
+flags:
+  new-shop:
+    enabled: true
+    rules: [{ header: x-group, values: [beta] }]
+"#;
+
+fn snapshot() -> Snapshot {
+    let cfg = spur_config::load(CONFIG, Some("t.yaml")).expect("valid config");
+    let registry = Registry::default();
+    let metrics = Metrics::new();
+    Snapshot::compile(Arc::new(cfg), 1, &registry, &metrics, None).expect("compiles")
+}
+
+fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
+    let mut b = http::Request::builder().method(method).uri(uri);
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(()).unwrap().into_parts().0
+}
+
+const CLIENT: Peer<'static> = Peer {
+    addr: SocketAddr::V4(std::net::SocketAddrV4::new(
+        std::net::Ipv4Addr::new(192, 0, 2, 7),
+        40000,
+    )),
+    identity: None,
+    allowed: true,
+    original_dst: None,
+};
+
+struct Case {
+    listener: &'static str,
+    head: Parts,
+    peer: Peer<'static>,
+}
+
+fn case(method: &str, uri: &str, headers: &[(&str, &str)]) -> Case {
+    Case {
+        listener: "web",
+        head: head(method, uri, headers),
+        peer: CLIENT,
+    }
+}
+
+/// What a plan says, in a form a table can compare.
+#[derive(Debug, PartialEq)]
+enum Said {
+    Forward {
+        route: String,
+        cluster: String,
+    },
+    Refuse {
+        route: String,
+        reason: Reason,
+        status: u16,
+    },
+}
+
+fn decide<'s>(snap: &'s Snapshot, c: &Case) -> (Said, Plan<'s>) {
+    let lst = &snap.listeners[c.listener];
+    let mut rng = fastrand::Rng::with_seed(7);
+    let p = plan(snap, lst, c.peer, &c.head, Instant::now(), &mut rng);
+    let route = p.route_name.as_deref().unwrap_or("-").to_string();
+    let said = match &p.action {
+        Action::Forward(f) => Said::Forward {
+            route,
+            cluster: f.cluster.name.to_string(),
+        },
+        Action::Refuse(r) => Said::Refuse {
+            route,
+            reason: r.reason,
+            status: r.status.as_u16(),
+        },
+    };
+    (said, p)
+}
+
+fn fwd(route: &str, cluster: &str) -> Said {
+    Said::Forward {
+        route: route.into(),
+        cluster: cluster.into(),
+    }
+}
+
+fn refuse(route: &str, reason: Reason, status: u16) -> Said {
+    Said::Refuse {
+        route: route.into(),
+        reason,
+        status,
+    }
+}
+
+#[test]
+fn routes_and_refusals() {
+    let snap = snapshot();
+    let big = "x".repeat(2000);
+    let denied = Case {
+        peer: Peer {
+            allowed: false,
+            ..CLIENT
+        },
+        ..case("GET", "/shop", &[])
+    };
+    let table: Vec<(Case, Said)> = vec![
+        (
+            case("GET", "/shop/cart", &[("x-user", "u1")]),
+            fwd("shop", "v2"),
+        ),
+        (
+            case("GET", "/shop", &[("x-group", "beta")]),
+            fwd("beta", "v2"),
+        ),
+        (case("GET", "/elsewhere", &[]), fwd("default", "fallback")),
+        (
+            case("POST", "http://ops.example/admin", &[("x-team", "sre")]),
+            fwd("admin", "v1"),
+        ),
+        (
+            case(
+                "POST",
+                "/admin",
+                &[("host", "ops.example:8080"), ("x-team", "sre")],
+            ),
+            fwd("admin", "v1"),
+        ),
+        // One condition off each time: the default cluster answers.
+        (
+            case(
+                "GET",
+                "/admin",
+                &[("host", "ops.example"), ("x-team", "sre")],
+            ),
+            fwd("default", "fallback"),
+        ),
+        (
+            case(
+                "POST",
+                "/admin",
+                &[("host", "dev.example"), ("x-team", "sre")],
+            ),
+            fwd("default", "fallback"),
+        ),
+        (
+            case(
+                "POST",
+                "/admin",
+                &[("host", "ops.example"), ("x-team", "web")],
+            ),
+            fwd("default", "fallback"),
+        ),
+        (
+            case(
+                "POST",
+                "/admin/x",
+                &[("host", "ops.example"), ("x-team", "sre")],
+            ),
+            fwd("default", "fallback"),
+        ),
+        (
+            case("GET", "/broken", &[]),
+            refuse("broken", Reason::Fault, 418),
+        ),
+        (denied, refuse("-", Reason::Forbidden, 403)),
+        (
+            case("GET", "/shop", &[("x-big", big.as_str())]),
+            refuse("-", Reason::HeadersTooLarge, 431),
+        ),
+        (
+            Case {
+                listener: "strict",
+                ..case("GET", "/other", &[])
+            },
+            refuse("-", Reason::NoRoute, 404),
+        ),
+    ];
+    for (c, want) in &table {
+        let (said, _) = decide(&snap, c);
+        assert_eq!(&said, want, "{} {}", c.head.method, c.head.uri);
+    }
+}
+
+#[test]
+fn a_forward_carries_its_deadline_retry_mirror_and_sticky_side() {
+    let snap = snapshot();
+    let c = case("GET", "/shop", &[("x-user", "alice")]);
+    let before = Instant::now();
+    let (_, p) = decide(&snap, &c);
+    let Action::Forward(f) = &p.action else {
+        panic!("forwarded")
+    };
+    let deadline = f.deadline.expect("route timeout");
+    assert!(deadline >= before + Duration::from_secs(2));
+    assert!(deadline <= Instant::now() + Duration::from_secs(2));
+    assert_eq!(f.retry.expect("retry").policy.attempts, 3);
+    assert!(f.mirror.is_some(), "percent 100");
+    assert_eq!(f.hash_key.as_deref(), Some(&b"alice"[..]));
+    // Sticky: the same user, the same side, whatever the random draws.
+    let side = f.split_side.expect("a split");
+    for seed in 0..20 {
+        let lst = &snap.listeners["web"];
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let again = plan(&snap, lst, CLIENT, &c.head, Instant::now(), &mut rng);
+        let Action::Forward(g) = again.action else {
+            panic!()
+        };
+        assert_eq!(g.split_side, Some(side));
+    }
+    // The default route has no deadline, retry or mirror.
+    let (_, p) = decide(&snap, &case("GET", "/x", &[]));
+    let Action::Forward(f) = &p.action else {
+        panic!()
+    };
+    assert!(f.deadline.is_none() && f.retry.is_none() && f.mirror.is_none());
+}
+
+#[test]
+fn an_upgrade_is_never_retried_nor_mirrored() {
+    let snap = snapshot();
+    let mut c = case(
+        "GET",
+        "/shop",
+        &[("connection", "upgrade"), ("upgrade", "websocket")],
+    );
+    c.head.version = http::Version::HTTP_11;
+    let (_, p) = decide(&snap, &c);
+    let Action::Forward(f) = &p.action else {
+        panic!()
+    };
+    assert!(f.retry.is_none() && f.mirror.is_none());
+}
+
+#[test]
+fn a_split_side_without_endpoints_gives_its_share_away() {
+    let snap = snapshot();
+    // v2's endpoints fail their health checks.
+    for e in snap.clusters["v2"].members.load().endpoints.iter() {
+        e.record_check(false, 1, 1);
+    }
+    for user in 0..50 {
+        let c = case("GET", "/shop", &[("x-user", &format!("user-{user}"))]);
+        let (said, _) = decide(&snap, &c);
+        assert_eq!(said, fwd("shop", "v1"));
+    }
+}
+
+#[test]
+fn fault_delay_is_planned_not_slept() {
+    let snap = snapshot();
+    let (said, p) = decide(&snap, &case("GET", "/slow", &[]));
+    assert_eq!(said, fwd("slow", "v1"));
+    assert_eq!(p.delay, Some(Duration::from_millis(300)));
+}
+
+#[test]
+fn request_ids_and_trace_context() {
+    let snap = snapshot();
+    let (_, p) = decide(&snap, &case("GET", "/", &[("x-request-id", "abc-1")]));
+    assert_eq!(p.request_id.unwrap(), "abc-1");
+    let (_, p) = decide(&snap, &case("GET", "/", &[]));
+    assert_eq!(p.request_id.unwrap().len(), 36, "a UUID is made");
+    let (_, p) = decide(&snap, &case("GET", "/", &[("x-request-id", "bad id")]));
+    assert_ne!(p.request_id.unwrap(), "bad id");
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let (_, p) = decide(&snap, &case("GET", "/", &[("traceparent", tp)]));
+    let t = p.trace.unwrap();
+    assert_eq!(t.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(&t.parent_id, b"00f067aa0ba902b7", "a span of this hop");
+}
+
+#[test]
+fn flags_are_decided_here_or_kept_from_a_trusted_peer() {
+    let snap = snapshot();
+    // A client cannot switch a flag on by sending the header.
+    let (_, p) = decide(
+        &snap,
+        &case("GET", "/shop", &[("x-spur-flags", "new-shop")]),
+    );
+    assert_eq!(
+        p.route_name.as_deref(),
+        Some("shop"),
+        "not the flag's route"
+    );
+    assert_eq!(p.flags_on, vec![false]);
+    assert_eq!(p.flags_header.unwrap(), "");
+    // An mTLS peer's decision is kept, and flags unknown here pass on.
+    let id: Arc<str> = "spiffe://td/ns/a/sa/web".into();
+    let id: &'static Arc<str> = Box::leak(Box::new(id));
+    let c = Case {
+        peer: Peer {
+            identity: Some(id),
+            ..CLIENT
+        },
+        ..case("GET", "/shop", &[("x-spur-flags", "other,new-shop")])
+    };
+    let (said, p) = decide(&snap, &c);
+    assert_eq!(said, fwd("beta", "v2"));
+    assert_eq!(p.flags_on, vec![true]);
+    assert_eq!(p.flags_header.unwrap(), "new-shop,other");
+}
+
+#[test]
+fn transparent_mode_routes_by_original_destination() {
+    let snap = snapshot();
+    let to = |addr: &str| Case {
+        listener: "out",
+        peer: Peer {
+            original_dst: Some(addr.parse().unwrap()),
+            ..CLIENT
+        },
+        ..case("GET", "/", &[])
+    };
+    assert_eq!(decide(&snap, &to("10.0.0.3:80")).0, fwd("default", "v2"));
+    // An address no cluster owns is never forwarded as is.
+    assert_eq!(
+        decide(&snap, &to("10.9.9.9:80")).0,
+        refuse("-", Reason::NoRoute, 404)
+    );
+}

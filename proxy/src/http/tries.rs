@@ -1,0 +1,298 @@
+//! **Do**: send a planned request to its cluster, trying again where the route allows.
+//!
+//! In order: take one of the cluster's slots ([`crate::attempt::admit`]); read the body
+//! whole when a retry or a mirror may need it again (bounded by `max_body`); start the
+//! mirrored copy; then one [`Attempt`] per try, each within the per-try and whole-request
+//! deadlines. After a try, [`next_step`] decides: answer with what came, try again (another
+//! endpoint, after the backoff, within the budget), or answer with Spur's own reason.
+
+use super::plan::Forward;
+use super::{respond, ConnCtx, X_SPUR_ATTEMPT};
+use crate::attempt::{self, Attempt, Tried};
+use crate::body::InBody;
+use crate::exchange::{Exchange, RespBody};
+use crate::metrics::{ClusterLabels, ClusterReasonLabels, Metrics};
+use crate::mirror;
+use crate::policy::retry::{self, Outcome};
+use crate::reason::Reason;
+use crate::snapshot::{ClusterRt, RetryRt, Snapshot};
+use crate::upstream::{self, Buffered, ReqBody, UpstreamError};
+use bytes::Bytes;
+use http::request::Parts;
+use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use spur_config::UpstreamProtocol;
+use std::time::{Duration, Instant};
+
+/// Runs the tries of a planned request and answers the client.
+pub async fn run(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    fwd: &Forward<'_>,
+    mut head: Parts,
+    body: InBody,
+    mut ex: Exchange,
+) -> Response<RespBody> {
+    let metrics = &ctx.shared.metrics;
+    match attempt::admit(&fwd.cluster, fwd.deadline, metrics).await {
+        Ok(slot) => ex.permit = slot,
+        Err(reason) => return respond::local(reason.into(), snap, ex),
+    }
+    let downstream_upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    let Some(mut body) = TryBody::read(fwd, body, &ex).await else {
+        return respond::local(Reason::BadRequest.into(), snap, ex);
+    };
+    if let Some(r) = fwd.retry {
+        r.budget.deposit(crate::clock::now());
+    }
+    if let Some(m) = fwd.mirror {
+        ex.mirror = match body.replayable() {
+            Some(data) => mirror::spawn(
+                ctx.shared.clone(),
+                m.cluster.clone(),
+                &head,
+                ex.path.clone(),
+                data,
+                ex.request_id.clone(),
+            ),
+            None => {
+                mirror::dropped(&ctx.shared, &m.cluster.name);
+                None
+            }
+        }
+        .map(|tx| (tx, mirror::BodyHash::default()));
+    }
+    let idempotent = retry::idempotent(&head.method);
+    let mut tried = Tried::default();
+    let mut number: u32 = 1;
+    loop {
+        if fwd.deadline.is_some_and(|d| crate::clock::now() >= d) {
+            return respond::local(Reason::Timeout.into(), snap, ex);
+        }
+        let Some(attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
+            return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
+        };
+        let req = try_request(&head, &fwd.cluster, &attempt, &ex, body.for_try(), number);
+        let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
+        let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
+        let sent =
+            crate::clock::until(limit, fwd.cluster.client.send(attempt.endpoint(), req)).await;
+        let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
+        attempt.record(outcome, metrics);
+        let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
+        match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
+        {
+            Some(pause) => {
+                drop(result);
+                tokio::time::sleep(pause).await;
+                tried.add(attempt.index);
+                number += 1;
+            }
+            None => {
+                return match result {
+                    Ok(resp) => {
+                        ex.endpoint = Some(attempt.in_flight);
+                        respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
+                    }
+                    Err(reason) => {
+                        ex.endpoint = Some(attempt.in_flight);
+                        if reason == Reason::BadRequest {
+                            metrics.reject(&ctx.listener, "client_abort");
+                        }
+                        respond::local(reason.into(), snap, ex)
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The request body as the tries see it: held whole (so each try sends it again), or a
+/// stream only the first try can send.
+enum TryBody {
+    Whole(Bytes, Option<HeaderMap>),
+    Stream(Option<ReqBody>),
+}
+
+impl TryBody {
+    /// Reads the body whole when a retry or a mirror may need it (up to the larger of their
+    /// limits); `None` when the client's body broke off while being read.
+    async fn read(fwd: &Forward<'_>, body: InBody, ex: &Exchange) -> Option<TryBody> {
+        let limit = match (fwd.retry, fwd.mirror) {
+            (Some(r), Some(_)) => Some(r.policy.max_body.max(mirror::MAX_BODY)),
+            (Some(r), None) => Some(r.policy.max_body),
+            (None, Some(_)) => Some(mirror::MAX_BODY),
+            (None, None) => None,
+        };
+        let Some(limit) = limit else {
+            return Some(TryBody::Stream(Some(ReqBody::streaming(
+                body,
+                ex.body.clone(),
+            ))));
+        };
+        match upstream::buffer(body, limit, ex.body.clone()).await {
+            Buffered::Whole(data, trailers) => Some(TryBody::Whole(data, trailers)),
+            Buffered::Stream(b) => Some(TryBody::Stream(Some(b))),
+            Buffered::Broken => None,
+        }
+    }
+
+    /// The body held whole, if it is.
+    fn replayable(&self) -> Option<(Bytes, Option<HeaderMap>)> {
+        match self {
+            TryBody::Whole(d, t) => Some((d.clone(), t.clone())),
+            TryBody::Stream(_) => None,
+        }
+    }
+
+    /// Whether a retry may send it again within the policy's own `max_body`.
+    fn fits(&self, retry: &RetryRt) -> bool {
+        matches!(self, TryBody::Whole(d, _) if d.len() as u64 <= retry.policy.max_body)
+    }
+
+    fn for_try(&mut self) -> ReqBody {
+        match self {
+            TryBody::Whole(d, t) => ReqBody::replay(d, t),
+            TryBody::Stream(s) => s.take().unwrap_or_else(ReqBody::empty),
+        }
+    }
+}
+
+/// The request one try sends: the rewritten head, addressed to the endpoint, in the
+/// cluster's HTTP version.
+fn try_request(
+    head: &Parts,
+    cluster: &ClusterRt,
+    attempt: &Attempt,
+    ex: &Exchange,
+    body: ReqBody,
+    number: u32,
+) -> Request<ReqBody> {
+    let mut req = Request::new(body);
+    *req.method_mut() = head.method.clone();
+    *req.headers_mut() = head.headers.clone();
+    if number > 1 {
+        req.headers_mut()
+            .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(number));
+    }
+    *req.version_mut() = cluster.http_version();
+    *req.uri_mut() = upstream_uri(cluster, attempt, &ex.path);
+    if req.version() == Version::HTTP_2 {
+        // HTTP/2 carries the endpoint as its authority. (HTTP/3 turns Host into its
+        // `:authority`, so the next hop can route by it, see `crate::quic::client`.)
+        req.headers_mut().remove(header::HOST);
+    }
+    req
+}
+
+/// HTTP/1.1 sends the origin form (`/path?query`); HTTP/2 and HTTP/3 need scheme and
+/// authority, the endpoint's address.
+fn upstream_uri(cluster: &ClusterRt, attempt: &Attempt, path: &http::uri::PathAndQuery) -> Uri {
+    if cluster.protocol == UpstreamProtocol::Http1 {
+        return Uri::from(path.clone());
+    }
+    let mut uri = http::uri::Parts::default();
+    uri.scheme = Some(cluster.scheme());
+    uri.authority = Some(attempt.endpoint().authority.clone());
+    uri.path_and_query = Some(path.clone());
+    Uri::from_parts(uri).expect("scheme, authority and path make a URI")
+}
+
+/// What a try came to, and the response or Spur's reason to answer with.
+fn classify(
+    sent: Option<Result<Response<InBody>, UpstreamError>>,
+    ex: &Exchange,
+    metrics: &Metrics,
+    cluster: &ClusterRt,
+) -> (Outcome, Result<Response<InBody>, Reason>) {
+    let outcome = match &sent {
+        None => Outcome::Timeout,
+        Some(Ok(r)) => Outcome::Status(r.status().as_u16()),
+        Some(Err(e)) => {
+            tracing::debug!(cluster = &*cluster.name, error = %e, "upstream error");
+            if let Some(reason) = e.tls_reason {
+                metrics.upstream_tls_error(&cluster.name, reason);
+            }
+            // The client's body broke off: whatever the upstream did, that is why.
+            if ex.body.client_failed() {
+                Outcome::ClientAbort
+            } else {
+                e.failure.outcome()
+            }
+        }
+    };
+    let result = match sent {
+        Some(Ok(resp)) => Ok(resp),
+        _ => Err(outcome.failure_reason().unwrap_or(Reason::UpstreamReset)),
+    };
+    (outcome, result)
+}
+
+/// Whether to try again after try number `number` came to `outcome`, and after what pause:
+/// the policy allows it, the pause still ends before the deadline (a retry whose pause alone
+/// reaches the deadline is not made: the client gets this answer rather than a 504), and the
+/// body can be sent again (counted as `body_too_large` when it cannot).
+fn next_step<'r>(
+    fwd: &Forward<'r>,
+    outcome: Outcome,
+    number: u32,
+    idempotent: bool,
+    body: &TryBody,
+    metrics: &Metrics,
+) -> Option<(&'r RetryRt, Duration)> {
+    let r = fwd.retry?;
+    if !r.policy.retryable(outcome, number, idempotent) {
+        return None;
+    }
+    let pause = r.policy.backoff(number);
+    if fwd
+        .deadline
+        .is_some_and(|d| crate::clock::now() + pause >= d)
+    {
+        return None;
+    }
+    if !body.fits(r) {
+        metrics
+            .retry_skipped
+            .get_or_create(&ClusterReasonLabels {
+                cluster: fwd.cluster.name.clone(),
+                reason: "body_too_large",
+            })
+            .inc();
+        return None;
+    }
+    Some((r, pause))
+}
+
+/// Takes a retry from the route's budget: counted as a retry (by the failed try's reason),
+/// or as the budget exhausted.
+fn budget(r: &RetryRt, outcome: Outcome, cluster: &ClusterRt, metrics: &Metrics) -> bool {
+    if r.budget.withdraw(crate::clock::now()) {
+        metrics
+            .retries
+            .get_or_create(&ClusterReasonLabels {
+                cluster: cluster.name.clone(),
+                reason: outcome.reason(),
+            })
+            .inc();
+        true
+    } else {
+        metrics
+            .retry_budget_exhausted
+            .get_or_create(&ClusterLabels {
+                cluster: cluster.name.clone(),
+            })
+            .inc();
+        false
+    }
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+#[cfg(test)]
+#[path = "tries_tests.rs"]
+mod tests;

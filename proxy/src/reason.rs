@@ -1,0 +1,107 @@
+//! Every answer Spur makes itself, and every way a try can fail, named once.
+//!
+//! A [`Reason`] owns its status code, its `x-spur-error` value and its label in the access
+//! log and in metrics (`spur_retries_total{reason}`, `spur_tcp_connections_total{result}`),
+//! so the same failure cannot be called `upstream_unreachable` in one place and
+//! `connect-failure` in another.
+
+use http::StatusCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Reason {
+    /// No route matched and the listener has no default cluster (404).
+    NoRoute,
+    /// The listener was removed by a config push while the connection was open (503).
+    ListenerRemoved,
+    /// The route's timeout (whole request, retries included) or the per-try timeout (504).
+    Timeout,
+    /// Over the cluster's `max_requests` (and `max_pending`) (503).
+    Overloaded,
+    /// Every endpoint of the cluster is ejected, failing health checks, or none exist (503).
+    NoHealthyEndpoint,
+    /// No connection could be made to the endpoint (refused, unreachable, TLS failed) (502).
+    UpstreamUnreachable,
+    /// The connection to the endpoint broke before a whole response head arrived (502).
+    UpstreamReset,
+    /// The route's fault injection aborted the request (the configured status).
+    Fault,
+    /// The peer is not allowed on this listener (403).
+    Forbidden,
+    /// The request is malformed, or the client's own body broke off (400).
+    BadRequest,
+    /// The request head is over the listener's `max_header_bytes` (431).
+    HeadersTooLarge,
+}
+
+impl Reason {
+    /// The status of a response Spur makes for this reason.
+    pub fn status(self) -> StatusCode {
+        match self {
+            Reason::NoRoute => StatusCode::NOT_FOUND,
+            Reason::ListenerRemoved
+            | Reason::Overloaded
+            | Reason::NoHealthyEndpoint
+            | Reason::Fault => StatusCode::SERVICE_UNAVAILABLE,
+            Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
+            Reason::UpstreamUnreachable | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
+            Reason::Forbidden => StatusCode::FORBIDDEN,
+            Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+        }
+    }
+
+    /// `x-spur-error`, the access log's `error` and the metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::NoRoute => "no_route",
+            Reason::ListenerRemoved => "listener_removed",
+            Reason::Timeout => "timeout",
+            Reason::Overloaded => "overloaded",
+            Reason::NoHealthyEndpoint => "no_healthy_endpoint",
+            Reason::UpstreamUnreachable => "upstream_unreachable",
+            Reason::UpstreamReset => "upstream_reset",
+            Reason::Fault => "fault",
+            Reason::Forbidden => "forbidden",
+            Reason::BadRequest => "bad_request",
+            Reason::HeadersTooLarge => "headers_too_large",
+        }
+    }
+}
+
+impl std::fmt::Display for Reason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_are_distinct_and_statuses_are_errors() {
+        let all = [
+            Reason::NoRoute,
+            Reason::ListenerRemoved,
+            Reason::Timeout,
+            Reason::Overloaded,
+            Reason::NoHealthyEndpoint,
+            Reason::UpstreamUnreachable,
+            Reason::UpstreamReset,
+            Reason::Fault,
+            Reason::Forbidden,
+            Reason::BadRequest,
+            Reason::HeadersTooLarge,
+        ];
+        let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
+        assert_eq!(labels.len(), all.len());
+        for r in all {
+            assert!(r.status().as_u16() >= 400, "{r}");
+        }
+        assert_eq!(
+            Reason::UpstreamUnreachable.status(),
+            StatusCode::BAD_GATEWAY
+        );
+        assert_eq!(Reason::Overloaded.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

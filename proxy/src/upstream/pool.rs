@@ -1,0 +1,224 @@
+//! The connections to one endpoint, HTTP/1.1 or HTTP/2 over TCP (plain or TLS).
+//!
+//! HTTP/1.1: a stack of connections, each carrying one exchange at a time. A connection goes
+//! back on the stack as soon as its response head arrives; it is handed out again only once
+//! hyper says it is ready (its response body has been read to the end), so no task waits for
+//! that moment. The most recently used ready connection is taken first (its TCP window and
+//! the server's keep-alive timer are the freshest), closed ones are dropped on the way.
+//!
+//! HTTP/2: one multiplexed connection, shared by every request, made again when it closes.
+//! Requests arriving while it is being made wait for that one handshake.
+//!
+//! A pooled connection that turns out closed takes the request back unwritten (hyper returns
+//! it): the request then goes on one fresh connection, and the try is not charged for the
+//! stale one. A fresh connection that does the same is [`Failure::NotSent`].
+
+use super::{HttpConnector, ReqBody, UpstreamError};
+use crate::body::InBody;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use spur_config::UpstreamProtocol;
+use std::net::SocketAddr;
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Connections kept per endpoint beyond which a returning one is closed.
+const MAX_H1: usize = 1024;
+
+#[derive(Default)]
+pub struct Pool {
+    h1: Mutex<Vec<H1>>,
+    h2: Mutex<Option<H2>>,
+    /// Serializes making a new HTTP/2 connection.
+    h2_connecting: tokio::sync::Mutex<()>,
+}
+
+struct H1 {
+    send: http1::SendRequest<ReqBody>,
+    generation: u64,
+}
+
+#[derive(Clone)]
+struct H2 {
+    send: http2::SendRequest<ReqBody>,
+    generation: u64,
+}
+
+type Answer = Result<http::Response<InBody>, UpstreamError>;
+
+impl Pool {
+    /// Sends `req` to `addr` on a pooled or new connection made by `conn`.
+    pub async fn send(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Answer {
+        match conn.protocol {
+            UpstreamProtocol::Http2 => self.send_h2(conn, addr, req).await,
+            _ => self.send_h1(conn, addr, req).await,
+        }
+    }
+
+    /// Open HTTP/1.1 connections (idle or busy) and whether an HTTP/2 one is open.
+    pub fn connections(&self) -> (usize, bool) {
+        let h1 = self.h1.lock().unwrap().len();
+        let h2 = self
+            .h2
+            .lock()
+            .unwrap()
+            .as_ref()
+            .is_some_and(|c| !c.send.is_closed());
+        (h1, h2)
+    }
+
+    fn checkout_h1(&self, generation: u64) -> Option<H1> {
+        let mut stack = self.h1.lock().unwrap();
+        let mut i = stack.len();
+        while i > 0 {
+            i -= 1;
+            let c = &stack[i];
+            if c.send.is_closed() || c.generation != generation {
+                stack.swap_remove(i);
+            } else if c.send.is_ready() {
+                return Some(stack.swap_remove(i));
+            }
+        }
+        None
+    }
+
+    fn checkin_h1(&self, c: H1) {
+        let mut stack = self.h1.lock().unwrap();
+        if stack.len() < MAX_H1 {
+            stack.push(c);
+        }
+    }
+
+    async fn send_h1(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        mut req: http::Request<ReqBody>,
+    ) -> Answer {
+        if let Some(mut c) = self.checkout_h1(conn.generation) {
+            match c.send.try_send_request(req).await {
+                Ok(resp) => {
+                    self.checkin_h1(c);
+                    return Ok(resp.map(InBody::Http));
+                }
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) => req = unsent,
+                    None => return Err(UpstreamError::sent(e.into_error())),
+                },
+            }
+        }
+        let mut c = connect_h1(conn, addr).await?;
+        match c.send.try_send_request(req).await {
+            Ok(resp) => {
+                self.checkin_h1(c);
+                Ok(resp.map(InBody::Http))
+            }
+            Err(mut e) => Err(match e.take_message() {
+                Some(_) => UpstreamError::not_sent(e.into_error()),
+                None => UpstreamError::sent(e.into_error()),
+            }),
+        }
+    }
+
+    async fn send_h2(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        mut req: http::Request<ReqBody>,
+    ) -> Answer {
+        let mut fresh = false;
+        loop {
+            let mut c = match self.current_h2(conn.generation) {
+                Some(c) => c,
+                None => {
+                    fresh = true;
+                    self.connect_h2(conn, addr).await?
+                }
+            };
+            match c.send.try_send_request(req).await {
+                Ok(resp) => return Ok(resp.map(InBody::Http)),
+                Err(mut e) => match e.take_message() {
+                    Some(unsent) if !fresh => {
+                        self.forget_h2(&c);
+                        req = unsent;
+                    }
+                    Some(_) => return Err(UpstreamError::not_sent(e.into_error())),
+                    None => return Err(UpstreamError::sent(e.into_error())),
+                },
+            }
+        }
+    }
+
+    fn current_h2(&self, generation: u64) -> Option<H2> {
+        let h2 = self.h2.lock().unwrap();
+        h2.as_ref()
+            .filter(|c| c.generation == generation && !c.send.is_closed())
+            .cloned()
+    }
+
+    fn forget_h2(&self, stale: &H2) {
+        let mut h2 = self.h2.lock().unwrap();
+        if h2
+            .as_ref()
+            .is_some_and(|c| c.send.is_closed() || c.generation != stale.generation)
+        {
+            *h2 = None;
+        }
+    }
+
+    /// The shared HTTP/2 connection, made now unless another request made it meanwhile.
+    async fn connect_h2(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+    ) -> Result<H2, UpstreamError> {
+        let _one_at_a_time = self.h2_connecting.lock().await;
+        if let Some(c) = self.current_h2(conn.generation) {
+            return Ok(c);
+        }
+        let io = TokioIo::new(conn.connect(addr, false).await?);
+        let mut builder = http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_while_idle(false)
+            .adaptive_window(true);
+        let (send, connection) = builder
+            .handshake(io)
+            .await
+            .map_err(UpstreamError::connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(%addr, error = %e, "upstream HTTP/2 connection ended");
+            }
+        });
+        let c = H2 {
+            send,
+            generation: conn.generation,
+        };
+        *self.h2.lock().unwrap() = Some(c.clone());
+        Ok(c)
+    }
+}
+
+async fn connect_h1(conn: &HttpConnector, addr: SocketAddr) -> Result<H1, UpstreamError> {
+    let io = TokioIo::new(conn.connect(addr, false).await?);
+    let (send, connection) = http1::Builder::new()
+        .handshake(io)
+        .await
+        .map_err(UpstreamError::connect)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.with_upgrades().await {
+            tracing::debug!(%addr, error = %e, "upstream HTTP/1.1 connection ended");
+        }
+    });
+    Ok(H1 {
+        send,
+        generation: conn.generation,
+    })
+}
