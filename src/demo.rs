@@ -1,8 +1,10 @@
 //! `spur demo`: the whole system in one process. A control plane holds the config of group
 //! `demo`; a proxy watches it; two echo backends, `v1` and `v2`, stand behind the proxy.
 //! The config has a sticky 90/10 canary split, a feature flag that sends beta users to v2,
-//! and a mirror that copies checkout traffic to v2 and compares the answers. Prints the
-//! URLs and curl lines to try, including one that turns the flag off live.
+//! and two mirrors: /catalog is copied to another instance of the same build (the
+//! comparison finds them `same`), /checkout to v2, another version that answers
+//! differently on purpose (`differ`). Prints the URLs and curl lines to try, including one
+//! that turns the flag off live.
 
 use spur_proxy::reload::{spawn_control, ControlSource};
 use spur_proxy::{cli::wait_for_signal, echo, log, Proxy};
@@ -13,11 +15,13 @@ use std::time::{Duration, Instant};
 
 const HELP: &str = "usage: spur demo [--listen ADDR] [--admin ADDR] [--control ADDR]
 
-Starts a control plane (default 127.0.0.1:7070), two echo backends (v1, v2) and a proxy
-(default 127.0.0.1:8080, admin 127.0.0.1:9901) that watches the control plane. Routes:
-the flag `new-checkout` (on for `x-user-group: beta`) sends requests to v2; everything
-else is split 90% v1 / 10% v2, sticky per x-user-id; /checkout is mirrored to v2.
-Serves until Ctrl-C.";
+Starts a control plane (default 127.0.0.1:7070), two echo backends (v1, v2), two
+instances of a catalog backend and a proxy (default 127.0.0.1:8080, admin 127.0.0.1:9901)
+that watches the control plane. Routes: the flag `new-checkout` (on for
+`x-user-group: beta`) sends requests to v2; /catalog goes to catalog and is mirrored to
+catalog-next (the same build: the answers compare `same`); /checkout goes to v1 and is
+mirrored to v2 (another version: `differ`); everything else is split 90% v1 / 10% v2,
+sticky per x-user-id. Serves until Ctrl-C.";
 
 pub fn main(args: &[String]) -> ExitCode {
     let mut listen = "127.0.0.1:8080".to_string();
@@ -55,7 +59,24 @@ fn usage(msg: &str) -> ExitCode {
     ExitCode::from(2)
 }
 
-fn demo_config(listen: &str, admin: &str, v1: SocketAddr, v2: SocketAddr) -> String {
+/// The addresses of the demo's backends.
+struct Backends {
+    v1: SocketAddr,
+    v2: SocketAddr,
+    catalog: SocketAddr,
+    catalog_next: SocketAddr,
+}
+
+/// What both catalog instances answer: one build, so the mirror finds no difference.
+const CATALOG: &str = "{\"items\": [\"tea\", \"cake\"], \"build\": \"2026.11\"}\n";
+
+fn demo_config(listen: &str, admin: &str, b: &Backends) -> String {
+    let Backends {
+        v1,
+        v2,
+        catalog,
+        catalog_next,
+    } = b;
     format!(
         r#"
 node: demo
@@ -67,6 +88,10 @@ listeners:
       - name: new-checkout
         match: {{ flag: new-checkout }}
         cluster: v2
+      - name: catalog
+        match: {{ path_prefix: /catalog }}
+        cluster: catalog
+        mirror: {{ cluster: catalog-next, percent: 100 }}
       - name: checkout
         match: {{ path_prefix: /checkout }}
         cluster: v1
@@ -82,6 +107,8 @@ listeners:
 clusters:
   - {{ name: v1, endpoints: ["{v1}"] }}
   - {{ name: v2, endpoints: ["{v2}"] }}
+  - {{ name: catalog, endpoints: ["{catalog}"] }}
+  - {{ name: catalog-next, endpoints: ["{catalog_next}"] }}
 flags:
   new-checkout:
     enabled: true
@@ -101,12 +128,26 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
         Ok(x) => x,
         Err(e) => return fail(&format!("cannot start backend v2: {e}")),
     };
+    let (catalog, _t3) = match echo::start_fixed("catalog", any, CATALOG).await {
+        Ok(x) => x,
+        Err(e) => return fail(&format!("cannot start backend catalog: {e}")),
+    };
+    let (catalog_next, _t4) = match echo::start_fixed("catalog-next", any, CATALOG).await {
+        Ok(x) => x,
+        Err(e) => return fail(&format!("cannot start backend catalog-next: {e}")),
+    };
+    let backends = Backends {
+        v1,
+        v2,
+        catalog,
+        catalog_next,
+    };
     let data_dir = std::env::temp_dir().join(format!("spur-demo-{}", std::process::id()));
-    let cp = match spur_control::start(spur_control::Options { listen: control, data_dir: data_dir.clone(), token: None, ca: None, kubernetes: None }).await {
+    let cp = match spur_control::start(spur_control::Options { listen: control, data_dir: data_dir.clone(), ..Default::default() }).await {
         Ok(h) => h,
         Err(e) => return fail(&format!("{e}\n(is another `spur demo` running? try --control 127.0.0.1:0 --listen 127.0.0.1:0 --admin 127.0.0.1:0)")),
     };
-    let cfg = match spur_config::load(&demo_config(&listen, &admin, v1, v2), Some("demo.yaml")) {
+    let cfg = match spur_config::load(&demo_config(&listen, &admin, &backends), Some("demo.yaml")) {
         Ok(c) => c,
         Err(e) => return fail(&format!("demo config is invalid: {e}")),
     };
@@ -142,16 +183,19 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
   admin     {admin_url}   (/metrics /ready /live /config /clusters)
   control   {control_url}   (group `demo`)
   backends  v1 http://{v1}   v2 http://{v2}
+            catalog http://{catalog}   catalog-next http://{catalog_next}
 
 Routes: the flag `new-checkout` (on for `x-user-group: beta`) sends requests to v2;
-/checkout goes to v1 and is mirrored to v2; everything else is split 90% v1 / 10% v2,
-sticky per x-user-id.
+/catalog goes to catalog and is mirrored to catalog-next, the same build (the answers
+compare `same`); /checkout goes to v1 and is mirrored to v2, another version (`differ`,
+on purpose); everything else is split 90% v1 / 10% v2, sticky per x-user-id.
 
 Try:
   curl -s {url}/hello -H 'x-user-id: alice'
   curl -s {url}/checkout -H 'x-user-group: beta'
   curl -s -X PATCH {control_url}/v1/groups/demo/flags/new-checkout -d '{{\"enabled\": false}}'
-then the second line again (now v1), and:
+then the second line again (now v1), and the mirrors:
+  curl -s {url}/catalog; curl -s {url}/checkout
   curl -s {admin_url}/metrics | grep -E 'spur_(requests|flag_evaluations|mirror_requests)_total'
 
 Ctrl-C to stop."

@@ -17,10 +17,13 @@
 //!   containers, a bad annotation) is reported with its document number and nothing is
 //!   printed on stdout, so a pipe to kubectl never applies half a file.
 //!
-//! What is added to a pod, and why as a native sidecar, is in [`pod`]; how the output is
-//! written so that kubectl reads it back the same, in [`emit`].
+//! What is added to a pod, and why as a native sidecar, is in [`pod`] and [`containers`];
+//! the group configs `--config-dir` writes, in [`mesh`]; how the output is written so that
+//! kubectl reads it back the same, in [`emit`].
 
+mod containers;
 mod emit;
+mod mesh;
 mod pod;
 
 use serde_yaml_ng::{Mapping, Value};
@@ -33,15 +36,31 @@ Reads Kubernetes manifests (a file, or stdin with `-`; several documents separat
 `---`) and prints them with Spur added to every Deployment, StatefulSet, DaemonSet,
 ReplicaSet, Job, CronJob and Pod (also inside a `kind: List`):
   - init container `spur-init`: `spur init-iptables`, which redirects the pod's inbound
-    TCP to the proxy's inbound port and its outbound TCP to the outbound port;
+    TCP to the proxy's inbound port and its outbound TCP to the outbound port (except the
+    admin port and the ports the kubelet probes the app on, inbound);
   - native sidecar `spur-proxy` (an init container with restartPolicy: Always, Kubernetes
-    1.29+): `spur proxy --control URL --node $(POD_NAME) --group GROUP`, where GROUP is
-    the pod's `app` label, else `app.kubernetes.io/name`, else the workload's name.
+    1.29+): `spur proxy --control URL --node $(POD_NAME) --group GROUP --admin
+    0.0.0.0:ADMIN`, where GROUP is the pod's `app` label, else `app.kubernetes.io/name`,
+    else the workload's name;
+  - meshed by default: a projected service account token (audience spur) mounted into the
+    sidecar and passed as --sa-token-file, so it gets the certificate of the pod's service
+    account (spiffe://TD/ns/NS/sa/SA) from the control plane's mesh CA (spur control
+    --ca-dir DIR --kubernetes);
+  - the annotations prometheus.io/scrape, /port (ADMIN) and /path (/metrics), unless the
+    pod template has its own.
 Other documents are copied unchanged, byte for byte. Injected documents are rewritten:
 comments inside them are lost (the comment lines above them are kept).
 
-Annotations (on the workload or on its pod template):
+With --config-dir DIR, also writes DIR/spur-GROUP.yaml for every group injected: its
+config, to PUT to the control plane (/v1/groups/GROUP/config). It terminates mutual TLS
+inbound (meshed pods) towards the app's first container port, and routes outbound by
+Host to the Services of the input that select injected pods, with mutual TLS to meshed
+ones. Without --config-dir, the group configs are yours to write: an inbound listener on
+0.0.0.0:INBOUND and an outbound listener on 127.0.0.1:OUTBOUND (no admin block needed).
+
+Annotations (on the workload or on its pod template, which wins):
   spur.dev/inject: disabled        leave this workload alone
+  spur.dev/mtls: disabled          a sidecar without identity: plain HTTP in and out
   spur.dev/skip-ports: \"5432,6379\"  TCP ports that bypass the proxy, inbound and outbound
 Pod templates annotated `spur.dev/injected: \"true\"` are already injected and left alone,
 so injecting twice changes nothing. Pods with hostNetwork: true are skipped.
@@ -62,9 +81,10 @@ options:
   --control-ca-secret NAME
                        a Secret holding the CA of an https:// control plane (key `ca.crt`),
                        mounted into the sidecar and passed as --control-ca
+  --trust-domain D     the mesh CA's trust domain, for the identities in generated configs
+                       (default cluster.local)
+  --config-dir DIR     write each injected group's config to DIR/spur-GROUP.yaml
 
-The group's config on the control plane must match: `admin.listen: 0.0.0.0:ADMIN`, an
-inbound listener on 0.0.0.0:INBOUND and an outbound listener on 127.0.0.1:OUTBOUND.
 Errors (unreadable input, invalid YAML, a workload without containers) exit 1 and print
 nothing on stdout.";
 
@@ -86,6 +106,10 @@ pub struct Options {
     pub token_secret: Option<String>,
     /// A Secret with the CA of an https control plane (key `ca.crt`), for `--control-ca`.
     pub control_ca_secret: Option<String>,
+    /// The mesh CA's trust domain (identities in generated configs).
+    pub trust_domain: String,
+    /// Where to write the groups' generated configs.
+    pub config_dir: Option<std::path::PathBuf>,
 }
 
 /// Entry point of `spur inject ARGS`.
@@ -108,7 +132,7 @@ pub fn main(args: &[String]) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match inject_text(&text, &opts) {
+    match inject_text(&text, &opts).and_then(|done| write_configs(done, &opts)) {
         Ok((out, report)) => {
             print!("{out}");
             for line in report {
@@ -125,6 +149,44 @@ pub fn main(args: &[String]) -> ExitCode {
     }
 }
 
+/// With `--config-dir`, writes each group's generated config (before anything is printed,
+/// so a failure prints nothing). Returns the output and the lines for stderr.
+fn write_configs(done: Injected, opts: &Options) -> Result<(String, Vec<String>), Vec<String>> {
+    let Injected {
+        out,
+        mut report,
+        workloads,
+        services,
+    } = done;
+    let Some(dir) = &opts.config_dir else {
+        return Ok((out, report));
+    };
+    let ports = mesh::Ports {
+        inbound: opts.inbound_port,
+        outbound: opts.outbound_port,
+    };
+    let mut notes = Vec::new();
+    let configs = mesh::configs(
+        &workloads,
+        &services,
+        &ports,
+        &opts.trust_domain,
+        &mut notes,
+    )?;
+    std::fs::create_dir_all(dir)
+        .map_err(|e| vec![format!("--config-dir {}: {e}", dir.display())])?;
+    for (group, text) in configs {
+        let path = dir.join(format!("spur-{group}.yaml"));
+        std::fs::write(&path, text).map_err(|e| vec![format!("{}: {e}", path.display())])?;
+        report.push(format!(
+            "group {group}: config written to {}",
+            path.display()
+        ));
+    }
+    report.extend(notes);
+    Ok((out, report))
+}
+
 fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
     let mut input = None;
     let mut image = DEFAULT_IMAGE.to_string();
@@ -132,6 +194,8 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
     let mut control = DEFAULT_CONTROL.to_string();
     let (mut inbound, mut outbound, mut admin, mut uid) = (15006, 15001, 9901, 1337);
     let (mut token_secret, mut control_ca_secret) = (None, None);
+    let mut trust_domain = "cluster.local".to_string();
+    let mut config_dir = None;
     let mut it = args.iter();
     while let Some(arg) = it.next() {
         let (flag, inline) = match arg.split_once('=') {
@@ -155,6 +219,14 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
             "--uid" => uid = crate::iptables::parse_uid(flag, &value()?)?,
             "--token-secret" => token_secret = Some(secret_name(flag, value()?)?),
             "--control-ca-secret" => control_ca_secret = Some(secret_name(flag, value()?)?),
+            "--trust-domain" => {
+                let v = value()?;
+                spur_config::SpiffeId::parse(&format!("spiffe://{v}")).map_err(|_| {
+                    format!("--trust-domain: `{v}` is not a trust domain (lowercase letters, digits, ., -, _)")
+                })?;
+                trust_domain = v;
+            }
+            "--config-dir" => config_dir = Some(std::path::PathBuf::from(value()?)),
             f if f.starts_with('-') && f != "-" => return Err(format!("unknown option `{f}`")),
             file if input.is_none() => input = Some(file.to_string()),
             extra => return Err(format!("one input only (got `{extra}` too)")),
@@ -188,6 +260,8 @@ fn parse_args(args: &[String]) -> Result<Option<(String, Options)>, String> {
         uid,
         token_secret,
         control_ca_secret,
+        trust_domain,
+        config_dir,
     };
     Ok(Some((input, opts)))
 }
@@ -286,11 +360,20 @@ fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     chunks
 }
 
-/// Injects every workload of `text`. Returns the output and a line per workload for
-/// stderr, or every error found.
-pub fn inject_text(text: &str, opts: &Options) -> Result<(String, Vec<String>), Vec<String>> {
+/// What injecting a text made: the output, a line per workload for stderr, and what the
+/// generated configs need (the workloads injected, the Services seen).
+pub struct Injected {
+    pub out: String,
+    pub report: Vec<String>,
+    workloads: Vec<pod::Workload>,
+    services: Vec<mesh::Service>,
+}
+
+/// Injects every workload of `text`, or returns every error found.
+pub fn inject_text(text: &str, opts: &Options) -> Result<Injected, Vec<String>> {
     let mut out = String::with_capacity(text.len() * 2);
     let (mut report, mut errors) = (Vec::new(), Vec::new());
+    let mut found = Found::default();
     for (i, chunk) in split_documents(text).iter().enumerate() {
         let doc = i + 1;
         // Parse with the lines before the document kept as blank lines, so that the
@@ -310,7 +393,7 @@ pub fn inject_text(text: &str, opts: &Options) -> Result<(String, Vec<String>), 
             }
         };
         let mut lines = Vec::new();
-        match inject_value(&mut value, opts, &mut lines) {
+        match inject_value(&mut value, opts, &mut lines, &mut found) {
             Ok(false) => out.push_str(chunk.text),
             Ok(true) => match emit::to_yaml(&value) {
                 Ok(yaml) => {
@@ -328,10 +411,22 @@ pub fn inject_text(text: &str, opts: &Options) -> Result<(String, Vec<String>), 
         report.extend(lines.into_iter().map(|l| format!("document {doc}: {l}")));
     }
     if errors.is_empty() {
-        Ok((out, report))
+        Ok(Injected {
+            out,
+            report,
+            workloads: found.workloads,
+            services: found.services,
+        })
     } else {
         Err(errors)
     }
+}
+
+/// The workloads injected and the Services seen so far.
+#[derive(Default)]
+struct Found {
+    workloads: Vec<pod::Workload>,
+    services: Vec<mesh::Service>,
 }
 
 /// The `---` line and the comment lines above the first key of a document that is
@@ -369,10 +464,15 @@ fn inject_value(
     value: &mut Value,
     opts: &Options,
     report: &mut Vec<String>,
+    found: &mut Found,
 ) -> Result<bool, String> {
     let Some(obj) = value.as_mapping_mut() else {
         return Ok(false);
     };
+    if let Some(service) = mesh::Service::from_object(obj) {
+        found.services.push(service);
+        return Ok(false);
+    }
     let kind = obj
         .get("kind")
         .and_then(Value::as_str)
@@ -390,7 +490,7 @@ fn inject_value(
         let mut changed = false;
         for (i, item) in items.iter_mut().enumerate() {
             let mut lines = Vec::new();
-            changed |= inject_value(item, opts, &mut lines)
+            changed |= inject_value(item, opts, &mut lines, found)
                 .map_err(|e| format!("{label}: items[{i}]: {e}"))?;
             report.extend(lines.into_iter().map(|l| format!("items[{i}]: {l}")));
         }
@@ -400,8 +500,23 @@ fn inject_value(
         return Ok(false);
     };
     match pod::inject(obj, path, opts).map_err(|e| format!("{label}: {e}"))? {
-        pod::Outcome::Injected => {
-            report.push(format!("{label}: injected"));
+        pod::Outcome::Injected(w) => {
+            let how = if w.meshed {
+                format!(
+                    "injected, meshed (identity of service account {}/{})",
+                    w.namespace, w.service_account
+                )
+            } else {
+                "injected, not meshed (spur.dev/mtls: disabled)".to_string()
+            };
+            report.push(format!("{label}: {how}"));
+            if !w.probe_ports.is_empty() {
+                report.push(format!(
+                    "{label}: probe port(s) {} bypass the proxy inbound (the kubelet has no mesh certificate)",
+                    crate::iptables::join_ports(&w.probe_ports)
+                ));
+            }
+            found.workloads.push(w);
             Ok(true)
         }
         pod::Outcome::Skipped(why) => {

@@ -18,9 +18,9 @@ commands:
   control                    run the control plane (configs per group, watched by proxies)
   inject FILE|-              add the Spur sidecar to the workloads of Kubernetes manifests
   init-iptables [--dry-run]  redirect a pod's TCP through its proxy (the sidecar's init step)
-  help                       this text
+  help [COMMAND]             this text, or a command's options
 
-Run `spur <command> --help` for a command's options.";
+Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -28,7 +28,11 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    match cmd.as_str() {
+    run(cmd, rest)
+}
+
+fn run(cmd: &str, rest: &[String]) -> ExitCode {
+    match cmd {
         "proxy" => spur_proxy::cli::main(rest),
         "control" => spur_control::cli::main(rest, |format| {
             spur_proxy::log::init(format.and_then(spur_proxy::log::LogFormat::parse))
@@ -37,10 +41,17 @@ fn main() -> ExitCode {
         "demo" => demo::main(rest),
         "inject" => inject::main(rest),
         "init-iptables" => iptables::main(rest),
-        "help" | "-h" | "--help" => {
-            println!("{USAGE}");
-            ExitCode::SUCCESS
-        }
+        "help" | "-h" | "--help" => match rest {
+            [command] if command != "help" => run(command, &["--help".to_string()]),
+            [] => {
+                println!("{USAGE}");
+                ExitCode::SUCCESS
+            }
+            _ => {
+                eprintln!("usage: spur help [COMMAND]\n\n{USAGE}");
+                ExitCode::from(2)
+            }
+        },
         "--version" | "version" => {
             println!("spur {}", env!("CARGO_PKG_VERSION"));
             ExitCode::SUCCESS

@@ -594,6 +594,7 @@ async fn proxy_reconnects_after_the_control_plane_restarts() {
                 token: None,
                 ca: None,
                 kubernetes: None,
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -203,7 +203,9 @@ fn injected_workloads_have_the_sidecar_and_the_init_container() {
                 "--group",
                 group,
                 "--admin",
-                "0.0.0.0:9901"
+                "0.0.0.0:9901",
+                "--sa-token-file",
+                "/var/run/secrets/spur/token"
             ]
         );
         assert_eq!(proxy["restartPolicy"].as_str(), Some("Always"));

@@ -46,8 +46,10 @@ async fn ca_at(
             join_token: "join-me".into(),
             trust_domain: "cluster.local".into(),
             ttl,
+            ..Default::default()
         }),
         kubernetes: None,
+        ..Default::default()
     })
     .await
     .unwrap()

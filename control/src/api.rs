@@ -9,7 +9,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use spur_config::{Config, FieldError, Flag, FlagRule, Format};
+use spur_config::{Config, FieldError, FlagRule, Format};
 use std::sync::Arc;
 
 pub type Body = http_body_util::combinators::BoxBody<Bytes, std::io::Error>;
@@ -65,15 +65,6 @@ fn wants_rendered(query: Option<&str>) -> bool {
         .any(|p| matches!(p.split_once('='), Some(("rendered", "true" | "1"))) || p == "rendered")
 }
 
-/// Constant-time comparison: the time taken does not depend on where the tokens differ.
-fn same_token(given: &[u8], expected: &[u8]) -> bool {
-    let mut diff = given.len() ^ expected.len();
-    for (i, e) in expected.iter().enumerate() {
-        diff |= usize::from(given.get(i).copied().unwrap_or(0) ^ e);
-    }
-    diff == 0
-}
-
 fn authorized(control: &Control, req: &Request<Incoming>) -> bool {
     let Some(token) = &control.token else {
         return true;
@@ -84,10 +75,10 @@ fn authorized(control: &Control, req: &Request<Incoming>) -> bool {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    same_token(given.trim().as_bytes(), token.as_bytes())
+    crate::join::same_token(given.trim().as_bytes(), token.as_bytes())
 }
 
-async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(crate) async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     match Limited::new(req.into_body(), MAX_BODY).collect().await {
         Ok(b) => Ok(b.to_bytes()),
         Err(_) => Err(error(
@@ -96,6 +87,30 @@ async fn read_body(req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
             format!("body larger than {MAX_BODY} bytes, or unreadable"),
         )),
     }
+}
+
+/// Runs a parse of a request body on the blocking pool, at most as many at once as the
+/// machine has cores: a YAML document can be slow to parse (deep nesting, many aliases),
+/// and on the request threads two such bodies would stall every other call, `/healthz`
+/// and the watch streams included. Waiting bodies queue here; each is at most
+/// [`MAX_BODY`] and each connection sends one at a time.
+async fn off_thread<T: Send + 'static>(
+    control: &Control,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Response<Body>> {
+    let _slot = control
+        .parse_slots
+        .acquire()
+        .await
+        .map_err(|_| error(StatusCode::SERVICE_UNAVAILABLE, "", "shutting down"))?;
+    tokio::task::spawn_blocking(f).await.map_err(|e| {
+        tracing::error!(error = %e, "a request body parse failed");
+        error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "",
+            "the body could not be parsed",
+        )
+    })
 }
 
 fn parse_config(
@@ -164,7 +179,7 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
     }
     // Proxies joining the mesh have a join token, not the API token.
     if method == Method::POST && segs == ["v1", "identity", "certify"] {
-        return certify(&control, req).await;
+        return crate::certify::certify(&control, req).await;
     }
     if !authorized(&control, &req) {
         control.metrics.unauthorized.inc();
@@ -175,11 +190,11 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
         );
     }
     match (method.clone(), &segs[1..]) {
-        (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies_doc()),
+        (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies.doc()),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
             "",
-            "this control plane is not a mesh CA: start it with --ca-dir DIR --join-token-file F",
+            "this control plane is not a mesh CA: start it with --ca-dir DIR",
         ),
         (m, ["groups", group, rest @ ..]) => {
             if !valid_group(group) {
@@ -254,60 +269,20 @@ async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>)
         Ok(b) => b,
         Err(r) => return r,
     };
-    let Ok(text) = std::str::from_utf8(&body) else {
+    let Ok(text) = String::from_utf8(body.to_vec()) else {
         return error(StatusCode::BAD_REQUEST, "", "body is not UTF-8");
     };
-    match parse_config(text, json_type, control.rules()) {
+    let rules = control.rules();
+    let parsed = match off_thread(control, move || parse_config(&text, json_type, rules)).await {
+        Ok(p) => p,
+        Err(r) => return r,
+    };
+    match parsed {
         Ok(cfg) => control.commit(group, "put".into(), cfg).await,
         Err(errs) => {
             control.metrics.writes_rejected.inc();
             errors(StatusCode::BAD_REQUEST, &errs)
         }
-    }
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CertifyBody {
-    /// A PEM PKCS#10 request whose one URI SAN is the SPIFFE ID wanted.
-    csr: String,
-    join_token: String,
-}
-
-/// `POST /v1/identity/certify`: a CSR and the join token in, a workload certificate out.
-async fn certify(control: &Arc<Control>, req: Request<Incoming>) -> Response<Body> {
-    let Some((ca, join_token)) = &control.ca else {
-        return error(
-            StatusCode::NOT_FOUND,
-            "",
-            "the mesh CA is off: start spur control with --ca-dir and --join-token-file",
-        );
-    };
-    let body = match read_body(req).await {
-        Ok(b) => b,
-        Err(r) => return r,
-    };
-    let request: CertifyBody = match parse_doc(&body, true) {
-        Ok(r) => r,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
-    };
-    if !same_token(request.join_token.trim().as_bytes(), join_token.as_bytes()) {
-        control.metrics.unauthorized.inc();
-        return error(
-            StatusCode::UNAUTHORIZED,
-            "join_token",
-            "wrong join token: nothing issued",
-        );
-    }
-    match ca.certify(&request.csr) {
-        Ok(issued) => {
-            control.metrics.certificates_issued.inc();
-            full(
-                StatusCode::OK,
-                &json!({ "certificate": issued.certificate_pem, "ca": issued.ca_pem, "expires_at": issued.expires_at }),
-            )
-        }
-        Err(e) => error(StatusCode::BAD_REQUEST, "csr", e.to_string()),
     }
 }
 
@@ -323,9 +298,11 @@ async fn rollback(control: &Arc<Control>, group: &str, req: Request<Incoming>) -
         Ok(b) => b,
         Err(r) => return r,
     };
-    let rb: RollbackBody = match parse_doc(&body, json_type) {
-        Ok(b) => b,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "version", e),
+    let rb = off_thread(control, move || parse_doc::<RollbackBody>(&body, json_type)).await;
+    let rb = match rb {
+        Ok(Ok(b)) => b,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "version", e),
+        Err(r) => return r,
     };
     let Some(old) = control.store.get(group, rb.version) else {
         return error(
@@ -366,9 +343,11 @@ async fn patch_flag(
         Ok(b) => b,
         Err(r) => return r,
     };
-    let patch: FlagPatch = match parse_doc(&body, json_type) {
-        Ok(p) => p,
-        Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
+    let patch = off_thread(control, move || parse_doc::<FlagPatch>(&body, json_type)).await;
+    let patch = match patch {
+        Ok(Ok(p)) => p,
+        Ok(Err(e)) => return error(StatusCode::BAD_REQUEST, "", e),
+        Err(r) => return r,
     };
     if patch.enabled.is_none() && patch.rules.is_none() {
         return error(StatusCode::BAD_REQUEST, "", "give `enabled` and/or `rules`");
@@ -383,10 +362,22 @@ async fn patch_flag(
         );
     };
     let mut cfg = current.config.clone();
-    let entry = cfg
-        .flags
-        .entry(flag.to_string())
-        .or_insert_with(Flag::default);
+    // A typo must not "succeed" by creating a flag nothing uses: flags are made by PUT.
+    let Some(entry) = cfg.flags.get_mut(flag) else {
+        let known: Vec<&str> = current.config.flags.keys().map(String::as_str).collect();
+        let known = if known.is_empty() {
+            "it has none".to_string()
+        } else {
+            format!("its flags: {}", known.join(", "))
+        };
+        return error(
+            StatusCode::NOT_FOUND,
+            "flag",
+            format!(
+                "group `{group}` has no flag `{flag}` ({known}); add a flag with PUT .../config"
+            ),
+        );
+    };
     if let Some(e) = patch.enabled {
         entry.enabled = e;
     }
@@ -429,19 +420,8 @@ async fn report_status(
         (None, Some(e)) => Some(e),
         _ => None,
     };
-    control.record_status(group, node, report.applied_version, error_text);
+    control
+        .proxies
+        .status(group, node, report.applied_version, error_text);
     full(StatusCode::OK, &json!({ "ok": true }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::same_token;
-
-    #[test]
-    fn tokens_compare_whole() {
-        assert!(same_token(b"secret", b"secret"));
-        assert!(!same_token(b"secreT", b"secret"));
-        assert!(!same_token(b"secret-and-more", b"secret"));
-        assert!(!same_token(b"", b"secret"));
-    }
 }

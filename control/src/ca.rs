@@ -1,11 +1,15 @@
 //! The mesh CA: with `--ca-dir`, the control plane holds a root CA and signs short-lived
 //! workload certificates, so a mesh needs no outside CA to start.
 //!
-//! `POST /v1/identity/certify` takes a PKCS#10 CSR whose URI SAN is the requested SPIFFE ID
-//! and the join token; it answers a certificate for exactly that identity (nothing else
-//! the CSR asks for is copied: no other names, no CA rights), valid for the configured
-//! lifetime (default 24 h), usable for both client and server authentication. The private
-//! key never leaves the proxy: only its public half comes in the CSR.
+//! This module signs; [`crate::certify`] decides who may have which identity. What a
+//! certificate carries is fixed here, whatever the CSR asks for: exactly one SAN, the URI
+//! of the SPIFFE ID granted; `CA:FALSE`; key usage `digitalSignature` only; extended key
+//! usages `serverAuth` and `clientAuth`; a lifetime of `--cert-ttl` (default 24 h). A CSR
+//! asking for a CA, other key usages, DNS names or any other extension gets none of them:
+//! only its public key and its one URI SAN are read. A CSR with more than one URI SAN, or
+//! one that is not a canonical SPIFFE ID of this trust domain ([`spur_config::SpiffeId`]:
+//! no dot segments, escapes, queries, empty segments; at most 2048 bytes), is refused.
+//! The private key never leaves the proxy: only its public half comes in the CSR.
 //!
 //! The CA key is created on first start (`ca.key`, mode 0600, and `ca.crt` under the CA
 //! directory) and loaded afterwards, so certificates stay valid across restarts.
@@ -14,6 +18,7 @@ use rcgen::{
     BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
     DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
+use spur_config::SpiffeId;
 use std::path::Path;
 use std::time::Duration;
 
@@ -104,35 +109,54 @@ impl MeshCa {
         &self.ca_pem
     }
 
-    /// Signs a CSR for the SPIFFE ID it names, in this CA's trust domain.
-    pub fn certify(&self, csr_pem: &str) -> Result<Issued, CaError> {
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Reads a CSR: its signature must verify (the requester holds the key), and it may
+    /// ask for at most one URI SAN, a canonical SPIFFE ID of this trust domain. Every other
+    /// thing it asks for is ignored.
+    pub fn read_csr(&self, csr_pem: &str) -> Result<Csr, CaError> {
         let csr = CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| {
             CaError::Request(format!("not a valid PEM certificate signing request: {e}"))
         })?;
-        let ids: Vec<String> = csr
+        let uris: Vec<&str> = csr
             .params
             .subject_alt_names
             .iter()
             .filter_map(|san| match san {
-                SanType::URI(uri) => Some(uri.as_str().to_string()),
+                SanType::URI(uri) => Some(uri.as_str()),
                 _ => None,
             })
             .collect();
-        let [identity] = ids.as_slice() else {
-            return Err(CaError::Request(
-                "the CSR must carry exactly one URI SAN: the SPIFFE ID".into(),
-            ));
+        let requested = match uris[..] {
+            [] => None,
+            [uri] => {
+                let id = SpiffeId::parse(uri).map_err(|e| CaError::Request(e.to_string()))?;
+                if id.trust_domain() != self.trust_domain || id.path().is_empty() {
+                    return Err(CaError::Request(format!(
+                        "`{id}` is not a SPIFFE ID of trust domain `{td}` (spiffe://{td}/...)",
+                        td = self.trust_domain
+                    )));
+                }
+                Some(id)
+            }
+            _ => {
+                return Err(CaError::Request(format!(
+                    "the CSR asks for {} URI SANs: a workload certificate has exactly one, its SPIFFE ID",
+                    uris.len()
+                )))
+            }
         };
-        let prefix = format!("spiffe://{}/", self.trust_domain);
-        if !identity.starts_with(&prefix)
-            || identity.len() == prefix.len()
-            || identity.contains(char::is_whitespace)
-        {
-            return Err(CaError::Request(format!(
-                "`{identity}` is not a SPIFFE ID of trust domain `{}` (spiffe://{}/...)",
-                self.trust_domain, self.trust_domain
-            )));
-        }
+        Ok(Csr {
+            public_key: csr.public_key,
+            requested,
+        })
+    }
+
+    /// Signs `csr`'s key for `identity` (which the caller has decided the requester may
+    /// have), with the fixed contents described in the module documentation.
+    pub fn sign(&self, csr: Csr, identity: &SpiffeId) -> Result<Issued, CaError> {
         let now = time::OffsetDateTime::now_utc();
         let not_after = now + time::Duration::seconds(self.ttl.as_secs() as i64);
         let mut params = CertificateParams::default();
@@ -146,10 +170,7 @@ impl MeshCa {
         dn.push(DnType::CommonName, identity.as_str());
         params.distinguished_name = dn;
         params.is_ca = IsCa::ExplicitNoCa;
-        params.key_usages = vec![
-            KeyUsagePurpose::DigitalSignature,
-            KeyUsagePurpose::KeyEncipherment,
-        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
@@ -173,6 +194,13 @@ impl MeshCa {
     }
 }
 
+/// A CSR that passed [`MeshCa::read_csr`].
+pub struct Csr {
+    public_key: rcgen::PublicKey,
+    /// The SPIFFE ID it asks for, if it names one.
+    pub requested: Option<SpiffeId>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -189,9 +217,12 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spur-ca-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         let ca = MeshCa::open(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
-        let issued = ca
-            .certify(&csr_for("spiffe://cluster.local/ns/shop/sa/web"))
-            .unwrap();
+        let certify = |uri: &str| -> Result<Issued, CaError> {
+            let csr = ca.read_csr(&csr_for(uri))?;
+            let id = csr.requested.clone().unwrap();
+            ca.sign(csr, &id)
+        };
+        let issued = certify("spiffe://cluster.local/ns/shop/sa/web").unwrap();
         assert!(issued
             .certificate_pem
             .starts_with("-----BEGIN CERTIFICATE-----"));
@@ -200,10 +231,17 @@ mod tests {
             .unwrap()
             .as_secs();
         assert!(issued.expires_at.abs_diff(now + 3600) < 5);
-        assert!(ca
-            .certify(&csr_for("spiffe://evil.example/ns/shop/sa/web"))
-            .is_err());
-        assert!(ca.certify("not a csr").is_err());
+        for bad in [
+            "spiffe://evil.example/ns/shop/sa/web",
+            "spiffe://cluster.local",
+            "spiffe://cluster.local/ns/../sa/web",
+            "spiffe://cluster.local/ns/shop/sa/web?x=1",
+            "spiffe://cluster.local/ns%2Fshop",
+            "spiffe://cluster.local/ns//shop",
+        ] {
+            assert!(certify(bad).is_err(), "{bad}");
+        }
+        assert!(ca.read_csr("not a csr").is_err());
         // The same CA comes back after a restart.
         let again = MeshCa::open(&dir, "cluster.local", Duration::from_secs(3600)).unwrap();
         assert_eq!(again.ca_pem(), ca.ca_pem());

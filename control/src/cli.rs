@@ -3,29 +3,52 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE] [--log-format json|text]
-                    [--ca-dir DIR --join-token-file FILE [--trust-domain D] [--cert-ttl 24h]]
+pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE | --insecure-no-token]
+                    [--log-format json|text] [--max-connections N] [--forget-proxies-after 1h]
+                    [--ca-dir DIR [--join-tokens FILE] [--join-token-file FILE] [--trust-domain D] [--cert-ttl 24h]]
                     [--kubernetes [--kubeconfig PATH]] [--tls-cert FILE --tls-key FILE]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
-Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data. With --token-file, every /v1/
-call needs `Authorization: Bearer <the file's content>`. With --ca-dir, the control plane is
-the mesh CA: POST /v1/identity/certify signs workload certificates (SPIFFE IDs of the trust
-domain, default cluster.local) for proxies that present the join token. With --kubernetes,
-clusters written `k8s: name.namespace:port` get the ready endpoints of that Service from its
-EndpointSlices, watched through the Kubernetes API (--kubeconfig PATH; without it
-KUBECONFIG or ~/.kube/config if present, else the pod's service account); each change is
-pushed to the proxies as a new version. With --tls-cert and --tls-key (PEM; re-read when
-they change) the API is served over HTTPS only: proxies use --control https://HOST:PORT
-and, for a private CA, --control-ca FILE.";
+Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data.
+
+--token-file FILE     every /v1/ call needs `Authorization: Bearer <the file's content>`.
+                      Make one with: head -c 32 /dev/urandom | base64 > FILE
+                      Required to listen on an address other hosts can reach, unless
+                      --insecure-no-token says that an open API is meant.
+--max-connections N   connections to the API at once (default 10000); more are closed.
+--forget-proxies-after D
+                      GET /v1/proxies forgets a proxy with no open watch stream after D
+                      without a word from it (default 1h).
+--ca-dir DIR          the control plane is the mesh CA: POST /v1/identity/certify signs
+                      workload certificates (SPIFFE IDs of --trust-domain, default
+                      cluster.local; lifetime --cert-ttl, default 24h) for proxies that
+                      prove who they are with one of:
+  --join-tokens FILE  lines `TOKEN PATTERN`: a token obtains only the identities its
+                      pattern covers (a SPIFFE ID, or a prefix ending in /*)
+  --join-token-file F one token that obtains any identity of the trust domain (a warning
+                      at start says so; prefer --join-tokens)
+  --kubernetes        a projected service account token (audience spur), checked with
+                      the TokenReview API: the identity is spiffe://TD/ns/NS/sa/SA
+--kubernetes          also: clusters written `k8s: name.namespace:port` get the ready
+                      endpoints of that Service from its EndpointSlices, watched through the
+                      Kubernetes API (--kubeconfig PATH; without it KUBECONFIG or
+                      ~/.kube/config if present, else the pod's service account); each change
+                      is pushed to the proxies as a new version.
+--tls-cert, --tls-key PEM files (re-read when they change): the API is served over HTTPS
+                      only; proxies use --control https://HOST:PORT and, for a private CA,
+                      --control-ca FILE.";
 
 #[derive(Debug)]
 pub struct ControlArgs {
     pub listen: std::net::SocketAddr,
     pub data_dir: PathBuf,
     pub token_file: Option<PathBuf>,
+    pub insecure_no_token: bool,
     pub log_format: Option<String>,
+    pub max_connections: usize,
+    pub forget_proxies_after: std::time::Duration,
     pub ca_dir: Option<PathBuf>,
+    pub join_tokens: Option<PathBuf>,
     pub join_token_file: Option<PathBuf>,
     pub trust_domain: String,
     pub cert_ttl: std::time::Duration,
@@ -35,13 +58,29 @@ pub struct ControlArgs {
     pub tls_key: Option<PathBuf>,
 }
 
+fn duration(
+    flag: &str,
+    v: &str,
+    at_least: std::time::Duration,
+) -> Result<std::time::Duration, String> {
+    let d: spur_config::Duration = v.parse().map_err(|e| format!("{flag}: {e}"))?;
+    if d.get() < at_least {
+        return Err(format!("{flag}: at least {}s", at_least.as_secs()));
+    }
+    Ok(d.get())
+}
+
 pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
     let mut out = ControlArgs {
         listen: "127.0.0.1:7070".parse().expect("default address"),
         data_dir: PathBuf::from("spur-data"),
         token_file: None,
+        insecure_no_token: false,
         log_format: None,
+        max_connections: crate::serve::Limits::default().max_connections,
+        forget_proxies_after: crate::proxies::DEFAULT_FORGET_AFTER,
         ca_dir: None,
+        join_tokens: None,
         join_token_file: None,
         trust_domain: "cluster.local".into(),
         cert_ttl: std::time::Duration::from_secs(24 * 3600),
@@ -62,19 +101,37 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
             }
             "--data-dir" => out.data_dir = PathBuf::from(value("--data-dir")?),
             "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
+            "--insecure-no-token" => out.insecure_no_token = true,
             "--log-format" => out.log_format = Some(value("--log-format")?),
+            "--max-connections" => {
+                let v = value("--max-connections")?;
+                out.max_connections =
+                    v.parse().ok().filter(|n| *n > 0).ok_or_else(|| {
+                        format!("--max-connections: `{v}` is not a positive number")
+                    })?;
+            }
+            "--forget-proxies-after" => {
+                let v = value("--forget-proxies-after")?;
+                out.forget_proxies_after = duration(
+                    "--forget-proxies-after",
+                    &v,
+                    std::time::Duration::from_secs(60),
+                )?;
+            }
             "--ca-dir" => out.ca_dir = Some(PathBuf::from(value("--ca-dir")?)),
+            "--join-tokens" => out.join_tokens = Some(PathBuf::from(value("--join-tokens")?)),
             "--join-token-file" => {
                 out.join_token_file = Some(PathBuf::from(value("--join-token-file")?))
             }
-            "--trust-domain" => out.trust_domain = value("--trust-domain")?,
+            "--trust-domain" => {
+                let v = value("--trust-domain")?;
+                spur_config::SpiffeId::parse(&format!("spiffe://{v}"))
+                    .map_err(|_| format!("--trust-domain: `{v}` is not a trust domain (lowercase letters, digits, ., -, _)"))?;
+                out.trust_domain = v;
+            }
             "--cert-ttl" => {
                 let v = value("--cert-ttl")?;
-                let d: spur_config::Duration = v.parse().map_err(|e| format!("--cert-ttl: {e}"))?;
-                if d.get() < std::time::Duration::from_secs(60) {
-                    return Err("--cert-ttl: at least 1m".into());
-                }
-                out.cert_ttl = d.get();
+                out.cert_ttl = duration("--cert-ttl", &v, std::time::Duration::from_secs(60))?;
             }
             "--kubernetes" => out.kubernetes = true,
             "--kubeconfig" => out.kubeconfig = Some(PathBuf::from(value("--kubeconfig")?)),
@@ -84,8 +141,21 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
             other => return Err(format!("unknown option `{other}`")),
         }
     }
-    if out.ca_dir.is_some() != out.join_token_file.is_some() {
-        return Err("--ca-dir and --join-token-file go together".into());
+    check(&out)?;
+    Ok(out)
+}
+
+/// Options that only make sense together, and the open API refused.
+fn check(out: &ControlArgs) -> Result<(), String> {
+    let proves = out.join_tokens.is_some() || out.join_token_file.is_some() || out.kubernetes;
+    match (&out.ca_dir, proves) {
+        (Some(_), false) => {
+            return Err("--ca-dir needs a way for proxies to prove who they are: --join-tokens FILE, --join-token-file F, or --kubernetes".into())
+        }
+        (None, _) if out.join_tokens.is_some() || out.join_token_file.is_some() => {
+            return Err("--join-tokens and --join-token-file go with --ca-dir DIR".into())
+        }
+        _ => {}
     }
     if out.tls_cert.is_some() != out.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
@@ -93,7 +163,61 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
     if out.kubeconfig.is_some() && !out.kubernetes {
         return Err("--kubeconfig only applies with --kubernetes".into());
     }
-    Ok(out)
+    if out.token_file.is_some() && out.insecure_no_token {
+        return Err("--token-file and --insecure-no-token contradict each other".into());
+    }
+    if out.token_file.is_none() && !out.insecure_no_token && !out.listen.ip().is_loopback() {
+        return Err(format!(
+            "--listen {}: other hosts can reach this address, and without --token-file anyone \
+             who can may change every group's config. Give --token-file FILE (make one with: \
+             head -c 32 /dev/urandom | base64 > FILE), or --insecure-no-token if an open API \
+             is meant",
+            out.listen
+        ));
+    }
+    Ok(())
+}
+
+/// A token file's content, with a hint at how to make one when it is missing.
+fn read_token(path: &std::path::Path, flag: &str) -> Result<String, String> {
+    spur_config::read_token_file(path).map_err(|e| {
+        if path.exists() {
+            format!("{flag}: {e}")
+        } else {
+            format!(
+                "{flag}: {e}\n(make one with: head -c 32 /dev/urandom | base64 > {})",
+                path.display()
+            )
+        }
+    })
+}
+
+/// The mesh CA's options, its token files read.
+fn ca_options(parsed: &ControlArgs) -> Result<Option<crate::CaOptions>, String> {
+    let Some(dir) = &parsed.ca_dir else {
+        return Ok(None);
+    };
+    let join_token = match &parsed.join_token_file {
+        Some(f) => read_token(f, "--join-token-file")?,
+        None => String::new(),
+    };
+    let join_tokens = match &parsed.join_tokens {
+        Some(f) => {
+            let text = std::fs::read_to_string(f)
+                .map_err(|e| format!("--join-tokens: cannot read {}: {e}", f.display()))?;
+            crate::join::parse_file(&text, &parsed.trust_domain).map_err(|errors| {
+                format!("--join-tokens {}:\n  {}", f.display(), errors.join("\n  "))
+            })?
+        }
+        None => Vec::new(),
+    };
+    Ok(Some(crate::CaOptions {
+        dir: dir.clone(),
+        join_token,
+        trust_domain: parsed.trust_domain.clone(),
+        ttl: parsed.cert_ttl,
+        join_tokens,
+    }))
 }
 
 /// Entry point of `spur control ARGS` and of the `spur-control` binary. `init_log` sets up
@@ -114,10 +238,17 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
     let token = match parsed
         .token_file
         .as_deref()
-        .map(spur_config::read_token_file)
+        .map(|f| read_token(f, "--token-file"))
         .transpose()
     {
         Ok(t) => t,
+        Err(e) => {
+            eprintln!("spur control: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let ca = match ca_options(&parsed) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("spur control: {e}");
             return ExitCode::from(1);
@@ -134,27 +265,26 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
         _ => None,
     };
     let https = tls.is_some();
+    if parsed.insecure_no_token && !parsed.listen.ip().is_loopback() {
+        tracing::warn!(listen = %parsed.listen, "--insecure-no-token: anyone who can reach this address may change every group's config");
+    }
     let rt = tokio::runtime::Runtime::new().expect("tokio runtime");
     rt.block_on(async move {
-        let ca = match (&parsed.ca_dir, &parsed.join_token_file) {
-            (Some(dir), Some(f)) => match spur_config::read_token_file(f) {
-                Ok(join_token) => Some(crate::CaOptions {
-                    dir: dir.clone(),
-                    join_token,
-                    trust_domain: parsed.trust_domain.clone(),
-                    ttl: parsed.cert_ttl,
-                }),
-                Err(e) => {
-                    eprintln!("spur control: {e}");
-                    return ExitCode::from(1);
-                }
-            },
-            _ => None,
-        };
         let kubernetes = parsed.kubernetes.then(|| crate::k8s::KubernetesOptions {
             kubeconfig: parsed.kubeconfig.clone(),
         });
-        let opts = crate::Options { listen: parsed.listen, data_dir: parsed.data_dir.clone(), token, ca, kubernetes };
+        let opts = crate::Options {
+            listen: parsed.listen,
+            data_dir: parsed.data_dir.clone(),
+            token,
+            ca,
+            kubernetes,
+            forget_proxies_after: parsed.forget_proxies_after,
+            limits: crate::serve::Limits {
+                max_connections: parsed.max_connections,
+                ..Default::default()
+            },
+        };
         let handle = match crate::start_with_tls(opts, tls).await {
             Ok(h) => h,
             Err(e) => {
@@ -182,5 +312,47 @@ async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(a: &[&str]) -> Result<ControlArgs, String> {
+        parse(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn refuses_what_does_not_go_together() {
+        for (args, msg) in [
+            (&["--ca-dir", "d"][..], "--ca-dir needs a way"),
+            (&["--join-tokens", "f"], "go with --ca-dir"),
+            (&["--listen", "0.0.0.0:7070"], "--insecure-no-token"),
+            (&["--listen", "[::]:7070"], "--insecure-no-token"),
+            (&["--token-file", "t", "--insecure-no-token"], "contradict"),
+            (&["--max-connections", "0"], "positive"),
+            (&["--forget-proxies-after", "1s"], "at least 60s"),
+            (&["--trust-domain", "Cluster.Local"], "not a trust domain"),
+        ] {
+            let e = parse_args(args).unwrap_err();
+            assert!(e.contains(msg), "{args:?}: {e}");
+        }
+        for ok in [
+            &["--ca-dir", "d", "--kubernetes"][..],
+            &[
+                "--ca-dir",
+                "d",
+                "--join-tokens",
+                "f",
+                "--join-token-file",
+                "g",
+            ],
+            &["--listen", "0.0.0.0:7070", "--token-file", "t"],
+            &["--listen", "0.0.0.0:7070", "--insecure-no-token"],
+            &["--listen", "[::1]:7070"],
+        ] {
+            assert!(parse_args(ok).is_ok(), "{ok:?}");
+        }
     }
 }

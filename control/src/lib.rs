@@ -10,27 +10,36 @@
 
 pub mod api;
 pub mod ca;
+pub mod certify;
 pub mod cli;
+pub mod join;
 pub mod k8s;
+pub mod proxies;
+// The process metrics of the data plane's collector (one source file, no dependency on
+// spur-proxy for it).
+#[path = "../../proxy/src/process_metrics.rs"]
+mod process_metrics;
+pub mod serve;
 pub mod store;
 pub mod tls;
+pub mod token_review;
 pub mod watch;
 
-use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde_json::{json, Value};
+use serde_json::json;
 use spur_config::Config;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use store::{Store, Stored};
 use tokio::sync::watch as tokio_watch;
 
+/// How the control plane runs. `Options { listen, data_dir, ..Default::default() }` takes
+/// the defaults of `spur control` for the rest.
 pub struct Options {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
@@ -40,13 +49,52 @@ pub struct Options {
     pub ca: Option<CaOptions>,
     /// With it, `k8s:` clusters are accepted and filled from the Kubernetes API.
     pub kubernetes: Option<k8s::KubernetesOptions>,
+    /// A proxy with no watch stream open is dropped from `GET /v1/proxies` after this long
+    /// without a word (`--forget-proxies-after`).
+    pub forget_proxies_after: Duration,
+    /// Timeouts and the connection cap of the API (`--max-connections`).
+    pub limits: serve::Limits,
 }
 
+impl Default for Options {
+    fn default() -> Options {
+        Options {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
+            data_dir: PathBuf::from("spur-data"),
+            token: None,
+            ca: None,
+            kubernetes: None,
+            forget_proxies_after: proxies::DEFAULT_FORGET_AFTER,
+            limits: serve::Limits::default(),
+        }
+    }
+}
+
+/// The mesh CA (`--ca-dir`). What proves an identity to it: join tokens, and with
+/// [`Options::kubernetes`] also service-account tokens (TokenReview).
+/// `CaOptions { dir, join_token, trust_domain, ttl, ..Default::default() }` is the old
+/// `--join-token-file` form.
 pub struct CaOptions {
     pub dir: PathBuf,
+    /// The `--join-token-file` token, which may obtain any identity of the trust domain
+    /// (`spiffe://TD/*`; a warning at start says so). Empty: none.
     pub join_token: String,
     pub trust_domain: String,
-    pub ttl: std::time::Duration,
+    pub ttl: Duration,
+    /// `--join-tokens FILE`: tokens bound to identity patterns.
+    pub join_tokens: Vec<join::JoinToken>,
+}
+
+impl Default for CaOptions {
+    fn default() -> CaOptions {
+        CaOptions {
+            dir: PathBuf::from("spur-data/ca"),
+            join_token: String::new(),
+            trust_domain: "cluster.local".into(),
+            ttl: Duration::from_secs(24 * 3600),
+            join_tokens: Vec::new(),
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,14 +112,6 @@ pub enum StartError {
     },
 }
 
-/// What the control plane knows of one proxy.
-#[derive(Clone, Debug, Default)]
-struct ProxyStatus {
-    applied_version: Option<u64>,
-    last_error: Option<String>,
-    last_seen: u64,
-}
-
 pub struct Metrics {
     registry: Registry,
     pub writes: Counter,
@@ -79,14 +119,18 @@ pub struct Metrics {
     pub unauthorized: Counter,
     pub watchers: Gauge,
     pub certificates_issued: Counter,
+    pub certify_forbidden: Counter,
     pub k8s_watch_errors: Counter,
     pub k8s_versions: Counter,
     pub k8s_synced: Gauge,
+    pub connections: Gauge,
+    pub connections_rejected: Counter,
 }
 
 impl Metrics {
     fn new() -> Metrics {
         let mut registry = Registry::default();
+        process_metrics::register(&mut registry);
         let writes = Counter::default();
         registry.register(
             "spur_control_config_writes",
@@ -117,6 +161,12 @@ impl Metrics {
             "Workload certificates signed by the mesh CA",
             certificates_issued.clone(),
         );
+        let certify_forbidden = Counter::default();
+        registry.register(
+            "spur_control_certify_forbidden",
+            "Certificate requests refused: the credential does not cover the identity asked for",
+            certify_forbidden.clone(),
+        );
         let k8s_watch_errors = Counter::default();
         registry.register(
             "spur_control_k8s_watch_errors",
@@ -135,6 +185,18 @@ impl Metrics {
             "1 once the EndpointSlices have been listed (Kubernetes discovery)",
             k8s_synced.clone(),
         );
+        let connections = Gauge::default();
+        registry.register(
+            "spur_control_connections",
+            "Open connections to the control API",
+            connections.clone(),
+        );
+        let connections_rejected = Counter::default();
+        registry.register(
+            "spur_control_connections_rejected",
+            "Connections closed at accept: --max-connections were open",
+            connections_rejected.clone(),
+        );
         Metrics {
             registry,
             writes,
@@ -142,9 +204,12 @@ impl Metrics {
             unauthorized,
             watchers,
             certificates_issued,
+            certify_forbidden,
             k8s_watch_errors,
             k8s_versions,
             k8s_synced,
+            connections,
+            connections_rejected,
         }
     }
 
@@ -159,21 +224,18 @@ impl Metrics {
 pub struct Control {
     pub store: Store,
     pub token: Option<String>,
-    /// The mesh CA and the join token that proxies present to it.
-    pub ca: Option<(ca::MeshCa, String)>,
+    /// The mesh CA and what proves an identity to it.
+    pub ca: Option<certify::Authority>,
     /// Kubernetes discovery (`--kubernetes`): accepts `k8s:` clusters and fills them.
     pub discovery: Option<Arc<k8s::Discovery>>,
     pub metrics: Metrics,
     /// Serializes writes, so version numbers and read-modify-writes never interleave.
     pub write_lock: tokio::sync::Mutex<()>,
     channels: Mutex<HashMap<String, tokio_watch::Sender<Option<Arc<Stored>>>>>,
-    proxies: Mutex<BTreeMap<(String, String), ProxyStatus>>,
-}
-
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
+    /// What each proxy reported, for `GET /v1/proxies`.
+    pub proxies: Arc<proxies::Proxies>,
+    /// Request bodies parsed at once, off the request threads ([`api`]).
+    pub parse_slots: tokio::sync::Semaphore,
 }
 
 impl Control {
@@ -186,7 +248,10 @@ impl Control {
             metrics: Metrics::new(),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
-            proxies: Mutex::new(BTreeMap::new()),
+            proxies: proxies::Proxies::new(proxies::DEFAULT_FORGET_AFTER),
+            parse_slots: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
         }
     }
 
@@ -318,45 +383,6 @@ impl Control {
             }
         }
     }
-
-    pub fn record_seen(&self, group: &str, node: &str) {
-        let mut p = self.proxies.lock().unwrap();
-        let e = p.entry((group.to_string(), node.to_string())).or_default();
-        e.last_seen = now_secs();
-    }
-
-    pub fn record_status(
-        &self,
-        group: &str,
-        node: &str,
-        applied: Option<u64>,
-        error: Option<String>,
-    ) {
-        let mut p = self.proxies.lock().unwrap();
-        let e = p.entry((group.to_string(), node.to_string())).or_default();
-        if applied.is_some() {
-            e.applied_version = applied;
-        }
-        e.last_error = error;
-        e.last_seen = now_secs();
-    }
-
-    pub fn proxies_doc(&self) -> Value {
-        let p = self.proxies.lock().unwrap();
-        Value::Array(
-            p.iter()
-                .map(|((group, node), s)| {
-                    json!({
-                        "node": node,
-                        "group": group,
-                        "applied_version": s.applied_version,
-                        "last_error": s.last_error,
-                        "last_seen": s.last_seen,
-                    })
-                })
-                .collect(),
-        )
-    }
 }
 
 /// A running control plane.
@@ -394,15 +420,16 @@ pub async fn start_with_tls(
 ) -> Result<ControlHandle, StartError> {
     let store = Store::open(&opts.data_dir)?;
     let mut control = Control::new(store, opts.token);
+    control.proxies = proxies::Proxies::new(opts.forget_proxies_after);
+    let client = match &opts.kubernetes {
+        Some(k) => Some(k8s::client(k).await.map_err(StartError::Kubernetes)?),
+        None => None,
+    };
     if let Some(c) = opts.ca {
-        control.ca = Some((
-            ca::MeshCa::open(&c.dir, &c.trust_domain, c.ttl)?,
-            c.join_token,
-        ));
+        control.ca = Some(authority(c, client.clone())?);
     }
-    let kubernetes = match &opts.kubernetes {
-        Some(k) => {
-            let client = k8s::client(k).await.map_err(StartError::Kubernetes)?;
+    let kubernetes = match client {
+        Some(client) => {
             let (discovery, writer) = k8s::Discovery::new();
             control.discovery = Some(Arc::new(discovery));
             Some((client, writer))
@@ -425,56 +452,43 @@ pub async fn start_with_tls(
     })?;
     let discovery =
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
-    let c = control.clone();
-    // Connections live in a JoinSet owned by the accept loop: stopping the control plane
-    // (aborting that task) closes every open connection and watch stream with it.
-    let task = tokio::spawn(async move {
-        let mut conns = tokio::task::JoinSet::new();
-        loop {
-            let stream = tokio::select! {
-                accepted = tcp.accept() => match accepted {
-                    Ok((stream, _)) => stream,
-                    Err(_) => continue,
-                },
-                Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-            };
-            let c = c.clone();
-            let tls = tls.clone();
-            conns.spawn(async move {
-                let svc = service_fn(move |req| {
-                    let c = c.clone();
-                    async move { Ok::<_, std::convert::Infallible>(api::route(c, req).await) }
-                });
-                let builder = auto::Builder::new(TokioExecutor::new());
-                match tls {
-                    None => {
-                        let _ = builder.serve_connection(TokioIo::new(stream), svc).await;
-                    }
-                    Some(tls) => {
-                        let acceptor = tokio_rustls::TlsAcceptor::from(tls.current());
-                        let handshake = tokio::time::timeout(
-                            std::time::Duration::from_secs(10),
-                            acceptor.accept(stream),
-                        );
-                        match handshake.await {
-                            Ok(Ok(s)) => {
-                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::debug!(error = %e, "control API TLS handshake failed")
-                            }
-                            Err(_) => tracing::debug!("control API TLS handshake timed out"),
-                        }
-                    }
-                }
-            });
-        }
-    });
+    let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
     Ok(ControlHandle {
         addr,
         control,
         task,
         discovery,
+    })
+}
+
+/// The mesh CA with its credentials: join tokens, and service-account tokens when the
+/// control plane talks to Kubernetes.
+fn authority(c: CaOptions, kube: Option<kube::Client>) -> Result<certify::Authority, StartError> {
+    let ca = ca::MeshCa::open(&c.dir, &c.trust_domain, c.ttl)?;
+    let mut join_tokens = c.join_tokens;
+    if !c.join_token.is_empty() {
+        tracing::warn!(
+            trust_domain = c.trust_domain.as_str(),
+            "the --join-token-file token may obtain any identity of the trust domain (spiffe://{}/*): \
+             whoever holds it can be every workload; bind tokens to identities with --join-tokens FILE",
+            c.trust_domain
+        );
+        join_tokens.push(join::JoinToken::new(
+            c.join_token,
+            join::Pattern::any(&c.trust_domain),
+        ));
+    }
+    let reviewer = kube.map(token_review::Reviewer::new);
+    tracing::info!(
+        trust_domain = c.trust_domain.as_str(),
+        join_tokens = join_tokens.len(),
+        service_accounts = reviewer.is_some(),
+        "mesh CA ready"
+    );
+    Ok(certify::Authority {
+        ca,
+        join_tokens,
+        reviewer,
     })
 }
 

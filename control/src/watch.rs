@@ -69,14 +69,14 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
             _ => {}
         }
     }
-    if let Some(n) = &node {
-        control.record_seen(group, n);
-    }
+    // The proxy counts as watching (and is never forgotten) while the stream is open.
+    let watching = node.as_ref().map(|n| control.proxies.watching(group, n));
     let mut rx = control.subscribe(group);
     let (tx, body_rx) = mpsc::channel::<Bytes>(4);
     let control = control.clone();
     let group = group.to_string();
     tokio::spawn(async move {
+        let _watching = watching;
         control.metrics.watchers.inc();
         let mut last = after;
         loop {
@@ -96,7 +96,7 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
                         break;
                     }
                     if let Some(n) = &node {
-                        control.record_seen(&group, n);
+                        control.proxies.seen(&group, n);
                     }
                 }
             }

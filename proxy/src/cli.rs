@@ -1,7 +1,7 @@
 //! The `spur proxy` / `spur-proxy` command line.
 
 use crate::log::{self, LogFormat};
-use crate::tls::{Identity, WorkloadIdentity};
+use crate::tls::{Credential, Identity, WorkloadIdentity};
 use crate::{reload, Proxy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -10,16 +10,21 @@ use std::time::Duration;
 
 pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--admin ADDR] [--log-format json|text]
        spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE] [--admin ADDR]
-                  [--control-ca FILE] [--identity spiffe://TD/PATH --join-token-file F]
+                  [--control-ca FILE] [--sa-token-file PATH | --identity spiffe://TD/PATH --join-token-file F]
 
 Runs the data plane, from a config file (YAML or JSON, by extension or content; reloaded
 on SIGHUP, and when it changes with --watch) or from the control plane at URL (FILE is
 then a bootstrap used until the first push; an https:// URL is verified against the CA in
 --control-ca FILE, else the system CA bundle). --admin starts the admin server at once, at
 ADDR, whatever the configs say (so probes work before the first config arrives).
---identity gets a workload certificate for that SPIFFE ID from the control plane's mesh CA
-(with the join token in F) before any config is applied, and renews it; tls blocks that
-name no files use it.
+A workload certificate from the control plane's mesh CA, obtained before any config is
+applied and renewed at two thirds of its life (tls blocks that name no files use it):
+  --sa-token-file PATH  Kubernetes: the pod's projected service account token (audience
+                        spur) proves the identity, spiffe://TD/ns/NS/sa/SA; the file is
+                        read again at each renewal, as the kubelet rotates it
+  --identity ID --join-token-file F
+                        that SPIFFE ID, with a join token the CA binds to it
+--token-file F holds the control API's bearer token.
 SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.";
 
 #[derive(Debug, Default)]
@@ -34,6 +39,7 @@ pub struct ProxyArgs {
     pub log_format: Option<LogFormat>,
     pub identity: Option<Identity>,
     pub join_token_file: Option<PathBuf>,
+    pub sa_token_file: Option<PathBuf>,
     pub control_ca: Option<PathBuf>,
 }
 
@@ -80,18 +86,12 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
             "--join-token-file" => {
                 out.join_token_file = Some(PathBuf::from(value("--join-token-file")?))
             }
+            "--sa-token-file" => out.sa_token_file = Some(PathBuf::from(value("--sa-token-file")?)),
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
     }
-    match (&out.identity, &out.join_token_file, &out.control) {
-        (Some(_), _, None) => {
-            return Err("--identity needs --control URL: the control plane is the mesh CA".into())
-        }
-        (Some(_), None, _) => return Err("--identity needs --join-token-file F".into()),
-        (None, Some(_), _) => return Err("--join-token-file goes with --identity".into()),
-        _ => {}
-    }
+    check_identity(&out)?;
     match &out.control {
         None => {
             if out.config.is_none() {
@@ -129,6 +129,55 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
         }
     }
     Ok(out)
+}
+
+/// The identity options: a service-account token file, or an identity with a join token;
+/// either needs the control plane, which is the mesh CA.
+fn check_identity(out: &ProxyArgs) -> Result<(), String> {
+    let wants = out.identity.is_some() || out.sa_token_file.is_some();
+    if wants && out.control.is_none() {
+        let flag = if out.sa_token_file.is_some() {
+            "--sa-token-file"
+        } else {
+            "--identity"
+        };
+        return Err(format!(
+            "{flag} needs --control URL: the control plane is the mesh CA"
+        ));
+    }
+    match (&out.identity, &out.join_token_file, &out.sa_token_file) {
+        (_, Some(_), Some(_)) => Err(
+            "--join-token-file and --sa-token-file are two ways to prove the identity: give one"
+                .into(),
+        ),
+        (Some(_), None, None) => {
+            Err("--identity needs --join-token-file F (or --sa-token-file PATH)".into())
+        }
+        (None, Some(_), None) => Err("--join-token-file goes with --identity".into()),
+        _ => Ok(()),
+    }
+}
+
+/// What proves the identity to the mesh CA, and the identity asked for (`None`: the one
+/// the service account proves); `None` without identity options.
+fn credential(
+    parsed: &ProxyArgs,
+) -> Result<Option<(Credential, Option<crate::tls::Identity>)>, String> {
+    if let Some(path) = &parsed.sa_token_file {
+        // Read once now, so a missing file fails at start rather than at the CA.
+        spur_config::read_token_file(path).map_err(|e| format!("--sa-token-file: {e}"))?;
+        return Ok(Some((
+            Credential::ServiceAccountTokenFile(path.clone()),
+            parsed.identity.clone(),
+        )));
+    }
+    match (&parsed.identity, &parsed.join_token_file) {
+        (Some(id), Some(f)) => {
+            let token = spur_config::read_token_file(f)?;
+            Ok(Some((Credential::JoinToken(token), Some(id.clone()))))
+        }
+        _ => Ok(None),
+    }
 }
 
 /// Entry point of `spur proxy ARGS` and of the `spur-proxy` binary.
@@ -181,13 +230,8 @@ pub fn main(args: &[String]) -> ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    let join_token = match parsed
-        .join_token_file
-        .as_deref()
-        .map(spur_config::read_token_file)
-        .transpose()
-    {
-        Ok(t) => t,
+    let credential = match credential(&parsed) {
+        Ok(c) => c,
         Err(e) => {
             eprintln!("spur proxy: {e}");
             return ExitCode::from(1);
@@ -195,13 +239,13 @@ pub fn main(args: &[String]) -> ExitCode {
     };
     rt.block_on(async move {
         // The certificate first: configs may name no TLS files and need it.
-        let identity = match (&parsed.identity, &parsed.control, &join_token) {
-            (Some(id), Some(url), Some(token)) => {
-                match WorkloadIdentity::obtain_with_retry(
+        let identity = match (credential, &parsed.control) {
+            (Some((credential, want)), Some(url)) => {
+                match WorkloadIdentity::obtain_as_with_retry(
                     control_client.clone().expect("made with --control"),
-                    id.clone(),
                     url,
-                    token,
+                    want,
+                    credential,
                     CERTIFY_START_LIMIT,
                 )
                 .await
@@ -354,7 +398,16 @@ mod tests {
             .starts_with("--identity: `web` is not a SPIFFE ID"));
         assert_eq!(
             with(&["--identity", "spiffe://td/a"]).unwrap_err(),
-            "--identity needs --join-token-file F"
+            "--identity needs --join-token-file F (or --sa-token-file PATH)"
+        );
+        assert!(with(&["--sa-token-file", "t"]).unwrap().identity.is_none());
+        assert!(with(&["--sa-token-file", "t", "--identity", "spiffe://td/a"]).is_ok());
+        assert!(with(&["--sa-token-file", "t", "--join-token-file", "j"])
+            .unwrap_err()
+            .contains("give one"));
+        assert_eq!(
+            parse_proxy_args(&args(&["--config", "a", "--sa-token-file", "t"])).unwrap_err(),
+            "--sa-token-file needs --control URL: the control plane is the mesh CA"
         );
         assert_eq!(
             with(&["--join-token-file", "t"]).unwrap_err(),

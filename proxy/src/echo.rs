@@ -1,6 +1,8 @@
 //! A small echo backend for `spur demo` and for trying routes by hand: it answers every
 //! request with JSON naming itself and describing the request it got (method, path,
 //! headers, body size). The body is read as a stream and counted, never held.
+//! [`start_fixed`] makes one that answers the same body to every request instead, which a
+//! mirror comparison can find equal to another build's.
 
 use bytes::Bytes;
 use http::{header, Request, Response};
@@ -20,6 +22,23 @@ pub async fn start(
     name: &str,
     addr: SocketAddr,
 ) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve(name, addr, None).await
+}
+
+/// [`start`], answering `body` (JSON) to every request.
+pub async fn start_fixed(
+    name: &str,
+    addr: SocketAddr,
+    body: &'static str,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+    serve(name, addr, Some(body)).await
+}
+
+async fn serve(
+    name: &str,
+    addr: SocketAddr,
+    fixed: Option<&'static str>,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let tcp = TcpListener::bind(addr).await?;
     let local = tcp.local_addr()?;
     let name: Arc<str> = name.into();
@@ -30,7 +49,7 @@ pub async fn start(
             };
             let name = name.clone();
             tokio::spawn(async move {
-                let svc = service_fn(move |req| echo(name.clone(), req));
+                let svc = service_fn(move |req| echo(name.clone(), fixed, req));
                 let _ = auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
                     .await;
@@ -40,13 +59,24 @@ pub async fn start(
     Ok((local, task))
 }
 
-async fn echo(name: Arc<str>, req: Request<Incoming>) -> Result<Response<Full<Bytes>>, Infallible> {
+async fn echo(
+    name: Arc<str>,
+    fixed: Option<&'static str>,
+    req: Request<Incoming>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
     let (parts, mut body) = req.into_parts();
     let mut body_bytes: u64 = 0;
     while let Some(Ok(frame)) = body.frame().await {
         if let Some(d) = frame.data_ref() {
             body_bytes += d.len() as u64;
         }
+    }
+    if let Some(text) = fixed {
+        return Ok(Response::builder()
+            .header(header::CONTENT_TYPE, "application/json")
+            .header("x-backend", &*name)
+            .body(Full::new(Bytes::from_static(text.as_bytes())))
+            .expect("static parts are valid"));
     }
     let headers: BTreeMap<&str, &str> = parts
         .headers

@@ -43,6 +43,7 @@ pub mod log;
 pub mod metrics;
 pub mod mirror;
 pub mod policy;
+pub mod process_metrics;
 pub mod quic;
 pub mod reason;
 pub mod registry;

@@ -17,6 +17,10 @@ use std::time::{Duration, Instant, SystemTime};
 pub const SILENCE_LIMIT: Duration = Duration::from_secs(30);
 const BACKOFF_BASE: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
+/// A watch stream that stayed open this long was a working connection: the next reconnect
+/// starts the backoff afresh. A shorter one (accepted, then closed at once) keeps growing
+/// it, so a control plane or a middlebox that drops every stream is not hammered.
+const STABLE_STREAM: Duration = Duration::from_secs(10);
 
 /// Where to watch for configs.
 #[derive(Clone, Debug)]
@@ -55,24 +59,60 @@ impl Backoff {
     }
 }
 
+/// Why a watch stream ended: each is logged as what it is, so "unreachable" means that.
+#[derive(Debug)]
+enum WatchEnd {
+    /// The control plane closed the stream (a restart, a drain).
+    Closed,
+    /// No connection: refused, timed out, TLS failed.
+    Unreachable(String),
+    /// Connected, but the watch was answered with an error status (a wrong token, a bad
+    /// group name).
+    Refused(String),
+    /// The stream broke or fell silent past [`SILENCE_LIMIT`].
+    Broken(String),
+}
+
 /// Watches the control plane for the proxy's group, for as long as the process runs:
 /// applies each version, reports the outcome, reconnects with backoff when the stream
 /// breaks, and resumes after the newest version it has seen.
+///
+/// A version the proxy rejects (invalid here, or a listener it cannot bind) is reported
+/// once and the stream stays open, waiting for the next version: reconnecting could only
+/// fetch the same version again.
 pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let client: HttpClient = src.client.clone();
         let mut seen = proxy.version();
         let mut backoff = Backoff { attempt: 0 };
         loop {
-            match watch_once(&proxy, &client, &src, &mut seen, &mut backoff).await {
-                Ok(()) => {
-                    tracing::info!(url = src.url.as_str(), "watch stream ended; reconnecting")
+            let opened = Instant::now();
+            let url = src.url.as_str();
+            match watch_once(&proxy, &client, &src, &mut seen).await {
+                WatchEnd::Closed => {
+                    tracing::info!(
+                        url,
+                        "the control plane closed the watch stream; reconnecting"
+                    )
                 }
-                Err(e) => tracing::warn!(
-                    url = src.url.as_str(),
-                    error = e.as_str(),
-                    "control plane unreachable; serving the last good config"
+                WatchEnd::Unreachable(error) => tracing::warn!(
+                    url,
+                    error,
+                    "control plane unreachable; serving the last good config (will retry)"
                 ),
+                WatchEnd::Refused(error) => tracing::warn!(
+                    url,
+                    error,
+                    "the control plane refused the watch; serving the last good config (will retry)"
+                ),
+                WatchEnd::Broken(error) => tracing::warn!(
+                    url,
+                    error,
+                    "watch stream broken; serving the last good config (will reconnect)"
+                ),
+            }
+            if opened.elapsed() >= STABLE_STREAM {
+                backoff.attempt = 0;
             }
             tokio::time::sleep(backoff.next()).await;
         }
@@ -103,17 +143,20 @@ async fn watch_once(
     client: &HttpClient,
     src: &ControlSource,
     seen: &mut u64,
-    backoff: &mut Backoff,
-) -> Result<(), String> {
+) -> WatchEnd {
     let path = format!(
         "/v1/groups/{}/watch?after={}&node={}",
         src.group, *seen, src.node
     );
-    let req = request(src, http::Method::GET, &path, Bytes::new())?;
-    let resp = tokio::time::timeout(Duration::from_secs(5), client.request(req))
-        .await
-        .map_err(|_| "connect timed out".to_string())?
-        .map_err(|e| crate::control_client::error_chain(&e))?;
+    let req = match request(src, http::Method::GET, &path, Bytes::new()) {
+        Ok(r) => r,
+        Err(e) => return WatchEnd::Refused(e),
+    };
+    let resp = match tokio::time::timeout(Duration::from_secs(5), client.request(req)).await {
+        Err(_) => return WatchEnd::Unreachable("connect timed out".into()),
+        Ok(Err(e)) => return WatchEnd::Unreachable(crate::control_client::error_chain(&e)),
+        Ok(Ok(r)) => r,
+    };
     if resp.status() != StatusCode::OK {
         let status = resp.status();
         let body = tokio::time::timeout(Duration::from_secs(5), resp.into_body().collect())
@@ -122,7 +165,7 @@ async fn watch_once(
             .and_then(Result::ok)
             .map(|b| b.to_bytes())
             .unwrap_or_default();
-        return Err(format!(
+        return WatchEnd::Refused(format!(
             "watch answered {status}: {}",
             String::from_utf8_lossy(&body).trim()
         ));
@@ -139,18 +182,17 @@ async fn watch_once(
     loop {
         let frame = match tokio::time::timeout(SILENCE_LIMIT, body.frame()).await {
             Err(_) => {
-                return Err(format!(
+                return WatchEnd::Broken(format!(
                     "no word from the control plane for {SILENCE_LIMIT:?}"
                 ))
             }
-            Ok(None) => return Ok(()),
-            Ok(Some(Err(e))) => return Err(e.to_string()),
+            Ok(None) => return WatchEnd::Closed,
+            Ok(Some(Err(e))) => return WatchEnd::Broken(e.to_string()),
             Ok(Some(Ok(f))) => f,
         };
         let Ok(data) = frame.into_data() else {
             continue;
         };
-        backoff.attempt = 0;
         buf.extend_from_slice(&data);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line = buf.split_to(pos + 1);
@@ -158,68 +200,52 @@ async fn watch_once(
             if text.trim().is_empty() {
                 continue; // heartbeat
             }
-            handle_line(proxy, client, src, text.trim(), seen).await?;
+            handle_line(proxy, client, src, text.trim(), seen).await;
         }
     }
 }
 
-/// Applies one pushed version and reports the outcome. `Err` asks the caller to reconnect
-/// later and get the same version again: it failed for a reason that may pass (a port
-/// still held by the previous process), unlike an invalid config, which is final.
+/// Applies one pushed version and reports the outcome. Either way the version is done
+/// with: a rejected one (an invalid config, a port that cannot be bound) stays rejected
+/// until a newer version arrives (a PUT of the fixed config, or a rollback).
 async fn handle_line(
     proxy: &Arc<Proxy>,
     client: &HttpClient,
     src: &ControlSource,
     line: &str,
     seen: &mut u64,
-) -> Result<(), String> {
+) {
     let pushed: Pushed = match serde_json::from_str(line) {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(error = %e, "unreadable line from the control plane");
-            return Ok(());
+            return;
         }
     };
     if pushed.version <= *seen {
-        return Ok(()); // already applied or rejected
+        return; // already applied or rejected
     }
+    *seen = pushed.version;
     let result = match serde_json::from_value::<Config>(pushed.config) {
-        Ok(cfg) => proxy.apply_pushed(cfg, pushed.version).await,
+        Ok(cfg) => proxy
+            .apply_pushed(cfg, pushed.version)
+            .await
+            .map_err(|e| e.to_string()),
         Err(e) => {
             proxy.shared.metrics.count_update("rejected");
-            *seen = pushed.version;
             let e = format!("config does not parse: {e}");
-            report(client, src, proxy.version(), Some((pushed.version, e))).await;
-            return Ok(());
+            tracing::warn!(version = pushed.version, error = %e, "config rejected; the previous one stays");
+            Err(e)
         }
     };
     match result {
-        Ok(()) => {
-            *seen = pushed.version;
-            report(client, src, pushed.version, None).await;
-            Ok(())
-        }
-        Err(e @ crate::ApplyError::Bind { .. }) => {
-            let e = format!("{e} (will retry)");
-            report(
-                client,
-                src,
-                proxy.version(),
-                Some((pushed.version, e.clone())),
-            )
-            .await;
-            Err(e)
-        }
+        Ok(()) => report(client, src, pushed.version, None).await,
         Err(e) => {
-            *seen = pushed.version;
-            report(
-                client,
-                src,
-                proxy.version(),
-                Some((pushed.version, e.to_string())),
-            )
-            .await;
-            Ok(())
+            tracing::info!(
+                version = pushed.version,
+                "rejected version reported to the control plane; waiting for the next one"
+            );
+            report(client, src, proxy.version(), Some((pushed.version, e))).await
         }
     }
 }

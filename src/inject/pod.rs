@@ -20,24 +20,52 @@
 //!
 //! The sidecar runs with `--admin 0.0.0.0:<admin port>`, so the probes reach `/live` and
 //! `/ready` on the pod IP from the start, before the first config arrives (group configs
-//! leave `admin` out); `spur-init` leaves that port out of inbound interception. Pods on the host network are skipped: the rules would rewrite the node's
-//! own traffic.
+//! leave `admin` out); `spur-init` leaves that port out of inbound interception, and the
+//! pod template gets `prometheus.io/scrape`, `prometheus.io/port` and `prometheus.io/path`
+//! annotations for it (unless it has its own). Pods on the host network are skipped: the
+//! rules would rewrite the node's own traffic.
+//!
+//! **Meshed by default.** Unless `spur.dev/mtls: disabled` says otherwise, the sidecar
+//! proves its service account to the mesh CA (see [`super::containers`]) and the group's
+//! generated config ([`super::mesh`]) terminates mutual TLS inbound. The ports the
+//! kubelet probes the app on bypass the proxy inbound: the kubelet has no mesh
+//! certificate, and a probe refused by TLS would keep the pod from ever being ready.
 
+use super::containers::{self, INIT, PROXY};
 use super::Options;
 use serde_yaml_ng::{Mapping, Value};
 
 pub const INJECT: &str = "spur.dev/inject";
+pub const MTLS: &str = "spur.dev/mtls";
 pub const INJECTED: &str = "spur.dev/injected";
 pub const INJECTED_VERSION: &str = "spur.dev/injected-version";
 pub const SKIP_PORTS: &str = "spur.dev/skip-ports";
-pub const PROXY: &str = "spur-proxy";
-pub const INIT: &str = "spur-init";
 
 /// What happened to one workload.
 #[derive(Debug, PartialEq)]
 pub enum Outcome {
-    Injected,
+    Injected(Workload),
     Skipped(String),
+}
+
+/// What the generated config of an injected workload needs to know of it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Workload {
+    /// `Deployment/echo`, for messages.
+    pub label: String,
+    pub group: String,
+    /// `metadata.namespace` of the workload, else `default`.
+    pub namespace: String,
+    /// `spec.serviceAccountName` of the pod, else `default`.
+    pub service_account: String,
+    /// Whether its sidecar has a workload identity and speaks mTLS inbound.
+    pub meshed: bool,
+    /// The pod template's labels (what Services select).
+    pub labels: Mapping,
+    /// The containers' ports: name (if any) and number, in order.
+    pub ports: Vec<(Option<String>, u16)>,
+    /// Ports the kubelet probes, which bypass the proxy inbound.
+    pub probe_ports: Vec<u16>,
 }
 
 /// Where a kind keeps its pod template, as mapping keys from the object's root; `None`
@@ -61,16 +89,24 @@ pub fn template_path(api_version: Option<&str>, kind: &str) -> Option<&'static [
 
 /// Injects the pod template found at `path` inside `obj` (a workload or a Pod).
 pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcome, String> {
-    let name = obj
-        .get("metadata")
+    let meta = obj.get("metadata");
+    let name = meta
         .and_then(|m| m.get("name"))
         .and_then(Value::as_str)
         .map(str::to_owned);
+    let namespace = meta
+        .and_then(|m| m.get("namespace"))
+        .and_then(Value::as_str)
+        .unwrap_or("default")
+        .to_string();
+    let kind = obj.get("kind").and_then(Value::as_str).unwrap_or("Pod");
+    let label = format!("{kind}/{}", name.as_deref().unwrap_or("(unnamed)"));
     let workload_annotations = annotations(obj.get("metadata"));
-    if opted_out(&workload_annotations, "metadata.annotations")? {
+    if switched_off(&workload_annotations, INJECT, "metadata.annotations")? {
         return Ok(Outcome::Skipped(format!("{INJECT}: disabled")));
     }
     let workload_skip = workload_annotations.get(SKIP_PORTS).cloned();
+    let workload_mtls_off = switched_off(&workload_annotations, MTLS, "metadata.annotations")?;
 
     let at = path.join(".");
     let field = |f: &str| {
@@ -88,13 +124,13 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
             .ok_or_else(|| format!("{at}: missing"))?;
     }
     let meta = annotations(template.get("metadata"));
-    if opted_out(&meta, &field("metadata.annotations"))? {
+    if switched_off(&meta, INJECT, &field("metadata.annotations"))? {
         return Ok(Outcome::Skipped(format!("{INJECT}: disabled")));
     }
     if meta.get(INJECTED).is_some_and(|v| v == "true") {
         return Ok(Outcome::Skipped("already injected".into()));
     }
-    // The pod template's annotation wins over the workload's.
+    // The pod template's annotations win over the workload's.
     let skip_ports = match meta.get(SKIP_PORTS) {
         Some(v) => parse_ports(v, &field("metadata.annotations"))?,
         None => match &workload_skip {
@@ -102,7 +138,17 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
             None => vec![],
         },
     };
+    let meshed = match meta.get(MTLS) {
+        Some(_) => !switched_off(&meta, MTLS, &field("metadata.annotations"))?,
+        None => !workload_mtls_off,
+    };
     let group = group(template, name.as_deref())?;
+    let labels = template
+        .get("metadata")
+        .and_then(|m| m.get("labels"))
+        .and_then(Value::as_mapping)
+        .cloned()
+        .unwrap_or_default();
 
     let spec = template
         .get_mut("spec")
@@ -113,6 +159,61 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
             "hostNetwork: the rules would redirect the node's own traffic".into(),
         ));
     }
+    check_containers(spec, &field)?;
+    let service_account = ["serviceAccountName", "serviceAccount"]
+        .iter()
+        .find_map(|k| spec.get(*k)?.as_str())
+        .filter(|s| !s.is_empty())
+        .unwrap_or("default")
+        .to_string();
+    let ports = container_ports(spec);
+    let probe_ports = if meshed {
+        probe_ports(spec, &ports)
+    } else {
+        Vec::new()
+    };
+    add_containers(
+        spec,
+        opts,
+        &group,
+        &skip_ports,
+        &probe_ports,
+        meshed,
+        &field,
+    )?;
+
+    let metadata = ensure_before(template, "metadata", "spec", Value::Mapping(Mapping::new()))
+        .as_mapping_mut()
+        .ok_or_else(|| format!("{}: not a mapping", field("metadata")))?;
+    let annotations = ensure_before(metadata, "annotations", "", Value::Mapping(Mapping::new()))
+        .as_mapping_mut()
+        .ok_or_else(|| format!("{}: not a mapping", field("metadata.annotations")))?;
+    annotations.insert(INJECTED.into(), "true".into());
+    annotations.insert(INJECTED_VERSION.into(), env!("CARGO_PKG_VERSION").into());
+    // Prometheus' usual pod annotations, for the sidecar's admin port, unless the app has
+    // claimed them for its own metrics.
+    if !annotations.contains_key("prometheus.io/scrape") {
+        annotations.insert("prometheus.io/scrape".into(), "true".into());
+        annotations.insert(
+            "prometheus.io/port".into(),
+            opts.admin_port.to_string().into(),
+        );
+        annotations.insert("prometheus.io/path".into(), "/metrics".into());
+    }
+    Ok(Outcome::Injected(Workload {
+        label,
+        group,
+        namespace,
+        service_account,
+        meshed,
+        labels,
+        ports,
+        probe_ports,
+    }))
+}
+
+/// The pod must have containers, and none of Spur's names unless it says it is injected.
+fn check_containers(spec: &Mapping, field: &dyn Fn(&str) -> String) -> Result<(), String> {
     if spec
         .get("containers")
         .and_then(Value::as_sequence)
@@ -133,6 +234,32 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
             }
         }
     }
+    Ok(())
+}
+
+/// Adds the two containers (first among the init containers) and the sidecar's volumes.
+fn add_containers(
+    spec: &mut Mapping,
+    opts: &Options,
+    group: &str,
+    skip_ports: &[u16],
+    probe_ports: &[u16],
+    meshed: bool,
+    field: &dyn Fn(&str) -> String,
+) -> Result<(), String> {
+    let mounts = containers::mounts(opts, meshed);
+    if let Some(Value::Sequence(existing)) = spec.get("volumes") {
+        for v in existing {
+            if let Some(n) = v.get("name").and_then(Value::as_str) {
+                if mounts.iter().any(|s| s.volume == n) {
+                    return Err(format!(
+                        "{}: already has a volume named `{n}`",
+                        field("spec.volumes")
+                    ));
+                }
+            }
+        }
+    }
     let init = ensure_before(
         spec,
         "initContainers",
@@ -145,47 +272,77 @@ pub fn inject(obj: &mut Mapping, path: &[&str], opts: &Options) -> Result<Outcom
     init.splice(
         0..0,
         [
-            init_container(opts, &skip_ports),
-            proxy_container(opts, &group),
+            containers::init_container(opts, skip_ports, probe_ports),
+            containers::proxy_container(opts, group, &mounts),
         ],
     );
-    let secrets = secret_mounts(opts);
-    if !secrets.is_empty() {
-        if let Some(Value::Sequence(existing)) = spec.get("volumes") {
-            for v in existing {
-                if let Some(n) = v.get("name").and_then(Value::as_str) {
-                    if secrets.iter().any(|s| s.volume == n) {
-                        return Err(format!(
-                            "{}: already has a volume named `{n}`",
-                            field("spec.volumes")
-                        ));
-                    }
-                }
-            }
-        }
+    if !mounts.is_empty() {
         let volumes = spec
             .entry("volumes".into())
             .or_insert_with(|| Value::Sequence(vec![]));
         let Value::Sequence(volumes) = volumes else {
             return Err(format!("{}: not a list", field("spec.volumes")));
         };
-        for s in &secrets {
-            volumes.push(map([
-                ("name", s.volume.into()),
-                ("secret", map([("secretName", s.secret.as_str().into())])),
-            ]));
+        volumes.extend(mounts.iter().map(containers::Mount::volume));
+    }
+    Ok(())
+}
+
+/// Every container's ports (TCP; UDP and SCTP are never intercepted), in order.
+fn container_ports(spec: &Mapping) -> Vec<(Option<String>, u16)> {
+    let containers = spec.get("containers").and_then(Value::as_sequence);
+    let mut out = Vec::new();
+    for c in containers.into_iter().flatten() {
+        for p in c
+            .get("ports")
+            .and_then(Value::as_sequence)
+            .into_iter()
+            .flatten()
+        {
+            let tcp = p
+                .get("protocol")
+                .and_then(Value::as_str)
+                .is_none_or(|proto| proto == "TCP");
+            let number = p
+                .get("containerPort")
+                .and_then(Value::as_u64)
+                .and_then(|n| u16::try_from(n).ok());
+            if let (true, Some(n)) = (tcp, number) {
+                let name = p.get("name").and_then(Value::as_str).map(str::to_owned);
+                out.push((name, n));
+            }
         }
     }
+    out
+}
 
-    let metadata = ensure_before(template, "metadata", "spec", Value::Mapping(Mapping::new()))
-        .as_mapping_mut()
-        .ok_or_else(|| format!("{}: not a mapping", field("metadata")))?;
-    let annotations = ensure_before(metadata, "annotations", "", Value::Mapping(Mapping::new()))
-        .as_mapping_mut()
-        .ok_or_else(|| format!("{}: not a mapping", field("metadata.annotations")))?;
-    annotations.insert(INJECTED.into(), "true".into());
-    annotations.insert(INJECTED_VERSION.into(), env!("CARGO_PKG_VERSION").into());
-    Ok(Outcome::Injected)
+/// The ports of the containers' liveness, readiness and startup probes (`httpGet`,
+/// `tcpSocket`, `grpc`), named ports resolved, sorted and distinct.
+fn probe_ports(spec: &Mapping, ports: &[(Option<String>, u16)]) -> Vec<u16> {
+    let containers = spec.get("containers").and_then(Value::as_sequence);
+    let mut out = Vec::new();
+    for c in containers.into_iter().flatten() {
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let Some(p) = c.get(probe) else { continue };
+            for kind in ["httpGet", "tcpSocket", "grpc"] {
+                let port = p.get(kind).and_then(|k| k.get("port"));
+                let number = match port {
+                    Some(Value::Number(n)) => n.as_u64().and_then(|n| u16::try_from(n).ok()),
+                    Some(Value::String(s)) => s.parse().ok().or_else(|| {
+                        ports
+                            .iter()
+                            .find(|(name, _)| name.as_deref() == Some(s.as_str()))
+                            .map(|(_, n)| *n)
+                    }),
+                    _ => None,
+                };
+                out.extend(number);
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
 }
 
 /// The value at `key`, inserted first if missing: just before `before` (where a person
@@ -214,16 +371,17 @@ fn annotations(metadata: Option<&Value>) -> Mapping {
         .unwrap_or_default()
 }
 
-/// `spur.dev/inject`: `disabled` opts out, `enabled` (or no annotation) opts in. Anything
-/// else is an error rather than a guess: a typo must not mesh a workload silently.
-fn opted_out(annotations: &Mapping, at: &str) -> Result<bool, String> {
-    match annotations.get(INJECT) {
+/// `spur.dev/inject` or `spur.dev/mtls`: `disabled` opts out, `enabled` (or no
+/// annotation) opts in. Anything else is an error rather than a guess: a typo must not
+/// mesh (or unmesh) a workload silently.
+fn switched_off(annotations: &Mapping, key: &str, at: &str) -> Result<bool, String> {
+    match annotations.get(key) {
         None => Ok(false),
         Some(v) => match v.as_str() {
             Some("disabled") => Ok(true),
             Some("enabled") => Ok(false),
             _ => Err(format!(
-                "{at}.{INJECT}: {} is not `enabled` or `disabled`",
+                "{at}.{key}: {} is not `enabled` or `disabled`",
                 describe(v)
             )),
         },
@@ -270,216 +428,6 @@ fn group(template: &Mapping, workload: Option<&str>) -> Result<String, String> {
 }
 
 /// Builds a mapping from `(key, value)` pairs, in order.
-fn map<const N: usize>(pairs: [(&str, Value); N]) -> Value {
-    Value::Mapping(pairs.into_iter().map(|(k, v)| (k.into(), v)).collect())
-}
-
-fn strings(items: &[&str]) -> Value {
-    Value::Sequence(items.iter().map(|s| Value::from(*s)).collect())
-}
-
-fn http_probe(path: &str, port: u16, extra: Vec<(&str, Value)>) -> Value {
-    let mut m = Mapping::new();
-    m.insert(
-        "httpGet".into(),
-        map([("path", path.into()), ("port", port.into())]),
-    );
-    for (k, v) in extra {
-        m.insert(k.into(), v);
-    }
-    Value::Mapping(m)
-}
-
-/// A Secret mounted into the sidecar: the volume's name, the Secret, where it is mounted,
-/// and the flag and file the proxy is given.
-struct SecretMount {
-    volume: &'static str,
-    secret: String,
-    dir: &'static str,
-    flag: &'static str,
-    file: &'static str,
-}
-
-fn secret_mounts(opts: &Options) -> Vec<SecretMount> {
-    let mut out = Vec::new();
-    if let Some(secret) = &opts.token_secret {
-        out.push(SecretMount {
-            volume: "spur-token",
-            secret: secret.clone(),
-            dir: "/etc/spur/token",
-            flag: "--token-file",
-            file: "/etc/spur/token/token",
-        });
-    }
-    if let Some(secret) = &opts.control_ca_secret {
-        out.push(SecretMount {
-            volume: "spur-control-ca",
-            secret: secret.clone(),
-            dir: "/etc/spur/control-ca",
-            flag: "--control-ca",
-            file: "/etc/spur/control-ca/ca.crt",
-        });
-    }
-    out
-}
-
-fn proxy_container(opts: &Options, group: &str) -> Value {
-    let admin = format!("0.0.0.0:{}", opts.admin_port);
-    let secrets = secret_mounts(opts);
-    let mut args = vec![
-        "proxy",
-        "--control",
-        &opts.control,
-        "--node",
-        "$(POD_NAME)",
-        "--group",
-        group,
-        "--admin",
-        &admin,
-    ];
-    for s in &secrets {
-        args.extend([s.flag, s.file]);
-    }
-    let mut c = map([
-        ("name", PROXY.into()),
-        ("image", opts.image.as_str().into()),
-        ("args", strings(&args)),
-        (
-            "env",
-            Value::Sequence(vec![map([
-                ("name", "POD_NAME".into()),
-                (
-                    "valueFrom",
-                    map([("fieldRef", map([("fieldPath", "metadata.name".into())]))]),
-                ),
-            ])]),
-        ),
-        (
-            "ports",
-            Value::Sequence(vec![map([
-                ("name", "spur-admin".into()),
-                ("containerPort", opts.admin_port.into()),
-            ])]),
-        ),
-        // A native sidecar: see the module documentation.
-        ("restartPolicy", "Always".into()),
-        // Holds the application back until the first config is applied (2 minutes).
-        (
-            "startupProbe",
-            http_probe(
-                "/ready",
-                opts.admin_port,
-                vec![
-                    ("periodSeconds", 1.into()),
-                    ("failureThreshold", 120.into()),
-                ],
-            ),
-        ),
-        (
-            "readinessProbe",
-            http_probe("/ready", opts.admin_port, vec![("periodSeconds", 5.into())]),
-        ),
-        (
-            "livenessProbe",
-            http_probe("/live", opts.admin_port, vec![("periodSeconds", 10.into())]),
-        ),
-        (
-            "resources",
-            map([
-                (
-                    "requests",
-                    map([("cpu", "50m".into()), ("memory", "32Mi".into())]),
-                ),
-                ("limits", map([("memory", "128Mi".into())])),
-            ]),
-        ),
-        (
-            "securityContext",
-            map([
-                ("runAsUser", opts.uid.into()),
-                ("runAsNonRoot", true.into()),
-                ("readOnlyRootFilesystem", true.into()),
-                ("allowPrivilegeEscalation", false.into()),
-                ("capabilities", map([("drop", strings(&["ALL"]))])),
-            ]),
-        ),
-    ]);
-    if !secrets.is_empty() {
-        let mounts = secrets
-            .iter()
-            .map(|s| {
-                map([
-                    ("name", s.volume.into()),
-                    ("mountPath", s.dir.into()),
-                    ("readOnly", true.into()),
-                ])
-            })
-            .collect();
-        if let Value::Mapping(m) = &mut c {
-            m.insert("volumeMounts".into(), Value::Sequence(mounts));
-        }
-    }
-    c
-}
-
-fn init_container(opts: &Options, skip_ports: &[u16]) -> Value {
-    let (inbound, outbound, uid, admin) = (
-        opts.inbound_port.to_string(),
-        opts.outbound_port.to_string(),
-        opts.uid.to_string(),
-        opts.admin_port.to_string(),
-    );
-    let mut args = vec![
-        "init-iptables",
-        "--inbound-port",
-        &inbound,
-        "--outbound-port",
-        &outbound,
-        "--proxy-uid",
-        &uid,
-        // The kubelet's probes and Prometheus reach the admin server directly.
-        "--skip-inbound-ports",
-        &admin,
-    ];
-    let skip = crate::iptables::join_ports(skip_ports);
-    if !skip_ports.is_empty() {
-        args.extend(["--skip-ports", &skip]);
-    }
-    map([
-        ("name", INIT.into()),
-        ("image", opts.init_image.as_str().into()),
-        ("args", strings(&args)),
-        (
-            "resources",
-            map([
-                (
-                    "requests",
-                    map([("cpu", "10m".into()), ("memory", "16Mi".into())]),
-                ),
-                ("limits", map([("memory", "64Mi".into())])),
-            ]),
-        ),
-        // Root with NET_ADMIN and NET_RAW in the pod's own network namespace, for the
-        // length of one iptables-restore. The root filesystem stays writable because
-        // iptables takes its lock file under /run.
-        (
-            "securityContext",
-            map([
-                ("runAsUser", 0.into()),
-                ("runAsNonRoot", false.into()),
-                ("allowPrivilegeEscalation", false.into()),
-                (
-                    "capabilities",
-                    map([
-                        ("add", strings(&["NET_ADMIN", "NET_RAW"])),
-                        ("drop", strings(&["ALL"])),
-                    ]),
-                ),
-            ]),
-        ),
-    ])
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -526,7 +474,10 @@ mod tests {
             "kind: Pod\nmetadata:\n  name: p\n  annotations:\nspec:\n  initContainers:\n  containers: [{name: a}]\n",
         )
         .unwrap();
-        assert_eq!(inject(&mut pod, &[], &opts).unwrap(), Outcome::Injected);
+        assert!(matches!(
+            inject(&mut pod, &[], &opts).unwrap(),
+            Outcome::Injected(_)
+        ));
         assert_eq!(pod["metadata"]["annotations"]["spur.dev/injected"], "true");
         assert_eq!(
             pod["spec"]["initContainers"].as_sequence().unwrap().len(),
@@ -543,13 +494,16 @@ mod tests {
         assert_eq!(keys, ["metadata", "spec"]);
         let spec = template["spec"].as_mapping().unwrap();
         let keys: Vec<_> = spec.keys().filter_map(Value::as_str).collect();
-        assert_eq!(keys, ["restartPolicy", "initContainers", "containers"]);
+        assert_eq!(
+            keys,
+            ["restartPolicy", "initContainers", "containers", "volumes"]
+        );
     }
 
     #[test]
     fn an_unknown_inject_value_is_an_error() {
         let a = serde_yaml_ng::from_str::<Mapping>("spur.dev/inject: disable").unwrap();
-        let e = opted_out(&a, "metadata.annotations").unwrap_err();
+        let e = switched_off(&a, INJECT, "metadata.annotations").unwrap_err();
         assert!(
             e.contains("`disable` is not `enabled` or `disabled`"),
             "{e}"

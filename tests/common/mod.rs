@@ -435,6 +435,7 @@ pub async fn start_control(
         token: token.map(str::to_string),
         ca: None,
         kubernetes: None,
+        ..Default::default()
     })
     .await
     .expect("control plane starts");

@@ -197,6 +197,7 @@ macro_rules! define_metrics {
         impl Metrics {
             pub fn new() -> Metrics {
                 let mut registry = Registry::default();
+                crate::process_metrics::register(&mut registry);
                 $(
                     let $field: $ty = $init;
                     registry.register($name, $help, $field.clone());

@@ -33,7 +33,7 @@ pub mod workload;
 pub use files::{MaterialError, TlsError, RELOAD_INTERVAL};
 pub use identity::{Identity, IdentityError};
 pub use stream::Stream;
-pub use workload::{CertifyError, WorkloadIdentity};
+pub use workload::{CertifyError, Credential, WorkloadIdentity};
 
 use files::{Built, Part, Source, Watched};
 use rustls::client::danger::ServerCertVerifier;

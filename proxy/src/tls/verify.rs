@@ -14,6 +14,11 @@
 //! A refused identity is `CertificateError::ApplicationVerificationFailure`, which rustls
 //! sends as an `access_denied` alert and [`super::reason`] reports as `identity_not_allowed`
 //! (server side) or `identity_not_expected` (client side).
+//!
+//! Both verifiers also refuse a certificate with more than one URI SAN, whatever the lists
+//! say: an X.509-SVID carries exactly one, and with several the identity would depend on
+//! their order (`[web, admin]` passing as `web` where `[admin, web]` fails). That refusal
+//! is a `bad_certificate` alert, counted as `bad_certificate`.
 
 use super::{identity, Identity};
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
@@ -28,6 +33,38 @@ use std::sync::Arc;
 
 fn identity_refused() -> Error {
     Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+}
+
+/// Why a certificate with several URI SANs is refused.
+#[derive(Debug)]
+struct SeveralUriSans(usize);
+
+impl std::fmt::Display for SeveralUriSans {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the certificate has {} URI SANs; a SPIFFE certificate has exactly one",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SeveralUriSans {}
+
+/// Refuses a certificate with more than one URI SAN (see the module documentation).
+fn one_uri_san_at_most(end_entity: &CertificateDer<'_>, peer: &str) -> Result<(), Error> {
+    let n = super::der::uri_sans(end_entity).len();
+    if n > 1 {
+        tracing::debug!(
+            peer,
+            uri_sans = n,
+            "certificate with several URI SANs refused"
+        );
+        return Err(Error::InvalidCertificate(CertificateError::Other(
+            rustls::OtherError(Arc::new(SeveralUriSans(n))),
+        )));
+    }
+    Ok(())
 }
 
 /// Client certificates: webpki's verifier, then the peer's SPIFFE ID against the allowed
@@ -62,6 +99,7 @@ impl ClientCertVerifier for ClientIdentityVerifier {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
+        one_uri_san_at_most(end_entity, &self.listener)?;
         if !self.allow.is_empty() {
             let id = identity::from_cert(end_entity);
             if !id.as_ref().is_some_and(|id| self.allow.contains(id)) {
@@ -126,6 +164,7 @@ impl ServerCertVerifier for ServerIdentityVerifier {
             now,
             self.provider.signature_verification_algorithms.all,
         )?;
+        one_uri_san_at_most(end_entity, &self.cluster)?;
         let id = identity::from_cert(end_entity);
         if !id.as_ref().is_some_and(|id| self.expect.contains(id)) {
             tracing::debug!(

@@ -1,16 +1,22 @@
-//! Workload identity from the mesh CA (`spur proxy --identity spiffe://… --join-token-file F`).
+//! Workload identity from the mesh CA: `spur proxy --sa-token-file PATH` (Kubernetes: the
+//! pod's projected service-account token proves the identity, which the CA derives) or
+//! `spur proxy --identity spiffe://… --join-token-file F` (a join token bound to identities).
 //!
-//! The proxy makes an ECDSA P-256 key pair in memory, sends a CSR naming its SPIFFE ID (the
-//! only SAN) with the join token to the control plane's `POST /v1/identity/certify`, and
+//! The proxy makes an ECDSA P-256 key pair in memory, sends a CSR (naming its SPIFFE ID as
+//! the only SAN, when it knows it) with its credential to the control plane's
+//! `POST /v1/identity/certify`, and
 //! keeps the answer — its certificate, the key, and the mesh CA certificate — as one
 //! [`Material`] behind an `ArcSwap`. TLS settings that name no files read that material
 //! instead of files (see [`super::files::Source::workload`]); the one-second watcher that
 //! rebuilds whole rustls configs when files change notices a renewal the same way, so new
 //! handshakes present the new certificate and established connections keep theirs.
 //!
-//! Renewal happens at two thirds of the certificate's lifetime, with a fresh key each time.
-//! A failed renewal keeps the current certificate (still valid for a third of its life) and
-//! retries with capped exponential backoff.
+//! Renewal happens at two thirds of the certificate's lifetime, with a fresh key each time,
+//! asking for the identity the first certificate carried. A service-account token file is
+//! read again for every request: the kubelet rotates it (its lifetime is an hour or so,
+//! shorter than a certificate's), so the token sent is always the current one. A failed
+//! renewal keeps the current certificate (still valid for a third of its life) and retries
+//! with capped exponential backoff.
 //!
 //! Why the key stays in memory: it never needs to outlive the process (a restarted proxy
 //! simply asks again), so it never touches disk, and nothing here formats it: errors and
@@ -26,6 +32,7 @@ use rcgen::{CertificateParams, KeyPair, SanType, PKCS_ECDSA_P256_SHA256};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::CertificateDer;
 use std::fmt;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -62,12 +69,57 @@ impl fmt::Debug for Material {
     }
 }
 
+/// What proves the proxy's identity to the mesh CA. `Debug` never shows a token.
+#[derive(Clone)]
+pub enum Credential {
+    /// A join token (`--join-token-file`), bound on the CA to the identities it may obtain.
+    JoinToken(String),
+    /// A file holding a projected service-account token (`--sa-token-file`), read again
+    /// for every request because the kubelet rotates it.
+    ServiceAccountTokenFile(PathBuf),
+}
+
+impl fmt::Debug for Credential {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credential::JoinToken(_) => f.write_str("JoinToken(..)"),
+            Credential::ServiceAccountTokenFile(p) => {
+                write!(f, "ServiceAccountTokenFile({})", p.display())
+            }
+        }
+    }
+}
+
+impl Credential {
+    /// The body field and token to send now.
+    fn field(&self) -> Result<(&'static str, String), CertifyError> {
+        match self {
+            Credential::JoinToken(t) => Ok(("join_token", t.trim().to_string())),
+            Credential::ServiceAccountTokenFile(path) => spur_config::read_token_file(path)
+                .map(|t| ("sa_token", t))
+                .map_err(|e| CertifyError::Local(format!("--sa-token-file: {e}"))),
+        }
+    }
+
+    /// What a 401 refused, for its message.
+    fn what(&self) -> &'static str {
+        match self {
+            Credential::JoinToken(_) => "join token",
+            Credential::ServiceAccountTokenFile(_) => "service account token",
+        }
+    }
+}
+
 /// Why no certificate was obtained.
 #[derive(Debug, thiserror::Error)]
 pub enum CertifyError {
     /// The CA answered 401: retrying cannot help.
-    #[error("join token refused (401) by the mesh CA at {url}: {message}")]
-    Refused { url: String, message: String },
+    #[error("{what} refused (401) by the mesh CA at {url}: {message}")]
+    Refused {
+        what: &'static str,
+        url: String,
+        message: String,
+    },
     /// The CA refused the request for another reason (4xx): retrying cannot help either.
     #[error("the mesh CA at {url} refused the request ({status}): {message}")]
     Rejected {
@@ -78,7 +130,8 @@ pub enum CertifyError {
     /// Not reachable, timed out, 5xx, or an unusable answer: worth retrying.
     #[error("the mesh CA at {url} is unavailable: {message}")]
     Unavailable { url: String, message: String },
-    #[error("cannot make a key or CSR: {0}")]
+    /// A key, a CSR or a token file that cannot be made or read here.
+    #[error("{0}")]
     Local(String),
     #[error("{0}")]
     Client(String),
@@ -105,7 +158,7 @@ pub struct WorkloadIdentity {
     id: Identity,
     /// `http://host:port` of the control plane, no trailing slash.
     control_url: String,
-    join_token: String,
+    credential: Credential,
     client: HttpClient,
     current: ArcSwap<Material>,
     /// Counts certificates obtained (1 after the first).
@@ -123,8 +176,9 @@ impl fmt::Debug for WorkloadIdentity {
 }
 
 impl WorkloadIdentity {
-    /// Asks the mesh CA once for a certificate; on success starts renewing it in the
-    /// background (for as long as the returned `Arc` lives, inside a Tokio runtime).
+    /// Asks the mesh CA once for a certificate for `id` with a join token; on success
+    /// starts renewing it in the background (for as long as the returned `Arc` lives,
+    /// inside a Tokio runtime).
     pub async fn obtain(
         id: Identity,
         control_url: &str,
@@ -141,12 +195,25 @@ impl WorkloadIdentity {
         control_url: &str,
         join_token: &str,
     ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
+        let credential = Credential::JoinToken(join_token.to_string());
+        WorkloadIdentity::obtain_as(client, control_url, Some(id), credential).await
+    }
+
+    /// Asks the mesh CA once for a certificate, proving who this is with `credential`:
+    /// for `want`, or (without it) for whatever identity the credential proves (a service
+    /// account's). Renews it in the background for as long as the `Arc` lives.
+    pub async fn obtain_as(
+        client: HttpClient,
+        control_url: &str,
+        want: Option<Identity>,
+        credential: Credential,
+    ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
         let control_url = control_url.trim_end_matches('/').to_string();
-        let material = certify(&client, &control_url, &id, join_token).await?;
+        let (id, material) = certify(&client, &control_url, want.as_ref(), &credential).await?;
         let this = Arc::new(WorkloadIdentity {
             id,
             control_url,
-            join_token: join_token.trim().to_string(),
+            credential,
             client,
             current: ArcSwap::from_pointee(material),
             generation: AtomicU64::new(1),
@@ -156,8 +223,7 @@ impl WorkloadIdentity {
         Ok(this)
     }
 
-    /// [`WorkloadIdentity::obtain`], retrying transient failures (CA unreachable, 5xx) with
-    /// backoff for at most `limit`; a refused join token or request fails at once.
+    /// [`WorkloadIdentity::obtain_via`] (a join token), retrying transient failures.
     pub async fn obtain_with_retry(
         client: HttpClient,
         id: Identity,
@@ -165,12 +231,31 @@ impl WorkloadIdentity {
         join_token: &str,
         limit: Duration,
     ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
+        let credential = Credential::JoinToken(join_token.to_string());
+        WorkloadIdentity::obtain_as_with_retry(client, control_url, Some(id), credential, limit)
+            .await
+    }
+
+    /// [`WorkloadIdentity::obtain_as`], retrying transient failures (CA unreachable, 5xx)
+    /// with backoff for at most `limit`; a refused credential or request fails at once.
+    pub async fn obtain_as_with_retry(
+        client: HttpClient,
+        control_url: &str,
+        want: Option<Identity>,
+        credential: Credential,
+        limit: Duration,
+    ) -> Result<Arc<WorkloadIdentity>, CertifyError> {
         let deadline = Instant::now() + limit;
         let mut attempt = 0;
         loop {
-            match WorkloadIdentity::obtain_via(client.clone(), id.clone(), control_url, join_token)
-                .await
-            {
+            let got = WorkloadIdentity::obtain_as(
+                client.clone(),
+                control_url,
+                want.clone(),
+                credential.clone(),
+            )
+            .await;
+            match got {
                 Err(e) if e.is_transient() && Instant::now() < deadline => {
                     let wait =
                         backoff(attempt).min(deadline.saturating_duration_since(Instant::now()));
@@ -200,7 +285,13 @@ impl WorkloadIdentity {
     /// Gets a new certificate now and swaps it in. The TLS configs pick it up on their next
     /// reload tick.
     pub async fn renew(&self) -> Result<(), CertifyError> {
-        let m = certify(&self.client, &self.control_url, &self.id, &self.join_token).await?;
+        let (_, m) = certify(
+            &self.client,
+            &self.control_url,
+            Some(&self.id),
+            &self.credential,
+        )
+        .await?;
         tracing::info!(identity = %self.id, serial = %m.serial, expires_at = m.expires_at, "workload certificate renewed");
         self.current.store(Arc::new(m));
         self.generation.fetch_add(1, Ordering::AcqRel);
@@ -245,26 +336,29 @@ async fn renew_forever(weak: Weak<WorkloadIdentity>) {
     }
 }
 
-/// One round trip to the CA: a new key, a CSR, the answer checked.
+/// One round trip to the CA: a new key, a CSR (for `want`, or naming no identity), the
+/// answer checked; returns the identity the certificate carries with it.
 async fn certify(
     client: &HttpClient,
     url: &str,
-    id: &Identity,
-    join_token: &str,
-) -> Result<Material, CertifyError> {
-    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| CertifyError::Local(e.to_string()))?;
+    want: Option<&Identity>,
+    credential: &Credential,
+) -> Result<(Identity, Material), CertifyError> {
+    let local = |e: rcgen::Error| CertifyError::Local(format!("cannot make a key or CSR: {e}"));
+    let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(local)?;
     let mut params = CertificateParams::default();
-    let uri = id
-        .as_str()
-        .try_into()
-        .map_err(|e: rcgen::Error| CertifyError::Local(e.to_string()))?;
-    params.subject_alt_names = vec![SanType::URI(uri)];
+    if let Some(id) = want {
+        let uri = id.as_str().try_into().map_err(local)?;
+        params.subject_alt_names = vec![SanType::URI(uri)];
+    }
     let csr = params
         .serialize_request(&key)
         .and_then(|r| r.pem())
-        .map_err(|e| CertifyError::Local(e.to_string()))?;
-    let body = serde_json::json!({ "csr": csr, "join_token": join_token.trim() }).to_string();
+        .map_err(local)?;
+    let (field, token) = credential.field()?;
+    let mut body = serde_json::json!({ "csr": csr });
+    body[field] = token.into();
+    let body = body.to_string();
     let unavailable = |message: String| CertifyError::Unavailable {
         url: url.to_string(),
         message,
@@ -288,6 +382,7 @@ async fn certify(
         let message = error_message(&bytes);
         return Err(match status.as_u16() {
             401 => CertifyError::Refused {
+                what: credential.what(),
                 url: url.to_string(),
                 message,
             },
@@ -305,9 +400,15 @@ async fn certify(
         .next()
         .and_then(Result::ok)
         .ok_or_else(|| unavailable("the answer holds no PEM certificate".into()))?;
-    if identity::from_cert(&leaf).as_ref() != Some(id) {
-        return Err(unavailable(format!("the certificate is not for {id}")));
-    }
+    let id = match (identity::from_cert(&leaf), want) {
+        (Some(got), Some(want)) if got != *want => {
+            return Err(unavailable(format!(
+                "the certificate is not for {want} but {got}"
+            )))
+        }
+        (Some(got), _) => got,
+        (None, _) => return Err(unavailable("the certificate carries no SPIFFE ID".into())),
+    };
     if CertificateDer::pem_slice_iter(answer.ca.as_bytes())
         .next()
         .and_then(Result::ok)
@@ -320,14 +421,15 @@ async fn certify(
     // either side does not make it renew late.
     let issued = sent_at.1.duration_since(UNIX_EPOCH).unwrap_or_default();
     let life = Duration::from_secs(answer.expires_at).saturating_sub(issued);
-    Ok(Material {
+    let material = Material {
         cert_pem: answer.certificate.into_bytes(),
         key_pem: key.serialize_pem().into_bytes(),
         ca_pem: answer.ca.into_bytes(),
         serial,
         expires_at: answer.expires_at,
         renew_at: sent_at.0 + life * 2 / 3,
-    })
+    };
+    Ok((id, material))
 }
 
 /// The message of a control-plane error answer (`{"errors":[{"message":…}]}`), or its text.
