@@ -510,7 +510,12 @@ clusters:
         );
     }
     let back = Instant::now();
-    tokio::time::sleep(Duration::from_secs(3)).await;
+    for _ in 0..6 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if std::env::var("DEBUG_EWMA").is_ok() {
+            eprintln!("{}", get(admin, "/clusters", &[]).await.text());
+        }
+    }
     stop.store(true, Ordering::Relaxed);
     let log = log.lock().unwrap().clone();
     let (s, n) = share(

@@ -310,3 +310,12 @@ fn every_example_validates() {
     checked.sort();
     assert_eq!(checked, ["sidecar.yaml", "standalone.yaml"]);
 }
+
+#[test]
+fn workers_is_a_number_of_threads() {
+    let cfg = crate::load("workers: 4\n", None).unwrap();
+    assert_eq!(cfg.workers, Some(4));
+    assert_eq!(crate::load("{}", None).unwrap().workers, None);
+    let errs = crate::load("workers: 0\n", None).unwrap_err();
+    assert_eq!(errs.to_string(), "workers: must be between 1 and 1024");
+}

@@ -28,6 +28,10 @@ pub struct Config {
     /// On SIGTERM: stop accepting, finish in-flight requests for at most this long.
     #[serde(default = "defaults::drain_timeout")]
     pub drain_timeout: Duration,
+    /// Worker threads (each its own runtime and listening sockets); default one per core.
+    /// Read when the proxy starts (`TOKIO_WORKER_THREADS` overrides it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub admin: Option<Admin>,
     #[serde(default)]

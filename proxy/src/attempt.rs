@@ -184,11 +184,14 @@ impl Attempt {
                 );
                 circuit_open(metrics, &self.cluster, "ejection");
             }
-            Transition::Restored => tracing::info!(
-                cluster = &*self.cluster.name,
-                endpoint = &*endpoint.label,
-                "endpoint restored"
-            ),
+            Transition::Restored => {
+                endpoint.restart_estimate(&self.members, now);
+                tracing::info!(
+                    cluster = &*self.cluster.name,
+                    endpoint = &*endpoint.label,
+                    "endpoint restored"
+                );
+            }
             Transition::None => {}
         }
     }

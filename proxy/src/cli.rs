@@ -226,10 +226,15 @@ pub fn main(args: &[String]) -> ExitCode {
         },
         None => None,
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // Thread per core: one single-threaded runtime per worker (see `crate::workers`).
+    let wanted = crate::workers::wanted(bootstrap.as_ref().and_then(|c| c.workers));
+    let (rt, workers) = match crate::workers::start(wanted) {
+        Ok(w) => w,
+        Err(e) => {
+            eprintln!("spur proxy: cannot start {wanted} worker thread(s): {e}");
+            return ExitCode::from(1);
+        }
+    };
     let credential = match credential(&parsed) {
         Ok(c) => c,
         Err(e) => {
@@ -261,8 +266,9 @@ pub fn main(args: &[String]) -> ExitCode {
             }
             _ => None,
         };
+        tracing::info!(workers = workers.len(), "workers started");
         let started = async {
-            let proxy = Proxy::idle()?;
+            let proxy = Proxy::idle_on(workers)?;
             if let Some(w) = identity {
                 let _ = proxy.set_identity(w);
             }

@@ -157,8 +157,7 @@ impl EndpointState {
     }
 
     /// Records a try's result in the breaker; `may_eject` is asked only when this failure
-    /// would eject the endpoint. An endpoint restored by its probe starts afresh in the
-    /// balancer (its old latency and failures no longer count against it).
+    /// would eject the endpoint.
     pub fn record(
         &self,
         failed: bool,
@@ -178,15 +177,13 @@ impl EndpointState {
             }
             Transition::Restored => {
                 self.metrics.ejected.set(0);
-                self.ewma.lock().unwrap().reset(now);
             }
             Transition::None => {}
         }
         t
     }
 
-    /// Records a health check; returns the new health when it changed. An endpoint that
-    /// comes back starts afresh in the balancer.
+    /// Records a health check; returns the new health when it changed.
     pub fn record_check(
         &self,
         passed: bool,
@@ -199,9 +196,6 @@ impl EndpointState {
         }
         self.healthy.store(h.healthy, Ordering::Relaxed);
         self.metrics.healthy.set(i64::from(h.healthy));
-        if h.healthy {
-            self.ewma.lock().unwrap().reset(crate::clock::now());
-        }
         Some(h.healthy)
     }
 
@@ -213,6 +207,19 @@ impl EndpointState {
             endpoint: self.clone(),
             probe,
         }
+    }
+
+    /// Starts the endpoint afresh in the balancer, at its peers' typical latency, with its
+    /// old latency and failures forgotten: it is back (its probe succeeded, or health checks
+    /// passed again) and should get its share at once.
+    pub fn restart_estimate(&self, members: &crate::snapshot::Members, now: Instant) {
+        let me = members
+            .endpoints
+            .iter()
+            .position(|e| std::ptr::eq(&**e, self))
+            .unwrap_or(usize::MAX);
+        let estimate = crate::policy::balance::peer_estimate(&members.endpoints, me, now);
+        self.ewma.lock().unwrap().reset(estimate, now);
     }
 
     /// Records how long the endpoint took to answer, or that it failed.
@@ -301,7 +308,11 @@ mod tests {
     use crate::policy::balance::DEFAULT_RTT;
 
     fn endpoint(m: &Metrics) -> Arc<EndpointState> {
-        Arc::new(EndpointState::new("c", "10.0.0.1:80".parse().unwrap(), m))
+        endpoint_at(m, "10.0.0.1:80")
+    }
+
+    fn endpoint_at(m: &Metrics, addr: &str) -> Arc<EndpointState> {
+        Arc::new(EndpointState::new("c", addr.parse().unwrap(), m))
     }
 
     #[test]
@@ -322,26 +333,41 @@ mod tests {
         let t1 = t0 + Duration::from_secs(10);
         assert_eq!(e.try_acquire(t1), Some(true), "the probe");
         assert_eq!(e.record(false, &s, || true, true, t1), Transition::Restored);
-        assert_eq!(e.latency_ns(t1), DEFAULT_RTT.as_nanos() as f64);
         assert!(m
             .encode()
             .contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 0"#));
+        // Back: it starts at its fastest peer's estimate, its slow past forgotten.
+        let peer = endpoint_at(&m, "10.0.0.2:80");
+        peer.observe(Duration::from_millis(2), false, t1);
+        let members = crate::snapshot::Members::build(
+            spur_config::LbPolicy::Ewma,
+            vec![e.clone(), peer.clone()],
+            vec![1, 1],
+        );
+        assert!(e.latency_ns(t1) > 1e9);
+        e.restart_estimate(&members, t1);
+        assert_eq!(e.latency_ns(t1), peer.latency_ns(t1));
     }
 
     #[test]
-    fn an_endpoint_back_from_failed_health_checks_starts_afresh() {
+    fn health_checks_mark_an_endpoint_down_and_up() {
         let m = Metrics::new();
         let e = endpoint(&m);
-        e.observe(Duration::from_secs(2), false, crate::clock::now());
         assert_eq!(e.record_check(false, 1, 1), Some(false));
         assert!(m
             .encode()
             .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 0"#));
         assert_eq!(e.record_check(true, 1, 1), Some(true));
-        assert!(e.latency_ns(crate::clock::now()) <= DEFAULT_RTT.as_nanos() as f64);
         assert!(m
             .encode()
             .contains(r#"spur_endpoint_healthy{cluster="c",endpoint="10.0.0.1:80"} 1"#));
+        // With no peer to compare to, a restart starts from the default.
+        let alone =
+            crate::snapshot::Members::build(spur_config::LbPolicy::Ewma, vec![e.clone()], vec![1]);
+        let now = crate::clock::now();
+        e.observe(Duration::from_secs(2), false, now);
+        e.restart_estimate(&alone, now);
+        assert_eq!(e.latency_ns(now), DEFAULT_RTT.as_nanos() as f64);
     }
 
     #[test]

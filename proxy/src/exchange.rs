@@ -58,9 +58,9 @@ impl Exchange {
         listener: Arc<str>,
         method: Method,
         path: http::uri::PathAndQuery,
-    ) -> Exchange {
+    ) -> Box<Exchange> {
         let unknown: Arc<str> = shared.dash.clone();
-        Exchange {
+        Box::new(Exchange {
             shared,
             start: crate::clock::now(),
             listener,
@@ -80,7 +80,7 @@ impl Exchange {
             permit: None,
             peer_identity: None,
             mirror: None,
-        }
+        })
     }
 
     /// Takes what the plan decided into the record: request ID, trace, route, cluster and
@@ -193,7 +193,7 @@ impl Exchange {
 /// carries the request's [`Exchange`] and closes it when the body ends or is dropped.
 pub struct RespBody {
     inner: Inner,
-    exchange: Option<Exchange>,
+    exchange: Option<Box<Exchange>>,
 }
 
 enum Inner {
@@ -202,14 +202,14 @@ enum Inner {
 }
 
 impl RespBody {
-    pub fn upstream(body: InBody, exchange: Exchange) -> RespBody {
+    pub fn upstream(body: InBody, exchange: Box<Exchange>) -> RespBody {
         RespBody {
             inner: Inner::Upstream(body),
             exchange: Some(exchange),
         }
     }
 
-    pub fn local(text: Bytes, exchange: Option<Exchange>) -> RespBody {
+    pub fn local(text: Bytes, exchange: Option<Box<Exchange>>) -> RespBody {
         RespBody {
             inner: Inner::Local(Some(text)),
             exchange,
@@ -284,7 +284,7 @@ pub fn local_response(
     status: StatusCode,
     reason: Reason,
     request_id_header: &http::HeaderName,
-    mut exchange: Option<Exchange>,
+    mut exchange: Option<Box<Exchange>>,
 ) -> Response<RespBody> {
     let reason = reason.as_str();
     let text = Bytes::from(format!(

@@ -51,6 +51,7 @@ pub mod reload;
 pub mod snapshot;
 pub mod tls;
 pub mod upstream;
+pub mod workers;
 
 use arc_swap::ArcSwap;
 use metrics::Metrics;
@@ -78,6 +79,8 @@ pub struct Shared {
     /// The certificate from the mesh CA that `tls` blocks naming no files use; set once,
     /// before the first config ([`Proxy::set_identity`]).
     pub identity: OnceLock<Arc<tls::WorkloadIdentity>>,
+    /// The runtimes listeners accept on (see [`workers`]).
+    pub workers: workers::Workers,
 }
 
 /// Why a config was not applied. The proxy keeps serving its previous config.
@@ -145,8 +148,15 @@ impl Proxy {
     }
 
     /// A proxy with no config yet: nothing listens and `/ready` would say no. Used when the
-    /// first config comes from the control plane.
+    /// first config comes from the control plane. Its listeners accept on the current
+    /// runtime (see [`Proxy::idle_on`]).
     pub fn idle() -> Result<Proxy, ApplyError> {
+        let workers = workers::Workers::current().expect("a proxy is made inside a tokio runtime");
+        Proxy::idle_on(workers)
+    }
+
+    /// [`Proxy::idle`], accepting on these workers (`spur proxy`: one per core).
+    pub fn idle_on(workers: workers::Workers) -> Result<Proxy, ApplyError> {
         let registry = Registry::default();
         let metrics = Metrics::new();
         let snapshot =
@@ -159,6 +169,7 @@ impl Proxy {
             dash: "-".into(),
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
             identity: OnceLock::new(),
+            workers,
         });
         spawn_sweeper(&shared);
         Ok(Proxy {
@@ -217,6 +228,16 @@ impl Proxy {
         rules: spur_config::Rules,
     ) -> Result<(), ApplyError> {
         spur_config::validate_with(&cfg, rules)?;
+        if let Some(n) = cfg
+            .workers
+            .filter(|n| *n as usize != self.shared.workers.len())
+        {
+            tracing::warn!(
+                configured = n,
+                running = self.shared.workers.len(),
+                "workers changes at the next start (or spur proxy --upgrade)"
+            );
+        }
         let mut running = self.running.lock().await;
         let old = self.shared.snapshot.load_full();
         let snap = Snapshot::compile(
@@ -229,7 +250,7 @@ impl Proxy {
         snap.carry_over_from(&old);
         // Bind everything new before touching anything, so a taken port rejects the whole
         // config and the old one keeps serving.
-        let fresh = bind_listeners(&running, &snap).await?;
+        let fresh = bind_listeners(&running, &snap, self.shared.workers.len()).await?;
         let admin = bind_admin(&running, &snap).await?;
         // First DNS answers for clusters that have none yet, before any request can see
         // them (one after another, each bounded by its own timeout).
@@ -445,10 +466,12 @@ enum AdminChange {
     Move(String, tokio::net::TcpListener),
 }
 
-/// Binds the listeners that are new or moved in `snap` (not yet serving).
+/// Binds the listeners that are new or moved in `snap` (not yet serving), one TCP socket per
+/// worker.
 async fn bind_listeners(
     running: &Running,
     snap: &Snapshot,
+    workers: usize,
 ) -> Result<Vec<adapters::listener::Bound>, ApplyError> {
     let mut names: Vec<&String> = snap.listeners.keys().collect();
     names.sort();
@@ -462,7 +485,7 @@ async fn bind_listeners(
         if unchanged {
             continue;
         }
-        let bound = adapters::listener::bind(lst)
+        let bound = adapters::listener::bind(lst, workers)
             .await
             .map_err(|source| ApplyError::Bind {
                 name: format!("listener `{name}`"),

@@ -40,6 +40,11 @@ pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
             e.push("node", "must not be empty");
         }
     }
+    if let Some(w) = cfg.workers {
+        if !(1..=1024).contains(&w) {
+            e.push("workers", "must be between 1 and 1024");
+        }
+    }
     let mut listener_names = BTreeSet::new();
     for (i, l) in cfg.listeners.iter().enumerate() {
         let p = format!("listeners[{i}]");

@@ -45,6 +45,7 @@ pub fn spawn(_shared: Arc<Shared>, cluster: &Arc<ClusterRt>) {
                     ep.record_check(passed, hc.unhealthy_threshold, hc.healthy_threshold)
                 {
                     if healthy {
+                        ep.restart_estimate(&members, crate::clock::now());
                         tracing::info!(
                             cluster = &*c.name,
                             endpoint = &*ep.label,

@@ -23,7 +23,7 @@ use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
-/// A bound listener, before its accept loop runs.
+/// A bound listener, before its accept loops run.
 pub struct Bound {
     pub name: Arc<str>,
     pub socket: Socket,
@@ -31,12 +31,16 @@ pub struct Bound {
 }
 
 pub enum Socket {
-    Tcp(TcpListener),
+    /// One socket per worker (with `SO_REUSEPORT` when there are several), each accepted
+    /// from on its own worker; not yet registered with any runtime.
+    Tcp(Vec<std::net::TcpListener>),
     /// `http3` listeners: a QUIC endpoint on a UDP socket.
     Quic(quinn::Endpoint),
 }
 
-pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
+/// Binds a listener: for TCP, one socket per worker on the same address (the first one
+/// picks the port when the config says 0).
+pub async fn bind(lst: &ListenerRt, workers: usize) -> std::io::Result<Bound> {
     if lst.protocol == spur_config::ListenerProtocol::Http3 {
         let endpoint = crate::quic::server::bind(lst)?;
         let addr = endpoint.local_addr()?;
@@ -46,20 +50,32 @@ pub async fn bind(lst: &ListenerRt) -> std::io::Result<Bound> {
             addr,
         });
     }
-    let socket = match lst.listen {
-        SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
-        SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
-    };
-    socket.set_reuseaddr(true)?;
-    socket.set_nodelay(true)?;
-    socket.bind(lst.listen)?;
-    let tcp = socket.listen(1024)?;
-    let addr = tcp.local_addr()?;
+    let first = tcp_socket(lst.listen, workers > 1)?;
+    let addr = first.local_addr()?;
+    let mut sockets = vec![first];
+    for _ in 1..workers {
+        sockets.push(tcp_socket(addr, true)?);
+    }
     Ok(Bound {
         name: lst.name.clone(),
-        socket: Socket::Tcp(tcp),
+        socket: Socket::Tcp(sockets),
         addr,
     })
+}
+
+/// A listening, non-blocking TCP socket on `addr`.
+fn tcp_socket(addr: SocketAddr, reuse_port: bool) -> std::io::Result<std::net::TcpListener> {
+    use socket2::{Domain, Protocol, Socket as Raw, Type};
+    let socket = Raw::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    socket.set_reuse_address(true)?;
+    if reuse_port {
+        socket.set_reuse_port(true)?;
+    }
+    socket.set_tcp_nodelay(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    socket.set_nonblocking(true)?;
+    Ok(socket.into())
 }
 
 /// Where an accepted connection was going before an iptables `REDIRECT` (transparent mode,
@@ -163,39 +179,86 @@ impl Drop for ConnGuard {
     }
 }
 
-/// Runs a listener's accept loop until `stop` turns true; then waits for its connections
-/// to end, or, once `drain` turns true, for at most the drain timeout.
+/// Runs a listener's accept loops (one per worker, each on its worker) until `stop` turns
+/// true; then waits for its connections to end, or, once `drain` turns true, for at most
+/// the drain timeout.
 pub async fn serve(
     shared: Arc<Shared>,
     bound: Bound,
     stop: watch::Receiver<bool>,
     drain: watch::Receiver<bool>,
 ) {
-    let tcp = match bound.socket {
-        Socket::Tcp(tcp) => tcp,
+    let sockets = match bound.socket {
+        Socket::Tcp(sockets) => sockets,
         Socket::Quic(endpoint) => {
             return crate::quic::server::serve(shared, bound.name, endpoint, stop, drain).await
         }
     };
-    serve_tcp(shared, bound.name, tcp, stop, drain).await
+    let (drain_tx, drain_rx) = mpsc::channel::<()>(1);
+    let counts = Counts {
+        active: Arc::new(AtomicUsize::new(0)),
+        gauge: shared
+            .metrics
+            .connections_active
+            .get_or_create(&ListenerLabels {
+                listener: bound.name.clone(),
+            })
+            .clone(),
+        drain: drain_tx,
+    };
+    let active = counts.active.clone();
+    let loops: Vec<_> = sockets
+        .into_iter()
+        .enumerate()
+        .map(|(i, socket)| {
+            let run = accept_loop(
+                shared.clone(),
+                bound.name.clone(),
+                socket,
+                stop.clone(),
+                drain.clone(),
+                counts.clone(),
+            );
+            shared.workers.handle(i).spawn(run)
+        })
+        .collect();
+    drop(counts);
+    for l in loops {
+        let _ = l.await;
+    }
+    wait_connections(&shared, &bound.name, &active, drain_rx, drain).await;
 }
 
-async fn serve_tcp(
+/// What a listener's accept loops share: the open-connection count (for
+/// `max_connections`), its gauge, and the sender each connection holds until it ends.
+#[derive(Clone)]
+struct Counts {
+    active: Arc<AtomicUsize>,
+    gauge: prometheus_client::metrics::gauge::Gauge,
+    drain: mpsc::Sender<()>,
+}
+
+/// One worker's accept loop on its own socket; its connections are served on that worker.
+async fn accept_loop(
     shared: Arc<Shared>,
     name: Arc<str>,
-    tcp: TcpListener,
+    socket: std::net::TcpListener,
     mut stop: watch::Receiver<bool>,
     drain: watch::Receiver<bool>,
+    counts: Counts,
 ) {
-    let (drain_tx, drain_rx) = mpsc::channel::<()>(1);
-    let active = Arc::new(AtomicUsize::new(0));
-    let gauge = shared
-        .metrics
-        .connections_active
-        .get_or_create(&ListenerLabels {
-            listener: name.clone(),
-        })
-        .clone();
+    let tcp = match TcpListener::from_std(socket) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::error!(listener = &*name, error = %e, "cannot register the listening socket");
+            return;
+        }
+    };
+    let Counts {
+        active,
+        gauge,
+        drain: drain_tx,
+    } = counts;
     loop {
         let accepted = tokio::select! {
             r = tcp.accept() => r,
@@ -241,9 +304,6 @@ async fn serve_tcp(
             }
         }
     }
-    drop(tcp);
-    drop(drain_tx);
-    wait_connections(&shared, &name, &active, drain_rx, drain).await;
 }
 
 /// After a listener's accept loop ends: waits for its connections to end on their own, or,

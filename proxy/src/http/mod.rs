@@ -108,7 +108,8 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     let plan = plan::plan(&snap, lst, ctx.peer(), &head, crate::clock::now(), &mut rng);
     ex.record_plan(&plan, lst);
     if let Some(delay) = plan.delay {
-        tokio::time::sleep(delay).await;
+        // Boxed: rare, and a timer is a large part of a future every request carries.
+        Box::pin(tokio::time::sleep(delay)).await;
     }
     let mut resp = match plan.action {
         Action::Refuse(refusal) => {

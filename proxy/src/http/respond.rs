@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// Spur's own answer to a request.
-pub fn local(refusal: Refusal, snap: &Snapshot, ex: Exchange) -> Response<RespBody> {
+pub fn local(refusal: Refusal, snap: &Snapshot, ex: Box<Exchange>) -> Response<RespBody> {
     local_response(
         refusal.status,
         refusal.reason,
@@ -34,7 +34,7 @@ pub fn upstream(
     ctx: &ConnCtx,
     snap: &Snapshot,
     mut resp: Response<InBody>,
-    mut ex: Exchange,
+    mut ex: Box<Exchange>,
     downstream: Option<hyper::upgrade::OnUpgrade>,
 ) -> Response<RespBody> {
     if matches!(resp.version(), Version::HTTP_2 | Version::HTTP_3) {

@@ -30,7 +30,7 @@ pub async fn run(
     fwd: &Forward<'_>,
     mut head: Parts,
     body: InBody,
-    mut ex: Exchange,
+    mut ex: Box<Exchange>,
 ) -> Response<RespBody> {
     let metrics = &ctx.shared.metrics;
     match attempt::admit(&fwd.cluster, fwd.deadline, metrics).await {
@@ -74,8 +74,10 @@ pub async fn run(
         let req = try_request(&head, &fwd.cluster, &attempt, &ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
-        let sent =
-            crate::clock::until(limit, fwd.cluster.client.send(attempt.endpoint(), req)).await;
+        // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
+        // be copied through every layer of this future and held by every idle connection.
+        let send = Box::pin(fwd.cluster.client.send(attempt.endpoint(), req));
+        let sent = crate::clock::until(limit, send).await;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
         attempt.record(outcome, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
@@ -83,7 +85,8 @@ pub async fn run(
         {
             Some(pause) => {
                 drop(result);
-                tokio::time::sleep(pause).await;
+                // Boxed: retries are rare, and a timer is large.
+                Box::pin(tokio::time::sleep(pause)).await;
                 tried.add(attempt.index);
                 number += 1;
             }

@@ -453,3 +453,15 @@ impl http_body::Body for Frames {
         std::task::Poll::Ready(self.0.pop_front())
     }
 }
+
+/// The request path's future is moved and initialised on every request: keep it small
+/// (the rare paths — new connections, QUIC — are boxed).
+#[tokio::test]
+async fn the_request_future_stays_small() {
+    let w = world(&config("", ""), |_, _, _| async { answer(200) });
+    let req = Request::builder().uri("/").body(text("")).unwrap();
+    let f = handle_any(&w.ctx, req);
+    let size = std::mem::size_of_val(&f);
+    eprintln!("handle_any's future: {size} bytes");
+    assert!(size < 2048, "handle_any's future is {size} bytes");
+}

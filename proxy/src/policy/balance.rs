@@ -158,6 +158,20 @@ fn weighted_draw<E: Candidate>(
     None
 }
 
+/// The latency a recovered endpoint starts from: the lowest estimate among the other
+/// available endpoints (those without a failure penalty), or [`DEFAULT_RTT`] when there are
+/// none. The lowest, so that it is tried at once (two random choices pick the cheaper of
+/// two: an endpoint ranked in the middle of three can get a third of the traffic or none);
+/// its first real answer then sets its estimate (a higher sample replaces it outright).
+pub fn peer_estimate<E: Candidate>(eps: &[E], except: usize, now: Instant) -> f64 {
+    (0..eps.len())
+        .filter(|i| *i != except && eps[*i].available(now))
+        .map(|i| eps[i].latency_ns(now))
+        .filter(|l| *l < FAILURE_PENALTY.as_nanos() as f64 / 10.0)
+        .min_by(f64::total_cmp)
+        .unwrap_or(DEFAULT_RTT.as_nanos() as f64)
+}
+
 /// nginx's smooth weighted round robin, unrolled into a schedule of endpoint indices:
 /// weights 5,1,1 give a,a,b,a,c,a,a rather than a,a,a,a,a,b,c. Weights are scaled down
 /// (keeping each at least 1) so the schedule stays at most 4096 entries.
@@ -240,10 +254,18 @@ impl PeakEwma {
         self.stamp = now;
     }
 
-    /// Starts afresh, as a new endpoint: after a breaker's probe succeeded or health checks
-    /// brought the endpoint back.
-    pub fn reset(&mut self, now: Instant) {
-        *self = PeakEwma::new(now);
+    /// Starts afresh at `estimate_ns` (its peers' typical latency), without a penalty:
+    /// after a breaker's probe succeeded or health checks brought the endpoint back. Not
+    /// [`DEFAULT_RTT`]: against peers answering in a tenth of it, a recovered endpoint would
+    /// get a fraction of its share for seconds (each fast sample blends in slowly); nor zero,
+    /// which would send it every request until its first answer.
+    pub fn reset(&mut self, estimate_ns: f64, now: Instant) {
+        *self = PeakEwma {
+            estimate_ns,
+            stamp: now,
+            penalty_ns: 0.0,
+            penalty_stamp: now,
+        };
     }
 
     /// The estimate as of `now`, decayed towards zero since the last sample so that an
@@ -383,8 +405,22 @@ mod tests {
         // A success does not erase a fresh penalty; a reset does.
         f.observe(Duration::from_millis(1), false, t0);
         assert!(f.estimate_ns(t0) >= 1e9);
-        f.reset(t0);
-        assert_eq!(f.estimate_ns(t0), DEFAULT_RTT.as_nanos() as f64);
+        f.reset(2e6, t0);
+        assert_eq!(f.estimate_ns(t0), 2e6);
+    }
+
+    #[test]
+    fn a_recovered_endpoint_starts_from_its_fastest_peer() {
+        let now = Instant::now();
+        let mut eps = vec![ep(1, 0, 1.0), ep(1, 0, 3.0), ep(1, 0, 2.0), ep(1, 0, 900.0)];
+        // The others of 1: 1, 2 and (penalised, not counted) 900 ms.
+        assert_eq!(peer_estimate(&eps, 1, now), 1e6);
+        eps[0].available = false;
+        assert_eq!(peer_estimate(&eps, 1, now), 2e6);
+        assert_eq!(
+            peer_estimate(&eps[..1], 0, now),
+            DEFAULT_RTT.as_nanos() as f64
+        );
     }
 
     #[test]

@@ -48,8 +48,9 @@ pub enum ReqBody {
     Streaming(InBody, Arc<BodyStats>),
     /// The part Spur read while trying to buffer, then the rest of the stream.
     Prefixed(Option<Bytes>, InBody, Arc<BodyStats>),
-    /// A whole body held in memory, with its trailers if it had any.
-    Replay(Option<Bytes>, Option<HeaderMap>),
+    /// A whole body held in memory, with its trailers if it had any (boxed: rare, and a
+    /// header map is large).
+    Replay(Option<Bytes>, Option<Box<HeaderMap>>),
 }
 
 impl ReqBody {
@@ -62,7 +63,10 @@ impl ReqBody {
     }
 
     pub fn replay(data: &Bytes, trailers: &Option<HeaderMap>) -> ReqBody {
-        ReqBody::Replay((!data.is_empty()).then(|| data.clone()), trailers.clone())
+        ReqBody::Replay(
+            (!data.is_empty()).then(|| data.clone()),
+            trailers.as_ref().map(|t| Box::new(t.clone())),
+        )
     }
 }
 
@@ -152,7 +156,7 @@ impl Body for ReqBody {
                 if let Some(d) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(d))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
         }
     }

@@ -122,7 +122,9 @@ impl Upstream {
     ) -> Result<Response<InBody>, UpstreamError> {
         match self {
             Upstream::Http(c) => endpoint.pool.send(c, endpoint.addr, req).await,
-            Upstream::H3(c) => c.request(endpoint, req).await,
+            // Boxed: the QUIC path's state is kilobytes, and it would otherwise be part of
+            // every request's future, whatever its cluster's protocol.
+            Upstream::H3(c) => Box::pin(c.request(endpoint, req)).await,
             #[cfg(test)]
             Upstream::Fake(f) => f.send(endpoint.addr, req).await,
         }

@@ -25,12 +25,28 @@ use std::time::Duration;
 /// Connections kept per endpoint beyond which a returning one is closed.
 const MAX_H1: usize = 1024;
 
-#[derive(Default)]
+/// One shard per worker (see `crate::workers`): a request takes connections its own thread
+/// drives, so no wake-up crosses to another core.
 pub struct Pool {
+    shards: Box<[Shard]>,
+}
+
+#[derive(Default)]
+struct Shard {
     h1: Mutex<Vec<H1>>,
     h2: Mutex<Option<H2>>,
     /// Serializes making a new HTTP/2 connection.
     h2_connecting: tokio::sync::Mutex<()>,
+}
+
+impl Default for Pool {
+    fn default() -> Pool {
+        Pool {
+            shards: (0..crate::workers::count())
+                .map(|_| Shard::default())
+                .collect(),
+        }
+    }
 }
 
 struct H1 {
@@ -54,24 +70,27 @@ impl Pool {
         addr: SocketAddr,
         req: http::Request<ReqBody>,
     ) -> Answer {
+        let shard = &self.shards[crate::workers::index() % self.shards.len()];
         match conn.protocol {
-            UpstreamProtocol::Http2 => self.send_h2(conn, addr, req).await,
-            _ => self.send_h1(conn, addr, req).await,
+            UpstreamProtocol::Http2 => shard.send_h2(conn, addr, req).await,
+            _ => shard.send_h1(conn, addr, req).await,
         }
     }
 
-    /// Open HTTP/1.1 connections (idle or busy) and whether an HTTP/2 one is open.
-    pub fn connections(&self) -> (usize, bool) {
-        let h1 = self.h1.lock().unwrap().len();
-        let h2 = self
-            .h2
-            .lock()
-            .unwrap()
-            .as_ref()
-            .is_some_and(|c| !c.send.is_closed());
-        (h1, h2)
+    /// Open HTTP/1.1 connections (idle or busy) and open HTTP/2 ones, over all shards.
+    pub fn connections(&self) -> (usize, usize) {
+        self.shards.iter().fold((0, 0), |(h1, h2), s| {
+            let open =
+                s.h2.lock()
+                    .unwrap()
+                    .as_ref()
+                    .is_some_and(|c| !c.send.is_closed());
+            (h1 + s.h1.lock().unwrap().len(), h2 + usize::from(open))
+        })
     }
+}
 
+impl Shard {
     fn checkout_h1(&self, generation: u64) -> Option<H1> {
         let mut stack = self.h1.lock().unwrap();
         let mut i = stack.len();
@@ -98,20 +117,32 @@ impl Pool {
         &self,
         conn: &HttpConnector,
         addr: SocketAddr,
-        mut req: http::Request<ReqBody>,
+        req: http::Request<ReqBody>,
     ) -> Answer {
-        if let Some(mut c) = self.checkout_h1(conn.generation) {
-            match c.send.try_send_request(req).await {
-                Ok(resp) => {
-                    self.checkin_h1(c);
-                    return Ok(resp.map(InBody::Http));
-                }
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) => req = unsent,
-                    None => return Err(UpstreamError::sent(e.into_error())),
-                },
+        // The common case inline; a new connection (rare, and large: TCP, TLS, handshake)
+        // boxed, so every request's future stays small.
+        let Some(mut c) = self.checkout_h1(conn.generation) else {
+            return Box::pin(self.send_h1_fresh(conn, addr, req)).await;
+        };
+        match c.send.try_send_request(req).await {
+            Ok(resp) => {
+                self.checkin_h1(c);
+                Ok(resp.map(InBody::Http))
             }
+            Err(mut e) => match e.take_message() {
+                Some(unsent) => Box::pin(self.send_h1_fresh(conn, addr, unsent)).await,
+                None => Err(UpstreamError::sent(e.into_error())),
+            },
         }
+    }
+
+    /// `req` on a new connection.
+    async fn send_h1_fresh(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Answer {
         let mut c = connect_h1(conn, addr).await?;
         match c.send.try_send_request(req).await {
             Ok(resp) => {
@@ -129,29 +160,40 @@ impl Pool {
         &self,
         conn: &HttpConnector,
         addr: SocketAddr,
-        mut req: http::Request<ReqBody>,
+        req: http::Request<ReqBody>,
     ) -> Answer {
-        let mut fresh = false;
-        loop {
-            let mut c = match self.current_h2(conn.generation) {
-                Some(c) => c,
-                None => {
-                    fresh = true;
-                    self.connect_h2(conn, addr).await?
+        let Some(mut c) = self.current_h2(conn.generation) else {
+            return Box::pin(self.send_h2_fresh(conn, addr, req)).await;
+        };
+        match c.send.try_send_request(req).await {
+            Ok(resp) => Ok(resp.map(InBody::Http)),
+            Err(mut e) => match e.take_message() {
+                // The shared connection closed under us: one new connection.
+                Some(unsent) => {
+                    self.forget_h2(&c);
+                    Box::pin(self.send_h2_fresh(conn, addr, unsent)).await
                 }
-            };
-            match c.send.try_send_request(req).await {
-                Ok(resp) => return Ok(resp.map(InBody::Http)),
-                Err(mut e) => match e.take_message() {
-                    Some(unsent) if !fresh => {
-                        self.forget_h2(&c);
-                        req = unsent;
-                    }
-                    Some(_) => return Err(UpstreamError::not_sent(e.into_error())),
-                    None => return Err(UpstreamError::sent(e.into_error())),
-                },
-            }
+                None => Err(UpstreamError::sent(e.into_error())),
+            },
         }
+    }
+
+    /// `req` on the HTTP/2 connection made now (or by another request meanwhile).
+    async fn send_h2_fresh(
+        &self,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Answer {
+        let mut c = self.connect_h2(conn, addr).await?;
+        c.send
+            .try_send_request(req)
+            .await
+            .map(|r| r.map(InBody::Http))
+            .map_err(|mut e| match e.take_message() {
+                Some(_) => UpstreamError::not_sent(e.into_error()),
+                None => UpstreamError::sent(e.into_error()),
+            })
     }
 
     fn current_h2(&self, generation: u64) -> Option<H2> {

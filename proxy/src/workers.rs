@@ -1,0 +1,99 @@
+//! Thread per core: `workers` single-threaded runtimes, each on its own thread, each with its
+//! own socket for every TCP listener (`SO_REUSEPORT`: the kernel spreads new connections
+//! over them).
+//!
+//! A connection is accepted, served and proxied on one thread for its whole life: its tasks
+//! never migrate, wake-ups stay on one core, and the scheduler needs no work-stealing
+//! queues or cross-thread atomics — as HAProxy's, Envoy's and Pingora's workers do. The
+//! upstream pools are sharded the same way ([`index`]), so a request reuses connections its
+//! own thread drives.
+//!
+//! Worker 0 is the thread that runs `spur proxy`'s main loop: it also runs the admin server,
+//! the control-plane client, DNS refreshes, health checks and HTTP/3 listeners (one UDP
+//! socket each). In a test, or any program that builds a proxy inside its own runtime, that
+//! runtime is the only worker.
+
+use std::cell::Cell;
+use std::sync::OnceLock;
+use tokio::runtime::{Builder, Handle, Runtime};
+
+thread_local! {
+    static INDEX: Cell<usize> = const { Cell::new(0) };
+}
+
+static COUNT: OnceLock<usize> = OnceLock::new();
+
+/// This thread's worker number (0 on any thread that is not a worker).
+pub fn index() -> usize {
+    INDEX.with(Cell::get)
+}
+
+/// How many workers this process runs (1 until [`start`] says otherwise).
+pub fn count() -> usize {
+    COUNT.get().copied().unwrap_or(1)
+}
+
+/// The handles of a process's workers, worker 0 first.
+#[derive(Clone)]
+pub struct Workers(Vec<Handle>);
+
+impl Workers {
+    /// The current runtime as the only worker.
+    pub fn current() -> Option<Workers> {
+        Handle::try_current().ok().map(|h| Workers(vec![h]))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn handle(&self, i: usize) -> &Handle {
+        &self.0[i % self.0.len()]
+    }
+}
+
+/// How many workers to run: `TOKIO_WORKER_THREADS` (kept for compatibility), else the
+/// config's `workers`, else one per core.
+pub fn wanted(configured: Option<u32>) -> usize {
+    let from_env = std::env::var("TOKIO_WORKER_THREADS")
+        .ok()
+        .and_then(|v| v.trim().parse::<usize>().ok())
+        .filter(|n| *n > 0);
+    from_env
+        .or(configured.map(|n| n as usize))
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        .max(1)
+}
+
+/// Starts `n` workers: returns worker 0's runtime (the caller runs it with `block_on`) and
+/// the handles of all of them. Workers 1.. run on threads of their own until the process
+/// exits.
+pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
+    let n = n.max(1);
+    let _ = COUNT.set(n);
+    let main = Builder::new_current_thread().enable_all().build()?;
+    let mut handles = vec![main.handle().clone()];
+    for i in 1..n {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new()
+            .name(format!("spur-worker-{i}"))
+            .spawn(move || {
+                INDEX.with(|c| c.set(i));
+                let rt = match Builder::new_current_thread().enable_all().build() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = tx.send(Err(e));
+                        return;
+                    }
+                };
+                let _ = tx.send(Ok(rt.handle().clone()));
+                rt.block_on(std::future::pending::<()>());
+            })?;
+        handles.push(rx.recv().map_err(std::io::Error::other)??);
+    }
+    Ok((main, Workers(handles)))
+}
