@@ -9,7 +9,7 @@
 //! `spiffe://td/ns/a/b/sa/web`): a SPIFFE ID's segments carry meaning (namespace, service
 //! account), and a star that crossed them could let an identity from a deeper or stranger
 //! path through a rule written for one shape. "Everything below" is said explicitly, with a
-//! final `/*`, the way the mesh CA's join-token patterns say it.
+//! final `/*`, the way SPEC's join-token patterns (`spur control --join-tokens`) say it.
 
 use crate::spiffe::{valid_segment, SpiffeId};
 use crate::values::{text_serde, ConfigValue};
