@@ -1,7 +1,8 @@
 //! `spur authz explain`: which rule of a listener's authorization policy decides a request
 //! (or a tcp connection), and why, without a running proxy.
 //!
-//! It reads the config as a proxy does (`spur_config::load_file`), builds the listener's
+//! It reads the config as a proxy does (`spur_config::load_file_with`; `k8s:` clusters are
+//! accepted, as a control plane's group config has them), builds the listener's
 //! policy as the proxy's snapshot does (`listener_policy`, then `Policy::compile`) and asks
 //! `Policy::explain`, which runs the proxy's own matching; so what it prints is what the
 //! proxy decides, for the same peer and request.
@@ -24,7 +25,8 @@ or not; exits 0 when allowed, 1 when denied, 2 on a usage or config error.
   --source IP     the peer's address (default 127.0.0.1)
   --method M      default GET;  --path P  default / (a query is ignored, as the proxy does)
   --header K:V    a request header (repeatable)
-A tcp listener decides per connection: give only --identity and --source.";
+A tcp listener decides per connection: give only --identity and --source. The config is
+checked as `spur validate --kubernetes` does (k8s: clusters are accepted).";
 
 struct Args {
     file: String,
@@ -62,7 +64,13 @@ fn explain(args: &[String]) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let cfg = match spur_config::load_file(std::path::Path::new(&a.file)) {
+    // A group's config for `spur control --kubernetes` (with `k8s:` clusters) is explained
+    // too: clusters play no part in a policy.
+    let rules = spur_config::Rules {
+        k8s_discovery: true,
+        ..Default::default()
+    };
+    let cfg = match spur_config::load_file_with(std::path::Path::new(&a.file), rules) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("{}: {} error(s)", a.file, e.errors.len());

@@ -621,6 +621,29 @@ async fn spur_authz_explain_agrees_with_the_running_proxy() {
         err.contains("--identity: `web` is not a SPIFFE ID"),
         "{err}"
     );
+
+    // A group's config for a control plane with Kubernetes discovery is explained too.
+    let k8s = dir.join("group.yaml").display().to_string();
+    std::fs::write(
+        &k8s,
+        "listeners:\n  - name: web\n    listen: 127.0.0.1:1\n    cluster: api\n    authz: { rules: [{ name: no-admin, action: deny, to: { path_prefixes: [/admin] } }] }\nclusters: [{ name: api, k8s: \"api.shop:8080\" }]\n",
+    )
+    .unwrap();
+    let out = run(&[
+        "authz",
+        "explain",
+        &k8s,
+        "--listener",
+        "web",
+        "--path",
+        "/admin",
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 // ------------------------------------------- live pushes and the rollout --
