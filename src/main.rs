@@ -1,5 +1,6 @@
 //! `spur`: the umbrella command. `spur proxy`, `spur control`, `spur validate`, `spur demo`.
 
+mod authz;
 mod demo;
 mod inject;
 mod iptables;
@@ -18,6 +19,8 @@ commands:
   control                    run the control plane (configs per group, watched by proxies)
   inject FILE|-              add the Spur sidecar to the workloads of Kubernetes manifests
   init-iptables [--dry-run]  redirect a pod's TCP through its proxy (the sidecar's init step)
+  authz explain FILE --listener L [...]
+                             which authorization rule decides a request, and why
   help [COMMAND]             this text, or a command's options
 
 Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
@@ -41,6 +44,7 @@ fn run(cmd: &str, rest: &[String]) -> ExitCode {
         "demo" => demo::main(rest),
         "inject" => inject::main(rest),
         "init-iptables" => iptables::main(rest),
+        "authz" => authz::main(rest),
         "help" | "-h" | "--help" => match rest {
             [command] if command != "help" => run(command, &["--help".to_string()]),
             [] => {

@@ -7,17 +7,20 @@
 //! `HeaderName`, a compiled regex, a [`SpiffeId`]): validation and the proxy cannot
 //! disagree about what a value means, and the proxy's compile has nothing left to fail on.
 //!
-//! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`] and
-//! [`defaults`] are the schema; [`values`] and [`conditions`] the parsed value types;
+//! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`], [`authz`]
+//! and [`defaults`] are the schema; [`values`], [`conditions`] and [`peers`] the parsed
+//! value types;
 //! `depth` (nesting limit), `tree` (deserializing with paths and plain words) and `parse`
 //! (every parse error) read text; `validate` checks what relates fields to each other.
 
 pub mod args;
+pub mod authz;
 pub mod cluster;
 pub mod conditions;
 pub mod defaults;
 mod depth;
 mod parse;
+pub mod peers;
 pub mod route;
 pub mod spiffe;
 mod tree;
@@ -26,10 +29,15 @@ mod units;
 mod validate;
 pub mod values;
 
+pub use authz::{
+    listener_policy, Authz, AuthzAction, AuthzDefault, AuthzFrom, AuthzRule, AuthzTo, GrpcMatch,
+    GrpcName,
+};
 pub use cluster::*;
 pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn};
 pub use depth::MAX_DEPTH;
 pub use parse::{parse, Format};
+pub use peers::{Cidr, IdentityGlob, Namespace};
 pub use route::*;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use types::*;
@@ -192,5 +200,7 @@ pub fn summary(cfg: &Config) -> String {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_authz;
 #[cfg(test)]
 mod tests_read;

@@ -7,6 +7,7 @@
 //! listeners on one port) is checked afterwards by [`crate::validate`], so that a user sees
 //! every mistake at once, each with its field path.
 
+use crate::authz::Authz;
 use crate::cluster::Cluster;
 use crate::conditions::{CookieName, HashOn};
 use crate::defaults;
@@ -109,6 +110,9 @@ pub struct Listener {
     pub original_dst: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
+    /// Who may send what: see [`crate::authz`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub authz: Option<Authz>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

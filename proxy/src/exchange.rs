@@ -43,6 +43,9 @@ pub struct Exchange {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The verified mTLS peer's SPIFFE ID.
     pub peer_identity: Option<Arc<str>>,
+    /// The authorization rule that decided (`default`: none matched); `None` without a
+    /// policy.
+    pub authz_rule: Option<Arc<str>>,
     /// When the request is mirrored: where to report this exchange's status and body hash.
     pub mirror: Option<(
         tokio::sync::oneshot::Sender<crate::mirror::PrimaryResult>,
@@ -79,6 +82,7 @@ impl Exchange {
             upgraded: false,
             permit: None,
             peer_identity: None,
+            authz_rule: None,
             mirror: None,
         })
     }
@@ -88,6 +92,7 @@ impl Exchange {
     pub fn record_plan(&mut self, plan: &Plan<'_>, lst: &ListenerRt) {
         self.request_id = plan.request_id.clone();
         self.trace_id = plan.trace.map(|t| t.trace_id);
+        self.authz_rule = plan.authz_rule.clone();
         if let Some(r) = &plan.route_name {
             self.route = r.clone();
         }
@@ -160,6 +165,10 @@ impl Exchange {
                 (
                     "peer_identity",
                     Val::Str(self.peer_identity.as_deref().unwrap_or(DASH)),
+                ),
+                (
+                    "authz_rule",
+                    Val::Str(self.authz_rule.as_deref().unwrap_or(DASH)),
                 ),
             ],
         );

@@ -5,6 +5,8 @@
 //!   breaker, health, retries, budgets, correlation IDs).
 //! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
 //! - [`reason`]: every answer Spur makes itself, with its status and label.
+//! - [`authorize`]: a listener's authorization policy ([`policy::authz`]) with its
+//!   counters, enforced by the plan (requests) and the tcp relay (connections).
 //!
 //! Doing:
 //! - [`http`]: the HTTP request path: plan, then [`http::tries`], then [`http::respond`];
@@ -30,6 +32,7 @@
 pub mod access;
 pub mod adapters;
 pub mod attempt;
+pub mod authorize;
 pub mod body;
 pub mod cli;
 pub mod clock;

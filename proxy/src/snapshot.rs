@@ -5,6 +5,7 @@
 //! budgets from the registry. A request loads the current snapshot once and keeps it for
 //! its whole life, so a swap never changes a request half-way.
 
+use crate::authorize::AuthzRt;
 use crate::endpoint::{ClusterLimits, EndpointState};
 use crate::metrics::TargetMetrics;
 use crate::policy::balance::Balancer;
@@ -77,6 +78,8 @@ pub struct ListenerRt {
     pub original_dst: bool,
     /// `Alt-Svc` advertising the HTTP/3 listener (`alt_svc_h3`), on every response.
     pub alt_svc: Option<http::HeaderValue>,
+    /// The authorization policy (`authz`, or what `tls.allow_identities` stands for).
+    pub authz: Option<AuthzRt>,
 }
 
 pub struct RouteRt {
@@ -525,6 +528,8 @@ impl Snapshot {
                 )),
                 None => None,
             };
+            let authz =
+                spur_config::listener_policy(l).map(|a| AuthzRt::compile(&lname, &a, metrics));
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerRt {
@@ -543,6 +548,7 @@ impl Snapshot {
                         http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
                             .expect("a port makes a valid header value")
                     }),
+                    authz,
                 }),
             );
         }

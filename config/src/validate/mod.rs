@@ -6,6 +6,7 @@
 //! problem: an operator fixing a config wants the whole list. Paths use the same form as
 //! parse errors (`listeners[0].routes[2].retry.attempts`).
 
+mod authz;
 mod cluster;
 mod listen;
 mod route;
@@ -151,6 +152,9 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
             "must be a port between 1 and 65535",
         );
     }
+    if let Some(authz) = &l.authz {
+        authz::check(p, authz, l, e);
+    }
     let mut route_names = BTreeSet::new();
     for (j, r) in l.routes.iter().enumerate() {
         let rp = format!("{p}.routes[{j}]");
@@ -234,6 +238,17 @@ fn check_limits(p: &str, l: &Limits, e: &mut Errors) {
     }
     check_positive(&format!("{p}.header_timeout"), l.header_timeout, e);
     check_positive(&format!("{p}.idle_timeout"), l.idle_timeout, e);
+}
+
+/// One header condition (a route's `match.headers`, an authz rule's `to.headers`).
+fn check_header_match(path: &str, h: &crate::route::HeaderMatch, e: &mut Errors) {
+    let kinds = [h.value.is_some(), h.present.is_some(), h.regex.is_some()]
+        .iter()
+        .filter(|x| **x)
+        .count();
+    if kinds != 1 {
+        e.push(path, "needs exactly one of value, present, regex");
+    }
 }
 
 fn check_flag_rule(p: &str, r: &FlagRule, e: &mut Errors) {

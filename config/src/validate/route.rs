@@ -1,6 +1,8 @@
 //! Checks of one route: its match, its target, and its retry, mirror and fault settings.
 
-use super::{check_cluster_ref, check_percent, check_positive, check_range, Errors};
+use super::{
+    check_cluster_ref, check_header_match, check_percent, check_positive, check_range, Errors,
+};
 use crate::route::Route;
 use crate::types::Config;
 use std::collections::HashSet;
@@ -32,16 +34,7 @@ pub(super) fn check(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, 
         }
     }
     for (k, h) in m.headers.iter().enumerate() {
-        let kinds = [h.value.is_some(), h.present.is_some(), h.regex.is_some()]
-            .iter()
-            .filter(|x| **x)
-            .count();
-        if kinds != 1 {
-            e.push(
-                format!("{p}.match.headers[{k}]"),
-                "needs exactly one of value, present, regex",
-            );
-        }
+        check_header_match(&format!("{p}.match.headers[{k}]"), h, e);
     }
     if let Some(flag) = &m.flag {
         if !cfg.flags.contains_key(flag) {

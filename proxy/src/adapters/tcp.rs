@@ -13,12 +13,19 @@
 //! `allow_identities` are refused in the handshake, as a byte stream has no other way to
 //! answer), the cluster's `tls` originates it (no ALPN: the bytes are opaque). Over TLS a
 //! half-close is a `close_notify` followed by the TCP write shutdown.
+//!
+//! The listener's `authz` policy decides once per connection, at accept, from the peer's
+//! verified identity and address (rules with `to` never match a connection): a denied
+//! connection is closed before an endpoint is chosen, counted in
+//! `spur_authz_decisions_total` and `spur_downstream_rejected_total{reason="forbidden"}`,
+//! and logged with its `authz_rule`.
 
 use crate::access::{self, Val};
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
 use crate::attempt::{self, Attempt, Tried};
 use crate::metrics::{TcpBytesLabels, TcpLabels};
+use crate::policy::authz::Subject;
 use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, ListenerRt};
 use crate::Shared;
@@ -49,14 +56,25 @@ pub(crate) async fn serve_conn(
         return;
     };
     let identity = down.peer_identity();
+    let authorized = lst.authz.as_ref().map(|a| {
+        let who = Subject {
+            identity: identity.as_deref(),
+            addr: peer.ip(),
+        };
+        a.authorize(who, None)
+    });
     let conn = Conn {
         shared: &shared,
         listener: &lst.name,
         cluster: &cluster,
         peer,
         peer_identity: identity.as_deref(),
+        authz_rule: authorized.as_ref().map(|a| &*a.rule),
         start,
     };
+    if authorized.as_ref().is_some_and(|a| !a.allowed) {
+        return conn.forbidden();
+    }
     let deadline = Some(start + cluster.connect_timeout);
     let _slot = match attempt::admit(&cluster, deadline, &shared.metrics).await {
         Ok(slot) => slot,
@@ -108,10 +126,26 @@ struct Conn<'a> {
     cluster: &'a ClusterRt,
     peer: SocketAddr,
     peer_identity: Option<&'a str>,
+    /// The authorization rule that decided, when the listener has a policy.
+    authz_rule: Option<&'a str>,
     start: Instant,
 }
 
 impl Conn<'_> {
+    /// Closes a connection the listener's policy denies (dropping the stream closes it).
+    fn forbidden(&self) {
+        tracing::debug!(
+            listener = &**self.listener,
+            peer = %self.peer,
+            rule = self.authz_rule.unwrap_or("-"),
+            "tcp connection denied by the authorization policy"
+        );
+        self.shared
+            .metrics
+            .reject(self.listener, Reason::Forbidden.as_str());
+        self.log("-", (0, 0), Reason::Forbidden.as_str());
+    }
+
     /// Closes a connection no endpoint took: counted, and logged.
     fn refused(&self, reason: Reason) {
         let result = match reason {
@@ -167,6 +201,7 @@ impl Conn<'_> {
                 ("endpoint", Val::Str(endpoint)),
                 ("peer", Val::Str(&peer)),
                 ("peer_identity", Val::Str(self.peer_identity.unwrap_or("-"))),
+                ("authz_rule", Val::Str(self.authz_rule.unwrap_or("-"))),
                 ("bytes_received", Val::U64(bytes.0)),
                 ("bytes_sent", Val::U64(bytes.1)),
                 ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),

@@ -52,10 +52,7 @@ pub async fn accept(
             Some(Downstream {
                 stream: a.stream,
                 identity: a.peer,
-                session: Some(TlsSession {
-                    identity_header,
-                    allowed: a.allowed,
-                }),
+                session: Some(TlsSession { identity_header }),
             })
         }
         Err(e) => {

@@ -62,8 +62,6 @@ pub struct ConnCtx {
 pub struct TlsSession {
     /// `x-spur-peer-identity` for upstream requests.
     pub identity_header: Option<HeaderValue>,
-    /// The peer passes the listener's `allow_identities`; if not, every request gets 403.
-    pub allowed: bool,
 }
 
 impl ConnCtx {
@@ -71,7 +69,6 @@ impl ConnCtx {
         Peer {
             addr: self.peer,
             identity: self.peer_identity.as_ref(),
-            allowed: self.tls.as_ref().is_none_or(|t| t.allowed),
             original_dst: self.original_dst,
         }
     }

@@ -10,16 +10,20 @@
 //!
 //! The phases, in order:
 //! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
-//! 2. **admit**: a peer the listener does not allow gets 403 `forbidden`; a head over
-//!    `max_header_bytes` gets 431;
-//! 3. **flags**: each flag decided once (or kept from a trusted peer);
-//! 4. **route**: the first matching route, else the original destination's cluster
+//! 2. **admit**: a head over `max_header_bytes` gets 431;
+//! 3. **authorize**: the listener's policy (`authz`, `allow_identities`) on the peer and the
+//!    request's method, path and headers; denied: 403 `forbidden` (see
+//!    [`crate::authorize`]);
+//! 4. **flags**: each flag decided once (or kept from a trusted peer);
+//! 5. **route**: the first matching route, else the original destination's cluster
 //!    (transparent mode), else the listener's default cluster, else 404;
-//! 5. **split**: the route's cluster or one side of its split (sticky by `hash_on`);
-//! 6. **fault**: injected delay and abort.
+//! 6. **split**: the route's cluster or one side of its split (sticky by `hash_on`);
+//! 7. **fault**: injected delay and abort.
 
+use crate::authorize::{Authorized, AuthzRt};
 use crate::headers;
 use crate::http::X_SPUR_FLAGS;
+use crate::policy::authz::{Asked, Subject};
 use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
 use crate::policy::flags;
 use crate::policy::route::RequestView;
@@ -39,8 +43,6 @@ pub struct Peer<'a> {
     pub addr: SocketAddr,
     /// The verified mTLS peer's SPIFFE ID.
     pub identity: Option<&'a Arc<str>>,
-    /// Whether the listener's `allow_identities` let this peer in (true without mTLS).
-    pub allowed: bool,
     /// Transparent mode: where the connection was going before the redirect.
     pub original_dst: Option<SocketAddr>,
 }
@@ -61,6 +63,9 @@ pub struct Plan<'s> {
     pub route_name: Option<Arc<str>>,
     /// The injected delay to wait before going on (fault injection).
     pub delay: Option<Duration>,
+    /// The authorization rule that decided (`default`: none matched); `None` without a
+    /// policy.
+    pub authz_rule: Option<Arc<str>>,
     pub action: Action<'s>,
 }
 
@@ -131,11 +136,20 @@ pub fn plan<'s>(
         route: None,
         route_name: None,
         delay: None,
+        authz_rule: None,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
-    if let Err(reason) = admit(lst, peer, head) {
+    if let Err(reason) = admit(lst, head) {
         plan.action = Action::Refuse(reason.into());
         return plan;
+    }
+    if let Some(authz) = &lst.authz {
+        let verdict = authorize(authz, peer, head);
+        plan.authz_rule = Some(verdict.rule);
+        if !verdict.allowed {
+            plan.action = Action::Refuse(Reason::Forbidden.into());
+            return plan;
+        }
     }
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;
@@ -234,15 +248,26 @@ fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<Trac
     (request_id, trace)
 }
 
-/// The listener's own limits on who may send what.
-fn admit(lst: &ListenerRt, peer: Peer<'_>, head: &Parts) -> Result<(), Reason> {
-    if !peer.allowed {
-        return Err(Reason::Forbidden);
-    }
+/// The listener's own limits on what may be sent.
+fn admit(lst: &ListenerRt, head: &Parts) -> Result<(), Reason> {
     if headers::head_size_of(head) > lst.limits.max_header_bytes.get() as usize {
         return Err(Reason::HeadersTooLarge);
     }
     Ok(())
+}
+
+/// The listener's policy on this peer and request: the path is the one routing sees.
+fn authorize(authz: &AuthzRt, peer: Peer<'_>, head: &Parts) -> Authorized {
+    let who = Subject {
+        identity: peer.identity.map(|id| &**id),
+        addr: peer.addr.ip(),
+    };
+    let asked = Asked {
+        method: &head.method,
+        path: head.uri.path(),
+        headers: &head.headers,
+    };
+    authz.authorize(who, Some(asked))
 }
 
 /// Decides which flags are on for this request: the trusted peer's decisions from

@@ -42,6 +42,15 @@ listeners:
   - name: out
     listen: 127.0.0.1:0
     original_dst: true
+  - name: guarded
+    listen: 127.0.0.1:0
+    cluster: fallback
+    limits: { max_header_bytes: 1KiB }
+    authz:
+      default: deny
+      rules:
+        - { name: internal, action: allow, from: { cidrs: ["192.0.2.0/24"] } }
+        - { name: no-admin, action: deny, to: { path_prefixes: [/admin] } }
 clusters:
   - { name: v1, endpoints: ["10.0.0.1:80"] }
   - { name: v2, endpoints: ["10.0.0.2:80", "10.0.0.3:80"] }
@@ -53,10 +62,24 @@ flags:
 "#;
 
 fn snapshot() -> Snapshot {
+    snapshot_and_metrics().0
+}
+
+fn snapshot_and_metrics() -> (Snapshot, Metrics) {
     let cfg = spur_config::load(CONFIG, Some("t.yaml")).expect("valid config");
     let registry = Registry::default();
     let metrics = Metrics::new();
-    Snapshot::compile(Arc::new(cfg), 1, &registry, &metrics, None).expect("compiles")
+    let snap = Snapshot::compile(Arc::new(cfg), 1, &registry, &metrics, None).expect("compiles");
+    (snap, metrics)
+}
+
+/// The value of one series, as `/metrics` shows it.
+fn metric_value(metrics: &Metrics, series: &str) -> Option<f64> {
+    let text = metrics.encode();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with(&format!("{series} ")))?;
+    line.rsplit_once(' ')?.1.parse().ok()
 }
 
 fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
@@ -73,7 +96,6 @@ const CLIENT: Peer<'static> = Peer {
         40000,
     )),
     identity: None,
-    allowed: true,
     original_dst: None,
 };
 
@@ -143,13 +165,6 @@ fn refuse(route: &str, reason: Reason, status: u16) -> Said {
 fn routes_and_refusals() {
     let snap = snapshot();
     let big = "x".repeat(2000);
-    let denied = Case {
-        peer: Peer {
-            allowed: false,
-            ..CLIENT
-        },
-        ..case("GET", "/shop", &[])
-    };
     let table: Vec<(Case, Said)> = vec![
         (
             case("GET", "/shop/cart", &[("x-user", "u1")]),
@@ -209,7 +224,6 @@ fn routes_and_refusals() {
             case("GET", "/broken", &[]),
             refuse("broken", Reason::Fault, 418),
         ),
-        (denied, refuse("-", Reason::Forbidden, 403)),
         (
             case("GET", "/shop", &[("x-big", big.as_str())]),
             refuse("-", Reason::HeadersTooLarge, 431),
@@ -226,6 +240,71 @@ fn routes_and_refusals() {
         let (said, _) = decide(&snap, c);
         assert_eq!(&said, want, "{} {}", c.head.method, c.head.uri);
     }
+}
+
+#[test]
+fn the_policy_decides_after_admission_and_before_routing() {
+    let (snap, metrics) = snapshot_and_metrics();
+    let guarded = |method, uri, addr: &str| Case {
+        listener: "guarded",
+        head: head(method, uri, &[]),
+        peer: Peer {
+            addr: addr.parse().unwrap(),
+            ..CLIENT
+        },
+    };
+    let big = "x".repeat(2000);
+    for (c, want, rule) in [
+        (
+            guarded("GET", "/shop", "192.0.2.7:1000"),
+            fwd("default", "fallback"),
+            Some("internal"),
+        ),
+        (
+            guarded("GET", "/admin/users", "192.0.2.7:1000"),
+            refuse("-", Reason::Forbidden, 403),
+            Some("no-admin"),
+        ),
+        (
+            guarded("GET", "/shop", "198.51.100.1:1000"),
+            refuse("-", Reason::Forbidden, 403),
+            Some("default"),
+        ),
+        // Admission first: an oversized head is 431 whoever sends it.
+        (
+            Case {
+                head: head("GET", "/shop", &[("x-big", big.as_str())]),
+                ..guarded("GET", "/shop", "198.51.100.1:1000")
+            },
+            refuse("-", Reason::HeadersTooLarge, 431),
+            None,
+        ),
+        // A listener without a policy says nothing about it.
+        (
+            case("GET", "/shop", &[("x-user", "u1")]),
+            fwd("shop", "v2"),
+            None,
+        ),
+    ] {
+        let (said, p) = decide(&snap, &c);
+        assert_eq!(said, want, "{} {}", c.head.method, c.head.uri);
+        assert_eq!(
+            p.authz_rule.as_deref(),
+            rule,
+            "{} {}",
+            c.head.method,
+            c.head.uri
+        );
+    }
+    // Counted once per request, in its rule's series.
+    let count = |rule: &str, decision: &str| {
+        metric_value(&metrics, &format!(
+            "spur_authz_decisions_total{{listener=\"guarded\",rule=\"{rule}\",decision=\"{decision}\"}}"
+        ))
+    };
+    assert_eq!(count("internal", "allow"), Some(1.0));
+    assert_eq!(count("no-admin", "deny"), Some(1.0));
+    assert_eq!(count("default", "deny"), Some(1.0));
 }
 
 #[test]

@@ -101,6 +101,16 @@ pub struct FlagLabels {
     pub result: &'static str,
 }
 
+/// `spur_authz_decisions_total`: one per request (or tcp connection) a policy decided, by
+/// the deciding rule (`default` when none); and one per audit rule that would deny it.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AuthzLabels {
+    pub listener: Arc<str>,
+    pub rule: Arc<str>,
+    /// `allow`, `deny` or `audit_would_deny`.
+    pub decision: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: Arc<str>,
@@ -250,6 +260,8 @@ define_metrics! {
     /// (`identity_not_expected`, `unknown_ca`, `name_mismatch`, `peer_alert`...).
     upstream_tls_errors: Family<ClusterReasonLabels, Counter> = Family::default(),
         "spur_upstream_tls_handshake_errors", "TLS handshakes to upstream endpoints that failed, by reason";
+    authz_decisions: Family<AuthzLabels, Counter> = Family::default(),
+        "spur_authz_decisions", "Authorization decisions, by listener, deciding rule (default: none matched) and decision (allow, deny, audit_would_deny)";
     flag_evaluations: Family<FlagLabels, Counter> = Family::default(),
         "spur_flag_evaluations", "Flag decisions, by flag and result (on, off); decisions kept from a trusted peer count too";
     mirror_requests: Family<MirrorLabels, Counter> = Family::default(),

@@ -2,6 +2,7 @@
 //!
 //! | decision | module |
 //! |---|---|
+//! | whether a peer may make a request (or open a connection) | [`authz`] |
 //! | which feature flags are on for a request | [`flags`] |
 //! | which route answers a request | [`route`] |
 //! | which side of a weighted split | [`split`] |
@@ -12,6 +13,7 @@
 //! | whether the cluster can afford another retry | [`budget`] |
 //! | which request ID and trace context go upstream | [`correlation`] |
 
+pub mod authz;
 pub mod balance;
 pub mod breaker;
 pub mod budget;

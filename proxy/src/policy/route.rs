@@ -23,8 +23,9 @@ enum PathMatch {
     Prefix(String),
 }
 
+/// One header condition (a route's `match.headers` entry, an authz rule's `to.headers`).
 #[derive(Debug)]
-enum HeaderCond {
+pub(crate) enum HeaderCond {
     Exact(String),
     Present(bool),
     Regex(HeaderRegex),
@@ -75,27 +76,32 @@ impl Matcher {
                 _ => return false,
             }
         }
-        self.headers.iter().all(|(name, cond)| {
-            let value = req.headers.get(name).and_then(|v| v.to_str().ok());
-            match cond {
-                HeaderCond::Present(want) => req.headers.contains_key(name) == *want,
-                HeaderCond::Exact(v) => value == Some(v.as_str()),
-                HeaderCond::Regex(re) => value.is_some_and(|v| re.is_match(v)),
-            }
-        })
+        self.headers
+            .iter()
+            .all(|(name, cond)| header_holds(req.headers, name, cond))
+    }
+}
+
+/// Whether the header condition holds for these headers (the first value is tested).
+pub(crate) fn header_holds(headers: &HeaderMap, name: &HeaderName, cond: &HeaderCond) -> bool {
+    let value = headers.get(name).and_then(|v| v.to_str().ok());
+    match cond {
+        HeaderCond::Present(want) => headers.contains_key(name) == *want,
+        HeaderCond::Exact(v) => value == Some(v.as_str()),
+        HeaderCond::Regex(re) => value.is_some_and(|v| re.is_match(v)),
     }
 }
 
 /// `/api` matches `/api`, `/api/x` and `/api?q`, but not `/apis`; a prefix ending in `/`
 /// matches anything below it.
-fn prefix_matches(path: &str, prefix: &str) -> bool {
+pub(crate) fn prefix_matches(path: &str, prefix: &str) -> bool {
     match path.strip_prefix(prefix) {
         Some(rest) => prefix.ends_with('/') || rest.is_empty() || rest.starts_with('/'),
         None => false,
     }
 }
 
-fn compile_header(h: &HeaderMatch) -> (HeaderName, HeaderCond) {
+pub(crate) fn compile_header(h: &HeaderMatch) -> (HeaderName, HeaderCond) {
     let cond = if let Some(v) = &h.value {
         HeaderCond::Exact(v.clone())
     } else if let Some(re) = &h.regex {

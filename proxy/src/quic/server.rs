@@ -5,8 +5,9 @@
 //! packet until the first request, and for each request's headers), `idle_timeout`
 //! (QUIC's idle timeout),
 //! `max_header_bytes` (431 from the request path; h3 refuses heads far larger), draining
-//! (GOAWAY, in-flight requests finish, then the drain timeout), `allow_identities` (403 per
-//! request) and the verified peer identity in the access log and upstream.
+//! (GOAWAY, in-flight requests finish, then the drain timeout), the authorization policy
+//! (`authz` and `allow_identities`: 403 per request, through the same plan) and the
+//! verified peer identity in the access log and upstream.
 
 use crate::adapters::idle::Activity;
 use crate::adapters::listener::ConnGuard;
@@ -224,7 +225,7 @@ async fn serve_conn(
     let chain = conn
         .peer_identity()
         .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let (identity, allowed) = tls.check_peer(chain.as_deref().map(Vec::as_slice));
+    let identity = tls.peer_identity(chain.as_deref().map(Vec::as_slice));
     let identity_header = identity
         .as_ref()
         .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
@@ -238,10 +239,7 @@ async fn serve_conn(
         idle_timeout: lst.limits.idle_timeout.get(),
         drain: drain.clone(),
         peer_identity: identity.map(|i| i.as_arc().clone()),
-        tls: Some(TlsSession {
-            identity_header,
-            allowed,
-        }),
+        tls: Some(TlsSession { identity_header }),
     });
     // h3 refuses heads over this outright; the request path answers 431 for heads over
     // max_header_bytes, so leave it room to.

@@ -4,11 +4,11 @@
 //!   client certificate from that CA (mutual TLS). The client's SPIFFE ID (its URI SAN,
 //!   [`Identity`]) becomes the connection's peer identity: logged, and sent upstream in
 //!   `x-spur-peer-identity`.
-//! - `allow_identities` is enforced where the protocol can say why. On `tcp` listeners the
-//!   handshake itself fails (`access_denied` alert): there is no other way to answer. On
-//!   `http` listeners the handshake completes and each request gets `403` with
-//!   `x-spur-error: forbidden` and the request ID, which tells the caller what happened
-//!   instead of a bare connection error, and is counted per request.
+//! - `allow_identities` on `tcp` listeners is checked in the handshake itself
+//!   (`access_denied` alert): a byte stream has no other way to answer. Everywhere else it
+//!   is a rule of the listener's authorization policy ([`crate::authorize`]), decided per
+//!   request (403 `forbidden` with the request ID, which tells the caller what happened
+//!   instead of a bare connection error) like any other rule.
 //! - A cluster with `tls` originates TLS ([`ClientTlsRt`]), presenting `cert`/`key` when
 //!   set, verifying the server against `ca` (or the system bundle) and, with
 //!   `expect_identities`, its SPIFFE ID instead of its DNS name.
@@ -67,15 +67,9 @@ pub const ALPN_H2: &[u8] = b"h2";
 pub const ALPN_HTTP11: &[u8] = b"http/1.1";
 pub const ALPN_H3: &[u8] = b"h3";
 
-/// A listener's TLS: the current server config (rebuilt when its files change) and the
-/// identity policy.
+/// A listener's TLS: the current server config (rebuilt when its files change).
 pub struct ServerTls {
-    listener: Arc<str>,
     config: Arc<Watched<ServerConfig>>,
-    allow: Arc<[Identity]>,
-    /// `allow_identities` is checked by the certificate verifier (tcp listeners); otherwise
-    /// per request (http listeners).
-    checks_at_handshake: bool,
 }
 
 /// A connection a TLS listener accepted.
@@ -83,8 +77,6 @@ pub struct Accepted {
     pub stream: Stream,
     /// The client certificate's SPIFFE ID, when it presented one that has one.
     pub peer: Option<Identity>,
-    /// The peer passes `allow_identities` (always true when there is no list).
-    pub allowed: bool,
 }
 
 impl ServerTls {
@@ -108,8 +100,13 @@ impl ServerTls {
         identity: Option<&Arc<WorkloadIdentity>>,
     ) -> Result<ServerTls, TlsError> {
         let listener: Arc<str> = listener.into();
-        let allow: Arc<[Identity]> = cfg.allow_identities.iter().cloned().collect();
-        let checks_at_handshake = protocol == ListenerProtocol::Tcp;
+        // tcp listeners check `allow_identities` in the certificate verifier; the others
+        // through their authorization policy, per request.
+        let handshake_allow: Arc<[Identity]> = if protocol == ListenerProtocol::Tcp {
+            cfg.allow_identities.iter().cloned().collect()
+        } else {
+            Arc::from([])
+        };
         let alpn: Vec<Vec<u8>> = match protocol {
             ListenerProtocol::Tcp => Vec::new(),
             ListenerProtocol::Http3 => vec![ALPN_H3.to_vec()],
@@ -133,11 +130,6 @@ impl ServerTls {
             (None, _) => {}
         }
         let (src, who) = (sources.clone(), listener.clone());
-        let handshake_allow = if checks_at_handshake {
-            allow.clone()
-        } else {
-            Arc::from([])
-        };
         let build = move |files: &[Vec<u8>]| -> Result<Built<ServerConfig>, TlsError> {
             let p = provider();
             let (key, summary) = certified_key(&src[0], &files[0], &src[1], &files[1], &p)?;
@@ -169,12 +161,7 @@ impl ServerTls {
             Box::new(build),
         )?);
         Watched::watch(&config);
-        Ok(ServerTls {
-            listener,
-            config,
-            allow,
-            checks_at_handshake,
-        })
+        Ok(ServerTls { config })
     }
 
     /// The server config new handshakes use now (it changes when the files rotate).
@@ -182,26 +169,12 @@ impl ServerTls {
         self.config.current()
     }
 
-    /// The verified peer's identity from its certificate chain, and whether it passes
-    /// `allow_identities` (for TLS over TCP and over QUIC alike).
-    pub fn check_peer(&self, chain: Option<&[CertificateDer<'_>]>) -> (Option<Identity>, bool) {
-        let peer = chain
+    /// The verified peer's identity from its certificate chain (for TLS over TCP and over
+    /// QUIC alike).
+    pub fn peer_identity(&self, chain: Option<&[CertificateDer<'_>]>) -> Option<Identity> {
+        chain
             .and_then(|c| c.first())
-            .and_then(|leaf| identity::from_cert(leaf));
-        let allowed = self.checks_at_handshake || self.allows(peer.as_ref());
-        if !allowed {
-            tracing::debug!(
-                listener = &*self.listener,
-                identity = peer.as_ref().map_or("-", |p| p.as_str()),
-                "peer identity not allowed: its requests get 403"
-            );
-        }
-        (peer, allowed)
-    }
-
-    /// Whether `peer` passes `allow_identities`.
-    pub fn allows(&self, peer: Option<&Identity>) -> bool {
-        self.allow.is_empty() || peer.is_some_and(|p| self.allow.contains(p))
+            .and_then(|leaf| identity::from_cert(leaf))
     }
 
     /// The TLS handshake on an accepted connection, bounded by `timeout`.
@@ -216,11 +189,10 @@ impl ServerTls {
             Ok(Err(e)) => return Err(HandshakeError::Io(e)),
             Ok(Ok(s)) => s,
         };
-        let (peer, allowed) = self.check_peer(stream.get_ref().1.peer_certificates());
+        let peer = self.peer_identity(stream.get_ref().1.peer_certificates());
         Ok(Accepted {
             stream: Stream::Server(Box::new(stream)),
             peer,
-            allowed,
         })
     }
 }

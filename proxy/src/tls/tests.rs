@@ -165,26 +165,69 @@ fn reload_swaps_on_change_and_keeps_the_old_config_on_bad_files() {
     assert!(!Arc::ptr_eq(&first, &tls.config.current()));
 }
 
-#[test]
-fn allow_lists_apply_per_request_on_http_and_at_handshake_on_tcp() {
+/// `allow_identities` is a handshake check on `tcp` listeners only: an `http` listener
+/// completes the handshake and leaves the decision to its authorization policy.
+#[tokio::test]
+async fn allow_lists_refuse_in_the_handshake_on_tcp_only() {
+    use rustls::pki_types::pem::PemObject;
     let ca = ca();
     let dir = Dir::new("allow");
-    let (cert, key) = leaf(&ca, "spiffe://td/ns/a/sa/b", 1);
+    let (cert, key) = leaf(&ca, "spiffe://td/ns/a/sa/server", 1);
+    let (other_cert, other_key) = leaf(&ca, "spiffe://td/ns/a/sa/other", 2);
     let mut cfg = server_cfg(
         &dir.write("c", &cert),
         &dir.write("k", &key),
         Some(&dir.write("ca", &ca.cert.pem())),
     );
     cfg.allow_identities = vec![Identity::parse("spiffe://td/ns/a/sa/web").unwrap()];
-    let http = ServerTls::load("in", &cfg, ListenerProtocol::Http).unwrap();
-    let web = Identity::parse("spiffe://td/ns/a/sa/web").unwrap();
-    let other = Identity::parse("spiffe://td/ns/a/sa/other").unwrap();
-    assert!(http.allows(Some(&web)));
-    assert!(!http.allows(Some(&other)));
-    assert!(!http.allows(None));
-    assert!(!http.checks_at_handshake);
-    let tcp = ServerTls::load("in", &cfg, ListenerProtocol::Tcp).unwrap();
-    assert!(tcp.checks_at_handshake);
+    let mut roots = RootCertStore::empty();
+    roots.add(ca.cert.der().clone()).unwrap();
+    let chain = vec![CertificateDer::from_pem_slice(other_cert.as_bytes()).unwrap()];
+    let client_key = PrivateKeyDer::from_pem_slice(other_key.as_bytes()).unwrap();
+    let client = ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, client_key)
+        .unwrap();
+    let client = tokio_rustls::TlsConnector::from(Arc::new(client));
+    for (protocol, accepted) in [
+        (ListenerProtocol::Http, true),
+        (ListenerProtocol::Tcp, false),
+    ] {
+        let tls = ServerTls::load("in", &cfg, protocol).unwrap();
+        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = tcp.local_addr().unwrap();
+        let (decided, wait) = tokio::sync::oneshot::channel::<()>();
+        let dial = {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let s = TcpStream::connect(addr).await.unwrap();
+                let name = ServerName::try_from("localhost").unwrap();
+                // Kept open until the server has decided.
+                let conn = client.connect(name, s).await;
+                let _ = wait.await;
+                drop(conn);
+            })
+        };
+        let (s, _) = tcp.accept().await.unwrap();
+        let outcome = tls.accept(s, Duration::from_secs(5)).await;
+        let _ = decided.send(());
+        match outcome {
+            Ok(a) => {
+                assert!(
+                    accepted,
+                    "{protocol:?}: accepted an identity outside the list"
+                );
+                assert_eq!(a.peer.unwrap().as_str(), "spiffe://td/ns/a/sa/other");
+            }
+            Err(e) => {
+                assert!(!accepted, "{protocol:?}: refused: {e}");
+                assert_eq!(e.reason(Role::Server), "identity_not_allowed");
+            }
+        }
+        dial.await.unwrap();
+    }
 }
 
 #[test]
