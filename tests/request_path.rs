@@ -527,7 +527,10 @@ clusters:
         s * 100.0
     );
     let errors = log.iter().filter(|(_, n)| n == "error").count();
-    assert_eq!(errors, 0, "retries hide the dead endpoint (GETs: connect failures and resets)");
+    assert_eq!(
+        errors, 0,
+        "retries hide the dead endpoint (GETs: connect failures and resets)"
+    );
     drop(c2);
 }
 

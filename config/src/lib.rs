@@ -27,7 +27,7 @@ mod validate;
 pub mod values;
 
 pub use cluster::*;
-pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn};
+pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn, UpgradeProtocol};
 pub use depth::MAX_DEPTH;
 pub use parse::{parse, Format};
 pub use route::*;

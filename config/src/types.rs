@@ -103,6 +103,10 @@ pub struct Listener {
     pub alt_svc_h3: Option<u16>,
     #[serde(default)]
     pub original_dst: bool,
+    /// Keep paths with an encoded slash (`%2F`, `%5C`) or a backslash, as sent, instead of
+    /// refusing them (400 `invalid_path`): for applications that give them a meaning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_encoded_slashes: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
 }

@@ -1,16 +1,19 @@
 //! Header hygiene between hops: hop-by-hop removal, forwarding headers, size accounting.
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use http::{Request, Version};
+use http::Version;
 
-/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1).
-const HOP_BY_HOP: [HeaderName; 6] = [
+/// Headers that describe one connection, never forwarded (RFC 9110 §7.6.1); also
+/// `HTTP2-Settings`, which belongs to an h2c upgrade (RFC 7540 §3.2.1), even when a client
+/// forgets to name it in `Connection`.
+const HOP_BY_HOP: [HeaderName; 7] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::TE,
+    HeaderName::from_static("http2-settings"),
 ];
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -52,15 +55,6 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
-pub fn is_upgrade<B>(req: &Request<B>) -> bool {
-    is_upgrade_parts(req.version(), req.headers())
-}
-
-/// [`is_upgrade`] for a request head.
-pub fn is_upgrade_head(head: &http::request::Parts) -> bool {
-    is_upgrade_parts(head.version, &head.headers)
-}
-
 pub fn is_upgrade_parts(version: Version, headers: &HeaderMap) -> bool {
     version == Version::HTTP_11
         && headers.contains_key(header::UPGRADE)
@@ -70,6 +64,40 @@ pub fn is_upgrade_parts(version: Version, headers: &HeaderMap) -> bool {
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case("upgrade"))
+}
+
+/// The `Upgrade` value to send upstream for an HTTP/1.1 upgrade request: the protocols of
+/// the client's list that `allowed` accepts (by name, without the `/version`), as the
+/// client wrote them. `None` when the request asks for no upgrade or for none allowed: it
+/// then goes on as a plain request, its upgrade stripped (`h2c` always is).
+pub fn upgrade_to_send(
+    version: Version,
+    headers: &HeaderMap,
+    allowed: impl Fn(&str) -> bool,
+) -> Option<HeaderValue> {
+    if !is_upgrade_parts(version, headers) {
+        return None;
+    }
+    let mut kept = String::new();
+    let offered = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim);
+    for proto in offered {
+        let name = proto.split('/').next().unwrap_or_default();
+        if !name.eq_ignore_ascii_case("h2c") && allowed(&name.to_ascii_lowercase()) {
+            if !kept.is_empty() {
+                kept.push_str(", ");
+            }
+            kept.push_str(proto);
+        }
+    }
+    if kept.is_empty() {
+        return None;
+    }
+    HeaderValue::from_str(&kept).ok()
 }
 
 /// Appends the client's address to `x-forwarded-for` and sets `x-forwarded-proto`.
@@ -131,6 +159,38 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn only_allowed_upgrades_go_on() {
+        let ws = |p: &str| p == "websocket";
+        let mut h = HeaderMap::new();
+        h.insert("connection", "Upgrade, HTTP2-Settings".parse().unwrap());
+        h.insert("upgrade", "h2c".parse().unwrap());
+        h.insert("http2-settings", "AAMAAABkAAQAAP__".parse().unwrap());
+        assert_eq!(upgrade_to_send(Version::HTTP_11, &h, ws), None);
+        assert_eq!(
+            upgrade_to_send(Version::HTTP_11, &h, |_| true),
+            None,
+            "never h2c"
+        );
+        strip_hop_by_hop(&mut h);
+        assert!(h.is_empty(), "{h:?}");
+        h.insert("connection", "upgrade".parse().unwrap());
+        h.insert("upgrade", "h2c, WebSocket, foo/2".parse().unwrap());
+        assert_eq!(
+            upgrade_to_send(Version::HTTP_11, &h, ws).unwrap(),
+            "WebSocket"
+        );
+        let any = upgrade_to_send(Version::HTTP_11, &h, |p| p == "foo" || p == "websocket");
+        assert_eq!(any.unwrap(), "WebSocket, foo/2");
+        assert_eq!(upgrade_to_send(Version::HTTP_2, &h, ws), None);
+        h.remove("connection");
+        assert_eq!(
+            upgrade_to_send(Version::HTTP_11, &h, ws),
+            None,
+            "not named in Connection"
+        );
     }
 
     #[test]

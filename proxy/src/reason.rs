@@ -31,6 +31,12 @@ pub enum Reason {
     BadRequest,
     /// The request head is over the listener's `max_header_bytes` (431).
     HeadersTooLarge,
+    /// HTTP/1.1 without `Host` or with two; a `Host` that is not a host; an HTTP/2 or
+    /// HTTP/3 `host` header that disagrees with `:authority` (400).
+    InvalidHost,
+    /// A path that is not one (a bad percent-escape), or an encoded slash or backslash on a
+    /// listener that does not allow them (400).
+    InvalidPath,
 }
 
 impl Reason {
@@ -45,7 +51,9 @@ impl Reason {
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::UpstreamUnreachable | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
             Reason::Forbidden => StatusCode::FORBIDDEN,
-            Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::InvalidHost | Reason::InvalidPath => {
+                StatusCode::BAD_REQUEST
+            }
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
         }
     }
@@ -64,6 +72,8 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::BadRequest => "bad_request",
             Reason::HeadersTooLarge => "headers_too_large",
+            Reason::InvalidHost => "invalid_host",
+            Reason::InvalidPath => "invalid_path",
         }
     }
 }
@@ -92,6 +102,8 @@ mod tests {
             Reason::Forbidden,
             Reason::BadRequest,
             Reason::HeadersTooLarge,
+            Reason::InvalidHost,
+            Reason::InvalidPath,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

@@ -75,6 +75,8 @@ pub struct ListenerRt {
     pub trust_incoming_flags: bool,
     /// Transparent mode: read each connection's original destination and route by it.
     pub original_dst: bool,
+    /// Paths with encoded slashes or backslashes are kept (else refused).
+    pub allow_encoded_slashes: bool,
     /// `Alt-Svc` advertising the HTTP/3 listener (`alt_svc_h3`), on every response.
     pub alt_svc: Option<http::HeaderValue>,
 }
@@ -93,6 +95,8 @@ pub struct RouteRt {
     pub mirror: Option<MirrorRt>,
     /// The request series of each cluster the route sends to (the split's sides in order).
     pub metrics: Vec<Arc<TargetMetrics>>,
+    /// The `Upgrade` protocols this route tunnels (lower case): its `upgrades`, or WebSocket.
+    pub upgrades: Vec<Box<str>>,
 }
 
 pub struct MirrorRt {
@@ -506,6 +510,10 @@ impl Snapshot {
                         None => None,
                     },
                     metrics,
+                    upgrades: match &r.upgrades {
+                        Some(list) => list.iter().map(|u| u.get().as_str().into()).collect(),
+                        None => vec![spur_config::UpgradeProtocol::websocket().as_str().into()],
+                    },
                 });
             }
             let lname: Arc<str> = l.name.as_str().into();
@@ -539,6 +547,7 @@ impl Snapshot {
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
                     original_dst: l.original_dst,
+                    allow_encoded_slashes: l.allow_encoded_slashes,
                     alt_svc: l.alt_svc_h3.map(|port| {
                         http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
                             .expect("a port makes a valid header value")

@@ -89,6 +89,12 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
                     "a tcp listener has no routes (use cluster)",
                 );
             }
+            if l.allow_encoded_slashes {
+                e.push(
+                    format!("{p}.allow_encoded_slashes"),
+                    "applies to http and http3 listeners (a tcp listener reads no paths)",
+                );
+            }
         }
         ListenerProtocol::Http | ListenerProtocol::Http3 => {
             if l.cluster.is_none() && l.routes.is_empty() && !l.original_dst {

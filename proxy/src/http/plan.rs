@@ -11,7 +11,9 @@
 //! The phases, in order:
 //! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
 //! 2. **admit**: a peer the listener does not allow gets 403 `forbidden`; a head over
-//!    `max_header_bytes` gets 431;
+//!    `max_header_bytes` gets 431; then the head is **normalised** in place (one host, one
+//!    path: see [`super::normalize`]), or refused with 400, so that every phase after this
+//!    one, and the upstream, read the same request;
 //! 3. **flags**: each flag decided once (or kept from a trusted peer);
 //! 4. **route**: the first matching route, else the original destination's cluster
 //!    (transparent mode), else the listener's default cluster, else 404;
@@ -81,6 +83,10 @@ pub struct Forward<'s> {
     pub retry: Option<&'s RetryRt>,
     /// Mirror this request (the route's `mirror`, sampled).
     pub mirror: Option<&'s MirrorRt>,
+    /// The `Upgrade` to send, when the client asked for one the route tunnels (the
+    /// response may then be `101` and the connection a tunnel); any other upgrade is
+    /// stripped and the request is a plain one.
+    pub upgrade: Option<HeaderValue>,
 }
 
 /// An answer Spur makes itself.
@@ -118,7 +124,7 @@ pub fn plan<'s>(
     snap: &'s Snapshot,
     lst: &'s ListenerRt,
     peer: Peer<'_>,
-    head: &Parts,
+    head: &mut Parts,
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Plan<'s> {
@@ -133,16 +139,20 @@ pub fn plan<'s>(
         delay: None,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
-    if let Err(reason) = admit(lst, peer, head) {
+    if let Err(reason) = admit(lst, peer, head)
+        .and_then(|()| super::normalize::head(head, lst.allow_encoded_slashes))
+    {
         plan.action = Action::Refuse(reason.into());
         return plan;
     }
+    let head = &*head;
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;
     plan.flags_header = header;
+    let path = super::normalize::match_path(head.uri.path());
     let view = RequestView {
         method: &head.method,
-        path: head.uri.path(),
+        path: &path,
         host: headers::host_of(&head.uri, &head.headers),
         headers: &head.headers,
     };
@@ -162,6 +172,9 @@ pub fn plan<'s>(
                 deadline: None,
                 retry: None,
                 mirror: None,
+                upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
+                    p == "websocket"
+                }),
             });
         }
         return plan;
@@ -201,17 +214,21 @@ pub fn plan<'s>(
             }
         }
     }
-    let upgrade = headers::is_upgrade_head(head);
+    let upgrade = headers::upgrade_to_send(head.version, &head.headers, |p| {
+        route.upgrades.iter().any(|u| **u == *p)
+    });
+    let tunnel = upgrade.is_some();
     plan.action = Action::Forward(Forward {
         cluster,
         split_side,
         hash_key,
         deadline: route.timeout.map(|t| now + t),
-        retry: route.retry.as_ref().filter(|_| !upgrade),
+        retry: route.retry.as_ref().filter(|_| !tunnel),
         mirror: route
             .mirror
             .as_ref()
-            .filter(|m| !upgrade && rng.f64() * 100.0 < m.percent),
+            .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent),
+        upgrade,
     });
     plan
 }

@@ -37,7 +37,12 @@ pub async fn run(
         Ok(slot) => ex.permit = slot,
         Err(reason) => return respond::local(reason.into(), snap, ex),
     }
-    let downstream_upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    // Only an upgrade the plan allowed may become a tunnel: a `101` to any other request
+    // (its upgrade was stripped) is refused in `respond::upstream`.
+    let downstream_upgrade = head
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .filter(|_| fwd.upgrade.is_some());
     let Some(mut body) = TryBody::read(fwd, body, &ex).await else {
         return respond::local(Reason::BadRequest.into(), snap, ex);
     };

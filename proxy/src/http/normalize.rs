@@ -1,0 +1,426 @@
+//! **Normalise**: one host and one path per request, the same for routing as for the
+//! upstream.
+//!
+//! A proxy that routes on one reading of a request and forwards another can be walked
+//! around: a `path_prefix: /admin` rule does not see `/%61dmin`, `//admin` or `/x/../admin`,
+//! which a backend serves as `/admin`; a `host:` rule sees the absolute-form target
+//! `http://public.example/x` while the backend reads `Host: internal.example`. So before a
+//! request is routed its head is rewritten, in place, into the one form both sides use
+//! (Envoy's `normalize_path` and `merge_slashes`, RFC 3986 §6.2.2):
+//!
+//! - **Host.** HTTP/1.1 needs exactly one `Host` (RFC 9112 §3.2: 400 without one, or with
+//!   two); an absolute-form target's authority replaces it. HTTP/2 and HTTP/3 carry
+//!   `:authority`, and a `host` header beside it must agree (RFC 9113 §8.3.1). Afterwards
+//!   the request has one `Host` header (lower case, without a trailing dot) and an
+//!   origin-form URI, and everything after this step reads the host from there.
+//! - **Path.** Percent-escapes of unreserved characters are decoded (`%61` is `a`), other
+//!   escapes get upper-case digits, repeated slashes are merged and dot segments removed.
+//!   An encoded slash (`%2F`, `%5C`) or a backslash means different paths to different
+//!   servers, so it is refused unless the listener opts in (`allow_encoded_slashes`), and
+//!   then it is kept exactly as sent. The query is never touched.
+//!
+//! A path that needs none of this (the common case) is checked in one pass over its bytes
+//! and not copied.
+
+use crate::reason::Reason;
+use http::header::{self, HeaderValue};
+use http::request::Parts;
+use http::uri::{Authority, PathAndQuery};
+use http::{Uri, Version};
+use std::borrow::Cow;
+
+/// Rewrites `head` into its normal form (see the module doc), or the reason to refuse it.
+pub fn head(head: &mut Parts, allow_encoded_slashes: bool) -> Result<(), Reason> {
+    host(head)?;
+    let Some(pq) = head.uri.path_and_query() else {
+        // No path: an HTTP/1.1 authority-form target (CONNECT), refused by the caller's
+        // method rules if at all; or an HTTP/2 request without `:path`, which hyper refuses.
+        return Ok(());
+    };
+    if let Some(normal) = path(pq, allow_encoded_slashes)? {
+        head.uri = Uri::from(normal);
+    }
+    Ok(())
+}
+
+/// One `Host`, taken from the target's authority where there is one; the URI becomes
+/// origin-form.
+fn host(head: &mut Parts) -> Result<(), Reason> {
+    let mut hosts = head.headers.get_all(header::HOST).iter();
+    let sent = hosts.next().cloned();
+    if hosts.next().is_some() {
+        return Err(Reason::InvalidHost);
+    }
+    let from_target = head.uri.authority().cloned();
+    let chosen = match (head.version, from_target, sent) {
+        // HTTP/1.x: an absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
+        (Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11, Some(a), sent) => {
+            if let Some(h) = &sent {
+                authority(h.as_bytes())?;
+            }
+            Some(a)
+        }
+        (Version::HTTP_11, None, None) => return Err(Reason::InvalidHost),
+        (Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11, None, Some(h)) => {
+            Some(authority(h.as_bytes())?)
+        }
+        // HTTP/2 and HTTP/3: `host` may stand in for `:authority`, or must agree with it.
+        (_, Some(a), Some(h)) => {
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err(Reason::InvalidHost);
+            }
+            Some(a)
+        }
+        (_, a, h) => match (a, h) {
+            (Some(a), _) => Some(a),
+            (None, Some(h)) => Some(authority(h.as_bytes())?),
+            (None, None) => None,
+        },
+    };
+    if let Some(a) = chosen {
+        if a.as_str().contains('@') || a.host().is_empty() {
+            return Err(Reason::InvalidHost);
+        }
+        head.headers.insert(header::HOST, canonical_host(&a)?);
+    }
+    if head.uri.authority().is_some() || head.uri.scheme().is_some() {
+        head.uri = match head.uri.path_and_query() {
+            Some(pq) => Uri::from(pq.clone()),
+            None => Uri::from_static("/"),
+        };
+    }
+    Ok(())
+}
+
+fn authority(raw: &[u8]) -> Result<Authority, Reason> {
+    Authority::try_from(raw).map_err(|_| Reason::InvalidHost)
+}
+
+/// The authority in lower case and without a trailing dot on its host (`Shop.Example.:80`
+/// is `shop.example:80`); unchanged (and not copied) when it is already so.
+fn canonical_host(a: &Authority) -> Result<HeaderValue, Reason> {
+    let s = a.as_str();
+    let host = a.host();
+    let dot = host.len() > 1 && host.ends_with('.');
+    if !dot && !s.bytes().any(|b| b.is_ascii_uppercase()) {
+        return HeaderValue::from_str(s).map_err(|_| Reason::InvalidHost);
+    }
+    let mut out = host.trim_end_matches('.').to_ascii_lowercase();
+    if let Some(port) = a.port() {
+        out.push(':');
+        out.push_str(port.as_str());
+    }
+    HeaderValue::try_from(out).map_err(|_| Reason::InvalidHost)
+}
+
+/// The normal form of `pq` (`None`: it is normal already), or [`Reason::InvalidPath`].
+pub fn path(
+    pq: &PathAndQuery,
+    allow_encoded_slashes: bool,
+) -> Result<Option<PathAndQuery>, Reason> {
+    let p = pq.path();
+    if p == "*" {
+        return Ok(None);
+    }
+    if !p.starts_with('/') {
+        return Err(Reason::InvalidPath);
+    }
+    if !needs_work(p.as_bytes(), allow_encoded_slashes)? {
+        return Ok(None);
+    }
+    let decoded = decode_unreserved(p, allow_encoded_slashes)?;
+    let mut out = remove_dot_segments(&decoded);
+    if let Some(q) = pq.query() {
+        out.push('?');
+        out.push_str(q);
+    }
+    PathAndQuery::try_from(out)
+        .map(Some)
+        .map_err(|_| Reason::InvalidPath)
+}
+
+/// Whether the path has anything to rewrite: a `%`, a `//`, or a `.` or `..` segment (also
+/// one with parameters, `..;x`). A backslash is refused here unless allowed.
+fn needs_work(p: &[u8], allow_encoded_slashes: bool) -> Result<bool, Reason> {
+    for (i, &b) in p.iter().enumerate() {
+        match b {
+            b'%' => return Ok(true),
+            b'\\' if !allow_encoded_slashes => return Err(Reason::InvalidPath),
+            b'/' => match p.get(i + 1) {
+                Some(b'/') => return Ok(true),
+                Some(b'.') => {
+                    let rest = &p[i + 1..];
+                    let seg = rest.split(|c| *c == b'/').next().unwrap_or_default();
+                    let name = seg.split(|c| *c == b';').next().unwrap_or_default();
+                    if name == b"." || name == b".." {
+                        return Ok(true);
+                    }
+                }
+                _ => {}
+            },
+            _ => {}
+        }
+    }
+    Ok(false)
+}
+
+fn unreserved(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~')
+}
+
+fn hex(b: u8) -> Option<u8> {
+    (b as char).to_digit(16).map(|d| d as u8)
+}
+
+/// Decodes escapes of unreserved characters and upper-cases the digits of the others; an
+/// escape that is not `%` and two hex digits is refused, and so is an encoded `/` or `\`
+/// unless allowed (then it stays encoded: the path keeps its segments as sent).
+fn decode_unreserved(p: &str, allow_encoded_slashes: bool) -> Result<Cow<'_, str>, Reason> {
+    if !p.contains('%') {
+        return Ok(Cow::Borrowed(p));
+    }
+    let b = p.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] != b'%' {
+            out.push(b[i]);
+            i += 1;
+            continue;
+        }
+        let (Some(hi), Some(lo)) = (
+            b.get(i + 1).copied().and_then(hex),
+            b.get(i + 2).copied().and_then(hex),
+        ) else {
+            return Err(Reason::InvalidPath);
+        };
+        let v = hi * 16 + lo;
+        if unreserved(v) {
+            out.push(v);
+        } else {
+            if matches!(v, b'/' | b'\\') && !allow_encoded_slashes {
+                return Err(Reason::InvalidPath);
+            }
+            out.push(b'%');
+            out.extend_from_slice(format!("{v:02X}").as_bytes());
+        }
+        i += 3;
+    }
+    // Only ASCII was added, in place of ASCII: the bytes are still UTF-8.
+    String::from_utf8(out)
+        .map(Cow::Owned)
+        .map_err(|_| Reason::InvalidPath)
+}
+
+/// RFC 3986 §5.2.4 on a path whose repeated slashes are merged: `.` segments go, `..`
+/// removes the segment before it (never above the root). A dot segment with parameters
+/// (`..;x`) is a dot segment too, as servlet containers read it. A path that ended on a
+/// slash or a dot segment ends on a slash.
+fn remove_dot_segments(p: &str) -> String {
+    let mut segments: Vec<&str> = Vec::new();
+    let mut trailing = false;
+    for seg in p.split('/').skip(1) {
+        let name = seg.split(';').next().unwrap_or_default();
+        trailing = seg.is_empty() || name == "." || name == "..";
+        match name {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            _ => segments.push(seg),
+        }
+    }
+    let mut out = String::with_capacity(p.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if trailing || out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// The path as routes match it: each segment without its parameters (`/admin;x/a` is
+/// `/admin/a`), so a `path_prefix: /admin` rule sees what a servlet container serves.
+/// Borrowed when the path has no `;`.
+pub fn match_path(path: &str) -> Cow<'_, str> {
+    if !path.contains(';') {
+        return Cow::Borrowed(path);
+    }
+    let mut out = String::with_capacity(path.len());
+    for (i, seg) in path.split('/').enumerate() {
+        if i > 0 {
+            out.push('/');
+        }
+        out.push_str(seg.split(';').next().unwrap_or_default());
+    }
+    Cow::Owned(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn norm(p: &str) -> Result<String, Reason> {
+        norm_with(p, false)
+    }
+
+    fn norm_with(p: &str, allow: bool) -> Result<String, Reason> {
+        let pq = PathAndQuery::try_from(p).unwrap();
+        Ok(path(&pq, allow)?.map_or(p.to_string(), |n| n.as_str().to_string()))
+    }
+
+    #[test]
+    fn paths_that_reach_admin_are_admin() {
+        for p in [
+            "/admin",
+            "/%61dmin",
+            "/%61%64%6D%69%6e",
+            "//admin",
+            "///admin",
+            "/./admin",
+            "/x/../admin",
+            "/x/y/../../admin",
+            "/../admin",
+            "/%2e%2e/admin",
+            "/x/%2E%2E/admin",
+            "/x/..;/admin",
+            "/.;x/admin",
+        ] {
+            assert_eq!(norm(p).as_deref(), Ok("/admin"), "{p}");
+        }
+    }
+
+    #[test]
+    fn slashes_dots_queries_and_escapes() {
+        let cases = [
+            ("/", "/"),
+            ("/a/b/", "/a/b/"),
+            ("/a//b//", "/a/b/"),
+            ("/a/b/..", "/a/"),
+            ("/a/b/.", "/a/b/"),
+            ("/a/..", "/"),
+            ("/..", "/"),
+            ("/a/.b/..c", "/a/.b/..c"),
+            ("/a?x=/../y&z=%2F", "/a?x=/../y&z=%2F"),
+            ("//a?q=1", "/a?q=1"),
+            ("/a%20b", "/a%20b"),
+            ("/a%3fb", "/a%3Fb"),
+            ("/%7euser", "/~user"),
+            ("/a%25%32%66", "/a%252f"),
+            ("/a;x/b", "/a;x/b"),
+            ("*", "*"),
+        ];
+        for (p, want) in cases {
+            assert_eq!(norm(p).as_deref(), Ok(want), "{p}");
+        }
+    }
+
+    #[test]
+    fn encoded_slashes_and_backslashes_are_refused_unless_allowed() {
+        for p in [
+            "/a%2Fb",
+            "/a%2fb",
+            "/a%5Cb",
+            "/a%5cb",
+            "/a\\b",
+            "/a\\..\\admin",
+        ] {
+            assert_eq!(norm(p), Err(Reason::InvalidPath), "{p}");
+        }
+        assert_eq!(norm_with("/a%2fb", true).as_deref(), Ok("/a%2Fb"));
+        assert_eq!(norm_with("/a%5C..%5Cb", true).as_deref(), Ok("/a%5C..%5Cb"));
+        assert_eq!(norm_with("/a\\b", true).as_deref(), Ok("/a\\b"));
+        for p in ["/a%", "/a%2", "/a%zz", "/a%%41"] {
+            assert_eq!(norm(p), Err(Reason::InvalidPath), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_normal_path_is_not_copied() {
+        let pq = PathAndQuery::from_static("/shop/cart/item-1.json?x=1");
+        assert!(path(&pq, false).unwrap().is_none());
+    }
+
+    #[test]
+    fn parameters_do_not_hide_a_segment_from_routes() {
+        assert_eq!(match_path("/admin;x"), "/admin");
+        assert_eq!(match_path("/admin;jsessionid=1/users;v=2"), "/admin/users");
+        assert!(matches!(match_path("/plain"), Cow::Borrowed("/plain")));
+    }
+
+    fn parts(version: Version, uri: &str, hosts: &[&str]) -> Parts {
+        let mut b = http::Request::builder().version(version).uri(uri);
+        for h in hosts {
+            b = b.header("host", *h);
+        }
+        b.body(()).unwrap().into_parts().0
+    }
+
+    fn host_of(p: &Parts) -> Option<&str> {
+        p.headers.get("host").and_then(|v| v.to_str().ok())
+    }
+
+    #[test]
+    fn one_host_per_request() {
+        let h1 = Version::HTTP_11;
+        let mut p = parts(h1, "/x", &["Shop.Example.:8080"]);
+        head(&mut p, false).unwrap();
+        assert_eq!(host_of(&p), Some("shop.example:8080"));
+        // Absolute form: the target's authority replaces Host; the URI is origin-form.
+        let mut p = parts(h1, "http://public.example/x?q", &["internal.example"]);
+        head(&mut p, false).unwrap();
+        assert_eq!(host_of(&p), Some("public.example"));
+        assert_eq!(p.uri, "/x?q");
+        assert!(p.uri.authority().is_none());
+        for (v, uri, hosts) in [
+            (h1, "/x", &[][..]),
+            (h1, "/x", &["a.example", "b.example"][..]),
+            (h1, "/x", &["a.example", "a.example"][..]),
+            (h1, "/x", &["a b"][..]),
+            (h1, "/x", &[""][..]),
+            (h1, "http://u@a.example/x", &[][..]),
+            (
+                Version::HTTP_2,
+                "https://public.example/x",
+                &["internal.example"][..],
+            ),
+            (
+                Version::HTTP_3,
+                "https://a.example/x",
+                &["a.example", "a.example"][..],
+            ),
+        ] {
+            let mut p = parts(v, uri, hosts);
+            assert_eq!(
+                head(&mut p, false),
+                Err(Reason::InvalidHost),
+                "{v:?} {uri} {hosts:?}"
+            );
+        }
+        // HTTP/1.0 may go without; HTTP/2 may send a host that agrees, or only a host.
+        let mut p = parts(Version::HTTP_10, "/x", &[]);
+        assert_eq!(head(&mut p, false), Ok(()));
+        assert_eq!(host_of(&p), None);
+        let mut p = parts(Version::HTTP_2, "https://A.example/x", &["a.EXAMPLE"]);
+        head(&mut p, false).unwrap();
+        assert_eq!(host_of(&p), Some("a.example"));
+        assert_eq!(p.uri, "/x");
+        let mut p = parts(Version::HTTP_2, "/x", &["b.example"]);
+        head(&mut p, false).unwrap();
+        assert_eq!(host_of(&p), Some("b.example"));
+    }
+
+    #[test]
+    fn host_and_path_together() {
+        let mut p = parts(
+            Version::HTTP_11,
+            "http://a.example//x/../%61dmin?q=%2F",
+            &[],
+        );
+        head(&mut p, false).unwrap();
+        assert_eq!(p.uri, "/admin?q=%2F");
+        assert_eq!(host_of(&p), Some("a.example"));
+    }
+}

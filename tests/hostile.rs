@@ -1,0 +1,453 @@
+//! Hostile input on the request path, end to end: each test attacks Spur the way the
+//! hostile-input review did (raw sockets where a polite client could not send the bytes)
+//! and asserts what a user of the proxy sees afterwards.
+
+mod common;
+
+use common::*;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Every step must finish within this; a hang fails instead of blocking the suite.
+const STEP: Duration = Duration::from_secs(10);
+
+/// Sends `bytes` on a new connection and reads until the proxy closes it or `STEP` passes;
+/// the text of what came back.
+async fn raw(addr: SocketAddr, bytes: &[u8]) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    s.write_all(bytes).await.unwrap();
+    read_all(&mut s).await
+}
+
+async fn read_all(s: &mut TcpStream) -> String {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(STEP, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The status of the first response in `text` (0 if there is none).
+fn status_of(text: &str) -> u16 {
+    text.strip_prefix("HTTP/1.1 ")
+        .and_then(|t| t.get(..3))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// The value of a sample on the admin `/metrics` whose line starts with `series` (name and
+/// labels as printed), if there is one.
+async fn sample(admin: SocketAddr, series: &str) -> Option<f64> {
+    let text = get(admin, "/metrics", &[]).await.text();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// Issue 20, item 1: five clients that each start a 100,000-byte upload, send 10 bytes and
+/// leave must not eject the only endpoint of a cluster with the README's `circuit_breaker`
+/// block; later clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_uploads_do_not_eject_a_healthy_endpoint() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let started = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = started.clone();
+    let app = backend(move |req: http::Request<hyper::body::Incoming>| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            // Reads the body as an application would; a broken one ends the exchange.
+            match req.into_body().collect().await {
+                Ok(_) => http::Response::new(http_body_util::Full::new("ok".into())),
+                Err(_) => http::Response::builder()
+                    .status(400)
+                    .body(http_body_util::Full::new("broken".into()))
+                    .unwrap(),
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: "127.0.0.1:0", cluster: app }}
+clusters:
+  - name: app
+    endpoints: ["{}"]
+    circuit_breaker: {{ consecutive_failures: 5, ejection_time: 10s }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    for i in 1..=5 {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        s.write_all(
+            b"POST /upload HTTP/1.1\r\nhost: app\r\ncontent-length: 100000\r\n\r\n0123456789",
+        )
+        .await
+        .unwrap();
+        // Give the proxy the time to forward what came, then leave mid-upload.
+        assert!(eventually(STEP, || async { started.load(Ordering::SeqCst) == i }).await);
+        drop(s);
+    }
+    // Each cut upload is the client's failure: counted as such, charged to nobody.
+    assert!(
+        eventually(STEP, || async {
+            sample(
+                admin,
+                r#"spur_downstream_rejected_total{listener="web",reason="client_abort"}"#,
+            )
+            .await
+                == Some(5.0)
+        })
+        .await,
+        "{}",
+        get(admin, "/metrics", &[]).await.text()
+    );
+    for _ in 0..5 {
+        let a = get(web, "/", &[]).await;
+        assert_eq!((a.status, a.text()), (200, "ok".to_string()));
+    }
+    let clusters = get(admin, "/clusters", &[]).await.text();
+    assert!(!clusters.contains("\"ejected\":true"), "{clusters}");
+}
+
+/// A backend that answers `NAME HOST PATH` (the Host header and the path it received).
+async fn telling_backend(name: &'static str) -> Backend {
+    backend(
+        move |req: http::Request<hyper::body::Incoming>| async move {
+            let host = req
+                .headers()
+                .get_all("host")
+                .iter()
+                .map(|v| v.to_str().unwrap_or("?"))
+                .collect::<Vec<_>>()
+                .join(",");
+            let path = req.uri().path_and_query().map_or("", |p| p.as_str());
+            http::Response::new(http_body_util::Full::new(
+                format!("{name} {host} {path}").into(),
+            ))
+        },
+    )
+    .await
+}
+
+/// The body of a response read whole from a connection the proxy closed.
+fn body_of(text: &str) -> &str {
+    text.split_once("\r\n\r\n").map_or("", |(_, b)| b)
+}
+
+/// A request on a new connection, closed after the answer: status and body.
+async fn ask(addr: SocketAddr, head: &str) -> (u16, String) {
+    let text = raw(addr, format!("{head}connection: close\r\n\r\n").as_bytes()).await;
+    (status_of(&text), body_of(&text).to_string())
+}
+
+/// Issue 20, items 4 and 5: routes and the upstream see the same host and the same path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_and_forwarding_agree_on_host_and_path() {
+    let public = telling_backend("public").await;
+    let internal = telling_backend("internal").await;
+    let admin = telling_backend("admin").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: public
+    routes:
+      - {{ match: {{ host: internal.example }}, cluster: internal }}
+      - {{ match: {{ path_prefix: /admin }}, cluster: admin }}
+  - name: raw-paths
+    listen: 127.0.0.1:0
+    cluster: public
+    allow_encoded_slashes: true
+clusters:
+  - {{ name: public, endpoints: ["{}"] }}
+  - {{ name: internal, endpoints: ["{}"] }}
+  - {{ name: admin, endpoints: ["{}"] }}
+"#,
+        public.addr, internal.addr, admin.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let raw_paths = proxy.listener_addr("raw-paths").unwrap();
+    let cases: &[(&str, u16, &str)] = &[
+        // The absolute-form target's authority is the host, for the route and upstream.
+        (
+            "GET http://public.example/x HTTP/1.1\r\nhost: internal.example\r\n",
+            200,
+            "public public.example /x",
+        ),
+        (
+            "GET http://internal.example/x HTTP/1.1\r\nhost: public.example\r\n",
+            200,
+            "internal internal.example /x",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nhost: Internal.Example.\r\n",
+            200,
+            "internal internal.example /x",
+        ),
+        (
+            "GET /x HTTP/1.1\r\nhost: internal.example\r\nhost: public.example\r\n",
+            400,
+            "",
+        ),
+        ("GET /x HTTP/1.1\r\n", 400, ""),
+        // Every spelling of /admin is /admin.
+        ("GET /admin HTTP/1.1\r\nhost: a\r\n", 200, "admin a /admin"),
+        (
+            "GET /%61dmin HTTP/1.1\r\nhost: a\r\n",
+            200,
+            "admin a /admin",
+        ),
+        ("GET //admin HTTP/1.1\r\nhost: a\r\n", 200, "admin a /admin"),
+        (
+            "GET /./admin HTTP/1.1\r\nhost: a\r\n",
+            200,
+            "admin a /admin",
+        ),
+        (
+            "GET /x/../admin?q=/../ HTTP/1.1\r\nhost: a\r\n",
+            200,
+            "admin a /admin?q=/../",
+        ),
+        (
+            "GET /x/..;/admin HTTP/1.1\r\nhost: a\r\n",
+            200,
+            "admin a /admin",
+        ),
+        (
+            "GET /admin;x HTTP/1.1\r\nhost: a\r\n",
+            200,
+            "admin a /admin;x",
+        ),
+        ("GET /a%2Fb HTTP/1.1\r\nhost: a\r\n", 400, ""),
+        ("GET /a%5c..%5cadmin HTTP/1.1\r\nhost: a\r\n", 400, ""),
+        ("GET /a\\..\\admin HTTP/1.1\r\nhost: a\r\n", 400, ""),
+    ];
+    for (head, status, body) in cases {
+        let (s, b) = ask(web, head).await;
+        assert_eq!(s, *status, "{head:?}: {b}");
+        if *status == 200 {
+            assert_eq!(b, *body, "{head:?}");
+        } else {
+            assert!(b.contains("invalid_"), "{head:?}: {b}");
+        }
+    }
+    // A listener that opts in keeps encoded slashes as they were sent.
+    let (s, b) = ask(raw_paths, "GET /a%2fb HTTP/1.1\r\nhost: a\r\n").await;
+    assert_eq!((s, b.as_str()), (200, "public a /a%2Fb"));
+
+    // HTTP/2: a `host` header must agree with `:authority`.
+    let h2 = h2_client();
+    let req = |authority: &str, host: Option<&str>| {
+        let mut r = http::Request::get(format!("http://{authority}/x"));
+        if let Some(h) = host {
+            r = r.header("host", h);
+        }
+        r.body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap()
+    };
+    let a = send(&h2, req(&web.to_string(), Some("internal.example"))).await;
+    assert_eq!(
+        (a.status, a.header("x-spur-error")),
+        (400, Some("invalid_host"))
+    );
+    let a = send(&h2, req(&web.to_string(), None)).await;
+    assert_eq!(a.text(), format!("public {web} /x"));
+}
+
+/// A backend on raw TCP: it reads each request head (and a `content-length` body), records
+/// the head as it arrived, and writes `reply(head)`; after a `101` it echoes every byte.
+struct RawBackend {
+    addr: SocketAddr,
+    heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RawBackend {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RawBackend {
+    fn heads(&self) -> Vec<String> {
+        self.heads.lock().unwrap().clone()
+    }
+}
+
+async fn raw_backend(reply: fn(&str) -> String) -> RawBackend {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let heads: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let seen = heads.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut buf = Vec::new();
+                loop {
+                    let Some(end) = find(&buf, b"\r\n\r\n") else {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                        continue;
+                    };
+                    let head = String::from_utf8_lossy(&buf[..end + 4]).into_owned();
+                    let length: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    while buf.len() < end + 4 + length {
+                        let mut chunk = [0u8; 4096];
+                        match s.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.drain(..end + 4 + length);
+                    seen.lock().unwrap().push(head.clone());
+                    let out = reply(&head);
+                    if s.write_all(out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    if out.starts_with("HTTP/1.1 101") {
+                        let (mut r, mut w) = s.split();
+                        let _ = w.write_all(&buf).await;
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    RawBackend { addr, heads, task }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+/// Whether a request head has this header (any case), with a value containing `part`.
+fn has_header(head: &str, name: &str, part: &str) -> bool {
+    head.lines().any(|l| {
+        l.split_once(':').is_some_and(|(k, v)| {
+            k.trim().eq_ignore_ascii_case(name) && v.to_ascii_lowercase().contains(part)
+        })
+    })
+}
+
+/// Switches to any protocol asked for (an h2c server would), or to none when asked
+/// nothing unless the request says `x-force-101` (a backend that misbehaves).
+fn switching_reply(head: &str) -> String {
+    let asked = head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("upgrade")
+            .then(|| v.trim().to_string())
+    });
+    match asked {
+        Some(p) => {
+            format!(
+                "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: {p}\r\n\r\n"
+            )
+        }
+        None if has_header(head, "x-force-101", "") => {
+            "HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: h2c\r\n\r\n".into()
+        }
+        None => "HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain".into(),
+    }
+}
+
+/// Issue 20, item 3: `Upgrade: h2c` is stripped (a tunnel would skip routing, header
+/// hygiene and the access log); WebSocket and the upgrades a route lists are tunnelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_upgrades_a_route_allows_become_tunnels() {
+    let app = raw_backend(switching_reply).await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: app
+    routes:
+      - {{ match: {{ path_prefix: /custom }}, cluster: app, upgrades: [websocket, my-proto] }}
+      - {{ match: {{ path_prefix: /none }}, cluster: app, upgrades: [] }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let h2c = "connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\n\
+               http2-settings: AAMAAABkAAQAAP__\r\nx-spur-peer-identity: spiffe://forged\r\n";
+    // h2c: the request goes on without its upgrade; the answer is the backend's plain one.
+    let (s, b) = ask(web, &format!("GET / HTTP/1.1\r\nhost: a\r\n{h2c}")).await;
+    assert_eq!((s, b.as_str()), (200, "plain"));
+    let head = app.heads().pop().unwrap();
+    for name in ["upgrade", "http2-settings", "x-spur-peer-identity"] {
+        assert!(
+            !has_header(&head, name, ""),
+            "{name} reached the backend: {head}"
+        );
+    }
+    assert!(!has_header(&head, "connection", "upgrade"), "{head}");
+    // Even where the route lists every other protocol.
+    let (s, _) = ask(web, &format!("GET /custom HTTP/1.1\r\nhost: a\r\n{h2c}")).await;
+    assert_eq!(s, 200);
+    // A backend that switches anyway is refused: no tunnel the client did not get.
+    let (s, b) = ask(
+        web,
+        &format!("GET / HTTP/1.1\r\nhost: a\r\nx-force-101: 1\r\n{h2c}"),
+    )
+    .await;
+    assert_eq!(s, 502, "{b}");
+
+    // Allowed upgrades are tunnels: bytes go through both ways.
+    for (path, proto, tunnel) in [
+        ("/", "websocket", true),
+        ("/custom", "my-proto", true),
+        ("/", "my-proto", false),
+        ("/none", "websocket", false),
+    ] {
+        let mut s = TcpStream::connect(web).await.unwrap();
+        let req = format!(
+            "GET {path} HTTP/1.1\r\nhost: a\r\nconnection: upgrade\r\nupgrade: {proto}\r\n\r\n"
+        );
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        while find(&got, b"\r\n\r\n").is_none() {
+            let mut chunk = [0u8; 1024];
+            let n = tokio::time::timeout(STEP, s.read(&mut chunk))
+                .await
+                .unwrap()
+                .unwrap();
+            assert!(n > 0, "closed before a response head");
+            got.extend_from_slice(&chunk[..n]);
+        }
+        let text = String::from_utf8_lossy(&got).into_owned();
+        if !tunnel {
+            assert_eq!(status_of(&text), 200, "{path} {proto}: {text}");
+            continue;
+        }
+        assert_eq!(status_of(&text), 101, "{path} {proto}: {text}");
+        s.write_all(b"ping through the tunnel").await.unwrap();
+        let mut echo = [0u8; 23];
+        tokio::time::timeout(STEP, s.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echo, b"ping through the tunnel");
+    }
+}
