@@ -451,3 +451,75 @@ clusters:
         assert_eq!(&echo, b"ping through the tunnel");
     }
 }
+
+/// Issue 20, item 7: a client that sends a body byte now and then is cut at `body_timeout`
+/// (time between reads) with 408; the upstream connection and the cluster slot it held
+/// are free at once. A slow but steady client is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_upload_is_cut_at_body_timeout() {
+    use http_body_util::BodyExt;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let broken = std::sync::Arc::new(AtomicUsize::new(0));
+    let seen = broken.clone();
+    let app = backend(move |req: http::Request<hyper::body::Incoming>| {
+        let seen = seen.clone();
+        async move {
+            match req.into_body().collect().await {
+                Ok(b) => http::Response::new(http_body_util::Full::new(
+                    format!("{} bytes", b.to_bytes().len()).into(),
+                )),
+                Err(_) => {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    http::Response::new(http_body_util::Full::new("broken".into()))
+                }
+            }
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - {{ name: web, listen: "127.0.0.1:0", cluster: app, limits: {{ body_timeout: 400ms }} }}
+clusters:
+  - name: app
+    endpoints: ["{}"]
+    circuit_breaker: {{ max_requests: 1 }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+
+    // Ten bytes of a hundred, then silence.
+    let start = std::time::Instant::now();
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 100\r\n\r\n0123456789")
+        .await
+        .unwrap();
+    let text = read_all(&mut s).await;
+    let took = start.elapsed();
+    assert_eq!(status_of(&text), 408, "{text}");
+    assert!(text.contains("x-spur-error: body_timeout"), "{text}");
+    assert!(
+        took >= Duration::from_millis(400) && took < Duration::from_secs(5),
+        "{took:?}"
+    );
+    // read_all returned: the proxy closed the connection. The backend's exchange broke,
+    // and the one slot of the cluster is free again.
+    assert!(eventually(STEP, || async { broken.load(Ordering::SeqCst) == 1 }).await);
+    assert_eq!(get(web, "/", &[]).await.text(), "0 bytes");
+
+    // Five bytes 150 ms apart: slower in all than body_timeout, never silent that long.
+    let mut s = TcpStream::connect(web).await.unwrap();
+    s.write_all(b"POST /up HTTP/1.1\r\nhost: a\r\ncontent-length: 5\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    for b in b"abcde" {
+        // Pacing the client, not waiting for the proxy.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        s.write_all(&[*b]).await.unwrap();
+    }
+    let text = read_all(&mut s).await;
+    assert_eq!(status_of(&text), 200, "{text}");
+    assert_eq!(body_of(&text), "5 bytes");
+}

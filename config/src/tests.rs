@@ -485,6 +485,7 @@ listeners:
     allow_encoded_slashes: true
   - name: web
     listen: 127.0.0.1:0
+    limits: { body_timeout: 0ms }
     routes:
       - { cluster: c, upgrades: [websocket, h2c, "two words", ""] }
 clusters:
@@ -496,8 +497,9 @@ clusters:
         "listeners[1].routes[0].upgrades[1]: h2c is never tunnelled: requests inside it would skip routing, header hygiene, the access log and metrics (Spur strips h2c upgrades; clients can speak HTTP/2 to Spur directly)",
         "listeners[1].routes[0].upgrades[2]: `two words` is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)",
         "listeners[1].routes[0].upgrades[3]: `` is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)",
+        "listeners[1].limits.body_timeout: must be greater than 0ms",
     ] {
         assert_has(&errs, expected);
     }
-    assert_eq!(errs.len(), 4, "{errs:#?}");
+    assert_eq!(errs.len(), 5, "{errs:#?}");
 }

@@ -136,6 +136,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
+    /// The longest wait between two reads of a request body (408 `body_timeout` after).
+    #[serde(default = "defaults::body_timeout")]
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -145,6 +148,7 @@ impl Default for Limits {
             max_header_bytes: defaults::max_header_bytes(),
             header_timeout: defaults::header_timeout(),
             idle_timeout: defaults::idle_timeout(),
+            body_timeout: defaults::body_timeout(),
         }
     }
 }

@@ -34,6 +34,8 @@ pub enum Reason {
     /// HTTP/1.1 without `Host` or with two; a `Host` that is not a host; an HTTP/2 or
     /// HTTP/3 `host` header that disagrees with `:authority` (400).
     InvalidHost,
+    /// The client sent nothing of its request body for the listener's `body_timeout` (408).
+    BodyTimeout,
     /// A path that is not one (a bad percent-escape), or an encoded slash or backslash on a
     /// listener that does not allow them (400).
     InvalidPath,
@@ -55,6 +57,7 @@ impl Reason {
                 StatusCode::BAD_REQUEST
             }
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
         }
     }
 
@@ -73,6 +76,7 @@ impl Reason {
             Reason::BadRequest => "bad_request",
             Reason::HeadersTooLarge => "headers_too_large",
             Reason::InvalidHost => "invalid_host",
+            Reason::BodyTimeout => "body_timeout",
             Reason::InvalidPath => "invalid_path",
         }
     }
@@ -104,6 +108,7 @@ mod tests {
             Reason::HeadersTooLarge,
             Reason::InvalidHost,
             Reason::InvalidPath,
+            Reason::BodyTimeout,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

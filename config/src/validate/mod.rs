@@ -235,6 +235,7 @@ fn check_limits(p: &str, l: &Limits, e: &mut Errors) {
     }
     check_positive(&format!("{p}.header_timeout"), l.header_timeout, e);
     check_positive(&format!("{p}.idle_timeout"), l.idle_timeout, e);
+    check_positive(&format!("{p}.body_timeout"), l.body_timeout, e);
 }
 
 fn check_flag_rule(p: &str, r: &FlagRule, e: &mut Errors) {

@@ -87,6 +87,8 @@ pub struct Forward<'s> {
     /// response may then be `101` and the connection a tunnel); any other upgrade is
     /// stripped and the request is a plain one.
     pub upgrade: Option<HeaderValue>,
+    /// The listener's `body_timeout`: the longest wait between reads of the request body.
+    pub body_timeout: Duration,
 }
 
 /// An answer Spur makes itself.
@@ -175,6 +177,7 @@ pub fn plan<'s>(
                 upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
                     p == "websocket"
                 }),
+                body_timeout: lst.limits.body_timeout.get(),
             });
         }
         return plan;
@@ -229,6 +232,7 @@ pub fn plan<'s>(
             .as_ref()
             .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent),
         upgrade,
+        body_timeout: lst.limits.body_timeout.get(),
     });
     plan
 }
