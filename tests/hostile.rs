@@ -266,6 +266,8 @@ clusters:
 struct RawBackend {
     addr: SocketAddr,
     heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    /// Connections accepted, and closed by the proxy.
+    conns: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -279,23 +281,40 @@ impl RawBackend {
     fn heads(&self) -> Vec<String> {
         self.heads.lock().unwrap().clone()
     }
+
+    fn accepted(&self) -> usize {
+        self.conns[0].load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> usize {
+        self.conns[1].load(std::sync::atomic::Ordering::SeqCst)
+    }
 }
 
 async fn raw_backend(reply: fn(&str) -> String) -> RawBackend {
+    // (Closures without captures coerce to `fn`.)
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
     let heads: std::sync::Arc<std::sync::Mutex<Vec<String>>> = Default::default();
+    let conns: std::sync::Arc<[std::sync::atomic::AtomicUsize; 2]> = Default::default();
     let seen = heads.clone();
+    let counts = conns.clone();
     let task = tokio::spawn(async move {
+        use std::sync::atomic::Ordering::SeqCst;
         while let Ok((mut s, _)) = l.accept().await {
             let seen = seen.clone();
+            let counts = counts.clone();
+            counts[0].fetch_add(1, SeqCst);
             tokio::spawn(async move {
                 let mut buf = Vec::new();
                 loop {
                     let Some(end) = find(&buf, b"\r\n\r\n") else {
                         let mut chunk = [0u8; 4096];
                         match s.read(&mut chunk).await {
-                            Ok(0) | Err(_) => return,
+                            Ok(0) | Err(_) => {
+                                counts[1].fetch_add(1, SeqCst);
+                                return;
+                            }
                             Ok(n) => buf.extend_from_slice(&chunk[..n]),
                         }
                         continue;
@@ -332,7 +351,12 @@ async fn raw_backend(reply: fn(&str) -> String) -> RawBackend {
             });
         }
     });
-    RawBackend { addr, heads, task }
+    RawBackend {
+        addr,
+        heads,
+        conns,
+        task,
+    }
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
@@ -522,4 +546,181 @@ clusters:
     let text = read_all(&mut s).await;
     assert_eq!(status_of(&text), 200, "{text}");
     assert_eq!(body_of(&text), "5 bytes");
+}
+
+/// Issue 20, item 6: no header Spur sets can be forged by a client; the backend sees
+/// Spur's own values or none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_cannot_forge_what_spur_sets() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+listeners:
+  - {{ name: web, listen: "127.0.0.1:0", cluster: app }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+flags:
+  beta: {{ enabled: true, rules: [{{ header: x-group, values: [beta] }}] }}
+"#,
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let a = get(
+        web,
+        "/",
+        &[
+            ("x-spur-attempt", "3"),
+            ("x-spur-mirror", "1"),
+            (
+                "x-spur-peer-identity",
+                "spiffe://cluster.local/ns/shop/sa/admin",
+            ),
+            ("x-spur-flags", "beta"),
+            ("x-spur-hops", "7"),
+            ("x-forwarded-proto", "https"),
+            ("traceparent", "not-a-trace"),
+        ],
+    )
+    .await;
+    assert_eq!(a.status, 200);
+    for gone in [
+        "x-echo-x-spur-attempt",
+        "x-echo-x-spur-mirror",
+        "x-echo-x-spur-peer-identity",
+    ] {
+        assert_eq!(a.header(gone), None, "{gone}: {:?}", a.headers);
+    }
+    assert_eq!(
+        a.header("x-echo-x-spur-flags"),
+        Some(""),
+        "the flag is off here"
+    );
+    assert_eq!(a.header("x-echo-x-forwarded-proto"), Some("http"));
+    assert_eq!(a.header("x-echo-x-forwarded-for"), Some("127.0.0.1"));
+    // A hop count that came is counted on (a client can only bring its own 508 closer).
+    assert_eq!(a.header("x-echo-x-spur-hops"), Some("8"));
+    let tp = a.header("x-echo-traceparent").unwrap();
+    assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
+}
+
+/// Issue 20, item 13: two `x-forwarded-for` headers are joined, not one dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forwarded_for_headers_are_joined() {
+    let app = raw_backend(|_| "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()).await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\n\
+         clusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let (s, _) = ask(
+        web,
+        "GET / HTTP/1.1\r\nhost: a\r\nx-forwarded-for: 192.0.2.1\r\n\
+         x-forwarded-for: 198.51.100.2, 203.0.113.3\r\n",
+    )
+    .await;
+    assert_eq!(s, 200);
+    let head = app.heads().pop().unwrap();
+    let xff: Vec<&str> = head
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().starts_with("x-forwarded-for:"))
+        .collect();
+    assert_eq!(
+        xff,
+        ["x-forwarded-for: 192.0.2.1, 198.51.100.2, 203.0.113.3, 127.0.0.1"],
+        "{head}"
+    );
+}
+
+/// Issue 20, item 13: an upstream answering with both `content-length` and chunked
+/// framing gets the client a 502 (not a truncated body), and its connection is closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ambiguous_response_is_502_and_its_connection_closed() {
+    let app = raw_backend(|head| {
+        if head.starts_with("GET /split") {
+            "HTTP/1.1 200 OK\r\ncontent-length: 50\r\ntransfer-encoding: chunked\r\n\r\n\
+             5\r\nhello\r\n0\r\n\r\n"
+                .into()
+        } else {
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok".into()
+        }
+    })
+    .await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\n\
+         clusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    // A pooled connection first, so that the bad answer comes on one Spur would reuse.
+    assert_eq!(
+        ask(web, "GET /ok HTTP/1.1\r\nhost: a\r\n").await,
+        (200, "ok".into())
+    );
+    let text = raw(
+        web,
+        b"GET /split HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&text), 502, "{text}");
+    assert!(text.contains("x-spur-error: upstream_reset"), "{text}");
+    assert!(
+        eventually(STEP, || async { app.closed() == 1 }).await,
+        "the connection that carried it is closed"
+    );
+    assert_eq!(
+        ask(web, "GET /ok HTTP/1.1\r\nhost: a\r\n").await,
+        (200, "ok".into())
+    );
+    assert_eq!(app.accepted(), 2, "a new connection after the bad one");
+}
+
+/// Issue 20, item 13: a cluster pointing at its own listener stops at `MAX_HOPS` (32)
+/// with 508 `loop_detected`, and repeating it holds no more descriptors.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_pointing_at_its_own_listener_is_a_loop_not_a_leak() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let spur = spawn_spur(
+        &format!(
+            "listeners:\n  - {{ name: web, listen: \"127.0.0.1:{port}\", cluster: me }}\n\
+             clusters:\n  - {{ name: me, endpoints: [\"127.0.0.1:{port}\"] }}\n"
+        ),
+        1,
+    );
+    let web = spur.listeners["web"];
+    let fds = || {
+        std::fs::read_dir(format!("/proc/{}/fd", spur.pid()))
+            .map(|d| d.count())
+            .unwrap_or(0)
+    };
+    let a = get(web, "/", &[]).await;
+    assert_eq!(
+        (a.status, a.header("x-spur-error")),
+        (508, Some("loop_detected"))
+    );
+    let after_one = fds();
+    for _ in 0..5 {
+        let start = std::time::Instant::now();
+        let a = get(web, "/", &[]).await;
+        assert_eq!(a.status, 508);
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            start.elapsed()
+        );
+    }
+    // The hops' connections are pooled and used again: six loops hold what one did.
+    let now = fds();
+    assert!(
+        now <= after_one + 4,
+        "{after_one} descriptors after one loop, {now} after six"
+    );
+    assert!(after_one < 200, "{after_one} descriptors");
 }

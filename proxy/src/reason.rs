@@ -34,6 +34,9 @@ pub enum Reason {
     /// HTTP/1.1 without `Host` or with two; a `Host` that is not a host; an HTTP/2 or
     /// HTTP/3 `host` header that disagrees with `:authority` (400).
     InvalidHost,
+    /// The request has crossed more Spur proxies (`x-spur-hops`) than a request can without
+    /// a routing loop (508).
+    LoopDetected,
     /// The client sent nothing of its request body for the listener's `body_timeout` (408).
     BodyTimeout,
     /// A path that is not one (a bad percent-escape), or an encoded slash or backslash on a
@@ -58,6 +61,7 @@ impl Reason {
             }
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reason::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -77,6 +81,7 @@ impl Reason {
             Reason::HeadersTooLarge => "headers_too_large",
             Reason::InvalidHost => "invalid_host",
             Reason::BodyTimeout => "body_timeout",
+            Reason::LoopDetected => "loop_detected",
             Reason::InvalidPath => "invalid_path",
         }
     }
@@ -109,6 +114,7 @@ mod tests {
             Reason::InvalidHost,
             Reason::InvalidPath,
             Reason::BodyTimeout,
+            Reason::LoopDetected,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

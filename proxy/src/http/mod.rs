@@ -131,6 +131,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
                     | Reason::HeadersTooLarge
                     | Reason::InvalidHost
                     | Reason::InvalidPath
+                    | Reason::LoopDetected
             ) {
                 ctx.shared
                     .metrics
@@ -168,6 +169,10 @@ fn rewrite_head(
         h.insert(headers::TRACEPARENT.clone(), t.to_header());
     }
     headers::strip_hop_by_hop(h);
+    h.insert(
+        headers::X_SPUR_HOPS.clone(),
+        headers::hops_header(plan.hops),
+    );
     h.remove(&X_SPUR_PEER_IDENTITY);
     h.remove(&X_SPUR_ATTEMPT);
     h.remove(&X_SPUR_MIRROR);

@@ -13,7 +13,8 @@
 //! 2. **admit**: a peer the listener does not allow gets 403 `forbidden`; a head over
 //!    `max_header_bytes` gets 431; then the head is **normalised** in place (one host, one
 //!    path: see [`super::normalize`]), or refused with 400, so that every phase after this
-//!    one, and the upstream, read the same request;
+//!    one, and the upstream, read the same request; a request that has crossed
+//!    [`headers::MAX_HOPS`] proxies (`x-spur-hops`) is in a loop: 508 `loop_detected`;
 //! 3. **flags**: each flag decided once (or kept from a trusted peer);
 //! 4. **route**: the first matching route, else the original destination's cluster
 //!    (transparent mode), else the listener's default cluster, else 404;
@@ -63,6 +64,8 @@ pub struct Plan<'s> {
     pub route_name: Option<Arc<str>>,
     /// The injected delay to wait before going on (fault injection).
     pub delay: Option<Duration>,
+    /// `x-spur-hops` for the upstream: the request's hop count, this proxy included.
+    pub hops: u32,
     pub action: Action<'s>,
 }
 
@@ -139,6 +142,7 @@ pub fn plan<'s>(
         route: None,
         route_name: None,
         delay: None,
+        hops: 0,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
     if let Err(reason) = admit(lst, peer, head)
@@ -147,6 +151,12 @@ pub fn plan<'s>(
         plan.action = Action::Refuse(reason.into());
         return plan;
     }
+    let hops = headers::hops_of(&head.headers);
+    if hops >= headers::MAX_HOPS {
+        plan.action = Action::Refuse(Reason::LoopDetected.into());
+        return plan;
+    }
+    plan.hops = hops + 1;
     let head = &*head;
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;

@@ -488,3 +488,18 @@ fn the_head_forwarded_is_the_head_routed() {
     assert_eq!(h.headers["host"], "ops.example");
     assert_eq!(h.headers.get_all("host").iter().count(), 1);
 }
+
+/// Issue 20 item 13: a request that has crossed `MAX_HOPS` proxies is in a loop.
+#[test]
+fn too_many_hops_is_a_loop() {
+    let snap = snapshot();
+    let max = headers::MAX_HOPS.to_string();
+    let below = (headers::MAX_HOPS - 1).to_string();
+    let (said, p) = decide(&snap, &case("GET", "/x", &[("x-spur-hops", &below)]));
+    assert_eq!(said, fwd("default", "fallback"));
+    assert_eq!(p.hops, headers::MAX_HOPS);
+    let (said, _) = decide(&snap, &case("GET", "/x", &[("x-spur-hops", &max)]));
+    assert_eq!(said, refuse("-", Reason::LoopDetected, 508));
+    let (_, p) = decide(&snap, &case("GET", "/x", &[]));
+    assert_eq!(p.hops, 1);
+}
