@@ -20,6 +20,7 @@ use crate::upstream::{self, Buffered, ClientBody, ReqBody, UpstreamError};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body::Body as _;
 use spur_config::UpstreamProtocol;
 use std::time::{Duration, Instant};
 
@@ -194,9 +195,21 @@ fn try_request(
     body: ReqBody,
     number: u32,
 ) -> Request<ReqBody> {
+    let unknown_length = !body.is_end_stream() && body.size_hint().exact().is_none();
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
     *req.headers_mut() = head.headers.clone();
+    if unknown_length
+        && cluster.protocol == UpstreamProtocol::Http1
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        // A chunked body goes on chunked: hyper would otherwise send a GET's (or a
+        // HEAD's) body of unknown length as no body at all.
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     if number > 1 {
         req.headers_mut()
             .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(number));
