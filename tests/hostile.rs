@@ -724,3 +724,102 @@ async fn a_cluster_pointing_at_its_own_listener_is_a_loop_not_a_leak() {
     );
     assert!(after_one < 200, "{after_one} descriptors");
 }
+
+/// The access line (JSON) of the request with this request ID, once it is written.
+async fn access_line(spur: &SpurProcess, request_id: &str) -> serde_json::Value {
+    let find = || {
+        spur.stderr_lines.lock().unwrap().iter().find_map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).ok()?;
+            (v["message"] == "access" && v["request_id"] == request_id).then_some(v)
+        })
+    };
+    assert!(
+        eventually(STEP, || async { find().is_some() }).await,
+        "no access line for {request_id}: {:?}",
+        spur.stderr_lines.lock().unwrap()
+    );
+    find().unwrap()
+}
+
+/// Issue 19, item 8: the access line has the client's address, Host, User-Agent and the
+/// number of tries; the query string only with `access_log: { query: true }`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_access_log_names_the_client_and_keeps_queries_out() {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let app = named_backend("app").await;
+    // Every other answer is a 503: a retried request takes exactly two tries.
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let flaky = backend(move |_| {
+        let n = count.fetch_add(1, Ordering::SeqCst);
+        async move {
+            http::Response::builder()
+                .status(if n % 2 == 0 { 503 } else { 200 })
+                .body(http_body_util::Full::new(bytes::Bytes::new()))
+                .unwrap()
+        }
+    })
+    .await;
+    let config = |extra: &str| {
+        format!(
+            r#"{extra}
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: app
+    routes:
+      - match: {{ path_prefix: /retry }}
+        cluster: flaky
+        retry: {{ attempts: 2, retry_on: ["503"] }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+  - {{ name: flaky, endpoints: ["{}"] }}
+"#,
+            app.addr, flaky.addr
+        )
+    };
+    let spur = spawn_spur(&config(""), 1);
+    let web = spur.listeners["web"];
+    let mut s = TcpStream::connect(web).await.unwrap();
+    let local = s.local_addr().unwrap();
+    s.write_all(
+        b"GET /checkout/?a=1&token=secret HTTP/1.1\r\nhost: Shop.Example\r\n\
+          user-agent: hostile-test/1.0\r\nx-request-id: log-1\r\nconnection: close\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    assert_eq!(status_of(&read_all(&mut s).await), 200);
+    let v = access_line(&spur, "log-1").await;
+    assert_eq!(v["path"], "/checkout/", "{v}");
+    assert!(!v.to_string().contains("secret"), "{v}");
+    assert_eq!(v["client"], local.to_string(), "{v}");
+    assert_eq!(v["host"], "shop.example", "{v}");
+    assert_eq!(v["user_agent"], "hostile-test/1.0", "{v}");
+    assert_eq!(v["attempts"], 1, "{v}");
+    // Every try counts: a 503, then the retry's 200.
+    let a = get(web, "/retry", &[("x-request-id", "log-2")]).await;
+    assert_eq!(a.status, 200);
+    assert_eq!(access_line(&spur, "log-2").await["attempts"], 2);
+    get(
+        web,
+        "/?token=secret",
+        &[("x-request-id", "log-4"), ("host", "a")],
+    )
+    .await;
+    let v = access_line(&spur, "log-4").await;
+    assert_eq!(
+        (v["path"].as_str(), v["user_agent"].as_str()),
+        (Some("/"), Some("-"))
+    );
+    drop(spur);
+
+    let spur = spawn_spur(&config("access_log: { query: true }"), 1);
+    let web = spur.listeners["web"];
+    get(
+        web,
+        "/checkout/?a=1&token=secret",
+        &[("x-request-id", "log-5")],
+    )
+    .await;
+    let v = access_line(&spur, "log-5").await;
+    assert_eq!(v["path"], "/checkout/?a=1&token=secret", "{v}");
+}

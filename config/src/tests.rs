@@ -241,6 +241,19 @@ clusters:
         assert_has(&errs, expected);
     }
     assert_eq!(errs.len(), 5, "{errs:#?}");
+    let cfg = load("access_log: { query: true }\n", Some("c.yaml")).unwrap();
+    assert!(cfg.access_log.query);
+    assert!(
+        !load("{}", Some("c.json")).unwrap().access_log.query,
+        "off by default"
+    );
+    let errs = errors_of("access_log: { query: yes please }\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("access_log.query")),
+        "{errs:#?}"
+    );
+    let errs = errors_of("access_log: { queries: true }\n");
+    assert!(errs.iter().any(|e| e.contains("queries")), "{errs:#?}");
 }
 
 #[test]
@@ -502,4 +515,17 @@ clusters:
         assert_has(&errs, expected);
     }
     assert_eq!(errs.len(), 5, "{errs:#?}");
+    let cfg = load("access_log: { query: true }\n", Some("c.yaml")).unwrap();
+    assert!(cfg.access_log.query);
+    assert!(
+        !load("{}", Some("c.json")).unwrap().access_log.query,
+        "off by default"
+    );
+    let errs = errors_of("access_log: { query: yes please }\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("access_log.query")),
+        "{errs:#?}"
+    );
+    let errs = errors_of("access_log: { queries: true }\n");
+    assert!(errs.iter().any(|e| e.contains("queries")), "{errs:#?}");
 }

@@ -32,6 +32,9 @@ pub struct Config {
     pub admin: Option<Admin>,
     #[serde(default)]
     pub correlation: Correlation,
+    /// What the access log writes beyond its fixed fields.
+    #[serde(default, skip_serializing_if = "AccessLog::is_default")]
+    pub access_log: AccessLog,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -68,6 +71,21 @@ impl Default for Correlation {
             generate: true,
             trace_context: true,
         }
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// Write the query string in `path` (default off: queries carry tokens and personal
+    /// data more often than paths do).
+    #[serde(default)]
+    pub query: bool,
+}
+
+impl AccessLog {
+    fn is_default(&self) -> bool {
+        *self == AccessLog::default()
     }
 }
 

@@ -33,6 +33,8 @@ pub struct Snapshot {
     pub listeners: HashMap<String, Arc<ListenerRt>>,
     pub clusters: HashMap<String, Arc<ClusterRt>>,
     pub correlation: CorrelationRt,
+    /// `access_log.query`: access lines write the query string.
+    pub log_query: bool,
     pub drain_timeout: Duration,
     /// Every flag, sorted by name; routes and requests refer to them by index.
     pub flags: Vec<FlagRt>,
@@ -562,6 +564,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             version,
+            log_query: cfg.access_log.query,
             drain_timeout: cfg.drain_timeout.get(),
             config: cfg,
             listeners,

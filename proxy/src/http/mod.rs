@@ -98,10 +98,13 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     let mut ex = Exchange::new(
         ctx.shared.clone(),
         ctx.listener.clone(),
+        ctx.peer,
         head.method.clone(),
         path,
     );
     ex.peer_identity = ctx.peer_identity.clone();
+    ex.log_query = snap.log_query;
+    ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
     let Some(lst) = snap.listeners.get(&*ctx.listener) else {
         // The listener was removed by a config push while this connection was open.
         return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
@@ -120,6 +123,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
         // Normalised by the plan: logged, and sent upstream, as it was routed.
         ex.path = p.clone();
     }
+    ex.host = head.headers.get(header::HOST).cloned();
     if let Some(delay) = plan.delay {
         tokio::time::sleep(delay).await;
     }

@@ -82,6 +82,7 @@ pub async fn run(
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
         let sent =
             crate::clock::until(limit, fwd.cluster.client.send(attempt.endpoint(), req)).await;
+        ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
         attempt.record(outcome, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
