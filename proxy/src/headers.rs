@@ -104,12 +104,13 @@ pub fn upgrade_to_send(
 /// Appends the client's address to `x-forwarded-for` (one header: several that came are
 /// joined in order, none dropped) and sets `x-forwarded-proto`.
 pub fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'static str) {
-    let mut value = Vec::new();
+    use std::io::Write as _;
+    let mut value = Vec::with_capacity(48);
     for prev in headers.get_all(&X_FORWARDED_FOR) {
         value.extend_from_slice(prev.as_bytes());
         value.extend_from_slice(b", ");
     }
-    value.extend_from_slice(peer.to_string().as_bytes());
+    let _ = write!(value, "{peer}");
     if let Ok(v) = HeaderValue::from_bytes(&value) {
         headers.insert(X_FORWARDED_FOR.clone(), v);
     }

@@ -11,8 +11,9 @@
 //! - **Host.** HTTP/1.1 needs exactly one `Host` (RFC 9112 §3.2: 400 without one, or with
 //!   two); an absolute-form target's authority replaces it. HTTP/2 and HTTP/3 carry
 //!   `:authority`, and a `host` header beside it must agree (RFC 9113 §8.3.1). Afterwards
-//!   the request has one `Host` header (lower case, without a trailing dot) and an
-//!   origin-form URI, and everything after this step reads the host from there.
+//!   the request has one host, lower case and without a trailing dot: the URI's authority
+//!   (HTTP/2, HTTP/3) or `Host` (HTTP/1.x, whose URI is then origin-form), which is where
+//!   routes ([`crate::headers::host_of`]) and the upstream read it.
 //! - **Path.** Percent-escapes of unreserved characters are decoded (`%61` is `a`), other
 //!   escapes get upper-case digits, repeated slashes are merged and dot segments removed.
 //!   An encoded slash (`%2F`, `%5C`) or a backslash means different paths to different
@@ -43,74 +44,135 @@ pub fn head(head: &mut Parts, allow_encoded_slashes: bool) -> Result<(), Reason>
     Ok(())
 }
 
-/// One `Host`, taken from the target's authority where there is one; the URI becomes
-/// origin-form.
+/// One host per request, in canonical form. An HTTP/1.x absolute-form target's authority
+/// becomes `Host` (and the URI origin-form); otherwise the host stays where it came (`Host`,
+/// or the HTTP/2 and HTTP/3 `:authority` in the URI), rewritten only when it is not
+/// canonical, so the common request costs a scan and no copy.
 fn host(head: &mut Parts) -> Result<(), Reason> {
     let mut hosts = head.headers.get_all(header::HOST).iter();
     let sent = hosts.next().cloned();
     if hosts.next().is_some() {
         return Err(Reason::InvalidHost);
     }
-    let from_target = head.uri.authority().cloned();
-    let chosen = match (head.version, from_target, sent) {
-        // HTTP/1.x: an absolute-form target's authority wins over Host (RFC 9112 §3.2.2).
-        (Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11, Some(a), sent) => {
-            if let Some(h) = &sent {
-                authority(h.as_bytes())?;
-            }
-            Some(a)
-        }
-        (Version::HTTP_11, None, None) => return Err(Reason::InvalidHost),
-        (Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11, None, Some(h)) => {
-            Some(authority(h.as_bytes())?)
-        }
-        // HTTP/2 and HTTP/3: `host` may stand in for `:authority`, or must agree with it.
-        (_, Some(a), Some(h)) => {
-            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
-                return Err(Reason::InvalidHost);
-            }
-            Some(a)
-        }
-        (_, a, h) => match (a, h) {
-            (Some(a), _) => Some(a),
-            (None, Some(h)) => Some(authority(h.as_bytes())?),
-            (None, None) => None,
-        },
-    };
-    if let Some(a) = chosen {
-        if a.as_str().contains('@') || a.host().is_empty() {
+    if let Some(h) = &sent {
+        if !valid_authority(h.as_bytes()) {
             return Err(Reason::InvalidHost);
         }
-        head.headers.insert(header::HOST, canonical_host(&a)?);
     }
-    if head.uri.authority().is_some() || head.uri.scheme().is_some() {
-        head.uri = match head.uri.path_and_query() {
-            Some(pq) => Uri::from(pq.clone()),
-            None => Uri::from_static("/"),
-        };
+    let http1 = matches!(
+        head.version,
+        Version::HTTP_09 | Version::HTTP_10 | Version::HTTP_11
+    );
+    match head.uri.authority().cloned() {
+        // HTTP/1.x absolute form: the target's authority wins over Host (RFC 9112 §3.2.2).
+        Some(a) if http1 => {
+            checked(&a)?;
+            let value = HeaderValue::try_from(canonical(a.as_str()).into_owned())
+                .map_err(|_| Reason::InvalidHost)?;
+            head.headers.insert(header::HOST, value);
+            head.uri = match head.uri.path_and_query() {
+                Some(pq) => Uri::from(pq.clone()),
+                None => Uri::from_static("/"),
+            };
+        }
+        // HTTP/2 and HTTP/3: a `host` beside `:authority` must agree with it.
+        Some(a) => {
+            checked(&a)?;
+            if sent
+                .as_ref()
+                .is_some_and(|h| !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()))
+            {
+                return Err(Reason::InvalidHost);
+            }
+            if let Cow::Owned(c) = canonical(a.as_str()) {
+                let mut parts = head.uri.clone().into_parts();
+                parts.authority =
+                    Some(Authority::try_from(c.as_str()).map_err(|_| Reason::InvalidHost)?);
+                head.uri = Uri::from_parts(parts).map_err(|_| Reason::InvalidHost)?;
+                if sent.is_some() {
+                    let value = HeaderValue::try_from(c).map_err(|_| Reason::InvalidHost)?;
+                    head.headers.insert(header::HOST, value);
+                }
+            }
+        }
+        None => match sent {
+            // RFC 9112 §3.2: HTTP/1.1 needs one; HTTP/1.0 may go without.
+            None if head.version == Version::HTTP_11 => return Err(Reason::InvalidHost),
+            None => {}
+            Some(h) => {
+                let text = h.to_str().map_err(|_| Reason::InvalidHost)?;
+                if let Cow::Owned(c) = canonical(text) {
+                    let value = HeaderValue::try_from(c).map_err(|_| Reason::InvalidHost)?;
+                    head.headers.insert(header::HOST, value);
+                }
+            }
+        },
     }
     Ok(())
 }
 
-fn authority(raw: &[u8]) -> Result<Authority, Reason> {
-    Authority::try_from(raw).map_err(|_| Reason::InvalidHost)
+/// A URI authority that names a host: no user info (`user@host`), a host that is not empty.
+fn checked(a: &Authority) -> Result<(), Reason> {
+    if a.as_str().contains('@') || a.host().is_empty() {
+        return Err(Reason::InvalidHost);
+    }
+    Ok(())
 }
 
-/// The authority in lower case and without a trailing dot on its host (`Shop.Example.:80`
-/// is `shop.example:80`); unchanged (and not copied) when it is already so.
-fn canonical_host(a: &Authority) -> Result<HeaderValue, Reason> {
-    let s = a.as_str();
-    let host = a.host();
+/// Whether a `Host` value is `host[:port]` (RFC 9110 §7.2, RFC 3986 §3.2): a registered
+/// name or IPv4 address of unreserved characters, sub-delims and escapes, or an IPv6
+/// literal in brackets; a port of at most five digits. Checked without a copy.
+fn valid_authority(b: &[u8]) -> bool {
+    let (host, port) = match b.first() {
+        Some(b'[') => match b.iter().position(|c| *c == b']') {
+            Some(end) => {
+                let inner = &b[1..end];
+                let ok = !inner.is_empty()
+                    && inner
+                        .iter()
+                        .all(|c| c.is_ascii_hexdigit() || matches!(c, b':' | b'.'));
+                if !ok {
+                    return false;
+                }
+                match &b[end + 1..] {
+                    [] => (&b[..=end], None),
+                    [b':', port @ ..] => (&b[..=end], Some(port)),
+                    _ => return false,
+                }
+            }
+            None => return false,
+        },
+        _ => match b.iter().rposition(|c| *c == b':') {
+            Some(i) => (&b[..i], Some(&b[i + 1..])),
+            None => (b, None),
+        },
+    };
+    let name = |c: &u8| c.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%".contains(c);
+    !host.is_empty()
+        && (host[0] == b'[' || host.iter().all(name))
+        && port.is_none_or(|p| p.len() <= 5 && p.iter().all(u8::is_ascii_digit))
+}
+
+/// The authority in lower case, its host without a trailing dot (`Shop.Example.:80` is
+/// `shop.example:80`); borrowed when it is so already.
+fn canonical(s: &str) -> Cow<'_, str> {
+    let (host, port) = match s.strip_prefix('[') {
+        Some(_) => match s.find(']') {
+            Some(end) => (&s[..=end], &s[end + 1..]),
+            None => (s, ""),
+        },
+        None => match s.rfind(':') {
+            Some(i) => (&s[..i], &s[i..]),
+            None => (s, ""),
+        },
+    };
     let dot = host.len() > 1 && host.ends_with('.');
     if !dot && !s.bytes().any(|b| b.is_ascii_uppercase()) {
-        return HeaderValue::from_str(s).map_err(|_| Reason::InvalidHost);
+        return Cow::Borrowed(s);
     }
     let mut out = host.trim_end_matches('.').to_ascii_lowercase();
-    if let Some(port) = a.port() {
-        out.push(':');
-        out.push_str(port.as_str());
-    }
-    HeaderValue::try_from(out).map_err(|_| Reason::InvalidHost)
+    out.push_str(port);
+    Cow::Owned(out)
 }
 
 /// The normal form of `pq` (`None`: it is normal already), or [`Reason::InvalidPath`].
@@ -403,13 +465,45 @@ mod tests {
         let mut p = parts(Version::HTTP_10, "/x", &[]);
         assert_eq!(head(&mut p, false), Ok(()));
         assert_eq!(host_of(&p), None);
-        let mut p = parts(Version::HTTP_2, "https://A.example/x", &["a.EXAMPLE"]);
+        let mut p = parts(Version::HTTP_2, "https://A.example./x", &["a.EXAMPLE."]);
         head(&mut p, false).unwrap();
         assert_eq!(host_of(&p), Some("a.example"));
-        assert_eq!(p.uri, "/x");
+        assert_eq!(p.uri, "https://a.example/x");
+        let mut p = parts(Version::HTTP_2, "https://a.example:8443/x", &[]);
+        head(&mut p, false).unwrap();
+        assert_eq!(
+            (host_of(&p), p.uri.authority().unwrap().as_str()),
+            (None, "a.example:8443")
+        );
         let mut p = parts(Version::HTTP_2, "/x", &["b.example"]);
         head(&mut p, false).unwrap();
         assert_eq!(host_of(&p), Some("b.example"));
+    }
+
+    #[test]
+    fn host_values() {
+        for ok in [
+            "a",
+            "a.example",
+            "a.example:80",
+            "a.example:",
+            "10.0.0.1:8080",
+            "[::1]",
+            "[::1]:443",
+            "xn--bcher-kva.example",
+            "a_b.example",
+        ] {
+            assert!(valid_authority(ok.as_bytes()), "{ok}");
+        }
+        for bad in [
+            "", ":80", "a b", "u@a", "a/b", "a?b", "a#b", "[::1", "[zz]", "[::1]x", "a:123456",
+            "a:8o", "a\"b",
+        ] {
+            assert!(!valid_authority(bad.as_bytes()), "{bad}");
+        }
+        assert_eq!(canonical("Shop.Example.:80"), "shop.example:80");
+        assert_eq!(canonical("[::1]:80"), "[::1]:80");
+        assert!(matches!(canonical("a.example:80"), Cow::Borrowed(_)));
     }
 
     #[test]
