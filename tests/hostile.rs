@@ -286,6 +286,22 @@ clusters:
     // Even where the route lists every other protocol.
     let (s, _) = ask(web, &format!("GET /custom HTTP/1.1\r\nhost: a\r\n{h2c}")).await;
     assert_eq!(s, 200);
+    // CONNECT would be a tunnel too: Spur is not a forward proxy. What follows a refused
+    // CONNECT is HTTP again, routed like any request.
+    let text = raw(
+        web,
+        b"CONNECT internal.example:443 HTTP/1.1\r\nhost: internal.example:443\r\n\r\n\
+          GET /tunnelled HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(status_of(&text), 405, "{text}");
+    assert!(text.contains("x-spur-error: method_not_allowed"), "{text}");
+    assert!(
+        !app.heads().iter().any(|h| h.starts_with("CONNECT")),
+        "{:?}",
+        app.heads()
+    );
+    assert!(text.contains("\r\n\r\nplain"), "{text}");
     // A backend that switches anyway is refused: no tunnel the client did not get.
     let (s, b) = ask(
         web,

@@ -34,6 +34,9 @@ pub enum Reason {
     /// HTTP/1.1 without `Host` or with two; a `Host` that is not a host; an HTTP/2 or
     /// HTTP/3 `host` header that disagrees with `:authority` (400).
     InvalidHost,
+    /// CONNECT: Spur is a reverse proxy, not a forward one, and tunnels nothing but the
+    /// upgrades a route allows (405).
+    MethodNotAllowed,
     /// The request has crossed more Spur proxies (`x-spur-hops`) than a request can without
     /// a routing loop (508).
     LoopDetected,
@@ -62,6 +65,7 @@ impl Reason {
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::LoopDetected => StatusCode::LOOP_DETECTED,
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
     }
 
@@ -82,6 +86,7 @@ impl Reason {
             Reason::InvalidHost => "invalid_host",
             Reason::BodyTimeout => "body_timeout",
             Reason::LoopDetected => "loop_detected",
+            Reason::MethodNotAllowed => "method_not_allowed",
             Reason::InvalidPath => "invalid_path",
         }
     }
@@ -115,6 +120,7 @@ mod tests {
             Reason::InvalidPath,
             Reason::BodyTimeout,
             Reason::LoopDetected,
+            Reason::MethodNotAllowed,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

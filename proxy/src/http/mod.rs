@@ -136,6 +136,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
                     | Reason::InvalidHost
                     | Reason::InvalidPath
                     | Reason::LoopDetected
+                    | Reason::MethodNotAllowed
             ) {
                 ctx.shared
                     .metrics

@@ -20,6 +20,9 @@
 //!   servers, so it is refused unless the listener opts in (`allow_encoded_slashes`), and
 //!   then it is kept exactly as sent. The query is never touched.
 //!
+//! CONNECT is refused (405): its target is a host to open a tunnel to, and Spur tunnels
+//! nothing but the upgrades a route allows.
+//!
 //! A path that needs none of this (the common case) is checked in one pass over its bytes
 //! and not copied.
 
@@ -32,10 +35,13 @@ use std::borrow::Cow;
 
 /// Rewrites `head` into its normal form (see the module doc), or the reason to refuse it.
 pub fn head(head: &mut Parts, allow_encoded_slashes: bool) -> Result<(), Reason> {
+    if head.method == http::Method::CONNECT {
+        // Its target is a host to tunnel to, not a resource: nothing to route on.
+        return Err(Reason::MethodNotAllowed);
+    }
     host(head)?;
     let Some(pq) = head.uri.path_and_query() else {
-        // No path: an HTTP/1.1 authority-form target (CONNECT), refused by the caller's
-        // method rules if at all; or an HTTP/2 request without `:path`, which hyper refuses.
+        // No path: an HTTP/2 request without `:path`, which hyper refuses before this.
         return Ok(());
     };
     if let Some(normal) = path(pq, allow_encoded_slashes)? {
@@ -478,6 +484,17 @@ mod tests {
         let mut p = parts(Version::HTTP_2, "/x", &["b.example"]);
         head(&mut p, false).unwrap();
         assert_eq!(host_of(&p), Some("b.example"));
+    }
+
+    #[test]
+    fn connect_is_refused() {
+        let mut p = http::Request::connect("internal.example:443")
+            .header("host", "internal.example:443")
+            .body(())
+            .unwrap()
+            .into_parts()
+            .0;
+        assert_eq!(head(&mut p, false), Err(Reason::MethodNotAllowed));
     }
 
     #[test]
