@@ -69,6 +69,20 @@ impl Reason {
         }
     }
 
+    /// Whether this answer refuses what the client sent before anything went upstream, and
+    /// is counted in `spur_downstream_rejected_total{reason}` (by [`Reason::as_str`]).
+    pub fn rejects_client(self) -> bool {
+        matches!(
+            self,
+            Reason::Forbidden
+                | Reason::HeadersTooLarge
+                | Reason::InvalidHost
+                | Reason::InvalidPath
+                | Reason::LoopDetected
+                | Reason::MethodNotAllowed
+        )
+    }
+
     /// `x-spur-error`, the access log's `error` and the metric label.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -129,15 +129,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     }
     let mut resp = match plan.action {
         Action::Refuse(refusal) => {
-            if matches!(
-                refusal.reason,
-                Reason::Forbidden
-                    | Reason::HeadersTooLarge
-                    | Reason::InvalidHost
-                    | Reason::InvalidPath
-                    | Reason::LoopDetected
-                    | Reason::MethodNotAllowed
-            ) {
+            if refusal.reason.rejects_client() {
                 ctx.shared
                     .metrics
                     .reject(&lst.name, refusal.reason.as_str());
