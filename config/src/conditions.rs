@@ -228,3 +228,51 @@ mod tests {
         assert!(numbers.retries_status(502));
     }
 }
+
+/// A protocol a route lets clients switch to with HTTP/1.1 `Upgrade` (a route's
+/// `upgrades`): a token, compared without case (`websocket`). `h2c` is never one: requests
+/// inside an h2c tunnel would skip routing, header hygiene and the access log.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct UpgradeProtocol(String);
+
+impl UpgradeProtocol {
+    /// WebSocket, the upgrade every route allows unless it lists its own.
+    pub fn websocket() -> UpgradeProtocol {
+        UpgradeProtocol("websocket".into())
+    }
+
+    /// The protocol name, in lower case.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl ConfigValue for UpgradeProtocol {
+    const EXPECTED: &'static str = "a protocol name such as websocket";
+
+    fn parse_value(text: &str) -> Result<UpgradeProtocol, String> {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        if text.is_empty() || !text.bytes().all(token) {
+            return Err(format!(
+                "`{text}` is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)"
+            ));
+        }
+        if text.eq_ignore_ascii_case("h2c") {
+            return Err(
+                "h2c is never tunnelled: requests inside it would skip routing, \
+                 header hygiene, the access log and metrics (Spur strips h2c upgrades; clients \
+                 can speak HTTP/2 to Spur directly)"
+                    .into(),
+            );
+        }
+        Ok(UpgradeProtocol(text.to_ascii_lowercase()))
+    }
+}
+
+impl fmt::Display for UpgradeProtocol {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+text_serde!(UpgradeProtocol);

@@ -35,6 +35,9 @@ pub fn header_timeout() -> Duration {
 pub fn idle_timeout() -> Duration {
     Duration::from_secs(300)
 }
+pub fn body_timeout() -> Duration {
+    Duration::from_secs(30)
+}
 pub fn attempts() -> u32 {
     2
 }

@@ -34,7 +34,7 @@ pub use authz::{
     GrpcName,
 };
 pub use cluster::*;
-pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn};
+pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn, UpgradeProtocol};
 pub use depth::MAX_DEPTH;
 pub use parse::{parse, Format};
 pub use peers::{Cidr, IdentityGlob, Namespace};

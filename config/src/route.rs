@@ -1,7 +1,7 @@
 //! A listener's routes: what a request must match, where it goes, and how it is retried,
 //! mirrored and faulted.
 
-use crate::conditions::{HashOn, RetryOn};
+use crate::conditions::{HashOn, RetryOn, UpgradeProtocol};
 use crate::defaults;
 use crate::units::{ByteSize, Duration};
 use crate::values::{HeaderRegex, Parsed};
@@ -30,6 +30,11 @@ pub struct Route {
     pub mirror: Option<Mirror>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fault: Option<Fault>,
+    /// The protocols a client may switch to with HTTP/1.1 `Upgrade` on this route (the
+    /// connection then becomes a byte tunnel); default `[websocket]`. Other upgrades are
+    /// stripped and the request goes on as a plain one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrades: Option<Vec<Parsed<UpgradeProtocol>>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -241,6 +241,19 @@ clusters:
         assert_has(&errs, expected);
     }
     assert_eq!(errs.len(), 5, "{errs:#?}");
+    let cfg = load("access_log: { query: true }\n", Some("c.yaml")).unwrap();
+    assert!(cfg.access_log.query);
+    assert!(
+        !load("{}", Some("c.json")).unwrap().access_log.query,
+        "off by default"
+    );
+    let errs = errors_of("access_log: { query: yes please }\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("access_log.query")),
+        "{errs:#?}"
+    );
+    let errs = errors_of("access_log: { queries: true }\n");
+    assert!(errs.iter().any(|e| e.contains("queries")), "{errs:#?}");
 }
 
 #[test]
@@ -457,4 +470,62 @@ fn only_rendered_configs_may_have_a_cluster_without_endpoints() {
         rendered: true,
     };
     assert_eq!(validate_with(&cfg, rendered), Ok(()));
+}
+
+#[test]
+fn hostile_input_settings_are_checked() {
+    let ok = errors_of(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    allow_encoded_slashes: true
+    routes:
+      - { match: { path_prefix: /ws }, cluster: c, upgrades: [websocket, My-Proto] }
+      - { match: { path_prefix: /plain }, cluster: c, upgrades: [] }
+clusters:
+  - { name: c, endpoints: ["127.0.0.1:1"] }
+"#,
+    );
+    assert!(ok.is_empty(), "{ok:#?}");
+    let errs = errors_of(
+        r#"
+listeners:
+  - name: raw
+    listen: 127.0.0.1:0
+    protocol: tcp
+    cluster: c
+    allow_encoded_slashes: true
+  - name: web
+    listen: 127.0.0.1:0
+    limits: { body_timeout: 0ms }
+    routes:
+      - { cluster: c, upgrades: [websocket, h2c, "two words", ""] }
+clusters:
+  - { name: c, endpoints: ["127.0.0.1:1"] }
+"#,
+    );
+    for expected in [
+        "listeners[0].allow_encoded_slashes: applies to http and http3 listeners (a tcp listener reads no paths)",
+        "listeners[1].routes[0].upgrades[1]: h2c is never tunnelled: requests inside it would skip routing, header hygiene, the access log and metrics (Spur strips h2c upgrades; clients can speak HTTP/2 to Spur directly)",
+        "listeners[1].routes[0].upgrades[2]: `two words` is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)",
+        "listeners[1].routes[0].upgrades[3]: `` is not a protocol name (letters, digits and !#$%&'*+-.^_`|~)",
+        "listeners[1].limits.body_timeout: must be greater than 0ms",
+    ] {
+        assert_has(&errs, expected);
+    }
+    assert_eq!(errs.len(), 5, "{errs:#?}");
+    let cfg = load("access_log: { query: true }\n", Some("c.yaml")).unwrap();
+    assert!(cfg.access_log.query);
+    assert!(
+        !load("{}", Some("c.json")).unwrap().access_log.query,
+        "off by default"
+    );
+    let errs = errors_of("access_log: { query: yes please }\n");
+    assert!(
+        errs.iter().any(|e| e.starts_with("access_log.query")),
+        "{errs:#?}"
+    );
+    let errs = errors_of("access_log: { queries: true }\n");
+    assert!(errs.iter().any(|e| e.contains("queries")), "{errs:#?}");
 }

@@ -37,6 +37,9 @@ pub struct Config {
     pub admin: Option<Admin>,
     #[serde(default)]
     pub correlation: Correlation,
+    /// What the access log writes beyond its fixed fields.
+    #[serde(default, skip_serializing_if = "AccessLog::is_default")]
+    pub access_log: AccessLog,
     #[serde(default)]
     pub listeners: Vec<Listener>,
     #[serde(default)]
@@ -77,6 +80,21 @@ impl Default for Correlation {
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLog {
+    /// Write the query string in `path` (default off: queries carry tokens and personal
+    /// data more often than paths do).
+    #[serde(default)]
+    pub query: bool,
+}
+
+impl AccessLog {
+    fn is_default(&self) -> bool {
+        *self == AccessLog::default()
+    }
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ListenerProtocol {
     /// HTTP/1.1, and HTTP/2 by ALPN or prior knowledge.
@@ -108,6 +126,10 @@ pub struct Listener {
     pub alt_svc_h3: Option<u16>,
     #[serde(default)]
     pub original_dst: bool,
+    /// Keep paths with an encoded slash (`%2F`, `%5C`) or a backslash, as sent, instead of
+    /// refusing them (400 `invalid_path`): for applications that give them a meaning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub allow_encoded_slashes: bool,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub routes: Vec<Route>,
     /// Who may send what: see [`crate::authz`].
@@ -140,6 +162,9 @@ pub struct Limits {
     pub header_timeout: Duration,
     #[serde(default = "defaults::idle_timeout")]
     pub idle_timeout: Duration,
+    /// The longest wait between two reads of a request body (408 `body_timeout` after).
+    #[serde(default = "defaults::body_timeout")]
+    pub body_timeout: Duration,
 }
 
 impl Default for Limits {
@@ -149,6 +174,7 @@ impl Default for Limits {
             max_header_bytes: defaults::max_header_bytes(),
             header_timeout: defaults::header_timeout(),
             idle_timeout: defaults::idle_timeout(),
+            body_timeout: defaults::body_timeout(),
         }
     }
 }

@@ -68,6 +68,18 @@ pub fn emit(message: &str, fields: &[(&str, Val<'_>)]) {
     log::write_line(line.as_bytes());
 }
 
+/// Room for the longest socket address text (`[v6%scope]:port`).
+pub const ADDR_MAX: usize = 64;
+
+/// `addr` written into `buf` (no allocation): `1.2.3.4:5` or `[::1]:5`.
+pub fn socket_addr(buf: &mut [u8; ADDR_MAX], addr: std::net::SocketAddr) -> &str {
+    use std::io::Write as _;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    let _ = write!(cursor, "{addr}");
+    let n = cursor.position() as usize;
+    std::str::from_utf8(&buf[..n]).unwrap_or("-")
+}
+
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
     for c in s.chars() {
@@ -131,5 +143,18 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v, "a\"b\\c\nd\u{1}é");
+        let mut buf = [0u8; ADDR_MAX];
+        let mut long = std::net::SocketAddrV6::new(
+            "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),
+            65535,
+            0,
+            u32::MAX,
+        );
+        assert_eq!(socket_addr(&mut buf, long.into()), long.to_string());
+        long.set_scope_id(0);
+        assert_eq!(socket_addr(&mut buf, long.into()), long.to_string());
+        let v4: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
+        let mut buf = [0u8; ADDR_MAX];
+        assert_eq!(socket_addr(&mut buf, v4), "192.0.2.7:40000");
     }
 }

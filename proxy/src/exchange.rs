@@ -31,6 +31,15 @@ pub struct Exchange {
     pub trace_id: Option<[u8; 32]>,
     pub method: Method,
     pub path: http::uri::PathAndQuery,
+    /// The client's address.
+    pub client: std::net::SocketAddr,
+    /// The request's Host (normalised) and User-Agent, for the access log.
+    pub host: Option<HeaderValue>,
+    pub user_agent: Option<HeaderValue>,
+    /// Tries made upstream (0: answered by Spur before any).
+    pub attempts: u32,
+    /// Write the query string in the access log (`access_log.query`).
+    pub log_query: bool,
     pub status: u16,
     pub error: Option<&'static str>,
     pub bytes_sent: u64,
@@ -59,6 +68,7 @@ impl Exchange {
     pub fn new(
         shared: Arc<Shared>,
         listener: Arc<str>,
+        client: std::net::SocketAddr,
         method: Method,
         path: http::uri::PathAndQuery,
     ) -> Box<Exchange> {
@@ -74,6 +84,11 @@ impl Exchange {
             trace_id: None,
             method,
             path,
+            client,
+            host: None,
+            user_agent: None,
+            attempts: 0,
+            log_query: false,
             status: 0,
             error: None,
             bytes_sent: 0,
@@ -129,6 +144,17 @@ impl Exchange {
             return;
         }
         let endpoint = self.endpoint.as_ref().map_or(DASH, |e| &e.endpoint.label);
+        let path = if self.log_query {
+            self.path.as_str()
+        } else {
+            self.path.path()
+        };
+        fn text(v: &Option<HeaderValue>) -> &str {
+            v.as_ref()
+                .map_or(DASH, |v| v.to_str().unwrap_or("(not text)"))
+        }
+        let mut client = [0u8; access::ADDR_MAX];
+        let client = access::socket_addr(&mut client, self.client);
         access::emit(
             "access",
             &[
@@ -151,12 +177,16 @@ impl Exchange {
                     ),
                 ),
                 ("listener", Val::Str(&self.listener)),
+                ("client", Val::Str(client)),
+                ("host", Val::Str(text(&self.host))),
+                ("user_agent", Val::Str(text(&self.user_agent))),
                 ("route", Val::Str(&self.route)),
                 ("cluster", Val::Str(&self.cluster)),
                 ("endpoint", Val::Str(endpoint)),
                 ("method", Val::Str(self.method.as_str())),
-                ("path", Val::Str(self.path.as_str())),
+                ("path", Val::Str(path)),
                 ("status", Val::U64(u64::from(self.status))),
+                ("attempts", Val::U64(u64::from(self.attempts))),
                 ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
                 ("bytes_received", Val::U64(self.body.bytes())),
                 ("bytes_sent", Val::U64(self.bytes_sent)),

@@ -113,6 +113,11 @@ pub fn spawn(
             (Ok(m), Ok(Ok(p))) if m == p => "same",
             (Ok(m), Ok(Ok(p))) => {
                 if access::enabled() {
+                    let logged = if shared.snapshot.load().log_query {
+                        path.as_str()
+                    } else {
+                        path.path()
+                    };
                     let rid = request_id
                         .as_ref()
                         .and_then(|v| v.to_str().ok())
@@ -122,7 +127,7 @@ pub fn spawn(
                         &[
                             ("request_id", Val::Str(rid)),
                             ("cluster", Val::Str(&cluster.name)),
-                            ("path", Val::Str(path.as_str())),
+                            ("path", Val::Str(logged)),
                             ("status", Val::U64(u64::from(p.0))),
                             ("mirror_status", Val::U64(u64::from(m.0))),
                             ("body_differs", Val::Bool(m.1 != p.1)),

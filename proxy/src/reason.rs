@@ -31,6 +31,20 @@ pub enum Reason {
     BadRequest,
     /// The request head is over the listener's `max_header_bytes` (431).
     HeadersTooLarge,
+    /// HTTP/1.1 without `Host` or with two; a `Host` that is not a host; an HTTP/2 or
+    /// HTTP/3 `host` header that disagrees with `:authority` (400).
+    InvalidHost,
+    /// CONNECT: Spur is a reverse proxy, not a forward one, and tunnels nothing but the
+    /// upgrades a route allows (405).
+    MethodNotAllowed,
+    /// The request has crossed more Spur proxies (`x-spur-hops`) than a request can without
+    /// a routing loop (508).
+    LoopDetected,
+    /// The client sent nothing of its request body for the listener's `body_timeout` (408).
+    BodyTimeout,
+    /// A path that is not one (a bad percent-escape), or an encoded slash or backslash on a
+    /// listener that does not allow them (400).
+    InvalidPath,
 }
 
 impl Reason {
@@ -45,9 +59,28 @@ impl Reason {
             Reason::Timeout => StatusCode::GATEWAY_TIMEOUT,
             Reason::UpstreamUnreachable | Reason::UpstreamReset => StatusCode::BAD_GATEWAY,
             Reason::Forbidden => StatusCode::FORBIDDEN,
-            Reason::BadRequest => StatusCode::BAD_REQUEST,
+            Reason::BadRequest | Reason::InvalidHost | Reason::InvalidPath => {
+                StatusCode::BAD_REQUEST
+            }
             Reason::HeadersTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Reason::LoopDetected => StatusCode::LOOP_DETECTED,
+            Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
         }
+    }
+
+    /// Whether this answer refuses what the client sent before anything went upstream, and
+    /// is counted in `spur_downstream_rejected_total{reason}` (by [`Reason::as_str`]).
+    pub fn rejects_client(self) -> bool {
+        matches!(
+            self,
+            Reason::Forbidden
+                | Reason::HeadersTooLarge
+                | Reason::InvalidHost
+                | Reason::InvalidPath
+                | Reason::LoopDetected
+                | Reason::MethodNotAllowed
+        )
     }
 
     /// `x-spur-error`, the access log's `error` and the metric label.
@@ -64,6 +97,11 @@ impl Reason {
             Reason::Forbidden => "forbidden",
             Reason::BadRequest => "bad_request",
             Reason::HeadersTooLarge => "headers_too_large",
+            Reason::InvalidHost => "invalid_host",
+            Reason::BodyTimeout => "body_timeout",
+            Reason::LoopDetected => "loop_detected",
+            Reason::MethodNotAllowed => "method_not_allowed",
+            Reason::InvalidPath => "invalid_path",
         }
     }
 }
@@ -92,6 +130,11 @@ mod tests {
             Reason::Forbidden,
             Reason::BadRequest,
             Reason::HeadersTooLarge,
+            Reason::InvalidHost,
+            Reason::InvalidPath,
+            Reason::BodyTimeout,
+            Reason::LoopDetected,
+            Reason::MethodNotAllowed,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

@@ -34,6 +34,8 @@ pub struct Snapshot {
     pub listeners: HashMap<String, Arc<ListenerRt>>,
     pub clusters: HashMap<String, Arc<ClusterRt>>,
     pub correlation: CorrelationRt,
+    /// `access_log.query`: access lines write the query string.
+    pub log_query: bool,
     pub drain_timeout: Duration,
     /// Every flag, sorted by name; routes and requests refer to them by index.
     pub flags: Vec<FlagRt>,
@@ -76,6 +78,8 @@ pub struct ListenerRt {
     pub trust_incoming_flags: bool,
     /// Transparent mode: read each connection's original destination and route by it.
     pub original_dst: bool,
+    /// Paths with encoded slashes or backslashes are kept (else refused).
+    pub allow_encoded_slashes: bool,
     /// `Alt-Svc` advertising the HTTP/3 listener (`alt_svc_h3`), on every response.
     pub alt_svc: Option<http::HeaderValue>,
     /// The authorization policy (`authz`, or what `tls.allow_identities` stands for).
@@ -96,6 +100,8 @@ pub struct RouteRt {
     pub mirror: Option<MirrorRt>,
     /// The request series of each cluster the route sends to (the split's sides in order).
     pub metrics: Vec<Arc<TargetMetrics>>,
+    /// The `Upgrade` protocols this route tunnels (lower case): its `upgrades`, or WebSocket.
+    pub upgrades: Vec<Box<str>>,
 }
 
 pub struct MirrorRt {
@@ -509,6 +515,10 @@ impl Snapshot {
                         None => None,
                     },
                     metrics,
+                    upgrades: match &r.upgrades {
+                        Some(list) => list.iter().map(|u| u.get().as_str().into()).collect(),
+                        None => vec![spur_config::UpgradeProtocol::websocket().as_str().into()],
+                    },
                 });
             }
             let lname: Arc<str> = l.name.as_str().into();
@@ -544,6 +554,7 @@ impl Snapshot {
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
                     original_dst: l.original_dst,
+                    allow_encoded_slashes: l.allow_encoded_slashes,
                     alt_svc: l.alt_svc_h3.map(|port| {
                         http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
                             .expect("a port makes a valid header value")
@@ -559,6 +570,7 @@ impl Snapshot {
         };
         Ok(Snapshot {
             version,
+            log_query: cfg.access_log.query,
             drain_timeout: cfg.drain_timeout.get(),
             config: cfg,
             listeners,

@@ -95,6 +95,12 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
                     "a tcp listener has no routes (use cluster)",
                 );
             }
+            if l.allow_encoded_slashes {
+                e.push(
+                    format!("{p}.allow_encoded_slashes"),
+                    "applies to http and http3 listeners (a tcp listener reads no paths)",
+                );
+            }
         }
         ListenerProtocol::Http | ListenerProtocol::Http3 => {
             if l.cluster.is_none() && l.routes.is_empty() && !l.original_dst {
@@ -238,6 +244,7 @@ fn check_limits(p: &str, l: &Limits, e: &mut Errors) {
     }
     check_positive(&format!("{p}.header_timeout"), l.header_timeout, e);
     check_positive(&format!("{p}.idle_timeout"), l.idle_timeout, e);
+    check_positive(&format!("{p}.body_timeout"), l.body_timeout, e);
 }
 
 /// One header condition (a route's `match.headers`, an authz rule's `to.headers`).

@@ -1,8 +1,9 @@
 //! The HTTP request path, for every transport (HTTP/1.1, HTTP/2, HTTP/3): **decide, then do**.
 //!
 //! 1. [`plan`]: a synchronous decision from the snapshot, the connection and the request
-//!    head: request ID and trace context, admission, flags, route, split, fault, deadlines,
-//!    retry policy, mirror; or the reason Spur answers itself. No I/O.
+//!    head: request ID and trace context, admission, the head normalised ([`normalize`]:
+//!    one host, one path), flags, route, split, fault, deadlines, retry policy, mirror; or
+//!    the reason Spur answers itself. No I/O.
 //! 2. [`forward`](head rewriting, here): the head the upstream will see — hop-by-hop
 //!    headers out, Spur's own headers set from the plan, forwarding headers.
 //! 3. [`tries`]: the cluster's slot, the body (buffered when a retry or mirror needs it),
@@ -13,6 +14,7 @@
 //! The exchange record (access log, request metrics) is written when the response body
 //! ends, see [`crate::exchange`].
 
+pub mod normalize;
 pub mod plan;
 pub mod respond;
 pub mod tries;
@@ -26,7 +28,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
-use plan::{Action, Peer, Plan};
+use plan::{Action, Forward, Peer, Plan};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -93,24 +95,39 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     let mut ex = Exchange::new(
         ctx.shared.clone(),
         ctx.listener.clone(),
+        ctx.peer,
         head.method.clone(),
         path,
     );
     ex.peer_identity = ctx.peer_identity.clone();
+    ex.log_query = snap.log_query;
+    ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
     let Some(lst) = snap.listeners.get(&*ctx.listener) else {
         // The listener was removed by a config push while this connection was open.
         return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
     };
     let mut rng = fastrand::Rng::new();
-    let plan = plan::plan(&snap, lst, ctx.peer(), &head, crate::clock::now(), &mut rng);
+    let plan = plan::plan(
+        &snap,
+        lst,
+        ctx.peer(),
+        &mut head,
+        crate::clock::now(),
+        &mut rng,
+    );
     ex.record_plan(&plan, lst);
+    if let Some(p) = head.uri.path_and_query() {
+        // Normalised by the plan: logged, and sent upstream, as it was routed.
+        ex.path = p.clone();
+    }
+    ex.host = head.headers.get(header::HOST).cloned();
     if let Some(delay) = plan.delay {
         // Boxed: rare, and a timer is a large part of a future every request carries.
         Box::pin(tokio::time::sleep(delay)).await;
     }
     let mut resp = match plan.action {
         Action::Refuse(refusal) => {
-            if matches!(refusal.reason, Reason::Forbidden | Reason::HeadersTooLarge) {
+            if refusal.reason.rejects_client() {
                 ctx.shared
                     .metrics
                     .reject(&lst.name, refusal.reason.as_str());
@@ -118,7 +135,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
             respond::local(refusal, &snap, ex)
         }
         Action::Forward(ref fwd) => {
-            rewrite_head(ctx, &snap.correlation.header, &plan, &mut head);
+            rewrite_head(ctx, &snap.correlation.header, &plan, fwd, &mut head);
             tries::run(ctx, &snap, fwd, head, body, ex).await
         }
     };
@@ -128,9 +145,16 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     resp
 }
 
-/// The head the upstream sees: hop-by-hop headers out, Spur's own headers from the plan (a
-/// client cannot forge them), forwarding headers, and a Host for HTTP/1.1.
-fn rewrite_head(ctx: &ConnCtx, id_header: &header::HeaderName, plan: &Plan<'_>, head: &mut Parts) {
+/// The head the upstream sees: hop-by-hop headers out (an upgrade only if the plan allows
+/// it), Spur's own headers from the plan (a client cannot forge them), forwarding headers,
+/// and a Host for HTTP/1.1.
+fn rewrite_head(
+    ctx: &ConnCtx,
+    id_header: &header::HeaderName,
+    plan: &Plan<'_>,
+    fwd: &Forward<'_>,
+    head: &mut Parts,
+) {
     let h = &mut head.headers;
     match &plan.request_id {
         Some(v) => h.insert(id_header.clone(), v.clone()),
@@ -139,10 +163,11 @@ fn rewrite_head(ctx: &ConnCtx, id_header: &header::HeaderName, plan: &Plan<'_>, 
     if let Some(t) = &plan.trace {
         h.insert(headers::TRACEPARENT.clone(), t.to_header());
     }
-    let upgrade = headers::is_upgrade_parts(head.version, h)
-        .then(|| h.get(header::UPGRADE).cloned())
-        .flatten();
     headers::strip_hop_by_hop(h);
+    h.insert(
+        headers::X_SPUR_HOPS.clone(),
+        headers::hops_header(plan.hops),
+    );
     h.remove(&X_SPUR_PEER_IDENTITY);
     h.remove(&X_SPUR_ATTEMPT);
     h.remove(&X_SPUR_MIRROR);
@@ -160,9 +185,9 @@ fn rewrite_head(ctx: &ConnCtx, id_header: &header::HeaderName, plan: &Plan<'_>, 
         None => "http",
     };
     headers::set_forwarded(h, ctx.peer.ip(), proto);
-    if let Some(proto) = upgrade {
+    if let Some(proto) = &fwd.upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
-        h.insert(header::UPGRADE, proto);
+        h.insert(header::UPGRADE, proto.clone());
     }
     if !h.contains_key(header::HOST) {
         if let Some(v) = head

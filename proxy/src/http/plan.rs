@@ -10,9 +10,13 @@
 //!
 //! The phases, in order:
 //! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
-//! 2. **admit**: a head over `max_header_bytes` gets 431;
+//! 2. **admit**: a head over `max_header_bytes` gets 431; then the head is **normalised**
+//!    in place (one host, one path: see [`super::normalize`]), or refused with 400, so that
+//!    every phase after this one, and the upstream, read the same request; a request that
+//!    has crossed [`headers::MAX_HOPS`] proxies (`x-spur-hops`) is in a loop: 508
+//!    `loop_detected`;
 //! 3. **authorize**: the listener's policy (`authz`, `allow_identities`) on the peer and the
-//!    request's method, path and headers; denied: 403 `forbidden` (see
+//!    request's method, normalised path and headers; denied: 403 `forbidden` (see
 //!    [`crate::authorize`]);
 //! 4. **flags**: each flag decided once (or kept from a trusted peer);
 //! 5. **route**: the first matching route, else the original destination's cluster
@@ -66,6 +70,8 @@ pub struct Plan<'s> {
     /// The authorization rule that decided (`default`: none matched); `None` without a
     /// policy.
     pub authz_rule: Option<Arc<str>>,
+    /// `x-spur-hops` for the upstream: the request's hop count, this proxy included.
+    pub hops: u32,
     pub action: Action<'s>,
 }
 
@@ -86,6 +92,12 @@ pub struct Forward<'s> {
     pub retry: Option<&'s RetryRt>,
     /// Mirror this request (the route's `mirror`, sampled).
     pub mirror: Option<&'s MirrorRt>,
+    /// The `Upgrade` to send, when the client asked for one the route tunnels (the
+    /// response may then be `101` and the connection a tunnel); any other upgrade is
+    /// stripped and the request is a plain one.
+    pub upgrade: Option<HeaderValue>,
+    /// The listener's `body_timeout`: the longest wait between reads of the request body.
+    pub body_timeout: Duration,
 }
 
 /// An answer Spur makes itself.
@@ -123,7 +135,7 @@ pub fn plan<'s>(
     snap: &'s Snapshot,
     lst: &'s ListenerRt,
     peer: Peer<'_>,
-    head: &Parts,
+    head: &mut Parts,
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Plan<'s> {
@@ -137,12 +149,22 @@ pub fn plan<'s>(
         route_name: None,
         delay: None,
         authz_rule: None,
+        hops: 0,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
-    if let Err(reason) = admit(lst, head) {
+    if let Err(reason) =
+        admit(lst, head).and_then(|()| super::normalize::head(head, lst.allow_encoded_slashes))
+    {
         plan.action = Action::Refuse(reason.into());
         return plan;
     }
+    let hops = headers::hops_of(&head.headers);
+    if hops >= headers::MAX_HOPS {
+        plan.action = Action::Refuse(Reason::LoopDetected.into());
+        return plan;
+    }
+    plan.hops = hops + 1;
+    let head = &*head;
     if let Some(authz) = &lst.authz {
         let verdict = authorize(authz, peer, head);
         plan.authz_rule = Some(verdict.rule);
@@ -154,9 +176,10 @@ pub fn plan<'s>(
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;
     plan.flags_header = header;
+    let path = super::normalize::match_path(head.uri.path());
     let view = RequestView {
         method: &head.method,
-        path: head.uri.path(),
+        path: &path,
         host: headers::host_of(&head.uri, &head.headers),
         headers: &head.headers,
     };
@@ -176,6 +199,10 @@ pub fn plan<'s>(
                 deadline: None,
                 retry: None,
                 mirror: None,
+                upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
+                    p == "websocket"
+                }),
+                body_timeout: lst.limits.body_timeout.get(),
             });
         }
         return plan;
@@ -215,17 +242,22 @@ pub fn plan<'s>(
             }
         }
     }
-    let upgrade = headers::is_upgrade_head(head);
+    let upgrade = headers::upgrade_to_send(head.version, &head.headers, |p| {
+        route.upgrades.iter().any(|u| **u == *p)
+    });
+    let tunnel = upgrade.is_some();
     plan.action = Action::Forward(Forward {
         cluster,
         split_side,
         hash_key,
         deadline: route.timeout.map(|t| now + t),
-        retry: route.retry.as_ref().filter(|_| !upgrade),
+        retry: route.retry.as_ref().filter(|_| !tunnel),
         mirror: route
             .mirror
             .as_ref()
-            .filter(|m| !upgrade && rng.f64() * 100.0 < m.percent),
+            .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent),
+        upgrade,
+        body_timeout: lst.limits.body_timeout.get(),
     });
     plan
 }

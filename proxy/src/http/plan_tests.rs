@@ -82,10 +82,14 @@ fn metric_value(metrics: &Metrics, series: &str) -> Option<f64> {
     line.rsplit_once(' ')?.1.parse().ok()
 }
 
+/// A request head; HTTP/1.1 needs a Host, so one is added where the case gives none.
 fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
     let mut b = http::Request::builder().method(method).uri(uri);
     for (k, v) in headers {
         b = b.header(*k, *v);
+    }
+    if !uri.starts_with("http") && !headers.iter().any(|(k, _)| *k == "host") {
+        b = b.header("host", "svc.example");
     }
     b.body(()).unwrap().into_parts().0
 }
@@ -130,7 +134,8 @@ enum Said {
 fn decide<'s>(snap: &'s Snapshot, c: &Case) -> (Said, Plan<'s>) {
     let lst = &snap.listeners[c.listener];
     let mut rng = fastrand::Rng::with_seed(7);
-    let p = plan(snap, lst, c.peer, &c.head, Instant::now(), &mut rng);
+    let mut head = c.head.clone();
+    let p = plan(snap, lst, c.peer, &mut head, Instant::now(), &mut rng);
     let route = p.route_name.as_deref().unwrap_or("-").to_string();
     let said = match &p.action {
         Action::Forward(f) => Said::Forward {
@@ -242,6 +247,71 @@ fn routes_and_refusals() {
     }
 }
 
+/// Issue 20 items 4 and 5: routes see the host and path the upstream will receive.
+#[test]
+fn routes_see_the_normalised_host_and_path() {
+    let snap = snapshot();
+    let admin = |uri: &str, host: &str| case("POST", uri, &[("host", host), ("x-team", "sre")]);
+    let mut table: Vec<(Case, Said)> = [
+        "/admin",
+        "/%61dmin",
+        "//admin",
+        "/./admin",
+        "/x/../admin",
+        "/x/..;/admin",
+    ]
+    .into_iter()
+    .map(|p| (admin(p, "ops.example"), fwd("admin", "v1")))
+    .collect();
+    table.extend([
+        // The absolute-form target's authority is the host, whatever Host says.
+        (
+            admin("http://ops.example/admin", "dev.example"),
+            fwd("admin", "v1"),
+        ),
+        (
+            admin("http://dev.example/admin", "ops.example"),
+            fwd("default", "fallback"),
+        ),
+        (admin("/admin", "OPS.example."), fwd("admin", "v1")),
+        (
+            case("GET", "/shop/%2e%2e/admin", &[("x-user", "u1")]),
+            fwd("default", "fallback"),
+        ),
+        // Parameters on a segment do not hide it from a prefix rule.
+        (
+            case("GET", "/shop;jsessionid=1/cart", &[("x-user", "u1")]),
+            fwd("shop", "v2"),
+        ),
+        (
+            case("GET", "/a%2Fb", &[]),
+            refuse("-", Reason::InvalidPath, 400),
+        ),
+        (
+            case("GET", "/a\\b", &[]),
+            refuse("-", Reason::InvalidPath, 400),
+        ),
+        (
+            case("GET", "/", &[("host", "a.example"), ("host", "b.example")]),
+            refuse("-", Reason::InvalidHost, 400),
+        ),
+    ]);
+    let mut h2 = case(
+        "GET",
+        "https://ops.example/admin",
+        &[("host", "dev.example")],
+    );
+    h2.head.version = http::Version::HTTP_2;
+    table.push((h2, refuse("-", Reason::InvalidHost, 400)));
+    let mut no_host = case("GET", "/", &[]);
+    no_host.head.headers.remove("host");
+    table.push((no_host, refuse("-", Reason::InvalidHost, 400)));
+    for (c, want) in &table {
+        let (said, _) = decide(&snap, c);
+        assert_eq!(&said, want, "{} {}", c.head.method, c.head.uri);
+    }
+}
+
 #[test]
 fn the_policy_decides_after_admission_and_before_routing() {
     let (snap, metrics) = snapshot_and_metrics();
@@ -327,7 +397,8 @@ fn a_forward_carries_its_deadline_retry_mirror_and_sticky_side() {
     for seed in 0..20 {
         let lst = &snap.listeners["web"];
         let mut rng = fastrand::Rng::with_seed(seed);
-        let again = plan(&snap, lst, CLIENT, &c.head, Instant::now(), &mut rng);
+        let mut head = c.head.clone();
+        let again = plan(&snap, lst, CLIENT, &mut head, Instant::now(), &mut rng);
         let Action::Forward(g) = again.action else {
             panic!()
         };
@@ -355,6 +426,41 @@ fn an_upgrade_is_never_retried_nor_mirrored() {
         panic!()
     };
     assert!(f.retry.is_none() && f.mirror.is_none());
+}
+
+/// Issue 20 item 3: an h2c upgrade (or any the route does not list) is stripped: the
+/// request goes on as a plain one, retried and mirrored like any other.
+#[test]
+fn an_upgrade_the_route_does_not_tunnel_is_a_plain_request() {
+    let snap = snapshot();
+    for proto in ["h2c", "foo", "h2c, foo"] {
+        let mut c = case(
+            "GET",
+            "/shop",
+            &[
+                ("connection", "upgrade, http2-settings"),
+                ("upgrade", proto),
+            ],
+        );
+        c.head.version = http::Version::HTTP_11;
+        let (_, p) = decide(&snap, &c);
+        let Action::Forward(f) = &p.action else {
+            panic!()
+        };
+        assert!(f.upgrade.is_none(), "{proto}");
+        assert!(f.retry.is_some() && f.mirror.is_some(), "{proto}");
+    }
+    let mut c = case(
+        "GET",
+        "/shop",
+        &[("connection", "upgrade"), ("upgrade", "h2c, websocket")],
+    );
+    c.head.version = http::Version::HTTP_11;
+    let (_, p) = decide(&snap, &c);
+    let Action::Forward(f) = &p.action else {
+        panic!()
+    };
+    assert_eq!(f.upgrade.as_ref().unwrap(), "websocket");
 }
 
 #[test]
@@ -443,4 +549,36 @@ fn transparent_mode_routes_by_original_destination() {
         decide(&snap, &to("10.9.9.9:80")).0,
         refuse("-", Reason::NoRoute, 404)
     );
+}
+
+#[test]
+fn the_head_forwarded_is_the_head_routed() {
+    let snap = snapshot();
+    let lst = &snap.listeners["web"];
+    let mut rng = fastrand::Rng::with_seed(1);
+    let mut h = head(
+        "POST",
+        "http://ops.example//x/../%61dmin?q=%2F",
+        &[("host", "internal.example"), ("x-team", "sre")],
+    );
+    let p = plan(&snap, lst, CLIENT, &mut h, Instant::now(), &mut rng);
+    assert_eq!(p.route_name.as_deref(), Some("admin"));
+    assert_eq!(h.uri, "/admin?q=%2F");
+    assert_eq!(h.headers["host"], "ops.example");
+    assert_eq!(h.headers.get_all("host").iter().count(), 1);
+}
+
+/// Issue 20 item 13: a request that has crossed `MAX_HOPS` proxies is in a loop.
+#[test]
+fn too_many_hops_is_a_loop() {
+    let snap = snapshot();
+    let max = headers::MAX_HOPS.to_string();
+    let below = (headers::MAX_HOPS - 1).to_string();
+    let (said, p) = decide(&snap, &case("GET", "/x", &[("x-spur-hops", &below)]));
+    assert_eq!(said, fwd("default", "fallback"));
+    assert_eq!(p.hops, headers::MAX_HOPS);
+    let (said, _) = decide(&snap, &case("GET", "/x", &[("x-spur-hops", &max)]));
+    assert_eq!(said, refuse("-", Reason::LoopDetected, 508));
+    let (_, p) = decide(&snap, &case("GET", "/x", &[]));
+    assert_eq!(p.hops, 1);
 }

@@ -16,10 +16,11 @@ use crate::mirror;
 use crate::policy::retry::{self, Outcome};
 use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, RetryRt, Snapshot};
-use crate::upstream::{self, Buffered, ReqBody, UpstreamError};
+use crate::upstream::{self, Buffered, ClientBody, ReqBody, UpstreamError};
 use bytes::Bytes;
 use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
+use http_body::Body as _;
 use spur_config::UpstreamProtocol;
 use std::time::{Duration, Instant};
 
@@ -37,9 +38,14 @@ pub async fn run(
         Ok(slot) => ex.permit = slot,
         Err(reason) => return respond::local(reason.into(), snap, ex),
     }
-    let downstream_upgrade = head.extensions.remove::<hyper::upgrade::OnUpgrade>();
+    // Only an upgrade the plan allowed may become a tunnel: a `101` to any other request
+    // (its upgrade was stripped) is refused in `respond::upstream`.
+    let downstream_upgrade = head
+        .extensions
+        .remove::<hyper::upgrade::OnUpgrade>()
+        .filter(|_| fwd.upgrade.is_some());
     let Some(mut body) = TryBody::read(fwd, body, &ex).await else {
-        return respond::local(Reason::BadRequest.into(), snap, ex);
+        return client_failed(ctx, snap, ex, head.version);
     };
     if let Some(r) = fwd.retry {
         r.budget.deposit(crate::clock::now());
@@ -78,6 +84,7 @@ pub async fn run(
         // be copied through every layer of this future and held by every idle connection.
         let send = Box::pin(fwd.cluster.client.send(attempt.endpoint(), req));
         let sent = crate::clock::until(limit, send).await;
+        ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
         attempt.record(outcome, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
@@ -96,17 +103,41 @@ pub async fn run(
                         ex.endpoint = Some(attempt.in_flight);
                         respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
                     }
+                    Err(_) if outcome == Outcome::ClientAbort => {
+                        ex.endpoint = Some(attempt.in_flight);
+                        client_failed(ctx, snap, ex, head.version)
+                    }
                     Err(reason) => {
                         ex.endpoint = Some(attempt.in_flight);
-                        if reason == Reason::BadRequest {
-                            metrics.reject(&ctx.listener, "client_abort");
-                        }
                         respond::local(reason.into(), snap, ex)
                     }
                 }
             }
         }
     }
+}
+
+/// The answer to a client whose own body failed: 400 `bad_request` (it broke off) or 408
+/// `body_timeout` (it went silent), counted as `client_abort` or `body_timeout`. An
+/// HTTP/1.1 connection is closed after it: the rest of the body will not be read.
+fn client_failed(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    ex: Box<Exchange>,
+    version: Version,
+) -> Response<RespBody> {
+    let reason = ex.body.client_reason();
+    let label = match reason {
+        Reason::BodyTimeout => "body_timeout",
+        _ => "client_abort",
+    };
+    ctx.shared.metrics.reject(&ctx.listener, label);
+    let mut resp = respond::local(reason.into(), snap, ex);
+    if matches!(version, Version::HTTP_10 | Version::HTTP_11) {
+        resp.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    resp
 }
 
 /// The request body as the tries see it: held whole (so each try sends it again), or a
@@ -126,13 +157,11 @@ impl TryBody {
             (None, Some(_)) => Some(mirror::MAX_BODY),
             (None, None) => None,
         };
+        let body = ClientBody::new(body, ex.body.clone(), fwd.body_timeout);
         let Some(limit) = limit else {
-            return Some(TryBody::Stream(Some(ReqBody::streaming(
-                body,
-                ex.body.clone(),
-            ))));
+            return Some(TryBody::Stream(Some(ReqBody::streaming(body))));
         };
-        match upstream::buffer(body, limit, ex.body.clone()).await {
+        match upstream::buffer(body, limit).await {
             Buffered::Whole(data, trailers) => Some(TryBody::Whole(data, trailers)),
             Buffered::Stream(b) => Some(TryBody::Stream(Some(b))),
             Buffered::Broken => None,
@@ -170,9 +199,21 @@ fn try_request(
     body: ReqBody,
     number: u32,
 ) -> Request<ReqBody> {
+    let unknown_length = !body.is_end_stream() && body.size_hint().exact().is_none();
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
     *req.headers_mut() = head.headers.clone();
+    if unknown_length
+        && cluster.protocol == UpstreamProtocol::Http1
+        && !req.headers().contains_key(header::CONTENT_LENGTH)
+    {
+        // A chunked body goes on chunked: hyper would otherwise send a GET's (or a
+        // HEAD's) body of unknown length as no body at all.
+        req.headers_mut().insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     if number > 1 {
         req.headers_mut()
             .insert(X_SPUR_ATTEMPT.clone(), HeaderValue::from(number));

@@ -454,6 +454,133 @@ impl http_body::Body for Frames {
     }
 }
 
+/// A client body that sends one byte after each pause, then ends, or (`then_silent`)
+/// sends nothing more.
+struct Drip {
+    pauses: std::collections::VecDeque<Duration>,
+    sleep: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    then_silent: bool,
+}
+
+impl http_body::Body for Drip {
+    type Data = Bytes;
+    type Error = BoxError;
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        use std::future::Future;
+        let this = &mut *self;
+        if this.sleep.is_none() {
+            match this.pauses.pop_front() {
+                Some(p) => this.sleep = Some(Box::pin(tokio::time::sleep(p))),
+                None if this.then_silent => return std::task::Poll::Pending,
+                None => return std::task::Poll::Ready(None),
+            }
+        }
+        std::task::ready!(this.sleep.as_mut().unwrap().as_mut().poll(cx));
+        this.sleep = None;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(b"x")))))
+    }
+}
+
+fn drip(pauses_ms: &[u64], then_silent: bool) -> InBody {
+    InBody::Test(
+        Drip {
+            pauses: pauses_ms
+                .iter()
+                .map(|ms| Duration::from_millis(*ms))
+                .collect(),
+            sleep: None,
+            then_silent,
+        }
+        .boxed_unsync(),
+    )
+}
+
+/// Issue 20 item 7: `body_timeout` bounds the time between two reads of the body, not the
+/// body's whole time; a client that goes silent gets 408 and holds nothing after.
+#[tokio::test(start_paused = true)]
+async fn a_silent_body_is_cut_at_body_timeout_and_charged_to_nobody() {
+    let yaml = r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    limits: { body_timeout: 2s }
+    cluster: c
+clusters:
+  - name: c
+    endpoints: ["10.0.0.1:80"]
+    circuit_breaker: { consecutive_failures: 1, max_requests: 1, max_ejection_percent: 100 }
+"#;
+    let w = world(yaml, |_, _, req: Request<ReqBody>| async move {
+        match req.into_body().collect().await {
+            Ok(b) => {
+                let mut r = Response::new(text("read"));
+                *r.status_mut() = StatusCode::from_u16(200 + b.to_bytes().len() as u16).unwrap();
+                Ok(r)
+            }
+            Err(e) => Err(UpstreamError::sent(e)),
+        }
+    });
+    // Four bytes 1.5 s apart: 4.5 s in all, never 2 s without a byte.
+    let start = Instant::now();
+    let (status, _) = w
+        .send_body("POST", "/", drip(&[0, 1500, 1500, 1500], false))
+        .await;
+    assert_eq!(status.as_u16(), 204, "all four bytes went through");
+    assert_eq!(start.elapsed(), Duration::from_millis(4500));
+    // Two bytes, then silence: cut 2 s after the last byte.
+    let start = Instant::now();
+    let silent = w.send_body("POST", "/", drip(&[0, 1500], true));
+    let (status, error) = tokio::time::timeout(Duration::from_secs(60), silent)
+        .await
+        .expect("cut, not held for ever");
+    assert_eq!(
+        (status, error.as_deref()),
+        (StatusCode::REQUEST_TIMEOUT, Some("body_timeout"))
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(3500));
+    let m = w.metrics();
+    assert!(
+        m.contains(r#"spur_downstream_rejected_total{listener="web",reason="body_timeout"} 1"#),
+        "{m}"
+    );
+    assert!(
+        !m.contains(r#"spur_endpoint_ejected{cluster="c",endpoint="10.0.0.1:80"} 1"#),
+        "{m}"
+    );
+    // Its slot (max_requests: 1) and the endpoint are free for the next client.
+    assert_eq!(w.send("GET", "/").await.0.as_u16(), 200);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_silent_body_read_for_a_retry_is_cut_too() {
+    let yaml = r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    limits: { body_timeout: 1s }
+    routes:
+      - { cluster: c, retry: { attempts: 2 } }
+clusters:
+  - name: c
+    endpoints: ["10.0.0.1:80"]
+"#;
+    let w = world(yaml, |_, _, _| async { answer(200) });
+    let start = Instant::now();
+    let silent = w.send_body("POST", "/", drip(&[300], true));
+    let (status, error) = tokio::time::timeout(Duration::from_secs(60), silent)
+        .await
+        .expect("cut, not held for ever");
+    assert_eq!(
+        (status, error.as_deref()),
+        (StatusCode::REQUEST_TIMEOUT, Some("body_timeout"))
+    );
+    assert_eq!(start.elapsed(), Duration::from_millis(1300));
+    assert!(w.hits().is_empty(), "nothing was sent upstream");
+}
+
 /// The request path's future is moved and initialised on every request: keep it small
 /// (the rare paths — new connections, QUIC — are boxed).
 #[tokio::test]

@@ -16,7 +16,7 @@
 pub mod body;
 pub mod pool;
 
-pub use body::{buffer, BodyStats, Buffered, ReqBody};
+pub use body::{buffer, BodyStats, Buffered, ClientBody, ReqBody};
 
 use crate::body::{BoxError, InBody};
 use crate::endpoint::EndpointState;

@@ -126,6 +126,7 @@ impl Shard {
         };
         match c.send.try_send_request(req).await {
             Ok(resp) => {
+                framing(&resp)?; // else `c` is dropped: the connection closes
                 self.checkin_h1(c);
                 Ok(resp.map(InBody::Http))
             }
@@ -146,6 +147,7 @@ impl Shard {
         let mut c = connect_h1(conn, addr).await?;
         match c.send.try_send_request(req).await {
             Ok(resp) => {
+                framing(&resp)?;
                 self.checkin_h1(c);
                 Ok(resp.map(InBody::Http))
             }
@@ -246,6 +248,17 @@ impl Shard {
         *self.h2.lock().unwrap() = Some(c.clone());
         Ok(c)
     }
+}
+
+/// Refuses an HTTP/1.1 response whose framing is ambiguous (see
+/// [`crate::headers::ambiguous_framing`]); its connection is then dropped, not pooled.
+fn framing<B>(resp: &http::Response<B>) -> Result<(), UpstreamError> {
+    if crate::headers::ambiguous_framing(resp.headers()) {
+        return Err(UpstreamError::sent(
+            "the response has both content-length and transfer-encoding",
+        ));
+    }
+    Ok(())
 }
 
 async fn connect_h1(conn: &HttpConnector, addr: SocketAddr) -> Result<H1, UpstreamError> {
