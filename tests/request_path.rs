@@ -525,8 +525,12 @@ clusters:
         back + Duration::from_secs(3),
     );
     assert!(n > 200, "load was {n} requests in that second");
+    // Back in rotation: a starved endpoint gets nothing (with failures counted as latency it
+    // got 0%); two random choices among near-equal estimates give each of three endpoints
+    // anywhere from a sixth to two thirds at this load, so the bar is well above zero
+    // rather than at a third.
     assert!(
-        s >= 0.2,
+        s >= 0.1,
         "the restarted endpoint had {:.0}% of requests 2-3 s after it came back",
         s * 100.0
     );
