@@ -138,6 +138,12 @@ impl Attempt {
         }
     }
 
+    /// Leaves `setup` (making a connection for this try) out of the endpoint's latency
+    /// sample: a one-off cost, not how fast the endpoint answers.
+    pub fn discount(&mut self, setup: std::time::Duration) {
+        self.started += setup;
+    }
+
     pub fn endpoint(&self) -> &Arc<EndpointState> {
         &self.in_flight.endpoint
     }

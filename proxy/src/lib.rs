@@ -40,6 +40,7 @@ pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;
+pub mod footprint;
 pub mod headers;
 pub mod http;
 pub mod log;
@@ -175,6 +176,7 @@ impl Proxy {
             workers,
         });
         spawn_sweeper(&shared);
+        footprint::spawn_trimmer();
         Ok(Proxy {
             shared,
             running: tokio::sync::Mutex::new(Running::default()),

@@ -40,22 +40,45 @@ fn now_ms() -> u64 {
 
 /// The time of a connection's last activity, shared between its IO and its watchdog.
 #[derive(Clone)]
-pub struct Activity(Arc<AtomicU64>);
+pub struct Activity(Arc<ActivityState>);
+
+struct ActivityState {
+    last: AtomicU64,
+    /// Bytes were written since the last flush completed.
+    unflushed: AtomicBool,
+}
 
 impl Activity {
     pub fn new() -> Activity {
-        Activity(Arc::new(AtomicU64::new(now_ms())))
+        Activity(Arc::new(ActivityState {
+            last: AtomicU64::new(now_ms()),
+            unflushed: AtomicBool::new(false),
+        }))
     }
 
     fn touch(&self) {
-        self.0.store(now_ms(), Ordering::Relaxed);
+        self.0.last.store(now_ms(), Ordering::Relaxed);
+    }
+
+    fn wrote(&self) {
+        self.touch();
+        self.0.unflushed.store(true, Ordering::Relaxed);
+    }
+
+    fn flushed(&self) {
+        self.0.unflushed.store(false, Ordering::Relaxed);
+    }
+
+    /// Everything written has been flushed to the socket.
+    pub fn is_flushed(&self) -> bool {
+        !self.0.unflushed.load(Ordering::Relaxed)
     }
 
     /// Completes once no byte has moved for `limit`.
     pub async fn idle_for(&self, limit: Duration) {
         let limit_ms = limit.as_millis() as u64;
         loop {
-            let last = self.0.load(Ordering::Relaxed);
+            let last = self.0.last.load(Ordering::Relaxed);
             let now = now_ms();
             let idle = now.saturating_sub(last);
             if idle >= limit_ms {
@@ -116,6 +139,12 @@ impl HeadClock {
 
     /// A request head is complete: the clock stops until the request is done (drop the
     /// guard when its response ends).
+    /// No request is in progress: none answered but not yet finished, no head started.
+    pub fn is_idle(&self) -> bool {
+        let s = &self.0;
+        s.in_flight.load(Ordering::Acquire) == 0 && s.since.load(Ordering::Acquire) == NO_HEAD
+    }
+
     pub fn head_done(&self, version: http::Version) -> RequestGuard {
         let s = &self.0;
         if version == http::Version::HTTP_2 {
@@ -250,7 +279,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                this.activity.touch();
+                this.activity.wrote();
             }
         }
         r
@@ -265,7 +294,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
-                this.activity.touch();
+                this.activity.wrote();
             }
         }
         r
@@ -276,7 +305,12 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+        let this = self.get_mut();
+        let r = Pin::new(&mut this.inner).poll_flush(cx);
+        if let Poll::Ready(Ok(())) = r {
+            this.activity.flushed();
+        }
+        r
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {

@@ -10,14 +10,11 @@
 
 use crate::adapters::idle::{Activity, Guarded, HeadClock, IdleIo};
 use crate::http::{handle, ConnCtx};
-use crate::metrics::{ListenerLabels, ListenerReasonLabels};
+use crate::metrics::ListenerLabels;
 use crate::snapshot::ListenerRt;
 use crate::Shared;
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::conn::auto;
 use std::net::SocketAddr;
-use std::pin::pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -333,19 +330,13 @@ pub(crate) async fn wait_connections(
     }
 }
 
-fn header_buf_size(limit: u64) -> usize {
-    // hyper needs at least 8 KiB; leave room over the limit so that Spur's own check (which
-    // answers 431 with x-spur-error) sees oversize heads before hyper's parser refuses them.
-    (limit as usize * 2 + 16 * 1024).max(64 * 1024)
-}
-
 async fn serve_http_conn(
     shared: Arc<Shared>,
     lst: Arc<ListenerRt>,
     stream: TcpStream,
     peer: SocketAddr,
     original_dst: Option<SocketAddr>,
-    mut shutdown: watch::Receiver<bool>,
+    shutdown: watch::Receiver<bool>,
     guard: ConnGuard,
 ) {
     // header_timeout runs from accept: the TLS handshake (bounded by it on its own too) and
@@ -355,12 +346,9 @@ async fn serve_http_conn(
         return;
     };
     let peer_identity = down.peer_identity();
+    let h2_by_alpn = down.stream.alpn() == Some(b"h2");
     let activity = Activity::new();
-    let io = TokioIo::new(IdleIo::with_head(
-        down.stream,
-        activity.clone(),
-        head.clone(),
-    ));
+    let io = IdleIo::with_head(down.stream, activity.clone(), head.clone());
     let ctx = Arc::new(ConnCtx {
         shared: shared.clone(),
         listener: lst.name.clone(),
@@ -383,74 +371,15 @@ async fn serve_http_conn(
             Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded::new(body, request)))
         }
     });
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .timer(TokioTimer::new())
-        // Off: hyper's would also run between requests (see adapters::idle); the head
-        // clock below applies header_timeout instead.
-        .header_read_timeout(None)
-        .max_buf_size(header_buf_size(lst.limits.max_header_bytes.get()))
-        .keep_alive(true);
-    builder
-        .http2()
-        .timer(TokioTimer::new())
-        .max_header_list_size(lst.limits.max_header_bytes.get() as u32)
-        .max_concurrent_streams(1024);
-    let mut conn = pin!(builder.serve_connection_with_upgrades(io, svc));
-    let idle = lst.limits.idle_timeout.get();
-    let header_timeout = lst.limits.header_timeout.get();
-    let mut draining = false;
-    // Once draining, the connection gets the drain timeout to finish, then it is dropped.
-    let drain_deadline = tokio::time::sleep(std::time::Duration::from_secs(10 * 365 * 86_400));
-    tokio::pin!(drain_deadline);
-    loop {
-        tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    let reason = classify(&*e);
-                    if let Some(reason) = reason {
-                        shared.metrics.rejected
-                            .get_or_create(&ListenerReasonLabels { listener: lst.name.clone(), reason })
-                            .inc();
-                    }
-                    tracing::debug!(listener = &*lst.name, %peer, error = %e, "connection ended with an error");
-                }
-                break;
-            }
-            _ = shutdown.wait_for(|s| *s), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-                let timeout = shared.snapshot.load().drain_timeout;
-                drain_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
-            }
-            _ = &mut drain_deadline, if draining => {
-                tracing::debug!(listener = &*lst.name, %peer, "drain timeout: connection closed");
-                break;
-            }
-            _ = head.expired(header_timeout) => {
-                shared.metrics.reject(&lst.name, "header_timeout");
-                tracing::debug!(listener = &*lst.name, %peer, "header timeout");
-                break;
-            }
-            _ = activity.idle_for(idle) => {
-                tracing::debug!(listener = &*lst.name, %peer, "idle timeout");
-                break;
-            }
-        }
-    }
-}
-
-/// Names the reason a connection failed, for the rejection metric.
-fn classify(e: &(dyn std::error::Error + 'static)) -> Option<&'static str> {
-    let h = e.downcast_ref::<hyper::Error>()?;
-    if h.is_parse_too_large() {
-        Some("headers_too_large")
-    } else if h.is_parse() {
-        Some("malformed")
-    } else {
-        None
-    }
+    let limits = crate::adapters::http_conn::Limits {
+        shared: &shared,
+        lst: &lst,
+        peer,
+        head,
+        activity,
+        shutdown,
+    };
+    crate::adapters::http_conn::serve(io, h2_by_alpn, svc, limits).await;
 }
 
 #[cfg(test)]

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod dns;
 pub mod health;
+pub mod http_conn;
 pub mod idle;
 pub mod listener;
 pub mod tcp;

@@ -16,6 +16,7 @@ use crate::mirror;
 use crate::policy::retry::{self, Outcome};
 use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, RetryRt, Snapshot};
+use crate::upstream::pool::Connecting;
 use crate::upstream::{self, Buffered, ClientBody, ReqBody, UpstreamError};
 use bytes::Bytes;
 use http::request::Parts;
@@ -74,7 +75,7 @@ pub async fn run(
         if fwd.deadline.is_some_and(|d| crate::clock::now() >= d) {
             return respond::local(Reason::Timeout.into(), snap, ex);
         }
-        let Some(attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
+        let Some(mut attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
         let req = try_request(&mut head, fwd, &attempt, &ex, body.for_try(), number);
@@ -86,6 +87,13 @@ pub async fn run(
         let sent = crate::clock::until(limit, send).await;
         ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
+        if let Some(setup) = result
+            .as_ref()
+            .ok()
+            .and_then(|r| r.extensions().get::<Connecting>())
+        {
+            attempt.discount(setup.0);
+        }
         attempt.record(outcome, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
         match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))

@@ -593,3 +593,30 @@ async fn the_request_future_stays_small() {
     eprintln!("handle_any's future: {size} bytes");
     assert!(size < 2048, "handle_any's future is {size} bytes");
 }
+
+#[tokio::test(start_paused = true)]
+async fn making_a_connection_is_not_counted_as_the_endpoints_latency() {
+    let w = world(
+        "
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes: [{ match: { path_prefix: / }, cluster: c }]
+clusters:
+  - { name: c, endpoints: ['10.0.0.1:80'] }
+",
+        |_, _, _| async {
+            // 90 ms to connect, then 10 ms to answer.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let mut r = answer(200)?;
+            r.extensions_mut()
+                .insert(crate::upstream::pool::Connecting(Duration::from_millis(90)));
+            Ok(r)
+        },
+    );
+    assert_eq!(w.send("GET", "/").await.0, 200);
+    let snap = w.ctx.shared.snapshot.load_full();
+    let ep = snap.clusters["c"].members.load().endpoints[0].clone();
+    let ms = ep.ewma_ms();
+    assert!((9.0..=11.0).contains(&ms), "latency estimate {ms} ms");
+}

@@ -62,6 +62,12 @@ struct H2 {
 
 type Answer = Result<http::Response<InBody>, UpstreamError>;
 
+/// On a response that went over a connection made for it: how long making it took (TCP,
+/// TLS, HTTP handshake). Not the endpoint's answer time, so its latency estimate leaves it
+/// out (see `crate::attempt`).
+#[derive(Clone, Copy, Debug)]
+pub struct Connecting(pub std::time::Duration);
+
 impl Pool {
     /// Sends `req` to `addr` on a pooled or new connection made by `conn`.
     pub async fn send(
@@ -144,12 +150,16 @@ impl Shard {
         addr: SocketAddr,
         req: http::Request<ReqBody>,
     ) -> Answer {
+        let started = crate::clock::now();
         let mut c = connect_h1(conn, addr).await?;
+        let connecting = Connecting(crate::clock::now().saturating_duration_since(started));
         match c.send.try_send_request(req).await {
             Ok(resp) => {
                 framing(&resp)?;
                 self.checkin_h1(c);
-                Ok(resp.map(InBody::Http))
+                let mut resp = resp.map(InBody::Http);
+                resp.extensions_mut().insert(connecting);
+                Ok(resp)
             }
             Err(mut e) => Err(match e.take_message() {
                 Some(_) => UpstreamError::not_sent(e.into_error()),
@@ -187,11 +197,17 @@ impl Shard {
         addr: SocketAddr,
         req: http::Request<ReqBody>,
     ) -> Answer {
+        let started = crate::clock::now();
         let mut c = self.connect_h2(conn, addr).await?;
+        let connecting = Connecting(crate::clock::now().saturating_duration_since(started));
         c.send
             .try_send_request(req)
             .await
-            .map(|r| r.map(InBody::Http))
+            .map(|r| {
+                let mut r = r.map(InBody::Http);
+                r.extensions_mut().insert(connecting);
+                r
+            })
             .map_err(|mut e| match e.take_message() {
                 Some(_) => UpstreamError::not_sent(e.into_error()),
                 None => UpstreamError::sent(e.into_error()),

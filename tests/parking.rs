@@ -1,0 +1,193 @@
+//! Idle HTTP/1.1 connections are parked (hyper's buffers dropped, the socket kept) and come
+//! back for the next request as if nothing happened: plain and TLS, a head split around the
+//! park, bytes sent before the park is noticed, and the timeouts still apply.
+
+mod common;
+
+use common::pki::*;
+use common::*;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Longer than the proxy's park delay (250 ms) with room for a busy machine.
+const IDLE: Duration = Duration::from_millis(700);
+
+/// A raw HTTP/1.1 client: what it read past one response is kept for the next.
+struct Raw<S> {
+    s: S,
+    buf: Vec<u8>,
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
+    fn new(s: S) -> Raw<S> {
+        Raw { s, buf: Vec::new() }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) {
+        self.s.write_all(bytes).await.unwrap();
+    }
+
+    /// Reads one response with a content-length; answers (status, body).
+    async fn response(&mut self) -> (u16, String) {
+        let mut chunk = [0u8; 1024];
+        loop {
+            if let Some(end) = self.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                let head = String::from_utf8_lossy(&self.buf[..end]).to_lowercase();
+                let len: usize = head
+                    .lines()
+                    .find_map(|l| l.strip_prefix("content-length:"))
+                    .map_or(0, |v| v.trim().parse().unwrap());
+                if self.buf.len() >= end + 4 + len {
+                    let status = head[9..12].parse().unwrap();
+                    let body =
+                        String::from_utf8_lossy(&self.buf[end + 4..end + 4 + len]).into_owned();
+                    self.buf.drain(..end + 4 + len);
+                    return (status, body);
+                }
+            }
+            let n = tokio::time::timeout(Duration::from_secs(5), self.s.read(&mut chunk))
+                .await
+                .expect("an answer within 5 s")
+                .expect("read");
+            assert!(
+                n > 0,
+                "closed before a complete answer: {:?}",
+                String::from_utf8_lossy(&self.buf)
+            );
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    async fn get(&mut self, path: &str) -> (u16, String) {
+        self.send(format!("GET {path} HTTP/1.1\r\nHost: app\r\n\r\n").as_bytes())
+            .await;
+        self.response().await
+    }
+}
+
+async fn parks<S: AsyncRead + AsyncWrite + Unpin>(s: S) {
+    let mut c = Raw::new(s);
+    let before = spur_proxy::footprint::parked_total();
+    assert_eq!(c.get("/one").await, (200, "app".into()));
+    tokio::time::sleep(IDLE).await;
+    assert!(
+        spur_proxy::footprint::parked_total() > before,
+        "the idle connection was parked"
+    );
+    // The same connection serves on, a request at a time...
+    assert_eq!(c.get("/two").await, (200, "app".into()));
+    tokio::time::sleep(IDLE).await;
+    // ...and with a head that arrives in two parts, the second after a pause.
+    c.send(b"GET /three HTTP/1.1\r\nHo").await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    c.send(b"st: app\r\n\r\n").await;
+    assert_eq!(c.response().await, (200, "app".into()));
+    tokio::time::sleep(IDLE).await;
+    // Two requests at once (pipelined) after a park: both answered, in order.
+    c.send(b"GET /a HTTP/1.1\r\nHost: app\r\n\r\nGET /b HTTP/1.1\r\nHost: app\r\n\r\n")
+        .await;
+    assert_eq!(c.response().await.0, 200);
+    assert_eq!(c.response().await.0, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plain_connection_parks_and_serves_on() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
+    let mut s = TcpStream::connect(proxy.listener_addr("web").unwrap())
+        .await
+        .unwrap();
+    parks(&mut s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tls_connection_parks_and_serves_on() {
+    let pki = Pki::new("parking");
+    let leaf = pki.issue("localhost", None, 7);
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    cluster: app\n    tls: {{ cert: \"{}\", key: \"{}\" }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        leaf.cert, leaf.key, app.addr
+    ))
+    .await;
+    let mut roots = rustls::RootCertStore::empty();
+    for c in CertificateDer::pem_file_iter(&pki.ca_path).unwrap() {
+        roots.add(c.unwrap()).unwrap();
+    }
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let tcp = TcpStream::connect(proxy.listener_addr("web").unwrap())
+        .await
+        .unwrap();
+    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap();
+    parks(s).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_keeps_its_timeouts() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "admin: {{ listen: \"127.0.0.1:0\" }}\nlisteners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    cluster: app\n    limits: {{ header_timeout: 400ms, idle_timeout: 1500ms }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    // Parked, then half a head and silence: closed at header_timeout, counted as such.
+    let mut c = Raw::new(TcpStream::connect(web).await.unwrap());
+    assert_eq!(c.get("/").await.0, 200);
+    tokio::time::sleep(IDLE).await;
+    c.send(b"GET / HTTP/1.1\r\nHo").await;
+    let mut s = c.s;
+    let sent = Instant::now();
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    let took = sent.elapsed();
+    assert!(
+        (Duration::from_millis(380)..Duration::from_millis(1200)).contains(&took),
+        "{took:?}"
+    );
+    let timeouts = metric(
+        admin,
+        "spur_downstream_rejected_total",
+        &[("listener", "web"), ("reason", "header_timeout")],
+    )
+    .await;
+    assert_eq!(timeouts, Some(1.0));
+    // Parked and silent: closed at idle_timeout.
+    let mut c = Raw::new(TcpStream::connect(web).await.unwrap());
+    assert_eq!(c.get("/").await.0, 200);
+    let answered = Instant::now();
+    let mut s = c.s;
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .unwrap()
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed");
+    let took = answered.elapsed();
+    assert!(
+        (Duration::from_millis(1450)..Duration::from_millis(2500)).contains(&took),
+        "{took:?}"
+    );
+}
