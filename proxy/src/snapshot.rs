@@ -84,6 +84,8 @@ pub struct ListenerRt {
     pub alt_svc: Option<http::HeaderValue>,
     /// The authorization policy (`authz`, or what `tls.allow_identities` stands for).
     pub authz: Option<AuthzRt>,
+    /// Rate limit and forwarding-header trust (see [`crate::http::edge`]).
+    pub edge: crate::http::edge::ListenerEdge,
 }
 
 pub struct RouteRt {
@@ -102,6 +104,8 @@ pub struct RouteRt {
     pub metrics: Vec<Arc<TargetMetrics>>,
     /// The `Upgrade` protocols this route tunnels (lower case): its `upgrades`, or WebSocket.
     pub upgrades: Vec<Box<str>>,
+    /// Rate limit, CORS, redirect, rewrite, header rules (see [`crate::http::edge`]).
+    pub edge: crate::http::edge::RouteEdge,
 }
 
 pub struct MirrorRt {
@@ -479,6 +483,13 @@ impl Snapshot {
                     .unwrap_or_else(|| format!("{}#{j}", l.name))
                     .into();
                 let lname: Arc<str> = l.name.as_str().into();
+                let edge = crate::http::edge::RouteEdge::compile(
+                    &lname,
+                    &name,
+                    r,
+                    &registry.rate_limits,
+                    metrics,
+                );
                 let metrics = target
                     .clusters()
                     .iter()
@@ -493,6 +504,7 @@ impl Snapshot {
                     ),
                 });
                 routes.push(RouteRt {
+                    edge,
                     name,
                     matcher,
                     target,
@@ -540,6 +552,8 @@ impl Snapshot {
             };
             let authz =
                 spur_config::listener_policy(l).map(|a| AuthzRt::compile(&lname, &a, metrics));
+            let edge =
+                crate::http::edge::ListenerEdge::compile(&lname, l, &registry.rate_limits, metrics);
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerRt {
@@ -560,6 +574,7 @@ impl Snapshot {
                             .expect("a port makes a valid header value")
                     }),
                     authz,
+                    edge,
                 }),
             );
         }
