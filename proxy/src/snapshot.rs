@@ -156,6 +156,10 @@ pub struct ClusterRt {
     pub dns: Option<String>,
     /// TLS origination, when the cluster has `tls` (the same one its pooled client uses).
     pub tls: Option<Arc<ClientTlsRt>>,
+    /// `panic_threshold` and `slow_start` (see [`crate::policy::balance`]).
+    pub tuning: crate::policy::balance::Tuning,
+    /// `spur_lb_panic_total{cluster}`.
+    pub lb_panic: prometheus_client::metrics::counter::Counter,
 }
 
 pub struct BreakerRt {
@@ -331,6 +335,16 @@ fn compile_cluster(
         health_check: c.health_check.clone(),
         dns: c.dns.as_ref().map(|d| d.text().to_string()),
         tls,
+        tuning: crate::policy::balance::Tuning {
+            panic_threshold: c.panic_threshold(),
+            slow_start: c.slow_start.map(|s| s.window.get()),
+        },
+        lb_panic: metrics
+            .lb_panic
+            .get_or_create(&crate::metrics::ClusterLabels {
+                cluster: c.name.as_str().into(),
+            })
+            .clone(),
     };
     Ok(cluster)
 }
@@ -386,11 +400,23 @@ impl Snapshot {
 
     /// Takes over what the previous snapshot learned at run time: the current DNS answers
     /// of `dns:` clusters that still resolve the same name (so a push never empties them).
+    /// Endpoints new to a cluster that was already serving start as recovered ones do
+    /// ([`EndpointState::restart_estimate`]: their peers' latency, and slow start).
     pub fn carry_over_from(&self, old: &Snapshot) {
         for (name, c) in &self.clusters {
             let Some(prev) = old.clusters.get(name) else {
                 continue;
             };
+            // Endpoints new to a cluster that was serving start at their peers' latency (not
+            // the default guess, which would starve them) and slowly (with `slow_start`).
+            let before = prev.members.load();
+            let now = crate::clock::now();
+            let members = c.members.load();
+            for e in &members.endpoints {
+                if !before.endpoints.iter().any(|b| Arc::ptr_eq(b, e)) {
+                    e.restart_estimate(&members, now);
+                }
+            }
             if c.dns.is_some() && c.dns == prev.dns && c.lb == prev.lb {
                 c.members.store(prev.members.load_full());
             }
