@@ -42,6 +42,7 @@ pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;
+pub mod group_share;
 pub mod headers;
 pub mod http;
 pub mod log;
