@@ -55,8 +55,12 @@ pub fn apply(h: &mut HeaderMap, peer: IpAddr, listener_proto: &'static str, trus
     let kept = trust.kept();
     let mut value = Vec::with_capacity(48);
     if kept > 0 {
-        let all: Vec<&str> = entries(h).collect();
-        for e in &all[all.len().saturating_sub(kept)..] {
+        // Without a list of its own: a mesh peer's whole list, or the last `kept` entries.
+        let skip = match kept {
+            usize::MAX => 0,
+            n => entries(h).count().saturating_sub(n),
+        };
+        for e in entries(h).skip(skip) {
             value.extend_from_slice(e.as_bytes());
             value.extend_from_slice(b", ");
         }
@@ -83,8 +87,9 @@ pub fn client_ip(h: &HeaderMap, peer: IpAddr, trust: Trust) -> IpAddr {
     if kept == 0 {
         return peer;
     }
-    let all: Vec<&str> = entries(h).collect();
-    all.get(all.len().saturating_sub(kept))
+    let skip = entries(h).count().saturating_sub(kept);
+    entries(h)
+        .nth(skip)
         .and_then(|e| e.parse().ok())
         .unwrap_or(peer)
 }
