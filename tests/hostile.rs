@@ -476,12 +476,13 @@ flags:
     assert!(tp.starts_with("00-") && tp.len() == 55, "{tp}");
 }
 
-/// Issue 20, item 13: two `x-forwarded-for` headers are joined, not one dropped.
+/// Issue 20, item 13: two `x-forwarded-for` headers are joined, not one dropped (from
+/// trusted hops: an untrusted client's are replaced, issue 17).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forwarded_for_headers_are_joined() {
     let app = raw_backend(|_| "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".into()).await;
     let proxy = start_proxy(&format!(
-        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\n\
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app, x_forwarded: {{ trusted_hops: 3 }} }}\n\
          clusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
         app.addr
     ))

@@ -59,10 +59,20 @@ pub struct Cluster {
     pub circuit_breaker: Option<CircuitBreaker>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Percent of endpoints that must be available; below it (and above none) requests
+    /// go to all of them. Default [`defaults::PANIC_THRESHOLD`]; 0 turns it off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slow_start: Option<crate::edge::SlowStart>,
 }
 
 impl Cluster {
     /// `fallback_period`, or its default.
+    pub fn panic_threshold(&self) -> u32 {
+        self.panic_threshold.unwrap_or(defaults::PANIC_THRESHOLD)
+    }
+
     pub fn fallback_period(&self) -> Duration {
         self.fallback_period
             .unwrap_or_else(defaults::fallback_period)

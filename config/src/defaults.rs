@@ -95,3 +95,17 @@ pub fn unhealthy_threshold() -> u32 {
 pub fn healthy_threshold() -> u32 {
     2
 }
+pub fn rate_per() -> Duration {
+    Duration::from_secs(1)
+}
+pub fn limit_key() -> crate::edge::LimitKey {
+    crate::edge::LimitKey::Route
+}
+pub fn max_keys() -> u32 {
+    100_000
+}
+pub fn redirect_status() -> u16 {
+    301
+}
+/// A cluster's `panic_threshold` (percent).
+pub const PANIC_THRESHOLD: u32 = 50;

@@ -7,8 +7,9 @@
 //! `HeaderName`, a compiled regex, a [`SpiffeId`]): validation and the proxy cannot
 //! disagree about what a value means, and the proxy's compile has nothing left to fail on.
 //!
-//! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`], [`authz`]
-//! and [`defaults`] are the schema; [`values`], [`conditions`] and [`peers`] the parsed
+//! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`], [`authz`],
+//! [`edge`] (rate limits, header rules, rewrites, redirects, CORS) and [`defaults`] are the
+//! schema; [`values`], [`conditions`] and [`peers`] the parsed
 //! value types;
 //! `depth` (nesting limit), `tree` (deserializing with paths and plain words) and `parse`
 //! (every parse error) read text; `validate` checks what relates fields to each other.
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod conditions;
 pub mod defaults;
 mod depth;
+pub mod edge;
 mod parse;
 pub mod peers;
 pub mod route;
@@ -36,6 +38,10 @@ pub use authz::{
 pub use cluster::*;
 pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn, UpgradeProtocol};
 pub use depth::MAX_DEPTH;
+pub use edge::{
+    Cors, HeaderRules, HeaderTemplate, HeaderValues, HostName, LimitKey, LimitMode, LimitScope,
+    OriginPattern, RateLimit, Redirect, RedirectScheme, Rewrite, SlowStart, XForwarded,
+};
 pub use parse::{parse, Format};
 pub use peers::{Cidr, IdentityGlob, Namespace};
 pub use route::*;
@@ -202,5 +208,7 @@ pub fn summary(cfg: &Config) -> String {
 mod tests;
 #[cfg(test)]
 mod tests_authz;
+#[cfg(test)]
+mod tests_edge;
 #[cfg(test)]
 mod tests_read;

@@ -3,6 +3,7 @@
 
 use crate::conditions::{HashOn, RetryOn, UpgradeProtocol};
 use crate::defaults;
+use crate::edge::{Cors, HeaderRules, RateLimit, Redirect, Rewrite};
 use crate::units::{ByteSize, Duration};
 use crate::values::{HeaderRegex, Parsed};
 use serde::{Deserialize, Serialize};
@@ -35,6 +36,22 @@ pub struct Route {
     /// stripped and the request goes on as a plain one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub upgrades: Option<Vec<Parsed<UpgradeProtocol>>>,
+    /// Requests over this rate get 429 `rate_limited` (see [`crate::edge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// Headers set, added and removed on the request the upstream receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_headers: Option<HeaderRules>,
+    /// Headers set, added and removed on the response the client receives.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub response_headers: Option<HeaderRules>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rewrite: Option<Rewrite>,
+    /// Spur answers with a redirect; the route has no cluster.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redirect: Option<Redirect>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cors: Option<Cors>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

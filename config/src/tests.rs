@@ -126,7 +126,7 @@ clusters:
         "listeners[0].routes[1].split: weights add up to 0: at least one must be above 0",
         "listeners[0].routes[2]: use either cluster or split, not both",
         "listeners[0].routes[4].hash_on: `ip:x` must be `header:NAME` or `cookie:NAME`",
-        "listeners[0].routes[3]: needs a cluster or a split",
+        "listeners[0].routes[3]: needs a cluster, a split or a redirect",
         "listeners[1].name: duplicate listener name `a`",
         "listeners[1].listen: 127.0.0.1:80 is used by another listener (`a`)",
         "listeners[1].cluster: a tcp listener needs a cluster",

@@ -11,6 +11,7 @@ use crate::authz::Authz;
 use crate::cluster::Cluster;
 use crate::conditions::{CookieName, HashOn};
 use crate::defaults;
+use crate::edge::{RateLimit, XForwarded};
 use crate::route::Route;
 use crate::units::{ByteSize, Duration};
 use crate::values::Parsed;
@@ -135,6 +136,12 @@ pub struct Listener {
     /// Who may send what: see [`crate::authz`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub authz: Option<Authz>,
+    /// A rate limit on every request of the listener (before routing).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+    /// How far forwarding headers from the client are believed (default: not at all).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub x_forwarded: Option<XForwarded>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

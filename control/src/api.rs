@@ -399,6 +399,9 @@ struct StatusReport {
     /// The version it rejected, and why.
     rejected_version: Option<u64>,
     error: Option<String>,
+    /// Requests per second that reached each `scope: group` rate limit (see
+    /// [`crate::group_limits`]).
+    demand: Option<std::collections::BTreeMap<String, f64>>,
 }
 
 async fn report_status(
@@ -415,6 +418,14 @@ async fn report_status(
         Ok(r) => r,
         Err(e) => return error(StatusCode::BAD_REQUEST, "", e),
     };
+    if let Some(demand) = report.demand {
+        control.group_limits.report(group, node, demand);
+        if report.applied_version.is_none() && report.error.is_none() {
+            // A demand report alone says nothing of versions or errors.
+            control.proxies.seen(group, node);
+            return full(StatusCode::OK, &json!({ "ok": true }));
+        }
+    }
     let error_text = match (report.rejected_version, report.error) {
         (Some(v), Some(e)) => Some(format!("version {v} rejected: {e}")),
         (None, Some(e)) => Some(e),

@@ -5,6 +5,7 @@
 //! - [`api`]: the HTTP handlers of SPEC's control API.
 //! - [`store`]: versions and history, persisted under the data directory.
 //! - [`watch`]: fan-out of new versions to watching proxies.
+//! - [`group_limits`]: shares of group-wide rate limits, from the proxies' demand.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
 //!   EndpointSlices, each change a new version.
 
@@ -12,6 +13,7 @@ pub mod api;
 pub mod ca;
 pub mod certify;
 pub mod cli;
+pub mod group_limits;
 pub mod join;
 pub mod k8s;
 pub mod proxies;
@@ -236,6 +238,8 @@ pub struct Control {
     pub proxies: Arc<proxies::Proxies>,
     /// Request bodies parsed at once, off the request threads ([`api`]).
     pub parse_slots: tokio::sync::Semaphore,
+    /// Demand and shares of `scope: group` rate limits ([`group_limits`]).
+    pub group_limits: Arc<group_limits::GroupLimits>,
 }
 
 impl Control {
@@ -252,6 +256,7 @@ impl Control {
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
+            group_limits: Arc::default(),
         }
     }
 
@@ -391,11 +396,14 @@ pub struct ControlHandle {
     pub control: Arc<Control>,
     task: tokio::task::JoinHandle<()>,
     discovery: Option<tokio::task::JoinHandle<()>>,
+    /// Computes group rate-limit shares every second.
+    shares: tokio::task::JoinHandle<()>,
 }
 
 impl ControlHandle {
     pub fn stop(&self) {
         self.task.abort();
+        self.shares.abort();
         if let Some(d) = &self.discovery {
             d.abort();
         }
@@ -453,7 +461,9 @@ pub async fn start_with_tls(
     let discovery =
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
+    let shares = group_limits::spawn(control.group_limits.clone());
     Ok(ControlHandle {
+        shares,
         addr,
         control,
         task,

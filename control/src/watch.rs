@@ -72,6 +72,10 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
     // The proxy counts as watching (and is never forgotten) while the stream is open.
     let watching = node.as_ref().map(|n| control.proxies.watching(group, n));
     let mut rx = control.subscribe(group);
+    // Shares of group rate limits, for a proxy that names itself.
+    let mut shares = node
+        .as_ref()
+        .map(|n| control.group_limits.subscribe(group, n));
     let (tx, body_rx) = mpsc::channel::<Bytes>(4);
     let control = control.clone();
     let group = group.to_string();
@@ -91,6 +95,13 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
             }
             tokio::select! {
                 changed = rx.changed() => if changed.is_err() { break },
+                line = crate::group_limits::next_line(&mut shares) => {
+                    if let Some(line) = line {
+                        if tx.send(line).await.is_err() {
+                            break;
+                        }
+                    }
+                }
                 _ = tokio::time::sleep(HEARTBEAT) => {
                     if tx.send(Bytes::from_static(b"\n")).await.is_err() {
                         break;

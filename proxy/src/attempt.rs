@@ -116,10 +116,22 @@ impl Attempt {
         let mut skip: Option<Vec<usize>> = None;
         loop {
             let exclude = skip.as_deref().unwrap_or(tried.as_slice());
-            let i = members
-                .balancer
-                .pick(&members.endpoints, exclude, now, key)?;
-            if let Some(probe) = members.endpoints[i].try_acquire(now) {
+            let pick = members.balancer.pick_with(
+                &members.endpoints,
+                exclude,
+                now,
+                key,
+                cluster.tuning,
+            )?;
+            let i = pick.index;
+            // In panic mode every endpoint is a candidate: the breaker is not asked.
+            let acquired = if pick.panic {
+                cluster.lb_panic.inc();
+                Some(false)
+            } else {
+                members.endpoints[i].try_acquire(now)
+            };
+            if let Some(probe) = acquired {
                 let in_flight = members.endpoints[i].start(probe);
                 return Some(Attempt {
                     cluster: cluster.clone(),

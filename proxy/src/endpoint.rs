@@ -16,7 +16,7 @@ use crate::upstream::pool::Pool;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -34,6 +34,8 @@ pub struct EndpointState {
     open: AtomicBool,
     health: Mutex<Health>,
     healthy: AtomicBool,
+    /// Since when the endpoint is in slow start: nanoseconds after [`RAMP_EPOCH`] (0: not).
+    ramp_since: AtomicU64,
     /// HTTP/1.1 and HTTP/2 connections to this endpoint.
     pub pool: Pool,
     pub metrics: Arc<EndpointMetrics>,
@@ -128,6 +130,7 @@ impl EndpointState {
             open: AtomicBool::new(false),
             health: Mutex::new(Health::default()),
             healthy: AtomicBool::new(true),
+            ramp_since: AtomicU64::new(0),
             pool: Pool::default(),
         }
     }
@@ -220,6 +223,22 @@ impl EndpointState {
             .unwrap_or(usize::MAX);
         let estimate = crate::policy::balance::peer_estimate(&members.endpoints, me, now);
         self.ewma.lock().unwrap().reset(estimate, now);
+        self.start_ramp(now);
+    }
+
+    /// Starts the endpoint's slow start at `now` (it is new to its cluster, or back). It
+    /// matters only in a cluster with `slow_start`; the ramp ends by itself.
+    pub fn start_ramp(&self, now: Instant) {
+        let epoch = *RAMP_EPOCH.get_or_init(|| now - Duration::from_secs(1));
+        let ns = now.saturating_duration_since(epoch).as_nanos() as u64;
+        self.ramp_since.store(ns.max(1), Ordering::Relaxed);
+    }
+
+    /// Since when the endpoint is in slow start.
+    pub fn ramp_since(&self) -> Option<Instant> {
+        let ns = self.ramp_since.load(Ordering::Relaxed);
+        let epoch = RAMP_EPOCH.get()?;
+        (ns != 0).then(|| *epoch + Duration::from_nanos(ns))
     }
 
     /// Records how long the endpoint took to answer, or that it failed.
@@ -272,7 +291,13 @@ impl Candidate for Arc<EndpointState> {
     fn available(&self, now: Instant) -> bool {
         self.is_available(now)
     }
+    fn ramp_since(&self) -> Option<Instant> {
+        EndpointState::ramp_since(self)
+    }
 }
+
+/// The instant slow-start stamps count from (set by the first one).
+static RAMP_EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
 /// A request in flight to an endpoint; dropping it ends the count.
 pub struct InFlight {

@@ -1,4 +1,5 @@
-//! Header hygiene between hops: hop-by-hop removal, forwarding headers, size accounting.
+//! Header hygiene between hops: hop-by-hop removal, size accounting (forwarding headers:
+//! [`crate::http::forwarded`]).
 
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
@@ -117,32 +118,6 @@ pub fn upgrade_to_send(
     HeaderValue::from_str(&kept).ok()
 }
 
-/// Appends the client's address to `x-forwarded-for` (one header: several that came are
-/// joined in order, none dropped) and sets `x-forwarded-proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
-    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
-    if prev.peek().is_none() {
-        // The common case: the client's address alone, made once per connection.
-        headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
-    } else {
-        let mut value = Vec::with_capacity(48);
-        for p in prev {
-            value.extend_from_slice(p.as_bytes());
-            value.extend_from_slice(b", ");
-        }
-        value.extend_from_slice(peer.as_bytes());
-        if let Ok(v) = HeaderValue::from_bytes(&value) {
-            headers.insert(X_FORWARDED_FOR.clone(), v);
-        }
-    }
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
-}
-
-/// A client address as an `x-forwarded-for` element.
-pub fn forwarded_value(peer: std::net::IpAddr) -> HeaderValue {
-    HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
-}
-
 /// The hop count a request arrived with (`x-spur-hops`, the largest if several; one that is
 /// not a number counts as 0).
 pub fn hops_of(headers: &HeaderMap) -> u32 {
@@ -259,28 +234,6 @@ mod tests {
             None,
             "not named in Connection"
         );
-    }
-
-    #[test]
-    fn forwarded_for_appends() {
-        let mut h = HeaderMap::new();
-        set_forwarded(
-            &mut h,
-            &forwarded_value("10.0.0.1".parse().unwrap()),
-            "http",
-        );
-        set_forwarded(&mut h, &forwarded_value("::1".parse().unwrap()), "http");
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
-        assert_eq!(h["x-forwarded-proto"], "http");
-        // Two that came are joined, not one dropped.
-        h.append("x-forwarded-for", "192.0.2.9".parse().unwrap());
-        set_forwarded(
-            &mut h,
-            &forwarded_value("10.0.0.2".parse().unwrap()),
-            "https",
-        );
-        assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
-        assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1, 192.0.2.9, 10.0.0.2");
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
 //! - [`reason`]: every answer Spur makes itself, with its status and label.
 //! - [`authorize`]: a listener's authorization policy ([`policy::authz`]) with its
-//!   counters, enforced by the plan (requests) and the tcp relay (connections).
+//!   counters, enforced by the plan (requests) and the tcp relay (connections);
+//!   [`ratelimit`]: rate limits ([`policy::ratelimit`]) with their counters and group
+//!   shares ([`group_share`]: demand reports and shares over the control plane's stream).
 //!
 //! Doing:
 //! - [`http`]: the HTTP request path: plan, then [`http::tries`], then [`http::respond`];
@@ -41,6 +43,7 @@ pub mod echo;
 pub mod endpoint;
 pub mod exchange;
 pub mod footprint;
+pub mod group_share;
 pub mod headers;
 pub mod http;
 pub mod log;
@@ -49,6 +52,7 @@ pub mod mirror;
 pub mod policy;
 pub mod process_metrics;
 pub mod quic;
+pub mod ratelimit;
 pub mod reason;
 pub mod registry;
 pub mod reload;

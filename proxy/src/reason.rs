@@ -45,6 +45,10 @@ pub enum Reason {
     /// A path that is not one (a bad percent-escape), or an encoded slash or backslash on a
     /// listener that does not allow them (400).
     InvalidPath,
+    /// Over the route's or listener's `rate_limit` (429).
+    RateLimited,
+    /// A browser request from an origin the route's `cors` does not allow (403).
+    CorsForbidden,
 }
 
 impl Reason {
@@ -66,6 +70,8 @@ impl Reason {
             Reason::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Reason::LoopDetected => StatusCode::LOOP_DETECTED,
             Reason::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            Reason::RateLimited => StatusCode::TOO_MANY_REQUESTS,
+            Reason::CorsForbidden => StatusCode::FORBIDDEN,
         }
     }
 
@@ -80,6 +86,8 @@ impl Reason {
                 | Reason::InvalidPath
                 | Reason::LoopDetected
                 | Reason::MethodNotAllowed
+                | Reason::RateLimited
+                | Reason::CorsForbidden
         )
     }
 
@@ -102,6 +110,8 @@ impl Reason {
             Reason::LoopDetected => "loop_detected",
             Reason::MethodNotAllowed => "method_not_allowed",
             Reason::InvalidPath => "invalid_path",
+            Reason::RateLimited => "rate_limited",
+            Reason::CorsForbidden => "cors_forbidden",
         }
     }
 }
@@ -135,6 +145,8 @@ mod tests {
             Reason::BodyTimeout,
             Reason::LoopDetected,
             Reason::MethodNotAllowed,
+            Reason::RateLimited,
+            Reason::CorsForbidden,
         ];
         let labels: std::collections::HashSet<_> = all.iter().map(|r| r.as_str()).collect();
         assert_eq!(labels.len(), all.len());

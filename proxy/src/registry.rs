@@ -48,6 +48,8 @@ pub struct Registry {
     generations: std::sync::atomic::AtomicU64,
     limits: Mutex<HashMap<String, Arc<ClusterLimits>>>,
     budgets: Mutex<HashMap<String, Arc<Budget>>>,
+    /// Rate limits' buckets, kept while their settings stay (see [`crate::ratelimit`]).
+    pub rate_limits: crate::ratelimit::LimitRegistry,
     /// The request path's own tests: every cluster compiled from now on sends here.
     #[cfg(test)]
     pub fake: Mutex<Option<Arc<dyn crate::upstream::fake::Fake>>>,
@@ -154,6 +156,8 @@ impl Registry {
             .lock()
             .unwrap()
             .retain(|k, _| routes.contains(k.as_str()));
+        self.rate_limits
+            .retain(&crate::http::edge::limit_names(snap));
         for c in snap.clusters.values() {
             let members = c.members.load();
             let live: HashSet<SocketAddr> = members.endpoints.iter().map(|e| e.addr).collect();

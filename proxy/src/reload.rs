@@ -59,6 +59,15 @@ impl Backoff {
     }
 }
 
+/// Ends a task when dropped (with the watch task that started it).
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Why a watch stream ended: each is logged as what it is, so "unreachable" means that.
 #[derive(Debug)]
 enum WatchEnd {
@@ -82,6 +91,11 @@ enum WatchEnd {
 /// fetch the same version again.
 pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
+        // Demand reports of group rate limits (see `group_share`).
+        let _reporter = AbortOnDrop(crate::group_share::spawn_reporter(
+            proxy.clone(),
+            src.clone(),
+        ));
         let client: HttpClient = src.client.clone();
         let mut seen = proxy.version();
         let mut backoff = Backoff { attempt: 0 };
@@ -119,7 +133,7 @@ pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::Join
     })
 }
 
-fn request(
+pub(crate) fn request(
     src: &ControlSource,
     method: http::Method,
     path: &str,
@@ -199,6 +213,9 @@ async fn watch_once(
             let text = String::from_utf8_lossy(&line);
             if text.trim().is_empty() {
                 continue; // heartbeat
+            }
+            if crate::group_share::handle_line(proxy, text.trim()) {
+                continue;
             }
             handle_line(proxy, client, src, text.trim(), seen).await;
         }

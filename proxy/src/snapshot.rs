@@ -84,6 +84,8 @@ pub struct ListenerRt {
     pub alt_svc: Option<http::HeaderValue>,
     /// The authorization policy (`authz`, or what `tls.allow_identities` stands for).
     pub authz: Option<AuthzRt>,
+    /// Rate limit and forwarding-header trust (see [`crate::http::edge`]).
+    pub edge: crate::http::edge::ListenerEdge,
 }
 
 pub struct RouteRt {
@@ -102,6 +104,8 @@ pub struct RouteRt {
     pub metrics: Vec<Arc<TargetMetrics>>,
     /// The `Upgrade` protocols this route tunnels (lower case): its `upgrades`, or WebSocket.
     pub upgrades: Vec<Box<str>>,
+    /// Rate limit, CORS, redirect, rewrite, header rules (see [`crate::http::edge`]).
+    pub edge: crate::http::edge::RouteEdge,
 }
 
 pub struct MirrorRt {
@@ -152,6 +156,10 @@ pub struct ClusterRt {
     pub dns: Option<String>,
     /// TLS origination, when the cluster has `tls` (the same one its pooled client uses).
     pub tls: Option<Arc<ClientTlsRt>>,
+    /// `panic_threshold` and `slow_start` (see [`crate::policy::balance`]).
+    pub tuning: crate::policy::balance::Tuning,
+    /// `spur_lb_panic_total{cluster}`.
+    pub lb_panic: prometheus_client::metrics::counter::Counter,
 }
 
 pub struct BreakerRt {
@@ -327,6 +335,16 @@ fn compile_cluster(
         health_check: c.health_check.clone(),
         dns: c.dns.as_ref().map(|d| d.text().to_string()),
         tls,
+        tuning: crate::policy::balance::Tuning {
+            panic_threshold: c.panic_threshold(),
+            slow_start: c.slow_start.map(|s| s.window.get()),
+        },
+        lb_panic: metrics
+            .lb_panic
+            .get_or_create(&crate::metrics::ClusterLabels {
+                cluster: c.name.as_str().into(),
+            })
+            .clone(),
     };
     Ok(cluster)
 }
@@ -382,11 +400,23 @@ impl Snapshot {
 
     /// Takes over what the previous snapshot learned at run time: the current DNS answers
     /// of `dns:` clusters that still resolve the same name (so a push never empties them).
+    /// Endpoints new to a cluster that was already serving start as recovered ones do
+    /// ([`EndpointState::restart_estimate`]: their peers' latency, and slow start).
     pub fn carry_over_from(&self, old: &Snapshot) {
         for (name, c) in &self.clusters {
             let Some(prev) = old.clusters.get(name) else {
                 continue;
             };
+            // Endpoints new to a cluster that was serving start at their peers' latency (not
+            // the default guess, which would starve them) and slowly (with `slow_start`).
+            let before = prev.members.load();
+            let now = crate::clock::now();
+            let members = c.members.load();
+            for e in &members.endpoints {
+                if !before.endpoints.iter().any(|b| Arc::ptr_eq(b, e)) {
+                    e.restart_estimate(&members, now);
+                }
+            }
             if c.dns.is_some() && c.dns == prev.dns && c.lb == prev.lb {
                 c.members.store(prev.members.load_full());
             }
@@ -479,6 +509,13 @@ impl Snapshot {
                     .unwrap_or_else(|| format!("{}#{j}", l.name))
                     .into();
                 let lname: Arc<str> = l.name.as_str().into();
+                let edge = crate::http::edge::RouteEdge::compile(
+                    &lname,
+                    &name,
+                    r,
+                    &registry.rate_limits,
+                    metrics,
+                );
                 let metrics = target
                     .clusters()
                     .iter()
@@ -493,6 +530,7 @@ impl Snapshot {
                     ),
                 });
                 routes.push(RouteRt {
+                    edge,
                     name,
                     matcher,
                     target,
@@ -540,6 +578,8 @@ impl Snapshot {
             };
             let authz =
                 spur_config::listener_policy(l).map(|a| AuthzRt::compile(&lname, &a, metrics));
+            let edge =
+                crate::http::edge::ListenerEdge::compile(&lname, l, &registry.rate_limits, metrics);
             listeners.insert(
                 l.name.clone(),
                 Arc::new(ListenerRt {
@@ -560,6 +600,7 @@ impl Snapshot {
                             .expect("a port makes a valid header value")
                     }),
                     authz,
+                    edge,
                 }),
             );
         }

@@ -8,6 +8,7 @@
 
 mod authz;
 mod cluster;
+mod edge;
 mod listen;
 mod route;
 
@@ -63,6 +64,7 @@ pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
     let mut cluster_names = BTreeSet::new();
     for (i, c) in cfg.clusters.iter().enumerate() {
         cluster::check(&format!("clusters[{i}]"), c, &mut cluster_names, rules, e);
+        edge::check_cluster(&format!("clusters[{i}]"), c, e);
     }
 
     for (name, flag) in &cfg.flags {
@@ -161,6 +163,7 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
     if let Some(authz) = &l.authz {
         authz::check(p, authz, l, e);
     }
+    edge::check_listener(p, l, e);
     let mut route_names = BTreeSet::new();
     for (j, r) in l.routes.iter().enumerate() {
         let rp = format!("{p}.routes[{j}]");
@@ -168,6 +171,7 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
             check_name(&format!("{rp}.name"), name, &mut route_names, "route", e);
         }
         route::check(&rp, r, cfg, clusters, e);
+        edge::check_route(&rp, r, l, e);
     }
 }
 

@@ -100,7 +100,8 @@ fn check_target(p: &str, r: &Route, clusters: &HashSet<&str>, e: &mut Errors) {
             }
         }
         (Some(_), false) => e.push(p, "use either cluster or split, not both"),
-        (None, true) => e.push(p, "needs a cluster or a split"),
+        (None, true) if r.redirect.is_some() => {}
+        (None, true) => e.push(p, "needs a cluster, a split or a redirect"),
     }
     if r.hash_on.is_some() && r.split.is_empty() {
         e.push(format!("{p}.hash_on"), "only applies to a split");

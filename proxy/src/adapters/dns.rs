@@ -110,9 +110,17 @@ impl Dns {
             .map(|a| registry.endpoint(&cluster.name, *a, metrics))
             .collect();
         let weights = vec![1; endpoints.len()];
-        cluster
-            .members
-            .store(Arc::new(Members::build(cluster.lb, endpoints, weights)));
+        let members = Arc::new(Members::build(cluster.lb, endpoints, weights));
+        // New endpoints of a cluster that was serving start as recovered ones do: their
+        // peers' latency, and slow start.
+        let now = crate::clock::now();
+        for e in &members.endpoints {
+            if !current.endpoints.is_empty() && !current.endpoints.iter().any(|c| Arc::ptr_eq(c, e))
+            {
+                e.restart_estimate(&members, now);
+            }
+        }
+        cluster.members.store(members);
         // Per-address upstream state (QUIC connections) of addresses that left goes.
         cluster.client.retain(&|a| addrs.contains(&a));
         tracing::info!(

@@ -14,9 +14,14 @@
 //! The exchange record (access log, request metrics) is written when the response body
 //! ends, see [`crate::exchange`].
 
+pub mod answer;
+pub mod cors;
+pub mod edge;
+pub mod forwarded;
 pub mod normalize;
 pub mod plan;
 pub mod respond;
+pub mod rules;
 pub mod tries;
 
 use crate::body::InBody;
@@ -118,6 +123,9 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
         &mut rng,
     );
     ex.record_plan(&plan, lst);
+    if let (Some(route), Action::Forward(_)) = (plan.route, &plan.action) {
+        edge::rewrite(route, &mut head);
+    }
     if let Some(p) = head.uri.path_and_query() {
         // Normalised by the plan: logged, and sent upstream, as it was routed.
         ex.path = p.clone();
@@ -136,6 +144,12 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
             }
             respond::local(refusal, &snap, ex)
         }
+        Action::Answer(ref answer) => {
+            if let Some(reason) = answer.reason.filter(|r| r.rejects_client()) {
+                ctx.shared.metrics.reject(&lst.name, reason.as_str());
+            }
+            answer::respond(answer, &snap, ex)
+        }
         Action::Forward(ref fwd) => {
             rewrite_head(ctx, &snap.correlation.header, &plan, fwd, &mut head);
             tries::run(ctx, &snap, fwd, head, body, ex).await
@@ -144,6 +158,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     if let Some(v) = &lst.alt_svc {
         resp.headers_mut().insert(header::ALT_SVC, v.clone());
     }
+    edge::on_response(ctx, &plan, resp.headers_mut());
     resp
 }
 
@@ -194,10 +209,8 @@ fn rewrite_head(
         }
         None => "http",
     };
-    let peer = ctx
-        .forwarded
-        .get_or_init(|| headers::forwarded_value(ctx.peer.ip()));
-    headers::set_forwarded(h, peer, proto);
+    // Forwarding headers and the route's `request_headers` (see `edge`).
+    edge::on_request(ctx, plan, h, proto);
     if let Some(proto) = &fwd.upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());

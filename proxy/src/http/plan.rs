@@ -23,6 +23,11 @@
 //!    (transparent mode), else the listener's default cluster, else 404;
 //! 6. **split**: the route's cluster or one side of its split (sticky by `hash_on`);
 //! 7. **fault**: injected delay and abort.
+//!
+//! Edge policy (see [`super::edge`]) decides in two places: the listener's rate limit after
+//! **authorize**; after **route**, the route's CORS (a preflight is routed as the request it
+//! announces, and answered here), its rate limit and its redirect. These answers are
+//! [`Action::Answer`]s (boxed: a forwarded request carries nothing more for them).
 
 use crate::authorize::{Authorized, AuthzRt};
 use crate::headers;
@@ -72,12 +77,19 @@ pub struct Plan<'s> {
     pub authz_rule: Option<Arc<str>>,
     /// `x-spur-hops` for the upstream: the request's hop count, this proxy included.
     pub hops: u32,
+    /// How far the peer's forwarding headers are believed.
+    pub trust: super::forwarded::Trust,
+    /// A browser request from an origin the route's `cors` allows: the origin, for the
+    /// response's CORS headers.
+    pub cors_origin: Option<Box<HeaderValue>>,
     pub action: Action<'s>,
 }
 
 pub enum Action<'s> {
     Forward(Forward<'s>),
     Refuse(Refusal),
+    /// An answer with headers of its own: a 429, a redirect, a CORS preflight.
+    Answer(Box<super::answer::Answer>),
 }
 
 /// Where a request goes and how it is tried.
@@ -124,7 +136,7 @@ impl Plan<'_> {
     pub fn cluster(&self) -> Option<&Arc<ClusterRt>> {
         match &self.action {
             Action::Forward(f) => Some(&f.cluster),
-            Action::Refuse(_) => None,
+            Action::Refuse(_) | Action::Answer(_) => None,
         }
     }
 }
@@ -150,6 +162,8 @@ pub fn plan<'s>(
         delay: None,
         authz_rule: None,
         hops: 0,
+        trust: super::edge::trust(lst, peer),
+        cors_origin: None,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
     if let Err(reason) =
@@ -173,6 +187,10 @@ pub fn plan<'s>(
             return plan;
         }
     }
+    if let Some(answer) = super::edge::listener_limit(lst, peer, head, now) {
+        plan.action = Action::Answer(answer);
+        return plan;
+    }
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;
     plan.flags_header = header;
@@ -183,7 +201,8 @@ pub fn plan<'s>(
         host: headers::host_of(&head.uri, &head.headers),
         headers: &head.headers,
     };
-    plan.route = lst.route(&view, &plan.flags_on);
+    let (route, preflight) = super::edge::route_for(lst, &view, &plan.flags_on);
+    plan.route = route;
     let Some(route) = plan.route else {
         // Transparent mode: the cluster owning the original destination, else the default.
         let cluster = peer
@@ -208,6 +227,17 @@ pub fn plan<'s>(
         return plan;
     };
     plan.route_name = Some(route.name.clone());
+    match super::edge::decide_route(route, lst, peer, head, preflight, now, &mut plan) {
+        Some(Ok(answer)) => {
+            plan.action = Action::Answer(answer);
+            return plan;
+        }
+        Some(Err(reason)) => {
+            plan.action = Action::Refuse(reason.into());
+            return plan;
+        }
+        None => {}
+    }
     let hash_key = route
         .hash_on
         .as_ref()
@@ -374,3 +404,7 @@ fn choose_split(
 #[cfg(test)]
 #[path = "plan_tests.rs"]
 mod tests;
+
+#[cfg(test)]
+#[path = "plan_edge_tests.rs"]
+mod edge_tests;

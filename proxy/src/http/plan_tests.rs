@@ -94,7 +94,7 @@ fn head(method: &str, uri: &str, headers: &[(&str, &str)]) -> Parts {
     b.body(()).unwrap().into_parts().0
 }
 
-const CLIENT: Peer<'static> = Peer {
+pub(super) const CLIENT: Peer<'static> = Peer {
     addr: SocketAddr::V4(std::net::SocketAddrV4::new(
         std::net::Ipv4Addr::new(192, 0, 2, 7),
         40000,
@@ -119,7 +119,7 @@ fn case(method: &str, uri: &str, headers: &[(&str, &str)]) -> Case {
 
 /// What a plan says, in a form a table can compare.
 #[derive(Debug, PartialEq)]
-enum Said {
+pub(super) enum Said {
     Forward {
         route: String,
         cluster: String,
@@ -129,6 +129,12 @@ enum Said {
         reason: Reason,
         status: u16,
     },
+    /// An answer with headers of its own: its status and `Location`, if any.
+    Answer {
+        route: String,
+        status: u16,
+        location: Option<String>,
+    },
 }
 
 fn decide<'s>(snap: &'s Snapshot, c: &Case) -> (Said, Plan<'s>) {
@@ -136,8 +142,13 @@ fn decide<'s>(snap: &'s Snapshot, c: &Case) -> (Said, Plan<'s>) {
     let mut rng = fastrand::Rng::with_seed(7);
     let mut head = c.head.clone();
     let p = plan(snap, lst, c.peer, &mut head, Instant::now(), &mut rng);
+    (said(&p), p)
+}
+
+/// What a plan says.
+pub(super) fn said(p: &Plan<'_>) -> Said {
     let route = p.route_name.as_deref().unwrap_or("-").to_string();
-    let said = match &p.action {
+    match &p.action {
         Action::Forward(f) => Said::Forward {
             route,
             cluster: f.cluster.name.to_string(),
@@ -147,8 +158,15 @@ fn decide<'s>(snap: &'s Snapshot, c: &Case) -> (Said, Plan<'s>) {
             reason: r.reason,
             status: r.status.as_u16(),
         },
-    };
-    (said, p)
+        Action::Answer(a) => Said::Answer {
+            route,
+            status: a.status.as_u16(),
+            location: a
+                .headers
+                .get("location")
+                .map(|v| v.to_str().unwrap().to_string()),
+        },
+    }
 }
 
 fn fwd(route: &str, cluster: &str) -> Said {

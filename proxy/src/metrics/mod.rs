@@ -111,6 +111,21 @@ pub struct AuthzLabels {
     pub decision: &'static str,
 }
 
+/// `spur_rate_limited_total`: requests over a rate limit (route empty: the listener's own).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    /// `enforce` (answered 429) or `shadow` (let through).
+    pub mode: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitShareLabels {
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ListenerLabels {
     pub listener: Arc<str>,
@@ -278,6 +293,12 @@ define_metrics! {
     /// Times an http3 cluster turned to its TCP fallback for an endpoint.
     quic_fallback: Family<ClusterLabels, Counter> = Family::default(),
         "spur_quic_fallback", "Times an http3 cluster fell back to TCP for an endpoint after QUIC failed";
+    rate_limited: Family<LimitLabels, Counter> = Family::default(),
+        "spur_rate_limited", "Requests over a rate limit, by listener, route (empty: the listener's limit) and mode (enforce: answered 429; shadow: let through)";
+    rate_limit_share: Family<LimitShareLabels, Gauge<f64, std::sync::atomic::AtomicU64>> = Family::default(),
+        "spur_rate_limit_share", "This proxy's share of a scope: group rate limit, as assigned by the control plane (1 until the first assignment)";
+    lb_panic: Family<ClusterLabels, Counter> = Family::default(),
+        "spur_lb_panic", "Endpoint choices made in panic mode: fewer than panic_threshold percent of the cluster's endpoints were available, so all were candidates";
 }
 
 impl Metrics {

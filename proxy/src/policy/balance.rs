@@ -14,6 +14,23 @@
 //!
 //! Two random choices rather than a full scan: it is O(1), avoids the herd effect of every
 //! proxy picking the same "best" endpoint, and is what finagle, linkerd and Envoy do.
+//!
+//! Two settings of a cluster shape every policy ([`Tuning`]):
+//!
+//! - **panic threshold** (default 50%): when fewer than this share of the endpoints is
+//!   available (yet at least one is), all of them are candidates, the unavailable ones
+//!   included. A health check or breaker that has marked most of a fleet down is more
+//!   likely wrong (or the fleet overloaded) than right, and sending everything to the few
+//!   left would take them down too (Envoy's panic mode). With none available, nothing is
+//!   chosen: the request gets `no_healthy_endpoint`.
+//! - **slow start** (`window`): an endpoint that is new to its cluster, or back from an
+//!   ejection or failed health checks, is chosen with a factor that grows from 10% to 100%
+//!   linearly over the window: when it wins a choice, the win stands with the probability
+//!   of the factor (else the other candidate is taken). That covers `ewma` and
+//!   `least_request` (power of two choices: Envoy's slow start does not) as well as
+//!   `round_robin` (its turn is taken with that probability). Not `ring_hash`: a key stays
+//!   on its endpoint. A recovered endpoint also starts at its fastest peer's latency estimate
+//!   ([`peer_estimate`]), so without slow start it gets its full share at once.
 
 use super::split::stable_hash;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +45,52 @@ pub trait Candidate {
     fn latency_ns(&self, now: Instant) -> f64;
     /// False while the endpoint must not be chosen (ejected, or failing health checks).
     fn available(&self, now: Instant) -> bool;
+    /// Since when the endpoint is in slow start (new, or recovered); `None`: it is not.
+    fn ramp_since(&self) -> Option<Instant> {
+        None
+    }
+}
+
+/// A cluster's panic threshold and slow start (see the module doc).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Tuning {
+    /// Percent of endpoints that must be available (0: no panic mode).
+    pub panic_threshold: u32,
+    pub slow_start: Option<Duration>,
+}
+
+/// The least a ramping endpoint weighs: a tenth of its weight, so that it is tried and its
+/// latency learned.
+pub const RAMP_FLOOR: f64 = 0.1;
+
+impl Tuning {
+    /// The share of its weight an endpoint has now: from [`RAMP_FLOOR`] to 1 over the
+    /// slow-start window.
+    pub fn ramp<E: Candidate>(&self, e: &E, now: Instant) -> f64 {
+        let (Some(window), Some(since)) = (self.slow_start, e.ramp_since()) else {
+            return 1.0;
+        };
+        let f = now.saturating_duration_since(since).as_secs_f64() / window.as_secs_f64();
+        f.clamp(RAMP_FLOOR, 1.0)
+    }
+
+    /// Whether `eps` is in panic: fewer than the threshold available, but some.
+    pub fn panics<E: Candidate>(&self, eps: &[E], now: Instant) -> bool {
+        if self.panic_threshold == 0 || eps.is_empty() {
+            return false;
+        }
+        let available = eps.iter().filter(|e| e.available(now)).count();
+        available > 0
+            && (available as u64) * 100 < u64::from(self.panic_threshold) * eps.len() as u64
+    }
+}
+
+/// What [`Balancer::pick_with`] chose.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Pick {
+    pub index: usize,
+    /// Chosen in panic mode: it may be an unavailable endpoint (the breaker is not asked).
+    pub panic: bool,
 }
 
 #[derive(Debug)]
@@ -75,36 +138,72 @@ impl Balancer {
         now: Instant,
         key: Option<&[u8]>,
     ) -> Option<usize> {
-        let usable = |i: usize| eps[i].available(now) && !exclude.contains(&i);
+        self.pick_with(eps, exclude, now, key, Tuning::default())
+            .map(|p| p.index)
+    }
+
+    /// [`Balancer::pick`] with the cluster's panic threshold and slow start.
+    pub fn pick_with<E: Candidate>(
+        &self,
+        eps: &[E],
+        exclude: &[usize],
+        now: Instant,
+        key: Option<&[u8]>,
+        tuning: Tuning,
+    ) -> Option<Pick> {
+        let panic = tuning.panics(eps, now);
+        let available = |i: usize| panic || eps[i].available(now);
+        let usable = |i: usize| available(i) && !exclude.contains(&i);
         let any_usable = exclude.is_empty() || (0..eps.len()).any(usable);
         let usable = |i: usize| {
             if any_usable {
                 usable(i)
             } else {
-                eps[i].available(now)
+                available(i)
             }
         };
-        match self {
+        let weight = |i: usize| f64::from(eps[i].weight().max(1));
+        let ramp = |i: usize| tuning.ramp(&eps[i], now);
+        let index = match self {
             Balancer::RoundRobin { schedule, next } => {
                 if schedule.is_empty() {
                     return None;
                 }
+                let mut fallback = None;
+                let mut chosen = None;
                 for _ in 0..schedule.len() {
                     let i =
                         schedule[next.fetch_add(1, Ordering::Relaxed) % schedule.len()] as usize;
                     if i < eps.len() && usable(i) {
-                        return Some(i);
+                        // A ramping endpoint takes its turn with the probability of its factor.
+                        let ramp = tuning.ramp(&eps[i], now);
+                        if ramp >= 1.0 || fastrand::f64() < ramp {
+                            chosen = Some(i);
+                            break;
+                        }
+                        fallback.get_or_insert(i);
                     }
                 }
-                None
+                chosen.or(fallback)
             }
-            Balancer::LeastRequest => p2c(eps, usable, |e| f64::from(e.in_flight())),
-            Balancer::Ewma => p2c(eps, usable, |e| {
-                e.latency_ns(now) * f64::from(e.in_flight() + 1)
-            }),
+            Balancer::LeastRequest => p2c(
+                &usable,
+                &weight,
+                &ramp,
+                |i| f64::from(eps[i].in_flight()),
+                eps.len(),
+            ),
+            Balancer::Ewma => p2c(
+                &usable,
+                &weight,
+                &ramp,
+                |i| eps[i].latency_ns(now) * f64::from(eps[i].in_flight() + 1),
+                eps.len(),
+            ),
             Balancer::RingHash { ring } => {
                 let Some(key) = key else {
-                    return weighted_draw(eps, &usable, None);
+                    return weighted_draw(eps.len(), &usable, &weight, None)
+                        .map(|index| Pick { index, panic });
                 };
                 if ring.is_empty() {
                     return None;
@@ -115,47 +214,59 @@ impl Balancer {
                     .map(|k| ring[(start + k) % ring.len()].1 as usize)
                     .find(|i| *i < eps.len() && usable(*i))
             }
-        }
+        }?;
+        Some(Pick { index, panic })
     }
 }
 
 /// Power of two choices: two distinct endpoints drawn at random in proportion to weight;
-/// the one with the lower `load / weight` wins.
-fn p2c<E: Candidate>(
-    eps: &[E],
-    usable: impl Fn(usize) -> bool,
-    load: impl Fn(&E) -> f64,
+/// the one with the lower `load / weight` wins. A winner in slow start keeps its win with
+/// the probability of its ramp factor, else the other one is taken: so its share grows in
+/// proportion to the factor, whatever the number of endpoints (scaling its weight instead
+/// would do nothing with two endpoints, which are always both drawn).
+fn p2c(
+    usable: &impl Fn(usize) -> bool,
+    weight: &impl Fn(usize) -> f64,
+    ramp: &impl Fn(usize) -> f64,
+    load: impl Fn(usize) -> f64,
+    n: usize,
 ) -> Option<usize> {
-    let a = weighted_draw(eps, &usable, None)?;
-    let Some(b) = weighted_draw(eps, &usable, Some(a)) else {
+    let a = weighted_draw(n, usable, weight, None)?;
+    let Some(b) = weighted_draw(n, usable, weight, Some(a)) else {
         return Some(a);
     };
-    let cost = |i: usize| load(&eps[i]) / f64::from(eps[i].weight().max(1));
-    Some(if cost(b) < cost(a) { b } else { a })
+    let cost = |i: usize| load(i) / weight(i);
+    let (win, lose) = if cost(b) < cost(a) { (b, a) } else { (a, b) };
+    let r = ramp(win);
+    Some(if r >= 1.0 || fastrand::f64() < r {
+        win
+    } else {
+        lose
+    })
 }
 
-fn weighted_draw<E: Candidate>(
-    eps: &[E],
+fn weighted_draw(
+    n: usize,
     usable: &impl Fn(usize) -> bool,
+    weight: &impl Fn(usize) -> f64,
     skip: Option<usize>,
 ) -> Option<usize> {
     let ok = |i: usize| Some(i) != skip && usable(i);
-    let total: u64 = (0..eps.len())
-        .filter(|i| ok(*i))
-        .map(|i| u64::from(eps[i].weight().max(1)))
-        .sum();
-    if total == 0 {
+    let total: f64 = (0..n).filter(|i| ok(*i)).map(weight).sum();
+    if total <= 0.0 {
         return None;
     }
-    let mut point = fastrand::u64(0..total);
-    for i in (0..eps.len()).filter(|i| ok(*i)) {
-        let w = u64::from(eps[i].weight().max(1));
+    let mut point = fastrand::f64() * total;
+    let mut last = None;
+    for i in (0..n).filter(|i| ok(*i)) {
+        let w = weight(i);
         if point < w {
             return Some(i);
         }
         point -= w;
+        last = Some(i);
     }
-    None
+    last
 }
 
 /// The latency a recovered endpoint starts from: the lowest estimate among the other
@@ -291,6 +402,7 @@ mod tests {
         in_flight: u32,
         latency: f64,
         available: bool,
+        ramp_since: Option<Instant>,
     }
 
     impl Candidate for Ep {
@@ -306,6 +418,9 @@ mod tests {
         fn available(&self, _: Instant) -> bool {
             self.available
         }
+        fn ramp_since(&self) -> Option<Instant> {
+            self.ramp_since
+        }
     }
 
     fn ep(weight: u32, in_flight: u32, latency_ms: f64) -> Ep {
@@ -314,6 +429,74 @@ mod tests {
             in_flight,
             latency: latency_ms * 1e6,
             available: true,
+            ramp_since: None,
+        }
+    }
+
+    fn shares(b: &Balancer, eps: &[Ep], now: Instant, tuning: Tuning) -> Vec<f64> {
+        let mut counts = vec![0usize; eps.len()];
+        for _ in 0..4000 {
+            counts[b.pick_with(eps, &[], now, None, tuning).unwrap().index] += 1;
+        }
+        counts.iter().map(|c| *c as f64 / 4000.0).collect()
+    }
+
+    #[test]
+    fn below_the_panic_threshold_every_endpoint_is_a_candidate() {
+        let now = Instant::now();
+        let mut eps: Vec<Ep> = (0..4).map(|_| ep(1, 0, 1.0)).collect();
+        let tuning = Tuning {
+            panic_threshold: 50,
+            slow_start: None,
+        };
+        for b in [
+            Balancer::Ewma,
+            Balancer::LeastRequest,
+            Balancer::round_robin(&[1; 4]),
+        ] {
+            eps.iter_mut().for_each(|e| e.available = true);
+            // 2 of 4 available: 50% is not below 50%: only those two.
+            eps[0].available = false;
+            eps[1].available = false;
+            let s = shares(&b, &eps, now, tuning);
+            assert_eq!(s[0] + s[1], 0.0, "{s:?}");
+            assert!(!b.pick_with(&eps, &[], now, None, tuning).unwrap().panic);
+            // 1 of 4: panic, all four share.
+            eps[2].available = false;
+            let s = shares(&b, &eps, now, tuning);
+            assert!(s.iter().all(|x| *x > 0.15), "{s:?}");
+            assert!(b.pick_with(&eps, &[], now, None, tuning).unwrap().panic);
+            // Threshold 0: no panic mode.
+            let off = Tuning::default();
+            assert_eq!(shares(&b, &eps, now, off)[3], 1.0);
+            // None available: nothing (no_healthy_endpoint), panic or not.
+            eps[3].available = false;
+            assert_eq!(b.pick_with(&eps, &[], now, None, tuning), None);
+        }
+    }
+
+    #[test]
+    fn slow_start_ramps_an_endpoints_share_for_every_policy() {
+        let t0 = Instant::now();
+        let window = Duration::from_secs(10);
+        let tuning = Tuning {
+            panic_threshold: 50,
+            slow_start: Some(window),
+        };
+        let mut eps: Vec<Ep> = (0..2).map(|_| ep(1, 0, 1.0)).collect();
+        eps[1].ramp_since = Some(t0);
+        for b in [
+            Balancer::Ewma,
+            Balancer::LeastRequest,
+            Balancer::round_robin(&[1, 1]),
+        ] {
+            let at = |secs: u64| shares(&b, &eps, t0 + Duration::from_secs(secs), tuning)[1];
+            let (start, mid, end) = (at(0), at(5), at(20));
+            assert!(start < 0.15, "at the start: {start}");
+            assert!(start + 0.1 < mid && mid + 0.05 < end, "{start} {mid} {end}");
+            assert!((0.4..0.6).contains(&end), "after the window: {end}");
+            // Without slow start, no ramp.
+            assert!(shares(&b, &eps, t0, Tuning::default())[1] > 0.4);
         }
     }
 
@@ -487,7 +670,7 @@ mod tests {
             eps in proptest::collection::vec((1u32..10, 0u32..20, 0.1f64..100.0, any::<bool>()), 1..8),
             policy in 0usize..4,
         ) {
-            let eps: Vec<Ep> = eps.into_iter().map(|(w, f, l, a)| Ep { weight: w, in_flight: f, latency: l * 1e6, available: a }).collect();
+            let eps: Vec<Ep> = eps.into_iter().map(|(w, f, l, a)| Ep { weight: w, in_flight: f, latency: l * 1e6, available: a, ramp_since: None }).collect();
             let weights: Vec<u32> = eps.iter().map(|e| e.weight).collect();
             let ids: Vec<String> = (0..eps.len()).map(|i| format!("e{i}")).collect();
             let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();

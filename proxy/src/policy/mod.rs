@@ -12,6 +12,7 @@
 //! | whether a failed try is retried, after what pause | [`retry`] |
 //! | whether the cluster can afford another retry | [`budget`] |
 //! | which request ID and trace context go upstream | [`correlation`] |
+//! | whether a request is over its rate limit | [`ratelimit`] |
 
 pub mod authz;
 pub mod balance;
@@ -20,6 +21,7 @@ pub mod budget;
 pub mod correlation;
 pub mod flags;
 pub mod health;
+pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod split;

@@ -1,0 +1,197 @@
+//! Group-wide rate limits: dividing each `scope: group` limit's rate among the group's
+//! proxies in proportion to their demand.
+//!
+//! Proxies report their demand per limit every second (`{"demand": {...}}` on their status
+//! call); every second [`GroupLimits::tick`] computes each proxy's share and sends the
+//! proxies whose shares changed a `{"shares": {...}}` line on their watch stream. A share is
+//! a floor plus a part of the rest in proportion to demand ([`shares`]): with every proxy
+//! over its share, each refuses the same fraction of its requests, as one shared bucket
+//! would, and the group admits the whole rate; the floor keeps an idle proxy able to
+//! serve the first requests that reach it before its next report. A proxy silent for
+//! [`STALE`] leaves the division (its share goes to the others).
+
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::watch;
+
+/// A proxy whose last demand report is older than this no longer has a share.
+pub const STALE: Duration = Duration::from_secs(3);
+/// How often shares are computed.
+pub const TICK: Duration = Duration::from_secs(1);
+/// The part of a limit's rate divided evenly among its proxies, whatever their demand.
+pub const FLOOR: f64 = 0.1;
+
+type Key = (String, String);
+
+struct Node {
+    at: Instant,
+    demand: BTreeMap<String, f64>,
+    /// Shares last sent.
+    sent: BTreeMap<String, f64>,
+}
+
+#[derive(Default)]
+pub struct GroupLimits {
+    nodes: Mutex<HashMap<Key, Node>>,
+    channels: Mutex<HashMap<Key, watch::Sender<Option<Bytes>>>>,
+}
+
+/// Shares of one limit for these demands (requests per second, in order): `FLOOR` evenly,
+/// the rest in proportion to demand (evenly when there is none). They add up to 1.
+pub fn shares(demands: &[f64]) -> Vec<f64> {
+    let n = demands.len() as f64;
+    let total: f64 = demands.iter().map(|d| d.max(0.0)).sum();
+    demands
+        .iter()
+        .map(|d| {
+            let part = if total > 0.0 {
+                d.max(0.0) / total
+            } else {
+                1.0 / n
+            };
+            FLOOR / n + (1.0 - FLOOR) * part
+        })
+        .collect()
+}
+
+impl GroupLimits {
+    /// A proxy's demand report.
+    pub fn report(&self, group: &str, node: &str, demand: BTreeMap<String, f64>) {
+        let mut nodes = self.nodes.lock().unwrap();
+        let e = nodes
+            .entry((group.to_string(), node.to_string()))
+            .or_insert_with(|| Node {
+                at: Instant::now(),
+                demand: BTreeMap::new(),
+                sent: BTreeMap::new(),
+            });
+        e.at = Instant::now();
+        e.demand = demand;
+    }
+
+    /// The shares lines for a proxy's watch stream.
+    pub fn subscribe(&self, group: &str, node: &str) -> watch::Receiver<Option<Bytes>> {
+        let mut channels = self.channels.lock().unwrap();
+        let rx = channels
+            .entry((group.to_string(), node.to_string()))
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe();
+        // A new stream starts without what the old one was sent.
+        if let Some(n) = self
+            .nodes
+            .lock()
+            .unwrap()
+            .get_mut(&(group.into(), node.into()))
+        {
+            n.sent.clear();
+        }
+        rx
+    }
+
+    /// Computes every share and sends the proxies whose shares changed.
+    pub fn tick(&self) {
+        let mut nodes = self.nodes.lock().unwrap();
+        nodes.retain(|_, n| n.at.elapsed() < STALE * 20);
+        // (group, limit) -> the fresh nodes reporting it and their demand.
+        let mut limits: BTreeMap<(&str, &str), Vec<(&Key, f64)>> = BTreeMap::new();
+        for (key, n) in nodes.iter().filter(|(_, n)| n.at.elapsed() < STALE) {
+            for (limit, d) in &n.demand {
+                limits.entry((&key.0, limit)).or_default().push((key, *d));
+            }
+        }
+        let mut next: HashMap<Key, BTreeMap<String, f64>> = HashMap::new();
+        for ((_, limit), who) in &limits {
+            let demands: Vec<f64> = who.iter().map(|(_, d)| *d).collect();
+            for ((key, _), share) in who.iter().zip(shares(&demands)) {
+                next.entry((*key).clone())
+                    .or_default()
+                    .insert(limit.to_string(), share);
+            }
+        }
+        let channels = self.channels.lock().unwrap();
+        for (key, new) in next {
+            let Some(n) = nodes.get_mut(&key) else {
+                continue;
+            };
+            let changed = new.len() != n.sent.len()
+                || new
+                    .iter()
+                    .any(|(k, v)| n.sent.get(k).is_none_or(|old| (old - v).abs() > 0.005));
+            if !changed {
+                continue;
+            }
+            if let Some(tx) = channels.get(&key) {
+                let mut line =
+                    serde_json::to_vec(&serde_json::json!({ "shares": new })).unwrap_or_default();
+                line.push(b'\n');
+                tx.send_replace(Some(Bytes::from(line)));
+                n.sent = new;
+            }
+        }
+    }
+
+    /// Forgets the channels no stream reads and whose proxy is gone.
+    fn sweep(&self) {
+        let nodes = self.nodes.lock().unwrap();
+        self.channels
+            .lock()
+            .unwrap()
+            .retain(|k, tx| tx.receiver_count() > 0 || nodes.contains_key(k));
+    }
+}
+
+/// Ticks every second for as long as the control plane runs.
+pub fn spawn(limits: Arc<GroupLimits>) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(TICK).await;
+            limits.tick();
+            limits.sweep();
+        }
+    })
+}
+
+/// Waits for the next shares line of a stream (`None`: the stream has none, or no more).
+pub async fn next_line(rx: &mut Option<watch::Receiver<Option<Bytes>>>) -> Option<Bytes> {
+    let Some(r) = rx.as_mut() else {
+        return std::future::pending().await;
+    };
+    if r.changed().await.is_err() {
+        *rx = None;
+        return None;
+    }
+    r.borrow_and_update().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shares_follow_demand_above_a_floor_and_add_up_to_one() {
+        let s = shares(&[500.0, 50.0, 50.0]);
+        assert!((s.iter().sum::<f64>() - 1.0).abs() < 1e-9);
+        assert!((s[0] - (0.1 / 3.0 + 0.9 * 500.0 / 600.0)).abs() < 1e-9);
+        assert!(s[1] > 0.1 / 3.0 && s[1] == s[2]);
+        assert_eq!(shares(&[0.0, 0.0]), vec![0.5, 0.5]);
+        assert_eq!(shares(&[7.0]), vec![1.0]);
+    }
+
+    #[tokio::test]
+    async fn proxies_get_their_shares_when_they_change() {
+        let g = GroupLimits::default();
+        let mut a = Some(g.subscribe("g", "a"));
+        g.report("g", "a", [("web/api".to_string(), 90.0)].into());
+        g.report("g", "b", [("web/api".to_string(), 10.0)].into());
+        g.tick();
+        let line = next_line(&mut a).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let share = v["shares"]["web/api"].as_f64().unwrap();
+        assert!((share - (0.05 + 0.9 * 0.9)).abs() < 1e-9, "{share}");
+        // Unchanged: nothing new is sent.
+        g.tick();
+        assert!(!a.as_mut().unwrap().has_changed().unwrap());
+    }
+}

@@ -1,0 +1,143 @@
+//! Group-wide rate limits without Redis (issue 17), end to end: a control plane and three
+//! proxies of one group, each watching it; a `scope: group` limit of 300 req/s; load
+//! 10:1:1 across the proxies. Together they admit 300 req/s, and the shares follow when the
+//! load moves.
+
+mod common;
+
+use common::*;
+use spur_proxy::reload::{spawn_control, ControlSource};
+use spur_proxy::Proxy;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Sends `rate` requests a second to `addr` while `on` holds, each on its own task; counts
+/// the 200s in `ok` and the 429s in `limited`.
+fn load(
+    addr: std::net::SocketAddr,
+    rate: Arc<AtomicUsize>,
+    ok: Arc<AtomicUsize>,
+    limited: Arc<AtomicUsize>,
+    on: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = h1_client();
+        let mut next = Instant::now();
+        while on.load(Ordering::SeqCst) {
+            let r = rate.load(Ordering::SeqCst).max(1);
+            next += Duration::from_secs_f64(1.0 / r as f64);
+            tokio::time::sleep_until(next.into()).await;
+            let (client, ok, limited) = (client.clone(), ok.clone(), limited.clone());
+            tokio::spawn(async move {
+                let req = http::Request::get(format!("http://{addr}/api"))
+                    .body(http_body_util::Full::new(bytes::Bytes::new()))
+                    .unwrap();
+                if let Ok(resp) = client.request(req).await {
+                    match resp.status().as_u16() {
+                        200 => ok.fetch_add(1, Ordering::SeqCst),
+                        429 => limited.fetch_add(1, Ordering::SeqCst),
+                        _ => 0,
+                    };
+                }
+            });
+        }
+    })
+}
+
+fn share(p: &Proxy) -> f64 {
+    p.shared.registry.rate_limits.groups()[0].1.share()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_proxies_share_a_group_limit_in_proportion_to_their_load() {
+    let (cp, _dir) = start_control(None).await;
+    let app = named_backend("app").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - name: api
+        match: {{ path_prefix: /api }}
+        cluster: app
+        rate_limit: {{ requests: 300, per: 1s, burst: 30, scope: group }}
+clusters: [{{ name: app, endpoints: ["{}"] }}]
+"#,
+        app.addr
+    );
+    let (status, _) = call(cp.addr, "PUT", "/v1/groups/shop/config", Some(&yaml), None).await;
+    assert_eq!(status, 200);
+    let mut proxies = Vec::new();
+    let mut watchers = Vec::new();
+    for node in ["p1", "p2", "p3"] {
+        let proxy = Arc::new(Proxy::idle().unwrap());
+        watchers.push(spawn_control(
+            proxy.clone(),
+            ControlSource {
+                url: format!("http://{}", cp.addr),
+                client: spur_proxy::control_client::client(None).unwrap(),
+                node: node.into(),
+                group: "shop".into(),
+                token: None,
+            },
+        ));
+        applied(&proxy, 1, "web").await;
+        proxies.push(proxy);
+    }
+    let on = Arc::new(AtomicBool::new(true));
+    let rates: Vec<Arc<AtomicUsize>> = [400, 40, 40]
+        .iter()
+        .map(|r| Arc::new(AtomicUsize::new(*r)))
+        .collect();
+    let oks: Vec<Arc<AtomicUsize>> = (0..3).map(|_| Arc::default()).collect();
+    let limited: Arc<AtomicUsize> = Arc::default();
+    let mut loaders = Vec::new();
+    for i in 0..3 {
+        loaders.push(load(
+            proxies[i].listener_addr("web").unwrap(),
+            rates[i].clone(),
+            oks[i].clone(),
+            limited.clone(),
+            on.clone(),
+        ));
+    }
+    // Shares settle within a few seconds; then measure four seconds.
+    let settled = eventually(Duration::from_secs(6), || async {
+        share(&proxies[0]) > 0.6 && share(&proxies[1]) < 0.2 && share(&proxies[2]) < 0.2
+    })
+    .await;
+    let shares: Vec<f64> = proxies.iter().map(|p| share(p)).collect();
+    assert!(settled, "shares {shares:?}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: usize = oks.iter().map(|o| o.load(Ordering::SeqCst)).sum();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after: usize = oks.iter().map(|o| o.load(Ordering::SeqCst)).sum();
+    let admitted = (after - before) as f64 / t.elapsed().as_secs_f64();
+    eprintln!("admitted {admitted:.0} req/s together; shares {shares:?}");
+    assert!(
+        (270.0..=330.0).contains(&admitted),
+        "{admitted} req/s admitted"
+    );
+    assert!(limited.load(Ordering::SeqCst) > 0);
+
+    // The load moves to the third proxy: its share follows within 3 s.
+    rates[0].store(40, Ordering::SeqCst);
+    rates[2].store(400, Ordering::SeqCst);
+    let moved = Instant::now();
+    let followed = eventually(Duration::from_secs(3), || async {
+        share(&proxies[2]) > 0.6 && share(&proxies[0]) < 0.2
+    })
+    .await;
+    let shares: Vec<f64> = proxies.iter().map(|p| share(p)).collect();
+    assert!(followed, "after {:?}: shares {shares:?}", moved.elapsed());
+    on.store(false, Ordering::SeqCst);
+    for l in loaders {
+        let _ = l.await;
+    }
+    for w in watchers {
+        w.abort();
+    }
+}
