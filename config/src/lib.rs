@@ -19,10 +19,12 @@ pub mod cluster;
 pub mod conditions;
 pub mod defaults;
 mod depth;
+pub mod grpc;
 mod parse;
 pub mod peers;
 pub mod route;
 pub mod spiffe;
+pub mod tracing;
 mod tree;
 pub mod types;
 mod units;
@@ -36,10 +38,12 @@ pub use authz::{
 pub use cluster::*;
 pub use conditions::{CookieName, HashOn, RetryCondition, RetryOn, UpgradeProtocol};
 pub use depth::MAX_DEPTH;
+pub use grpc::GrpcCode;
 pub use parse::{parse, Format};
 pub use peers::{Cidr, IdentityGlob, Namespace};
 pub use route::*;
 pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use tracing::{OtlpEndpoint, Propagation, Tracing};
 pub use types::*;
 pub use units::{ByteSize, Duration};
 pub use validate::K8S_NEEDS_DISCOVERY;
@@ -202,5 +206,7 @@ pub fn summary(cfg: &Config) -> String {
 mod tests;
 #[cfg(test)]
 mod tests_authz;
+#[cfg(test)]
+mod tests_grpc;
 #[cfg(test)]
 mod tests_read;
