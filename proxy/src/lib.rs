@@ -5,6 +5,7 @@
 //!   breaker, health, retries, budgets, correlation IDs).
 //! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
 //! - [`reason`]: every answer Spur makes itself, with its status and label.
+//! - [`grpc`]: gRPC statuses, deadlines and trailers-only answers.
 //! - [`authorize`]: a listener's authorization policy ([`policy::authz`]) with its
 //!   counters, enforced by the plan (requests) and the tcp relay (connections).
 //!
@@ -40,6 +41,7 @@ pub mod control_client;
 pub mod echo;
 pub mod endpoint;
 pub mod exchange;
+pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod log;

@@ -172,16 +172,16 @@ async fn send(
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            attempt.record(e.failure.outcome(), &shared.metrics);
+            attempt.record(e.failure.outcome(), false, &shared.metrics);
             return Err(());
         }
         Err(_) => {
-            attempt.record(Outcome::Timeout, &shared.metrics);
+            attempt.record(Outcome::Timeout, false, &shared.metrics);
             return Err(());
         }
     };
     let status = resp.status().as_u16();
-    attempt.record(Outcome::Status(status), &shared.metrics);
+    attempt.record(Outcome::Status(status), false, &shared.metrics);
     let mut hash = BodyHash::default();
     let mut body = resp.into_body();
     while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())

@@ -152,6 +152,8 @@ pub struct ClusterRt {
     pub dns: Option<String>,
     /// TLS origination, when the cluster has `tls` (the same one its pooled client uses).
     pub tls: Option<Arc<ClientTlsRt>>,
+    /// `grpc_failure_codes`: the gRPC statuses that count against an endpoint.
+    pub grpc_failures: crate::grpc::Codes,
 }
 
 pub struct BreakerRt {
@@ -327,6 +329,7 @@ fn compile_cluster(
         health_check: c.health_check.clone(),
         dns: c.dns.as_ref().map(|d| d.text().to_string()),
         tls,
+        grpc_failures: crate::grpc::Codes::of(&c.grpc_failure_codes()),
     };
     Ok(cluster)
 }

@@ -104,6 +104,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
     let Some(lst) = snap.listeners.get(&*ctx.listener) else {
         // The listener was removed by a config push while this connection was open.
+        ex.grpc = crate::grpc::is_grpc(&head.headers);
         return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
     };
     let mut rng = fastrand::Rng::new();

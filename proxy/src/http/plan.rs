@@ -72,6 +72,8 @@ pub struct Plan<'s> {
     pub authz_rule: Option<Arc<str>>,
     /// `x-spur-hops` for the upstream: the request's hop count, this proxy included.
     pub hops: u32,
+    /// The request is a gRPC call: Spur answers it in gRPC's terms (see [`crate::grpc`]).
+    pub grpc: bool,
     pub action: Action<'s>,
 }
 
@@ -87,8 +89,12 @@ pub struct Forward<'s> {
     pub split_side: Option<usize>,
     /// The sticky key (split and `ring_hash`).
     pub hash_key: Option<Bytes>,
-    /// The whole request's deadline (the route's `timeout`).
+    /// The whole request's deadline: the route's `timeout`, or a gRPC call's
+    /// `grpc-timeout` when that is sooner.
     pub deadline: Option<Instant>,
+    /// The gRPC call came with `grpc-timeout`: each try forwards what is left of the
+    /// deadline in its own.
+    pub grpc_timeout: bool,
     pub retry: Option<&'s RetryRt>,
     /// Mirror this request (the route's `mirror`, sampled).
     pub mirror: Option<&'s MirrorRt>,
@@ -140,6 +146,7 @@ pub fn plan<'s>(
     rng: &mut fastrand::Rng,
 ) -> Plan<'s> {
     let (request_id, trace) = correlate(snap, head);
+    let grpc = crate::grpc::is_grpc(&head.headers);
     let mut plan = Plan {
         request_id,
         trace,
@@ -150,6 +157,7 @@ pub fn plan<'s>(
         delay: None,
         authz_rule: None,
         hops: 0,
+        grpc,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
     if let Err(reason) =
@@ -182,7 +190,13 @@ pub fn plan<'s>(
         path: &path,
         host: headers::host_of(&head.uri, &head.headers),
         headers: &head.headers,
+        grpc,
     };
+    let grpc_deadline = grpc
+        .then(|| head.headers.get(&crate::grpc::GRPC_TIMEOUT))
+        .flatten()
+        .and_then(crate::grpc::parse_timeout)
+        .and_then(|t| now.checked_add(t));
     plan.route = lst.route(&view, &plan.flags_on);
     let Some(route) = plan.route else {
         // Transparent mode: the cluster owning the original destination, else the default.
@@ -196,7 +210,8 @@ pub fn plan<'s>(
                 cluster,
                 split_side: None,
                 hash_key: None,
-                deadline: None,
+                deadline: grpc_deadline,
+                grpc_timeout: grpc_deadline.is_some(),
                 retry: None,
                 mirror: None,
                 upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
@@ -250,7 +265,8 @@ pub fn plan<'s>(
         cluster,
         split_side,
         hash_key,
-        deadline: route.timeout.map(|t| now + t),
+        deadline: earliest(route.timeout.map(|t| now + t), grpc_deadline),
+        grpc_timeout: grpc_deadline.is_some(),
         retry: route.retry.as_ref().filter(|_| !tunnel),
         mirror: route
             .mirror
@@ -260,6 +276,13 @@ pub fn plan<'s>(
         body_timeout: lst.limits.body_timeout.get(),
     });
     plan
+}
+
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The request ID (kept when valid, else made when generation is on) and the trace context

@@ -77,7 +77,14 @@ pub async fn run(
         let Some(attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
-        let req = try_request(&head, &fwd.cluster, &attempt, &ex, body.for_try(), number);
+        // In a block: a request borrowed here must not be kept in this future's state.
+        let req = {
+            let mut req = try_request(&head, &fwd.cluster, &attempt, &ex, body.for_try(), number);
+            if fwd.grpc_timeout {
+                forward_grpc_timeout(&mut req, fwd.deadline);
+            }
+            req
+        };
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
         // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
@@ -86,7 +93,15 @@ pub async fn run(
         let sent = crate::clock::until(limit, send).await;
         ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
-        attempt.record(outcome, metrics);
+        // A gRPC call answered with a stream: its status comes in the trailers, and is
+        // recorded then (see `Attempt::defer`).
+        let awaits_trailers = ex.grpc && outcome == Outcome::Status(200);
+        if !awaits_trailers {
+            attempt.record(outcome, ex.grpc, metrics);
+        }
+        if let Outcome::Grpc(c) = outcome {
+            ex.grpc_status = Some(c);
+        }
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
         match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
         {
@@ -99,6 +114,12 @@ pub async fn run(
             }
             None => {
                 return match result {
+                    Ok(resp) if awaits_trailers => {
+                        let (in_flight, deferred) = attempt.defer();
+                        ex.endpoint = Some(in_flight);
+                        ex.deferred = Some(deferred);
+                        respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
+                    }
                     Ok(resp) => {
                         ex.endpoint = Some(attempt.in_flight);
                         respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
@@ -228,6 +249,19 @@ fn try_request(
     req
 }
 
+/// `grpc-timeout` for one try: what is left of the request's deadline (the client's
+/// `grpc-timeout`, or the route's `timeout` when sooner), so the server stops working on a
+/// call the client has given up on.
+fn forward_grpc_timeout(req: &mut Request<ReqBody>, deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(crate::clock::now());
+        req.headers_mut().insert(
+            crate::grpc::GRPC_TIMEOUT.clone(),
+            crate::grpc::timeout_value(left),
+        );
+    }
+}
+
 /// HTTP/1.1 sends the origin form (`/path?query`); HTTP/2 and HTTP/3 need scheme and
 /// authority, the endpoint's address.
 fn upstream_uri(cluster: &ClusterRt, attempt: &Attempt, path: &http::uri::PathAndQuery) -> Uri {
@@ -250,6 +284,13 @@ fn classify(
 ) -> (Outcome, Result<Response<InBody>, Reason>) {
     let outcome = match &sent {
         None => Outcome::Timeout,
+        Some(Ok(r)) if ex.grpc && r.status() == http::StatusCode::OK => {
+            // Trailers-only: the status is in the head, before anything reached the client.
+            match crate::grpc::status_in(r.headers()) {
+                Some(c) => Outcome::Grpc(c),
+                None => Outcome::Status(200),
+            }
+        }
         Some(Ok(r)) => Outcome::Status(r.status().as_u16()),
         Some(Err(e)) => {
             tracing::debug!(cluster = &*cluster.name, error = %e, "upstream error");
