@@ -8,10 +8,14 @@ use crate::endpoint::InFlight;
 use crate::grpc;
 use crate::headers::X_SPUR_ERROR;
 use crate::http::plan::Plan;
-use crate::metrics::{ClientRouteLabels, Finished, RequestLabels, RouteLabels, TargetMetrics};
+use crate::metrics::{
+    ClientRouteLabels, Finished, RequestLabels, RouteLabels, TargetMetrics, TraceIdLabel,
+    TraceLabel,
+};
 use crate::policy::retry::Outcome;
 use crate::reason::Reason;
 use crate::snapshot::ListenerRt;
+use crate::trace::span::ServerSpan;
 use crate::upstream::BodyStats;
 use crate::Shared;
 use bytes::Bytes;
@@ -72,6 +76,8 @@ pub struct Exchange {
     pub deferred: Option<Box<crate::attempt::Deferred>>,
     /// The response body ended (rather than being dropped or breaking off).
     pub ended: bool,
+    /// The spans of a sampled request (with `tracing`).
+    pub span: Option<Box<crate::trace::span::Recording>>,
 }
 
 static DASH: &str = "-";
@@ -116,6 +122,7 @@ impl Exchange {
             first_byte: None,
             deferred: None,
             ended: false,
+            span: None,
         })
     }
 
@@ -155,6 +162,24 @@ impl Exchange {
         if let (Some(d), Some(e)) = (self.deferred.take(), &self.endpoint) {
             d.record(e, self.stream_outcome(), &self.shared.metrics);
         }
+        let exemplar = self.span.take().map(|mut rec| {
+            rec.finish(&ServerSpan {
+                method: &self.method,
+                path: self.path.path(),
+                listener: &self.listener,
+                route: &self.route,
+                cluster: &self.cluster,
+                endpoint: self.endpoint.as_ref().map(|e| &e.endpoint.label),
+                peer_identity: self.peer_identity.as_ref(),
+                error: self.error,
+                status: self.status,
+                grpc,
+                attempts: self.attempts,
+            });
+            TraceLabel {
+                trace_id: TraceIdLabel(rec.trace.trace_id),
+            }
+        });
         let finished = Finished {
             client: self.peer_identity.as_ref(),
             status: self.status,
@@ -163,7 +188,7 @@ impl Exchange {
             first_byte: self.first_byte,
             bytes_in: self.body.bytes(),
             bytes_out: self.bytes_sent,
-            exemplar: None,
+            exemplar,
         };
         match &self.target {
             Some(t) => t.record(&finished),

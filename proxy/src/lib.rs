@@ -18,6 +18,7 @@
 //! - [`adapters`]: listeners (http, tcp, TLS), the TCP relay, DNS refresh, health checks,
 //!   the admin server, idle timers.
 //! - [`tls`]: TLS and mutual TLS: certificate files, SPIFFE identities, verifiers.
+//! - [`trace`]: trace context in and out (W3C, B3), spans, and their OTLP export.
 //!
 //! State:
 //! - [`snapshot`]: a config compiled for the request path, swapped atomically.
@@ -55,6 +56,7 @@ pub mod registry;
 pub mod reload;
 pub mod snapshot;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod workers;
 

@@ -90,6 +90,7 @@ pub fn spawn(
     path: http::uri::PathAndQuery,
     body: (Bytes, Option<HeaderMap>),
     request_id: Option<HeaderValue>,
+    span: Option<crate::trace::span::MirrorSpan>,
 ) -> Option<oneshot::Sender<PrimaryResult>> {
     let Ok(permit) = shared.mirror_slots.clone().try_acquire_owned() else {
         dropped(&shared, &cluster.name);
@@ -104,10 +105,22 @@ pub fn spawn(
         crate::http::X_SPUR_MIRROR.clone(),
         HeaderValue::from_static("1"),
     );
+    if let Some(s) = &span {
+        // A trace of its own, linked to the request it copies.
+        s.write(head.headers_mut());
+    }
     let (head, ()) = head.into_parts();
     tokio::spawn(async move {
         let _permit = permit;
+        let started = std::time::SystemTime::now();
         let mirrored = send(&shared, &cluster, head, path.clone(), body).await;
+        if let Some(s) = span {
+            s.finish(
+                &cluster.name,
+                started,
+                mirrored.ok().map(|(status, _)| status),
+            );
+        }
         let primary = tokio::time::timeout(TIMEOUT, rx).await;
         let outcome = match (mirrored, primary) {
             (Ok(m), Ok(Ok(p))) if m == p => "same",

@@ -117,6 +117,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
         &mut rng,
     );
     ex.record_plan(&plan, lst);
+    ex.span = crate::trace::span::Recording::for_plan(&snap, &plan, ex.start);
     if let Some(p) = head.uri.path_and_query() {
         // Normalised by the plan: logged, and sent upstream, as it was routed.
         ex.path = p.clone();
@@ -162,7 +163,7 @@ fn rewrite_head(
         None => h.remove(id_header),
     };
     if let Some(t) = &plan.trace {
-        h.insert(headers::TRACEPARENT.clone(), t.to_header());
+        t.write_upstream(h, t.span_id);
     }
     headers::strip_hop_by_hop(h);
     h.insert(

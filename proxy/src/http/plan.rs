@@ -9,7 +9,8 @@
 //! something about a request (authorization, rate limits, header rules) plugs in here.
 //!
 //! The phases, in order:
-//! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
+//! 1. **correlate**: keep or make the request ID; the request's trace (the caller's
+//!    passed on, or a span of this hop's with `tracing`; see [`crate::trace`]);
 //! 2. **admit**: a head over `max_header_bytes` gets 431; then the head is **normalised**
 //!    in place (one host, one path: see [`super::normalize`]), or refused with 400, so that
 //!    every phase after this one, and the upstream, read the same request; a request that
@@ -28,12 +29,13 @@ use crate::authorize::{Authorized, AuthzRt};
 use crate::headers;
 use crate::http::X_SPUR_FLAGS;
 use crate::policy::authz::{Asked, Subject};
-use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
+use crate::policy::correlation::{new_request_id, valid_request_id};
 use crate::policy::flags;
 use crate::policy::route::RequestView;
 use crate::policy::split;
 use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, ListenerRt, MirrorRt, RetryRt, RouteRt, Snapshot, Target};
+use crate::trace::Trace;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode};
@@ -55,8 +57,9 @@ pub struct Peer<'a> {
 pub struct Plan<'s> {
     /// The request ID to send and answer with (`None`: none, generation is off).
     pub request_id: Option<HeaderValue>,
-    /// The `traceparent` to send upstream.
-    pub trace: Option<TraceParent>,
+    /// The request's trace (see [`crate::trace`]): what goes upstream in `traceparent`
+    /// (and B3), and whether its spans are recorded.
+    pub trace: Option<Trace>,
     /// For each of the snapshot's flags (by index), whether it is on.
     pub flags_on: Vec<bool>,
     /// `x-spur-flags` for the upstream.
@@ -287,19 +290,14 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 
 /// The request ID (kept when valid, else made when generation is on) and the trace context
 /// (a child of the caller's, or a new trace).
-fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<TraceParent>) {
+fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<Trace>) {
     let c = &snap.correlation;
     let request_id = match head.headers.get(&c.header) {
         Some(v) if valid_request_id(v) => Some(v.clone()),
         _ if c.generate => Some(new_request_id()),
         _ => None,
     };
-    let trace = c.trace_context.then(|| {
-        head.headers
-            .get(&headers::TRACEPARENT)
-            .and_then(|v| TraceParent::parse(v.as_bytes()))
-            .map_or_else(TraceParent::new_root, |p| p.child())
-    });
+    let trace = Trace::decide(snap.tracer.as_deref(), c.trace_context, &head.headers);
     (request_id, trace)
 }
 

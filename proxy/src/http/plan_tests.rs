@@ -497,8 +497,13 @@ fn request_ids_and_trace_context() {
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (_, p) = decide(&snap, &case("GET", "/", &[("traceparent", tp)]));
     let t = p.trace.unwrap();
-    assert_eq!(t.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_ne!(&t.parent_id, b"00f067aa0ba902b7", "a span of this hop");
+    assert_eq!(&t.trace_id, b"4bf92f3577b34da6a3ce929d0e0e4736");
+    // Without `tracing`: no span of this hop; the caller's context passes unchanged.
+    assert_eq!(t.traceparent().to_header(), tp, "passed as it came");
+    assert!(!t.write && t.sampled);
+    let (_, p) = decide(&snap, &case("GET", "/", &[]));
+    let t = p.trace.unwrap();
+    assert!(t.write && !t.sampled, "a new trace, unsampled");
 }
 
 #[test]

@@ -59,6 +59,7 @@ pub async fn run(
                 ex.path.clone(),
                 data,
                 ex.request_id.clone(),
+                ex.span.as_ref().map(|r| r.mirror()),
             ),
             None => {
                 mirror::dropped(&ctx.shared, &m.cluster.name);
@@ -83,6 +84,16 @@ pub async fn run(
             if fwd.grpc_timeout {
                 forward_grpc_timeout(&mut req, fwd.deadline);
             }
+            if let Some(rec) = ex.span.as_mut() {
+                let endpoint = &attempt.endpoint().label;
+                rec.begin_try(
+                    &mut req,
+                    number,
+                    endpoint,
+                    &fwd.cluster.name,
+                    attempt.started,
+                );
+            }
             req
         };
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
@@ -93,6 +104,9 @@ pub async fn run(
         let sent = crate::clock::until(limit, send).await;
         ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
+        if let Some(rec) = ex.span.as_mut() {
+            rec.end_try(outcome);
+        }
         // A gRPC call answered with a stream: its status comes in the trailers, and is
         // recorded then (see `Attempt::defer`).
         let awaits_trailers = ex.grpc && outcome == Outcome::Status(200);
