@@ -148,20 +148,21 @@ impl Attempt {
     /// Feeds what the endpoint did with an HTTP try to its latency estimate, its breaker and
     /// `spur_upstream_requests_total` (`grpc`: the request is a gRPC call, so the try's
     /// `grpc_status` is counted too). A client abort is recorded nowhere: the endpoint did
-    /// nothing wrong.
-    pub fn record(&self, outcome: Outcome, grpc: bool, metrics: &Metrics) {
+    /// nothing wrong. Returns when it was recorded (the request path's clock, read once
+    /// for the latency estimate and the response's first byte alike).
+    pub fn record(&self, outcome: Outcome, grpc: bool, metrics: &Metrics) -> Option<Instant> {
         if outcome == Outcome::ClientAbort {
-            return;
+            return None;
         }
         count_try(self.endpoint(), outcome, grpc);
         let failed = outcome.is_failure(self.cluster.grpc_failures);
-        self.charge(failed, metrics);
+        Some(self.charge(failed, metrics))
     }
 
     /// For a gRPC response whose status will come in its trailers: records the latency to
     /// the head now, and leaves the verdict (count, breaker) to [`Deferred::record`], with
     /// the [`InFlight`] the exchange holds until the stream ends.
-    pub fn defer(self) -> (InFlight, Box<Deferred>) {
+    pub fn defer(self) -> (InFlight, Box<Deferred>, Instant) {
         let now = crate::clock::now();
         let endpoint = self.endpoint();
         endpoint.observe(now.saturating_duration_since(self.started), false, now);
@@ -169,7 +170,7 @@ impl Attempt {
             cluster: self.cluster,
             members: self.members,
         });
-        (self.in_flight, deferred)
+        (self.in_flight, deferred, now)
     }
 
     /// Feeds a TCP connection attempt to the endpoint's latency estimate and breaker (a
@@ -182,7 +183,7 @@ impl Attempt {
         self.charge(!connected, metrics);
     }
 
-    fn charge(&self, failed: bool, metrics: &Metrics) {
+    fn charge(&self, failed: bool, metrics: &Metrics) -> Instant {
         let now = crate::clock::now();
         let endpoint = self.endpoint();
         endpoint.observe(now.saturating_duration_since(self.started), failed, now);
@@ -194,6 +195,7 @@ impl Attempt {
             now,
             metrics,
         );
+        now
     }
 }
 

@@ -44,7 +44,6 @@ pub fn upstream(
     }
     let status = resp.status();
     ex.status = status.as_u16();
-    ex.first_byte = Some(crate::clock::now().saturating_duration_since(ex.start));
     let resp_upgrade = resp.headers().get(header::UPGRADE).cloned();
     headers::strip_hop_by_hop(resp.headers_mut());
     if let Some(id) = &ex.request_id {

@@ -110,9 +110,11 @@ pub async fn run(
         // A gRPC call answered with a stream: its status comes in the trailers, and is
         // recorded then (see `Attempt::defer`).
         let awaits_trailers = ex.grpc && outcome == Outcome::Status(200);
-        if !awaits_trailers {
-            attempt.record(outcome, ex.grpc, metrics);
-        }
+        let recorded = if awaits_trailers {
+            None
+        } else {
+            attempt.record(outcome, ex.grpc, metrics)
+        };
         if let Outcome::Grpc(c) = outcome {
             ex.grpc_status = Some(c);
         }
@@ -129,13 +131,15 @@ pub async fn run(
             None => {
                 return match result {
                     Ok(resp) if awaits_trailers => {
-                        let (in_flight, deferred) = attempt.defer();
+                        let (in_flight, deferred, at) = attempt.defer();
                         ex.endpoint = Some(in_flight);
                         ex.deferred = Some(deferred);
+                        ex.first_byte = Some(at.saturating_duration_since(ex.start));
                         respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
                     }
                     Ok(resp) => {
                         ex.endpoint = Some(attempt.in_flight);
+                        ex.first_byte = recorded.map(|at| at.saturating_duration_since(ex.start));
                         respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
                     }
                     Err(_) if outcome == Outcome::ClientAbort => {
