@@ -488,3 +488,38 @@ async fn the_collector_down_under_load_fails_no_request_and_drops_are_counted() 
         "export resumes"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sampling_decides_new_traces_and_a_callers_decision_is_kept() {
+    let rx = receiver_on("127.0.0.1:0".parse().unwrap()).await;
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "tracing: {{ otlp_endpoint: \"http://{}/v1/traces\", sampling: 0 }}\n\
+         listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\n\
+         clusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        rx.addr, app.addr
+    ))
+    .await;
+    let web = proxy.listener_addr("web").unwrap();
+    // A new trace, not sampled at a ratio of 0: no span, and the app is told so.
+    let new = get(web, "/new", &[]).await;
+    let tp = new.header("x-echo-traceparent").unwrap();
+    assert!(tp.ends_with("-00"), "{tp}");
+    // The caller sampled its trace: this hop records its span, under the caller's.
+    let caller = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let kept = get(web, "/kept", &[("traceparent", caller)]).await;
+    let tp = kept.header("x-echo-traceparent").unwrap();
+    assert!(tp.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-") && tp.ends_with("-01"));
+    assert!(!tp.contains("00f067aa0ba902b7"), "this hop's span: {tp}");
+    // Spans leave in the order they were queued: a span of /new would have come first.
+    assert!(eventually(STEP, || async { rx.spans().len() >= 2 }).await);
+    let got = rx.spans();
+    assert_eq!(
+        got.len(),
+        2,
+        "server and client span of /kept only: {got:#?}"
+    );
+    assert!(got
+        .iter()
+        .all(|g| hex(&g.span.trace_id) == "4bf92f3577b34da6a3ce929d0e0e4736"));
+}
