@@ -162,24 +162,7 @@ impl Exchange {
         if let (Some(d), Some(e)) = (self.deferred.take(), &self.endpoint) {
             d.record(e, self.stream_outcome(), &self.shared.metrics);
         }
-        let exemplar = self.span.take().map(|mut rec| {
-            rec.finish(&ServerSpan {
-                method: &self.method,
-                path: self.path.path(),
-                listener: &self.listener,
-                route: &self.route,
-                cluster: &self.cluster,
-                endpoint: self.endpoint.as_ref().map(|e| &e.endpoint.label),
-                peer_identity: self.peer_identity.as_ref(),
-                error: self.error,
-                status: self.status,
-                grpc,
-                attempts: self.attempts,
-            });
-            TraceLabel {
-                trace_id: TraceIdLabel(rec.trace.trace_id),
-            }
-        });
+        let exemplar = self.finish_spans(grpc);
         let finished = Finished {
             client: self.peer_identity.as_ref(),
             status: self.status,
@@ -264,6 +247,27 @@ impl Exchange {
 }
 
 impl Exchange {
+    /// Exports a sampled request's spans; the exemplar for its duration.
+    fn finish_spans(&mut self, grpc: Option<u8>) -> Option<TraceLabel> {
+        let mut rec = self.span.take()?;
+        rec.finish(&ServerSpan {
+            method: &self.method,
+            path: self.path.path(),
+            listener: &self.listener,
+            route: &self.route,
+            cluster: &self.cluster,
+            endpoint: self.endpoint.as_ref().map(|e| &e.endpoint.label),
+            peer_identity: self.peer_identity.as_ref(),
+            error: self.error,
+            status: self.status,
+            grpc,
+            attempts: self.attempts,
+        });
+        Some(TraceLabel {
+            trace_id: TraceIdLabel(rec.trace.trace_id),
+        })
+    }
+
     /// `grpc_status` of a gRPC call (`None` for other requests): the status that came, or
     /// what its client is left with: the HTTP status's gRPC meaning, `CANCELLED` when the
     /// client went away first, `UNKNOWN` when the stream ended or broke without one.

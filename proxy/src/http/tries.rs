@@ -78,24 +78,7 @@ pub async fn run(
         let Some(attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
-        // In a block: a request borrowed here must not be kept in this future's state.
-        let req = {
-            let mut req = try_request(&head, &fwd.cluster, &attempt, &ex, body.for_try(), number);
-            if fwd.grpc_timeout {
-                forward_grpc_timeout(&mut req, fwd.deadline);
-            }
-            if let Some(rec) = ex.span.as_mut() {
-                let endpoint = &attempt.endpoint().label;
-                rec.begin_try(
-                    &mut req,
-                    number,
-                    endpoint,
-                    &fwd.cluster.name,
-                    attempt.started,
-                );
-            }
-            req
-        };
+        let req = prepare(&head, fwd, &attempt, &mut ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
         // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
@@ -104,20 +87,7 @@ pub async fn run(
         let sent = crate::clock::until(limit, send).await;
         ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
-        if let Some(rec) = ex.span.as_mut() {
-            rec.end_try(outcome);
-        }
-        // A gRPC call answered with a stream: its status comes in the trailers, and is
-        // recorded then (see `Attempt::defer`).
-        let awaits_trailers = ex.grpc && outcome == Outcome::Status(200);
-        let recorded = if awaits_trailers {
-            None
-        } else {
-            attempt.record(outcome, ex.grpc, metrics)
-        };
-        if let Outcome::Grpc(c) = outcome {
-            ex.grpc_status = Some(c);
-        }
+        let (awaits_trailers, recorded) = settle(&attempt, outcome, &mut ex, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
         match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
         {
@@ -129,31 +99,120 @@ pub async fn run(
                 number += 1;
             }
             None => {
-                return match result {
-                    Ok(resp) if awaits_trailers => {
-                        let (in_flight, deferred, at) = attempt.defer();
-                        ex.endpoint = Some(in_flight);
-                        ex.deferred = Some(deferred);
-                        ex.first_byte = Some(at.saturating_duration_since(ex.start));
-                        respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
-                    }
-                    Ok(resp) => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        ex.first_byte = recorded.map(|at| at.saturating_duration_since(ex.start));
-                        respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
-                    }
-                    Err(_) if outcome == Outcome::ClientAbort => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        client_failed(ctx, snap, ex, head.version)
-                    }
-                    Err(reason) => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        respond::local(reason.into(), snap, ex)
-                    }
-                }
+                let last = Last {
+                    attempt,
+                    outcome,
+                    awaits_trailers,
+                    recorded,
+                };
+                return answer(
+                    ctx,
+                    snap,
+                    last,
+                    result,
+                    ex,
+                    downstream_upgrade,
+                    head.version,
+                );
             }
         }
     }
+}
+
+/// The last try, as the answer needs it.
+struct Last {
+    attempt: Attempt,
+    outcome: Outcome,
+    /// A gRPC stream whose status will come in its trailers.
+    awaits_trailers: bool,
+    /// When the try was recorded (the response's first byte).
+    recorded: Option<Instant>,
+}
+
+/// The client's answer after the last try: the upstream's response, or Spur's own.
+fn answer(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    last: Last,
+    result: Result<Response<InBody>, Reason>,
+    mut ex: Box<Exchange>,
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    version: Version,
+) -> Response<RespBody> {
+    match result {
+        Ok(resp) if last.awaits_trailers => {
+            let (in_flight, deferred, at) = last.attempt.defer();
+            ex.endpoint = Some(in_flight);
+            ex.deferred = Some(deferred);
+            ex.first_byte = Some(at.saturating_duration_since(ex.start));
+            respond::upstream(ctx, snap, resp, ex, downstream)
+        }
+        Ok(resp) => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            ex.first_byte = last
+                .recorded
+                .map(|at| at.saturating_duration_since(ex.start));
+            respond::upstream(ctx, snap, resp, ex, downstream)
+        }
+        Err(_) if last.outcome == Outcome::ClientAbort => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            client_failed(ctx, snap, ex, version)
+        }
+        Err(reason) => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            respond::local(reason.into(), snap, ex)
+        }
+    }
+}
+
+/// The request one try sends, with what the try adds: the gRPC deadline left, and the
+/// try's span as the upstream's parent when the request is traced.
+fn prepare(
+    head: &Parts,
+    fwd: &Forward<'_>,
+    attempt: &Attempt,
+    ex: &mut Exchange,
+    body: ReqBody,
+    number: u32,
+) -> Request<ReqBody> {
+    let mut req = try_request(head, &fwd.cluster, attempt, ex, body, number);
+    if fwd.grpc_timeout {
+        forward_grpc_timeout(&mut req, fwd.deadline);
+    }
+    if let Some(rec) = ex.span.as_mut() {
+        let endpoint = &attempt.endpoint().label;
+        rec.begin_try(
+            &mut req,
+            number,
+            endpoint,
+            &fwd.cluster.name,
+            attempt.started,
+        );
+    }
+    req
+}
+
+/// Records what a try came to: into its span, its endpoint's record (unless a gRPC stream's
+/// verdict waits for its trailers: `true`), and the call's gRPC status. Returns when it was
+/// recorded.
+fn settle(
+    attempt: &Attempt,
+    outcome: Outcome,
+    ex: &mut Exchange,
+    metrics: &Metrics,
+) -> (bool, Option<Instant>) {
+    if let Some(rec) = ex.span.as_mut() {
+        rec.end_try(outcome);
+    }
+    if let Outcome::Grpc(c) = outcome {
+        ex.grpc_status = Some(c);
+    }
+    // A gRPC call answered with a stream: its status comes in the trailers, and is
+    // recorded then (see `Attempt::defer`).
+    if ex.grpc && outcome == Outcome::Status(200) {
+        return (true, None);
+    }
+    (false, attempt.record(outcome, ex.grpc, metrics))
 }
 
 /// The answer to a client whose own body failed: 400 `bad_request` (it broke off) or 408
