@@ -219,8 +219,49 @@ async fn read_out(
     })
     .await;
     if ended == Ok(false) {
-        stream.stop_sending(h3::error::Code::H3_NO_ERROR);
+        stop_no_error(&mut stream).await;
     }
+}
+
+/// Stops the stream with `H3_NO_ERROR`. h3-quinn 0.0.10 panics (an `unwrap` on its stream)
+/// when asked to stop while a read of its own is in flight — h3 may have started one for
+/// the rest of a frame before handing back the part it had: then that read is let finish
+/// (its bytes discarded) and the stop tried again, a few times at most.
+async fn stop_no_error(stream: &mut h3::server::RequestStream<h3_quinn::RecvStream, Bytes>) {
+    for _ in 0..8 {
+        let stopped = quiet_catch_unwind(std::panic::AssertUnwindSafe(|| {
+            stream.stop_sending(h3::error::Code::H3_NO_ERROR)
+        }));
+        if stopped.is_ok() {
+            return;
+        }
+        match tokio::time::timeout(std::time::Duration::from_secs(1), stream.recv_data()).await {
+            Ok(Ok(Some(_))) => continue,
+            _ => return,
+        }
+    }
+}
+
+thread_local! {
+    static QUIET: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// `catch_unwind` whose panic is not printed (the panic hook is told to keep quiet for this
+/// thread while `f` runs).
+fn quiet_catch_unwind<R>(f: impl FnOnce() -> R + std::panic::UnwindSafe) -> std::thread::Result<R> {
+    static HOOK: std::sync::Once = std::sync::Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !QUIET.with(|q| q.get()) {
+                previous(info);
+            }
+        }));
+    });
+    QUIET.with(|q| q.set(true));
+    let r = std::panic::catch_unwind(f);
+    QUIET.with(|q| q.set(false));
+    r
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {

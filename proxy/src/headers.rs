@@ -25,7 +25,14 @@ pub static X_SPUR_HOPS: HeaderName = HeaderName::from_static("x-spur-hops");
 
 /// Removes hop-by-hop headers, and any header the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
+///
+/// Most heads carry none of them (or only `Connection`): one pass over the names, which
+/// compares well-known names as integers, decides whether any lookup is needed at all,
+/// rather than seven hashed removals on every request and every response.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    if !headers.keys().any(is_hop_by_hop) {
+        return;
+    }
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
@@ -53,6 +60,15 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
+}
+
+fn is_hop_by_hop(name: &HeaderName) -> bool {
+    HOP_BY_HOP.iter().any(|h| h == name)
+}
+
+/// Whether a header is one Spur sets itself (`x-spur-…`), which a client cannot send.
+pub fn is_spur_header(name: &HeaderName) -> bool {
+    name.as_str().starts_with("x-spur-")
 }
 
 /// An HTTP/1.1 request asking to switch protocols (WebSocket and the like).
@@ -103,18 +119,28 @@ pub fn upgrade_to_send(
 
 /// Appends the client's address to `x-forwarded-for` (one header: several that came are
 /// joined in order, none dropped) and sets `x-forwarded-proto`.
-pub fn set_forwarded(headers: &mut HeaderMap, peer: std::net::IpAddr, proto: &'static str) {
-    use std::io::Write as _;
-    let mut value = Vec::with_capacity(48);
-    for prev in headers.get_all(&X_FORWARDED_FOR) {
-        value.extend_from_slice(prev.as_bytes());
-        value.extend_from_slice(b", ");
-    }
-    let _ = write!(value, "{peer}");
-    if let Ok(v) = HeaderValue::from_bytes(&value) {
-        headers.insert(X_FORWARDED_FOR.clone(), v);
+pub fn set_forwarded(headers: &mut HeaderMap, peer: &HeaderValue, proto: &'static str) {
+    let mut prev = headers.get_all(&X_FORWARDED_FOR).iter().peekable();
+    if prev.peek().is_none() {
+        // The common case: the client's address alone, made once per connection.
+        headers.insert(X_FORWARDED_FOR.clone(), peer.clone());
+    } else {
+        let mut value = Vec::with_capacity(48);
+        for p in prev {
+            value.extend_from_slice(p.as_bytes());
+            value.extend_from_slice(b", ");
+        }
+        value.extend_from_slice(peer.as_bytes());
+        if let Ok(v) = HeaderValue::from_bytes(&value) {
+            headers.insert(X_FORWARDED_FOR.clone(), v);
+        }
     }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
+}
+
+/// A client address as an `x-forwarded-for` element.
+pub fn forwarded_value(peer: std::net::IpAddr) -> HeaderValue {
+    HeaderValue::from_str(&peer.to_string()).expect("an IP address is a valid header value")
 }
 
 /// The hop count a request arrived with (`x-spur-hops`, the largest if several; one that is
@@ -238,13 +264,21 @@ mod tests {
     #[test]
     fn forwarded_for_appends() {
         let mut h = HeaderMap::new();
-        set_forwarded(&mut h, "10.0.0.1".parse().unwrap(), "http");
-        set_forwarded(&mut h, "::1".parse().unwrap(), "http");
+        set_forwarded(
+            &mut h,
+            &forwarded_value("10.0.0.1".parse().unwrap()),
+            "http",
+        );
+        set_forwarded(&mut h, &forwarded_value("::1".parse().unwrap()), "http");
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1");
         assert_eq!(h["x-forwarded-proto"], "http");
         // Two that came are joined, not one dropped.
         h.append("x-forwarded-for", "192.0.2.9".parse().unwrap());
-        set_forwarded(&mut h, "10.0.0.2".parse().unwrap(), "https");
+        set_forwarded(
+            &mut h,
+            &forwarded_value("10.0.0.2".parse().unwrap()),
+            "https",
+        );
         assert_eq!(h.get_all("x-forwarded-for").iter().count(), 1);
         assert_eq!(h["x-forwarded-for"], "10.0.0.1, ::1, 192.0.2.9, 10.0.0.2");
     }

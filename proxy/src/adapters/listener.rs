@@ -365,6 +365,7 @@ async fn serve_http_conn(
         shared: shared.clone(),
         listener: lst.name.clone(),
         peer,
+        forwarded: Default::default(),
         original_dst,
         guard: Arc::new(guard),
         activity: activity.clone(),

@@ -43,6 +43,8 @@ pub struct ConnCtx {
     pub shared: Arc<Shared>,
     pub listener: Arc<str>,
     pub peer: SocketAddr,
+    /// `peer`'s address as an `x-forwarded-for` element, made on the first request.
+    pub forwarded: std::sync::OnceLock<HeaderValue>,
     /// Where the connection was going before an iptables redirect, on `original_dst`
     /// listeners (the local address when it was not redirected); `None` elsewhere.
     pub original_dst: Option<SocketAddr>,
@@ -166,17 +168,25 @@ fn rewrite_head(
         t.write_upstream(h, t.span_id);
     }
     headers::strip_hop_by_hop(h);
+    // Headers only Spur sets: a client's are dropped (one pass finds them; most requests
+    // have none).
+    if h.keys().any(headers::is_spur_header) {
+        for name in [
+            &X_SPUR_PEER_IDENTITY,
+            &X_SPUR_ATTEMPT,
+            &X_SPUR_MIRROR,
+            &X_SPUR_FLAGS,
+        ] {
+            h.remove(name);
+        }
+    }
     h.insert(
         headers::X_SPUR_HOPS.clone(),
         headers::hops_header(plan.hops),
     );
-    h.remove(&X_SPUR_PEER_IDENTITY);
-    h.remove(&X_SPUR_ATTEMPT);
-    h.remove(&X_SPUR_MIRROR);
-    match &plan.flags_header {
-        Some(v) => h.insert(X_SPUR_FLAGS.clone(), v.clone()),
-        None => h.remove(&X_SPUR_FLAGS),
-    };
+    if let Some(v) = &plan.flags_header {
+        h.insert(X_SPUR_FLAGS.clone(), v.clone());
+    }
     let proto = match &ctx.tls {
         Some(tls) => {
             if let Some(id) = &tls.identity_header {
@@ -186,7 +196,10 @@ fn rewrite_head(
         }
         None => "http",
     };
-    headers::set_forwarded(h, ctx.peer.ip(), proto);
+    let peer = ctx
+        .forwarded
+        .get_or_init(|| headers::forwarded_value(ctx.peer.ip()));
+    headers::set_forwarded(h, peer, proto);
     if let Some(proto) = &fwd.upgrade {
         h.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
         h.insert(header::UPGRADE, proto.clone());

@@ -78,7 +78,7 @@ pub async fn run(
         let Some(attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
-        let req = prepare(&head, fwd, &attempt, &mut ex, body.for_try(), number);
+        let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
         // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
@@ -168,14 +168,14 @@ fn answer(
 /// The request one try sends, with what the try adds: the gRPC deadline left, and the
 /// try's span as the upstream's parent when the request is traced.
 fn prepare(
-    head: &Parts,
+    head: &mut Parts,
     fwd: &Forward<'_>,
     attempt: &Attempt,
     ex: &mut Exchange,
     body: ReqBody,
     number: u32,
 ) -> Request<ReqBody> {
-    let mut req = try_request(head, &fwd.cluster, attempt, ex, body, number);
+    let mut req = try_request(head, fwd, attempt, ex, body, number);
     if fwd.grpc_timeout {
         forward_grpc_timeout(&mut req, fwd.deadline);
     }
@@ -290,17 +290,22 @@ impl TryBody {
 /// The request one try sends: the rewritten head, addressed to the endpoint, in the
 /// cluster's HTTP version.
 fn try_request(
-    head: &Parts,
-    cluster: &ClusterRt,
+    head: &mut Parts,
+    fwd: &Forward<'_>,
     attempt: &Attempt,
     ex: &Exchange,
     body: ReqBody,
     number: u32,
 ) -> Request<ReqBody> {
+    let cluster = &*fwd.cluster;
     let unknown_length = !body.is_end_stream() && body.size_hint().exact().is_none();
     let mut req = Request::new(body);
     *req.method_mut() = head.method.clone();
-    *req.headers_mut() = head.headers.clone();
+    // Without a retry policy this is the only try: the headers move rather than copy.
+    *req.headers_mut() = match fwd.retry {
+        Some(_) => head.headers.clone(),
+        None => std::mem::take(&mut head.headers),
+    };
     if unknown_length
         && cluster.protocol == UpstreamProtocol::Http1
         && !req.headers().contains_key(header::CONTENT_LENGTH)

@@ -83,6 +83,7 @@ where
         shared: shared.clone(),
         listener: "web".into(),
         peer: "192.0.2.1:40000".parse().unwrap(),
+        forwarded: Default::default(),
         original_dst: None,
         guard: Arc::new(ConnGuard::new(
             Arc::new(AtomicUsize::new(0)),

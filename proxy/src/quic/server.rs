@@ -233,6 +233,7 @@ async fn serve_conn(
         shared: shared.clone(),
         listener: lst.name.clone(),
         peer,
+        forwarded: Default::default(),
         original_dst: None,
         guard: Arc::new(guard),
         activity: Activity::new(),
