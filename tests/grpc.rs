@@ -322,13 +322,14 @@ async fn unary_calls_pass_through_with_headers_and_large_messages() {
         ("route", "echo"),
         ("cluster", "echo"),
         ("code", "200"),
+        ("grpc_status", "0"),
     ];
     assert!(
         eventually(STEP, || async {
             metric(admin, "spur_requests_total", &labels).await == Some(52.0)
         })
         .await,
-        "52 gRPC calls counted as HTTP 200: {:?}",
+        "52 gRPC calls counted as HTTP 200 and gRPC OK: {:?}",
         metric(admin, "spur_requests_total", &labels).await
     );
 }

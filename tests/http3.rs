@@ -283,6 +283,7 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
         Some(51.0)
     );
     let b_admin = b.admin_addr().unwrap();
+    let client_id = id("a");
     assert_eq!(
         metric(
             b_admin,
@@ -291,11 +292,13 @@ async fn proxy_to_proxy_over_http3_with_mutual_tls() {
                 ("listener", "inbound"),
                 ("route", "default"),
                 ("cluster", "app"),
-                ("code", "200")
+                ("code", "200"),
+                ("client_id", client_id.as_str()),
             ]
         )
         .await,
-        Some(51.0)
+        Some(51.0),
+        "counted with A's verified identity as client_id"
     );
 
     // A proxy that expects another server identity refuses B: a connect failure, counted.

@@ -114,7 +114,8 @@ async fn correlation_headers_reach_upstream_and_come_back() {
     assert_eq!(a.header("x-echo-x-forwarded-for"), Some("127.0.0.1"));
     assert_eq!(a.header("x-echo-x-forwarded-proto"), Some("http"));
 
-    // A valid incoming ID is kept; the trace continues with a new parent span.
+    // A valid incoming ID is kept; without `tracing` the caller's trace context passes
+    // unchanged (this proxy makes no span of its own that no collector would see).
     let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let b = get(
         web,
@@ -129,16 +130,7 @@ async fn correlation_headers_reach_upstream_and_come_back() {
     .await;
     assert_eq!(b.header("x-request-id"), Some("abc-123"));
     assert_eq!(b.header("x-echo-x-request-id"), Some("abc-123"));
-    let child = b.header("x-echo-traceparent").unwrap();
-    assert!(
-        child.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
-        "{child}"
-    );
-    assert!(
-        !child.contains("00f067aa0ba902b7"),
-        "new parent id expected: {child}"
-    );
-    assert!(child.ends_with("-01"));
+    assert_eq!(b.header("x-echo-traceparent"), Some(incoming));
     assert_eq!(
         b.header("x-echo-x-hop"),
         None,

@@ -2,6 +2,7 @@
 //! they are spoken to, and what protects them (circuit breaker, health checks).
 
 use crate::defaults;
+use crate::grpc::GrpcCode;
 use crate::units::Duration;
 use crate::values::{parse_port, ConfigValue, HostPort, Parsed, SOCKET_ADDR};
 use crate::SpiffeId;
@@ -65,9 +66,20 @@ pub struct Cluster {
     pub panic_threshold: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slow_start: Option<crate::edge::SlowStart>,
+    /// The gRPC statuses that count as an endpoint's failure (breaker, latency estimate);
+    /// default [`GrpcCode::default_failures`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc_failure_codes: Option<Vec<GrpcCode>>,
 }
 
 impl Cluster {
+    /// `grpc_failure_codes`, or the default.
+    pub fn grpc_failure_codes(&self) -> Vec<GrpcCode> {
+        self.grpc_failure_codes
+            .clone()
+            .unwrap_or_else(GrpcCode::default_failures)
+    }
+
     /// `fallback_period`, or its default.
     pub fn panic_threshold(&self) -> u32 {
         self.panic_threshold.unwrap_or(defaults::PANIC_THRESHOLD)

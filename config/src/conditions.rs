@@ -4,6 +4,7 @@
 //! Each has one parser here (see [`crate::values`] for why); the proxy matches on the
 //! parsed enums and cannot meet a spelling it does not know.
 
+use crate::grpc::GrpcCode;
 use crate::values::{text_serde, ConfigValue, Parsed};
 use std::fmt;
 
@@ -84,10 +85,23 @@ pub enum RetryCondition {
     Retriable4xx,
     /// This status (400-599).
     Status(u16),
+    /// A trailers-only gRPC response with this status: one of [`GRPC_RETRY_CODES`].
+    Grpc(GrpcCode),
 }
 
+/// The gRPC codes `retry_on` accepts (as Envoy's `retry_on` does): the ones that say the
+/// call may succeed elsewhere or later.
+pub const GRPC_RETRY_CODES: [GrpcCode; 5] = [
+    GrpcCode::CANCELLED,
+    GrpcCode::DEADLINE_EXCEEDED,
+    GrpcCode::INTERNAL,
+    GrpcCode::RESOURCE_EXHAUSTED,
+    GrpcCode::UNAVAILABLE,
+];
+
 const RETRY_CONDITION: &str = "a retry condition (connect-failure, reset, \
-     reset-before-request, timeout, 5xx, retriable-4xx, or a status code 400-599)";
+     reset-before-request, timeout, 5xx, retriable-4xx, a status code 400-599, or a gRPC \
+     status: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)";
 
 impl ConfigValue for RetryCondition {
     const EXPECTED: &'static str = RETRY_CONDITION;
@@ -100,6 +114,19 @@ impl ConfigValue for RetryCondition {
             "timeout" => RetryCondition::Timeout,
             "5xx" => RetryCondition::Any5xx,
             "retriable-4xx" => RetryCondition::Retriable4xx,
+            name if name.starts_with(|c: char| c.is_ascii_lowercase()) => {
+                match GrpcCode::parse_value(name) {
+                    Ok(c) if GRPC_RETRY_CODES.contains(&c) => RetryCondition::Grpc(c),
+                    Ok(c) => {
+                        return Err(format!(
+                            "`{c}` is a gRPC status that is not retried (the gRPC conditions are \
+                             cancelled, deadline-exceeded, internal, resource-exhausted, \
+                             unavailable)"
+                        ))
+                    }
+                    Err(_) => return Err(format!("`{text}` is not {RETRY_CONDITION}")),
+                }
+            }
             code => {
                 // Three digits exactly, so that the condition prints back as written.
                 let status = (code.len() == 3 && code.bytes().all(|b| b.is_ascii_digit()))
@@ -125,6 +152,7 @@ impl fmt::Display for RetryCondition {
             RetryCondition::Any5xx => f.write_str("5xx"),
             RetryCondition::Retriable4xx => f.write_str("retriable-4xx"),
             RetryCondition::Status(c) => write!(f, "{c}"),
+            RetryCondition::Grpc(c) => write!(f, "{c}"),
         }
     }
 }
@@ -210,13 +238,31 @@ mod tests {
             "retriable-4xx",
             "503",
             "409",
+            "unavailable",
+            "deadline-exceeded",
+            "resource-exhausted",
+            "cancelled",
+            "internal",
         ] {
             let c = RetryCondition::parse_value(text).unwrap();
             assert_eq!(c.to_string(), text);
         }
-        for bad in ["200", "600", "+503", "0503", "50", "teapot", ""] {
+        for bad in [
+            "200",
+            "600",
+            "+503",
+            "0503",
+            "50",
+            "teapot",
+            "",
+            "not-found",
+            "Unavailable",
+        ] {
             assert!(RetryCondition::parse_value(bad).is_err(), "{bad} accepted");
         }
+        assert!(RetryCondition::parse_value("not-found")
+            .unwrap_err()
+            .contains("not retried"));
         let on: RetryOn = serde_json::from_str(r#"["5xx", "409", "reset"]"#).unwrap();
         assert!(on.retries_status(599) && on.retries_status(409) && !on.retries_status(404));
         assert!(on.contains(RetryCondition::Reset) && !on.contains(RetryCondition::Timeout));

@@ -21,10 +21,12 @@ pub mod conditions;
 pub mod defaults;
 mod depth;
 pub mod edge;
+pub mod grpc;
 mod parse;
 pub mod peers;
 pub mod route;
 pub mod spiffe;
+pub mod tracing;
 mod tree;
 pub mod types;
 mod units;
@@ -42,10 +44,12 @@ pub use edge::{
     Cors, HeaderRules, HeaderTemplate, HeaderValues, HostName, LimitKey, LimitMode, LimitScope,
     OriginPattern, RateLimit, Redirect, RedirectScheme, Rewrite, SlowStart, XForwarded,
 };
+pub use grpc::GrpcCode;
 pub use parse::{parse, Format};
 pub use peers::{Cidr, IdentityGlob, Namespace};
 pub use route::*;
 pub use spiffe::{SpiffeId, SpiffeIdError};
+pub use tracing::{OtlpEndpoint, Propagation, Tracing};
 pub use types::*;
 pub use units::{ByteSize, Duration};
 pub use validate::K8S_NEEDS_DISCOVERY;
@@ -210,5 +214,7 @@ mod tests;
 mod tests_authz;
 #[cfg(test)]
 mod tests_edge;
+#[cfg(test)]
+mod tests_grpc;
 #[cfg(test)]
 mod tests_read;

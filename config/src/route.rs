@@ -1,6 +1,7 @@
 //! A listener's routes: what a request must match, where it goes, and how it is retried,
 //! mirrored and faulted.
 
+use crate::authz::GrpcMatch;
 use crate::conditions::{HashOn, RetryOn, UpgradeProtocol};
 use crate::defaults;
 use crate::edge::{Cors, HeaderRules, RateLimit, Redirect, Rewrite};
@@ -69,6 +70,10 @@ pub struct RouteMatch {
     pub headers: Vec<HeaderMatch>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub flag: Option<String>,
+    /// gRPC calls to this service (and method): the path `/service/method` (or every
+    /// method under `/service/`) of a request whose content-type is `application/grpc*`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grpc: Option<GrpcMatch>,
 }
 
 /// One header condition: exactly one of `value` (exact), `present`, `regex` (whole value).

@@ -171,7 +171,7 @@ clusters: [{ name: c, endpoints: ["127.0.0.1:2"] }]
         &errs,
         "listeners[0].routes[0].retry.attempts: must be between 1 and 10",
     );
-    assert_has(&errs, "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, or a status code 400-599)");
+    assert_has(&errs, "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, a status code 400-599, or a gRPC status: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)");
     assert!(errs
         .iter()
         .any(|e| e.starts_with("listeners[0].routes[0].retry.retry_on[2]:")));

@@ -70,7 +70,7 @@ clusters:
             "listeners[0].limits.max_connections: expected a whole number from 0 to 4294967295, found `-1`",
             "listeners[0].routes[0].split[0].weight: expected a whole number from 0 to 4294967295, found `ninety`",
             "listeners[0].routes[0].retry.attempts: expected a whole number from 0 to 4294967295, found `2.5`",
-            "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, or a status code 400-599)",
+            "listeners[0].routes[0].retry.retry_on[1]: `200` is not a retry condition (connect-failure, reset, reset-before-request, timeout, 5xx, retriable-4xx, a status code 400-599, or a gRPC status: cancelled, deadline-exceeded, internal, resource-exhausted, unavailable)",
             "clusters[0].lb: `random` is not one of: ewma, least_request, round_robin, ring_hash",
             "clusters[0].protocol: expected one of: http1, http2, http3",
         ],

@@ -13,6 +13,7 @@ use crate::conditions::{CookieName, HashOn};
 use crate::defaults;
 use crate::edge::{RateLimit, XForwarded};
 use crate::route::Route;
+use crate::tracing::Tracing;
 use crate::units::{ByteSize, Duration};
 use crate::values::Parsed;
 use crate::SpiffeId;
@@ -47,6 +48,9 @@ pub struct Config {
     pub clusters: Vec<Cluster>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub flags: BTreeMap<String, Flag>,
+    /// Spans exported over OTLP; absent: no spans, `traceparent` passes unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tracing: Option<Tracing>,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -65,7 +69,9 @@ pub struct Correlation {
     /// Add a UUIDv7 request ID where the request has none.
     #[serde(default = "defaults::yes")]
     pub generate: bool,
-    /// W3C `traceparent`: a child span per hop, a new trace where absent.
+    /// W3C `traceparent` on every upstream request: a request without one gets a new
+    /// trace (unsampled unless `tracing` samples it). With `tracing`, each hop is a span
+    /// of its own; without, a caller's `traceparent` passes unchanged.
     #[serde(default = "defaults::yes")]
     pub trace_context: bool,
 }

@@ -13,7 +13,10 @@
 //!    try lasts;
 //! 4. **record** ([`Attempt::record`]): what the endpoint did, into its latency estimate,
 //!    its breaker and `spur_upstream_requests_total`. Only what the endpoint did: a try
-//!    that failed because the client's own body broke off is charged to nobody.
+//!    that failed because the client's own body broke off is charged to nobody. A gRPC
+//!    response whose status comes in its trailers is judged when they come
+//!    ([`Attempt::defer`]): its latency (to the head) is recorded at once, its verdict
+//!    ([`Deferred::record`]) at the end of the stream.
 
 use crate::endpoint::{ClusterLimits, EndpointState, InFlight};
 use crate::metrics::{ClusterReasonLabels, Metrics};
@@ -161,18 +164,31 @@ impl Attempt {
     }
 
     /// Feeds what the endpoint did with an HTTP try to its latency estimate, its breaker and
-    /// `spur_upstream_requests_total`. A client abort is recorded nowhere: the endpoint did
-    /// nothing wrong.
-    pub fn record(&self, outcome: Outcome, metrics: &Metrics) {
+    /// `spur_upstream_requests_total` (`grpc`: the request is a gRPC call, so the try's
+    /// `grpc_status` is counted too). A client abort is recorded nowhere: the endpoint did
+    /// nothing wrong. Returns when it was recorded (the request path's clock, read once
+    /// for the latency estimate and the response's first byte alike).
+    pub fn record(&self, outcome: Outcome, grpc: bool, metrics: &Metrics) -> Option<Instant> {
         if outcome == Outcome::ClientAbort {
-            return;
+            return None;
         }
-        let code = match outcome {
-            Outcome::Status(s) => s,
-            _ => 0,
-        };
-        self.endpoint().metrics.tries.inc(code);
-        self.charge(outcome.is_failure(), metrics);
+        count_try(self.endpoint(), outcome, grpc);
+        let failed = outcome.is_failure(self.cluster.grpc_failures);
+        Some(self.charge(failed, metrics))
+    }
+
+    /// For a gRPC response whose status will come in its trailers: records the latency to
+    /// the head now, and leaves the verdict (count, breaker) to [`Deferred::record`], with
+    /// the [`InFlight`] the exchange holds until the stream ends.
+    pub fn defer(self) -> (InFlight, Box<Deferred>, Instant) {
+        let now = crate::clock::now();
+        let endpoint = self.endpoint();
+        endpoint.observe(now.saturating_duration_since(self.started), false, now);
+        let deferred = Box::new(Deferred {
+            cluster: self.cluster,
+            members: self.members,
+        });
+        (self.in_flight, deferred, now)
     }
 
     /// Feeds a TCP connection attempt to the endpoint's latency estimate and breaker (a
@@ -185,33 +201,97 @@ impl Attempt {
         self.charge(!connected, metrics);
     }
 
-    fn charge(&self, failed: bool, metrics: &Metrics) {
+    fn charge(&self, failed: bool, metrics: &Metrics) -> Instant {
         let now = crate::clock::now();
         let endpoint = self.endpoint();
         endpoint.observe(now.saturating_duration_since(self.started), failed, now);
-        let Some(b) = &self.cluster.breaker else {
+        judge(
+            &self.cluster,
+            &self.members,
+            &self.in_flight,
+            failed,
+            now,
+            metrics,
+        );
+        now
+    }
+}
+
+/// The verdict of a gRPC try that waits for its trailers (see [`Attempt::defer`]).
+pub struct Deferred {
+    cluster: Arc<ClusterRt>,
+    members: Arc<Members>,
+}
+
+impl Deferred {
+    /// Records how the stream ended: its status (`Outcome::Grpc`), or `Reset` when it broke
+    /// off; `ClientAbort` (the client left first) is recorded nowhere.
+    pub fn record(&self, in_flight: &InFlight, outcome: Outcome, metrics: &Metrics) {
+        if outcome == Outcome::ClientAbort {
             return;
-        };
-        let may_eject = || self.cluster.may_eject(&self.members);
-        match endpoint.record(failed, &b.settings, may_eject, self.in_flight.probe, now) {
-            Transition::Ejected => {
-                tracing::warn!(
-                    cluster = &*self.cluster.name,
-                    endpoint = &*endpoint.label,
-                    "endpoint ejected"
-                );
-                circuit_open(metrics, &self.cluster, "ejection");
-            }
-            Transition::Restored => {
-                endpoint.restart_estimate(&self.members, now);
-                tracing::info!(
-                    cluster = &*self.cluster.name,
-                    endpoint = &*endpoint.label,
-                    "endpoint restored"
-                );
-            }
-            Transition::None => {}
         }
+        count_try(&in_flight.endpoint, outcome, true);
+        let failed = outcome.is_failure(self.cluster.grpc_failures);
+        let now = crate::clock::now();
+        if failed {
+            in_flight
+                .endpoint
+                .observe(std::time::Duration::ZERO, true, now);
+        }
+        judge(
+            &self.cluster,
+            &self.members,
+            in_flight,
+            failed,
+            now,
+            metrics,
+        );
+    }
+}
+
+/// `spur_upstream_requests_total` for one try: its HTTP status (0: no response) and, for a
+/// gRPC call, its gRPC status.
+fn count_try(endpoint: &EndpointState, outcome: Outcome, grpc: bool) {
+    let (code, grpc_status) = match outcome {
+        Outcome::Status(s) => (s, grpc.then(|| crate::grpc::from_http(s))),
+        Outcome::Grpc(c) => (200, Some(c)),
+        _ => (0, None),
+    };
+    endpoint.metrics.tries.inc_grpc(code, grpc_status);
+}
+
+/// Feeds a try's verdict to the endpoint's breaker.
+fn judge(
+    cluster: &ClusterRt,
+    members: &Members,
+    in_flight: &InFlight,
+    failed: bool,
+    now: Instant,
+    metrics: &Metrics,
+) {
+    let Some(b) = &cluster.breaker else {
+        return;
+    };
+    let endpoint = &in_flight.endpoint;
+    let may_eject = || cluster.may_eject(members);
+    match endpoint.record(failed, &b.settings, may_eject, in_flight.probe, now) {
+        Transition::Ejected => {
+            tracing::warn!(
+                cluster = &*cluster.name,
+                endpoint = &*endpoint.label,
+                "endpoint ejected"
+            );
+            circuit_open(metrics, cluster, "ejection");
+        }
+        Transition::Restored => {
+            endpoint.restart_estimate(members, now);
+            tracing::info!(
+                cluster = &*cluster.name,
+                endpoint = &*endpoint.label,
+                "endpoint restored"
+            );
+        }
+        Transition::None => {}
     }
 }
 

@@ -66,6 +66,7 @@ impl EndpointMetrics {
                 cluster: cluster.clone(),
                 endpoint: label.clone(),
                 code: 0,
+                grpc_status: None,
             },
         );
         let ejected = m.endpoint_ejected.get_or_create(&labels).clone();

@@ -5,11 +5,17 @@
 use crate::access::{self, Val};
 use crate::body::{BoxError, InBody};
 use crate::endpoint::InFlight;
+use crate::grpc;
 use crate::headers::X_SPUR_ERROR;
 use crate::http::plan::Plan;
-use crate::metrics::{RequestLabels, RouteLabels, TargetMetrics};
+use crate::metrics::{
+    ClientRouteLabels, Finished, RequestLabels, RouteLabels, TargetMetrics, TraceIdLabel,
+    TraceLabel,
+};
+use crate::policy::retry::Outcome;
 use crate::reason::Reason;
 use crate::snapshot::ListenerRt;
+use crate::trace::span::ServerSpan;
 use crate::upstream::BodyStats;
 use crate::Shared;
 use bytes::Bytes;
@@ -60,6 +66,18 @@ pub struct Exchange {
         tokio::sync::oneshot::Sender<crate::mirror::PrimaryResult>,
         crate::mirror::BodyHash,
     )>,
+    /// The request is a gRPC call.
+    pub grpc: bool,
+    /// Its gRPC status, once known (a trailers-only head, the trailers, Spur's answer).
+    pub grpc_status: Option<u8>,
+    /// The time to the response head.
+    pub first_byte: Option<std::time::Duration>,
+    /// The try whose verdict waits for the gRPC status in the trailers.
+    pub deferred: Option<Box<crate::attempt::Deferred>>,
+    /// The response body ended (rather than being dropped or breaking off).
+    pub ended: bool,
+    /// The spans of a sampled request (with `tracing`).
+    pub span: Option<Box<crate::trace::span::Recording>>,
 }
 
 static DASH: &str = "-";
@@ -99,6 +117,12 @@ impl Exchange {
             peer_identity: None,
             authz_rule: None,
             mirror: None,
+            grpc: false,
+            grpc_status: None,
+            first_byte: None,
+            deferred: None,
+            ended: false,
+            span: None,
         })
     }
 
@@ -106,6 +130,7 @@ impl Exchange {
     /// the series to count the request in.
     pub fn record_plan(&mut self, plan: &Plan<'_>, lst: &ListenerRt) {
         self.request_id = plan.request_id.clone();
+        self.grpc = plan.grpc;
         self.trace_id = plan.trace.map(|t| t.trace_id);
         self.authz_rule = plan.authz_rule.clone();
         if let Some(r) = &plan.route_name {
@@ -133,12 +158,24 @@ impl Exchange {
             let _ = tx.send((self.status, hash.value()));
         }
         let elapsed = crate::clock::now().saturating_duration_since(self.start);
+        let grpc = self.grpc_label();
+        if let (Some(d), Some(e)) = (self.deferred.take(), &self.endpoint) {
+            d.record(e, self.stream_outcome(), &self.shared.metrics);
+        }
+        let exemplar = self.finish_spans(grpc);
+        let finished = Finished {
+            client: self.peer_identity.as_ref(),
+            status: self.status,
+            grpc,
+            elapsed,
+            first_byte: self.first_byte,
+            bytes_in: self.body.bytes(),
+            bytes_out: self.bytes_sent,
+            exemplar,
+        };
         match &self.target {
-            Some(t) => {
-                t.requests.inc(self.status);
-                t.duration.observe(elapsed.as_secs_f64());
-            }
-            None => self.count_slowly(elapsed),
+            Some(t) => t.record(&finished),
+            None => self.count_slowly(&finished),
         }
         if !access::enabled() {
             return;
@@ -186,6 +223,10 @@ impl Exchange {
                 ("method", Val::Str(self.method.as_str())),
                 ("path", Val::Str(path)),
                 ("status", Val::U64(u64::from(self.status))),
+                (
+                    "grpc_status",
+                    grpc.map_or(Val::Str(DASH), |g| Val::U64(u64::from(g))),
+                ),
                 ("attempts", Val::U64(u64::from(self.attempts))),
                 ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
                 ("bytes_received", Val::U64(self.body.bytes())),
@@ -206,25 +247,86 @@ impl Exchange {
 }
 
 impl Exchange {
+    /// Exports a sampled request's spans; the exemplar for its duration.
+    fn finish_spans(&mut self, grpc: Option<u8>) -> Option<TraceLabel> {
+        let mut rec = self.span.take()?;
+        rec.finish(&ServerSpan {
+            method: &self.method,
+            path: self.path.path(),
+            listener: &self.listener,
+            route: &self.route,
+            cluster: &self.cluster,
+            endpoint: self.endpoint.as_ref().map(|e| &e.endpoint.label),
+            peer_identity: self.peer_identity.as_ref(),
+            error: self.error,
+            status: self.status,
+            grpc,
+            attempts: self.attempts,
+        });
+        Some(TraceLabel {
+            trace_id: TraceIdLabel(rec.trace.trace_id),
+        })
+    }
+
+    /// `grpc_status` of a gRPC call (`None` for other requests): the status that came, or
+    /// what its client is left with: the HTTP status's gRPC meaning, `CANCELLED` when the
+    /// client went away first, `UNKNOWN` when the stream ended or broke without one.
+    fn grpc_label(&self) -> Option<u8> {
+        if !self.grpc {
+            return None;
+        }
+        Some(self.grpc_status.unwrap_or(match self.status {
+            200 if !self.ended && self.error.is_none() => grpc::CANCELLED,
+            200 | 0 => grpc::UNKNOWN,
+            s => grpc::from_http(s),
+        }))
+    }
+
+    /// How a deferred gRPC try ended, for its endpoint's record.
+    fn stream_outcome(&self) -> Outcome {
+        match self.grpc_status {
+            Some(c) => Outcome::Grpc(c),
+            None if self.error.is_some() => Outcome::Reset,
+            None if self.ended => Outcome::Grpc(grpc::UNKNOWN),
+            None => Outcome::ClientAbort,
+        }
+    }
+
     /// Counts a request whose series were not resolved by the plan (refused before a
     /// route, or sent to an original destination's cluster).
-    fn count_slowly(&self, elapsed: std::time::Duration) {
+    fn count_slowly(&self, f: &Finished<'_>) {
         let m = &self.shared.metrics;
+        let client_id = f.client.cloned().unwrap_or_else(|| "".into());
         m.requests
             .get_or_create(&RequestLabels {
                 listener: self.listener.clone(),
                 route: self.route.clone(),
                 cluster: self.cluster.clone(),
-                code: self.status,
+                code: f.status,
+                grpc_status: f.grpc,
+                client_id: client_id.clone(),
             })
             .inc();
         m.request_duration
-            .get_or_create(&RouteLabels {
+            .get_or_create(&ClientRouteLabels {
                 listener: self.listener.clone(),
                 route: self.route.clone(),
                 cluster: self.cluster.clone(),
+                client_id,
             })
-            .observe(elapsed.as_secs_f64());
+            .observe(f.elapsed.as_secs_f64(), f.exemplar.clone(), None);
+        let labels = RouteLabels {
+            listener: self.listener.clone(),
+            route: self.route.clone(),
+            cluster: self.cluster.clone(),
+        };
+        if let Some(d) = f.first_byte {
+            m.response_first_byte
+                .get_or_create(&labels)
+                .observe(d.as_secs_f64());
+        }
+        m.request_bytes.get_or_create(&labels).inc_by(f.bytes_in);
+        m.response_bytes.get_or_create(&labels).inc_by(f.bytes_out);
     }
 }
 
@@ -283,10 +385,14 @@ impl Body for RespBody {
         };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
-                if let (Some(ex), Some(d)) = (this.exchange.as_mut(), frame.data_ref()) {
-                    ex.bytes_sent += d.len() as u64;
-                    if let Some((_, hash)) = ex.mirror.as_mut() {
-                        hash.update(d);
+                if let Some(ex) = this.exchange.as_mut() {
+                    if let Some(d) = frame.data_ref() {
+                        ex.bytes_sent += d.len() as u64;
+                        if let Some((_, hash)) = ex.mirror.as_mut() {
+                            hash.update(d);
+                        }
+                    } else if let (true, Some(t)) = (ex.grpc, frame.trailers_ref()) {
+                        ex.grpc_status = grpc::status_in(t);
                     }
                 }
             }
@@ -296,7 +402,12 @@ impl Body for RespBody {
                 }
                 this.close();
             }
-            Poll::Ready(None) => this.close(),
+            Poll::Ready(None) => {
+                if let Some(ex) = this.exchange.as_mut() {
+                    ex.ended = true;
+                }
+                this.close();
+            }
             Poll::Pending => {}
         }
         polled
@@ -318,13 +429,32 @@ impl Body for RespBody {
 }
 
 /// A response Spur makes itself: short text, the status, `x-spur-error: <reason>`, and the
-/// request ID.
+/// request ID; to a gRPC call, a trailers-only gRPC error (see [`grpc`]).
 pub fn local_response(
     status: StatusCode,
     reason: Reason,
     request_id_header: &http::HeaderName,
     mut exchange: Option<Box<Exchange>>,
 ) -> Response<RespBody> {
+    if let Some(ex) = exchange.as_mut().filter(|ex| ex.grpc) {
+        ex.first_byte = Some(crate::clock::now().saturating_duration_since(ex.start));
+        let code = reason.grpc_status(status);
+        ex.grpc_status = Some(code);
+        ex.status = 200;
+        ex.error = Some(reason.as_str());
+        let mut resp = Response::new(RespBody {
+            inner: Inner::Local(None),
+            exchange: None,
+        });
+        let h = resp.headers_mut();
+        grpc::trailers_only(h, code, reason.as_str());
+        h.insert(&X_SPUR_ERROR, HeaderValue::from_static(reason.as_str()));
+        if let Some(id) = &ex.request_id {
+            h.insert(request_id_header.clone(), id.clone());
+        }
+        resp.body_mut().exchange = exchange;
+        return resp;
+    }
     let reason = reason.as_str();
     let text = Bytes::from(format!(
         "{} ({reason})\n",
@@ -335,6 +465,7 @@ pub fn local_response(
         .header(http::header::CONTENT_TYPE, "text/plain; charset=utf-8")
         .header(&X_SPUR_ERROR, reason);
     if let Some(ex) = exchange.as_mut() {
+        ex.first_byte = Some(crate::clock::now().saturating_duration_since(ex.start));
         ex.status = status.as_u16();
         ex.error = Some(reason);
         if let Some(id) = &ex.request_id {

@@ -5,6 +5,7 @@
 //!   breaker, health, retries, budgets, correlation IDs).
 //! - [`http::plan`]: what to do with one request, from the snapshot and its head; no I/O.
 //! - [`reason`]: every answer Spur makes itself, with its status and label.
+//! - [`grpc`]: gRPC statuses, deadlines and trailers-only answers.
 //! - [`authorize`]: a listener's authorization policy ([`policy::authz`]) with its
 //!   counters, enforced by the plan (requests) and the tcp relay (connections);
 //!   [`ratelimit`]: rate limits ([`policy::ratelimit`]) with their counters and group
@@ -19,6 +20,7 @@
 //! - [`adapters`]: listeners (http, tcp, TLS), the TCP relay, DNS refresh, health checks,
 //!   the admin server, idle timers.
 //! - [`tls`]: TLS and mutual TLS: certificate files, SPIFFE identities, verifiers.
+//! - [`trace`]: trace context in and out (W3C, B3), spans, and their OTLP export.
 //!
 //! State:
 //! - [`snapshot`]: a config compiled for the request path, swapped atomically.
@@ -44,6 +46,7 @@ pub mod endpoint;
 pub mod exchange;
 pub mod footprint;
 pub mod group_share;
+pub mod grpc;
 pub mod headers;
 pub mod http;
 pub mod log;
@@ -58,6 +61,7 @@ pub mod registry;
 pub mod reload;
 pub mod snapshot;
 pub mod tls;
+pub mod trace;
 pub mod upstream;
 pub mod workers;
 

@@ -90,6 +90,7 @@ pub fn spawn(
     path: http::uri::PathAndQuery,
     body: (Bytes, Option<HeaderMap>),
     request_id: Option<HeaderValue>,
+    span: Option<crate::trace::span::MirrorSpan>,
 ) -> Option<oneshot::Sender<PrimaryResult>> {
     let Ok(permit) = shared.mirror_slots.clone().try_acquire_owned() else {
         dropped(&shared, &cluster.name);
@@ -104,10 +105,22 @@ pub fn spawn(
         crate::http::X_SPUR_MIRROR.clone(),
         HeaderValue::from_static("1"),
     );
+    if let Some(s) = &span {
+        // A trace of its own, linked to the request it copies.
+        s.write(head.headers_mut());
+    }
     let (head, ()) = head.into_parts();
     tokio::spawn(async move {
         let _permit = permit;
+        let started = std::time::SystemTime::now();
         let mirrored = send(&shared, &cluster, head, path.clone(), body).await;
+        if let Some(s) = span {
+            s.finish(
+                &cluster.name,
+                started,
+                mirrored.ok().map(|(status, _)| status),
+            );
+        }
         let primary = tokio::time::timeout(TIMEOUT, rx).await;
         let outcome = match (mirrored, primary) {
             (Ok(m), Ok(Ok(p))) if m == p => "same",
@@ -172,16 +185,16 @@ async fn send(
     let resp = match sent {
         Ok(Ok(r)) => r,
         Ok(Err(e)) => {
-            attempt.record(e.failure.outcome(), &shared.metrics);
+            attempt.record(e.failure.outcome(), false, &shared.metrics);
             return Err(());
         }
         Err(_) => {
-            attempt.record(Outcome::Timeout, &shared.metrics);
+            attempt.record(Outcome::Timeout, false, &shared.metrics);
             return Err(());
         }
     };
     let status = resp.status().as_u16();
-    attempt.record(Outcome::Status(status), &shared.metrics);
+    attempt.record(Outcome::Status(status), false, &shared.metrics);
     let mut hash = BodyHash::default();
     let mut body = resp.into_body();
     while let Some(frame) = tokio::time::timeout(TIMEOUT, body.frame())

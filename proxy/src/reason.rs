@@ -75,6 +75,31 @@ impl Reason {
         }
     }
 
+    /// The `grpc-status` of this answer to a gRPC client (sent with HTTP status `status`):
+    /// `UNAVAILABLE` (14) when no endpoint could answer, `DEADLINE_EXCEEDED` (4),
+    /// `PERMISSION_DENIED` (7), `UNIMPLEMENTED` (12) for no route, `RESOURCE_EXHAUSTED` (8)
+    /// for a head too large or a rate limit; the rest as gRPC maps their HTTP status.
+    pub fn grpc_status(self, status: StatusCode) -> u8 {
+        match self {
+            Reason::UpstreamUnreachable
+            | Reason::UpstreamReset
+            | Reason::NoHealthyEndpoint
+            | Reason::Overloaded
+            | Reason::ListenerRemoved => 14,
+            Reason::Timeout => 4,
+            Reason::Forbidden | Reason::CorsForbidden => 7,
+            Reason::NoRoute => 12,
+            Reason::HeadersTooLarge | Reason::RateLimited => 8,
+            Reason::BadRequest
+            | Reason::InvalidHost
+            | Reason::InvalidPath
+            | Reason::BodyTimeout
+            | Reason::MethodNotAllowed
+            | Reason::LoopDetected
+            | Reason::Fault => crate::grpc::from_http(status.as_u16()),
+        }
+    }
+
     /// Whether this answer refuses what the client sent before anything went upstream, and
     /// is counted in `spur_downstream_rejected_total{reason}` (by [`Reason::as_str`]).
     pub fn rejects_client(self) -> bool {
@@ -158,5 +183,21 @@ mod tests {
             StatusCode::BAD_GATEWAY
         );
         assert_eq!(Reason::Overloaded.status(), StatusCode::SERVICE_UNAVAILABLE);
+        // SPEC: the gRPC statuses of Spur's own answers.
+        for (r, code) in [
+            (Reason::UpstreamUnreachable, 14),
+            (Reason::UpstreamReset, 14),
+            (Reason::NoHealthyEndpoint, 14),
+            (Reason::Overloaded, 14),
+            (Reason::Timeout, 4),
+            (Reason::Forbidden, 7),
+            (Reason::NoRoute, 12),
+        ] {
+            assert_eq!(r.grpc_status(r.status()), code, "{r}");
+        }
+        assert_eq!(
+            Reason::Fault.grpc_status(StatusCode::SERVICE_UNAVAILABLE),
+            14
+        );
     }
 }

@@ -50,12 +50,34 @@ pub struct Registry {
     budgets: Mutex<HashMap<String, Arc<Budget>>>,
     /// Rate limits' buckets, kept while their settings stay (see [`crate::ratelimit`]).
     pub rate_limits: crate::ratelimit::LimitRegistry,
+    /// The tracer of the serving snapshots: kept while one holds it, reused when the next
+    /// config has the same `tracing` block (its exporter and queue go on).
+    tracer: Mutex<Option<std::sync::Weak<crate::trace::Tracer>>>,
     /// The request path's own tests: every cluster compiled from now on sends here.
     #[cfg(test)]
     pub fake: Mutex<Option<Arc<dyn crate::upstream::fake::Fake>>>,
 }
 
 impl Registry {
+    /// The tracer for this `tracing` block and service name: the current one when they are
+    /// unchanged, else a new one (with a new exporter).
+    pub fn tracer(
+        &self,
+        cfg: &spur_config::Tracing,
+        service: String,
+        metrics: &Metrics,
+    ) -> Arc<crate::trace::Tracer> {
+        let mut slot = self.tracer.lock().unwrap();
+        if let Some(t) = slot.as_ref().and_then(|w| w.upgrade()) {
+            if t.settings.0 == *cfg && t.settings.1 == service {
+                return t;
+            }
+        }
+        let t = Arc::new(crate::trace::Tracer::new(cfg, service, metrics));
+        *slot = Some(Arc::downgrade(&t));
+        t
+    }
+
     /// The state of endpoint `addr` of `cluster`: the existing one if a snapshot or a request
     /// still holds it, else a new one.
     pub fn endpoint(

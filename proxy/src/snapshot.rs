@@ -45,6 +45,8 @@ pub struct Snapshot {
     pub by_addr: HashMap<SocketAddr, Arc<ClusterRt>>,
     /// The `dns:` clusters, in config order, for that scan.
     pub dns_clusters: Vec<Arc<ClusterRt>>,
+    /// The `tracing` block, with its exporter (`None`: no spans).
+    pub tracer: Option<Arc<crate::trace::Tracer>>,
 }
 
 pub struct FlagRt {
@@ -160,6 +162,8 @@ pub struct ClusterRt {
     pub tuning: crate::policy::balance::Tuning,
     /// `spur_lb_panic_total{cluster}`.
     pub lb_panic: prometheus_client::metrics::counter::Counter,
+    /// `grpc_failure_codes`: the gRPC statuses that count against an endpoint.
+    pub grpc_failures: crate::grpc::Codes,
 }
 
 pub struct BreakerRt {
@@ -345,6 +349,7 @@ fn compile_cluster(
                 cluster: c.name.as_str().into(),
             })
             .clone(),
+        grpc_failures: crate::grpc::Codes::of(&c.grpc_failure_codes()),
     };
     Ok(cluster)
 }
@@ -609,7 +614,16 @@ impl Snapshot {
             generate: cfg.correlation.generate,
             trace_context: cfg.correlation.trace_context,
         };
+        let tracer = cfg.tracing.as_ref().map(|t| {
+            let service = t
+                .service_name
+                .clone()
+                .or_else(|| cfg.node.clone())
+                .unwrap_or_else(|| "spur".into());
+            registry.tracer(t, service, metrics)
+        });
         Ok(Snapshot {
+            tracer,
             version,
             log_query: cfg.access_log.query,
             drain_timeout: cfg.drain_timeout.get(),

@@ -201,7 +201,8 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Answ
 }
 
 /// Scrapes the admin `/metrics` and returns the value of the sample with exactly these
-/// name and labels (in any order); `None` when there is no such series, so that a renamed
+/// name and labels (in any order; a label left out must be empty in the series, as
+/// `grpc_status=""` of a request that is not gRPC); `None` when there is no such series, so that a renamed
 /// or missing metric fails an assertion instead of reading as 0. Compare with `Some(x)`
 /// (`== Some(0.0)`, `>= Some(1.0)`: `None` is less than any `Some`).
 pub async fn metric(admin: SocketAddr, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
@@ -228,11 +229,11 @@ pub fn metric_in(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64>
         let all = labels
             .iter()
             .all(|(k, v)| lbls.split(',').any(|p| p == format!("{k}=\"{v}\"")));
-        let count = if lbls.is_empty() {
-            0
-        } else {
-            lbls.split(',').count()
-        };
+        let count = lbls
+            .split(',')
+            .filter(|p| !p.is_empty() && !p.ends_with("=\"\""))
+            .count()
+            + labels.iter().filter(|(_, v)| v.is_empty()).count();
         if all && count == labels.len() {
             return Some(
                 value

@@ -67,6 +67,9 @@ pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
         edge::check_cluster(&format!("clusters[{i}]"), c, e);
     }
 
+    if let Some(t) = &cfg.tracing {
+        check_tracing(t, cfg, e);
+    }
     for (name, flag) in &cfg.flags {
         let p = format!("flags.{name}");
         if !valid_name(name) {
@@ -78,6 +81,27 @@ pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
         for (k, rule) in flag.rules.iter().enumerate() {
             check_flag_rule(&format!("{p}.rules[{k}]"), rule, e);
         }
+    }
+}
+
+fn check_tracing(t: &crate::Tracing, cfg: &Config, e: &mut Errors) {
+    if !(0.0..=1.0).contains(&t.sampling) {
+        e.push("tracing.sampling", "must be between 0 and 1");
+    }
+    if t.service_name.as_ref().is_some_and(|s| s.trim().is_empty()) {
+        e.push("tracing.service_name", "must not be empty");
+    }
+    if t.propagation.is_empty() {
+        e.push(
+            "tracing.propagation",
+            "must name at least one format (w3c, b3)",
+        );
+    }
+    if !cfg.correlation.trace_context {
+        e.push(
+            "tracing",
+            "needs correlation.trace_context (spans are carried in trace headers)",
+        );
     }
 }
 

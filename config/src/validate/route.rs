@@ -25,6 +25,12 @@ pub(super) fn check(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, 
             }
         }
     }
+    if m.grpc.is_some() && (m.path.is_some() || m.path_prefix.is_some()) {
+        e.push(
+            format!("{p}.match.grpc"),
+            "a gRPC match is a path match (`/service/method`): use it without path or path_prefix",
+        );
+    }
     if let Some(host) = &m.host {
         if host.is_empty() || host.contains(['/', ' ']) {
             e.push(

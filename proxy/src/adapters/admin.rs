@@ -59,11 +59,25 @@ fn route(shared: &Shared, req: Request<Incoming>) -> Response<Full<Bytes>> {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "text/plain", "only GET\n");
     }
     match req.uri().path() {
-        "/metrics" => reply(
-            StatusCode::OK,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        "/metrics" => {
+            // Exemplars (trace IDs on request durations) only for a scraper that asks for
+            // OpenMetrics: the Prometheus text format has no place for them.
+            let openmetrics = req.headers().get_all(header::ACCEPT).iter().any(|v| {
+                v.as_bytes()
+                    .windows(28)
+                    .any(|w| w.eq_ignore_ascii_case(b"application/openmetrics-text"))
+            });
+            let text = if openmetrics {
+                shared.metrics.encode_openmetrics()
+            } else {
+                shared.metrics.encode()
+            };
+            reply(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            )
+        }
         "/live" => reply(StatusCode::OK, "text/plain", "live\n"),
         "/ready" => {
             if shared.ready.load(Ordering::Acquire) {

@@ -229,6 +229,9 @@ pub struct IdleIo<T> {
     inner: T,
     activity: Activity,
     head: Option<HeadClock>,
+    /// Bytes read from and written to `inner` so far.
+    read: u64,
+    written: u64,
 }
 
 impl<T> IdleIo<T> {
@@ -237,7 +240,14 @@ impl<T> IdleIo<T> {
             inner,
             activity,
             head: None,
+            read: 0,
+            written: 0,
         }
+    }
+
+    /// Bytes (read from, written to) the inner stream so far.
+    pub fn bytes(&self) -> (u64, u64) {
+        (self.read, self.written)
     }
 
     /// [`IdleIo::new`] that also starts `head` on the first byte of each request.
@@ -246,6 +256,8 @@ impl<T> IdleIo<T> {
             inner,
             activity,
             head: Some(head),
+            read: 0,
+            written: 0,
         }
     }
 }
@@ -260,6 +272,7 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let before = buf.filled().len();
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
+            this.read += (buf.filled().len() - before) as u64;
             this.activity.touch();
             if let Some(head) = &this.head {
                 head.on_read();
@@ -279,6 +292,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
+                this.written += *n as u64;
                 this.activity.wrote();
             }
         }
@@ -294,6 +308,7 @@ impl<T: AsyncWrite + Unpin> AsyncWrite for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = &r {
             if *n > 0 {
+                this.written += *n as u64;
                 this.activity.wrote();
             }
         }

@@ -111,9 +111,12 @@ pub(crate) async fn serve_conn(
         _ = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout) => Err("drain_timeout".to_string()),
     };
     drop(attempt);
-    let (bytes, error) = match &result {
-        Ok((to_up, to_client)) => ((*to_up, *to_client), "-"),
-        Err(e) => ((0, 0), e.as_str()),
+    // What moved, also when the connection ended in a timeout or an error.
+    let (from_upstream, to_upstream) = up.bytes();
+    let bytes = (to_upstream, from_upstream);
+    let error = match &result {
+        Ok(_) => "-",
+        Err(e) => e.as_str(),
     };
     conn.count_bytes(bytes);
     conn.log(&endpoint.label, bytes, error);

@@ -111,6 +111,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
     let Some(lst) = snap.listeners.get(&*ctx.listener) else {
         // The listener was removed by a config push while this connection was open.
+        ex.grpc = crate::grpc::is_grpc(&head.headers);
         return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
     };
     let mut rng = fastrand::Rng::new();
@@ -126,6 +127,7 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     if let (Some(route), Action::Forward(_)) = (plan.route, &plan.action) {
         edge::rewrite(route, &mut head);
     }
+    ex.span = crate::trace::span::Recording::for_plan(&snap, &plan, ex.start);
     if let Some(p) = head.uri.path_and_query() {
         // Normalised by the plan: logged, and sent upstream, as it was routed.
         ex.path = p.clone();
@@ -178,7 +180,7 @@ fn rewrite_head(
         None => h.remove(id_header),
     };
     if let Some(t) = &plan.trace {
-        h.insert(headers::TRACEPARENT.clone(), t.to_header());
+        t.write_upstream(h, t.span_id);
     }
     headers::strip_hop_by_hop(h);
     // Headers only Spur sets: a client's are dropped (one pass finds them; most requests

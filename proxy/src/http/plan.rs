@@ -9,7 +9,8 @@
 //! something about a request (authorization, rate limits, header rules) plugs in here.
 //!
 //! The phases, in order:
-//! 1. **correlate**: keep or make the request ID; child span in `traceparent`;
+//! 1. **correlate**: keep or make the request ID; the request's trace (the caller's
+//!    passed on, or a span of this hop's with `tracing`; see [`crate::trace`]);
 //! 2. **admit**: a head over `max_header_bytes` gets 431; then the head is **normalised**
 //!    in place (one host, one path: see [`super::normalize`]), or refused with 400, so that
 //!    every phase after this one, and the upstream, read the same request; a request that
@@ -33,12 +34,13 @@ use crate::authorize::{Authorized, AuthzRt};
 use crate::headers;
 use crate::http::X_SPUR_FLAGS;
 use crate::policy::authz::{Asked, Subject};
-use crate::policy::correlation::{new_request_id, valid_request_id, TraceParent};
+use crate::policy::correlation::{new_request_id, valid_request_id};
 use crate::policy::flags;
 use crate::policy::route::RequestView;
 use crate::policy::split;
 use crate::reason::Reason;
 use crate::snapshot::{ClusterRt, ListenerRt, MirrorRt, RetryRt, RouteRt, Snapshot, Target};
+use crate::trace::Trace;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode};
@@ -60,8 +62,9 @@ pub struct Peer<'a> {
 pub struct Plan<'s> {
     /// The request ID to send and answer with (`None`: none, generation is off).
     pub request_id: Option<HeaderValue>,
-    /// The `traceparent` to send upstream.
-    pub trace: Option<TraceParent>,
+    /// The request's trace (see [`crate::trace`]): what goes upstream in `traceparent`
+    /// (and B3), and whether its spans are recorded.
+    pub trace: Option<Trace>,
     /// For each of the snapshot's flags (by index), whether it is on.
     pub flags_on: Vec<bool>,
     /// `x-spur-flags` for the upstream.
@@ -82,6 +85,8 @@ pub struct Plan<'s> {
     /// A browser request from an origin the route's `cors` allows: the origin, for the
     /// response's CORS headers.
     pub cors_origin: Option<Box<HeaderValue>>,
+    /// The request is a gRPC call: Spur answers it in gRPC's terms (see [`crate::grpc`]).
+    pub grpc: bool,
     pub action: Action<'s>,
 }
 
@@ -99,8 +104,12 @@ pub struct Forward<'s> {
     pub split_side: Option<usize>,
     /// The sticky key (split and `ring_hash`).
     pub hash_key: Option<Bytes>,
-    /// The whole request's deadline (the route's `timeout`).
+    /// The whole request's deadline: the route's `timeout`, or a gRPC call's
+    /// `grpc-timeout` when that is sooner.
     pub deadline: Option<Instant>,
+    /// The gRPC call came with `grpc-timeout`: each try forwards what is left of the
+    /// deadline in its own.
+    pub grpc_timeout: bool,
     pub retry: Option<&'s RetryRt>,
     /// Mirror this request (the route's `mirror`, sampled).
     pub mirror: Option<&'s MirrorRt>,
@@ -152,6 +161,7 @@ pub fn plan<'s>(
     rng: &mut fastrand::Rng,
 ) -> Plan<'s> {
     let (request_id, trace) = correlate(snap, head);
+    let grpc = crate::grpc::is_grpc(&head.headers);
     let mut plan = Plan {
         request_id,
         trace,
@@ -164,6 +174,7 @@ pub fn plan<'s>(
         hops: 0,
         trust: super::edge::trust(lst, peer),
         cors_origin: None,
+        grpc,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
     if let Err(reason) =
@@ -200,7 +211,13 @@ pub fn plan<'s>(
         path: &path,
         host: headers::host_of(&head.uri, &head.headers),
         headers: &head.headers,
+        grpc,
     };
+    let grpc_deadline = grpc
+        .then(|| head.headers.get(&crate::grpc::GRPC_TIMEOUT))
+        .flatten()
+        .and_then(crate::grpc::parse_timeout)
+        .and_then(|t| now.checked_add(t));
     let (route, preflight) = super::edge::route_for(lst, &view, &plan.flags_on);
     plan.route = route;
     let Some(route) = plan.route else {
@@ -215,7 +232,8 @@ pub fn plan<'s>(
                 cluster,
                 split_side: None,
                 hash_key: None,
-                deadline: None,
+                deadline: grpc_deadline,
+                grpc_timeout: grpc_deadline.is_some(),
                 retry: None,
                 mirror: None,
                 upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
@@ -280,7 +298,8 @@ pub fn plan<'s>(
         cluster,
         split_side,
         hash_key,
-        deadline: route.timeout.map(|t| now + t),
+        deadline: earliest(route.timeout.map(|t| now + t), grpc_deadline),
+        grpc_timeout: grpc_deadline.is_some(),
         retry: route.retry.as_ref().filter(|_| !tunnel),
         mirror: route
             .mirror
@@ -292,21 +311,23 @@ pub fn plan<'s>(
     plan
 }
 
+fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The request ID (kept when valid, else made when generation is on) and the trace context
 /// (a child of the caller's, or a new trace).
-fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<TraceParent>) {
+fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<Trace>) {
     let c = &snap.correlation;
     let request_id = match head.headers.get(&c.header) {
         Some(v) if valid_request_id(v) => Some(v.clone()),
         _ if c.generate => Some(new_request_id()),
         _ => None,
     };
-    let trace = c.trace_context.then(|| {
-        head.headers
-            .get(&headers::TRACEPARENT)
-            .and_then(|v| TraceParent::parse(v.as_bytes()))
-            .map_or_else(TraceParent::new_root, |p| p.child())
-    });
+    let trace = Trace::decide(snap.tracer.as_deref(), c.trace_context, &head.headers);
     (request_id, trace)
 }
 

@@ -515,8 +515,13 @@ fn request_ids_and_trace_context() {
     let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
     let (_, p) = decide(&snap, &case("GET", "/", &[("traceparent", tp)]));
     let t = p.trace.unwrap();
-    assert_eq!(t.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_ne!(&t.parent_id, b"00f067aa0ba902b7", "a span of this hop");
+    assert_eq!(&t.trace_id, b"4bf92f3577b34da6a3ce929d0e0e4736");
+    // Without `tracing`: no span of this hop; the caller's context passes unchanged.
+    assert_eq!(t.traceparent().to_header(), tp, "passed as it came");
+    assert!(!t.write && t.sampled);
+    let (_, p) = decide(&snap, &case("GET", "/", &[]));
+    let t = p.trace.unwrap();
+    assert!(t.write && !t.sampled, "a new trace, unsampled");
 }
 
 #[test]
@@ -599,4 +604,84 @@ fn too_many_hops_is_a_loop() {
     assert_eq!(said, refuse("-", Reason::LoopDetected, 508));
     let (_, p) = decide(&snap, &case("GET", "/x", &[]));
     assert_eq!(p.hops, 1);
+}
+
+#[test]
+fn grpc_calls_route_by_service_and_bring_their_deadline() {
+    let cfg = spur_config::load(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    cluster: fallback
+    routes:
+      - name: get
+        match: { grpc: { service: shop.Cart, method: Get } }
+        cluster: v1
+        timeout: 2s
+      - name: cart
+        match: { grpc: { service: shop.Cart } }
+        cluster: v2
+clusters:
+  - { name: v1, endpoints: ["10.0.0.1:80"] }
+  - { name: v2, endpoints: ["10.0.0.2:80"] }
+  - { name: fallback, endpoints: ["10.0.0.3:80"] }
+"#,
+        Some("t.yaml"),
+    )
+    .unwrap();
+    let snap = Snapshot::compile(
+        Arc::new(cfg),
+        1,
+        &Registry::default(),
+        &Metrics::new(),
+        None,
+    )
+    .unwrap();
+    let grpc = |path: &str, timeout: Option<&str>| {
+        let mut h = vec![("content-type", "application/grpc+proto")];
+        if let Some(t) = timeout {
+            h.push(("grpc-timeout", t));
+        }
+        case("POST", path, &h)
+    };
+    let deadline = |p: &Plan<'_>| match &p.action {
+        Action::Forward(f) => (
+            f.deadline
+                .map(|d| d.saturating_duration_since(Instant::now())),
+            f.grpc_timeout,
+        ),
+        Action::Refuse(_) | Action::Answer(_) => panic!("not forwarded"),
+    };
+    let near = |d: Option<Duration>, want: u64| {
+        d.is_some_and(|d| d <= Duration::from_millis(want) && d > Duration::from_millis(want - 50))
+    };
+    // The method's route; its 2 s timeout unless the call's own deadline is sooner.
+    let (said, p) = decide(&snap, &grpc("/shop.Cart/Get", Some("100m")));
+    assert_eq!(said, fwd("get", "v1"));
+    assert!(p.grpc);
+    let (d, forwarded) = deadline(&p);
+    assert!(near(d, 100) && forwarded, "{d:?}");
+    let (_, p) = decide(&snap, &grpc("/shop.Cart/Get", Some("10S")));
+    let (d, forwarded) = deadline(&p);
+    assert!(
+        near(d, 2000) && forwarded,
+        "the route's timeout is sooner: {d:?}"
+    );
+    // Another method of the service; a call without a deadline has none.
+    let (said, p) = decide(&snap, &grpc("/shop.Cart/Put", None));
+    assert_eq!(said, fwd("cart", "v2"));
+    assert_eq!(deadline(&p), (None, false));
+    // The default cluster's calls are bounded by their deadline too.
+    let (said, p) = decide(&snap, &grpc("/other.Svc/Get", Some("1S")));
+    assert_eq!(said, fwd("default", "fallback"));
+    assert!(near(deadline(&p).0, 1000));
+    // Not gRPC: no gRPC route, and `grpc-timeout` means nothing.
+    let (said, p) = decide(
+        &snap,
+        &case("POST", "/shop.Cart/Get", &[("grpc-timeout", "1m")]),
+    );
+    assert_eq!(said, fwd("default", "fallback"));
+    assert!(!p.grpc);
+    assert_eq!(deadline(&p), (None, false));
 }

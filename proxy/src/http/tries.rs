@@ -60,6 +60,7 @@ pub async fn run(
                 ex.path.clone(),
                 data,
                 ex.request_id.clone(),
+                ex.span.as_ref().map(|r| r.mirror()),
             ),
             None => {
                 mirror::dropped(&ctx.shared, &m.cluster.name);
@@ -78,7 +79,7 @@ pub async fn run(
         let Some(mut attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
-        let req = try_request(&mut head, fwd, &attempt, &ex, body.for_try(), number);
+        let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
         // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
@@ -94,7 +95,7 @@ pub async fn run(
         {
             attempt.discount(setup.0);
         }
-        attempt.record(outcome, metrics);
+        let (awaits_trailers, recorded) = settle(&attempt, outcome, &mut ex, metrics);
         let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
         match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
         {
@@ -106,23 +107,120 @@ pub async fn run(
                 number += 1;
             }
             None => {
-                return match result {
-                    Ok(resp) => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        respond::upstream(ctx, snap, resp, ex, downstream_upgrade)
-                    }
-                    Err(_) if outcome == Outcome::ClientAbort => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        client_failed(ctx, snap, ex, head.version)
-                    }
-                    Err(reason) => {
-                        ex.endpoint = Some(attempt.in_flight);
-                        respond::local(reason.into(), snap, ex)
-                    }
-                }
+                let last = Last {
+                    attempt,
+                    outcome,
+                    awaits_trailers,
+                    recorded,
+                };
+                return answer(
+                    ctx,
+                    snap,
+                    last,
+                    result,
+                    ex,
+                    downstream_upgrade,
+                    head.version,
+                );
             }
         }
     }
+}
+
+/// The last try, as the answer needs it.
+struct Last {
+    attempt: Attempt,
+    outcome: Outcome,
+    /// A gRPC stream whose status will come in its trailers.
+    awaits_trailers: bool,
+    /// When the try was recorded (the response's first byte).
+    recorded: Option<Instant>,
+}
+
+/// The client's answer after the last try: the upstream's response, or Spur's own.
+fn answer(
+    ctx: &ConnCtx,
+    snap: &Snapshot,
+    last: Last,
+    result: Result<Response<InBody>, Reason>,
+    mut ex: Box<Exchange>,
+    downstream: Option<hyper::upgrade::OnUpgrade>,
+    version: Version,
+) -> Response<RespBody> {
+    match result {
+        Ok(resp) if last.awaits_trailers => {
+            let (in_flight, deferred, at) = last.attempt.defer();
+            ex.endpoint = Some(in_flight);
+            ex.deferred = Some(deferred);
+            ex.first_byte = Some(at.saturating_duration_since(ex.start));
+            respond::upstream(ctx, snap, resp, ex, downstream)
+        }
+        Ok(resp) => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            ex.first_byte = last
+                .recorded
+                .map(|at| at.saturating_duration_since(ex.start));
+            respond::upstream(ctx, snap, resp, ex, downstream)
+        }
+        Err(_) if last.outcome == Outcome::ClientAbort => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            client_failed(ctx, snap, ex, version)
+        }
+        Err(reason) => {
+            ex.endpoint = Some(last.attempt.in_flight);
+            respond::local(reason.into(), snap, ex)
+        }
+    }
+}
+
+/// The request one try sends, with what the try adds: the gRPC deadline left, and the
+/// try's span as the upstream's parent when the request is traced.
+fn prepare(
+    head: &mut Parts,
+    fwd: &Forward<'_>,
+    attempt: &Attempt,
+    ex: &mut Exchange,
+    body: ReqBody,
+    number: u32,
+) -> Request<ReqBody> {
+    let mut req = try_request(head, fwd, attempt, ex, body, number);
+    if fwd.grpc_timeout {
+        forward_grpc_timeout(&mut req, fwd.deadline);
+    }
+    if let Some(rec) = ex.span.as_mut() {
+        let endpoint = &attempt.endpoint().label;
+        rec.begin_try(
+            &mut req,
+            number,
+            endpoint,
+            &fwd.cluster.name,
+            attempt.started,
+        );
+    }
+    req
+}
+
+/// Records what a try came to: into its span, its endpoint's record (unless a gRPC stream's
+/// verdict waits for its trailers: `true`), and the call's gRPC status. Returns when it was
+/// recorded.
+fn settle(
+    attempt: &Attempt,
+    outcome: Outcome,
+    ex: &mut Exchange,
+    metrics: &Metrics,
+) -> (bool, Option<Instant>) {
+    if let Some(rec) = ex.span.as_mut() {
+        rec.end_try(outcome);
+    }
+    if let Outcome::Grpc(c) = outcome {
+        ex.grpc_status = Some(c);
+    }
+    // A gRPC call answered with a stream: its status comes in the trailers, and is
+    // recorded then (see `Attempt::defer`).
+    if ex.grpc && outcome == Outcome::Status(200) {
+        return (true, None);
+    }
+    (false, attempt.record(outcome, ex.grpc, metrics))
 }
 
 /// The answer to a client whose own body failed: 400 `bad_request` (it broke off) or 408
@@ -241,6 +339,19 @@ fn try_request(
     req
 }
 
+/// `grpc-timeout` for one try: what is left of the request's deadline (the client's
+/// `grpc-timeout`, or the route's `timeout` when sooner), so the server stops working on a
+/// call the client has given up on.
+fn forward_grpc_timeout(req: &mut Request<ReqBody>, deadline: Option<Instant>) {
+    if let Some(d) = deadline {
+        let left = d.saturating_duration_since(crate::clock::now());
+        req.headers_mut().insert(
+            crate::grpc::GRPC_TIMEOUT.clone(),
+            crate::grpc::timeout_value(left),
+        );
+    }
+}
+
 /// HTTP/1.1 sends the origin form (`/path?query`); HTTP/2 and HTTP/3 need scheme and
 /// authority, the endpoint's address.
 fn upstream_uri(cluster: &ClusterRt, attempt: &Attempt, path: &http::uri::PathAndQuery) -> Uri {
@@ -263,6 +374,13 @@ fn classify(
 ) -> (Outcome, Result<Response<InBody>, Reason>) {
     let outcome = match &sent {
         None => Outcome::Timeout,
+        Some(Ok(r)) if ex.grpc && r.status() == http::StatusCode::OK => {
+            // Trailers-only: the status is in the head, before anything reached the client.
+            match crate::grpc::status_in(r.headers()) {
+                Some(c) => Outcome::Grpc(c),
+                None => Outcome::Status(200),
+            }
+        }
         Some(Ok(r)) => Outcome::Status(r.status().as_u16()),
         Some(Err(e)) => {
             tracing::debug!(cluster = &*cluster.name, error = %e, "upstream error");

@@ -5,28 +5,36 @@
 //! upstream tries by status code) are resolved once per owner, see [`codes`].
 
 pub mod codes;
+pub mod target;
 pub use codes::{CodeCounters, WithCode};
+pub use target::{Finished, TargetMetrics};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::exemplar::HistogramWithExemplars;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
 
+/// `spur_requests_total`: by status code, gRPC status (empty: not gRPC) and the verified
+/// client identity (empty: none).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabels {
     pub listener: Arc<str>,
     pub route: Arc<str>,
     pub cluster: Arc<str>,
     pub code: u16,
+    pub grpc_status: Option<u8>,
+    pub client_id: Arc<str>,
 }
 
 impl WithCode for RequestLabels {
-    fn with_code(&self, code: u16) -> Self {
+    fn with_code(&self, code: u16, grpc_status: Option<u8>) -> Self {
         RequestLabels {
             code,
+            grpc_status,
             ..self.clone()
         }
     }
@@ -39,17 +47,51 @@ pub struct RouteLabels {
     pub cluster: Arc<str>,
 }
 
+/// `spur_request_duration_seconds`: by route target and verified client identity.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ClientRouteLabels {
+    pub listener: Arc<str>,
+    pub route: Arc<str>,
+    pub cluster: Arc<str>,
+    pub client_id: Arc<str>,
+}
+
+/// An exemplar's labels: the trace of a sampled request.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TraceLabel {
+    pub trace_id: TraceIdLabel,
+}
+
+/// A trace ID (32 lower-case hex digits) as a label value, without a `String`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
+pub struct TraceIdLabel(pub [u8; 32]);
+
+impl prometheus_client::encoding::EncodeLabelValue for TraceIdLabel {
+    fn encode(
+        &self,
+        encoder: &mut prometheus_client::encoding::LabelValueEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use std::fmt::Write;
+        encoder.write_str(std::str::from_utf8(&self.0).map_err(|_| std::fmt::Error)?)
+    }
+}
+
+/// The request-duration histogram: with an exemplar (the trace ID) on sampled requests.
+pub type DurationHistogram = HistogramWithExemplars<TraceLabel>;
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct UpstreamLabels {
     pub cluster: Arc<str>,
     pub endpoint: Arc<str>,
     pub code: u16,
+    pub grpc_status: Option<u8>,
 }
 
 impl WithCode for UpstreamLabels {
-    fn with_code(&self, code: u16) -> Self {
+    fn with_code(&self, code: u16, grpc_status: Option<u8>) -> Self {
         UpstreamLabels {
             code,
+            grpc_status,
             ..self.clone()
         }
     }
@@ -169,45 +211,19 @@ pub struct ReasonLabel {
 
 pub type SideReasonLabels = (Side, ReasonLabel);
 
-/// The request series of one (listener, route, cluster), resolved when a snapshot is
-/// compiled: `spur_requests_total` by code and `spur_request_duration_seconds`.
-pub struct TargetMetrics {
-    pub requests: CodeCounters<RequestLabels>,
-    pub duration: Histogram,
+/// Bucket bounds of the latency histograms, from 0.5 ms to 60 s (streams and slow
+/// uploads are part of what a mesh carries).
+const LATENCY_BUCKETS: [f64; 16] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+pub fn duration_histogram() -> DurationHistogram {
+    HistogramWithExemplars::new(LATENCY_BUCKETS.into_iter())
 }
 
-impl TargetMetrics {
-    pub fn new(
-        m: &Metrics,
-        listener: &Arc<str>,
-        route: &Arc<str>,
-        cluster: &Arc<str>,
-    ) -> TargetMetrics {
-        let labels = RouteLabels {
-            listener: listener.clone(),
-            route: route.clone(),
-            cluster: cluster.clone(),
-        };
-        let duration = m.request_duration.get_or_create(&labels).clone();
-        TargetMetrics {
-            requests: CodeCounters::new(
-                &m.requests,
-                RequestLabels {
-                    listener: labels.listener,
-                    route: labels.route,
-                    cluster: labels.cluster,
-                    code: 0,
-                },
-            ),
-            duration,
-        }
-    }
-}
-
-fn duration_histogram() -> Histogram {
-    Histogram::new([
-        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-    ])
+pub fn latency_histogram() -> Histogram {
+    Histogram::new(LATENCY_BUCKETS)
 }
 
 /// Declares [`Metrics`]: each field, its type and initial value, its Prometheus name
@@ -236,8 +252,14 @@ macro_rules! define_metrics {
 define_metrics! {
     requests: Family<RequestLabels, Counter> = Family::default(),
         "spur_requests", "Requests answered, by route, cluster and status code";
-    request_duration: Family<RouteLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(duration_histogram),
-        "spur_request_duration_seconds", "Time from request received to the end of the response body";
+    request_duration: Family<ClientRouteLabels, DurationHistogram, fn() -> DurationHistogram> = Family::new_with_constructor(duration_histogram),
+        "spur_request_duration_seconds", "Time from request received to the end of the response body, by client identity (exemplars: trace IDs of sampled requests)";
+    response_first_byte: Family<RouteLabels, Histogram, fn() -> Histogram> = Family::new_with_constructor(latency_histogram),
+        "spur_response_first_byte_seconds", "Time from request received to the response head";
+    request_bytes: Family<RouteLabels, Counter> = Family::default(),
+        "spur_request_bytes", "Request body bytes read from clients";
+    response_bytes: Family<RouteLabels, Counter> = Family::default(),
+        "spur_response_bytes", "Response body bytes sent to clients";
     upstream_requests: Family<UpstreamLabels, Counter> = Family::default(),
         "spur_upstream_requests", "Tries sent upstream (retries included), by endpoint and status code (0: no response)";
     tcp_connections: Family<TcpLabels, Counter> = Family::default(),
@@ -299,14 +321,35 @@ define_metrics! {
         "spur_rate_limit_share", "This proxy's share of a scope: group rate limit, as assigned by the control plane (1 until the first assignment)";
     lb_panic: Family<ClusterLabels, Counter> = Family::default(),
         "spur_lb_panic", "Endpoint choices made in panic mode: fewer than panic_threshold percent of the cluster's endpoints were available, so all were candidates";
+    /// Spans not exported: the export queue was full, or the collector failed or was slow.
+    trace_spans_dropped: Counter = Counter::default(),
+        "spur_trace_spans_dropped", "Spans dropped: export queue full or the collector unreachable";
 }
 
 impl Metrics {
-    pub fn encode(&self) -> String {
+    /// The OpenMetrics text, exemplars included (for a scraper that asks for
+    /// `application/openmetrics-text`).
+    pub fn encode_openmetrics(&self) -> String {
         let mut out = String::with_capacity(4096);
         prometheus_client::encoding::text::encode(&mut out, &self.registry)
             .expect("writing to a String");
         out
+    }
+
+    /// The same text without exemplars, which the Prometheus text format has no place for.
+    pub fn encode(&self) -> String {
+        let mut text = self.encode_openmetrics();
+        if text.contains(" # {") {
+            text = text
+                .lines()
+                .map(|l| l.split_once(" # {").map_or(l, |(sample, _)| sample))
+                .fold(String::with_capacity(text.len()), |mut out, l| {
+                    out.push_str(l);
+                    out.push('\n');
+                    out
+                });
+        }
+        text
     }
 
     /// Counts a failed TLS handshake to an endpoint of `cluster`.

@@ -2,8 +2,8 @@
 //!
 //! - A valid incoming request ID is kept; a missing or invalid one is replaced by a UUIDv7
 //!   (time-ordered, so IDs sort by arrival) when generation is on.
-//! - `traceparent` (W3C Trace Context level 1): a valid one keeps its trace ID and flags and
-//!   gets a new parent (span) ID for this hop; a missing or invalid one starts a new trace.
+//! - `traceparent` (W3C Trace Context level 1): parsed and written here; what a hop does
+//!   with it (pass it on, or make a span of its own) is decided in [`crate::trace`].
 
 use http::HeaderValue;
 
@@ -67,26 +67,6 @@ impl TraceParent {
         })
     }
 
-    /// A new trace, sampled.
-    pub fn new_root() -> TraceParent {
-        let mut trace_id = [0u8; 32];
-        hex_into(&mut trace_id[..16], fastrand::u64(1..));
-        hex_into(&mut trace_id[16..], fastrand::u64(..));
-        TraceParent {
-            trace_id,
-            parent_id: new_span_id(),
-            flags: *b"01",
-        }
-    }
-
-    /// The same trace with this hop as the parent.
-    pub fn child(&self) -> TraceParent {
-        TraceParent {
-            parent_id: new_span_id(),
-            ..*self
-        }
-    }
-
     pub fn to_header(&self) -> HeaderValue {
         let mut b = [0u8; 55];
         b[0..3].copy_from_slice(b"00-");
@@ -103,7 +83,35 @@ impl TraceParent {
     }
 }
 
-fn new_span_id() -> [u8; 16] {
+/// A new trace ID: 32 lower-case hex digits, never all zero.
+pub fn new_trace_id() -> [u8; 32] {
+    let mut trace_id = [0u8; 32];
+    hex_into(&mut trace_id[..16], fastrand::u64(1..));
+    hex_into(&mut trace_id[16..], fastrand::u64(..));
+    trace_id
+}
+
+/// A span ID as 16 lower-case hex digits.
+pub fn hex16(v: u64) -> [u8; 16] {
+    let mut id = [0u8; 16];
+    hex_into(&mut id, v);
+    id
+}
+
+/// 16 hex digits (as [`TraceParent::parse`] and the B3 parser accept them) as a number.
+pub fn unhex16(id: &[u8; 16]) -> u64 {
+    id.iter().fold(0u64, |v, c| {
+        let d = match c {
+            b'0'..=b'9' => c - b'0',
+            b'a'..=b'f' => c - b'a' + 10,
+            _ => 0,
+        };
+        v << 4 | u64::from(d)
+    })
+}
+
+/// A new span ID: 16 lower-case hex digits, never all zero.
+pub fn new_span_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     hex_into(&mut id, fastrand::u64(1..));
     id
@@ -124,17 +132,10 @@ mod tests {
     const GOOD: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     #[test]
-    fn child_keeps_trace_and_flags_but_not_parent() {
+    fn parsed_and_written_back_byte_for_byte() {
         let tp = TraceParent::parse(GOOD.as_bytes()).unwrap();
-        let child = tp.child();
-        assert_eq!(child.trace_id, tp.trace_id);
-        assert_eq!(child.flags, tp.flags);
-        assert_ne!(child.parent_id, tp.parent_id);
-        let text = child.to_header();
-        let text = text.to_str().unwrap();
-        assert!(text.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"));
-        assert!(text.ends_with("-01"));
-        assert_eq!(TraceParent::parse(text.as_bytes()), Some(child));
+        assert_eq!(tp.to_header(), GOOD);
+        assert_eq!(tp.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
     #[test]
@@ -159,10 +160,13 @@ mod tests {
     }
 
     #[test]
-    fn new_roots_are_valid_and_distinct() {
-        let a = TraceParent::new_root();
-        let b = TraceParent::new_root();
-        assert_ne!(a.trace_id, b.trace_id);
+    fn new_ids_are_valid_and_distinct() {
+        let a = TraceParent {
+            trace_id: new_trace_id(),
+            parent_id: new_span_id(),
+            flags: *b"00",
+        };
+        assert_ne!(a.trace_id, new_trace_id());
         assert_eq!(TraceParent::parse(a.to_header().as_bytes()), Some(a));
     }
 

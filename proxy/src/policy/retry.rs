@@ -14,8 +14,9 @@
 //! byte of the request was written (`reset-before-request`), never reached the server, so
 //! those retry every method. A failure of the client's own body is never retried.
 
+use crate::grpc::Codes;
 use crate::reason::Reason;
-use spur_config::{Retry, RetryCondition};
+use spur_config::{GrpcCode, Retry, RetryCondition};
 use std::time::Duration;
 
 /// What one try came to, as far as retrying is concerned.
@@ -31,6 +32,9 @@ pub enum Outcome {
     Timeout,
     /// A response head arrived with this status.
     Status(u16),
+    /// A gRPC call's status, from a trailers-only response head (decided before anything
+    /// reached the client) or from the trailers at the end of its stream.
+    Grpc(u8),
     /// The client's own request body broke off (or the client left): not the endpoint's
     /// doing, so it is never charged to it nor retried.
     ClientAbort,
@@ -42,6 +46,7 @@ impl Outcome {
     pub fn reason(&self) -> &'static str {
         match self {
             Outcome::Status(s) => status_label(*s),
+            Outcome::Grpc(c) => GrpcCode::from_number(*c).map_or("grpc", GrpcCode::name),
             other => other.failure_reason().map_or("-", Reason::as_str),
         }
     }
@@ -53,15 +58,16 @@ impl Outcome {
             Outcome::ResetBeforeRequest | Outcome::Reset => Some(Reason::UpstreamReset),
             Outcome::Timeout => Some(Reason::Timeout),
             Outcome::ClientAbort => Some(Reason::BadRequest),
-            Outcome::Status(_) => None,
+            Outcome::Status(_) | Outcome::Grpc(_) => None,
         }
     }
 
     /// Whether this outcome counts against an endpoint (breaker, EWMA): connect failures,
-    /// resets, timeouts and 5xx. Never what the client did.
-    pub fn is_failure(&self) -> bool {
+    /// resets, timeouts, 5xx, and the cluster's `grpc_failures`. Never what the client did.
+    pub fn is_failure(&self, grpc_failures: Codes) -> bool {
         match self {
             Outcome::Status(s) => *s >= 500,
+            Outcome::Grpc(c) => grpc_failures.contains(*c),
             Outcome::ClientAbort => false,
             _ => true,
         }
@@ -109,6 +115,7 @@ pub struct RetryPolicy {
     any_5xx: bool,
     retriable_4xx: bool,
     codes: Vec<u16>,
+    grpc: Codes,
 }
 
 impl RetryPolicy {
@@ -127,6 +134,7 @@ impl RetryPolicy {
             any_5xx: false,
             retriable_4xx: false,
             codes: Vec::new(),
+            grpc: Codes::default(),
         };
         for cond in r.retry_on.conditions() {
             match cond {
@@ -137,6 +145,7 @@ impl RetryPolicy {
                 RetryCondition::Any5xx => p.any_5xx = true,
                 RetryCondition::Retriable4xx => p.retriable_4xx = true,
                 RetryCondition::Status(c) => p.codes.push(*c),
+                RetryCondition::Grpc(c) => p.grpc.add(*c),
             }
         }
         p
@@ -156,6 +165,7 @@ impl RetryPolicy {
             Outcome::Reset => self.reset && may_repeat,
             Outcome::Timeout => self.timeout && may_repeat,
             Outcome::ClientAbort => false,
+            Outcome::Grpc(c) => self.grpc.contains(c),
             Outcome::Status(s) => {
                 self.codes.contains(&s)
                     || (self.any_5xx && s >= 500)
@@ -212,6 +222,20 @@ mod tests {
         assert!(all.retryable(Outcome::Timeout, 1, true));
         assert!(!all.retryable(Outcome::Status(404), 1, true));
         assert!(!all.retryable(Outcome::ClientAbort, 1, true));
+    }
+
+    #[test]
+    fn grpc_conditions_retry_only_their_codes() {
+        let p = policy(r#"{"attempts": 3, "retry_on": ["unavailable", "resource-exhausted"]}"#);
+        assert!(p.retryable(Outcome::Grpc(14), 1, false), "for every method");
+        assert!(p.retryable(Outcome::Grpc(8), 2, false));
+        assert!(
+            !p.retryable(Outcome::Grpc(14), 3, false),
+            "3 attempts in all"
+        );
+        assert!(!p.retryable(Outcome::Grpc(13), 1, false));
+        assert!(!p.retryable(Outcome::Grpc(0), 1, false));
+        assert!(!p.retryable(Outcome::Status(503), 1, false));
     }
 
     #[test]
@@ -272,10 +296,20 @@ mod tests {
 
     #[test]
     fn failures_are_what_counts_against_an_endpoint() {
-        assert!(Outcome::ConnectFailure.is_failure());
-        assert!(Outcome::Status(503).is_failure());
-        assert!(!Outcome::Status(404).is_failure());
-        assert!(!Outcome::ClientAbort.is_failure());
+        let grpc = Codes::of(&GrpcCode::default_failures());
+        assert!(Outcome::ConnectFailure.is_failure(grpc));
+        assert!(Outcome::Status(503).is_failure(grpc));
+        assert!(!Outcome::Status(404).is_failure(grpc));
+        assert!(!Outcome::ClientAbort.is_failure(grpc));
+        // gRPC: the cluster's failure codes, whatever the HTTP status said.
+        assert!(Outcome::Grpc(14).is_failure(grpc));
+        assert!(
+            !Outcome::Grpc(5).is_failure(grpc),
+            "NOT_FOUND is the caller's"
+        );
+        assert!(!Outcome::Grpc(0).is_failure(grpc));
+        assert!(!Outcome::Grpc(14).is_failure(Codes::default()));
+        assert_eq!(Outcome::Grpc(14).reason(), "unavailable");
         assert_eq!(Outcome::Status(503).reason(), "503");
         assert_eq!(Outcome::Status(507).reason(), "5xx");
         // One vocabulary: the retry metric says what x-spur-error says.

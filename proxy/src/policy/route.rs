@@ -14,6 +14,8 @@ pub struct RequestView<'a> {
     /// Host without port, from the URI authority (HTTP/2) or the Host header (HTTP/1.1).
     pub host: Option<&'a str>,
     pub headers: &'a HeaderMap,
+    /// The request is a gRPC call (`content-type: application/grpc*`).
+    pub grpc: bool,
 }
 
 #[derive(Debug)]
@@ -38,25 +40,35 @@ pub struct Matcher {
     host: Option<String>,
     method: Option<Method>,
     headers: Vec<(HeaderName, HeaderCond)>,
+    /// `match.grpc`: only gRPC calls (the path is the service and method).
+    grpc_only: bool,
 }
 
 impl Matcher {
     pub fn compile(m: &RouteMatch) -> Matcher {
-        let path = match (&m.path, &m.path_prefix) {
-            (Some(p), _) => PathMatch::Exact(p.clone()),
-            (None, Some(p)) if p == "/" => PathMatch::Any,
-            (None, Some(p)) => PathMatch::Prefix(p.clone()),
-            (None, None) => PathMatch::Any,
+        let path = match (&m.grpc, &m.path, &m.path_prefix) {
+            (Some(g), _, _) => match &g.method {
+                Some(method) => PathMatch::Exact(format!("/{}/{}", g.service, method)),
+                None => PathMatch::Prefix(format!("/{}/", g.service)),
+            },
+            (None, Some(p), _) => PathMatch::Exact(p.clone()),
+            (None, None, Some(p)) if p == "/" => PathMatch::Any,
+            (None, None, Some(p)) => PathMatch::Prefix(p.clone()),
+            (None, None, None) => PathMatch::Any,
         };
         Matcher {
             path,
             host: m.host.as_ref().map(|h| h.to_ascii_lowercase()),
             method: m.method.as_deref().cloned(),
             headers: m.headers.iter().map(compile_header).collect(),
+            grpc_only: m.grpc.is_some(),
         }
     }
 
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
+        if self.grpc_only && !req.grpc {
+            return false;
+        }
         let path_ok = match &self.path {
             PathMatch::Any => true,
             PathMatch::Exact(p) => req.path == p,
@@ -133,6 +145,7 @@ mod tests {
             path,
             host,
             headers,
+            grpc: crate::grpc::is_grpc(headers),
         }
     }
 
@@ -152,6 +165,25 @@ mod tests {
         assert!(exact.matches(&req(&get, "/exact", None, &h)));
         assert!(!exact.matches(&req(&get, "/exact/", None, &h)));
         assert!(m("{}").matches(&req(&get, "/anything", None, &h)));
+    }
+
+    #[test]
+    fn grpc_matches_take_grpc_calls_to_the_service_or_method() {
+        let mut grpc = HeaderMap::new();
+        grpc.insert("content-type", "application/grpc".parse().unwrap());
+        let plain = HeaderMap::new();
+        let post = Method::POST;
+        let method = m(r#"{"grpc": {"service": "shop.Cart", "method": "Get"}}"#);
+        assert!(method.matches(&req(&post, "/shop.Cart/Get", None, &grpc)));
+        assert!(!method.matches(&req(&post, "/shop.Cart/Put", None, &grpc)));
+        assert!(
+            !method.matches(&req(&post, "/shop.Cart/Get", None, &plain)),
+            "not gRPC"
+        );
+        let service = m(r#"{"grpc": {"service": "shop.Cart"}}"#);
+        assert!(service.matches(&req(&post, "/shop.Cart/Put", None, &grpc)));
+        assert!(!service.matches(&req(&post, "/shop.CartX/Put", None, &grpc)));
+        assert!(!service.matches(&req(&post, "/shop.Cart", None, &grpc)));
     }
 
     #[test]
