@@ -21,6 +21,7 @@ pub mod defaults;
 mod depth;
 mod parse;
 pub mod peers;
+pub mod report;
 pub mod route;
 pub mod spiffe;
 mod tree;

@@ -7,11 +7,14 @@
 //! - [`watch`]: fan-out of new versions to watching proxies.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
 //!   EndpointSlices, each change a new version.
+//! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
+//!   [`console`]: the web console at `/ui`.
 
 pub mod api;
 pub mod ca;
 pub mod certify;
 pub mod cli;
+pub mod console;
 pub mod join;
 pub mod k8s;
 pub mod proxies;
@@ -23,6 +26,7 @@ pub mod serve;
 pub mod store;
 pub mod tls;
 pub mod token_review;
+pub mod traffic;
 pub mod watch;
 
 use prometheus_client::metrics::counter::Counter;
@@ -236,6 +240,8 @@ pub struct Control {
     pub proxies: Arc<proxies::Proxies>,
     /// Request bodies parsed at once, off the request threads ([`api`]).
     pub parse_slots: tokio::sync::Semaphore,
+    /// The proxies' traffic reports, and tap.
+    pub traffic: traffic::Traffic,
 }
 
 impl Control {
@@ -252,6 +258,7 @@ impl Control {
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
+            traffic: traffic::Traffic::default(),
         }
     }
 

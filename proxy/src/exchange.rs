@@ -47,6 +47,10 @@ pub struct Exchange {
     pub body: Arc<BodyStats>,
     /// The request series of this route and cluster, when the plan resolved them.
     pub target: Option<Arc<TargetMetrics>>,
+    /// The traffic counters of this route and cluster (status reports), likewise.
+    pub live: Option<Arc<crate::report::Target>>,
+    /// `x-spur-flags` as sent upstream: kept only while tapped (see [`crate::tap`]).
+    pub flags: Option<HeaderValue>,
     pub upgraded: bool,
     /// The cluster's `max_requests` slot, held until the response ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -94,6 +98,8 @@ impl Exchange {
             bytes_sent: 0,
             body: Arc::new(BodyStats::default()),
             target: None,
+            live: None,
+            flags: None,
             upgraded: false,
             permit: None,
             peer_identity: None,
@@ -108,6 +114,9 @@ impl Exchange {
         self.request_id = plan.request_id.clone();
         self.trace_id = plan.trace.map(|t| t.trace_id);
         self.authz_rule = plan.authz_rule.clone();
+        if self.shared.tap.is_on() {
+            self.flags = plan.flags_header.clone();
+        }
         if let Some(r) = &plan.route_name {
             self.route = r.clone();
         }
@@ -126,6 +135,17 @@ impl Exchange {
                 .and(lst.default_metrics.clone()),
             _ => None,
         };
+        self.live = match (plan.route, &plan.action) {
+            (Some(r), crate::http::plan::Action::Forward(f)) => {
+                r.live.get(f.split_side.unwrap_or(0)).cloned()
+            }
+            (None, _) => lst
+                .default_cluster
+                .as_ref()
+                .filter(|d| Arc::ptr_eq(d, cluster))
+                .and(lst.default_live.clone()),
+            _ => None,
+        };
     }
 
     fn finish(&mut self) {
@@ -139,6 +159,12 @@ impl Exchange {
                 t.duration.observe(elapsed.as_secs_f64());
             }
             None => self.count_slowly(elapsed),
+        }
+        if let Some(live) = &self.live {
+            live.record(self.status, self.attempts, elapsed);
+        }
+        if self.shared.tap.is_on() {
+            self.shared.tap.offer(self, elapsed);
         }
         if !access::enabled() {
             return;

@@ -48,6 +48,8 @@ pub struct Registry {
     generations: std::sync::atomic::AtomicU64,
     limits: Mutex<HashMap<String, Arc<ClusterLimits>>>,
     budgets: Mutex<HashMap<String, Arc<Budget>>>,
+    /// The traffic counters of each route's clusters, for the status reports.
+    pub traffic: crate::report::Targets,
     /// The request path's own tests: every cluster compiled from now on sends here.
     #[cfg(test)]
     pub fake: Mutex<Option<Arc<dyn crate::upstream::fake::Fake>>>,
