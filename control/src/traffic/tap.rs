@@ -199,9 +199,7 @@ fn filter(query: Option<&str>) -> Result<TapFilter, String> {
         let v = crate::console::percent_decode(v);
         match k {
             "route" if !v.is_empty() => f.route = Some(v),
-            "status" if !v.is_empty() => {
-                f.status = Some(v.parse::<StatusFilter>()?)
-            }
+            "status" if !v.is_empty() => f.status = Some(v.parse::<StatusFilter>()?),
             _ => {}
         }
     }
