@@ -132,9 +132,10 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    fn new(proxies: &Arc<proxies::Proxies>) -> Metrics {
         let mut registry = Registry::default();
         process_metrics::register(&mut registry);
+        registry.register_collector(Box::new(proxies::CertificateExpiry(proxies.clone())));
         let writes = Counter::default();
         registry.register(
             "spur_control_config_writes",
@@ -246,15 +247,28 @@ pub struct Control {
 
 impl Control {
     pub fn new(store: Store, token: Option<String>) -> Control {
+        Control::with_proxies(
+            store,
+            token,
+            proxies::Proxies::new(proxies::DEFAULT_FORGET_AFTER),
+        )
+    }
+
+    /// [`Control::new`] with this record of proxies (`--forget-proxies-after`).
+    pub fn with_proxies(
+        store: Store,
+        token: Option<String>,
+        proxies: Arc<proxies::Proxies>,
+    ) -> Control {
         Control {
             store,
             token,
             ca: None,
             discovery: None,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
-            proxies: proxies::Proxies::new(proxies::DEFAULT_FORGET_AFTER),
+            proxies,
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
@@ -426,8 +440,11 @@ pub async fn start_with_tls(
     tls: Option<Arc<tls::ApiTls>>,
 ) -> Result<ControlHandle, StartError> {
     let store = Store::open(&opts.data_dir)?;
-    let mut control = Control::new(store, opts.token);
-    control.proxies = proxies::Proxies::new(opts.forget_proxies_after);
+    let mut control = Control::with_proxies(
+        store,
+        opts.token,
+        proxies::Proxies::new(opts.forget_proxies_after),
+    );
     let client = match &opts.kubernetes {
         Some(k) => Some(k8s::client(k).await.map_err(StartError::Kubernetes)?),
         None => None,

@@ -133,6 +133,47 @@ impl Proxies {
     }
 }
 
+/// `spur_control_proxy_certificate_expiry_timestamp_seconds{group, node}`: each proxy's
+/// workload certificate expiry as it last reported it, read at every scrape (so a
+/// forgotten proxy's series goes with it). For alerts on certificates near expiry: a
+/// proxy renews at two thirds of the lifetime, so one close to expiry failed to renew.
+#[derive(Debug)]
+pub struct CertificateExpiry(pub Arc<Proxies>);
+
+impl std::fmt::Debug for Proxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxies").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for CertificateExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let expiries: Vec<(String, String, u64)> = {
+            let entries = self.0.entries.lock().unwrap();
+            entries
+                .iter()
+                .filter_map(|((g, n), e)| Some((g.clone(), n.clone(), e.certificate_expires_at?)))
+                .collect()
+        };
+        let mut family = encoder.encode_descriptor(
+            "spur_control_proxy_certificate_expiry_timestamp_seconds",
+            "When each proxy's workload certificate expires (Unix seconds), as it last reported",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (group, node, at) in expiries {
+            let labels = [("group", group), ("node", node)];
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(at as i64);
+            gauge.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
 /// An open watch stream of one proxy (see [`Proxies::watching`]).
 pub struct WatchGuard {
     proxies: Arc<Proxies>,

@@ -113,13 +113,17 @@ function pct(x) {
 // ---- Navigation ------------------------------------------------------------------------
 
 function stopPage() {
+  setStatus('');
   if (timer) { clearInterval(timer); timer = null; }
   if (tapAbort) { tapAbort.abort(); tapAbort = null; }
 }
 
 function every(fn) {
-  fn();
-  timer = setInterval(fn, REFRESH_MS);
+  const run = () => fn().catch(e => {
+    if (!(e instanceof Unauthorized)) setStatus('error: ' + e.message);
+  });
+  run();
+  timer = setInterval(run, REFRESH_MS);
 }
 
 function nav(group, here) {
@@ -383,13 +387,17 @@ function chart(title, series, pick, fmt) {
     svg('text', { x: 2, y: T + 8 }, fmt(max)), svg('text', { x: 2, y: H - B }, fmt(0)),
     svg('text', { x: L, y: H - 4 }, '−' + Math.round(span / 60) + 'm'), svg('text', { x: W - R - 22, y: H - 4 }, 'now'));
   series.forEach((s, i) => {
+    const color = COLORS[i % COLORS.length];
+    const has = p => p && pick(p) !== null && pick(p) !== undefined;
     let d = '';
-    for (const p of s.series) {
-      const v = pick(p);
-      if (v === null || v === undefined) continue;
-      d += (d ? ' L' : 'M') + x(p.ts).toFixed(1) + ' ' + y(v).toFixed(1);
-    }
-    if (d) g.append(svg('path', { d, fill: 'none', stroke: COLORS[i % COLORS.length], 'stroke-width': 1.8 }));
+    s.series.forEach((p, j) => {
+      if (!has(p)) return;
+      const [px, py] = [x(p.ts).toFixed(1), y(pick(p)).toFixed(1)];
+      // A step after a gap starts a new line; a step alone shows as a dot.
+      d += (has(s.series[j - 1]) ? ' L' : ' M') + px + ' ' + py;
+      if (!has(s.series[j - 1]) && !has(s.series[j + 1])) g.append(svg('circle', { cx: px, cy: py, r: 2.5, fill: color }));
+    });
+    if (d) g.append(svg('path', { d: d.trim(), fill: 'none', stroke: color, 'stroke-width': 1.8 }));
   });
   return el('div', { class: 'chart card' }, el('h2', {}, title), g,
     el('div', { class: 'legend' }, series.map((s, i) => el('span', {}, el('i', { class: 'c' + (i % COLORS.length) }), s.name))));
