@@ -318,6 +318,14 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         burst_lines <= 100 * (secs + 1),
         "{burst_lines} lines of {sent} requests in {secs} s: more than 100/s"
     );
+    // The proxy kept the rate itself: the control plane's own cap dropped nothing.
+    let scraped = get(c, "/metrics", &[]).await.text();
+    assert_eq!(
+        metric_in(&scraped, "spur_control_tap_lines_over_rate_total", &[]),
+        Some(0.0),
+        "a proxy sent more than 100 lines a second"
+    );
+    assert!(metric_in(&scraped, "spur_control_tap_lines_total", &[]) >= Some(burst_lines as f64));
 
     // A wrong token sees neither.
     for path in ["/v1/groups/shop/traffic", "/v1/groups/shop/tap"] {

@@ -275,9 +275,15 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
                     let node = node.to_string();
                     match read_body(req).await {
                         Ok(body) => {
-                            let now = crate::traffic::now_secs();
-                            let n = control.traffic.taps.publish(&group, &node, &body, now);
-                            full(StatusCode::OK, &json!({ "taken": n }))
+                            let now = std::time::Instant::now();
+                            let (taken, over) =
+                                control.traffic.taps.publish(&group, &node, &body, now);
+                            control.metrics.tap_lines.inc_by(taken);
+                            control.metrics.tap_lines_over_rate.inc_by(over);
+                            full(
+                                StatusCode::OK,
+                                &json!({ "taken": taken, "over_rate": over }),
+                            )
                         }
                         Err(r) => r,
                     }

@@ -129,6 +129,8 @@ pub struct Metrics {
     pub k8s_synced: Gauge,
     pub connections: Gauge,
     pub connections_rejected: Counter,
+    pub tap_lines: Counter,
+    pub tap_lines_over_rate: Counter,
 }
 
 impl Metrics {
@@ -202,6 +204,18 @@ impl Metrics {
             "Connections closed at accept: --max-connections were open",
             connections_rejected.clone(),
         );
+        let tap_lines = Counter::default();
+        registry.register(
+            "spur_control_tap_lines",
+            "Tap lines taken from proxies and streamed to watchers",
+            tap_lines.clone(),
+        );
+        let tap_lines_over_rate = Counter::default();
+        registry.register(
+            "spur_control_tap_lines_over_rate",
+            "Tap lines dropped: their proxy sent more than 100 a second",
+            tap_lines_over_rate.clone(),
+        );
         Metrics {
             registry,
             writes,
@@ -215,6 +229,8 @@ impl Metrics {
             k8s_synced,
             connections,
             connections_rejected,
+            tap_lines,
+            tap_lines_over_rate,
         }
     }
 

@@ -5,10 +5,12 @@
 //! union of the filters is the group's [`TapOrder`], published on a `watch` channel that
 //! every watch stream of the group forwards to its proxy ([`crate::watch`]); when the last
 //! watcher goes, the order turns off, and proxies stop sampling. Lines proxies post
-//! (`POST .../proxies/{node}/tap`) are dropped at once when nobody watches, capped at
-//! [`crate::traffic::tap::MAX_PER_SEC`] a second per proxy (a proxy keeps that rate
-//! itself; this bounds one that does not), and broadcast to the watchers, each of which
-//! applies its own filter. A watcher too slow to keep up loses lines, never holds others.
+//! (`POST .../proxies/{node}/tap`) are dropped at once when nobody watches, capped per
+//! proxy by a token bucket of [`MAX_PER_SEC`] a second with a burst of [`BURST`] (a proxy
+//! keeps [`MAX_PER_SEC`] in its own one-second windows and posts in batches, so a compliant
+//! proxy may look burstier here; the bucket bounds one that does not comply), and broadcast
+//! to the watchers, each of which applies its own filter. A watcher too slow to keep up
+//! loses lines, never holds others.
 
 use crate::api::{error, Body};
 use crate::watch::ChannelBody;
@@ -19,11 +21,13 @@ use http_body_util::BodyExt;
 use spur_config::report::{StatusFilter, TapFilter, TapLine, TapOrder};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{broadcast, mpsc, watch};
 
-/// Lines accepted from one proxy per second.
+/// Lines accepted from one proxy per second, on average.
 pub const MAX_PER_SEC: u32 = 100;
+/// Lines accepted from one proxy at once (its windows and batches are not ours).
+pub const BURST: f64 = 300.0;
 /// How long proxies sample after an order, unless it is renewed (every watch heartbeat).
 pub const ORDER_TTL: Duration = Duration::from_secs(30);
 /// A line every so often keeps the stream alive, and shows a gone client quickly.
@@ -35,8 +39,8 @@ struct GroupTap {
     lines: broadcast::Sender<Arc<TapLine>>,
     watchers: HashMap<u64, TapFilter>,
     order: watch::Sender<TapOrder>,
-    /// Per proxy: (second, lines accepted in it).
-    rate: HashMap<String, (u64, u32)>,
+    /// Per proxy: (tokens left, when they were counted).
+    rate: HashMap<String, (f64, Instant)>,
 }
 
 impl GroupTap {
@@ -131,16 +135,17 @@ impl Taps {
         (guard, rx)
     }
 
-    /// Lines a proxy posted (NDJSON). Answers how many were taken.
-    pub fn publish(&self, group: &str, node: &str, body: &[u8], now_secs: u64) -> usize {
+    /// Lines a proxy posted (NDJSON). Answers how many were taken, and how many were
+    /// dropped for going over [`MAX_PER_SEC`].
+    pub fn publish(&self, group: &str, node: &str, body: &[u8], now: Instant) -> (u64, u64) {
         let mut groups = self.groups.lock().unwrap();
         let Some(g) = groups.get_mut(group) else {
-            return 0;
+            return (0, 0);
         };
         if g.watchers.is_empty() {
-            return 0;
+            return (0, 0);
         }
-        let mut taken = 0;
+        let (mut taken, mut over) = (0, 0);
         for raw in body.split(|b| *b == b'\n') {
             if raw.iter().all(u8::is_ascii_whitespace) {
                 continue;
@@ -148,14 +153,14 @@ impl Taps {
             let Ok(mut line) = serde_json::from_slice::<TapLine>(raw) else {
                 continue;
             };
-            let rate = g.rate.entry(node.to_string()).or_insert((now_secs, 0));
-            if rate.0 != now_secs {
-                *rate = (now_secs, 0);
+            let (tokens, at) = g.rate.entry(node.to_string()).or_insert((BURST, now));
+            let refill = now.saturating_duration_since(*at).as_secs_f64() * f64::from(MAX_PER_SEC);
+            (*tokens, *at) = ((*tokens + refill).min(BURST), now);
+            if *tokens < 1.0 {
+                over += 1;
+                continue;
             }
-            if rate.1 >= MAX_PER_SEC {
-                break;
-            }
-            rate.1 += 1;
+            *tokens -= 1.0;
             line.node = node.to_string();
             for s in [
                 &mut line.method,
@@ -175,9 +180,10 @@ impl Taps {
             taken += 1;
         }
         if g.rate.len() > 10_000 {
-            g.rate.retain(|_, (s, _)| *s == now_secs);
+            g.rate
+                .retain(|_, (_, at)| now.saturating_duration_since(*at) < Duration::from_secs(5));
         }
-        taken
+        (taken, over)
     }
 }
 
