@@ -211,3 +211,41 @@ fn push(body: &mut Vec<u8>, line: &TapLine) {
         body.push(b'\n');
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn at_most_max_per_sec_lines_a_second() {
+        let tap = Tap::default();
+        // A burst within one second (tried again in the rare case it straddled two).
+        let taken = loop {
+            tap.window.store(0, Ordering::Relaxed);
+            let second = tap.base.elapsed().as_secs();
+            let taken = (0..250).filter(|_| tap.take_one()).count();
+            if tap.base.elapsed().as_secs() == second {
+                break taken;
+            }
+        };
+        assert_eq!(
+            taken, MAX_PER_SEC as usize,
+            "one second's worth, the rest refused"
+        );
+        // A window of an earlier second does not count against this one.
+        let now = tap.base.elapsed().as_secs();
+        tap.window.store(
+            (now.wrapping_sub(1) << 32) | u64::from(MAX_PER_SEC),
+            Ordering::Relaxed,
+        );
+        assert!(tap.take_one());
+    }
+
+    #[test]
+    fn off_until_ordered() {
+        let tap = Tap::default();
+        assert!(!tap.is_on());
+        tap.stop();
+        assert!(!tap.is_on());
+    }
+}
