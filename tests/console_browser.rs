@@ -87,6 +87,21 @@ async fn report_rogue(c: SocketAddr) {
     assert_eq!(s, 200, "{v}");
 }
 
+/// What the steps of the browser test work with.
+struct Scene {
+    c: SocketAddr,
+    ui: String,
+    admins: [SocketAddr; 2],
+    webs: [SocketAddr; 2],
+    shots: PathBuf,
+}
+
+impl Scene {
+    fn shot(&self, name: &str) -> PathBuf {
+        self.shots.join(format!("{name}.png"))
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_console_in_a_real_browser() {
     let Some(chromium) = cdp::chromium() else {
@@ -96,9 +111,6 @@ async fn the_console_in_a_real_browser() {
         eprintln!("skipped: no chromium (apt-get install chromium)");
         return;
     };
-    let shots = screenshots_dir();
-    let shot = |name: &str| shots.join(format!("{name}.png"));
-
     let (cp, _dir) = start_control(Some(TOKEN)).await;
     let c = cp.addr;
     let v1 = named_backend("v1").await;
@@ -145,10 +157,45 @@ async fn the_console_in_a_real_browser() {
     report_rogue(c).await;
 
     let mut b = Browser::launch(&chromium, dir.join("profile")).await;
-    let ui = format!("http://{c}/ui");
+    let scene = Scene {
+        c,
+        ui: format!("http://{c}/ui"),
+        admins,
+        webs,
+        shots: screenshots_dir(),
+    };
+    wrong_token_sees_nothing(&mut b, &scene).await;
+    signing_in_shows_both_proxies(&mut b, &scene).await;
+    the_flag_switch_reaches_the_proxies(&mut b, &scene).await;
+    diff_and_rollback(&mut b, &scene).await;
+    the_editor_validates_before_storing(&mut b, &scene).await;
+    traffic_moves_with_the_load(&mut b, &scene).await;
+    tap_shows_the_requests_sent(&mut b, &scene).await;
 
-    // A wrong token sees nothing.
-    b.goto(&ui).await;
+    // Nothing the page showed ran as markup.
+    assert_eq!(
+        b.eval("document.querySelectorAll('img[src=\"x\"]').length")
+            .await,
+        0
+    );
+    assert!(
+        b.dialogs.is_empty(),
+        "an injected script opened a dialog: {:?}",
+        b.dialogs
+    );
+    assert!(
+        b.exceptions.is_empty(),
+        "the page threw: {:?}",
+        b.exceptions
+    );
+    eprintln!("screenshots in {}", scene.shots.display());
+}
+
+/// A wrong token sees nothing: the sign-in page says why, and no name of the mesh shows.
+async fn wrong_token_sees_nothing(b: &mut Browser, s: &Scene) {
+    let ui = &s.ui;
+    let shot = |name: &str| s.shot(name);
+    b.goto(ui).await;
     b.wait_for(
         "!!document.querySelector('#signin-form')",
         Duration::from_secs(10),
@@ -172,8 +219,11 @@ async fn the_console_in_a_real_browser() {
         );
     }
     b.screenshot(&shot("1-wrong-token")).await;
+}
 
-    // Signed in: both proxies of the group, and the rogue one's markup as text.
+/// Signed in: both proxies of the group, and the rogue one's markup as text.
+async fn signing_in_shows_both_proxies(b: &mut Browser, s: &Scene) {
+    let shot = |name: &str| s.shot(name);
     b.type_into("#token", TOKEN).await;
     b.click("#signin").await;
     for node in ["node-1", "node-2"] {
@@ -200,8 +250,12 @@ async fn the_console_in_a_real_browser() {
         .await;
     assert!(group_row.as_str().unwrap().contains("put"), "{group_row}");
     b.screenshot(&shot("2-mesh")).await;
+}
 
-    // Group: the flag switch changes the proxies' /config.
+/// The flag switch changes the proxies' `/config`; a rule's markup shows as text.
+async fn the_flag_switch_reaches_the_proxies(b: &mut Browser, s: &Scene) {
+    let ui = &s.ui;
+    let admins = s.admins;
     b.goto(&format!("{ui}#/group/shop")).await;
     b.wait_for(
         "!!document.querySelector('input.flag-switch[data-flag=\"new-checkout\"]')",
@@ -238,8 +292,12 @@ async fn the_console_in_a_real_browser() {
         Duration::from_secs(5),
     )
     .await;
+}
 
-    // A diff between versions 1 and 2.
+/// A diff between versions 1 and 2; a rollback (two clicks: arm, confirm) the proxies follow.
+async fn diff_and_rollback(b: &mut Browser, s: &Scene) {
+    let admins = s.admins;
+    let shot = |name: &str| s.shot(name);
     b.eval("(() => { const f = document.querySelector('#diff-from'); f.value = '1'; const t = document.querySelector('#diff-to'); t.value = '2'; return true; })()").await;
     b.click("#diff-show").await;
     let diff = b
@@ -284,8 +342,12 @@ async fn the_console_in_a_real_browser() {
         Duration::from_secs(5),
     )
     .await;
+}
 
-    // The editor shows validation errors at their paths, and stores nothing.
+/// The editor shows validation errors at their paths, and stores nothing.
+async fn the_editor_validates_before_storing(b: &mut Browser, s: &Scene) {
+    let c = s.c;
+    let shot = |name: &str| s.shot(name);
     b.eval("(() => { const e = document.querySelector('#editor'); e.value = e.value.replace('cluster: v2', 'cluster: nowhere'); return true; })()").await;
     b.click("#validate").await;
     let errors = b
@@ -304,8 +366,13 @@ async fn the_console_in_a_real_browser() {
     b.screenshot(&shot("4-group-rollback-and-editor")).await;
     let (_, current) = call(c, "GET", "/v1/groups/shop/config", None, Some(TOKEN)).await;
     assert_eq!(current["version"], 3, "validation stored nothing");
+}
 
-    // Traffic: the figures move while load runs (slow, then faster).
+/// Traffic: the figures move while load runs (slow, then faster).
+async fn traffic_moves_with_the_load(b: &mut Browser, s: &Scene) {
+    let ui = &s.ui;
+    let webs = s.webs;
+    let shot = |name: &str| s.shot(name);
     let stop = Arc::new(AtomicBool::new(false));
     let pause_us = Arc::new(AtomicU64::new(60_000));
     let load = {
@@ -351,8 +418,14 @@ async fn the_console_in_a_real_browser() {
     b.screenshot(&shot("5-traffic")).await;
     stop.store(true, Ordering::Relaxed);
     load.await.unwrap();
+}
 
-    // Tap: lines of the requests this test sends, filtered by route.
+/// Tap: lines of the requests this test sends, filtered by route; a rogue line's markup shows as text.
+async fn tap_shows_the_requests_sent(b: &mut Browser, s: &Scene) {
+    let c = s.c;
+    let ui = &s.ui;
+    let webs = s.webs;
+    let shot = |name: &str| s.shot(name);
     b.goto(&format!("{ui}#/tap/shop")).await;
     b.type_into("#tap-route", "checkout").await;
     b.click("#tap-start").await;
@@ -406,22 +479,4 @@ async fn the_console_in_a_real_browser() {
     b.screenshot(&shot("6-tap")).await;
     b.click("#tap-stop").await;
     sender.abort();
-
-    // Nothing the page showed ran as markup.
-    assert_eq!(
-        b.eval("document.querySelectorAll('img[src=\"x\"]').length")
-            .await,
-        0
-    );
-    assert!(
-        b.dialogs.is_empty(),
-        "an injected script opened a dialog: {:?}",
-        b.dialogs
-    );
-    assert!(
-        b.exceptions.is_empty(),
-        "the page threw: {:?}",
-        b.exceptions
-    );
-    eprintln!("screenshots in {}", shots.display());
 }

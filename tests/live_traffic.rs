@@ -160,8 +160,23 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         addrs.push(applied(p, 1, "web").await);
     }
 
-    // Traffic: 60 requests to each route through each proxy.
-    for addr in &addrs {
+    traffic_counts_every_request_once(c, &addrs).await;
+    tap_samples_matching_requests_while_watched(c, &proxies, &addrs, bad.addr).await;
+    tap_keeps_the_rate(c, &proxies, &addrs).await;
+
+    // A wrong token sees neither.
+    for path in ["/v1/groups/shop/traffic", "/v1/groups/shop/tap"] {
+        let (s, _) = call(c, "GET", path, None, Some("wrong")).await;
+        assert_eq!(s, 401, "{path}");
+    }
+
+    the_cli_shows_the_same(c, &addrs).await;
+}
+
+/// `GET .../traffic` counts every request of both proxies once, per split side, with its
+/// success rate and latency.
+async fn traffic_counts_every_request_once(c: SocketAddr, addrs: &[SocketAddr]) {
+    for addr in addrs {
         for i in 0..60 {
             get(*addr, &format!("/checkout/{i}"), &[]).await;
             assert_eq!(get(*addr, "/api/items", &[]).await.status, 200);
@@ -218,8 +233,16 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
     assert_eq!(clusters, ["v1", "v2"]);
     assert_eq!(doc["clusters"][0]["endpoints"], 1);
     assert_eq!(doc["clusters"][0]["ejected"], 0);
+}
 
-    // Nobody taps yet: the proxies sample nothing.
+/// Tap: sampling starts with a watcher and stops when it leaves; lines match its filter and
+/// carry no header value and no query.
+async fn tap_samples_matching_requests_while_watched(
+    c: SocketAddr,
+    proxies: &[Arc<Proxy>],
+    addrs: &[SocketAddr],
+    bad: SocketAddr,
+) {
     assert!(proxies.iter().all(|p| !p.shared.tap.is_on()));
     let mut tap = open_tap(c, "route=checkout&status=5xx").await;
     assert!(
@@ -230,7 +253,7 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         "a tap turns sampling on in every proxy of the group"
     );
     let sender = {
-        let addrs = addrs.clone();
+        let addrs = addrs.to_vec();
         tokio::spawn(async move {
             for i in 0..40 {
                 for addr in &addrs {
@@ -267,7 +290,7 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         assert_eq!(l["split"], 1);
         assert_eq!(l["method"], "GET");
         assert!(l["path"].as_str().unwrap().starts_with("/checkout/x"));
-        assert_eq!(l["endpoint"], bad.addr.to_string());
+        assert_eq!(l["endpoint"], bad.to_string());
         assert_eq!(l["attempts"], 1);
         assert!(l["duration_ms"].as_f64().unwrap() > 0.0);
         for field in ["ts", "grpc_status", "flags", "error"] {
@@ -290,8 +313,10 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         .await,
         "sampling stops when nobody watches"
     );
+}
 
-    // At most 100 lines a second per proxy.
+/// At most 100 lines a second per proxy, kept by the proxy itself.
+async fn tap_keeps_the_rate(c: SocketAddr, proxies: &[Arc<Proxy>], addrs: &[SocketAddr]) {
     let mut tap = open_tap(c, "").await;
     assert!(
         eventually(Duration::from_secs(5), || async {
@@ -326,14 +351,11 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
         "a proxy sent more than 100 lines a second"
     );
     assert!(metric_in(&scraped, "spur_control_tap_lines_total", &[]) >= Some(burst_lines as f64));
+    drop(tap);
+}
 
-    // A wrong token sees neither.
-    for path in ["/v1/groups/shop/traffic", "/v1/groups/shop/tap"] {
-        let (s, _) = call(c, "GET", path, None, Some("wrong")).await;
-        assert_eq!(s, 401, "{path}");
-    }
-
-    // The CLI shows the same numbers.
+/// `spur top` prints the same figures, `spur tap` the same lines; without the token, 401.
+async fn the_cli_shows_the_same(c: SocketAddr, addrs: &[SocketAddr]) {
     let dir = temp_dir("top");
     let token_file = dir.join("token");
     std::fs::write(&token_file, TOKEN).unwrap();
@@ -369,7 +391,6 @@ async fn traffic_and_tap_of_a_group_through_two_proxies() {
     assert_eq!(top.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&top.stderr).contains("401"));
 
-    drop(tap);
     let mut spur_tap = Command::new(env!("CARGO_BIN_EXE_spur"))
         .args([
             "tap",

@@ -271,40 +271,8 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
                     let node = node.to_string();
                     report_status(&control, &group, &node, req).await
                 }
-                (Method::POST, ["proxies", node, "tap"]) => {
-                    let node = node.to_string();
-                    match read_body(req).await {
-                        Ok(body) => {
-                            let now = std::time::Instant::now();
-                            let (taken, over) =
-                                control.traffic.taps.publish(&group, &node, &body, now);
-                            control.metrics.tap_lines.inc_by(taken);
-                            control.metrics.tap_lines_over_rate.inc_by(over);
-                            full(
-                                StatusCode::OK,
-                                &json!({ "taken": taken, "over_rate": over }),
-                            )
-                        }
-                        Err(r) => r,
-                    }
-                }
-                (Method::GET, ["traffic"]) => {
-                    match crate::traffic::window_and_step(req.uri().query()) {
-                        Ok((window, step)) => {
-                            let now = crate::traffic::now_secs();
-                            full(
-                                StatusCode::OK,
-                                &control.traffic.doc(&group, window, step, now),
-                            )
-                        }
-                        Err((path, message)) => error(StatusCode::BAD_REQUEST, &path, message),
-                    }
-                }
-                (Method::GET, ["tap"]) => {
-                    crate::traffic::tap::stream(&control, &group, req.uri().query())
-                }
-                (Method::GET, ["diff"]) => {
-                    crate::console::diff(&control, &group, req.uri().query())
+                (m, rest) if crate::console::is_console_call(&m, rest) => {
+                    crate::console::call(&control, &group, &m, rest, req).await
                 }
                 _ => error(
                     StatusCode::NOT_FOUND,

@@ -161,7 +161,7 @@ impl Exchange {
             None => self.count_slowly(elapsed),
         }
         if let Some(live) = &self.live {
-            live.record(self.status, self.attempts, elapsed);
+            live.record(crate::report::failed(self.status), self.attempts, elapsed);
         }
         if self.shared.tap.is_on() {
             self.shared.tap.offer(self, elapsed);

@@ -42,6 +42,14 @@ pub struct Target {
     latency: [AtomicU64; BUCKETS],
 }
 
+/// Whether a request counts as failed in the reports (and so in a rollout's error rate):
+/// a 5xx, Spur's own included, or no response at all (status 0). gRPC failure codes
+/// belong here too once the exchange record carries the gRPC status.
+#[inline]
+pub fn failed(status: u16) -> bool {
+    status >= 500 || status == 0
+}
+
 /// A [`Target`]'s counters read at one moment.
 #[derive(Clone, PartialEq)]
 struct Counts {
@@ -62,12 +70,12 @@ impl Target {
         }
     }
 
-    /// Counts one finished request: its status (0: none reached the client), tries made
-    /// and duration. A failure is a 5xx (Spur's own included) or no response at all.
+    /// Counts one finished request: whether it failed (see [`failed`]), tries made and
+    /// duration.
     #[inline]
-    pub fn record(&self, status: u16, attempts: u32, elapsed: Duration) {
+    pub fn record(&self, failed: bool, attempts: u32, elapsed: Duration) {
         self.requests.fetch_add(1, Relaxed);
-        if status >= 500 || status == 0 {
+        if failed {
             self.errors.fetch_add(1, Relaxed);
         }
         if attempts > 1 {
@@ -302,13 +310,13 @@ mod tests {
         let targets = Targets::default();
         let (l, r, c): (Arc<str>, Arc<str>, Arc<str>) = ("web".into(), "api".into(), "v2".into());
         let t = targets.get(&l, &r, &c, Some(1));
-        t.record(200, 1, Duration::from_millis(3));
-        t.record(503, 3, Duration::from_millis(40));
+        t.record(failed(200), 1, Duration::from_millis(3));
+        t.record(failed(503), 3, Duration::from_millis(40));
         let (d, _lost) = targets.delta();
         assert_eq!((d[0].requests, d[0].errors, d[0].retries), (2, 1, 2));
         assert_eq!(d[0].side, Some(1));
         // Not accepted: the next report carries these too.
-        t.record(200, 1, Duration::from_millis(3));
+        t.record(failed(200), 1, Duration::from_millis(3));
         let (d, marks) = targets.delta();
         assert_eq!(d[0].requests, 3);
         assert_eq!(d[0].latency.total(), 3);

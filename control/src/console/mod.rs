@@ -18,9 +18,11 @@ pub mod diff;
 use crate::api::{error, error_free, Body};
 use crate::Control;
 use bytes::Bytes;
-use http::{header, HeaderValue, Response, StatusCode};
+use http::{header, HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
 use serde_json::{json, Value};
+use std::sync::Arc;
 
 /// The Content-Security-Policy of every answer.
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -154,6 +156,51 @@ pub fn diff(control: &Control, group: &str, query: Option<&str>) -> Response<Bod
         &format!("{group} version {}", b.0),
     );
     error_free(json!({ "group": group, "from": a.0, "to": b.0, "diff": text }))
+}
+
+/// Whether a group call (`/v1/groups/{group}/REST`) is one of the console's and live
+/// traffic's: answered by [`call`].
+pub fn is_console_call(method: &Method, rest: &[&str]) -> bool {
+    matches!(
+        (method.as_str(), rest),
+        ("GET", ["traffic" | "tap" | "diff"]) | ("POST", ["proxies", _, "tap"])
+    )
+}
+
+/// `GET .../traffic`, `GET .../tap`, `GET .../diff` and the proxies' `POST
+/// .../proxies/{node}/tap`, after the token check.
+pub async fn call(
+    control: &Arc<Control>,
+    group: &str,
+    method: &Method,
+    rest: &[&str],
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let query = req.uri().query();
+    match (method.as_str(), rest) {
+        ("GET", ["traffic"]) => match crate::traffic::window_and_step(query) {
+            Ok((window, step)) => {
+                let now = crate::traffic::now_secs();
+                error_free(control.traffic.doc(group, window, step, now))
+            }
+            Err((path, message)) => error(StatusCode::BAD_REQUEST, &path, message),
+        },
+        ("GET", ["tap"]) => crate::traffic::tap::stream(control, group, query),
+        ("GET", ["diff"]) => diff(control, group, query),
+        ("POST", ["proxies", node, "tap"]) => {
+            let node = node.to_string();
+            let body = match crate::api::read_body(req).await {
+                Ok(b) => b,
+                Err(r) => return r,
+            };
+            let now = std::time::Instant::now();
+            let (taken, over) = control.traffic.taps.publish(group, &node, &body, now);
+            control.metrics.tap_lines.inc_by(taken);
+            control.metrics.tap_lines_over_rate.inc_by(over);
+            error_free(json!({ "taken": taken, "over_rate": over }))
+        }
+        _ => error(StatusCode::NOT_FOUND, "", "no such endpoint"),
+    }
 }
 
 /// `%XX` escapes and `+` of a query value, decoded (invalid escapes kept as they are).
