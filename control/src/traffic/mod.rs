@@ -175,10 +175,11 @@ impl Traffic {
             });
         }
         for c in report.clusters.iter().take(MAX_SERIES) {
-            if !g.clusters.contains_key(&c.cluster) && g.clusters.len() >= MAX_SERIES {
+            let name = cut(&c.cluster);
+            if !g.clusters.contains_key(&name) && g.clusters.len() >= MAX_SERIES {
                 continue;
             }
-            let seen = g.clusters.entry(cut(&c.cluster)).or_default();
+            let seen = g.clusters.entry(name).or_default();
             seen.nodes
                 .insert(cut(node), (slot, c.endpoints, c.ejected.min(c.endpoints)));
             let total: u32 = seen

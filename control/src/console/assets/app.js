@@ -242,6 +242,8 @@ async function groupPage(group) {
   const to = el('select', { id: 'diff-to' });
   const diffOut = el('pre', { class: 'diff', id: 'diff', hidden: true });
   const editor = el('textarea', { id: 'editor', spellcheck: 'false' });
+  // What the user typed is never replaced by a refresh; Save (or a clean editor) reloads it.
+  editor.addEventListener('input', () => { editor.dataset.dirty = '1'; });
   const editorMsg = el('div', { id: 'editor-result' });
   const showDiff = async () => {
     const r = await api('GET', `/v1/groups/${encodeURIComponent(group)}/diff?from=${from.value}&to=${to.value}`);
@@ -258,7 +260,7 @@ async function groupPage(group) {
     if (r.status === 200) {
       editorMsg.replaceChildren(el('p', { class: 'badge ok', id: 'editor-ok' },
         dryRun ? 'Valid: ' + r.data.summary : 'Stored as version ' + r.data.version));
-      if (!dryRun) load(true);
+      if (!dryRun) { delete editor.dataset.dirty; load(true); }
     } else {
       editorMsg.replaceChildren(el('p', { class: 'err' }, 'Not stored: fix these first.'), errorList(errorsOf(r.data)));
     }
@@ -299,9 +301,13 @@ async function groupPage(group) {
       to.value = keepTo || String(versions[0].version);
       from.value = keepFrom || String(versions[Math.min(1, versions.length - 1)].version);
     }
-    if (force || !editor.dataset.loaded) {
+    if (!editor.dataset.dirty && (force || !editor.dataset.loaded || String(version) !== editor.dataset.version)) {
       const y = await api('GET', `/v1/groups/${g}/config?format=yaml`);
-      if (y.status === 200) { editor.value = y.data.yaml; editor.dataset.loaded = '1'; }
+      if (y.status === 200) {
+        editor.value = y.data.yaml;
+        editor.dataset.loaded = '1';
+        editor.dataset.version = y.data.version;
+      }
     }
     setStatus('version ' + (version === undefined || version === null ? '—' : version));
   }
