@@ -182,6 +182,7 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
   proxy     {url}
   admin     {admin_url}   (/metrics /ready /live /config /clusters)
   control   {control_url}   (group `demo`)
+  console   {control_url}/ui   (mesh, history and flags, traffic, tap)
   backends  v1 http://{v1}   v2 http://{v2}
             catalog http://{catalog}   catalog-next http://{catalog_next}
 
@@ -197,6 +198,9 @@ Try:
 then the second line again (now v1), and the mirrors:
   curl -s {url}/catalog; curl -s {url}/checkout
   curl -s {admin_url}/metrics | grep -E 'spur_(requests|flag_evaluations|mirror_requests)_total'
+and the group's live traffic and sampled requests (or the console's Traffic and Tap pages):
+  spur top --control {control_url} --group demo
+  spur tap --control {control_url} --group demo
 
 Ctrl-C to stop."
     );

@@ -4,6 +4,7 @@ mod authz;
 mod demo;
 mod inject;
 mod iptables;
+mod live;
 
 use std::process::ExitCode;
 
@@ -21,6 +22,10 @@ commands:
   init-iptables [--dry-run]  redirect a pod's TCP through its proxy (the sidecar's init step)
   authz explain FILE --listener L [...]
                              which authorization rule decides a request, and why
+  top --control URL --group G
+                             a group's live traffic per route and cluster, in a terminal
+  tap --control URL --group G [--route R] [--status 5xx]
+                             a group's sampled requests as JSON lines
   help [COMMAND]             this text, or a command's options
 
 Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
@@ -45,6 +50,8 @@ fn run(cmd: &str, rest: &[String]) -> ExitCode {
         "inject" => inject::main(rest),
         "init-iptables" => iptables::main(rest),
         "authz" => authz::main(rest),
+        "top" => live::top(rest),
+        "tap" => live::tap(rest),
         "help" | "-h" | "--help" => match rest {
             [command] if command != "help" => run(command, &["--help".to_string()]),
             [] => {

@@ -24,6 +24,7 @@ pub mod edge;
 pub mod grpc;
 mod parse;
 pub mod peers;
+pub mod report;
 pub mod route;
 pub mod spiffe;
 pub mod tracing;

@@ -65,6 +65,14 @@ fn wants_rendered(query: Option<&str>) -> bool {
         .any(|p| matches!(p.split_once('='), Some(("rendered", "true" | "1"))) || p == "rendered")
 }
 
+/// Whether the query has `key=value` (`value` also as `1` when it is `true`).
+fn query_has(query: Option<&str>, key: &str, value: &str) -> bool {
+    query.unwrap_or("").split('&').any(|p| {
+        p.split_once('=')
+            .is_some_and(|(k, v)| k == key && (v == value || (value == "true" && v == "1")))
+    })
+}
+
 fn authorized(control: &Control, req: &Request<Incoming>) -> bool {
     let Some(token) = &control.token else {
         return true;
@@ -149,7 +157,12 @@ fn parse_doc<T: for<'de> Deserialize<'de>>(text: &[u8], json_type: bool) -> Resu
     }
 }
 
+/// Answers one call of the control API (or the console), with the security headers.
 pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Body> {
+    crate::console::secure(dispatch(control, req).await)
+}
+
+async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Body> {
     let path = req.uri().path().to_string();
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
@@ -167,6 +180,11 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
                         .boxed(),
                 )
                 .expect("static parts are valid")
+        }
+        ("GET", ["ui", ..]) => {
+            if let Some(page) = crate::console::ui(&path) {
+                return page;
+            }
         }
         _ => {}
     }
@@ -191,6 +209,7 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
     }
     match (method.clone(), &segs[1..]) {
         (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies.doc()),
+        (Method::GET, ["groups"]) => crate::console::groups(&control),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
             "",
@@ -211,6 +230,10 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
                     Some(s) if wants_rendered(req.uri().query()) => {
                         full(StatusCode::OK, &rendered_doc(&s))
                     }
+                    Some(s) if query_has(req.uri().query(), "format", "yaml") => full(
+                        StatusCode::OK,
+                        &json!({ "version": s.version, "yaml": crate::console::yaml(&s.config) }),
+                    ),
                     Some(s) => full(StatusCode::OK, &config_doc(&s)),
                     None => error(
                         StatusCode::NOT_FOUND,
@@ -248,6 +271,9 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
                     let node = node.to_string();
                     report_status(&control, &group, &node, req).await
                 }
+                (m, rest) if crate::console::is_console_call(&m, rest) => {
+                    crate::console::call(&control, &group, &m, rest, req).await
+                }
                 _ => error(
                     StatusCode::NOT_FOUND,
                     "",
@@ -265,6 +291,7 @@ pub async fn route(control: Arc<Control>, req: Request<Incoming>) -> Response<Bo
 
 async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>) -> Response<Body> {
     let json_type = is_json(&req);
+    let dry_run = query_has(req.uri().query(), "dry_run", "true");
     let body = match read_body(req).await {
         Ok(b) => b,
         Err(r) => return r,
@@ -278,6 +305,10 @@ async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>)
         Err(r) => return r,
     };
     match parsed {
+        Ok(cfg) if dry_run => full(
+            StatusCode::OK,
+            &json!({ "valid": true, "summary": spur_config::summary(&cfg) }),
+        ),
         Ok(cfg) => control.commit(group, "put".into(), cfg).await,
         Err(errs) => {
             control.metrics.writes_rejected.inc();
@@ -402,6 +433,10 @@ struct StatusReport {
     /// Requests per second that reached each `scope: group` rate limit (see
     /// [`crate::group_limits`]).
     demand: Option<std::collections::BTreeMap<String, f64>>,
+    /// What the proxy's traffic did since its previous report.
+    traffic: Option<spur_config::report::Traffic>,
+    /// When its workload certificate expires (Unix seconds), when it has one.
+    certificate_expires_at: Option<u64>,
 }
 
 async fn report_status(
@@ -434,5 +469,13 @@ async fn report_status(
     control
         .proxies
         .status(group, node, report.applied_version, error_text);
+    if let Some(at) = report.certificate_expires_at {
+        control.proxies.certificate(group, node, at);
+    }
+    if let Some(t) = &report.traffic {
+        control
+            .traffic
+            .ingest(group, node, t, crate::traffic::now_secs());
+    }
     full(StatusCode::OK, &json!({ "ok": true }))
 }

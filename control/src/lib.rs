@@ -8,11 +8,14 @@
 //! - [`group_limits`]: shares of group-wide rate limits, from the proxies' demand.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
 //!   EndpointSlices, each change a new version.
+//! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
+//!   [`console`]: the web console at `/ui`.
 
 pub mod api;
 pub mod ca;
 pub mod certify;
 pub mod cli;
+pub mod console;
 pub mod group_limits;
 pub mod join;
 pub mod k8s;
@@ -25,6 +28,7 @@ pub mod serve;
 pub mod store;
 pub mod tls;
 pub mod token_review;
+pub mod traffic;
 pub mod watch;
 
 use prometheus_client::metrics::counter::Counter;
@@ -127,12 +131,15 @@ pub struct Metrics {
     pub k8s_synced: Gauge,
     pub connections: Gauge,
     pub connections_rejected: Counter,
+    pub tap_lines: Counter,
+    pub tap_lines_over_rate: Counter,
 }
 
 impl Metrics {
-    fn new() -> Metrics {
+    fn new(proxies: &Arc<proxies::Proxies>) -> Metrics {
         let mut registry = Registry::default();
         process_metrics::register(&mut registry);
+        registry.register_collector(Box::new(proxies::CertificateExpiry(proxies.clone())));
         let writes = Counter::default();
         registry.register(
             "spur_control_config_writes",
@@ -199,6 +206,18 @@ impl Metrics {
             "Connections closed at accept: --max-connections were open",
             connections_rejected.clone(),
         );
+        let tap_lines = Counter::default();
+        registry.register(
+            "spur_control_tap_lines",
+            "Tap lines taken from proxies and streamed to watchers",
+            tap_lines.clone(),
+        );
+        let tap_lines_over_rate = Counter::default();
+        registry.register(
+            "spur_control_tap_lines_over_rate",
+            "Tap lines dropped: their proxy sent more than 100 a second",
+            tap_lines_over_rate.clone(),
+        );
         Metrics {
             registry,
             writes,
@@ -212,6 +231,8 @@ impl Metrics {
             k8s_synced,
             connections,
             connections_rejected,
+            tap_lines,
+            tap_lines_over_rate,
         }
     }
 
@@ -240,23 +261,39 @@ pub struct Control {
     pub parse_slots: tokio::sync::Semaphore,
     /// Demand and shares of `scope: group` rate limits ([`group_limits`]).
     pub group_limits: Arc<group_limits::GroupLimits>,
+    /// The proxies' traffic reports, and tap.
+    pub traffic: traffic::Traffic,
 }
 
 impl Control {
     pub fn new(store: Store, token: Option<String>) -> Control {
+        Control::with_proxies(
+            store,
+            token,
+            proxies::Proxies::new(proxies::DEFAULT_FORGET_AFTER),
+        )
+    }
+
+    /// [`Control::new`] with this record of proxies (`--forget-proxies-after`).
+    pub fn with_proxies(
+        store: Store,
+        token: Option<String>,
+        proxies: Arc<proxies::Proxies>,
+    ) -> Control {
         Control {
             store,
             token,
             ca: None,
             discovery: None,
-            metrics: Metrics::new(),
+            metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
-            proxies: proxies::Proxies::new(proxies::DEFAULT_FORGET_AFTER),
+            proxies,
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
             group_limits: Arc::default(),
+            traffic: traffic::Traffic::default(),
         }
     }
 
@@ -427,8 +464,11 @@ pub async fn start_with_tls(
     tls: Option<Arc<tls::ApiTls>>,
 ) -> Result<ControlHandle, StartError> {
     let store = Store::open(&opts.data_dir)?;
-    let mut control = Control::new(store, opts.token);
-    control.proxies = proxies::Proxies::new(opts.forget_proxies_after);
+    let mut control = Control::with_proxies(
+        store,
+        opts.token,
+        proxies::Proxies::new(opts.forget_proxies_after),
+    );
     let client = match &opts.kubernetes {
         Some(k) => Some(k8s::client(k).await.map_err(StartError::Kubernetes)?),
         None => None,

@@ -12,6 +12,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A proxy not heard from for this long is shown as stale (it reports every 2 s, and its
+/// watch stream gets a heartbeat every 10 s).
+pub const STALE_AFTER: Duration = Duration::from_secs(15);
+
 /// How long a silent proxy without a watch stream is remembered, by default.
 pub const DEFAULT_FORGET_AFTER: Duration = Duration::from_secs(3600);
 
@@ -25,6 +29,8 @@ struct Entry {
     seen_at: Instant,
     /// Open watch streams of this proxy.
     watching: usize,
+    /// When its workload certificate expires (Unix seconds), as it last reported.
+    certificate_expires_at: Option<u64>,
 }
 
 type Key = (String, String);
@@ -61,6 +67,7 @@ impl Proxies {
                 last_seen: 0,
                 seen_at: Instant::now(),
                 watching: 0,
+                certificate_expires_at: None,
             });
         e.last_seen = now_secs();
         e.seen_at = Instant::now();
@@ -88,6 +95,11 @@ impl Proxies {
         });
     }
 
+    /// The expiry of the proxy's workload certificate, as it reported it.
+    pub fn certificate(&self, group: &str, node: &str, expires_at: u64) {
+        self.touch(group, node, |e| e.certificate_expires_at = Some(expires_at));
+    }
+
     /// A watch stream of the proxy opened; it counts as open until the guard is dropped.
     pub fn watching(self: &Arc<Self>, group: &str, node: &str) -> WatchGuard {
         self.touch(group, node, |e| e.watching += 1);
@@ -97,7 +109,8 @@ impl Proxies {
         }
     }
 
-    /// `GET /v1/proxies`: every proxy remembered, by group then node.
+    /// `GET /v1/proxies`: every proxy remembered, by group then node. `stale`: not heard
+    /// from for [`STALE_AFTER`] (a proxy reports every 2 s).
     pub fn doc(&self) -> Value {
         let mut entries = self.entries.lock().unwrap();
         self.forget_silent(&mut entries);
@@ -111,10 +124,53 @@ impl Proxies {
                         "applied_version": s.applied_version,
                         "last_error": s.last_error,
                         "last_seen": s.last_seen,
+                        "stale": s.seen_at.elapsed() > STALE_AFTER,
+                        "certificate_expires_at": s.certificate_expires_at,
                     })
                 })
                 .collect(),
         )
+    }
+}
+
+/// `spur_control_proxy_certificate_expiry_timestamp_seconds{group, node}`: each proxy's
+/// workload certificate expiry as it last reported it, read at every scrape (so a
+/// forgotten proxy's series goes with it). For alerts on certificates near expiry: a
+/// proxy renews at two thirds of the lifetime, so one close to expiry failed to renew.
+#[derive(Debug)]
+pub struct CertificateExpiry(pub Arc<Proxies>);
+
+impl std::fmt::Debug for Proxies {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proxies").finish_non_exhaustive()
+    }
+}
+
+impl prometheus_client::collector::Collector for CertificateExpiry {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let expiries: Vec<(String, String, u64)> = {
+            let entries = self.0.entries.lock().unwrap();
+            entries
+                .iter()
+                .filter_map(|((g, n), e)| Some((g.clone(), n.clone(), e.certificate_expires_at?)))
+                .collect()
+        };
+        let mut family = encoder.encode_descriptor(
+            "spur_control_proxy_certificate_expiry_timestamp_seconds",
+            "When each proxy's workload certificate expires (Unix seconds), as it last reported",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for (group, node, at) in expiries {
+            let labels = [("group", group), ("node", node)];
+            let gauge = prometheus_client::metrics::gauge::ConstGauge::new(at as i64);
+            gauge.encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

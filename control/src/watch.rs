@@ -22,7 +22,7 @@ use tokio::sync::mpsc;
 pub const HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// A streamed response body fed by a channel.
-struct ChannelBody(mpsc::Receiver<Bytes>);
+pub(crate) struct ChannelBody(pub(crate) mpsc::Receiver<Bytes>);
 
 impl http_body::Body for ChannelBody {
     type Data = Bytes;
@@ -44,6 +44,13 @@ fn line(s: &Stored) -> Bytes {
     let config = crate::k8s::render(&s.config, &s.discovered);
     let mut v = serde_json::to_vec(&serde_json::json!({ "version": s.version, "config": config }))
         .unwrap_or_default();
+    v.push(b'\n');
+    Bytes::from(v)
+}
+
+/// A tap order as a line of the stream.
+fn tap_line(order: &spur_config::report::TapOrder) -> Bytes {
+    let mut v = serde_json::to_vec(&serde_json::json!({ "tap": order })).unwrap_or_default();
     v.push(b'\n');
     Bytes::from(v)
 }
@@ -76,6 +83,11 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
     let mut shares = node
         .as_ref()
         .map(|n| control.group_limits.subscribe(group, n));
+    // Tap orders for the group's proxies ride the same stream (see crate::traffic::tap).
+    let mut tap = control.traffic.taps.orders(group);
+    if tap.borrow().on {
+        tap.mark_changed();
+    }
     let (tx, body_rx) = mpsc::channel::<Bytes>(4);
     let control = control.clone();
     let group = group.to_string();
@@ -102,8 +114,22 @@ pub fn watch(control: &Arc<Control>, group: &str, query: Option<&str>) -> Respon
                         }
                     }
                 }
+                changed = tap.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let line = tap_line(&tap.borrow_and_update());
+                    if tx.send(line).await.is_err() {
+                        break;
+                    }
+                }
                 _ = tokio::time::sleep(HEARTBEAT) => {
                     if tx.send(Bytes::from_static(b"\n")).await.is_err() {
+                        break;
+                    }
+                    // Renews a running tap before it lapses on the proxy.
+                    let order = tap.borrow().clone();
+                    if order.on && tx.send(tap_line(&order)).await.is_err() {
                         break;
                     }
                     if let Some(n) = &node {

@@ -53,6 +53,10 @@ pub struct Exchange {
     pub body: Arc<BodyStats>,
     /// The request series of this route and cluster, when the plan resolved them.
     pub target: Option<Arc<TargetMetrics>>,
+    /// The traffic counters of this route and cluster (status reports), likewise.
+    pub live: Option<Arc<crate::report::Target>>,
+    /// `x-spur-flags` as sent upstream: kept only while tapped (see [`crate::tap`]).
+    pub flags: Option<HeaderValue>,
     pub upgraded: bool,
     /// The cluster's `max_requests` slot, held until the response ends.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
@@ -112,6 +116,8 @@ impl Exchange {
             bytes_sent: 0,
             body: Arc::new(BodyStats::default()),
             target: None,
+            live: None,
+            flags: None,
             upgraded: false,
             permit: None,
             peer_identity: None,
@@ -133,6 +139,9 @@ impl Exchange {
         self.grpc = plan.grpc;
         self.trace_id = plan.trace.map(|t| t.trace_id);
         self.authz_rule = plan.authz_rule.clone();
+        if self.shared.tap.is_on() {
+            self.flags = plan.flags_header.clone();
+        }
         if let Some(r) = &plan.route_name {
             self.route = r.clone();
         }
@@ -149,6 +158,17 @@ impl Exchange {
                 .as_ref()
                 .filter(|d| Arc::ptr_eq(d, cluster))
                 .and(lst.default_metrics.clone()),
+            _ => None,
+        };
+        self.live = match (plan.route, &plan.action) {
+            (Some(r), crate::http::plan::Action::Forward(f)) => {
+                r.live.get(f.split_side.unwrap_or(0)).cloned()
+            }
+            (None, _) => lst
+                .default_cluster
+                .as_ref()
+                .filter(|d| Arc::ptr_eq(d, cluster))
+                .and(lst.default_live.clone()),
             _ => None,
         };
     }
@@ -176,6 +196,16 @@ impl Exchange {
         match &self.target {
             Some(t) => t.record(&finished),
             None => self.count_slowly(&finished),
+        }
+        if let Some(live) = &self.live {
+            live.record(
+                crate::report::failed(self.status, self.grpc_label()),
+                self.attempts,
+                elapsed,
+            );
+        }
+        if self.shared.tap.is_on() {
+            self.shared.tap.offer(self, elapsed);
         }
         if !access::enabled() {
             return;
@@ -271,7 +301,7 @@ impl Exchange {
     /// `grpc_status` of a gRPC call (`None` for other requests): the status that came, or
     /// what its client is left with: the HTTP status's gRPC meaning, `CANCELLED` when the
     /// client went away first, `UNKNOWN` when the stream ended or broke without one.
-    fn grpc_label(&self) -> Option<u8> {
+    pub(crate) fn grpc_label(&self) -> Option<u8> {
         if !self.grpc {
             return None;
         }

@@ -29,7 +29,8 @@
 //! - [`metrics`]: Prometheus series; [`access`] and [`log`]: the access log and logging.
 //! - [`Proxy`]: starts, reconfigures ([`Proxy::apply`]) and stops all of it.
 //! - [`reload`]: where new configs come from: the control plane, or a watched file;
-//!   [`control_client`]: the HTTP(S) client for the control plane.
+//!   [`control_client`]: the HTTP(S) client for the control plane; [`report`]: the status
+//!   reports with traffic summaries; [`tap`]: sampled requests for the console.
 //! - Also: [`body`] (bodies from any transport), [`headers`] (hop-by-hop hygiene),
 //!   [`clock`] (the request path's clock), [`cli`], [`echo`] (the demo's backend).
 
@@ -59,7 +60,9 @@ pub mod ratelimit;
 pub mod reason;
 pub mod registry;
 pub mod reload;
+pub mod report;
 pub mod snapshot;
+pub mod tap;
 pub mod tls;
 pub mod trace;
 pub mod upstream;
@@ -93,6 +96,8 @@ pub struct Shared {
     pub identity: OnceLock<Arc<tls::WorkloadIdentity>>,
     /// The runtimes listeners accept on (see [`workers`]).
     pub workers: workers::Workers,
+    /// Requests sampled for the console while the control plane asks (see [`tap`]).
+    pub tap: tap::Tap,
 }
 
 /// Why a config was not applied. The proxy keeps serving its previous config.
@@ -182,6 +187,7 @@ impl Proxy {
             mirror_slots: Arc::new(tokio::sync::Semaphore::new(mirror::MAX_IN_FLIGHT)),
             identity: OnceLock::new(),
             workers,
+            tap: tap::Tap::default(),
         });
         spawn_sweeper(&shared);
         footprint::spawn_trimmer();

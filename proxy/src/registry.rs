@@ -53,6 +53,8 @@ pub struct Registry {
     /// The tracer of the serving snapshots: kept while one holds it, reused when the next
     /// config has the same `tracing` block (its exporter and queue go on).
     tracer: Mutex<Option<std::sync::Weak<crate::trace::Tracer>>>,
+    /// The traffic counters of each route's clusters, for the status reports.
+    pub traffic: crate::report::Targets,
     /// The request path's own tests: every cluster compiled from now on sends here.
     #[cfg(test)]
     pub fake: Mutex<Option<Arc<dyn crate::upstream::fake::Fake>>>,

@@ -34,10 +34,12 @@ pub struct ControlSource {
     pub token: Option<String>,
 }
 
+/// A line of the watch stream: a version, or a tap order (see [`crate::tap`]).
 #[derive(Deserialize)]
 struct Pushed {
-    version: u64,
-    config: serde_json::Value,
+    version: Option<u64>,
+    config: Option<serde_json::Value>,
+    tap: Option<spur_config::report::TapOrder>,
 }
 
 type HttpClient = crate::control_client::ControlClient;
@@ -90,6 +92,7 @@ enum WatchEnd {
 /// once and the stream stays open, waiting for the next version: reconnecting could only
 /// fetch the same version again.
 pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::JoinHandle<()> {
+    let reporter = crate::report::Reporter::spawn(&proxy, src.clone());
     tokio::spawn(async move {
         // Demand reports of group rate limits (see `group_share`).
         let _reporter = AbortOnDrop(crate::group_share::spawn_reporter(
@@ -102,7 +105,10 @@ pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::Join
         loop {
             let opened = Instant::now();
             let url = src.url.as_str();
-            match watch_once(&proxy, &client, &src, &mut seen).await {
+            let end = watch_once(&proxy, &reporter, &client, &src, &mut seen).await;
+            // Whoever asked for a tap may be gone with the stream: ask again or stay off.
+            proxy.shared.tap.stop();
+            match end {
                 WatchEnd::Closed => {
                     tracing::info!(
                         url,
@@ -133,6 +139,7 @@ pub fn spawn_control(proxy: Arc<Proxy>, src: ControlSource) -> tokio::task::Join
     })
 }
 
+/// A request to the control plane, with the API token when there is one.
 pub(crate) fn request(
     src: &ControlSource,
     method: http::Method,
@@ -154,6 +161,7 @@ pub(crate) fn request(
 
 async fn watch_once(
     proxy: &Arc<Proxy>,
+    reporter: &crate::report::Reporter,
     client: &HttpClient,
     src: &ControlSource,
     seen: &mut u64,
@@ -190,7 +198,7 @@ async fn watch_once(
         after = *seen,
         "watching the control plane"
     );
-    report(client, src, proxy.version(), None).await;
+    reporter.set(proxy.version(), None);
     let mut body = resp.into_body();
     let mut buf = BytesMut::new();
     loop {
@@ -217,7 +225,7 @@ async fn watch_once(
             if crate::group_share::handle_line(proxy, text.trim()) {
                 continue;
             }
-            handle_line(proxy, client, src, text.trim(), seen).await;
+            handle_line(proxy, reporter, src, text.trim(), seen).await;
         }
     }
 }
@@ -227,7 +235,7 @@ async fn watch_once(
 /// until a newer version arrives (a PUT of the fixed config, or a rollback).
 async fn handle_line(
     proxy: &Arc<Proxy>,
-    client: &HttpClient,
+    reporter: &crate::report::Reporter,
     src: &ControlSource,
     line: &str,
     seen: &mut u64,
@@ -239,55 +247,40 @@ async fn handle_line(
             return;
         }
     };
-    if pushed.version <= *seen {
+    if let Some(order) = pushed.tap {
+        tracing::debug!(on = order.on, "tap order from the control plane");
+        proxy.shared.tap.order(order, src);
+        return;
+    }
+    let (Some(version), Some(config)) = (pushed.version, pushed.config) else {
+        tracing::warn!("a line from the control plane without a version and a config");
+        return;
+    };
+    if version <= *seen {
         return; // already applied or rejected
     }
-    *seen = pushed.version;
-    let result = match serde_json::from_value::<Config>(pushed.config) {
+    *seen = version;
+    let result = match serde_json::from_value::<Config>(config) {
         Ok(cfg) => proxy
-            .apply_pushed(cfg, pushed.version)
+            .apply_pushed(cfg, version)
             .await
             .map_err(|e| e.to_string()),
         Err(e) => {
             proxy.shared.metrics.count_update("rejected");
             let e = format!("config does not parse: {e}");
-            tracing::warn!(version = pushed.version, error = %e, "config rejected; the previous one stays");
+            tracing::warn!(version, error = %e, "config rejected; the previous one stays");
             Err(e)
         }
     };
     match result {
-        Ok(()) => report(client, src, pushed.version, None).await,
+        Ok(()) => reporter.set(version, None),
         Err(e) => {
             tracing::info!(
-                version = pushed.version,
+                version,
                 "rejected version reported to the control plane; waiting for the next one"
             );
-            report(client, src, proxy.version(), Some((pushed.version, e))).await
+            reporter.set(proxy.version(), Some((version, e)))
         }
-    }
-}
-
-/// Tells the control plane which version this proxy serves (and which it rejected, why).
-async fn report(
-    client: &HttpClient,
-    src: &ControlSource,
-    applied: u64,
-    rejected: Option<(u64, String)>,
-) {
-    let mut doc = serde_json::json!({ "applied_version": applied });
-    if let Some((v, e)) = rejected {
-        doc["rejected_version"] = v.into();
-        doc["error"] = e.into();
-    }
-    let path = format!("/v1/groups/{}/proxies/{}/status", src.group, src.node);
-    let Ok(req) = request(src, http::Method::POST, &path, Bytes::from(doc.to_string())) else {
-        return;
-    };
-    match tokio::time::timeout(Duration::from_secs(3), client.request(req)).await {
-        Ok(Ok(r)) if r.status().is_success() => {}
-        Ok(Ok(r)) => tracing::warn!(status = %r.status(), "status report refused"),
-        Ok(Err(e)) => tracing::debug!(error = %e, "status report failed"),
-        Err(_) => tracing::debug!("status report timed out"),
     }
 }
 

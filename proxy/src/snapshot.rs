@@ -74,6 +74,8 @@ pub struct ListenerRt {
     pub default_route_name: Arc<str>,
     /// The request series of the default cluster's requests.
     pub default_metrics: Option<Arc<TargetMetrics>>,
+    /// The default cluster's traffic counters (status reports).
+    pub default_live: Option<Arc<crate::report::Target>>,
     /// TLS termination (and mutual TLS), when the listener has `tls`.
     pub tls: Option<Arc<ServerTls>>,
     /// Keep `x-spur-flags` from any client (it is always kept from an mTLS peer).
@@ -104,6 +106,8 @@ pub struct RouteRt {
     pub mirror: Option<MirrorRt>,
     /// The request series of each cluster the route sends to (the split's sides in order).
     pub metrics: Vec<Arc<TargetMetrics>>,
+    /// The traffic counters of each of those clusters (status reports), in the same order.
+    pub live: Vec<Arc<crate::report::Target>>,
     /// The `Upgrade` protocols this route tunnels (lower case): its `upgrades`, or WebSocket.
     pub upgrades: Vec<Box<str>>,
     /// Rate limit, CORS, redirect, rewrite, header rules (see [`crate::http::edge`]).
@@ -526,6 +530,16 @@ impl Snapshot {
                     .iter()
                     .map(|c| Arc::new(TargetMetrics::new(metrics, &lname, &name, &c.name)))
                     .collect();
+                let split = matches!(target, Target::Split { .. });
+                let live = target
+                    .clusters()
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        let side = split.then_some(k as u32);
+                        registry.traffic.get(&lname, &name, &c.name, side)
+                    })
+                    .collect();
                 let retry = r.retry.as_ref().map(|rc| RetryRt {
                     policy: RetryPolicy::new(rc),
                     budget: registry.budget(
@@ -558,6 +572,7 @@ impl Snapshot {
                         None => None,
                     },
                     metrics,
+                    live,
                     upgrades: match &r.upgrades {
                         Some(list) => list.iter().map(|u| u.get().as_str().into()).collect(),
                         None => vec![spur_config::UpgradeProtocol::websocket().as_str().into()],
@@ -573,6 +588,11 @@ impl Snapshot {
                     &default_route_name,
                     &c.name,
                 ))
+            });
+            let default_live = default_cluster.as_ref().map(|c| {
+                registry
+                    .traffic
+                    .get(&lname, &default_route_name, &c.name, None)
             });
             let tls = match &l.tls {
                 Some(t) => Some(Arc::new(
@@ -596,6 +616,7 @@ impl Snapshot {
                     routes,
                     default_route_name,
                     default_metrics,
+                    default_live,
                     tls,
                     trust_incoming_flags: l.trust_incoming_flags,
                     original_dst: l.original_dst,
