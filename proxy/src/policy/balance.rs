@@ -191,6 +191,7 @@ impl Balancer {
                 &weight,
                 &ramp,
                 |i| f64::from(eps[i].in_flight()),
+                0.0,
                 eps.len(),
             ),
             Balancer::Ewma => p2c(
@@ -198,6 +199,7 @@ impl Balancer {
                 &weight,
                 &ramp,
                 |i| eps[i].latency_ns(now) * f64::from(eps[i].in_flight() + 1),
+                EWMA_TIE,
                 eps.len(),
             ),
             Balancer::RingHash { ring } => {
@@ -219,8 +221,17 @@ impl Balancer {
     }
 }
 
+/// How much lower (as a fraction) one EWMA cost must be than the other to win; closer costs
+/// are a tie, which goes to the first of the two random draws. Without it, endpoints whose
+/// estimates decay together from a common peak keep their order for tens of seconds: the
+/// lowest of three takes two thirds of the requests and the highest none, however small the
+/// difference (an endpoint back from ejection, started at its peers' estimate, got 2% of
+/// the traffic in its first second).
+pub const EWMA_TIE: f64 = 0.1;
+
 /// Power of two choices: two distinct endpoints drawn at random in proportion to weight;
-/// the one with the lower `load / weight` wins. A winner in slow start keeps its win with
+/// the one with the lower `load / weight` wins (by more than `tie`, a fraction of the other's
+/// cost; else the first draw does). A winner in slow start keeps its win with
 /// the probability of its ramp factor, else the other one is taken: so its share grows in
 /// proportion to the factor, whatever the number of endpoints (scaling its weight instead
 /// would do nothing with two endpoints, which are always both drawn).
@@ -229,6 +240,7 @@ fn p2c(
     weight: &impl Fn(usize) -> f64,
     ramp: &impl Fn(usize) -> f64,
     load: impl Fn(usize) -> f64,
+    tie: f64,
     n: usize,
 ) -> Option<usize> {
     let a = weighted_draw(n, usable, weight, None)?;
@@ -236,7 +248,11 @@ fn p2c(
         return Some(a);
     };
     let cost = |i: usize| load(i) / weight(i);
-    let (win, lose) = if cost(b) < cost(a) { (b, a) } else { (a, b) };
+    let (win, lose) = if cost(b) < cost(a) * (1.0 - tie) {
+        (b, a)
+    } else {
+        (a, b)
+    };
     let r = ramp(win);
     Some(if r >= 1.0 || fastrand::f64() < r {
         win
@@ -547,6 +563,21 @@ mod tests {
         }
         // The slow one wins only when drawn twice, which p2c never does: 0.
         assert_eq!(slow, 0);
+    }
+
+    #[test]
+    fn ewma_shares_evenly_among_near_equal_estimates() {
+        // Estimates a few microseconds apart, as when they decay together from one peak:
+        // a strict comparison gives the highest nothing and the lowest two thirds.
+        let eps = vec![ep(1, 0, 2.548), ep(1, 0, 2.549), ep(1, 0, 2.550)];
+        let s = shares(&Balancer::Ewma, &eps, Instant::now(), Tuning::default());
+        for (i, share) in s.iter().enumerate() {
+            assert!((0.25..0.42).contains(share), "endpoint {i} got {share}");
+        }
+        // Clearly slower (by more than the tie margin) still loses every comparison.
+        let eps = vec![ep(1, 0, 1.0), ep(1, 0, 1.2), ep(1, 0, 1.0)];
+        let s = shares(&Balancer::Ewma, &eps, Instant::now(), Tuning::default());
+        assert_eq!(s[1], 0.0);
     }
 
     #[test]
