@@ -23,7 +23,7 @@
 //! - [`trace`]: trace context in and out (W3C, B3), spans, and their OTLP export.
 //!
 //! State:
-//! - [`snapshot`]: a config compiled for the request path, swapped atomically.
+//! - [`snapshot`]: a config compiled for the request path (by `compile`), swapped atomically.
 //! - [`endpoint`]: per-endpoint state that outlives snapshots; [`registry`]: where it and
 //!   the other long-lived state (connectors, limits, budgets) are kept and pruned.
 //! - [`metrics`]: Prometheus series; [`access`] and [`log`]: the access log and logging.
@@ -31,6 +31,9 @@
 //! - [`reload`]: where new configs come from: the control plane, or a watched file;
 //!   [`control_client`]: the HTTP(S) client for the control plane; [`report`]: the status
 //!   reports with traffic summaries; [`tap`]: sampled requests for the console.
+//! - [`workers`]: the runtime, one current-thread worker per core with its own listening
+//!   sockets; [`footprint`]: giving idle memory back; [`process_metrics`]: the process's
+//!   CPU, memory and descriptors as metrics.
 //! - Also: [`body`] (bodies from any transport), [`headers`] (hop-by-hop hygiene),
 //!   [`clock`] (the request path's clock), [`cli`], [`echo`] (the demo's backend).
 
@@ -41,6 +44,7 @@ pub mod authorize;
 pub mod body;
 pub mod cli;
 pub mod clock;
+mod compile;
 pub mod control_client;
 pub mod echo;
 pub mod endpoint;

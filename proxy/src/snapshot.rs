@@ -1,9 +1,8 @@
 //! A compiled config: what a request reads, built once per config and swapped atomically.
 //!
-//! Compiling resolves every name to an `Arc` (routes point at their clusters directly),
-//! builds matchers, balancers and retry policies, and fetches endpoint state, limits and
-//! budgets from the registry. A request loads the current snapshot once and keeps it for
-//! its whole life, so a swap never changes a request half-way.
+//! Built by `compile.rs` (every name resolved to an `Arc`: routes point at their clusters
+//! directly). A request loads the current snapshot once and keeps it for its whole life, so
+//! a swap never changes a request half-way.
 
 use crate::authorize::AuthzRt;
 use crate::endpoint::{ClusterLimits, EndpointState};
@@ -15,8 +14,8 @@ use crate::policy::flags::CompiledFlag;
 use crate::policy::retry::RetryPolicy;
 use crate::policy::route::{Matcher, RequestView};
 use crate::policy::split::HashOn;
-use crate::registry::{ClientKey, Registry};
-use crate::tls::{ClientTlsRt, ServerTls, TlsError, WorkloadIdentity};
+use crate::registry::ClientKey;
+use crate::tls::{ClientTlsRt, ServerTls};
 use crate::upstream::{HttpConnector, Upstream};
 use arc_swap::ArcSwap;
 use http::HeaderName;
@@ -267,97 +266,6 @@ impl ListenerRt {
     }
 }
 
-/// A TLS file or field error, at its config path (never with file content).
-fn tls_error(prefix: String) -> impl FnOnce(TlsError) -> CompileError {
-    move |e| CompileError {
-        path: format!("{prefix}.tls.{}", e.field),
-        message: e.error.to_string(),
-    }
-}
-
-fn compile_cluster(
-    i: usize,
-    c: &spur_config::Cluster,
-    registry: &Registry,
-    metrics: &crate::metrics::Metrics,
-    identity: Option<&Arc<WorkloadIdentity>>,
-) -> Result<ClusterRt, CompileError> {
-    let endpoints = c
-        .endpoints
-        .iter()
-        .map(|ep| registry.endpoint(&c.name, ep.addr(), metrics))
-        .collect();
-    // Read on every compile, so that a missing or broken file rejects the config; the pooled
-    // client keeps the TLS it was built with when the settings are the same (its own watcher
-    // keeps that one current).
-    // What TCP connections speak: the cluster's protocol, or an http3 cluster's fallback.
-    let tcp_protocol = match c.protocol {
-        UpstreamProtocol::Http3 => c.fallback.unwrap_or(UpstreamProtocol::Http2),
-        p => p,
-    };
-    let tls = match &c.tls {
-        Some(t) => Some(Arc::new(
-            ClientTlsRt::load_with(&c.name, t, tcp_protocol, identity)
-                .map_err(tls_error(format!("clusters[{i}]")))?,
-        )),
-        None => None,
-    };
-    let key = ClientKey {
-        cluster: c.name.clone(),
-        protocol: c.protocol,
-        connect_timeout: c.connect_timeout.get(),
-        tls: c.tls.clone(),
-        fallback: c.fallback,
-        fallback_period: c.fallback_period().get(),
-    };
-    let (client, tls) = registry.client(key.clone(), tls, metrics);
-    let opaque = HttpConnector {
-        protocol: tcp_protocol,
-        tls: tls.clone(),
-        connect_timeout: c.connect_timeout.get(),
-        generation: 0,
-    };
-    let cluster = ClusterRt {
-        name: c.name.as_str().into(),
-        protocol: c.protocol,
-        lb: c.lb,
-        members: ArcSwap::from_pointee(Members::build(
-            c.lb,
-            endpoints,
-            c.endpoints.iter().map(|e| e.weight()).collect(),
-        )),
-        client,
-        client_key: key,
-        opaque,
-        connect_timeout: c.connect_timeout.get(),
-        breaker: c.circuit_breaker.map(|cb| BreakerRt {
-            settings: breaker::Settings {
-                consecutive_failures: cb.consecutive_failures,
-                ejection_time: cb.ejection_time.get(),
-            },
-            max_ejection_percent: cb.max_ejection_percent,
-        }),
-        limits: c
-            .circuit_breaker
-            .map(|cb| registry.limits(&c.name, cb.max_requests, cb.max_pending)),
-        health_check: c.health_check.clone(),
-        dns: c.dns.as_ref().map(|d| d.text().to_string()),
-        tls,
-        tuning: crate::policy::balance::Tuning {
-            panic_threshold: c.panic_threshold(),
-            slow_start: c.slow_start.map(|s| s.window.get()),
-        },
-        lb_panic: metrics
-            .lb_panic
-            .get_or_create(&crate::metrics::ClusterLabels {
-                cluster: c.name.as_str().into(),
-            })
-            .clone(),
-        grpc_failures: crate::grpc::Codes::of(&c.grpc_failure_codes()),
-    };
-    Ok(cluster)
-}
-
 impl Snapshot {
     /// The registry keys of the retry budgets this snapshot's routes use.
     pub fn budget_keys(&self) -> std::collections::HashSet<String> {
@@ -431,242 +339,16 @@ impl Snapshot {
             }
         }
     }
-
-    pub fn compile(
-        cfg: Arc<Config>,
-        version: u64,
-        registry: &Registry,
-        metrics: &crate::metrics::Metrics,
-        identity: Option<&Arc<WorkloadIdentity>>,
-    ) -> Result<Snapshot, CompileError> {
-        // Flags first: routes refer to them by index. BTreeMap order: sorted by name.
-        let flags: Vec<FlagRt> = cfg
-            .flags
-            .iter()
-            .map(|(name, f)| {
-                let label = |result| crate::metrics::FlagLabels {
-                    flag: name.as_str().into(),
-                    result,
-                };
-                // One statement each: a family's read guard must be gone before the next
-                // get_or_create, which may need the write lock.
-                let on = metrics.flag_evaluations.get_or_create(&label("on")).clone();
-                let off = metrics
-                    .flag_evaluations
-                    .get_or_create(&label("off"))
-                    .clone();
-                FlagRt {
-                    name: name.as_str().into(),
-                    flag: CompiledFlag::compile(name, f),
-                    on,
-                    off,
-                }
-            })
-            .collect();
-        let flag_index = |name: &str| flags.iter().position(|f| &*f.name == name);
-        let mut clusters = HashMap::new();
-        let mut by_addr = HashMap::new();
-        let mut dns_clusters = Vec::new();
-        for (i, c) in cfg.clusters.iter().enumerate() {
-            let cluster = compile_cluster(i, c, registry, metrics, identity)?;
-            let cluster = Arc::new(cluster);
-            if cluster.dns.is_some() {
-                dns_clusters.push(cluster.clone());
-            }
-            for e in &cluster.members.load().endpoints {
-                by_addr
-                    .entry(canonical(e.addr))
-                    .or_insert_with(|| cluster.clone());
-            }
-            clusters.insert(c.name.clone(), cluster);
-        }
-        let cluster = |path: String, name: &str| {
-            clusters.get(name).cloned().ok_or_else(|| CompileError {
-                path,
-                message: format!("unknown cluster `{name}`"),
-            })
-        };
-
-        let mut listeners = HashMap::new();
-        for (i, l) in cfg.listeners.iter().enumerate() {
-            let listen: SocketAddr = *l.listen.get();
-            let default_cluster = match &l.cluster {
-                Some(c) => Some(cluster(format!("listeners[{i}].cluster"), c)?),
-                None => None,
-            };
-            let mut routes = Vec::with_capacity(l.routes.len());
-            for (j, r) in l.routes.iter().enumerate() {
-                let path = format!("listeners[{i}].routes[{j}]");
-                let matcher = Matcher::compile(&r.matches);
-                let target = if let Some(c) = &r.cluster {
-                    Target::Cluster(cluster(format!("{path}.cluster"), c)?)
-                } else {
-                    let mut cs = Vec::new();
-                    for (k, s) in r.split.iter().enumerate() {
-                        cs.push(cluster(format!("{path}.split[{k}].cluster"), &s.cluster)?);
-                    }
-                    let weights: Vec<u32> = r.split.iter().map(|s| s.weight).collect();
-                    Target::Split {
-                        total: weights.iter().map(|w| u64::from(*w)).sum::<u64>().max(1),
-                        weights,
-                        clusters: cs,
-                    }
-                };
-                let name: Arc<str> = r
-                    .name
-                    .clone()
-                    .unwrap_or_else(|| format!("{}#{j}", l.name))
-                    .into();
-                let lname: Arc<str> = l.name.as_str().into();
-                let edge = crate::http::edge::RouteEdge::compile(
-                    &lname,
-                    &name,
-                    r,
-                    &registry.rate_limits,
-                    metrics,
-                );
-                let metrics = target
-                    .clusters()
-                    .iter()
-                    .map(|c| Arc::new(TargetMetrics::new(metrics, &lname, &name, &c.name)))
-                    .collect();
-                let split = matches!(target, Target::Split { .. });
-                let live = target
-                    .clusters()
-                    .iter()
-                    .enumerate()
-                    .map(|(k, c)| {
-                        let side = split.then_some(k as u32);
-                        registry.traffic.get(&lname, &name, &c.name, side)
-                    })
-                    .collect();
-                let retry = r.retry.as_ref().map(|rc| RetryRt {
-                    policy: RetryPolicy::new(rc),
-                    budget: registry.budget(
-                        &budget_key(&l.name, &name),
-                        rc.budget.ratio,
-                        rc.budget.min_per_sec,
-                    ),
-                });
-                routes.push(RouteRt {
-                    edge,
-                    name,
-                    matcher,
-                    target,
-                    hash_on: r.hash_on.as_deref().map(HashOn::from),
-                    timeout: r.timeout.map(|t| t.get()),
-                    retry,
-                    fault: r.fault.clone(),
-                    flag: match &r.matches.flag {
-                        Some(f) => Some(flag_index(f).ok_or_else(|| CompileError {
-                            path: format!("{path}.match.flag"),
-                            message: format!("unknown flag `{f}`"),
-                        })?),
-                        None => None,
-                    },
-                    mirror: match &r.mirror {
-                        Some(m) => Some(MirrorRt {
-                            cluster: cluster(format!("{path}.mirror.cluster"), &m.cluster)?,
-                            percent: m.percent,
-                        }),
-                        None => None,
-                    },
-                    metrics,
-                    live,
-                    upgrades: match &r.upgrades {
-                        Some(list) => list.iter().map(|u| u.get().as_str().into()).collect(),
-                        None => vec![spur_config::UpgradeProtocol::websocket().as_str().into()],
-                    },
-                });
-            }
-            let lname: Arc<str> = l.name.as_str().into();
-            let default_route_name: Arc<str> = "default".into();
-            let default_metrics = default_cluster.as_ref().map(|c: &Arc<ClusterRt>| {
-                Arc::new(TargetMetrics::new(
-                    metrics,
-                    &lname,
-                    &default_route_name,
-                    &c.name,
-                ))
-            });
-            let default_live = default_cluster.as_ref().map(|c| {
-                registry
-                    .traffic
-                    .get(&lname, &default_route_name, &c.name, None)
-            });
-            let tls = match &l.tls {
-                Some(t) => Some(Arc::new(
-                    ServerTls::load_with(&l.name, t, l.protocol, identity)
-                        .map_err(tls_error(format!("listeners[{i}]")))?,
-                )),
-                None => None,
-            };
-            let authz =
-                spur_config::listener_policy(l).map(|a| AuthzRt::compile(&lname, &a, metrics));
-            let edge =
-                crate::http::edge::ListenerEdge::compile(&lname, l, &registry.rate_limits, metrics);
-            listeners.insert(
-                l.name.clone(),
-                Arc::new(ListenerRt {
-                    name: lname,
-                    listen,
-                    protocol: l.protocol,
-                    limits: l.limits,
-                    default_cluster,
-                    routes,
-                    default_route_name,
-                    default_metrics,
-                    default_live,
-                    tls,
-                    trust_incoming_flags: l.trust_incoming_flags,
-                    original_dst: l.original_dst,
-                    allow_encoded_slashes: l.allow_encoded_slashes,
-                    alt_svc: l.alt_svc_h3.map(|port| {
-                        http::HeaderValue::from_str(&format!("h3=\":{port}\"; ma=86400"))
-                            .expect("a port makes a valid header value")
-                    }),
-                    authz,
-                    edge,
-                }),
-            );
-        }
-        let correlation = CorrelationRt {
-            header: cfg.correlation.request_id_header.get().clone(),
-            generate: cfg.correlation.generate,
-            trace_context: cfg.correlation.trace_context,
-        };
-        let tracer = cfg.tracing.as_ref().map(|t| {
-            let service = t
-                .service_name
-                .clone()
-                .or_else(|| cfg.node.clone())
-                .unwrap_or_else(|| "spur".into());
-            registry.tracer(t, service, metrics)
-        });
-        Ok(Snapshot {
-            tracer,
-            version,
-            log_query: cfg.access_log.query,
-            drain_timeout: cfg.drain_timeout.get(),
-            config: cfg,
-            listeners,
-            clusters,
-            correlation,
-            flags,
-            by_addr,
-            dns_clusters,
-        })
-    }
 }
 
 /// The registry key of a route's retry budget.
-fn budget_key(listener: &str, route: &str) -> String {
+pub(crate) fn budget_key(listener: &str, route: &str) -> String {
     format!("{listener}/{route}")
 }
 
 /// An IPv4-mapped IPv6 address as plain IPv4, and no flow info or scope: the form both
 /// sides of an original-destination lookup are compared in.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),
@@ -679,6 +361,7 @@ fn canonical(addr: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::registry::Registry;
 
     #[tokio::test]
     async fn original_destinations_map_to_the_cluster_listing_them() {

@@ -22,6 +22,28 @@ pub(super) fn check<'a>(
     if sources > 1 || (sources == 0 && !rules.rendered) {
         e.push(p, "needs exactly one of endpoints, dns, k8s");
     }
+    check_endpoints(p, c, e);
+    if c.k8s.is_some() && !rules.k8s_discovery {
+        e.push(format!("{p}.k8s"), K8S_NEEDS_DISCOVERY);
+    }
+    check_protocol(p, c, e);
+    check_positive(&format!("{p}.connect_timeout"), c.connect_timeout, e);
+    if let Some(tls) = &c.tls {
+        if tls.cert.is_some() != tls.key.is_some() {
+            e.push(format!("{p}.tls"), "cert and key go together");
+        }
+    } else if c.protocol == UpstreamProtocol::Http3 {
+        e.push(
+            format!("{p}.tls"),
+            "an http3 cluster needs tls (QUIC always encrypts)",
+        );
+    }
+    check_breaker(p, c, e);
+    check_health(p, c, e);
+}
+
+/// Endpoint addresses: each once, a real port, weights in range.
+fn check_endpoints(p: &str, c: &Cluster, e: &mut Errors) {
     let mut seen = BTreeSet::new();
     for (k, ep) in c.endpoints.iter().enumerate() {
         let ep_path = match ep {
@@ -45,21 +67,9 @@ pub(super) fn check<'a>(
             );
         }
     }
-    if c.k8s.is_some() && !rules.k8s_discovery {
-        e.push(format!("{p}.k8s"), K8S_NEEDS_DISCOVERY);
-    }
-    check_protocol(p, c, e);
-    check_positive(&format!("{p}.connect_timeout"), c.connect_timeout, e);
-    if let Some(tls) = &c.tls {
-        if tls.cert.is_some() != tls.key.is_some() {
-            e.push(format!("{p}.tls"), "cert and key go together");
-        }
-    } else if c.protocol == UpstreamProtocol::Http3 {
-        e.push(
-            format!("{p}.tls"),
-            "an http3 cluster needs tls (QUIC always encrypts)",
-        );
-    }
+}
+
+fn check_breaker(p: &str, c: &Cluster, e: &mut Errors) {
     if let Some(cb) = &c.circuit_breaker {
         let bp = format!("{p}.circuit_breaker");
         check_range(
@@ -92,6 +102,9 @@ pub(super) fn check<'a>(
             e,
         );
     }
+}
+
+fn check_health(p: &str, c: &Cluster, e: &mut Errors) {
     if let Some(hc) = &c.health_check {
         let hp = format!("{p}.health_check");
         if !hc.path.starts_with('/') {

@@ -44,6 +44,7 @@ use crate::trace::Trace;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderValue, StatusCode};
+use spur_config::Fault;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -177,31 +178,11 @@ pub fn plan<'s>(
         grpc,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
-    if let Err(reason) =
-        admit(lst, head).and_then(|()| super::normalize::head(head, lst.allow_encoded_slashes))
-    {
-        plan.action = Action::Refuse(reason.into());
+    if let Some(action) = gate(lst, peer, head, now, &mut plan) {
+        plan.action = action;
         return plan;
     }
-    let hops = headers::hops_of(&head.headers);
-    if hops >= headers::MAX_HOPS {
-        plan.action = Action::Refuse(Reason::LoopDetected.into());
-        return plan;
-    }
-    plan.hops = hops + 1;
     let head = &*head;
-    if let Some(authz) = &lst.authz {
-        let verdict = authorize(authz, peer, head);
-        plan.authz_rule = Some(verdict.rule);
-        if !verdict.allowed {
-            plan.action = Action::Refuse(Reason::Forbidden.into());
-            return plan;
-        }
-    }
-    if let Some(answer) = super::edge::listener_limit(lst, peer, head, now) {
-        plan.action = Action::Answer(answer);
-        return plan;
-    }
     let (on, header) = decide_flags(snap, lst, peer, &head.headers);
     plan.flags_on = on;
     plan.flags_header = header;
@@ -221,26 +202,9 @@ pub fn plan<'s>(
     let (route, preflight) = super::edge::route_for(lst, &view, &plan.flags_on);
     plan.route = route;
     let Some(route) = plan.route else {
-        // Transparent mode: the cluster owning the original destination, else the default.
-        let cluster = peer
-            .original_dst
-            .and_then(|a| snap.cluster_for_addr(a))
-            .or_else(|| lst.default_cluster.clone());
-        if let Some(cluster) = cluster {
+        if let Some(forward) = without_route(snap, lst, peer, head, grpc_deadline) {
             plan.route_name = Some(lst.default_route_name.clone());
-            plan.action = Action::Forward(Forward {
-                cluster,
-                split_side: None,
-                hash_key: None,
-                deadline: grpc_deadline,
-                grpc_timeout: grpc_deadline.is_some(),
-                retry: None,
-                mirror: None,
-                upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| {
-                    p == "websocket"
-                }),
-                body_timeout: lst.limits.body_timeout.get(),
-            });
+            plan.action = Action::Forward(forward);
         }
         return plan;
     };
@@ -256,38 +220,13 @@ pub fn plan<'s>(
         }
         None => {}
     }
-    let hash_key = route
-        .hash_on
-        .as_ref()
-        .and_then(|h| h.key(&head.headers))
-        .map(Bytes::copy_from_slice);
-    let (cluster, split_side) = match &route.target {
-        Target::Cluster(c) => (c.clone(), None),
-        Target::Split {
-            clusters,
-            weights,
-            total,
-        } => {
-            let i = choose_split(clusters, weights, *total, hash_key.as_deref(), rng);
-            (clusters[i].clone(), Some(i))
-        }
-    };
+    let (cluster, split_side, hash_key) = choose_target(route, head, rng);
     if let Some(fault) = &route.fault {
-        if let Some(d) = &fault.delay {
-            if rng.f64() * 100.0 < d.percent {
-                plan.delay = Some(d.duration.get());
-            }
-        }
-        if let Some(a) = &fault.abort {
-            if rng.f64() * 100.0 < a.percent {
-                plan.action = Action::Refuse(Refusal {
-                    reason: Reason::Fault,
-                    status: StatusCode::from_u16(a.status)
-                        .unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
-                    cluster: None,
-                });
-                return plan;
-            }
+        let (delay, abort) = inject_fault(fault, rng);
+        plan.delay = delay;
+        if let Some(refusal) = abort {
+            plan.action = Action::Refuse(refusal);
+            return plan;
         }
     }
     let upgrade = headers::upgrade_to_send(head.version, &head.headers, |p| {
@@ -309,6 +248,105 @@ pub fn plan<'s>(
         body_timeout: lst.limits.body_timeout.get(),
     });
     plan
+}
+
+/// The route's cluster, or its split's side (by the request's `hash_on` key, else at
+/// random), with that key.
+fn choose_target(
+    route: &RouteRt,
+    head: &Parts,
+    rng: &mut fastrand::Rng,
+) -> (Arc<ClusterRt>, Option<usize>, Option<Bytes>) {
+    let hash_key = route
+        .hash_on
+        .as_ref()
+        .and_then(|h| h.key(&head.headers))
+        .map(Bytes::copy_from_slice);
+    match &route.target {
+        Target::Cluster(c) => (c.clone(), None, hash_key),
+        Target::Split {
+            clusters,
+            weights,
+            total,
+        } => {
+            let i = choose_split(clusters, weights, *total, hash_key.as_deref(), rng);
+            (clusters[i].clone(), Some(i), hash_key)
+        }
+    }
+}
+
+/// What is checked before routing: the head's shape and limits, loops, authorization and
+/// the listener's rate limit. `Some` holds the refusal or answer that ends the request.
+fn gate<'s>(
+    lst: &ListenerRt,
+    peer: Peer<'_>,
+    head: &mut Parts,
+    now: Instant,
+    plan: &mut Plan<'s>,
+) -> Option<Action<'s>> {
+    if let Err(reason) =
+        admit(lst, head).and_then(|()| super::normalize::head(head, lst.allow_encoded_slashes))
+    {
+        return Some(Action::Refuse(reason.into()));
+    }
+    let hops = headers::hops_of(&head.headers);
+    if hops >= headers::MAX_HOPS {
+        return Some(Action::Refuse(Reason::LoopDetected.into()));
+    }
+    plan.hops = hops + 1;
+    if let Some(authz) = &lst.authz {
+        let verdict = authorize(authz, peer, head);
+        plan.authz_rule = Some(verdict.rule);
+        if !verdict.allowed {
+            return Some(Action::Refuse(Reason::Forbidden.into()));
+        }
+    }
+    super::edge::listener_limit(lst, peer, head, now).map(Action::Answer)
+}
+
+/// No route matched: in transparent mode the cluster owning the original destination, else
+/// the listener's default cluster, with no retry or mirror; `None` when there is neither.
+fn without_route(
+    snap: &Snapshot,
+    lst: &ListenerRt,
+    peer: Peer<'_>,
+    head: &Parts,
+    grpc_deadline: Option<Instant>,
+) -> Option<Forward<'static>> {
+    let cluster = peer
+        .original_dst
+        .and_then(|a| snap.cluster_for_addr(a))
+        .or_else(|| lst.default_cluster.clone())?;
+    Some(Forward {
+        cluster,
+        split_side: None,
+        hash_key: None,
+        deadline: grpc_deadline,
+        grpc_timeout: grpc_deadline.is_some(),
+        retry: None,
+        mirror: None,
+        upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| p == "websocket"),
+        body_timeout: lst.limits.body_timeout.get(),
+    })
+}
+
+/// A route's fault injection, drawn: the delay to add and the refusal to answer with.
+fn inject_fault(fault: &Fault, rng: &mut fastrand::Rng) -> (Option<Duration>, Option<Refusal>) {
+    let delay = fault
+        .delay
+        .as_ref()
+        .filter(|d| rng.f64() * 100.0 < d.percent)
+        .map(|d| d.duration.get());
+    let abort = fault
+        .abort
+        .as_ref()
+        .filter(|a| rng.f64() * 100.0 < a.percent)
+        .map(|a| Refusal {
+            reason: Reason::Fault,
+            status: StatusCode::from_u16(a.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE),
+            cluster: None,
+        });
+    (delay, abort)
 }
 
 fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {

@@ -189,29 +189,12 @@ async fn serve_conn(
     let peer = connecting.remote_address();
     let side = Side::Listener(lst.name.clone());
     let header_timeout = lst.limits.header_timeout.get();
-    let handshake_failed = |reason: &'static str| {
-        shared
-            .metrics
-            .quic_handshake_errors
-            .get_or_create(&(side.clone(), ReasonLabel { reason }))
-            .inc();
-    };
     // header_timeout from the first packet until the first request: the handshake, the
     // HTTP/3 setup and the wait for a request stream share it, as they share a TCP
     // listener's (a silent QUIC connection holds ~100 KB until it is closed).
     let first_request_by = tokio::time::Instant::now() + header_timeout;
-    let conn = match tokio::time::timeout_at(first_request_by, connecting).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            let reason = super::handshake_reason(&e, Role::Server);
-            handshake_failed(reason);
-            tracing::debug!(listener = &*lst.name, %peer, reason, error = %e, "QUIC handshake failed");
-            return;
-        }
-        Err(_) => {
-            handshake_failed("timeout");
-            return;
-        }
+    let Some(conn) = handshake(&shared, &lst, &side, connecting, first_request_by).await else {
+        return;
     };
     let quic_gauge = shared
         .metrics
@@ -222,26 +205,7 @@ async fn serve_conn(
     let _quic_gauge = GaugeGuard(quic_gauge);
     let streams = shared.metrics.quic_streams.get_or_create(&side).clone();
 
-    let chain = conn
-        .peer_identity()
-        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-    let identity = tls.peer_identity(chain.as_deref().map(Vec::as_slice));
-    let identity_header = identity
-        .as_ref()
-        .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
-    let ctx = Arc::new(ConnCtx {
-        shared: shared.clone(),
-        listener: lst.name.clone(),
-        peer,
-        forwarded: Default::default(),
-        original_dst: None,
-        guard: Arc::new(guard),
-        activity: Activity::new(),
-        idle_timeout: lst.limits.idle_timeout.get(),
-        drain: drain.clone(),
-        peer_identity: identity.map(|i| i.as_arc().clone()),
-        tls: Some(TlsSession { identity_header }),
-    });
+    let ctx = conn_ctx(&shared, &lst, &tls, &conn, guard, drain.clone());
     // h3 refuses heads over this outright; the request path answers 431 for heads over
     // max_header_bytes, so leave it room to.
     let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
@@ -315,14 +279,95 @@ async fn serve_conn(
             let _ = h3.shutdown(1).await;
         }
     }
-    // Requests still running (the client left, or the drain timeout passed) get the drain
-    // timeout at most; then they are cancelled, which drops their upstream requests too.
-    let finished = !timed_out
-        && tokio::time::timeout(drain_timeout(), async {
+    let wait = if timed_out {
+        None
+    } else {
+        Some(drain_timeout())
+    };
+    close(requests, &conn, wait, draining).await;
+}
+
+/// Completes a QUIC connection's handshake by `by`; `None` (counted) when it fails or
+/// takes too long.
+async fn handshake(
+    shared: &Shared,
+    lst: &ListenerRt,
+    side: &Side,
+    connecting: quinn::Connecting,
+    by: tokio::time::Instant,
+) -> Option<quinn::Connection> {
+    let handshake_failed = |reason: &'static str| {
+        shared
+            .metrics
+            .quic_handshake_errors
+            .get_or_create(&(side.clone(), ReasonLabel { reason }))
+            .inc();
+    };
+    let peer = connecting.remote_address();
+    match tokio::time::timeout_at(by, connecting).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            let reason = super::handshake_reason(&e, Role::Server);
+            handshake_failed(reason);
+            tracing::debug!(listener = &*lst.name, %peer, reason, error = %e, "QUIC handshake failed");
+            None
+        }
+        Err(_) => {
+            handshake_failed("timeout");
+            None
+        }
+    }
+}
+
+/// What every request of an established QUIC connection shares: its peer and proven
+/// identity, its guard (counted in the listener's connections) and the drain signal.
+fn conn_ctx(
+    shared: &Arc<Shared>,
+    lst: &ListenerRt,
+    tls: &ServerTls,
+    conn: &quinn::Connection,
+    guard: ConnGuard,
+    drain: watch::Receiver<bool>,
+) -> Arc<ConnCtx> {
+    let chain = conn
+        .peer_identity()
+        .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+    let identity = tls.peer_identity(chain.as_deref().map(Vec::as_slice));
+    let identity_header = identity
+        .as_ref()
+        .and_then(|id| HeaderValue::from_str(id.as_str()).ok());
+    Arc::new(ConnCtx {
+        shared: shared.clone(),
+        listener: lst.name.clone(),
+        peer: conn.remote_address(),
+        forwarded: Default::default(),
+        original_dst: None,
+        guard: Arc::new(guard),
+        activity: Activity::new(),
+        idle_timeout: lst.limits.idle_timeout.get(),
+        drain,
+        peer_identity: identity.map(|i| i.as_arc().clone()),
+        tls: Some(TlsSession { identity_header }),
+    })
+}
+
+/// Ends a connection whose request loop is over: requests still running (the client left,
+/// or the drain timeout passed) get `wait` at most (none when the drain timeout already
+/// passed); then they are cancelled, which drops their upstream requests too.
+async fn close(
+    mut requests: JoinSet<()>,
+    conn: &quinn::Connection,
+    wait: Option<std::time::Duration>,
+    draining: bool,
+) {
+    let finished = match wait {
+        Some(wait) => tokio::time::timeout(wait, async {
             while requests.join_next().await.is_some() {}
         })
         .await
-        .is_ok();
+        .is_ok(),
+        None => false,
+    };
     if !finished {
         requests.abort_all();
     }
