@@ -344,6 +344,62 @@ clusters:
     proxy.shutdown().await;
 }
 
+/// The admin server's bounds (fixed: 10 s to the first head, 256 connections).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_server_closes_silent_connections_and_caps_them() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        r#"
+admin: {{ listen: "127.0.0.1:0" }}
+listeners:
+  - {{ name: web, listen: 127.0.0.1:0, cluster: app }}
+clusters:
+  - {{ name: app, endpoints: ["{}"] }}
+"#,
+        app.addr
+    ))
+    .await;
+    let admin = proxy.admin_addr().unwrap();
+    // 300 connections that never send a byte: 256 fill the cap, 44 are closed at once.
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..300 {
+        conns.push(TcpStream::connect(admin).await.unwrap());
+    }
+    let waits: Vec<_> = conns
+        .into_iter()
+        .map(|s| tokio::spawn(closed_after(s, started, Duration::from_secs(20))))
+        .collect();
+    let mut ends = Vec::new();
+    for w in waits {
+        ends.push(
+            w.await
+                .unwrap()
+                .expect("a silent admin connection is still open after 20 s"),
+        );
+    }
+    let head_timeout = Duration::from_secs(10);
+    let at_timeout = ends.iter().filter(|t| **t >= head_timeout).count();
+    assert_eq!(at_timeout, 256, "closed at the head timeout: {ends:?}");
+    let last = ends.iter().max().unwrap();
+    assert!(
+        *last < head_timeout + SLACK,
+        "the last one closed after {last:?}"
+    );
+    // Scrapes work again, and both refusals are counted.
+    let rejected = |reason: &'static str| async move {
+        metric(
+            admin,
+            "spur_downstream_rejected_total",
+            &[("listener", "admin"), ("reason", reason)],
+        )
+        .await
+    };
+    assert_eq!(rejected("max_connections").await, Some(44.0));
+    assert_eq!(rejected("header_timeout").await, Some(256.0));
+    proxy.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn header_timeout_bounds_the_tls_handshake_and_the_first_head_together() {
     let pki = common::pki::Pki::new("head-tls");
