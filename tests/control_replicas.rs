@@ -161,6 +161,18 @@ async fn replicas_share_versions_watches_writes_and_the_ca() {
         "a PUT on A reached the proxy on B in {:?}",
         put_at.elapsed()
     );
+    // Replica A lists the proxy too (replicas publish their proxies' reports to each other).
+    let listed_on_a = eventually(Duration::from_secs(6), || async {
+        let (_, v) = call(a_api, "GET", "/v1/proxies", None, None).await;
+        v.as_array()
+            .is_some_and(|l| l.len() == 1 && l[0]["node"] == "p1" && l[0]["applied_version"] == 1)
+    })
+    .await;
+    assert!(
+        listed_on_a,
+        "{}",
+        call(a_api, "GET", "/v1/proxies", None, None).await.1
+    );
     assert!(proxy.listeners.contains_key("web"));
 
     // 50 concurrent PUTs spread over both replicas: 50 contiguous versions.
@@ -426,4 +438,78 @@ async fn a_proxy_follows_the_service_to_another_replica() {
     let followed = eventually(Duration::from_secs(10), || on(b_api, 2)).await;
     assert!(followed, "the proxy applied version 2 from replica B");
     drop(proxy);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kubernetes_store_trims_refuses_taken_versions_and_keeps_documents() {
+    use spur_control::store::{StoreError, KEEP_DISCOVERY};
+    let kube = FakeKube::start().await;
+    let kc = kube.kubeconfig(&temp_dir("kube-store"));
+    let opts = spur_control::k8s::KubernetesOptions {
+        kubeconfig: Some(kc),
+    };
+    let client = spur_control::k8s::client(&opts).await.unwrap();
+    let store = spur_control::store::kube::open(client.clone(), "spur");
+    assert!(eventually(Duration::from_secs(5), || async { store.synced() }).await);
+    let cfg = spur_config::Config::default();
+    store
+        .append("shop", 1, "put".into(), cfg.clone(), Default::default())
+        .await
+        .unwrap();
+    let taken = store
+        .append("shop", 1, "put".into(), cfg.clone(), Default::default())
+        .await;
+    assert!(
+        matches!(taken, Err(StoreError::Conflict { .. })),
+        "{taken:?}"
+    );
+    let n = KEEP_DISCOVERY as u64 + 5;
+    for v in 2..=n + 1 {
+        let action = format!("discovery: change {v}");
+        let made = store.append("shop", v, action, cfg.clone(), Default::default());
+        made.await.unwrap();
+    }
+    let versions = |cms: Vec<Value>| {
+        cms.iter()
+            .filter(|c| c["metadata"]["labels"]["spur.dev/kind"] == "version")
+            .count()
+    };
+    assert_eq!(versions(kube.objects("configmaps")), KEEP_DISCOVERY + 1);
+    assert!(store.get("shop", 1).is_some(), "user versions stay");
+    assert!(
+        store.get("shop", 2).is_none(),
+        "the oldest discovery version went"
+    );
+
+    // Another replica's view: a second store on the same namespace sees the same history.
+    let other = spur_control::store::kube::open(client, "spur");
+    let same = eventually(Duration::from_secs(5), || async {
+        other.synced() && other.history("shop").len() == KEEP_DISCOVERY + 1
+    })
+    .await;
+    assert!(same, "{}", other.history("shop").len());
+
+    // Documents: written twice (the second a replace with the resourceVersion read), read
+    // back from the other replica.
+    let doc = json!({ "state": "running", "step": 1 });
+    store.save_doc("shop", "checkout-v2", &doc).await.unwrap();
+    let doc2 = json!({ "state": "paused", "step": 2 });
+    store.save_doc("shop", "checkout-v2", &doc2).await.unwrap();
+    let docs = other.load_docs("shop").await.unwrap();
+    assert_eq!(docs.len(), 1);
+    assert_eq!(docs["checkout-v2"], doc2);
+    assert!(other.load_docs("pay").await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_directory_store_is_its_own_leader() {
+    let (h, _dir) = start_control(None).await;
+    let v = health(h.addr).await;
+    assert_eq!(
+        (&v["leader"], &v["store"], &v["synced"]),
+        (&json!(true), &json!("dir"), &json!(true)),
+        "{v}"
+    );
+    let (s, _) = call(h.addr, "GET", "/readyz", None, None).await;
+    assert_eq!(s, 200);
 }

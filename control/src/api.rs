@@ -226,7 +226,9 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
         );
     }
     match (method.clone(), &segs[1..]) {
-        (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies.doc()),
+        (Method::GET, ["proxies"]) => {
+            full(StatusCode::OK, &crate::shared_proxies::merged(&control))
+        }
         (Method::GET, ["groups"]) => crate::console::groups(&control),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,

@@ -30,6 +30,7 @@ pub mod proxies;
 #[path = "../../proxy/src/process_metrics.rs"]
 mod process_metrics;
 pub mod serve;
+pub mod shared_proxies;
 pub mod store;
 pub mod tls;
 pub mod token_review;
@@ -302,6 +303,8 @@ pub struct Control {
     pub leader: Arc<leader::Leadership>,
     /// What each proxy reported, for `GET /v1/proxies`.
     pub proxies: Arc<proxies::Proxies>,
+    /// What the other replicas' proxies reported (`--store kubernetes`).
+    pub shared_proxies: shared_proxies::Shared,
     /// Request bodies parsed at once, off the request threads ([`api`]).
     pub parse_slots: tokio::sync::Semaphore,
     /// Demand and shares of `scope: group` rate limits ([`group_limits`]).
@@ -333,6 +336,7 @@ impl Control {
             metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
             leader: leader::Leadership::always(),
+            shared_proxies: shared_proxies::Shared::default(),
             proxies,
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -521,6 +525,8 @@ pub struct ControlHandle {
     lead: tokio::task::JoinHandle<()>,
     /// Leader election (`--store kubernetes`), and what [`ControlHandle::shutdown`] gives up.
     election: Option<(tokio::task::JoinHandle<()>, kube::Api<Lease>, String)>,
+    /// Publishes this replica's proxies to the others (`--store kubernetes`).
+    publish: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlHandle {
@@ -533,6 +539,9 @@ impl ControlHandle {
         }
         if let Some((e, _, _)) = &self.election {
             e.abort();
+        }
+        if let Some(p) = &self.publish {
+            p.abort();
         }
     }
 
@@ -660,7 +669,11 @@ pub async fn start_with_tls(
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
     let shares = group_limits::spawn(control.group_limits.clone());
     let lead = tokio::spawn(lead::run(control.clone()));
+    let publish = election.as_ref().map(|(_, _, identity)| {
+        tokio::spawn(shared_proxies::run(control.clone(), identity.clone()))
+    });
     Ok(ControlHandle {
+        publish,
         shares,
         addr,
         control,

@@ -110,6 +110,12 @@ pub trait Backend: Send + Sync + 'static {
         &'a self,
         group: &'a str,
     ) -> BoxFuture<'a, Result<BTreeMap<String, Value>, StoreError>>;
+    /// Deletes the document `name` of `group` (gone already: not an error).
+    fn remove_doc<'a>(
+        &'a self,
+        group: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
 }
 
 type Versions = BTreeMap<u64, Arc<Stored>>;
@@ -326,6 +332,11 @@ impl Store {
     /// Every document of `group`, by name.
     pub async fn load_docs(&self, group: &str) -> Result<BTreeMap<String, Value>, StoreError> {
         self.backend.load_docs(group).await
+    }
+
+    /// Deletes the document `name` of `group`.
+    pub async fn remove_doc(&self, group: &str, name: &str) -> Result<(), StoreError> {
+        self.backend.remove_doc(group, name).await
     }
 }
 

@@ -229,6 +229,21 @@ impl Backend for DirBackend {
             Ok(out)
         })
     }
+
+    fn remove_doc<'a>(
+        &'a self,
+        group: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let path = self.dir.join("docs").join(group).join(doc_file(name));
+            match fs::remove_file(&path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                Err(e) => Err(io_err(&path, e)),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
@@ -392,6 +407,9 @@ mod tests {
         assert_eq!(docs.len(), 2);
         assert_eq!(docs["checkout-v2/../x"], doc);
         assert_eq!(docs["b"], serde_json::json!(2));
+        s.remove_doc("shop", "b").await.unwrap();
+        s.remove_doc("shop", "b").await.unwrap();
+        assert_eq!(s.load_docs("shop").await.unwrap().len(), 1);
         assert!(s.load_docs("other").await.unwrap().is_empty());
         assert!(s.groups().is_empty(), "documents are not versions");
         let _ = fs::remove_dir_all(&dir);

@@ -359,6 +359,21 @@ impl Backend for KubeBackend {
             Ok(out)
         })
     }
+
+    fn remove_doc<'a>(
+        &'a self,
+        group: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let object = doc_object_name(group, name);
+            match self.api.delete(&object, &DeleteParams::default()).await {
+                Ok(_) => Ok(()),
+                Err(e) if status(&e) == Some(404) => Ok(()),
+                Err(e) => Err(kube_err("deleting a document", e)),
+            }
+        })
+    }
 }
 
 #[cfg(test)]
