@@ -20,12 +20,9 @@ const LEASE: Duration = Duration::from_secs(2);
 
 /// `spur control --store kubernetes` on the fake API, namespace `spur`, with `extra` flags.
 fn replica(kubeconfig: &Path, extra: &[&str]) -> SpurProcess {
-    let data = temp_dir("replica");
     let mut args = vec![
         "--listen",
         "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
         "--store",
         "kubernetes",
         "--namespace",

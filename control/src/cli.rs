@@ -54,6 +54,7 @@ Defaults: --listen 127.0.0.1:7070, --store dir, --data-dir ./spur-data.
 pub struct ControlArgs {
     pub listen: std::net::SocketAddr,
     pub data_dir: PathBuf,
+    data_dir_given: bool,
     /// `--store kubernetes`.
     pub kube_store: bool,
     pub namespace: Option<String>,
@@ -91,6 +92,7 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
     let mut out = ControlArgs {
         listen: "127.0.0.1:7070".parse().expect("default address"),
         data_dir: PathBuf::from("spur-data"),
+        data_dir_given: false,
         kube_store: false,
         namespace: None,
         lease_duration: crate::leader::DEFAULT_LEASE,
@@ -120,7 +122,10 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
                     format!("--listen: `{v}` is not an address like 127.0.0.1:7070")
                 })?;
             }
-            "--data-dir" => out.data_dir = PathBuf::from(value("--data-dir")?),
+            "--data-dir" => {
+                out.data_dir = PathBuf::from(value("--data-dir")?);
+                out.data_dir_given = true;
+            }
             "--store" => {
                 out.kube_store = match value("--store")?.as_str() {
                     "dir" => false,
@@ -219,6 +224,9 @@ fn check(out: &ControlArgs) -> Result<(), String> {
 /// The store's options that only make sense together.
 fn check_store(out: &ControlArgs) -> Result<(), String> {
     if out.kube_store {
+        if out.data_dir_given {
+            return Err("--data-dir: with --store kubernetes every version is kept in the cluster, nothing on disk; --data-dir goes with --store dir".into());
+        }
         if out.ca_dir.is_some() {
             return Err("--ca-dir: with --store kubernetes the mesh CA's key is kept in the Secret spur-mesh-ca, shared by every replica; use --mesh-ca".into());
         }
@@ -430,6 +438,10 @@ mod tests {
             (
                 &["--store", "kubernetes", "--mesh-ca"],
                 "--mesh-ca needs a way",
+            ),
+            (
+                &["--store", "kubernetes", "--data-dir", "d"],
+                "nothing on disk",
             ),
             (
                 &["--store", "kubernetes", "--lease-duration", "0s"],
