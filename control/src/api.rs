@@ -167,7 +167,25 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
     let method = req.method().clone();
     let segs: Vec<&str> = path.trim_matches('/').split('/').collect();
     match (method.as_str(), segs.as_slice()) {
-        ("GET", ["healthz"]) => return full(StatusCode::OK, &json!({ "status": "ok" })),
+        ("GET", ["healthz"]) => {
+            let health = json!({
+                "status": "ok",
+                "leader": control.leader.is_leader(),
+                "store": control.store.kind(),
+                "synced": control.store.synced(),
+            });
+            return full(StatusCode::OK, &health);
+        }
+        // Readiness: a replica serves reads and watches once its store has every version.
+        ("GET", ["readyz"]) => {
+            let synced = control.store.synced();
+            let status = if synced {
+                StatusCode::OK
+            } else {
+                StatusCode::SERVICE_UNAVAILABLE
+            };
+            return full(status, &json!({ "synced": synced }));
+        }
         ("GET", ["metrics"]) => {
             return Response::builder()
                 .header(
@@ -208,7 +226,9 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
         );
     }
     match (method.clone(), &segs[1..]) {
-        (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies.doc()),
+        (Method::GET, ["proxies"]) => {
+            full(StatusCode::OK, &crate::shared_proxies::merged(&control))
+        }
         (Method::GET, ["groups"]) => crate::console::groups(&control),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
@@ -383,14 +403,30 @@ async fn patch_flag(
     if patch.enabled.is_none() && patch.rules.is_none() {
         return error(StatusCode::BAD_REQUEST, "", "give `enabled` and/or `rules`");
     }
-    // Read-modify-write under the write lock, so two patches never lose each other.
-    let _write = control.write_lock.lock().await;
-    let Some(current) = control.store.current(group) else {
-        return error(
+    // A read-modify-write of the newest version, built again if another replica wrote a
+    // newer one first: two patches never lose each other.
+    control
+        .commit_with(group, |current| {
+            let cfg = flag_patched(control, group, flag, current, &patch)?;
+            Ok((format!("flag {flag}"), cfg))
+        })
+        .await
+}
+
+/// The config of `current` with the flag changed as `patch` says, validated.
+fn flag_patched(
+    control: &Control,
+    group: &str,
+    flag: &str,
+    current: Option<&Stored>,
+    patch: &FlagPatch,
+) -> Result<spur_config::Config, Box<Response<Body>>> {
+    let Some(current) = current else {
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "",
             format!("group `{group}` has no config"),
-        );
+        )));
     };
     let mut cfg = current.config.clone();
     // A typo must not "succeed" by creating a flag nothing uses: flags are made by PUT.
@@ -401,25 +437,25 @@ async fn patch_flag(
         } else {
             format!("its flags: {}", known.join(", "))
         };
-        return error(
+        return Err(Box::new(error(
             StatusCode::NOT_FOUND,
             "flag",
             format!(
                 "group `{group}` has no flag `{flag}` ({known}); add a flag with PUT .../config"
             ),
-        );
+        )));
     };
     if let Some(e) = patch.enabled {
         entry.enabled = e;
     }
-    if let Some(r) = patch.rules {
-        entry.rules = r;
+    if let Some(r) = &patch.rules {
+        entry.rules = r.clone();
     }
     if let Err(e) = spur_config::validate_with(&cfg, control.rules()) {
         control.metrics.writes_rejected.inc();
-        return errors(StatusCode::BAD_REQUEST, &e.errors);
+        return Err(Box::new(errors(StatusCode::BAD_REQUEST, &e.errors)));
     }
-    control.commit_locked(group, format!("flag {flag}"), cfg)
+    Ok(cfg)
 }
 
 #[derive(Deserialize)]

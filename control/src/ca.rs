@@ -26,6 +26,8 @@ use std::time::Duration;
 pub enum CaError {
     #[error("CA directory {path}: {message}")]
     Dir { path: String, message: String },
+    #[error("{origin}: {message}")]
+    Load { origin: String, message: String },
     #[error("{0}")]
     Request(String),
 }
@@ -69,25 +71,9 @@ impl MeshCa {
         let key_path = dir.join("ca.key");
         let crt_path = dir.join("ca.crt");
         if !key_path.exists() {
-            let key =
-                KeyPair::generate().map_err(|e| dir_err(dir, format!("cannot make a key: {e}")))?;
-            let mut params = CertificateParams::default();
-            let mut dn = DistinguishedName::new();
-            dn.push(DnType::CommonName, format!("Spur mesh CA ({trust_domain})"));
-            params.distinguished_name = dn;
-            params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
-            params.key_usages = vec![
-                KeyUsagePurpose::KeyCertSign,
-                KeyUsagePurpose::CrlSign,
-                KeyUsagePurpose::DigitalSignature,
-            ];
-            params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
-            params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
-            let cert = params
-                .self_signed(&key)
-                .map_err(|e| dir_err(dir, format!("cannot sign the CA: {e}")))?;
-            write_private(&key_path, &key.serialize_pem()).map_err(|e| dir_err(&key_path, e))?;
-            std::fs::write(&crt_path, cert.pem()).map_err(|e| dir_err(&crt_path, e))?;
+            let (key, cert) = MeshCa::generate(trust_domain).map_err(|e| dir_err(dir, e))?;
+            write_private(&key_path, &key).map_err(|e| dir_err(&key_path, e))?;
+            std::fs::write(&crt_path, cert).map_err(|e| dir_err(&crt_path, e))?;
             tracing::info!(dir = %dir.display(), "created the mesh CA");
         }
         let key_pem = std::fs::read_to_string(&key_path).map_err(|e| dir_err(&key_path, e))?;
@@ -97,6 +83,60 @@ impl MeshCa {
             .map_err(|_| dir_err(&key_path, "not a usable private key"))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
             .map_err(|_| dir_err(&crt_path, "not a usable CA certificate"))?;
+        Ok(MeshCa {
+            issuer,
+            ca_pem,
+            trust_domain: trust_domain.to_string(),
+            ttl,
+        })
+    }
+
+    /// A new root CA for `trust_domain`: its private key and its certificate, as PEM.
+    pub fn generate(trust_domain: &str) -> Result<(String, String), String> {
+        let key = KeyPair::generate().map_err(|e| format!("cannot make a key: {e}"))?;
+        let mut params = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("Spur mesh CA ({trust_domain})"));
+        params.distinguished_name = dn;
+        params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        params.not_before = time::OffsetDateTime::now_utc() - time::Duration::minutes(5);
+        params.not_after = time::OffsetDateTime::now_utc() + time::Duration::days(3650);
+        let cert = params
+            .self_signed(&key)
+            .map_err(|e| format!("cannot sign the CA: {e}"))?;
+        Ok((key.serialize_pem(), cert.pem()))
+    }
+
+    /// The CA from its key and certificate (PEM; `origin` names where they came from in
+    /// errors). `extra_trust`: more trust anchors handed to workloads with every
+    /// certificate (the other CA while it is rotated; see docs/control-plane.md).
+    pub fn from_pem(
+        key_pem: &str,
+        cert_pem: &str,
+        extra_trust: &str,
+        trust_domain: &str,
+        ttl: Duration,
+        origin: &str,
+    ) -> Result<MeshCa, CaError> {
+        let err = |m: &str| CaError::Load {
+            origin: origin.to_string(),
+            message: m.to_string(),
+        };
+        // Never echo key material: the error says only that it is unusable.
+        let key = KeyPair::from_pem(key_pem).map_err(|_| err("not a usable private key"))?;
+        let issuer = Issuer::from_ca_cert_pem(cert_pem, key)
+            .map_err(|_| err("not a usable CA certificate"))?;
+        let mut ca_pem = cert_pem.trim_end().to_string();
+        ca_pem.push('\n');
+        if !extra_trust.trim().is_empty() {
+            ca_pem.push_str(extra_trust.trim_end());
+            ca_pem.push('\n');
+        }
         Ok(MeshCa {
             issuer,
             ca_pem,

@@ -3,13 +3,22 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-pub const USAGE: &str = "usage: spur control [--listen ADDR] [--data-dir DIR] [--token-file FILE | --insecure-no-token]
+pub const USAGE: &str = "usage: spur control [--listen ADDR] [--token-file FILE | --insecure-no-token]
+                    [--store dir [--data-dir DIR] | --store kubernetes [--namespace NS] [--lease-duration 15s]]
                     [--log-format json|text] [--max-connections N] [--forget-proxies-after 1h]
-                    [--ca-dir DIR [--join-tokens FILE] [--join-token-file FILE] [--trust-domain D] [--cert-ttl 24h]]
+                    [--ca-dir DIR | --mesh-ca] [--join-tokens FILE] [--join-token-file FILE] [--trust-domain D] [--cert-ttl 24h]
                     [--kubernetes [--kubeconfig PATH]] [--tls-cert FILE --tls-key FILE]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
-Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data.
+Defaults: --listen 127.0.0.1:7070, --store dir, --data-dir ./spur-data.
+
+--store dir           configs, versions and history in files under --data-dir: one process.
+--store kubernetes    in the cluster, as ConfigMaps in --namespace NS (default: the
+                      kubeconfig's namespace, or the pod's), watched by every replica: several
+                      replicas may run at once behind one Service. The leader (Lease
+                      spur-control in NS, --lease-duration, default 15s) renders discovery and
+                      trims history; any replica answers reads, watches, writes and certify.
+                      --kubeconfig PATH as for --kubernetes.
 
 --token-file FILE     every /v1/ call needs `Authorization: Bearer <the file's content>`.
                       Make one with: head -c 32 /dev/urandom | base64 > FILE
@@ -34,6 +43,9 @@ Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data.
                       Kubernetes API (--kubeconfig PATH; without it KUBECONFIG or
                       ~/.kube/config if present, else the pod's service account); each change
                       is pushed to the proxies as a new version.
+--mesh-ca             with --store kubernetes: the control plane is the mesh CA (as with
+                      --ca-dir), its key and certificate in the Secret spur-mesh-ca in NS,
+                      made by the first replica and shared by all.
 --tls-cert, --tls-key PEM files (re-read when they change): the API is served over HTTPS
                       only; proxies use --control https://HOST:PORT and, for a private CA,
                       --control-ca FILE.";
@@ -42,6 +54,12 @@ Defaults: --listen 127.0.0.1:7070, --data-dir ./spur-data.
 pub struct ControlArgs {
     pub listen: std::net::SocketAddr,
     pub data_dir: PathBuf,
+    data_dir_given: bool,
+    /// `--store kubernetes`.
+    pub kube_store: bool,
+    pub namespace: Option<String>,
+    pub lease_duration: std::time::Duration,
+    pub mesh_ca: bool,
     pub token_file: Option<PathBuf>,
     pub insecure_no_token: bool,
     pub log_format: Option<String>,
@@ -74,6 +92,11 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
     let mut out = ControlArgs {
         listen: "127.0.0.1:7070".parse().expect("default address"),
         data_dir: PathBuf::from("spur-data"),
+        data_dir_given: false,
+        kube_store: false,
+        namespace: None,
+        lease_duration: crate::leader::DEFAULT_LEASE,
+        mesh_ca: false,
         token_file: None,
         insecure_no_token: false,
         log_format: None,
@@ -99,7 +122,24 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
                     format!("--listen: `{v}` is not an address like 127.0.0.1:7070")
                 })?;
             }
-            "--data-dir" => out.data_dir = PathBuf::from(value("--data-dir")?),
+            "--data-dir" => {
+                out.data_dir = PathBuf::from(value("--data-dir")?);
+                out.data_dir_given = true;
+            }
+            "--store" => {
+                out.kube_store = match value("--store")?.as_str() {
+                    "dir" => false,
+                    "kubernetes" => true,
+                    other => return Err(format!("--store: `{other}` is not dir or kubernetes")),
+                }
+            }
+            "--namespace" => out.namespace = Some(value("--namespace")?),
+            "--lease-duration" => {
+                let v = value("--lease-duration")?;
+                out.lease_duration =
+                    duration("--lease-duration", &v, std::time::Duration::from_secs(1))?;
+            }
+            "--mesh-ca" => out.mesh_ca = true,
             "--token-file" => out.token_file = Some(PathBuf::from(value("--token-file")?)),
             "--insecure-no-token" => out.insecure_no_token = true,
             "--log-format" => out.log_format = Some(value("--log-format")?),
@@ -147,21 +187,24 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
 
 /// Options that only make sense together, and the open API refused.
 fn check(out: &ControlArgs) -> Result<(), String> {
+    check_store(out)?;
     let proves = out.join_tokens.is_some() || out.join_token_file.is_some() || out.kubernetes;
-    match (&out.ca_dir, proves) {
-        (Some(_), false) => {
-            return Err("--ca-dir needs a way for proxies to prove who they are: --join-tokens FILE, --join-token-file F, or --kubernetes".into())
+    let ca = out.ca_dir.is_some() || out.mesh_ca;
+    let flag = if out.mesh_ca { "--mesh-ca" } else { "--ca-dir" };
+    match (ca, proves) {
+        (true, false) => {
+            return Err(format!("{flag} needs a way for proxies to prove who they are: --join-tokens FILE, --join-token-file F, or --kubernetes"))
         }
-        (None, _) if out.join_tokens.is_some() || out.join_token_file.is_some() => {
-            return Err("--join-tokens and --join-token-file go with --ca-dir DIR".into())
+        (false, _) if out.join_tokens.is_some() || out.join_token_file.is_some() => {
+            return Err("--join-tokens and --join-token-file go with --ca-dir DIR (or --mesh-ca with --store kubernetes)".into())
         }
         _ => {}
     }
     if out.tls_cert.is_some() != out.tls_key.is_some() {
         return Err("--tls-cert and --tls-key go together".into());
     }
-    if out.kubeconfig.is_some() && !out.kubernetes {
-        return Err("--kubeconfig only applies with --kubernetes".into());
+    if out.kubeconfig.is_some() && !out.kubernetes && !out.kube_store {
+        return Err("--kubeconfig only applies with --kubernetes or --store kubernetes".into());
     }
     if out.token_file.is_some() && out.insecure_no_token {
         return Err("--token-file and --insecure-no-token contradict each other".into());
@@ -174,6 +217,31 @@ fn check(out: &ControlArgs) -> Result<(), String> {
              is meant",
             out.listen
         ));
+    }
+    Ok(())
+}
+
+/// The store's options that only make sense together.
+fn check_store(out: &ControlArgs) -> Result<(), String> {
+    if out.kube_store {
+        if out.data_dir_given {
+            return Err("--data-dir: with --store kubernetes every version is kept in the cluster, nothing on disk; --data-dir goes with --store dir".into());
+        }
+        if out.ca_dir.is_some() {
+            return Err("--ca-dir: with --store kubernetes the mesh CA's key is kept in the Secret spur-mesh-ca, shared by every replica; use --mesh-ca".into());
+        }
+    } else {
+        if out.namespace.is_some() {
+            return Err("--namespace only applies with --store kubernetes".into());
+        }
+        if out.lease_duration != crate::leader::DEFAULT_LEASE {
+            return Err("--lease-duration only applies with --store kubernetes".into());
+        }
+        if out.mesh_ca {
+            return Err(
+                "--mesh-ca goes with --store kubernetes (with --store dir: --ca-dir DIR)".into(),
+            );
+        }
     }
     Ok(())
 }
@@ -194,9 +262,10 @@ fn read_token(path: &std::path::Path, flag: &str) -> Result<String, String> {
 
 /// The mesh CA's options, its token files read.
 fn ca_options(parsed: &ControlArgs) -> Result<Option<crate::CaOptions>, String> {
-    let Some(dir) = &parsed.ca_dir else {
+    if parsed.ca_dir.is_none() && !parsed.mesh_ca {
         return Ok(None);
-    };
+    }
+    let dir = parsed.ca_dir.clone().unwrap_or_default();
     let join_token = match &parsed.join_token_file {
         Some(f) => read_token(f, "--join-token-file")?,
         None => String::new(),
@@ -212,7 +281,7 @@ fn ca_options(parsed: &ControlArgs) -> Result<Option<crate::CaOptions>, String> 
         None => Vec::new(),
     };
     Ok(Some(crate::CaOptions {
-        dir: dir.clone(),
+        dir,
         join_token,
         trust_domain: parsed.trust_domain.clone(),
         ttl: parsed.cert_ttl,
@@ -273,9 +342,19 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
         let kubernetes = parsed.kubernetes.then(|| crate::k8s::KubernetesOptions {
             kubeconfig: parsed.kubeconfig.clone(),
         });
+        let store = if parsed.kube_store {
+            crate::StoreOptions::Kubernetes(crate::KubeStoreOptions {
+                namespace: parsed.namespace.clone(),
+                kubeconfig: parsed.kubeconfig.clone(),
+                lease_duration: parsed.lease_duration,
+            })
+        } else {
+            crate::StoreOptions::Dir
+        };
         let opts = crate::Options {
             listen: parsed.listen,
             data_dir: parsed.data_dir.clone(),
+            store,
             token,
             ca,
             kubernetes,
@@ -292,9 +371,11 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
                 return ExitCode::from(1);
             }
         };
-        tracing::info!(addr = %handle.addr, https, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), kubernetes = parsed.kubernetes, "control plane listening");
+        let store = handle.control.store.kind();
+        tracing::info!(addr = %handle.addr, https, store, data_dir = %parsed.data_dir.display(), groups = handle.control.store.groups().len(), kubernetes = parsed.kubernetes, "control plane listening");
         wait_for_signal().await;
         tracing::info!("control plane stopping");
+        handle.shutdown().await;
         ExitCode::SUCCESS
     })
 }
@@ -334,6 +415,38 @@ mod tests {
             (&["--max-connections", "0"], "positive"),
             (&["--forget-proxies-after", "1s"], "at least 60s"),
             (&["--trust-domain", "Cluster.Local"], "not a trust domain"),
+            (&["--store", "etcd"], "not dir or kubernetes"),
+            (
+                &["--namespace", "spur"],
+                "only applies with --store kubernetes",
+            ),
+            (
+                &["--mesh-ca", "--join-token-file", "t"],
+                "goes with --store kubernetes",
+            ),
+            (
+                &[
+                    "--store",
+                    "kubernetes",
+                    "--ca-dir",
+                    "d",
+                    "--join-token-file",
+                    "t",
+                ],
+                "use --mesh-ca",
+            ),
+            (
+                &["--store", "kubernetes", "--mesh-ca"],
+                "--mesh-ca needs a way",
+            ),
+            (
+                &["--store", "kubernetes", "--data-dir", "d"],
+                "nothing on disk",
+            ),
+            (
+                &["--store", "kubernetes", "--lease-duration", "0s"],
+                "at least 1s",
+            ),
         ] {
             let e = parse_args(args).unwrap_err();
             assert!(e.contains(msg), "{args:?}: {e}");
@@ -351,6 +464,18 @@ mod tests {
             &["--listen", "0.0.0.0:7070", "--token-file", "t"],
             &["--listen", "0.0.0.0:7070", "--insecure-no-token"],
             &["--listen", "[::1]:7070"],
+            &["--store", "dir", "--ca-dir", "d", "--join-token-file", "t"],
+            &[
+                "--store",
+                "kubernetes",
+                "--namespace",
+                "spur",
+                "--kubeconfig",
+                "k",
+                "--mesh-ca",
+                "--join-tokens",
+                "f",
+            ],
         ] {
             assert!(parse_args(ok).is_ok(), "{ok:?}");
         }

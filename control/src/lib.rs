@@ -3,7 +3,9 @@
 //! atomically, and streams each new version to the proxies watching the group.
 //!
 //! - [`api`]: the HTTP handlers of SPEC's control API.
-//! - [`store`]: versions and history, persisted under the data directory.
+//! - [`store`]: versions and history, in the data directory or in Kubernetes
+//!   (`--store kubernetes`, several replicas); [`leader`]: which replica does the work that
+//!   must happen once, and [`lead`] that work.
 //! - [`watch`]: fan-out of new versions to watching proxies.
 //! - [`group_limits`]: shares of group-wide rate limits, from the proxies' demand.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
@@ -13,42 +15,77 @@
 
 pub mod api;
 pub mod ca;
+pub mod ca_secret;
 pub mod certify;
 pub mod cli;
+mod commit;
 pub mod console;
 pub mod group_limits;
 pub mod join;
 pub mod k8s;
+pub mod lead;
+pub mod leader;
 pub mod proxies;
 // The process metrics of the data plane's collector (one source file, no dependency on
 // spur-proxy for it).
 #[path = "../../proxy/src/process_metrics.rs"]
 mod process_metrics;
 pub mod serve;
+pub mod shared_proxies;
 pub mod store;
 pub mod tls;
 pub mod token_review;
 pub mod traffic;
 pub mod watch;
 
+use k8s_openapi::api::coordination::v1::Lease;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use serde_json::json;
-use spur_config::Config;
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 use store::{Store, Stored};
 use tokio::sync::watch as tokio_watch;
+
+/// Where the control plane keeps its state (`--store`).
+#[derive(Clone, Debug, Default)]
+pub enum StoreOptions {
+    /// `--store dir` (the default): files under [`Options::data_dir`]; one process.
+    #[default]
+    Dir,
+    /// `--store kubernetes`: objects in the cluster; several replicas may run at once.
+    Kubernetes(KubeStoreOptions),
+}
+
+/// `--store kubernetes [--namespace NS] [--kubeconfig PATH] [--lease-duration D]`.
+#[derive(Clone, Debug)]
+pub struct KubeStoreOptions {
+    /// Without it: the kubeconfig's namespace, or the pod's own.
+    pub namespace: Option<String>,
+    pub kubeconfig: Option<PathBuf>,
+    /// The leader Lease's duration: how long a dead leader's work waits for another.
+    pub lease_duration: Duration,
+}
+
+impl Default for KubeStoreOptions {
+    fn default() -> KubeStoreOptions {
+        KubeStoreOptions {
+            namespace: None,
+            kubeconfig: None,
+            lease_duration: leader::DEFAULT_LEASE,
+        }
+    }
+}
 
 /// How the control plane runs. `Options { listen, data_dir, ..Default::default() }` takes
 /// the defaults of `spur control` for the rest.
 pub struct Options {
     pub listen: SocketAddr,
     pub data_dir: PathBuf,
+    /// `--store`: the data directory (default) or Kubernetes.
+    pub store: StoreOptions,
     /// With a token, every `/v1/` call needs `Authorization: Bearer <token>`.
     pub token: Option<String>,
     /// With a CA, `POST /v1/identity/certify` signs workload certificates.
@@ -67,6 +104,7 @@ impl Default for Options {
         Options {
             listen: SocketAddr::from(([127, 0, 0, 1], 7070)),
             data_dir: PathBuf::from("spur-data"),
+            store: StoreOptions::Dir,
             token: None,
             ca: None,
             kubernetes: None,
@@ -76,11 +114,12 @@ impl Default for Options {
     }
 }
 
-/// The mesh CA (`--ca-dir`). What proves an identity to it: join tokens, and with
+/// The mesh CA (`--ca-dir`; with `--store kubernetes`, the Secret `spur-mesh-ca`). What proves an identity to it: join tokens, and with
 /// [`Options::kubernetes`] also service-account tokens (TokenReview).
 /// `CaOptions { dir, join_token, trust_domain, ttl, ..Default::default() }` is the old
 /// `--join-token-file` form.
 pub struct CaOptions {
+    /// Where the CA's key is with `--store dir` (unused with `--store kubernetes`).
     pub dir: PathBuf,
     /// The `--join-token-file` token, which may obtain any identity of the trust domain
     /// (`spiffe://TD/*`; a warning at start says so). Empty: none.
@@ -252,11 +291,15 @@ pub struct Control {
     /// Kubernetes discovery (`--kubernetes`): accepts `k8s:` clusters and fills them.
     pub discovery: Option<Arc<k8s::Discovery>>,
     pub metrics: Metrics,
-    /// Serializes writes, so version numbers and read-modify-writes never interleave.
+    /// Serializes this replica's writes; other replicas' writes are told apart by the
+    /// store ([`StoreError::Conflict`]).
     pub write_lock: tokio::sync::Mutex<()>,
-    channels: Mutex<HashMap<String, tokio_watch::Sender<Option<Arc<Stored>>>>>,
+    /// Whether this replica is the leader ([`leader`]); always with `--store dir`.
+    pub leader: Arc<leader::Leadership>,
     /// What each proxy reported, for `GET /v1/proxies`.
     pub proxies: Arc<proxies::Proxies>,
+    /// What the other replicas' proxies reported (`--store kubernetes`).
+    pub shared_proxies: shared_proxies::Shared,
     /// Request bodies parsed at once, off the request threads ([`api`]).
     pub parse_slots: tokio::sync::Semaphore,
     /// Demand and shares of `scope: group` rate limits ([`group_limits`]).
@@ -287,7 +330,8 @@ impl Control {
             discovery: None,
             metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
-            channels: Mutex::new(HashMap::new()),
+            leader: leader::Leadership::always(),
+            shared_proxies: shared_proxies::Shared::default(),
             proxies,
             parse_slots: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -305,125 +349,9 @@ impl Control {
         }
     }
 
-    /// A receiver of the group's newest version (created on first use).
+    /// A receiver of the group's newest version, whichever replica wrote it.
     pub fn subscribe(&self, group: &str) -> tokio_watch::Receiver<Option<Arc<Stored>>> {
-        let mut channels = self.channels.lock().unwrap();
-        channels
-            .entry(group.to_string())
-            .or_insert_with(|| tokio_watch::channel(self.store.current(group)).0)
-            .subscribe()
-    }
-
-    /// Stores a validated config as the next version and announces it.
-    pub async fn commit(
-        &self,
-        group: &str,
-        action: String,
-        cfg: Config,
-    ) -> http::Response<api::Body> {
-        let _write = self.write_lock.lock().await;
-        self.commit_locked(group, action, cfg)
-    }
-
-    /// [`Control::commit`] for a caller that already holds the write lock.
-    pub fn commit_locked(
-        &self,
-        group: &str,
-        action: String,
-        cfg: Config,
-    ) -> http::Response<api::Body> {
-        let previous = self.store.current(group);
-        let discovered = self.discovered_for(&cfg, previous.as_deref());
-        match self.store_locked(group, action, cfg, discovered) {
-            Ok(stored) => api::error_free(json!({ "version": stored.version })),
-            Err(e) => api::error(http::StatusCode::INTERNAL_SERVER_ERROR, "", e.to_string()),
-        }
-    }
-
-    /// Stores a version and announces it to the group's watchers (write lock held).
-    fn store_locked(
-        &self,
-        group: &str,
-        action: String,
-        cfg: Config,
-        discovered: k8s::Discovered,
-    ) -> Result<Arc<Stored>, store::StoreError> {
-        match self.store.append(group, action, cfg, discovered) {
-            Ok(stored) => {
-                self.metrics.writes.inc();
-                let version = stored.version;
-                let action = stored.action.clone();
-                let mut channels = self.channels.lock().unwrap();
-                let tx = channels
-                    .entry(group.to_string())
-                    .or_insert_with(|| tokio_watch::channel(None).0);
-                tx.send_replace(Some(stored.clone()));
-                tracing::info!(group, version, action, "config stored");
-                Ok(stored)
-            }
-            Err(e) => {
-                tracing::error!(group, error = %e, "cannot store config");
-                Err(e)
-            }
-        }
-    }
-
-    /// The endpoints a new version of `cfg` is made with: what discovery knows now; before
-    /// its first complete list (or without discovery), the previous version's endpoints of
-    /// the targets it still has, so a restart or a broken API never empties a cluster.
-    fn discovered_for(&self, cfg: &Config, previous: Option<&Stored>) -> k8s::Discovered {
-        let targets = k8s::targets(cfg);
-        if targets.is_empty() {
-            return k8s::Discovered::new();
-        }
-        if let Some(found) = self.discovery.as_ref().and_then(|d| d.lookup(&targets)) {
-            return found;
-        }
-        let Some(previous) = previous else {
-            return k8s::Discovered::new();
-        };
-        targets
-            .iter()
-            .filter_map(|t| {
-                let key = t.to_string();
-                let eps = previous.discovered.get(&key)?.clone();
-                Some((key, eps))
-            })
-            .collect()
-    }
-
-    /// Makes a new version of every group whose discovered endpoints differ from its current
-    /// version's: the same user config, the new endpoints, a history note saying what
-    /// changed. Nothing happens before discovery's first complete list.
-    pub async fn refresh_discovery(&self) {
-        let Some(discovery) = &self.discovery else {
-            return;
-        };
-        let _write = self.write_lock.lock().await;
-        let Some(slices) = discovery.snapshot() else {
-            return;
-        };
-        for group in self.store.groups() {
-            let Some(current) = self.store.current(&group) else {
-                continue;
-            };
-            let targets = k8s::targets(&current.config);
-            if targets.is_empty() && current.discovered.is_empty() {
-                continue;
-            }
-            let found = slices.lookup(&targets);
-            if found == current.discovered {
-                continue;
-            }
-            let action = k8s::describe_change(&current.discovered, &found);
-            // A failed write is logged by store_locked; the next change tries again.
-            if self
-                .store_locked(&group, action, current.config.clone(), found)
-                .is_ok()
-            {
-                self.metrics.k8s_versions.inc();
-            }
-        }
+        self.store.subscribe(group)
     }
 }
 
@@ -435,14 +363,36 @@ pub struct ControlHandle {
     discovery: Option<tokio::task::JoinHandle<()>>,
     /// Computes group rate-limit shares every second.
     shares: tokio::task::JoinHandle<()>,
+    /// Starts and stops the leader's work as leadership comes and goes.
+    lead: tokio::task::JoinHandle<()>,
+    /// Leader election (`--store kubernetes`), and what [`ControlHandle::shutdown`] gives up.
+    election: Option<(tokio::task::JoinHandle<()>, kube::Api<Lease>, String)>,
+    /// Publishes this replica's proxies to the others (`--store kubernetes`).
+    publish: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl ControlHandle {
     pub fn stop(&self) {
         self.task.abort();
         self.shares.abort();
+        self.lead.abort();
         if let Some(d) = &self.discovery {
             d.abort();
+        }
+        if let Some((e, _, _)) = &self.election {
+            e.abort();
+        }
+        if let Some(p) = &self.publish {
+            p.abort();
+        }
+    }
+
+    /// A clean stop: [`ControlHandle::stop`], then the leader gives up its Lease so another
+    /// replica takes over at once instead of after the lease duration.
+    pub async fn shutdown(&self) {
+        self.stop();
+        if let Some((_, api, identity)) = &self.election {
+            leader::release(api, identity).await;
         }
     }
 }
@@ -458,25 +408,69 @@ pub async fn start(opts: Options) -> Result<ControlHandle, StartError> {
     start_with_tls(opts, None).await
 }
 
+/// A client for the Kubernetes API when the store or discovery needs one.
+async fn kube_client(opts: &Options) -> Result<Option<kube::Client>, StartError> {
+    let kubeconfig = match (&opts.store, &opts.kubernetes) {
+        (StoreOptions::Kubernetes(k), _) if k.kubeconfig.is_some() => k.kubeconfig.clone(),
+        (_, Some(k)) => k.kubeconfig.clone(),
+        (StoreOptions::Kubernetes(_), None) => None,
+        (StoreOptions::Dir, None) => return Ok(None),
+    };
+    let k = k8s::KubernetesOptions { kubeconfig };
+    Ok(Some(k8s::client(&k).await.map_err(StartError::Kubernetes)?))
+}
+
+/// The Lease API and the namespace of the Kubernetes store.
+type LeaseIn = (kube::Api<Lease>, String);
+
+/// The store and (with Kubernetes) the Lease API and namespace.
+fn open_store(
+    opts: &Options,
+    client: Option<&kube::Client>,
+) -> Result<(Store, Option<LeaseIn>), StartError> {
+    match (&opts.store, client) {
+        (StoreOptions::Kubernetes(k), Some(client)) => {
+            let ns = k
+                .namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_string());
+            let store = store::kube::open(client.clone(), &ns);
+            tracing::info!(namespace = ns.as_str(), "store: Kubernetes");
+            Ok((
+                store,
+                Some((kube::Api::namespaced(client.clone(), &ns), ns)),
+            ))
+        }
+        _ => Ok((Store::open(&opts.data_dir)?, None)),
+    }
+}
+
 /// [`start`]; with `tls`, the API is served over HTTPS only.
 pub async fn start_with_tls(
     opts: Options,
     tls: Option<Arc<tls::ApiTls>>,
 ) -> Result<ControlHandle, StartError> {
-    let store = Store::open(&opts.data_dir)?;
+    let client = kube_client(&opts).await?;
+    let (store, lease) = open_store(&opts, client.as_ref())?;
     let mut control = Control::with_proxies(
         store,
         opts.token,
         proxies::Proxies::new(opts.forget_proxies_after),
     );
-    let client = match &opts.kubernetes {
-        Some(k) => Some(k8s::client(k).await.map_err(StartError::Kubernetes)?),
-        None => None,
-    };
-    if let Some(c) = opts.ca {
-        control.ca = Some(authority(c, client.clone())?);
+    if lease.is_some() {
+        control.leader = leader::Leadership::elected();
     }
-    let kubernetes = match client {
+    let discovery_client = client.clone().filter(|_| opts.kubernetes.is_some());
+    if let Some(c) = opts.ca {
+        let ca = match (&lease, &client) {
+            (Some((_, ns)), Some(client)) => {
+                ca_secret::open(client.clone(), ns, &c.trust_domain, c.ttl).await?
+            }
+            _ => ca::MeshCa::open(&c.dir, &c.trust_domain, c.ttl)?,
+        };
+        control.ca = Some(authority(c, ca, discovery_client.clone()));
+    }
+    let kubernetes = match discovery_client {
         Some(client) => {
             let (discovery, writer) = k8s::Discovery::new();
             control.discovery = Some(Arc::new(discovery));
@@ -498,23 +492,43 @@ pub async fn start_with_tls(
         addr: opts.listen,
         source,
     })?;
+    let election = lease.map(|(api, _)| {
+        let identity = leader::identity();
+        let duration = match &opts.store {
+            StoreOptions::Kubernetes(k) => k.lease_duration,
+            StoreOptions::Dir => leader::DEFAULT_LEASE,
+        };
+        let run = leader::run(
+            api.clone(),
+            identity.clone(),
+            duration,
+            control.leader.clone(),
+        );
+        (tokio::spawn(run), api, identity)
+    });
     let discovery =
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
     let shares = group_limits::spawn(control.group_limits.clone());
+    let lead = tokio::spawn(lead::run(control.clone()));
+    let publish = election.as_ref().map(|(_, _, identity)| {
+        tokio::spawn(shared_proxies::run(control.clone(), identity.clone()))
+    });
     Ok(ControlHandle {
+        publish,
         shares,
         addr,
         control,
         task,
         discovery,
+        lead,
+        election,
     })
 }
 
 /// The mesh CA with its credentials: join tokens, and service-account tokens when the
 /// control plane talks to Kubernetes.
-fn authority(c: CaOptions, kube: Option<kube::Client>) -> Result<certify::Authority, StartError> {
-    let ca = ca::MeshCa::open(&c.dir, &c.trust_domain, c.ttl)?;
+fn authority(c: CaOptions, ca: ca::MeshCa, kube: Option<kube::Client>) -> certify::Authority {
     let mut join_tokens = c.join_tokens;
     if !c.join_token.is_empty() {
         tracing::warn!(
@@ -535,11 +549,11 @@ fn authority(c: CaOptions, kube: Option<kube::Client>) -> Result<certify::Author
         service_accounts = reviewer.is_some(),
         "mesh CA ready"
     );
-    Ok(certify::Authority {
+    certify::Authority {
         ca,
         join_tokens,
         reviewer,
-    })
+    }
 }
 
 /// Without `--kubernetes`, groups whose config has `k8s:` clusters keep the endpoints they

@@ -1,25 +1,39 @@
-//! Versioned configs per group, persisted under the data directory.
+//! Versioned configs per group, kept by a [`Backend`] and served from memory.
 //!
-//! Layout: `<data-dir>/groups/<group>/<version, 20 digits>.json`, one file per version,
-//! each a [`Stored`] record. A version is acknowledged only after its file is written,
-//! fsynced and renamed into place and the directory is fsynced, so after a crash (even
-//! `kill -9` mid-write) the store holds exactly the acknowledged versions: a half-written
-//! file only ever exists under a temporary name, which loading removes.
+//! Two backends: [`dir`] (the default; one process, files under the data directory) and
+//! [`kube`] (`--store kubernetes`: objects in the cluster, several replicas at once). Every
+//! read (current, history, one version) is answered from this module's in-memory copy,
+//! which the backend fills at start and keeps up to date: the directory backend loads its
+//! files once (nothing else writes them); the Kubernetes backend watches its objects, so
+//! a version written by another replica lands here too and is announced to this replica's
+//! watchers ([`Store::subscribe`]).
 //!
-//! Versions count up per group from 1. History is the list of files, and a rollback stores
-//! an old config again as a new version. Nothing a user wrote is ever deleted: every `put`,
-//! `rollback` and `flag` version stays. Versions made by Kubernetes discovery (the same
-//! config with new endpoints) are kept up to [`KEEP_DISCOVERY`] per group, the newest; a
-//! cluster whose pods churn all day would otherwise grow the history (and the control
-//! plane's memory) all day.
+//! Versions count up per group from 1. A write names the version it makes (the newest
+//! known plus one) and the backend refuses it with [`StoreError::Conflict`] when that
+//! version exists already (another replica made it first): the caller catches up
+//! ([`Store::catch_up`]) and tries again on the new newest version, so two replicas never
+//! both make version N and no write is lost.
+//!
+//! History: nothing a user wrote is ever deleted (`put`, `rollback` and `flag` versions
+//! stay). Versions made by Kubernetes discovery (the same config with new endpoints) are
+//! kept up to [`KEEP_DISCOVERY`] per group, the newest; a cluster whose pods churn all day
+//! would otherwise grow the history (and the control plane's memory) all day. Only the
+//! leader makes discovery versions, so only the leader trims.
+//!
+//! Besides versions, a backend keeps small opaque documents per group ([`Store::save_doc`],
+//! [`Store::load_docs`]): state that is not a config version, such as a rollout's progress.
 
+pub mod dir;
+pub mod kube;
+
+use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use spur_config::Config;
 use std::collections::{BTreeMap, HashMap};
-use std::fs;
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use tokio::sync::watch;
 
 /// One stored version of a group's config.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -53,11 +67,115 @@ pub enum StoreError {
         path: String,
         source: std::io::Error,
     },
+    /// The version exists already: another replica wrote it first.
+    #[error("version {version} of group `{group}` was written by another replica first")]
+    Conflict { group: String, version: u64 },
+    #[error("Kubernetes store: {0}")]
+    Kubernetes(String),
+}
+
+/// Where versions and documents are kept. Every method may be called from any replica at
+/// any time; [`Backend::create`] is the one that must be atomic across replicas.
+pub trait Backend: Send + Sync + 'static {
+    /// `dir` or `kubernetes`, as `/healthz` says.
+    fn kind(&self) -> &'static str;
+    /// Stores `stored` as version `stored.version` of `group`, or answers
+    /// [`StoreError::Conflict`] when that version exists.
+    fn create<'a>(
+        &'a self,
+        group: &'a str,
+        stored: &'a Stored,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// The versions of `group` newer than `after`, oldest first, as the backend has them.
+    fn newer<'a>(
+        &'a self,
+        group: &'a str,
+        after: u64,
+    ) -> BoxFuture<'a, Result<Vec<Stored>, StoreError>>;
+    /// Deletes these versions (trimming); a version already gone is not an error.
+    fn remove<'a>(
+        &'a self,
+        group: &'a str,
+        versions: &'a [u64],
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Writes (replaces) the document `name` of `group`.
+    fn save_doc<'a>(
+        &'a self,
+        group: &'a str,
+        name: &'a str,
+        doc: &'a Value,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+    /// Every document of `group`, by name.
+    fn load_docs<'a>(
+        &'a self,
+        group: &'a str,
+    ) -> BoxFuture<'a, Result<BTreeMap<String, Value>, StoreError>>;
+    /// Deletes the document `name` of `group` (gone already: not an error).
+    fn remove_doc<'a>(
+        &'a self,
+        group: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<(), StoreError>>;
+}
+
+type Versions = BTreeMap<u64, Arc<Stored>>;
+
+/// The in-memory copy of every group's versions, and the channels that announce each
+/// group's newest version. Shared with the backend's change feed (Kubernetes watch).
+#[derive(Default)]
+pub struct Cache {
+    groups: Mutex<HashMap<String, Versions>>,
+    channels: Mutex<HashMap<String, watch::Sender<Option<Arc<Stored>>>>>,
+    /// Whether the cache holds everything the backend had when it started.
+    synced: AtomicBool,
+}
+
+impl Cache {
+    /// Adds a version (a no-op when it is known); announces it when it is the newest.
+    pub fn insert(&self, group: &str, stored: Arc<Stored>) {
+        let newest = {
+            let mut groups = self.groups.lock().unwrap();
+            let versions = groups.entry(group.to_string()).or_default();
+            if versions.contains_key(&stored.version) {
+                return;
+            }
+            versions.insert(stored.version, stored.clone());
+            versions.keys().next_back() == Some(&stored.version)
+        };
+        if newest {
+            let mut channels = self.channels.lock().unwrap();
+            let tx = channels
+                .entry(group.to_string())
+                .or_insert_with(|| watch::channel(None).0);
+            tx.send_replace(Some(stored));
+        }
+    }
+
+    /// Forgets a version (trimmed, here or by another replica).
+    pub fn remove(&self, group: &str, version: u64) {
+        if let Some(v) = self.groups.lock().unwrap().get_mut(group) {
+            v.remove(&version);
+        }
+    }
+
+    pub fn set_synced(&self) {
+        self.synced.store(true, Ordering::Release);
+    }
 }
 
 pub struct Store {
-    dir: PathBuf,
-    groups: Mutex<HashMap<String, BTreeMap<u64, Arc<Stored>>>>,
+    cache: Arc<Cache>,
+    backend: Box<dyn Backend>,
+    /// The backend's change feed, stopped with the store.
+    feed: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        if let Some(f) = &self.feed {
+            f.abort();
+        }
+    }
 }
 
 /// Group names are used as directory names: letters, digits, `-`, `_`, `.` (not leading).
@@ -70,106 +188,87 @@ pub fn valid_group(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
 }
 
-fn io_err(path: &Path, source: std::io::Error) -> StoreError {
-    StoreError::Io {
-        path: path.display().to_string(),
-        source,
-    }
-}
-
 impl Store {
-    /// Opens (creating it if needed) the store under `dir` and loads every version.
-    /// Leftover temporary files from an interrupted write are removed.
-    pub fn open(dir: &Path) -> Result<Store, StoreError> {
-        let groups_dir = dir.join("groups");
-        fs::create_dir_all(&groups_dir).map_err(|e| io_err(&groups_dir, e))?;
-        let mut groups = HashMap::new();
-        for entry in fs::read_dir(&groups_dir).map_err(|e| io_err(&groups_dir, e))? {
-            let entry = entry.map_err(|e| io_err(&groups_dir, e))?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if !valid_group(&name) || !entry.path().is_dir() {
-                continue;
-            }
-            let mut versions = BTreeMap::new();
-            for file in fs::read_dir(entry.path()).map_err(|e| io_err(&entry.path(), e))? {
-                let file = file.map_err(|e| io_err(&entry.path(), e))?;
-                let path = file.path();
-                let fname = file.file_name().to_string_lossy().into_owned();
-                if fname.starts_with(".tmp") {
-                    let _ = fs::remove_file(&path);
-                    continue;
-                }
-                if !fname.ends_with(".json") {
-                    continue;
-                }
-                let text = fs::read_to_string(&path).map_err(|e| io_err(&path, e))?;
-                match serde_json::from_str::<Stored>(&text) {
-                    Ok(s) => {
-                        versions.insert(s.version, Arc::new(s));
-                    }
-                    // Cannot happen with rename-into-place; say so loudly rather than stop.
-                    Err(e) => {
-                        tracing::error!(file = %path.display(), error = %e, "unreadable stored version skipped")
-                    }
-                }
-            }
-            for old in Store::prune_discovery(&mut versions) {
-                let _ = fs::remove_file(entry.path().join(format!("{old:020}.json")));
-            }
-            groups.insert(name, versions);
+    /// A store over `backend`, its cache filled (or being filled) by the caller.
+    pub fn new(
+        backend: Box<dyn Backend>,
+        cache: Arc<Cache>,
+        feed: Option<tokio::task::JoinHandle<()>>,
+    ) -> Store {
+        Store {
+            cache,
+            backend,
+            feed,
         }
-        Ok(Store {
-            dir: dir.to_path_buf(),
-            groups: Mutex::new(groups),
-        })
+    }
+
+    /// Opens (creating it if needed) the directory store under `dir` and loads every
+    /// version. Leftover temporary files from an interrupted write are removed.
+    pub fn open(dir: &std::path::Path) -> Result<Store, StoreError> {
+        dir::open(dir)
+    }
+
+    /// `dir` or `kubernetes`.
+    pub fn kind(&self) -> &'static str {
+        self.backend.kind()
+    }
+
+    /// Whether every version the backend had at start is loaded.
+    pub fn synced(&self) -> bool {
+        self.cache.synced.load(Ordering::Acquire)
     }
 
     pub fn current(&self, group: &str) -> Option<Arc<Stored>> {
-        self.groups
-            .lock()
-            .unwrap()
-            .get(group)?
-            .values()
-            .next_back()
-            .cloned()
+        let groups = self.cache.groups.lock().unwrap();
+        groups.get(group)?.values().next_back().cloned()
     }
 
     pub fn get(&self, group: &str, version: u64) -> Option<Arc<Stored>> {
-        self.groups
-            .lock()
-            .unwrap()
-            .get(group)?
-            .get(&version)
-            .cloned()
+        let groups = self.cache.groups.lock().unwrap();
+        groups.get(group)?.get(&version).cloned()
     }
 
     /// Every version of a group, newest first.
     pub fn history(&self, group: &str) -> Vec<Arc<Stored>> {
-        self.groups
-            .lock()
-            .unwrap()
+        let groups = self.cache.groups.lock().unwrap();
+        groups
             .get(group)
             .map(|v| v.values().rev().cloned().collect())
             .unwrap_or_default()
     }
 
     pub fn groups(&self) -> Vec<String> {
-        let mut g: Vec<String> = self.groups.lock().unwrap().keys().cloned().collect();
+        let groups = self.cache.groups.lock().unwrap();
+        let mut g: Vec<String> = groups
+            .iter()
+            .filter(|(_, v)| !v.is_empty())
+            .map(|(k, _)| k.clone())
+            .collect();
         g.sort();
         g
     }
 
-    /// Stores `config` (with the endpoints discovered for it) as the group's next version;
-    /// returns it once it is durable. Callers serialize writes per store (the API holds a
-    /// write lock), so the version read here is still the newest when the file lands.
-    pub fn append(
+    /// A receiver of the group's newest version, whoever wrote it (created on first use).
+    pub fn subscribe(&self, group: &str) -> watch::Receiver<Option<Arc<Stored>>> {
+        let mut channels = self.cache.channels.lock().unwrap();
+        channels
+            .entry(group.to_string())
+            .or_insert_with(|| watch::channel(self.current(group)).0)
+            .subscribe()
+    }
+
+    /// Stores `config` (with the endpoints discovered for it) as version `version` of the
+    /// group, which must be the newest known plus one; returns it once it is durable.
+    /// [`StoreError::Conflict`]: another replica made that version first; [`Store::catch_up`]
+    /// and build the write again on the new newest version.
+    pub async fn append(
         &self,
         group: &str,
+        version: u64,
         action: String,
         config: Config,
         discovered: crate::k8s::Discovered,
     ) -> Result<Arc<Stored>, StoreError> {
-        let version = self.current(group).map_or(1, |c| c.version + 1);
         let created_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs());
@@ -180,181 +279,78 @@ impl Store {
             config,
             discovered,
         });
-        let dir = self.dir.join("groups").join(group);
-        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
-        let json = serde_json::to_vec_pretty(&*stored).expect("a config serializes");
-        let tmp = dir.join(format!(".tmp-{version:020}"));
-        let dest = dir.join(format!("{version:020}.json"));
-        {
-            let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
-            f.write_all(&json).map_err(|e| io_err(&tmp, e))?;
-            f.sync_all().map_err(|e| io_err(&tmp, e))?;
-        }
-        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
-        // The rename is durable only once the directory entry is. If that cannot be made
-        // sure, the version is not acknowledged: remove it so the number is not reused
-        // for a different config after a crash.
-        if let Err(e) = fs::File::open(&dir).and_then(|d| d.sync_all()) {
-            let _ = fs::remove_file(&dest);
-            return Err(io_err(&dir, e));
-        }
-        let pruned = {
-            let mut groups = self.groups.lock().unwrap();
-            let versions = groups.entry(group.to_string()).or_default();
-            versions.insert(version, stored.clone());
-            if by_discovery(&stored) {
-                Store::prune_discovery(versions)
-            } else {
-                Vec::new()
-            }
-        };
-        for old in pruned {
-            // Best effort: a file left behind is loaded (and pruned) again at the next start.
-            let path = dir.join(format!("{old:020}.json"));
-            if let Err(e) = fs::remove_file(&path) {
-                tracing::warn!(file = %path.display(), error = %e, "cannot remove a pruned discovery version");
-            }
+        self.backend.create(group, &stored).await?;
+        self.cache.insert(group, stored.clone());
+        if by_discovery(&stored) {
+            self.trim(group).await;
         }
         Ok(stored)
     }
 
-    /// Drops the oldest discovery-made versions beyond [`KEEP_DISCOVERY`] (never the
-    /// newest version); returns their numbers.
-    fn prune_discovery(versions: &mut BTreeMap<u64, Arc<Stored>>) -> Vec<u64> {
-        let Some(newest) = versions.values().next_back().cloned() else {
-            return Vec::new();
-        };
-        let older: Vec<u64> = versions
-            .values()
-            .filter(|s| by_discovery(s) && s.version != newest.version)
-            .map(|s| s.version)
-            .collect();
-        let keep = KEEP_DISCOVERY - usize::from(by_discovery(&newest));
-        let excess = older.len().saturating_sub(keep);
-        let pruned: Vec<u64> = older.into_iter().take(excess).collect();
-        for v in &pruned {
-            versions.remove(v);
+    /// Loads the versions of `group` that the backend has and this copy lacks (after a
+    /// [`StoreError::Conflict`], the change feed may not have brought them yet).
+    pub async fn catch_up(&self, group: &str) -> Result<(), StoreError> {
+        let after = self.current(group).map_or(0, |c| c.version);
+        for s in self.backend.newer(group, after).await? {
+            self.cache.insert(group, Arc::new(s));
         }
-        pruned
+        Ok(())
+    }
+
+    /// Deletes the oldest discovery-made versions of `group` beyond [`KEEP_DISCOVERY`]
+    /// (never the newest). Failures are logged: what is left is trimmed next time.
+    pub async fn trim(&self, group: &str) {
+        let excess = {
+            let groups = self.cache.groups.lock().unwrap();
+            groups.get(group).map(excess_discovery).unwrap_or_default()
+        };
+        if excess.is_empty() {
+            return;
+        }
+        match self.backend.remove(group, &excess).await {
+            Ok(()) => {
+                for v in excess {
+                    self.cache.remove(group, v);
+                }
+            }
+            Err(e) => tracing::warn!(group, error = %e, "cannot trim discovery versions"),
+        }
+    }
+
+    /// [`Store::trim`] on every group (the leader, when it takes over).
+    pub async fn trim_all(&self) {
+        for group in self.groups() {
+            self.trim(&group).await;
+        }
+    }
+
+    /// Writes the opaque document `name` of `group` (for example a rollout's state).
+    pub async fn save_doc(&self, group: &str, name: &str, doc: &Value) -> Result<(), StoreError> {
+        self.backend.save_doc(group, name, doc).await
+    }
+
+    /// Every document of `group`, by name.
+    pub async fn load_docs(&self, group: &str) -> Result<BTreeMap<String, Value>, StoreError> {
+        self.backend.load_docs(group).await
+    }
+
+    /// Deletes the document `name` of `group`.
+    pub async fn remove_doc(&self, group: &str, name: &str) -> Result<(), StoreError> {
+        self.backend.remove_doc(group, name).await
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn cfg(node: &str) -> Config {
-        Config {
-            node: Some(node.into()),
-            ..Config::default()
-        }
-    }
-
-    #[test]
-    fn versions_survive_a_reopen_and_temp_files_are_dropped() {
-        let dir = std::env::temp_dir().join(format!("spur-store-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let s = Store::open(&dir).unwrap();
-        assert_eq!(
-            s.append("shop", "put".into(), cfg("a"), Default::default())
-                .unwrap()
-                .version,
-            1
-        );
-        assert_eq!(
-            s.append("shop", "put".into(), cfg("b"), Default::default())
-                .unwrap()
-                .version,
-            2
-        );
-        assert_eq!(
-            s.append("other", "put".into(), cfg("c"), Default::default())
-                .unwrap()
-                .version,
-            1
-        );
-        // A write interrupted before its rename.
-        fs::write(
-            dir.join("groups/shop/.tmp-00000000000000000003"),
-            b"{\"version\": 3, \"trunc",
-        )
-        .unwrap();
-        drop(s);
-        let s = Store::open(&dir).unwrap();
-        assert_eq!(s.current("shop").unwrap().config, cfg("b"));
-        assert_eq!(
-            s.history("shop")
-                .iter()
-                .map(|v| v.version)
-                .collect::<Vec<_>>(),
-            vec![2, 1]
-        );
-        assert_eq!(s.groups(), vec!["other".to_string(), "shop".to_string()]);
-        assert!(!dir.join("groups/shop/.tmp-00000000000000000003").exists());
-        assert_eq!(
-            s.append("shop", "put".into(), cfg("d"), Default::default())
-                .unwrap()
-                .version,
-            3
-        );
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn discovery_versions_are_pruned_but_user_versions_stay() {
-        let dir = std::env::temp_dir().join(format!("spur-store-prune-{}", std::process::id()));
-        let _ = fs::remove_dir_all(&dir);
-        let s = Store::open(&dir).unwrap();
-        s.append("shop", "put".into(), cfg("a"), Default::default())
-            .unwrap();
-        let extra = 5;
-        for i in 0..KEEP_DISCOVERY + extra {
-            if i == 50 {
-                s.append("shop", "flag beta".into(), cfg("a"), Default::default())
-                    .unwrap();
-            }
-            s.append(
-                "shop",
-                format!("discovery: web.shop:8080 {i} -> {} endpoint(s)", i + 1),
-                cfg("a"),
-                Default::default(),
-            )
-            .unwrap();
-        }
-        let newest = (KEEP_DISCOVERY + extra + 2) as u64;
-        let check = |s: &Store| {
-            let history = s.history("shop");
-            assert_eq!(
-                history.iter().filter(|v| by_discovery(v)).count(),
-                KEEP_DISCOVERY
-            );
-            assert!(history.iter().any(|v| v.action == "put" && v.version == 1));
-            assert!(history.iter().any(|v| v.action == "flag beta"));
-            assert_eq!(history.len(), KEEP_DISCOVERY + 2);
-            assert_eq!(s.current("shop").unwrap().version, newest);
-            assert!(
-                s.get("shop", 2).is_none(),
-                "the oldest discovery version went"
-            );
-            let files = fs::read_dir(dir.join("groups/shop")).unwrap().count();
-            assert_eq!(files, KEEP_DISCOVERY + 2);
-        };
-        check(&s);
-        drop(s);
-        let s = Store::open(&dir).unwrap();
-        check(&s);
-        let next = s
-            .append("shop", "put".into(), cfg("b"), Default::default())
-            .unwrap();
-        assert_eq!(next.version, newest + 1);
-        let _ = fs::remove_dir_all(&dir);
-    }
-
-    #[test]
-    fn group_names() {
-        assert!(valid_group("shop-1.prod"));
-        assert!(!valid_group("../etc"));
-        assert!(!valid_group(".hidden"));
-        assert!(!valid_group(""));
-    }
+/// The oldest discovery-made versions beyond [`KEEP_DISCOVERY`] (never the newest).
+fn excess_discovery(versions: &Versions) -> Vec<u64> {
+    let Some(newest) = versions.values().next_back() else {
+        return Vec::new();
+    };
+    let older: Vec<u64> = versions
+        .values()
+        .filter(|s| by_discovery(s) && s.version != newest.version)
+        .map(|s| s.version)
+        .collect();
+    let keep = KEEP_DISCOVERY - usize::from(by_discovery(newest));
+    let excess = older.len().saturating_sub(keep);
+    older.into_iter().take(excess).collect()
 }

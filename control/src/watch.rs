@@ -1,6 +1,8 @@
 //! Fan-out of new versions to watching proxies.
 //!
-//! Each group has a `tokio::sync::watch` channel holding its newest version. A watcher's
+//! Each group has a `tokio::sync::watch` channel holding its newest version, kept by the
+//! store ([`crate::store::Store::subscribe`]): a version written on this replica or, with
+//! `--store kubernetes`, on any other (the store watches the cluster). A watcher's
 //! task sends every version newer than the one it last sent; a slow watcher simply skips to
 //! the newest (proxies only ever need the latest config), so it never holds up the others
 //! and never makes the control plane buffer more than a few lines for it. A line every

@@ -1,6 +1,8 @@
 //! A fake Kubernetes API server on 127.0.0.1 for the identity tests: TokenReview answers
-//! for the tokens it is given (a user name and the audiences each token is for), and an
-//! EndpointSlice list (with a watch that stays open and quiet) for discovery.
+//! for the tokens it is given (a user name and the audiences each token is for), an
+//! EndpointSlice list (with a watch that stays open and quiet) for discovery, and
+//! ConfigMaps, Secrets and Leases with resourceVersions, conflicts and watches for the
+//! control-plane store (the section at the end).
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -23,6 +25,8 @@ pub struct Reviews {
     pub seen: Vec<Value>,
     /// The EndpointSlices listed.
     slices: Vec<Value>,
+    /// ConfigMaps, Secrets and Leases (the control-plane store; see the section below).
+    pub objects: Objects,
 }
 
 pub struct FakeKube {
@@ -105,6 +109,7 @@ async fn serve(reviews: Arc<Mutex<Reviews>>, req: Request<Incoming>) -> Response
                 .boxed(),
             )
             .unwrap(),
+        _ if object_path(&path).is_some() => serve_object(reviews, req).await,
         _ => json_response(
             StatusCode::NOT_FOUND,
             &json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound" }),
@@ -209,5 +214,318 @@ impl FakeKube {
         )
         .unwrap();
         path
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Generic namespaced objects, for the control-plane store (issue 23): ConfigMaps, Secrets
+// and coordination.k8s.io/v1 Leases. Get, list (label selectors `k=v,...`), create (409
+// AlreadyExists), replace with a `resourceVersion` precondition (409 Conflict), delete, and
+// watches from a resourceVersion that stream every later change. One resourceVersion
+// counter for everything, as in a real API server.
+
+/// The kinds stored: (path prefix before the namespace, plural, kind, apiVersion).
+const OBJECT_KINDS: &[(&str, &str, &str, &str)] = &[
+    ("/api/v1/namespaces/", "configmaps", "ConfigMap", "v1"),
+    ("/api/v1/namespaces/", "secrets", "Secret", "v1"),
+    (
+        "/apis/coordination.k8s.io/v1/namespaces/",
+        "leases",
+        "Lease",
+        "coordination.k8s.io/v1",
+    ),
+];
+
+pub struct Objects {
+    rv: u64,
+    /// (plural, namespace, name) -> object
+    items: BTreeMap<(String, String, String), Value>,
+    /// Every change: resourceVersion, plural, namespace, event type, object.
+    events: Vec<(u64, String, String, &'static str, Value)>,
+    /// The newest resourceVersion, for watches to wait on.
+    changed: tokio::sync::watch::Sender<u64>,
+    /// Writes answered so far, by method (`POST`, `PUT`, `DELETE`) and status code.
+    pub writes: BTreeMap<(String, u16), usize>,
+}
+
+impl Default for Objects {
+    fn default() -> Objects {
+        Objects {
+            rv: 1,
+            items: BTreeMap::new(),
+            events: Vec::new(),
+            changed: tokio::sync::watch::channel(1).0,
+            writes: BTreeMap::new(),
+        }
+    }
+}
+
+/// (plural, kind, apiVersion, namespace, name) of an object path.
+fn object_path(
+    path: &str,
+) -> Option<(
+    &'static str,
+    &'static str,
+    &'static str,
+    String,
+    Option<String>,
+)> {
+    for (prefix, plural, kind, api_version) in OBJECT_KINDS {
+        let Some(rest) = path.strip_prefix(prefix) else {
+            continue;
+        };
+        let parts: Vec<&str> = rest.split('/').collect();
+        match parts[..] {
+            [ns, p] if p == *plural => return Some((plural, kind, api_version, ns.into(), None)),
+            [ns, p, name] if p == *plural => {
+                return Some((plural, kind, api_version, ns.into(), Some(name.into())))
+            }
+            _ => {}
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) =
+                u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or(""), 16)
+            {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn query_param(query: &str, key: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| percent_decode(v))
+}
+
+/// Whether `obj` matches a label selector of `k=v` and `k` terms.
+fn selects(selector: Option<&str>, obj: &Value) -> bool {
+    let labels = &obj["metadata"]["labels"];
+    selector
+        .unwrap_or("")
+        .split(',')
+        .filter(|t| !t.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => labels[k].as_str() == Some(v),
+            None => labels.get(term).is_some(),
+        })
+}
+
+fn status_error(code: u16, reason: &str, message: String) -> Response<Body> {
+    json_response(
+        StatusCode::from_u16(code).unwrap(),
+        &json!({ "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                 "message": message, "reason": reason, "code": code }),
+    )
+}
+
+impl Objects {
+    /// Records a change under a new resourceVersion and wakes the watches.
+    fn record(&mut self, plural: &str, ns: &str, kind: &'static str, mut obj: Value) -> Value {
+        self.rv += 1;
+        obj["metadata"]["resourceVersion"] = json!(self.rv.to_string());
+        self.events
+            .push((self.rv, plural.into(), ns.into(), kind, obj.clone()));
+        self.changed.send_replace(self.rv);
+        obj
+    }
+
+    /// The objects of one plural (any namespace), for assertions.
+    pub fn list(&self, plural: &str) -> Vec<Value> {
+        self.items
+            .iter()
+            .filter(|((p, _, _), _)| p == plural)
+            .map(|(_, v)| v.clone())
+            .collect()
+    }
+}
+
+async fn serve_object(reviews: Arc<Mutex<Reviews>>, req: Request<Incoming>) -> Response<Body> {
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let (plural, kind, api_version, ns, name) = object_path(&path).unwrap();
+    let method = req.method().as_str().to_string();
+    let body = req.into_body().collect().await.unwrap().to_bytes();
+    let key = |name: &str| (plural.to_string(), ns.clone(), name.to_string());
+    let mut r = reviews.lock().unwrap();
+    let o = &mut r.objects;
+    let response = match (method.as_str(), name) {
+        ("GET", Some(name)) => match o.items.get(&key(&name)) {
+            Some(obj) => json_response(StatusCode::OK, obj),
+            None => status_error(404, "NotFound", format!("{plural} \"{name}\" not found")),
+        },
+        ("GET", None) if query_param(&query, "watch").as_deref() == Some("true") => {
+            let from = query_param(&query, "resourceVersion")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            let selector = query_param(&query, "labelSelector");
+            drop(r);
+            return watch_objects(reviews, plural, ns, selector, from);
+        }
+        ("GET", None) => {
+            let selector = query_param(&query, "labelSelector");
+            let items: Vec<Value> = o
+                .items
+                .iter()
+                .filter(|((p, n, _), v)| {
+                    *p == plural && *n == ns && selects(selector.as_deref(), v)
+                })
+                .map(|(_, v)| v.clone())
+                .collect();
+            json_response(
+                StatusCode::OK,
+                &json!({ "kind": format!("{kind}List"), "apiVersion": api_version,
+                         "metadata": { "resourceVersion": o.rv.to_string() }, "items": items }),
+            )
+        }
+        ("POST", None) => {
+            let mut obj: Value = serde_json::from_slice(&body).unwrap();
+            let name = obj["metadata"]["name"].as_str().unwrap_or("").to_string();
+            if o.items.contains_key(&key(&name)) {
+                status_error(
+                    409,
+                    "AlreadyExists",
+                    format!("{plural} \"{name}\" already exists"),
+                )
+            } else {
+                obj["kind"] = json!(kind);
+                obj["apiVersion"] = json!(api_version);
+                obj["metadata"]["namespace"] = json!(ns);
+                obj["metadata"]["uid"] = json!(format!("uid-{}", o.rv + 1));
+                obj["metadata"]["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+                let obj = o.record(plural, &ns, "ADDED", obj);
+                o.items.insert(key(&name), obj.clone());
+                json_response(StatusCode::CREATED, &obj)
+            }
+        }
+        ("PUT", Some(name)) => {
+            let mut obj: Value = serde_json::from_slice(&body).unwrap();
+            match o.items.get(&key(&name)) {
+                None => status_error(404, "NotFound", format!("{plural} \"{name}\" not found")),
+                Some(old)
+                    if obj["metadata"]["resourceVersion"].is_string()
+                        && obj["metadata"]["resourceVersion"] != old["metadata"]["resourceVersion"] =>
+                {
+                    status_error(409, "Conflict", format!("Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"))
+                }
+                Some(old) => {
+                    obj["kind"] = json!(kind);
+                    obj["apiVersion"] = json!(api_version);
+                    obj["metadata"]["namespace"] = json!(ns);
+                    obj["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                    obj["metadata"]["creationTimestamp"] = old["metadata"]["creationTimestamp"].clone();
+                    let obj = o.record(plural, &ns, "MODIFIED", obj);
+                    o.items.insert(key(&name), obj.clone());
+                    json_response(StatusCode::OK, &obj)
+                }
+            }
+        }
+        ("DELETE", Some(name)) => match o.items.remove(&key(&name)) {
+            None => status_error(404, "NotFound", format!("{plural} \"{name}\" not found")),
+            Some(obj) => {
+                let obj = o.record(plural, &ns, "DELETED", obj);
+                json_response(StatusCode::OK, &obj)
+            }
+        },
+        _ => status_error(405, "MethodNotAllowed", format!("{method} {path}")),
+    };
+    if method != "GET" {
+        *o.writes
+            .entry((method, response.status().as_u16()))
+            .or_default() += 1;
+    }
+    response
+}
+
+/// A watch: every change after `from` to objects of `plural` in `ns` that the selector
+/// picks, one JSON line each, for as long as the client stays.
+fn watch_objects(
+    reviews: Arc<Mutex<Reviews>>,
+    plural: &'static str,
+    ns: String,
+    selector: Option<String>,
+    from: u64,
+) -> Response<Body> {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Infallible>>(64);
+    let mut changed = reviews.lock().unwrap().objects.changed.subscribe();
+    tokio::spawn(async move {
+        let mut last = from;
+        loop {
+            let lines: Vec<(u64, String)> = {
+                let r = reviews.lock().unwrap();
+                r.objects
+                    .events
+                    .iter()
+                    .filter(|(rv, p, n, _, obj)| {
+                        *rv > last && *p == plural && *n == ns && selects(selector.as_deref(), obj)
+                    })
+                    .map(|(rv, _, _, t, obj)| {
+                        (*rv, format!("{}\n", json!({ "type": t, "object": obj })))
+                    })
+                    .collect()
+            };
+            for (rv, line) in lines {
+                last = rv;
+                if tx.send(Ok(Frame::data(Bytes::from(line)))).await.is_err() {
+                    return;
+                }
+            }
+            if changed.changed().await.is_err() {
+                return;
+            }
+        }
+    });
+    Response::builder()
+        .header("content-type", "application/json")
+        .body(StreamBody::new(tokio_stream_from(rx)).boxed())
+        .unwrap()
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures_util::Stream<Item = T> + Send + 'static {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+impl FakeKube {
+    /// The stored objects of one kind (`configmaps`, `secrets`, `leases`).
+    pub fn objects(&self, plural: &str) -> Vec<Value> {
+        self.reviews.lock().unwrap().objects.list(plural)
+    }
+
+    /// How many writes were answered with this method and status (409s: conflicts).
+    pub fn writes(&self, method: &str, status: u16) -> usize {
+        let r = self.reviews.lock().unwrap();
+        r.objects
+            .writes
+            .get(&(method.to_string(), status))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// The holder of the Lease `name` in `namespace`, if any.
+    pub fn lease_holder(&self, namespace: &str, name: &str) -> Option<String> {
+        let r = self.reviews.lock().unwrap();
+        let lease = r
+            .objects
+            .items
+            .get(&("leases".into(), namespace.into(), name.into()))?;
+        lease["spec"]["holderIdentity"].as_str().map(str::to_string)
     }
 }

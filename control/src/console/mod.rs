@@ -77,7 +77,7 @@ pub fn ui(path: &str) -> Option<Response<Body>> {
 
 /// `GET /v1/groups`: every group with its current version, and the proxies reporting.
 pub fn groups(control: &Control) -> Response<Body> {
-    let proxies = control.proxies.doc();
+    let proxies = crate::shared_proxies::merged(control);
     let proxies = proxies.as_array().cloned().unwrap_or_default();
     let groups: Vec<Value> = {
         let mut names = control.store.groups();
