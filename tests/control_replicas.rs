@@ -510,3 +510,95 @@ async fn the_directory_store_is_its_own_leader() {
     let (s, _) = call(h.addr, "GET", "/readyz", None, None).await;
     assert_eq!(s, 200);
 }
+
+/// A `scope: group` rate limit holds for the group, not per replica: two proxies, each
+/// connected to another replica, admit the limit together (each replica hands out shares
+/// over its own proxies and the other replica's, from the demand they publish).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_limit_holds_across_replicas() {
+    use spur_proxy::reload::{spawn_control, ControlSource};
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::Arc;
+    let kube = FakeKube::start().await;
+    let dir = temp_dir("group-limit");
+    let kc = kube.kubeconfig(&dir);
+    let a = replica(&kc, &[]);
+    let b = replica(&kc, &[]);
+    let apis = [a.control.unwrap(), b.control.unwrap()];
+    for api in apis {
+        synced(api).await;
+    }
+    let app = named_backend("app").await;
+    let yaml = format!(
+        r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - name: api
+        match: {{ path_prefix: /api }}
+        cluster: app
+        rate_limit: {{ requests: 200, per: 1s, burst: 20, scope: group }}
+clusters: [{{ name: app, endpoints: ["{}"] }}]
+"#,
+        app.addr
+    );
+    let (status, _) = call(apis[0], "PUT", "/v1/groups/shop/config", Some(&yaml), None).await;
+    assert_eq!(status, 200);
+    let mut proxies = Vec::new();
+    let mut watchers = Vec::new();
+    for (node, api) in [("p1", apis[0]), ("p2", apis[1])] {
+        let proxy = Arc::new(spur_proxy::Proxy::idle().unwrap());
+        watchers.push(spawn_control(
+            proxy.clone(),
+            ControlSource {
+                url: format!("http://{api}"),
+                client: spur_proxy::control_client::client(None).unwrap(),
+                node: node.into(),
+                group: "shop".into(),
+                token: None,
+            },
+        ));
+        applied(&proxy, 1, "web").await;
+        proxies.push(proxy);
+    }
+    let share = |p: &spur_proxy::Proxy| p.shared.registry.rate_limits.groups()[0].1.share();
+    let on = Arc::new(AtomicBool::new(true));
+    let oks: Vec<Arc<AtomicUsize>> = (0..2).map(|_| Arc::default()).collect();
+    let limited: Arc<AtomicUsize> = Arc::default();
+    let loaders: Vec<_> = (0..2)
+        .map(|i| {
+            paced_load(
+                proxies[i].listener_addr("web").unwrap(),
+                Arc::new(AtomicUsize::new(200)),
+                oks[i].clone(),
+                limited.clone(),
+                on.clone(),
+            )
+        })
+        .collect();
+    // Equal load: about half each once the replicas have read each other's demand (each
+    // would hand its only proxy the whole limit otherwise).
+    let settled = eventually(Duration::from_secs(10), || async {
+        proxies.iter().all(|p| (0.35..0.65).contains(&share(p)))
+    })
+    .await;
+    let shares: Vec<f64> = proxies.iter().map(|p| share(p)).collect();
+    assert!(settled, "shares {shares:?}");
+    let before: usize = oks.iter().map(|o| o.load(Ordering::SeqCst)).sum();
+    let t = Instant::now();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let after: usize = oks.iter().map(|o| o.load(Ordering::SeqCst)).sum();
+    let admitted = (after - before) as f64 / t.elapsed().as_secs_f64();
+    on.store(false, Ordering::SeqCst);
+    for l in loaders {
+        let _ = l.await;
+    }
+    assert!(
+        (170.0..=240.0).contains(&admitted),
+        "{admitted:.0} req/s admitted by the group (limit 200); shares {shares:?}"
+    );
+    for w in watchers {
+        w.abort();
+    }
+}

@@ -12,39 +12,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Sends `rate` requests a second to `addr` while `on` holds, each on its own task; counts
-/// the 200s in `ok` and the 429s in `limited`.
-fn load(
-    addr: std::net::SocketAddr,
-    rate: Arc<AtomicUsize>,
-    ok: Arc<AtomicUsize>,
-    limited: Arc<AtomicUsize>,
-    on: Arc<AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = h1_client();
-        let mut next = Instant::now();
-        while on.load(Ordering::SeqCst) {
-            let r = rate.load(Ordering::SeqCst).max(1);
-            next += Duration::from_secs_f64(1.0 / r as f64);
-            tokio::time::sleep_until(next.into()).await;
-            let (client, ok, limited) = (client.clone(), ok.clone(), limited.clone());
-            tokio::spawn(async move {
-                let req = http::Request::get(format!("http://{addr}/api"))
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                if let Ok(resp) = client.request(req).await {
-                    match resp.status().as_u16() {
-                        200 => ok.fetch_add(1, Ordering::SeqCst),
-                        429 => limited.fetch_add(1, Ordering::SeqCst),
-                        _ => 0,
-                    };
-                }
-            });
-        }
-    })
-}
-
 fn share(p: &Proxy) -> f64 {
     p.shared.registry.rate_limits.groups()[0].1.share()
 }
@@ -95,7 +62,7 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     let limited: Arc<AtomicUsize> = Arc::default();
     let mut loaders = Vec::new();
     for i in 0..3 {
-        loaders.push(load(
+        loaders.push(paced_load(
             proxies[i].listener_addr("web").unwrap(),
             rates[i].clone(),
             oks[i].clone(),

@@ -9,6 +9,12 @@
 //! would, and the group admits the whole rate; the floor keeps an idle proxy able to
 //! serve the first requests that reach it before its next report. A proxy silent for
 //! [`STALE`] leaves the division (its share goes to the others).
+//!
+//! With several control-plane replicas, a proxy reports to the one it is connected to; so
+//! each replica publishes its proxies' demand beside their status ([`crate::shared_proxies`])
+//! and divides each limit over its own proxies and the others' ([`GroupLimits::set_remote`]),
+//! sending shares only to its own. Every replica sees the same demands (within a publish
+//! period), so the shares of the whole group still add up to one.
 
 use bytes::Bytes;
 use std::collections::{BTreeMap, HashMap};
@@ -36,6 +42,8 @@ struct Node {
 pub struct GroupLimits {
     nodes: Mutex<HashMap<Key, Node>>,
     channels: Mutex<HashMap<Key, watch::Sender<Option<Bytes>>>>,
+    /// The demand of other replicas' proxies, as last read.
+    remote: Mutex<HashMap<Key, BTreeMap<String, f64>>>,
 }
 
 /// Shares of one limit for these demands (requests per second, in order): `FLOOR` evenly,
@@ -71,6 +79,25 @@ impl GroupLimits {
         e.demand = demand;
     }
 
+    /// The demand of this replica's fresh proxies, to publish for the other replicas:
+    /// `[{"group", "node", "demand": {limit: requests per second}}]`.
+    pub fn local_demand(&self) -> serde_json::Value {
+        let nodes = self.nodes.lock().unwrap();
+        let list: Vec<serde_json::Value> = nodes
+            .iter()
+            .filter(|(_, n)| n.at.elapsed() < STALE && !n.demand.is_empty())
+            .map(|((group, node), n)| {
+                serde_json::json!({ "group": group, "node": node, "demand": n.demand })
+            })
+            .collect();
+        serde_json::Value::Array(list)
+    }
+
+    /// Replaces what the other replicas' proxies demand (their fresh published lists).
+    pub fn set_remote(&self, entries: impl IntoIterator<Item = (Key, BTreeMap<String, f64>)>) {
+        *self.remote.lock().unwrap() = entries.into_iter().collect();
+    }
+
     /// The shares lines for a proxy's watch stream.
     pub fn subscribe(&self, group: &str, node: &str) -> watch::Receiver<Option<Bytes>> {
         let mut channels = self.channels.lock().unwrap();
@@ -96,8 +123,20 @@ impl GroupLimits {
         nodes.retain(|_, n| n.at.elapsed() < STALE * 20);
         // (group, limit) -> the fresh nodes reporting it and their demand.
         let mut limits: BTreeMap<(&str, &str), Vec<(&Key, f64)>> = BTreeMap::new();
-        for (key, n) in nodes.iter().filter(|(_, n)| n.at.elapsed() < STALE) {
+        let fresh = |n: &&Node| n.at.elapsed() < STALE;
+        for (key, n) in nodes.iter().filter(|(_, n)| fresh(n)) {
             for (limit, d) in &n.demand {
+                limits.entry((&key.0, limit)).or_default().push((key, *d));
+            }
+        }
+        // Other replicas' proxies take part in the division (a proxy that moved here counts
+        // once, as reported here); their shares are theirs to send.
+        let remote = self.remote.lock().unwrap();
+        for (key, demand) in remote.iter() {
+            if nodes.get(key).is_some_and(|n| fresh(&n)) {
+                continue;
+            }
+            for (limit, d) in demand {
                 limits.entry((&key.0, limit)).or_default().push((key, *d));
             }
         }
@@ -193,5 +232,36 @@ mod tests {
         // Unchanged: nothing new is sent.
         g.tick();
         assert!(!a.as_mut().unwrap().has_changed().unwrap());
+    }
+
+    #[tokio::test]
+    async fn other_replicas_proxies_take_part_in_the_division() {
+        // Replica 1 has proxy a; replica 2 has b and c, whose demand replica 1 read.
+        let r1 = GroupLimits::default();
+        let r2 = GroupLimits::default();
+        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
+        let mut a = Some(r1.subscribe("g", "a"));
+        r1.report("g", "a", demand(100.0));
+        r2.report("g", "b", demand(100.0));
+        r2.report("g", "c", demand(100.0));
+        let published = r2.local_demand();
+        assert_eq!(published.as_array().unwrap().len(), 2, "{published}");
+        r1.set_remote(published.as_array().unwrap().iter().map(|e| {
+            let key = (
+                e["group"].as_str().unwrap().into(),
+                e["node"].as_str().unwrap().into(),
+            );
+            (key, demand(e["demand"]["web/api"].as_f64().unwrap()))
+        }));
+        // A proxy that moved to replica 1 is counted once, as reported there.
+        r1.report("g", "b", demand(100.0));
+        r1.tick();
+        let line = next_line(&mut a).await.unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
+        let share = v["shares"]["web/api"].as_f64().unwrap();
+        assert!(
+            (share - 1.0 / 3.0).abs() < 1e-9,
+            "a third each, not a half: {share}"
+        );
     }
 }

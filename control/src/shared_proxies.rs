@@ -19,6 +19,9 @@ use std::time::Duration;
 const GROUP: &str = "";
 pub const PUBLISH_EVERY: Duration = Duration::from_secs(2);
 pub const EXPIRE: Duration = Duration::from_secs(30);
+/// Another replica's group-limit demands count while its document is at most this old
+/// (whole seconds: its proxies report every second, it publishes every two).
+pub const DEMAND_FRESH: Duration = Duration::from_secs(5);
 
 /// What the other replicas' proxies reported, as last read.
 #[derive(Default)]
@@ -36,7 +39,11 @@ fn now_secs() -> u64 {
 pub async fn run(control: Arc<Control>, identity: String) {
     let mine = format!("proxies {identity}");
     loop {
-        let doc = json!({ "written_at": now_secs(), "proxies": control.proxies.doc() });
+        let doc = json!({
+            "written_at": now_secs(),
+            "proxies": control.proxies.doc(),
+            "demand": control.group_limits.local_demand(),
+        });
         if let Err(e) = control.store.save_doc(GROUP, &mine, &doc).await {
             tracing::warn!(error = %e, "cannot publish this replica's proxies");
         }
@@ -56,11 +63,15 @@ pub async fn run(control: Arc<Control>, identity: String) {
 async fn fresh_others(control: &Control, docs: BTreeMap<String, Value>, mine: &str) -> Vec<Value> {
     let now = now_secs();
     let mut out = Vec::new();
+    let mut demand = Vec::new();
     for (name, doc) in docs {
         if name == mine || !name.starts_with("proxies ") {
             continue;
         }
         let age = now.saturating_sub(doc["written_at"].as_u64().unwrap_or(0));
+        if age <= DEMAND_FRESH.as_secs() {
+            demand.extend(demand_of(&doc));
+        }
         if age > EXPIRE.as_secs() {
             if control.leader.is_leader() {
                 let _ = control.store.remove_doc(GROUP, &name).await;
@@ -69,7 +80,27 @@ async fn fresh_others(control: &Control, docs: BTreeMap<String, Value>, mine: &s
         }
         out.extend(doc["proxies"].as_array().cloned().unwrap_or_default());
     }
+    control.group_limits.set_remote(demand);
     out
+}
+
+/// The group-limit demands a replica's document lists, per (group, node).
+fn demand_of(doc: &Value) -> Vec<((String, String), BTreeMap<String, f64>)> {
+    let list = doc["demand"].as_array().map(Vec::as_slice).unwrap_or(&[]);
+    list.iter()
+        .filter_map(|e| {
+            let key = (
+                e["group"].as_str()?.to_string(),
+                e["node"].as_str()?.to_string(),
+            );
+            let demand = e["demand"]
+                .as_object()?
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.as_f64()?)))
+                .collect();
+            Some((key, demand))
+        })
+        .collect()
 }
 
 /// `GET /v1/proxies`: this replica's proxies and the other replicas', each proxy once (as
