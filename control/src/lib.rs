@@ -8,6 +8,8 @@
 //! - [`group_limits`]: shares of group-wide rate limits, from the proxies' demand.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
 //!   EndpointSlices, each change a new version.
+//! - [`mesh`]: the mesh without YAML (`--kubernetes --mesh`): every group's config
+//!   rendered from Services, EndpointSlices, Pods and Gateway API routes.
 //! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
 //!   [`console`]: the web console at `/ui`.
 
@@ -19,6 +21,7 @@ pub mod console;
 pub mod group_limits;
 pub mod join;
 pub mod k8s;
+pub mod mesh;
 pub mod proxies;
 // The process metrics of the data plane's collector (one source file, no dependency on
 // spur-proxy for it).
@@ -55,6 +58,8 @@ pub struct Options {
     pub ca: Option<CaOptions>,
     /// With it, `k8s:` clusters are accepted and filled from the Kubernetes API.
     pub kubernetes: Option<k8s::KubernetesOptions>,
+    /// With it (and `kubernetes`), every group's config is rendered from the cluster.
+    pub mesh: Option<mesh::MeshOptions>,
     /// A proxy with no watch stream open is dropped from `GET /v1/proxies` after this long
     /// without a word (`--forget-proxies-after`).
     pub forget_proxies_after: Duration,
@@ -70,6 +75,7 @@ impl Default for Options {
             token: None,
             ca: None,
             kubernetes: None,
+            mesh: None,
             forget_proxies_after: proxies::DEFAULT_FORGET_AFTER,
             limits: serve::Limits::default(),
         }
@@ -251,6 +257,8 @@ pub struct Control {
     pub ca: Option<certify::Authority>,
     /// Kubernetes discovery (`--kubernetes`): accepts `k8s:` clusters and fills them.
     pub discovery: Option<Arc<k8s::Discovery>>,
+    /// The mesh (`--mesh`): groups rendered from the cluster.
+    pub mesh: Option<Arc<mesh::Mesh>>,
     pub metrics: Metrics,
     /// Serializes writes, so version numbers and read-modify-writes never interleave.
     pub write_lock: tokio::sync::Mutex<()>,
@@ -285,6 +293,7 @@ impl Control {
             token,
             ca: None,
             discovery: None,
+            mesh: None,
             metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
@@ -334,7 +343,8 @@ impl Control {
     ) -> http::Response<api::Body> {
         let previous = self.store.current(group);
         let discovered = self.discovered_for(&cfg, previous.as_deref());
-        match self.store_locked(group, action, cfg, discovered) {
+        let mesh = previous.and_then(|p| p.mesh.clone());
+        match self.store_locked(group, action, cfg, discovered, mesh) {
             Ok(stored) => api::error_free(json!({ "version": stored.version })),
             Err(e) => api::error(http::StatusCode::INTERNAL_SERVER_ERROR, "", e.to_string()),
         }
@@ -347,8 +357,9 @@ impl Control {
         action: String,
         cfg: Config,
         discovered: k8s::Discovered,
+        mesh: Option<Arc<Config>>,
     ) -> Result<Arc<Stored>, store::StoreError> {
-        match self.store.append(group, action, cfg, discovered) {
+        match self.store.append(group, action, cfg, discovered, mesh) {
             Ok(stored) => {
                 self.metrics.writes.inc();
                 let version = stored.version;
@@ -418,12 +429,90 @@ impl Control {
             let action = k8s::describe_change(&current.discovered, &found);
             // A failed write is logged by store_locked; the next change tries again.
             if self
-                .store_locked(&group, action, current.config.clone(), found)
+                .store_locked(
+                    &group,
+                    action,
+                    current.config.clone(),
+                    found,
+                    current.mesh.clone(),
+                )
                 .is_ok()
             {
                 self.metrics.k8s_versions.inc();
             }
         }
+    }
+}
+
+impl Control {
+    /// `--mesh`: renders every group again and makes a new version of each whose rendered
+    /// part changed (groups with pods, and groups with a config). Returns the route
+    /// statuses to write, or `None` before every watch has listed.
+    pub async fn refresh_mesh(&self) -> Option<Vec<mesh::RouteStatus>> {
+        let mesh = self.mesh.as_ref()?;
+        let slices = self.discovery.as_ref()?;
+        if !mesh.synced() || !slices.synced() {
+            return None;
+        }
+        let rendered = mesh.render(slices.slices());
+        mesh.set_last_outbound(rendered.outbound_only.clone());
+        let _write = self.write_lock.lock().await;
+        let mut groups: std::collections::BTreeSet<String> =
+            self.store.groups().into_iter().collect();
+        groups.extend(rendered.groups.keys().cloned());
+        for group in groups {
+            let wanted = rendered.for_group(&group);
+            let current = self.store.current(&group);
+            if current.as_ref().and_then(|c| c.mesh.as_ref()) == Some(&wanted) {
+                continue;
+            }
+            let user = current
+                .as_ref()
+                .map(|c| c.config.clone())
+                .unwrap_or_default();
+            let discovered = self.discovered_for(&user, current.as_deref());
+            let action = format!(
+                "discovery: mesh ({} clusters, {} routes)",
+                wanted.clusters.len(),
+                wanted
+                    .listeners
+                    .iter()
+                    .map(|l| l.routes.len())
+                    .sum::<usize>()
+            );
+            if self
+                .store_locked(&group, action, user, discovered, Some(wanted))
+                .is_ok()
+            {
+                self.metrics.k8s_versions.inc();
+            }
+        }
+        Some(rendered.statuses)
+    }
+
+    /// The group's rendered mesh as it is now, for checking a write in mesh mode: its
+    /// current version's, else what a group without pods gets.
+    pub fn mesh_for(&self, group: &str) -> Option<Arc<Config>> {
+        let mesh = self.mesh.as_ref()?;
+        self.store
+            .current(group)
+            .and_then(|c| c.mesh.clone())
+            .or_else(|| mesh.last_outbound())
+    }
+
+    /// Checks a config a user writes to `group`: under [`Control::rules`]; in mesh mode,
+    /// merged over the group's rendered mesh, as its proxies will receive it (the user's
+    /// listeners and clusters come first, so their field paths are the user's).
+    pub fn check(&self, group: &str, cfg: &Config) -> Result<(), Vec<spur_config::FieldError>> {
+        let Some(mesh) = self.mesh_for(group) else {
+            return spur_config::validate_with(cfg, self.rules()).map_err(|e| e.errors);
+        };
+        let merged = mesh::merge::merge(&mesh, cfg);
+        let rules = spur_config::Rules {
+            rendered: true,
+            ..self.rules()
+        };
+        spur_config::validate_with(&merged, rules).map_err(|e| e.errors)
     }
 }
 
@@ -433,6 +522,7 @@ pub struct ControlHandle {
     pub control: Arc<Control>,
     task: tokio::task::JoinHandle<()>,
     discovery: Option<tokio::task::JoinHandle<()>>,
+    mesh: Option<tokio::task::JoinHandle<()>>,
     /// Computes group rate-limit shares every second.
     shares: tokio::task::JoinHandle<()>,
 }
@@ -443,6 +533,9 @@ impl ControlHandle {
         self.shares.abort();
         if let Some(d) = &self.discovery {
             d.abort();
+        }
+        if let Some(m) = &self.mesh {
+            m.abort();
         }
     }
 }
@@ -476,6 +569,12 @@ pub async fn start_with_tls(
     if let Some(c) = opts.ca {
         control.ca = Some(authority(c, client.clone())?);
     }
+    let mut mesh_writers = None;
+    if let (Some(m), Some(_)) = (&opts.mesh, &client) {
+        let (mesh, writers) = mesh::Mesh::new(m);
+        control.mesh = Some(Arc::new(mesh));
+        mesh_writers = Some(writers);
+    }
     let kubernetes = match client {
         Some(client) => {
             let (discovery, writer) = k8s::Discovery::new();
@@ -498,6 +597,12 @@ pub async fn start_with_tls(
         addr: opts.listen,
         source,
     })?;
+    let mesh = match (&kubernetes, mesh_writers) {
+        (Some((client, _)), Some(w)) => {
+            Some(tokio::spawn(mesh::run(control.clone(), client.clone(), w)))
+        }
+        _ => None,
+    };
     let discovery =
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
@@ -508,6 +613,7 @@ pub async fn start_with_tls(
         control,
         task,
         discovery,
+        mesh,
     })
 }
 

@@ -36,6 +36,10 @@ pub struct Stored {
     /// ([`crate::k8s::render`]). Empty for configs without `k8s:` clusters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub discovered: crate::k8s::Discovered,
+    /// The mesh rendered for the group when this version was made (`--mesh`): proxies
+    /// receive `config` merged over it ([`crate::mesh::merge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Arc<Config>>,
 }
 
 /// How many discovery-made versions each group keeps (the newest).
@@ -168,6 +172,7 @@ impl Store {
         action: String,
         config: Config,
         discovered: crate::k8s::Discovered,
+        mesh: Option<Arc<Config>>,
     ) -> Result<Arc<Stored>, StoreError> {
         let version = self.current(group).map_or(1, |c| c.version + 1);
         let created_at = std::time::SystemTime::now()
@@ -179,6 +184,7 @@ impl Store {
             action,
             config,
             discovered,
+            mesh,
         });
         let dir = self.dir.join("groups").join(group);
         fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
@@ -256,19 +262,19 @@ mod tests {
         let _ = fs::remove_dir_all(&dir);
         let s = Store::open(&dir).unwrap();
         assert_eq!(
-            s.append("shop", "put".into(), cfg("a"), Default::default())
+            s.append("shop", "put".into(), cfg("a"), Default::default(), None)
                 .unwrap()
                 .version,
             1
         );
         assert_eq!(
-            s.append("shop", "put".into(), cfg("b"), Default::default())
+            s.append("shop", "put".into(), cfg("b"), Default::default(), None)
                 .unwrap()
                 .version,
             2
         );
         assert_eq!(
-            s.append("other", "put".into(), cfg("c"), Default::default())
+            s.append("other", "put".into(), cfg("c"), Default::default(), None)
                 .unwrap()
                 .version,
             1
@@ -292,7 +298,7 @@ mod tests {
         assert_eq!(s.groups(), vec!["other".to_string(), "shop".to_string()]);
         assert!(!dir.join("groups/shop/.tmp-00000000000000000003").exists());
         assert_eq!(
-            s.append("shop", "put".into(), cfg("d"), Default::default())
+            s.append("shop", "put".into(), cfg("d"), Default::default(), None)
                 .unwrap()
                 .version,
             3
@@ -305,19 +311,26 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("spur-store-prune-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         let s = Store::open(&dir).unwrap();
-        s.append("shop", "put".into(), cfg("a"), Default::default())
+        s.append("shop", "put".into(), cfg("a"), Default::default(), None)
             .unwrap();
         let extra = 5;
         for i in 0..KEEP_DISCOVERY + extra {
             if i == 50 {
-                s.append("shop", "flag beta".into(), cfg("a"), Default::default())
-                    .unwrap();
+                s.append(
+                    "shop",
+                    "flag beta".into(),
+                    cfg("a"),
+                    Default::default(),
+                    None,
+                )
+                .unwrap();
             }
             s.append(
                 "shop",
                 format!("discovery: web.shop:8080 {i} -> {} endpoint(s)", i + 1),
                 cfg("a"),
                 Default::default(),
+                None,
             )
             .unwrap();
         }
@@ -344,7 +357,7 @@ mod tests {
         let s = Store::open(&dir).unwrap();
         check(&s);
         let next = s
-            .append("shop", "put".into(), cfg("b"), Default::default())
+            .append("shop", "put".into(), cfg("b"), Default::default(), None)
             .unwrap();
         assert_eq!(next.version, newest + 1);
         let _ = fs::remove_dir_all(&dir);

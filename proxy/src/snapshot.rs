@@ -168,6 +168,8 @@ pub struct ClusterRt {
     pub lb_panic: prometheus_client::metrics::counter::Counter,
     /// `grpc_failure_codes`: the gRPC statuses that count against an endpoint.
     pub grpc_failures: crate::grpc::Codes,
+    /// `opaque: true`: transparent listeners skip protocol detection for it.
+    pub skip_detection: bool,
 }
 
 pub struct BreakerRt {
@@ -318,6 +320,7 @@ fn compile_cluster(
         generation: 0,
     };
     let cluster = ClusterRt {
+        skip_detection: c.opaque,
         name: c.name.as_str().into(),
         protocol: c.protocol,
         lb: c.lb,
@@ -480,6 +483,17 @@ impl Snapshot {
             }
             clusters.insert(c.name.clone(), cluster);
         }
+        // Service addresses (a Service's ClusterIP) win over endpoint addresses; among
+        // them, the first cluster in config order.
+        let mut services = HashMap::new();
+        for c in &cfg.clusters {
+            for a in &c.service_addresses {
+                if let Some(rt) = clusters.get(&c.name) {
+                    services.entry(canonical(**a)).or_insert_with(|| rt.clone());
+                }
+            }
+        }
+        by_addr.extend(services);
         let cluster = |path: String, name: &str| {
             clusters.get(name).cloned().ok_or_else(|| CompileError {
                 path,
@@ -666,7 +680,7 @@ fn budget_key(listener: &str, route: &str) -> String {
 
 /// An IPv4-mapped IPv6 address as plain IPv4, and no flow info or scope: the form both
 /// sides of an original-destination lookup are compared in.
-fn canonical(addr: SocketAddr) -> SocketAddr {
+pub(crate) fn canonical(addr: SocketAddr) -> SocketAddr {
     match addr {
         SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
             Some(v4) => SocketAddr::new(v4.into(), v6.port()),

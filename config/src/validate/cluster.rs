@@ -45,6 +45,14 @@ pub(super) fn check<'a>(
             );
         }
     }
+    for (k, a) in c.service_addresses.iter().enumerate() {
+        if a.port() == 0 {
+            e.push(
+                format!("{p}.service_addresses[{k}]"),
+                "port 0 is not a destination",
+            );
+        }
+    }
     if c.k8s.is_some() && !rules.k8s_discovery {
         e.push(format!("{p}.k8s"), K8S_NEEDS_DISCOVERY);
     }

@@ -206,7 +206,11 @@ pub fn plan<'s>(
     plan.flags_on = on;
     plan.flags_header = header;
     let path = super::normalize::match_path(head.uri.path());
+    // Transparent mode: the cluster owning the original destination (routes may match on
+    // it; with no route, it takes the request).
+    let owner = peer.original_dst.and_then(|a| snap.cluster_for_addr(a));
     let view = RequestView {
+        destination: owner.as_deref().map(|c| &*c.name),
         method: &head.method,
         path: &path,
         host: headers::host_of(&head.uri, &head.headers),
@@ -222,10 +226,7 @@ pub fn plan<'s>(
     plan.route = route;
     let Some(route) = plan.route else {
         // Transparent mode: the cluster owning the original destination, else the default.
-        let cluster = peer
-            .original_dst
-            .and_then(|a| snap.cluster_for_addr(a))
-            .or_else(|| lst.default_cluster.clone());
+        let cluster = owner.or_else(|| lst.default_cluster.clone());
         if let Some(cluster) = cluster {
             plan.route_name = Some(lst.default_route_name.clone());
             plan.action = Action::Forward(Forward {
