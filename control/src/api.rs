@@ -210,6 +210,7 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
     match (method.clone(), &segs[1..]) {
         (Method::GET, ["proxies"]) => full(StatusCode::OK, &control.proxies.doc()),
         (Method::GET, ["groups"]) => crate::console::groups(&control),
+        (Method::GET, ["mesh", "pods", ns, name]) => crate::mesh::pod_doc(&control, ns, name),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
             "",

@@ -110,7 +110,14 @@ impl FakeKube {
     /// (shop/web, but for the API server's audience) and `tok-node` (a node, not a service
     /// account); more with [`FakeKube::token`].
     pub async fn start() -> FakeKube {
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeKube::start_on(tcp).await
+    }
+
+    /// [`FakeKube::start`] on a socket bound already (in another network namespace, say).
+    pub async fn start_on(tcp: std::net::TcpListener) -> FakeKube {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
         let addr = tcp.local_addr().unwrap();
         let reviews = Arc::new(Mutex::new(Reviews::default()));
         let objects = Arc::new(Objects::default());

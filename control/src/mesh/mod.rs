@@ -313,6 +313,33 @@ impl Mesh {
     }
 }
 
+/// `GET /v1/mesh/pods/{ns}/{name}`: what the mesh knows of a pod (for `spur explain`):
+/// its group, address, service account identity and whether it has a sidecar.
+pub fn pod_doc(control: &Control, ns: &str, name: &str) -> http::Response<crate::api::Body> {
+    use http::StatusCode;
+    let Some(mesh) = &control.mesh else {
+        return crate::api::error(
+            StatusCode::NOT_FOUND,
+            "",
+            "this control plane does not render a mesh: start it with --kubernetes --mesh",
+        );
+    };
+    let pod = mesh.pods.state().into_iter().find(|p| {
+        p.metadata.namespace.as_deref() == Some(ns) && p.metadata.name.as_deref() == Some(name)
+    });
+    let Some(pod) = pod else {
+        return crate::api::error(StatusCode::NOT_FOUND, "pod", format!("no pod {ns}/{name}"));
+    };
+    crate::api::error_free(json!({
+        "namespace": ns,
+        "name": name,
+        "group": render::group_of(&pod),
+        "ip": pod.status.as_ref().and_then(|s| s.pod_ip.clone()),
+        "identity": render::identity(&pod, &mesh.trust_domain),
+        "sidecar": render::meshed(&pod),
+    }))
+}
+
 /// The routes of one parent Service (every port, or the one `parentRef.port` names).
 fn parent_routes(
     src: &Source<'_>,

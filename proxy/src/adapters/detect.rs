@@ -231,19 +231,18 @@ pub async fn detect(stream: &TcpStream) -> Detected {
 
 /// The cluster a TLS server name stands for: `NAME.NS[.svc[.DOMAIN]]` on port P is the
 /// rendered cluster `NAME.NS.P` (see `spur control --mesh`).
-fn cluster_for_sni(shared: &Shared, sni: &str, port: u16) -> Option<Arc<ClusterRt>> {
+fn cluster_for_sni(
+    snap: &crate::snapshot::Snapshot,
+    sni: &str,
+    port: u16,
+) -> Option<Arc<ClusterRt>> {
     let mut labels = sni.split('.');
     let (name, ns) = (labels.next()?, labels.next()?);
     match labels.next() {
         None | Some("svc") => {}
         Some(_) => return None,
     }
-    shared
-        .snapshot
-        .load()
-        .clusters
-        .get(&format!("{name}.{ns}.{port}"))
-        .cloned()
+    snap.clusters.get(&format!("{name}.{ns}.{port}")).cloned()
 }
 
 /// A connection of a transparent `http` listener: detection, then the HTTP path, opaque
@@ -276,48 +275,11 @@ pub(crate) async fn serve(
             protocol: detected.as_ref().map_or("skipped", Detected::label),
         })
         .inc();
-    let http = matches!(detected, Some(Detected::Http1 | Detected::Http2));
-    let target = match (&detected, owner) {
-        (_, Some(c)) => Some(c),
-        (Some(Detected::Tls(Some(sni))), None) => {
-            redirected.and_then(|a| cluster_for_sni(&shared, sni, a.port()))
-        }
-        _ => None,
-    };
-    let routable = target.is_some()
-        || lst.default_cluster.is_some()
-        || (http && lst.routes.iter().any(|r| !r.matcher.names_destination()));
-    if http && (routable || redirected.is_none()) {
-        return crate::adapters::listener::serve_http_conn(
-            shared,
-            lst,
-            stream,
-            peer,
-            original_dst,
-            shutdown,
-            guard,
-        )
-        .await;
-    }
-    if let Some(cluster) = target.or_else(|| lst.default_cluster.clone()) {
-        return crate::adapters::tcp::serve_to(shared, lst, stream, peer, cluster, shutdown, guard)
-            .await;
-    }
-    let Some(dst) = redirected else {
-        return; // not redirected, nothing owns it: closed
-    };
-    let egress = shared.snapshot.load().config.egress.unwrap_or_default();
-    let decision = match egress {
-        Egress::Allow => "allow",
-        Egress::Deny => "deny",
-    };
-    shared
-        .metrics
-        .egress
-        .get_or_create(&EgressLabels { decision })
-        .inc();
-    match egress {
-        Egress::Deny if http => {
+    let snap = shared.snapshot.load();
+    let next = decide(&snap, &lst, redirected, owner, detected.as_ref());
+    drop(snap);
+    match next {
+        Next::Http => {
             crate::adapters::listener::serve_http_conn(
                 shared,
                 lst,
@@ -329,10 +291,88 @@ pub(crate) async fn serve(
             )
             .await
         }
-        Egress::Deny => {
-            tracing::debug!(listener = &*lst.name, %dst, "egress denied: connection closed");
+        Next::Opaque(cluster) => {
+            crate::adapters::tcp::serve_to(shared, lst, stream, peer, cluster, shutdown, guard)
+                .await
         }
-        Egress::Allow => passthrough(&shared, &lst, stream, dst, shutdown).await,
+        Next::Close => {}
+        Next::Egress(egress, dst) => {
+            let decision = match egress {
+                Egress::Allow => "allow",
+                Egress::Deny => "deny",
+            };
+            shared
+                .metrics
+                .egress
+                .get_or_create(&EgressLabels { decision })
+                .inc();
+            let http = matches!(detected, Some(Detected::Http1 | Detected::Http2));
+            match egress {
+                // The HTTP path answers 404 `no_route`: nothing routes it.
+                Egress::Deny if http => {
+                    crate::adapters::listener::serve_http_conn(
+                        shared,
+                        lst,
+                        stream,
+                        peer,
+                        original_dst,
+                        shutdown,
+                        guard,
+                    )
+                    .await
+                }
+                Egress::Deny => {
+                    tracing::debug!(listener = &*lst.name, %dst, "egress denied: connection closed");
+                }
+                Egress::Allow => passthrough(&shared, &lst, stream, dst, shutdown).await,
+            }
+        }
+    }
+}
+
+/// What a transparent listener does with a connection, once detection has spoken.
+#[derive(Clone)]
+pub enum Next {
+    /// The HTTP path (routes, or the cluster owning the destination).
+    Http,
+    /// Opaque bytes to this cluster.
+    Opaque(Arc<ClusterRt>),
+    /// No cluster owns the destination: `egress` decides.
+    Egress(Egress, SocketAddr),
+    /// Not redirected and nothing to send it to.
+    Close,
+}
+
+/// The decision after detection (pure; `spur explain` asks it too). `redirected`: the
+/// original destination when the connection was redirected; `owner`: the cluster owning
+/// it; `detected`: `None` when the owner skips detection.
+pub fn decide(
+    snap: &crate::snapshot::Snapshot,
+    lst: &ListenerRt,
+    redirected: Option<SocketAddr>,
+    owner: Option<Arc<ClusterRt>>,
+    detected: Option<&Detected>,
+) -> Next {
+    let http = matches!(detected, Some(Detected::Http1 | Detected::Http2));
+    let target = match (detected, owner) {
+        (_, Some(c)) => Some(c),
+        (Some(Detected::Tls(Some(sni))), None) => {
+            redirected.and_then(|a| cluster_for_sni(snap, sni, a.port()))
+        }
+        _ => None,
+    };
+    let routable = target.is_some()
+        || lst.default_cluster.is_some()
+        || (http && lst.routes.iter().any(|r| !r.matcher.names_destination()));
+    if http && (routable || redirected.is_none()) {
+        return Next::Http;
+    }
+    if let Some(cluster) = target.or_else(|| lst.default_cluster.clone()) {
+        return Next::Opaque(cluster);
+    }
+    match redirected {
+        Some(dst) => Next::Egress(snap.config.egress.unwrap_or_default(), dst),
+        None => Next::Close,
     }
 }
 
