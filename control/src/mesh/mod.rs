@@ -574,3 +574,58 @@ pub async fn run(control: Arc<Control>, client: kube::Client, writers: Writers) 
         () = push => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn routes_for_one_service_go_most_specific_first() {
+        let r = |m: Value| json!({ "match": m });
+        let mut routes = [
+            r(json!({ "destination": "d" })),
+            r(json!({ "destination": "d", "path_prefix": "/a" })),
+            r(json!({ "destination": "d", "headers": [{ "name": "x", "value": "1" }] })),
+            r(json!({ "destination": "d", "path_prefix": "/a/b" })),
+            r(json!({ "destination": "d", "path": "/a" })),
+        ];
+        routes.sort_by_key(precedence);
+        let order: Vec<String> = routes.iter().map(|r| r["match"].to_string()).collect();
+        assert!(order[0].contains("\"path\":\"/a\""), "{order:?}");
+        assert!(order[1].contains("/a/b"), "{order:?}");
+        assert!(order[2].contains("\"path_prefix\":\"/a\""), "{order:?}");
+        assert!(order[3].contains("headers"), "{order:?}");
+    }
+
+    #[test]
+    fn statuses_say_accepted_or_why_not() {
+        let parent = gateway::ParentRef {
+            group: Some(String::new()),
+            kind: Some("Service".into()),
+            name: "web".into(),
+            namespace: None,
+            port: Some(80),
+        };
+        let ok = status_of(&[(parent.clone(), None)], false, Some(3));
+        let conds = &ok["parents"][0]["conditions"];
+        assert_eq!(conds[0]["type"], "Accepted");
+        assert_eq!(conds[0]["status"], "True");
+        assert_eq!(conds[0]["observedGeneration"], 3);
+        assert_eq!(ok["parents"][0]["controllerName"], CONTROLLER);
+        let missing = Refusal {
+            condition: "ResolvedRefs",
+            reason: "BackendNotFound",
+            message: "backendRef t/x port 80: no such Service port in the mesh".into(),
+        };
+        let bad = status_of(&[(parent, Some(missing))], true, Some(3));
+        let conds = &bad["parents"][0]["conditions"];
+        assert_eq!(conds[0]["status"], "False");
+        assert_eq!(conds[1]["type"], "ResolvedRefs");
+        assert_eq!(conds[1]["reason"], "BackendNotFound");
+        let mut stamped = bad.clone();
+        stamp(&mut stamped);
+        assert!(stamped["parents"][0]["conditions"][0]["lastTransitionTime"]
+            .as_str()
+            .is_some_and(|t| t.ends_with('Z')));
+    }
+}
