@@ -32,11 +32,11 @@ cluster, endpoint, status, grpc_status, duration_ms, flags, split, attempts, err
 100 a second per proxy, until Ctrl-C (or N lines). Proxies sample only while someone taps.
 Header values and bodies are never sent.";
 
-struct Remote {
-    url: String,
-    group: String,
-    token: Option<String>,
-    client: ControlClient,
+pub(crate) struct Remote {
+    pub(crate) url: String,
+    pub(crate) group: String,
+    pub(crate) token: Option<String>,
+    pub(crate) client: ControlClient,
 }
 
 struct Args {
@@ -168,7 +168,7 @@ impl Remote {
         Err(format!("the control plane answered {status}: {why}"))
     }
 
-    async fn json(&self, path: &str) -> Result<Value, String> {
+    pub(crate) async fn json(&self, path: &str) -> Result<Value, String> {
         let body = self.get(path).await?.into_body().collect().await;
         let body = body
             .map_err(|e| format!("reading the answer: {e}"))?

@@ -298,27 +298,46 @@ async fn killing_the_leader_moves_discovery_to_another_replica() {
     assert_eq!(s, 200, "{v}");
     assert_eq!(rendered(a_api, "shop").await.0, vec!["10.0.0.1:8080"]);
 
-    // The Service's endpoint moves (the slice is replaced); the fake's EndpointSlice watch is
-    // quiet, so only a replica that lists the slices from now on knows it: B, which starts
-    // now as a follower.
-    kube.slice("shop", "web", &["10.0.0.2"], 8080);
+    // B starts as a follower. The Service's endpoint moves: the leader renders it (B serves
+    // that version from the store); B itself makes no discovery version.
     let b = replica(&kc, &["--kubernetes"]);
     let b_api = b.control.unwrap();
     synced(b_api).await;
-    let rendered_by_follower = eventually(Duration::from_millis(1500), || async {
+    assert!(!leader(b_api).await);
+    kube.slice("shop", "web", &["10.0.0.2"], 8080);
+    let served = eventually(Duration::from_secs(5), || async {
         rendered(b_api, "shop").await.0 == ["10.0.0.2:8080"]
     })
     .await;
-    assert!(!rendered_by_follower, "a follower renders nothing");
-    assert!(!leader(b_api).await);
+    assert!(served, "B serves the leader's version");
+    let made = |api: SocketAddr| async move {
+        metric(api, "spur_control_k8s_discovery_versions_total", &[])
+            .await
+            .unwrap_or(0.0)
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(made(b_api).await, 0.0, "a follower renders nothing");
+    assert!(made(a_api).await >= 1.0, "the leader rendered the change");
 
-    // The leader dies without a word (kill -9): B takes the Lease and renders.
+    // The leader dies without a word (kill -9), and the endpoint moves again: nobody renders
+    // it until B takes the Lease.
     a.child.kill().unwrap();
     let _ = a.child.wait();
     let killed = Instant::now();
+    kube.slice("shop", "web", &["10.0.0.3"], 8080);
+    // The Lease was renewed at most a third of its duration before the kill: for the next
+    // 800 ms B is still a follower and must not render the change.
+    let early = eventually(Duration::from_millis(800), || async {
+        rendered(b_api, "shop").await.0 == ["10.0.0.3:8080"]
+    })
+    .await;
+    assert!(
+        !early || killed.elapsed() > LEASE / 2,
+        "B rendered as a follower"
+    );
     let moved = eventually(LEASE * 3, || async {
         let (eps, action) = rendered(b_api, "shop").await;
-        eps == ["10.0.0.2:8080"] && action.starts_with("discovery:")
+        eps == ["10.0.0.3:8080"] && action.starts_with("discovery:")
     })
     .await;
     let took = killed.elapsed();
@@ -450,11 +469,25 @@ async fn the_kubernetes_store_trims_refuses_taken_versions_and_keeps_documents()
     assert!(eventually(Duration::from_secs(5), || async { store.synced() }).await);
     let cfg = spur_config::Config::default();
     store
-        .append("shop", 1, "put".into(), cfg.clone(), Default::default())
+        .append(
+            "shop",
+            1,
+            "put".into(),
+            cfg.clone(),
+            Default::default(),
+            None,
+        )
         .await
         .unwrap();
     let taken = store
-        .append("shop", 1, "put".into(), cfg.clone(), Default::default())
+        .append(
+            "shop",
+            1,
+            "put".into(),
+            cfg.clone(),
+            Default::default(),
+            None,
+        )
         .await;
     assert!(
         matches!(taken, Err(StoreError::Conflict { .. })),
@@ -463,7 +496,7 @@ async fn the_kubernetes_store_trims_refuses_taken_versions_and_keeps_documents()
     let n = KEEP_DISCOVERY as u64 + 5;
     for v in 2..=n + 1 {
         let action = format!("discovery: change {v}");
-        let made = store.append("shop", v, action, cfg.clone(), Default::default());
+        let made = store.append("shop", v, action, cfg.clone(), Default::default(), None);
         made.await.unwrap();
     }
     let versions = |cms: Vec<Value>| {

@@ -12,8 +12,8 @@
 //! ```
 //!
 //! The client and the app are unmodified: neither knows a proxy is there. Both sidecars
-//! must count the request in `spur_requests_total`. An original destination that no
-//! cluster owns is refused (404 `no_route`): the outbound listener is not an open proxy.
+//! must count the request in `spur_requests_total`. With `egress: deny`, an original
+//! destination that no cluster owns is refused (404 `no_route`).
 //!
 //! Needs root, `ip` (iproute2), `iptables-restore`/`iptables-save`, `setpriv` and `python3`;
 //! without them the test says "skipped: ..." and passes, unless `SPUR_REQUIRE_NETNS=1`
@@ -284,6 +284,7 @@ fn original_dst_through_two_sidecars_in_namespaces() {
         &a_cfg,
         format!(
             r#"node: a
+egress: deny
 admin: {{ listen: 127.0.0.1:9901 }}
 listeners:
   - name: outbound
@@ -447,7 +448,7 @@ clusters:
         "{ip6tables}"
     );
 
-    // A destination no cluster owns is refused, not forwarded as is.
+    // egress: deny: a destination no cluster owns is refused, not forwarded as is.
     let refused = lab
         .get(&lab.a, &format!("http://{ip_b}:9999/"))
         .unwrap_or_else(|e| e);

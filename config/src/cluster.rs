@@ -42,6 +42,14 @@ pub struct Cluster {
     /// `service.namespace:port`, from the Kubernetes API through the control plane.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub k8s: Option<Parsed<K8sTarget>>,
+    /// Addresses the cluster answers for on `original_dst` listeners besides its endpoints:
+    /// a Kubernetes Service's ClusterIP and port (rendered by `spur control --mesh`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub service_addresses: Vec<Parsed<SocketAddr>>,
+    /// Connections to this cluster on a transparent listener skip protocol detection and
+    /// go as opaque TCP (`spur.dev/opaque-ports`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub opaque: bool,
     #[serde(default)]
     pub protocol: UpstreamProtocol,
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -74,6 +74,11 @@ pub struct RouteMatch {
     /// method under `/service/`) of a request whose content-type is `application/grpc*`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub grpc: Option<GrpcMatch>,
+    /// `original_dst` listeners: only connections whose original destination this cluster
+    /// owns (one of its `service_addresses` or endpoints). How a Gateway API route whose
+    /// parent is a Service applies to the traffic for that Service alone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub destination: Option<String>,
 }
 
 /// One header condition: exactly one of `value` (exact), `present`, `regex` (whole value).

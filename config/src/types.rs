@@ -51,6 +51,21 @@ pub struct Config {
     /// Spans exported over OTLP; absent: no spans, `traceparent` passes unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tracing: Option<Tracing>,
+    /// Transparent (`original_dst`) listeners: what happens to a connection whose original
+    /// destination no cluster owns. Absent: [`Egress::Allow`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub egress: Option<Egress>,
+}
+
+/// `egress`: connections to addresses outside the mesh (no cluster owns them).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Egress {
+    /// Passed through as opaque bytes to the original destination.
+    #[default]
+    Allow,
+    /// Refused: closed (opaque), or 404 `no_route` (HTTP).
+    Deny,
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

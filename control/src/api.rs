@@ -54,7 +54,7 @@ fn config_doc(s: &Stored) -> Value {
 /// What the group's proxies receive for this version: `k8s:` clusters rendered to
 /// endpoint lists.
 fn rendered_doc(s: &Stored) -> Value {
-    json!({ "version": s.version, "config": crate::k8s::render(&s.config, &s.discovered) })
+    json!({ "version": s.version, "config": crate::mesh::merge::rendered(s) })
 }
 
 /// `?rendered=true` (or `1`) asks for the config as proxies receive it.
@@ -230,6 +230,7 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
             full(StatusCode::OK, &crate::shared_proxies::merged(&control))
         }
         (Method::GET, ["groups"]) => crate::console::groups(&control),
+        (Method::GET, ["mesh", "pods", ns, name]) => crate::mesh::pod_doc(&control, ns, name),
         (Method::POST, ["identity", "certify"]) => error(
             StatusCode::NOT_FOUND,
             "",
@@ -320,7 +321,25 @@ async fn put_config(control: &Arc<Control>, group: &str, req: Request<Incoming>)
         return error(StatusCode::BAD_REQUEST, "", "body is not UTF-8");
     };
     let rules = control.rules();
-    let parsed = match off_thread(control, move || parse_config(&text, json_type, rules)).await {
+    let (c, g) = (control.clone(), group.to_string());
+    let parsed = match off_thread(control, move || {
+        if c.mesh.is_some() {
+            // Mesh mode: what the user writes may use the rendered clusters; the config the
+            // proxies will receive (theirs merged over the mesh) is what must be valid.
+            let format = if json_type {
+                Format::Json
+            } else {
+                Format::detect(None, &text)
+            };
+            spur_config::parse(&text, format)
+                .map_err(|e| e.errors)
+                .and_then(|cfg| c.check(&g, &cfg).map(|()| cfg))
+        } else {
+            parse_config(&text, json_type, rules)
+        }
+    })
+    .await
+    {
         Ok(p) => p,
         Err(r) => return r,
     };
@@ -364,8 +383,8 @@ async fn rollback(control: &Arc<Control>, group: &str, req: Request<Incoming>) -
     };
     // A config valid when stored may not be under today's rules; check again. Its `k8s:`
     // clusters get today's endpoints: a rollback restores what the user wrote.
-    if let Err(e) = spur_config::validate_with(&old.config, control.rules()) {
-        return errors(StatusCode::BAD_REQUEST, &e.errors);
+    if let Err(e) = control.check(group, &old.config) {
+        return errors(StatusCode::BAD_REQUEST, &e);
     }
     control
         .commit(
@@ -451,9 +470,9 @@ fn flag_patched(
     if let Some(r) = &patch.rules {
         entry.rules = r.clone();
     }
-    if let Err(e) = spur_config::validate_with(&cfg, control.rules()) {
+    if let Err(e) = control.check(group, &cfg) {
         control.metrics.writes_rejected.inc();
-        return Err(Box::new(errors(StatusCode::BAD_REQUEST, &e.errors)));
+        return Err(Box::new(errors(StatusCode::BAD_REQUEST, &e)));
     }
     Ok(cfg)
 }

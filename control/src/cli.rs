@@ -7,7 +7,8 @@ pub const USAGE: &str = "usage: spur control [--listen ADDR] [--token-file FILE 
                     [--store dir [--data-dir DIR] | --store kubernetes [--namespace NS] [--lease-duration 15s]]
                     [--log-format json|text] [--max-connections N] [--forget-proxies-after 1h]
                     [--ca-dir DIR | --mesh-ca] [--join-tokens FILE] [--join-token-file FILE] [--trust-domain D] [--cert-ttl 24h]
-                    [--kubernetes [--kubeconfig PATH]] [--tls-cert FILE --tls-key FILE]
+                    [--kubernetes [--kubeconfig PATH] [--mesh [--mesh-namespaces a,b]]]
+                    [--tls-cert FILE --tls-key FILE]
 
 Runs the control plane: configs per group, history, rollback, watch streams for proxies.
 Defaults: --listen 127.0.0.1:7070, --store dir, --data-dir ./spur-data.
@@ -46,6 +47,11 @@ Defaults: --listen 127.0.0.1:7070, --store dir, --data-dir ./spur-data.
 --mesh-ca             with --store kubernetes: the control plane is the mesh CA (as with
                       --ca-dir), its key and certificate in the Secret spur-mesh-ca in NS,
                       made by the first replica and shared by all.
+--mesh                with --kubernetes: every group's config is rendered from the cluster
+                      (Services, EndpointSlices, Pods, HTTPRoute and GRPCRoute objects
+                      whose parent is a Service), the group's own config merged over it;
+                      see docs/kubernetes.md. --mesh-namespaces a,b limits it to those
+                      namespaces (default: all).
 --tls-cert, --tls-key PEM files (re-read when they change): the API is served over HTTPS
                       only; proxies use --control https://HOST:PORT and, for a private CA,
                       --control-ca FILE.";
@@ -72,6 +78,8 @@ pub struct ControlArgs {
     pub cert_ttl: std::time::Duration,
     pub kubernetes: bool,
     pub kubeconfig: Option<PathBuf>,
+    pub mesh: bool,
+    pub mesh_namespaces: Option<std::collections::BTreeSet<String>>,
     pub tls_cert: Option<PathBuf>,
     pub tls_key: Option<PathBuf>,
 }
@@ -109,6 +117,8 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
         cert_ttl: std::time::Duration::from_secs(24 * 3600),
         kubernetes: false,
         kubeconfig: None,
+        mesh: false,
+        mesh_namespaces: None,
         tls_cert: None,
         tls_key: None,
     };
@@ -175,6 +185,19 @@ pub fn parse(args: &[String]) -> Result<ControlArgs, String> {
             }
             "--kubernetes" => out.kubernetes = true,
             "--kubeconfig" => out.kubeconfig = Some(PathBuf::from(value("--kubeconfig")?)),
+            "--mesh" => out.mesh = true,
+            "--mesh-namespaces" => {
+                let v = value("--mesh-namespaces")?;
+                let names: std::collections::BTreeSet<String> = v
+                    .split(',')
+                    .map(|n| n.trim().to_string())
+                    .filter(|n| !n.is_empty())
+                    .collect();
+                if names.is_empty() {
+                    return Err("--mesh-namespaces: name at least one namespace".into());
+                }
+                out.mesh_namespaces = Some(names);
+            }
             "--tls-cert" => out.tls_cert = Some(PathBuf::from(value("--tls-cert")?)),
             "--tls-key" => out.tls_key = Some(PathBuf::from(value("--tls-key")?)),
             "-h" | "--help" => return Err(String::new()),
@@ -205,6 +228,12 @@ fn check(out: &ControlArgs) -> Result<(), String> {
     }
     if out.kubeconfig.is_some() && !out.kubernetes && !out.kube_store {
         return Err("--kubeconfig only applies with --kubernetes or --store kubernetes".into());
+    }
+    if out.mesh && !out.kubernetes {
+        return Err("--mesh needs --kubernetes (the mesh is rendered from the cluster)".into());
+    }
+    if out.mesh_namespaces.is_some() && !out.mesh {
+        return Err("--mesh-namespaces only applies with --mesh".into());
     }
     if out.token_file.is_some() && out.insecure_no_token {
         return Err("--token-file and --insecure-no-token contradict each other".into());
@@ -351,7 +380,12 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
         } else {
             crate::StoreOptions::Dir
         };
+        let mesh = parsed.mesh.then(|| crate::mesh::MeshOptions {
+            namespaces: parsed.mesh_namespaces.clone(),
+            trust_domain: parsed.trust_domain.clone(),
+        });
         let opts = crate::Options {
+            mesh,
             listen: parsed.listen,
             data_dir: parsed.data_dir.clone(),
             store,

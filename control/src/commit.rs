@@ -40,8 +40,9 @@ impl Control {
                 Err(response) => return *response,
             };
             let discovered = self.discovered_for(&cfg, previous.as_deref());
+            let mesh = previous.as_ref().and_then(|p| p.mesh.clone());
             match self
-                .append(group, previous.as_deref(), action, cfg, discovered)
+                .append(group, previous.as_deref(), action, cfg, discovered, mesh)
                 .await
             {
                 Ok(Some(stored)) => return api::error_free(json!({ "version": stored.version })),
@@ -67,11 +68,12 @@ impl Control {
         action: String,
         cfg: Config,
         discovered: k8s::Discovered,
+        mesh: Option<Arc<Config>>,
     ) -> Result<Option<Arc<Stored>>, StoreError> {
         let next = previous.map_or(1, |p| p.version + 1);
         match self
             .store
-            .append(group, next, action, cfg, discovered)
+            .append(group, next, action, cfg, discovered, mesh)
             .await
         {
             Ok(stored) => {
@@ -150,8 +152,9 @@ impl Control {
                 }
                 let action = k8s::describe_change(&current.discovered, &found);
                 let config = current.config.clone();
+                let mesh = current.mesh.clone();
                 match self
-                    .append(&group, Some(&current), action, config, found)
+                    .append(&group, Some(&current), action, config, found, mesh)
                     .await
                 {
                     Ok(Some(_)) => {
@@ -164,5 +167,65 @@ impl Control {
                 }
             }
         }
+    }
+
+    /// `--mesh`: renders every group again and makes a new version of each whose rendered
+    /// part changed (groups with pods, and groups with a config). Returns the route
+    /// statuses to write, or `None` before every watch has listed. Only the leader does
+    /// this (as discovery renders); a follower answers `None`.
+    pub async fn refresh_mesh(&self) -> Option<Vec<crate::mesh::RouteStatus>> {
+        let mesh = self.mesh.as_ref()?;
+        let slices = self.discovery.as_ref()?;
+        if !mesh.synced() || !slices.synced() {
+            return None;
+        }
+        let rendered = mesh.render(slices.slices());
+        mesh.set_last_outbound(rendered.outbound_only.clone());
+        if !self.leader.is_leader() {
+            return None;
+        }
+        let _write = self.write_lock.lock().await;
+        let mut groups: std::collections::BTreeSet<String> =
+            self.store.groups().into_iter().collect();
+        groups.extend(rendered.groups.keys().cloned());
+        for group in groups {
+            let wanted = rendered.for_group(&group);
+            for _ in 0..MAX_WRITE_ATTEMPTS {
+                let current = self.store.current(&group);
+                if current.as_ref().and_then(|c| c.mesh.as_ref()) == Some(&wanted) {
+                    break;
+                }
+                let user = current
+                    .as_ref()
+                    .map(|c| c.config.clone())
+                    .unwrap_or_default();
+                let discovered = self.discovered_for(&user, current.as_deref());
+                let routes: usize = wanted.listeners.iter().map(|l| l.routes.len()).sum();
+                let action = format!(
+                    "discovery: mesh ({} clusters, {routes} routes)",
+                    wanted.clusters.len()
+                );
+                match self
+                    .append(
+                        &group,
+                        current.as_deref(),
+                        action,
+                        user,
+                        discovered,
+                        Some(wanted.clone()),
+                    )
+                    .await
+                {
+                    Ok(Some(_)) => {
+                        self.metrics.k8s_versions.inc();
+                        break;
+                    }
+                    Ok(None) => continue,
+                    // Logged by append; the next change tries again.
+                    Err(_) => break,
+                }
+            }
+        }
+        Some(rendered.statuses)
     }
 }

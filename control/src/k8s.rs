@@ -204,6 +204,11 @@ impl Discovery {
         self.synced.load(Ordering::Acquire)
     }
 
+    /// Every watched slice as it is now.
+    pub fn slices(&self) -> Vec<Arc<EndpointSlice>> {
+        self.reader.state()
+    }
+
     /// The slices as they are now, by Service; `None` until the first list is complete.
     pub fn snapshot(&self) -> Option<Slices> {
         if !self.synced() {
@@ -281,7 +286,7 @@ pub async fn run(control: Arc<Control>, client: kube::Client, writer: Writer<End
         return;
     };
     let changed = tokio::sync::Notify::new();
-    let api: kube::Api<EndpointSlice> = kube::Api::all(client);
+    let api: kube::Api<EndpointSlice> = kube::Api::all(client.clone());
     let config = watcher::Config::default().labels(SERVICE_LABEL);
     // managedFields (server-side apply bookkeeping) is most of a slice's size and of no use
     // here: dropped before the store keeps the slice.
@@ -319,6 +324,10 @@ pub async fn run(control: Arc<Control>, client: kube::Client, writer: Writer<End
             changed.notified().await;
             tokio::time::sleep(COALESCE).await;
             control.refresh_discovery().await;
+            // Endpoints are part of the rendered mesh too (`--mesh`).
+            if let (Some(statuses), Some(mesh)) = (control.refresh_mesh().await, &control.mesh) {
+                mesh.write_statuses(&client, statuses).await;
+            }
         }
     };
     tokio::select! {

@@ -7,6 +7,7 @@
 //!   endpoints as they are now (a change the old leader had not pushed yet is not lost);
 //!   afterwards [`crate::k8s::run`] pushes each change, and
 //!   [`crate::Control::refresh_discovery`] does nothing on other replicas.
+//! - Mesh renders (`--mesh`) likewise, with [`crate::Control::refresh_mesh`].
 //! - Rollouts (#21) start here too: add them to [`lead`].
 
 use crate::Control;
@@ -33,5 +34,8 @@ pub async fn run(control: Arc<Control>) {
 async fn lead(control: Arc<Control>) {
     control.store.trim_all().await;
     control.refresh_discovery().await;
+    // The mesh (`--mesh`) as the cluster is now; route statuses are written at the next
+    // change (the old leader wrote the current ones).
+    let _ = control.refresh_mesh().await;
     std::future::pending::<()>().await
 }

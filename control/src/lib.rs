@@ -10,6 +10,8 @@
 //! - [`group_limits`]: shares of group-wide rate limits, from the proxies' demand.
 //! - [`k8s`]: Kubernetes discovery (`--kubernetes`): `k8s:` clusters filled from
 //!   EndpointSlices, each change a new version.
+//! - [`mesh`]: the mesh without YAML (`--kubernetes --mesh`): every group's config
+//!   rendered from Services, EndpointSlices, Pods and Gateway API routes.
 //! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
 //!   [`console`]: the web console at `/ui`.
 
@@ -25,6 +27,7 @@ pub mod join;
 pub mod k8s;
 pub mod lead;
 pub mod leader;
+pub mod mesh;
 pub mod proxies;
 // The process metrics of the data plane's collector (one source file, no dependency on
 // spur-proxy for it).
@@ -92,6 +95,8 @@ pub struct Options {
     pub ca: Option<CaOptions>,
     /// With it, `k8s:` clusters are accepted and filled from the Kubernetes API.
     pub kubernetes: Option<k8s::KubernetesOptions>,
+    /// With it (and `kubernetes`), every group's config is rendered from the cluster.
+    pub mesh: Option<mesh::MeshOptions>,
     /// A proxy with no watch stream open is dropped from `GET /v1/proxies` after this long
     /// without a word (`--forget-proxies-after`).
     pub forget_proxies_after: Duration,
@@ -108,6 +113,7 @@ impl Default for Options {
             token: None,
             ca: None,
             kubernetes: None,
+            mesh: None,
             forget_proxies_after: proxies::DEFAULT_FORGET_AFTER,
             limits: serve::Limits::default(),
         }
@@ -290,6 +296,8 @@ pub struct Control {
     pub ca: Option<certify::Authority>,
     /// Kubernetes discovery (`--kubernetes`): accepts `k8s:` clusters and fills them.
     pub discovery: Option<Arc<k8s::Discovery>>,
+    /// The mesh (`--mesh`): groups rendered from the cluster.
+    pub mesh: Option<Arc<mesh::Mesh>>,
     pub metrics: Metrics,
     /// Serializes this replica's writes; other replicas' writes are told apart by the
     /// store ([`StoreError::Conflict`]).
@@ -328,6 +336,7 @@ impl Control {
             token,
             ca: None,
             discovery: None,
+            mesh: None,
             metrics: Metrics::new(&proxies),
             write_lock: tokio::sync::Mutex::new(()),
             leader: leader::Leadership::always(),
@@ -355,12 +364,44 @@ impl Control {
     }
 }
 
+impl Control {
+    /// The group's rendered mesh as it is now, for checking a write in mesh mode: its
+    /// current version's, else what a group without pods gets.
+    pub fn mesh_for(&self, group: &str) -> Option<Arc<spur_config::Config>> {
+        let mesh = self.mesh.as_ref()?;
+        self.store
+            .current(group)
+            .and_then(|c| c.mesh.clone())
+            .or_else(|| mesh.last_outbound())
+    }
+
+    /// Checks a config a user writes to `group`: under [`Control::rules`]; in mesh mode,
+    /// merged over the group's rendered mesh, as its proxies will receive it (the user's
+    /// listeners and clusters come first, so their field paths are the user's).
+    pub fn check(
+        &self,
+        group: &str,
+        cfg: &spur_config::Config,
+    ) -> Result<(), Vec<spur_config::FieldError>> {
+        let Some(mesh) = self.mesh_for(group) else {
+            return spur_config::validate_with(cfg, self.rules()).map_err(|e| e.errors);
+        };
+        let merged = mesh::merge::merge(&mesh, cfg);
+        let rules = spur_config::Rules {
+            rendered: true,
+            ..self.rules()
+        };
+        spur_config::validate_with(&merged, rules).map_err(|e| e.errors)
+    }
+}
+
 /// A running control plane.
 pub struct ControlHandle {
     pub addr: SocketAddr,
     pub control: Arc<Control>,
     task: tokio::task::JoinHandle<()>,
     discovery: Option<tokio::task::JoinHandle<()>>,
+    mesh: Option<tokio::task::JoinHandle<()>>,
     /// Computes group rate-limit shares every second.
     shares: tokio::task::JoinHandle<()>,
     /// Starts and stops the leader's work as leadership comes and goes.
@@ -393,6 +434,9 @@ impl ControlHandle {
         self.stop();
         if let Some((_, api, identity)) = &self.election {
             leader::release(api, identity).await;
+        }
+        if let Some(m) = &self.mesh {
+            m.abort();
         }
     }
 }
@@ -470,6 +514,13 @@ pub async fn start_with_tls(
         };
         control.ca = Some(authority(c, ca, discovery_client.clone()));
     }
+
+    let mut mesh_writers = None;
+    if let (Some(m), Some(_)) = (&opts.mesh, &discovery_client) {
+        let (mesh, writers) = mesh::Mesh::new(m);
+        control.mesh = Some(Arc::new(mesh));
+        mesh_writers = Some(writers);
+    }
     let kubernetes = match discovery_client {
         Some(client) => {
             let (discovery, writer) = k8s::Discovery::new();
@@ -506,6 +557,12 @@ pub async fn start_with_tls(
         );
         (tokio::spawn(run), api, identity)
     });
+    let mesh = match (&kubernetes, mesh_writers) {
+        (Some((client, _)), Some(w)) => {
+            Some(tokio::spawn(mesh::run(control.clone(), client.clone(), w)))
+        }
+        _ => None,
+    };
     let discovery =
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
@@ -523,6 +580,7 @@ pub async fn start_with_tls(
         discovery,
         lead,
         election,
+        mesh,
     })
 }
 

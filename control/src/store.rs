@@ -50,6 +50,10 @@ pub struct Stored {
     /// ([`crate::k8s::render`]). Empty for configs without `k8s:` clusters.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub discovered: crate::k8s::Discovered,
+    /// The mesh rendered for the group when this version was made (`--mesh`): proxies
+    /// receive `config` merged over it ([`crate::mesh::merge`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<Arc<Config>>,
 }
 
 /// How many discovery-made versions each group keeps (the newest).
@@ -268,6 +272,7 @@ impl Store {
         action: String,
         config: Config,
         discovered: crate::k8s::Discovered,
+        mesh: Option<Arc<Config>>,
     ) -> Result<Arc<Stored>, StoreError> {
         let created_at = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -278,6 +283,7 @@ impl Store {
             action,
             config,
             discovered,
+            mesh,
         });
         self.backend.create(group, &stored).await?;
         self.cache.insert(group, stored.clone());

@@ -43,7 +43,7 @@ impl http_body::Body for ChannelBody {
 /// One version as proxies receive it: `k8s:` clusters rendered to the endpoints that
 /// version was made with.
 fn line(s: &Stored) -> Bytes {
-    let config = crate::k8s::render(&s.config, &s.discovered);
+    let config = crate::mesh::merge::rendered(s);
     let mut v = serde_json::to_vec(&serde_json::json!({ "version": s.version, "config": config }))
         .unwrap_or_default();
     v.push(b'\n');

@@ -55,6 +55,17 @@ impl Snapshot {
             }
             clusters.insert(c.name.clone(), cluster);
         }
+        // Service addresses (a Service's ClusterIP) win over endpoint addresses; among
+        // them, the first cluster in config order.
+        let mut services = HashMap::new();
+        for c in &cfg.clusters {
+            for a in &c.service_addresses {
+                if let Some(rt) = clusters.get(&c.name) {
+                    services.entry(canonical(**a)).or_insert_with(|| rt.clone());
+                }
+            }
+        }
+        by_addr.extend(services);
         let ctx = Ctx {
             registry,
             metrics,
@@ -348,6 +359,7 @@ fn compile_cluster(
         generation: 0,
     };
     Ok(ClusterRt {
+        skip_detection: c.opaque,
         name: c.name.as_str().into(),
         protocol: c.protocol,
         lb: c.lb,

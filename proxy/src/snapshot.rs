@@ -167,6 +167,8 @@ pub struct ClusterRt {
     pub lb_panic: prometheus_client::metrics::counter::Counter,
     /// `grpc_failure_codes`: the gRPC statuses that count against an endpoint.
     pub grpc_failures: crate::grpc::Codes,
+    /// `opaque: true`: transparent listeners skip protocol detection for it.
+    pub skip_detection: bool,
 }
 
 pub struct BreakerRt {

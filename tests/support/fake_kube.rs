@@ -1,8 +1,10 @@
-//! A fake Kubernetes API server on 127.0.0.1 for the identity tests: TokenReview answers
-//! for the tokens it is given (a user name and the audiences each token is for), an
-//! EndpointSlice list (with a watch that stays open and quiet) for discovery, and
-//! ConfigMaps, Secrets and Leases with resourceVersions, conflicts and watches for the
-//! control-plane store (the section at the end).
+//! A fake Kubernetes API server on 127.0.0.1 for the identity, mesh and store tests:
+//! TokenReview answers for the tokens it is given (a user name and the audiences each token
+//! is for); (section "Objects") lists and watches of Services, Pods, EndpointSlices,
+//! HTTPRoutes and GRPCRoutes, with a `/status` subresource that records what was written;
+//! and (section "Store objects", at the end) ConfigMaps, Secrets and Leases with
+//! resourceVersions, conflicts and watches for the control-plane store.
+
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -23,15 +25,15 @@ pub struct Reviews {
     tokens: BTreeMap<String, (String, Vec<String>)>,
     /// Every TokenReview spec received.
     pub seen: Vec<Value>,
-    /// The EndpointSlices listed.
-    slices: Vec<Value>,
-    /// ConfigMaps, Secrets and Leases (the control-plane store; see the section below).
-    pub objects: Objects,
+    /// ConfigMaps, Secrets and Leases (the control-plane store; see the section at the end).
+    pub objects: StoreObjects,
 }
 
 pub struct FakeKube {
     pub addr: SocketAddr,
     pub reviews: Arc<Mutex<Reviews>>,
+    /// Services, Pods, EndpointSlices and routes, with their watch events.
+    pub objects: Arc<Objects>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -51,9 +53,23 @@ fn json_response(status: StatusCode, v: &Value) -> Response<Body> {
         .unwrap()
 }
 
-async fn serve(reviews: Arc<Mutex<Reviews>>, req: Request<Incoming>) -> Response<Body> {
+async fn serve(
+    reviews: Arc<Mutex<Reviews>>,
+    objects: Arc<Objects>,
+    req: Request<Incoming>,
+) -> Response<Body> {
     let path = req.uri().path().to_string();
-    let watch = req.uri().query().unwrap_or("").contains("watch=true");
+    if object_path(&path).is_some() {
+        return serve_object(reviews, req).await;
+    }
+    if let Some(answer) = objects.serve(&req).await {
+        return answer;
+    }
+    if req.method() == http::Method::PATCH || req.method() == http::Method::PUT {
+        let method = req.method().clone();
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        return objects.write_status(&method, &path, &body);
+    }
     match (req.method().as_str(), path.as_str()) {
         ("POST", "/apis/authentication.k8s.io/v1/tokenreviews") => {
             let body = req.into_body().collect().await.unwrap().to_bytes();
@@ -90,26 +106,6 @@ async fn serve(reviews: Arc<Mutex<Reviews>>, req: Request<Incoming>) -> Response
                 }),
             )
         }
-        ("GET", "/apis/discovery.k8s.io/v1/endpointslices") if !watch => json_response(
-            StatusCode::OK,
-            &json!({
-                "kind": "EndpointSliceList",
-                "apiVersion": "discovery.k8s.io/v1",
-                "metadata": { "resourceVersion": "1" },
-                "items": reviews.lock().unwrap().slices.clone()
-            }),
-        ),
-        // A watch that stays open and quiet.
-        ("GET", "/apis/discovery.k8s.io/v1/endpointslices") => Response::builder()
-            .header("content-type", "application/json")
-            .body(
-                StreamBody::new(futures_util::stream::pending::<
-                    Result<Frame<Bytes>, Infallible>,
-                >())
-                .boxed(),
-            )
-            .unwrap(),
-        _ if object_path(&path).is_some() => serve_object(reviews, req).await,
         _ => json_response(
             StatusCode::NOT_FOUND,
             &json!({ "kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 404, "reason": "NotFound" }),
@@ -122,20 +118,28 @@ impl FakeKube {
     /// (shop/web, but for the API server's audience) and `tok-node` (a node, not a service
     /// account); more with [`FakeKube::token`].
     pub async fn start() -> FakeKube {
-        let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        FakeKube::start_on(tcp).await
+    }
+
+    /// [`FakeKube::start`] on a socket bound already (in another network namespace, say).
+    pub async fn start_on(tcp: std::net::TcpListener) -> FakeKube {
+        tcp.set_nonblocking(true).unwrap();
+        let tcp = tokio::net::TcpListener::from_std(tcp).unwrap();
         let addr = tcp.local_addr().unwrap();
         let reviews = Arc::new(Mutex::new(Reviews::default()));
-        let r = reviews.clone();
+        let objects = Arc::new(Objects::default());
+        let (r, o) = (reviews.clone(), objects.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((stream, _)) = tcp.accept().await else {
                     continue;
                 };
-                let r = r.clone();
+                let (r, o) = (r.clone(), o.clone());
                 tokio::spawn(async move {
                     let svc = service_fn(move |req| {
-                        let r = r.clone();
-                        async move { Ok::<_, Infallible>(serve(r, req).await) }
+                        let (r, o) = (r.clone(), o.clone());
+                        async move { Ok::<_, Infallible>(serve(r, o, req).await) }
                     });
                     let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                         .serve_connection(TokioIo::new(stream), svc)
@@ -146,6 +150,7 @@ impl FakeKube {
         let kube = FakeKube {
             addr,
             reviews,
+            objects,
             task,
         };
         kube.token("tok-web", "system:serviceaccount:shop:web", &["spur"]);
@@ -170,24 +175,25 @@ impl FakeKube {
     }
 
     /// One EndpointSlice of Service `service` in `namespace`, with one ready endpoint per
-    /// address and the single port `port`; listed from the start (set it before the
-    /// control plane starts).
+    /// address and the single port `port` (named `http`).
     pub fn slice(&self, namespace: &str, service: &str, addresses: &[&str], port: u16) {
         let endpoints: Vec<Value> = addresses
             .iter()
             .map(|a| json!({ "addresses": [a], "conditions": { "ready": true } }))
             .collect();
-        self.reviews.lock().unwrap().slices.push(json!({
-            "metadata": {
-                "name": format!("{service}-abcde"),
-                "namespace": namespace,
-                "resourceVersion": "1",
-                "labels": { "kubernetes.io/service-name": service }
-            },
-            "addressType": "IPv4",
-            "endpoints": endpoints,
-            "ports": [{ "name": "http", "port": port, "protocol": "TCP" }]
-        }));
+        self.objects.apply(
+            SLICES,
+            json!({
+                "metadata": {
+                    "name": format!("{service}-abcde"),
+                    "namespace": namespace,
+                    "labels": { "kubernetes.io/service-name": service }
+                },
+                "addressType": "IPv4",
+                "endpoints": endpoints,
+                "ports": [{ "name": "http", "port": port, "protocol": "TCP" }]
+            }),
+        );
     }
 
     pub fn revoke(&self, token: &str) {
@@ -218,7 +224,234 @@ impl FakeKube {
 }
 
 // ---------------------------------------------------------------------------------------
-// Generic namespaced objects, for the control-plane store (issue 23): ConfigMaps, Secrets
+// Objects: lists and watches of namespaced objects, with resourceVersions, and a `/status`
+// subresource (merge patch or replace) that records each write.
+
+pub const SERVICES: &str = "/api/v1/services";
+pub const PODS: &str = "/api/v1/pods";
+pub const SLICES: &str = "/apis/discovery.k8s.io/v1/endpointslices";
+pub const HTTPROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+pub const GRPCROUTES: &str = "/apis/gateway.networking.k8s.io/v1/grpcroutes";
+const COLLECTIONS: [&str; 5] = [SERVICES, PODS, SLICES, HTTPROUTES, GRPCROUTES];
+
+#[derive(Default)]
+pub struct ObjectState {
+    rv: u64,
+    /// collection -> "ns/name" -> object
+    items: BTreeMap<&'static str, BTreeMap<String, Value>>,
+    /// (resourceVersion, collection, event)
+    events: Vec<(u64, &'static str, Value)>,
+    /// Every status write: (collection, "ns/name", the body sent).
+    pub status_writes: Vec<(&'static str, String, Value)>,
+}
+
+pub struct Objects {
+    pub state: Mutex<ObjectState>,
+    bump: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Objects {
+    fn default() -> Objects {
+        Objects {
+            state: Mutex::new(ObjectState::default()),
+            bump: tokio::sync::watch::channel(0).0,
+        }
+    }
+}
+
+fn key_of(obj: &Value) -> String {
+    format!(
+        "{}/{}",
+        obj["metadata"]["namespace"].as_str().unwrap_or("default"),
+        obj["metadata"]["name"].as_str().unwrap_or("")
+    )
+}
+
+fn collection(path: &str) -> Option<&'static str> {
+    COLLECTIONS.iter().copied().find(|c| *c == path)
+}
+
+impl Objects {
+    /// Creates or replaces an object of `coll` (an ADDED or MODIFIED event).
+    pub fn apply(&self, coll: &'static str, mut obj: Value) {
+        {
+            let mut st = self.state.lock().unwrap();
+            st.rv += 1;
+            let rv = st.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            if obj["metadata"]["generation"].is_null() {
+                obj["metadata"]["generation"] = json!(1);
+            }
+            let key = key_of(&obj);
+            let items = st.items.entry(coll).or_default();
+            let kind = if items.contains_key(&key) {
+                "MODIFIED"
+            } else {
+                "ADDED"
+            };
+            if let Some(old) = items.get(&key) {
+                if obj.get("status").is_none() && old.get("status").is_some() {
+                    obj["status"] = old["status"].clone();
+                }
+            }
+            items.insert(key, obj.clone());
+            st.events
+                .push((rv, coll, json!({ "type": kind, "object": obj })));
+        }
+        self.bump.send_modify(|n| *n += 1);
+    }
+
+    /// Deletes `namespace/name` of `coll` (a DELETED event).
+    pub fn delete(&self, coll: &'static str, namespace: &str, name: &str) {
+        {
+            let mut st = self.state.lock().unwrap();
+            let Some(mut obj) = st
+                .items
+                .entry(coll)
+                .or_default()
+                .remove(&format!("{namespace}/{name}"))
+            else {
+                return;
+            };
+            st.rv += 1;
+            let rv = st.rv;
+            obj["metadata"]["resourceVersion"] = json!(rv.to_string());
+            st.events
+                .push((rv, coll, json!({ "type": "DELETED", "object": obj })));
+        }
+        self.bump.send_modify(|n| *n += 1);
+    }
+
+    /// The object as the API has it now (its status included).
+    pub fn get(&self, coll: &'static str, namespace: &str, name: &str) -> Option<Value> {
+        let st = self.state.lock().unwrap();
+        st.items
+            .get(coll)?
+            .get(&format!("{namespace}/{name}"))
+            .cloned()
+    }
+
+    /// GET of a collection: a list, or (`watch=true`) a watch stream; `None` for any other
+    /// request.
+    async fn serve(self: &Arc<Self>, req: &Request<Incoming>) -> Option<Response<Body>> {
+        if req.method() != http::Method::GET {
+            return None;
+        }
+        let coll = collection(req.uri().path())?;
+        let query: BTreeMap<String, String> = req
+            .uri()
+            .query()
+            .unwrap_or("")
+            .split('&')
+            .filter_map(|p| p.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        if query.get("watch").map(String::as_str) != Some("true") {
+            let st = self.state.lock().unwrap();
+            let items: Vec<Value> = st
+                .items
+                .get(coll)
+                .map(|m| m.values().cloned().collect())
+                .unwrap_or_default();
+            return Some(json_response(
+                StatusCode::OK,
+                &json!({ "metadata": { "resourceVersion": st.rv.to_string() }, "items": items }),
+            ));
+        }
+        let mut after: u64 = query
+            .get("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let mut woken = self.bump.subscribe();
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                woken.borrow_and_update();
+                let lines: Vec<String> = {
+                    let st = me.state.lock().unwrap();
+                    let lines = st
+                        .events
+                        .iter()
+                        .filter(|(rv, c, _)| *rv > after && *c == coll)
+                        .map(|(_, _, e)| e.to_string())
+                        .collect();
+                    after = st.rv;
+                    lines
+                };
+                for line in lines {
+                    if tx.send(Bytes::from(line + "\n")).await.is_err() {
+                        return;
+                    }
+                }
+                if woken.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+        let frames = futures_util::stream::unfold(rx, |mut rx| async move {
+            let b = rx.recv().await?;
+            Some((Ok::<_, Infallible>(Frame::data(b)), rx))
+        });
+        Some(
+            Response::builder()
+                .header("content-type", "application/json")
+                .body(StreamBody::new(frames).boxed())
+                .unwrap(),
+        )
+    }
+
+    /// PATCH (merge) or PUT of `/apis/.../namespaces/NS/RESOURCE/NAME/status`: recorded,
+    /// and applied to the object (a MODIFIED event, as the API makes).
+    fn write_status(&self, method: &http::Method, path: &str, body: &[u8]) -> Response<Body> {
+        let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+        let found = match parts.as_slice() {
+            ["apis", g, v, "namespaces", ns, res, name, "status"] => {
+                let coll_path = format!("/apis/{g}/{v}/{res}");
+                collection(&coll_path).map(|c| (c, ns.to_string(), name.to_string()))
+            }
+            _ => None,
+        };
+        let Some((coll, ns, name)) = found else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "kind": "Status", "code": 404, "reason": "NotFound" }),
+            );
+        };
+        let sent: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let Some(mut obj) = self.get(coll, &ns, &name) else {
+            return json_response(
+                StatusCode::NOT_FOUND,
+                &json!({ "kind": "Status", "code": 404, "reason": "NotFound" }),
+            );
+        };
+        self.state
+            .lock()
+            .unwrap()
+            .status_writes
+            .push((coll, format!("{ns}/{name}"), sent.clone()));
+        let _ = method; // merge patch and replace both set `status` wholesale here
+        obj["status"] = sent["status"].clone();
+        self.apply(coll, obj.clone());
+        json_response(StatusCode::OK, &obj)
+    }
+
+    /// Every status written to `namespace/name` of `coll`, oldest first.
+    pub fn status_writes(&self, coll: &'static str, namespace: &str, name: &str) -> Vec<Value> {
+        let key = format!("{namespace}/{name}");
+        self.state
+            .lock()
+            .unwrap()
+            .status_writes
+            .iter()
+            .filter(|(c, k, _)| *c == coll && *k == key)
+            .map(|(_, _, v)| v.clone())
+            .collect()
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Store objects: generic namespaced objects, for the control-plane store (issue 23): ConfigMaps, Secrets
 // and coordination.k8s.io/v1 Leases. Get, list (label selectors `k=v,...`), create (409
 // AlreadyExists), replace with a `resourceVersion` precondition (409 Conflict), delete, and
 // watches from a resourceVersion that stream every later change. One resourceVersion
@@ -236,7 +469,7 @@ const OBJECT_KINDS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
-pub struct Objects {
+pub struct StoreObjects {
     rv: u64,
     /// (plural, namespace, name) -> object
     items: BTreeMap<(String, String, String), Value>,
@@ -248,9 +481,9 @@ pub struct Objects {
     pub writes: BTreeMap<(String, u16), usize>,
 }
 
-impl Default for Objects {
-    fn default() -> Objects {
-        Objects {
+impl Default for StoreObjects {
+    fn default() -> StoreObjects {
+        StoreObjects {
             rv: 1,
             items: BTreeMap::new(),
             events: Vec::new(),
@@ -335,7 +568,7 @@ fn status_error(code: u16, reason: &str, message: String) -> Response<Body> {
     )
 }
 
-impl Objects {
+impl StoreObjects {
     /// Records a change under a new resourceVersion and wakes the watches.
     fn record(&mut self, plural: &str, ns: &str, kind: &'static str, mut obj: Value) -> Value {
         self.rv += 1;

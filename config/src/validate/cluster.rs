@@ -67,6 +67,14 @@ fn check_endpoints(p: &str, c: &Cluster, e: &mut Errors) {
             );
         }
     }
+    for (k, a) in c.service_addresses.iter().enumerate() {
+        if a.port() == 0 {
+            e.push(
+                format!("{p}.service_addresses[{k}]"),
+                "port 0 is not a destination",
+            );
+        }
+    }
 }
 
 fn check_breaker(p: &str, c: &Cluster, e: &mut Errors) {

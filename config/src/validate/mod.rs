@@ -196,6 +196,12 @@ fn check_listener(p: &str, l: &Listener, cfg: &Config, clusters: &HashSet<&str>,
         }
         route::check(&rp, r, cfg, clusters, e);
         edge::check_route(&rp, r, l, e);
+        if r.matches.destination.is_some() && !l.original_dst {
+            e.push(
+                format!("{rp}.match.destination"),
+                "only applies on a listener with original_dst (the destination is the connection's original one)",
+            );
+        }
     }
 }
 

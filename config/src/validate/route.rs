@@ -47,6 +47,9 @@ pub(super) fn check(p: &str, r: &Route, cfg: &Config, clusters: &HashSet<&str>, 
             e.push(format!("{p}.match.flag"), format!("unknown flag `{flag}`"));
         }
     }
+    if let Some(d) = &m.destination {
+        check_cluster_ref(&format!("{p}.match.destination"), d, clusters, e);
+    }
     check_target(p, r, clusters, e);
     if let Some(t) = r.timeout {
         check_positive(&format!("{p}.timeout"), t, e);

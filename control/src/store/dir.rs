@@ -261,7 +261,8 @@ mod tests {
         discovered: crate::k8s::Discovered,
     ) -> Result<Arc<Stored>, StoreError> {
         let next = s.current(group).map_or(1, |c| c.version + 1);
-        s.append(group, next, action, config, discovered).await
+        s.append(group, next, action, config, discovered, None)
+            .await
     }
 
     fn cfg(node: &str) -> Config {
@@ -378,7 +379,14 @@ mod tests {
         assert_eq!(next.version, newest + 1);
         // A version that exists is refused, and nothing is overwritten.
         let again = s
-            .append("shop", newest, "put".into(), cfg("z"), Default::default())
+            .append(
+                "shop",
+                newest,
+                "put".into(),
+                cfg("z"),
+                Default::default(),
+                None,
+            )
             .await;
         assert!(
             matches!(again, Err(StoreError::Conflict { .. })),

@@ -294,6 +294,12 @@ async fn accept_loop(
                     shared, lst, stream, peer, orig, shutdown, guard,
                 ));
             }
+            // Transparent HTTP listeners without TLS: protocol detection first.
+            spur_config::ListenerProtocol::Http if lst.original_dst && lst.tls.is_none() => {
+                tokio::spawn(crate::adapters::detect::serve(
+                    shared, lst, stream, peer, orig, shutdown, guard,
+                ));
+            }
             _ => {
                 tokio::spawn(serve_http_conn(
                     shared, lst, stream, peer, orig, shutdown, guard,
@@ -330,7 +336,7 @@ pub(crate) async fn wait_connections(
     }
 }
 
-async fn serve_http_conn(
+pub(crate) async fn serve_http_conn(
     shared: Arc<Shared>,
     lst: Arc<ListenerRt>,
     stream: TcpStream,

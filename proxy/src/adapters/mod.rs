@@ -1,6 +1,7 @@
 //! I/O at the edges: listeners (and their TLS step), the admin server, connection idling.
 
 pub mod admin;
+pub mod detect;
 pub mod dns;
 pub mod health;
 pub mod http_conn;

@@ -44,7 +44,6 @@ pub(crate) async fn serve_conn(
     shutdown: watch::Receiver<bool>,
     _guard: ConnGuard,
 ) {
-    let start = crate::clock::now();
     // Transparent mode: the cluster that owns the original destination, else the listener's.
     // Never the original destination itself: an address no cluster owns is not an open
     // door (no open proxy).
@@ -52,6 +51,21 @@ pub(crate) async fn serve_conn(
     let Some(cluster) = owner.or_else(|| lst.default_cluster.clone()) else {
         return;
     };
+    serve_to(shared, lst, client, peer, cluster, shutdown, _guard).await
+}
+
+/// [`serve_conn`] once the cluster is chosen (by the original destination, the listener's
+/// cluster, or protocol detection's SNI look-up).
+pub(crate) async fn serve_to(
+    shared: Arc<Shared>,
+    lst: Arc<ListenerRt>,
+    client: TcpStream,
+    peer: SocketAddr,
+    cluster: Arc<ClusterRt>,
+    shutdown: watch::Receiver<bool>,
+    _guard: ConnGuard,
+) {
+    let start = crate::clock::now();
     let Some(down) = crate::adapters::tls::accept(&shared, &lst, client, peer).await else {
         return;
     };

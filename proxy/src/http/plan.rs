@@ -187,7 +187,11 @@ pub fn plan<'s>(
     plan.flags_on = on;
     plan.flags_header = header;
     let path = super::normalize::match_path(head.uri.path());
+    // Transparent mode: the cluster owning the original destination (routes may match on
+    // it; with no route, it takes the request).
+    let owner = peer.original_dst.and_then(|a| snap.cluster_for_addr(a));
     let view = RequestView {
+        destination: owner.as_deref().map(|c| &*c.name),
         method: &head.method,
         path: &path,
         host: headers::host_of(&head.uri, &head.headers),
@@ -202,7 +206,7 @@ pub fn plan<'s>(
     let (route, preflight) = super::edge::route_for(lst, &view, &plan.flags_on);
     plan.route = route;
     let Some(route) = plan.route else {
-        if let Some(forward) = without_route(snap, lst, peer, head, grpc_deadline) {
+        if let Some(forward) = without_route(owner, lst, head, grpc_deadline) {
             plan.route_name = Some(lst.default_route_name.clone());
             plan.action = Action::Forward(forward);
         }
@@ -304,19 +308,16 @@ fn gate<'s>(
     super::edge::listener_limit(lst, peer, head, now).map(Action::Answer)
 }
 
-/// No route matched: in transparent mode the cluster owning the original destination, else
-/// the listener's default cluster, with no retry or mirror; `None` when there is neither.
+/// No route matched: in transparent mode the cluster owning the original destination
+/// (`owner`), else the listener's default cluster, with no retry or mirror; `None` when
+/// there is neither.
 fn without_route(
-    snap: &Snapshot,
+    owner: Option<Arc<ClusterRt>>,
     lst: &ListenerRt,
-    peer: Peer<'_>,
     head: &Parts,
     grpc_deadline: Option<Instant>,
 ) -> Option<Forward<'static>> {
-    let cluster = peer
-        .original_dst
-        .and_then(|a| snap.cluster_for_addr(a))
-        .or_else(|| lst.default_cluster.clone())?;
+    let cluster = owner.or_else(|| lst.default_cluster.clone())?;
     Some(Forward {
         cluster,
         split_side: None,

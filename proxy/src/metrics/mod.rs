@@ -97,6 +97,19 @@ impl WithCode for UpstreamLabels {
     }
 }
 
+/// `spur_egress_total{decision}`: connections to addresses no cluster owns.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EgressLabels {
+    pub decision: &'static str,
+}
+
+/// `spur_protocol_detected_total{listener,protocol}`: what detection decided.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectedLabels {
+    pub listener: Arc<str>,
+    pub protocol: &'static str,
+}
+
 /// `spur_tcp_connections_total`: one per connection of a `tcp` listener, by how it went.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct TcpLabels {
@@ -266,6 +279,10 @@ define_metrics! {
         "spur_tcp_connections", "Connections of tcp listeners, by endpoint and result (connected, refused, overloaded, no_healthy_endpoint)";
     tcp_bytes: Family<TcpBytesLabels, Counter> = Family::default(),
         "spur_tcp_bytes", "Bytes relayed by tcp listeners: upstream (client to endpoint) and downstream";
+    egress: Family<EgressLabels, Counter> = Family::default(),
+        "spur_egress", "Connections on transparent listeners to addresses no cluster owns, by decision (allow: passed through, deny: refused)";
+    protocol_detected: Family<DetectedLabels, Counter> = Family::default(),
+        "spur_protocol_detected", "Connections of transparent listeners by the protocol their first bytes showed (http1, http2, tls, opaque, skipped)";
     connections_active: Family<ListenerLabels, Gauge> = Family::default(),
         "spur_connections_active", "Open downstream connections";
     /// Connections and requests refused before routing: over max_connections, malformed,

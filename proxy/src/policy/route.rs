@@ -16,6 +16,9 @@ pub struct RequestView<'a> {
     pub headers: &'a HeaderMap,
     /// The request is a gRPC call (`content-type: application/grpc*`).
     pub grpc: bool,
+    /// `original_dst` listeners: the name of the cluster that owns the connection's
+    /// original destination, if one does.
+    pub destination: Option<&'a str>,
 }
 
 #[derive(Debug)]
@@ -42,6 +45,8 @@ pub struct Matcher {
     headers: Vec<(HeaderName, HeaderCond)>,
     /// `match.grpc`: only gRPC calls (the path is the service and method).
     grpc_only: bool,
+    /// `match.destination`: the cluster owning the original destination.
+    destination: Option<String>,
 }
 
 impl Matcher {
@@ -62,12 +67,23 @@ impl Matcher {
             method: m.method.as_deref().cloned(),
             headers: m.headers.iter().map(compile_header).collect(),
             grpc_only: m.grpc.is_some(),
+            destination: m.destination.clone(),
         }
+    }
+
+    /// Whether the route applies only to one destination (`match.destination`).
+    pub fn names_destination(&self) -> bool {
+        self.destination.is_some()
     }
 
     pub fn matches(&self, req: &RequestView<'_>) -> bool {
         if self.grpc_only && !req.grpc {
             return false;
+        }
+        if let Some(d) = &self.destination {
+            if req.destination != Some(d.as_str()) {
+                return false;
+            }
         }
         let path_ok = match &self.path {
             PathMatch::Any => true,
@@ -146,6 +162,7 @@ mod tests {
             host,
             headers,
             grpc: crate::grpc::is_grpc(headers),
+            destination: None,
         }
     }
 
