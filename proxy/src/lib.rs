@@ -143,13 +143,15 @@ struct ListenerTask {
 }
 
 impl ListenerTask {
-    /// Stops accepting; with `drain`, its connections are asked to finish.
+    /// Stops accepting; with `drain`, its connections are asked to finish. Its handles for
+    /// an upgrade go, so that nothing here keeps its socket open.
     fn retire(&mut self, drain: bool) {
         let _ = self.stop.send(true);
         if drain {
             let _ = self.drain.send(true);
         }
         self.handover.clear();
+        self.quic = None;
     }
 }
 
