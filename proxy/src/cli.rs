@@ -341,48 +341,59 @@ pub fn main(args: &[String]) -> ExitCode {
             }
         };
         let explicit = parsed.upgrade_socket.is_some();
-        let socket = tokio::select! {
-            s = upgrade_socket(&proxy, upgrade_path, takeover, explicit) => s,
-            _ = wait_for_signal() => Err(String::new()),
-        };
-        let mut upgraded = match socket {
-            Ok(u) => u,
-            Err(e) => {
-                source.abort();
-                if !e.is_empty() {
-                    tracing::error!(error = %e, "cannot start");
-                    eprintln!("spur proxy: {e}");
-                }
-                proxy.shutdown().await;
-                log::flush();
-                return ExitCode::from(if e.is_empty() { 0 } else { 1 });
-            }
-        };
-        let by_upgrade = tokio::select! {
-            _ = wait_for_signal() => false,
-            _ = async {
-                match upgraded.as_mut() {
-                    Some(u) => u.wait().await,
-                    None => std::future::pending().await,
-                }
-            } => true,
-        };
-        // No config may arrive while draining.
-        source.abort();
-        if by_upgrade {
-            tracing::info!("upgraded: the new process accepts; draining in-flight requests");
-            proxy.shutdown_for_upgrade().await;
-        } else {
-            tracing::info!("shutting down: draining in-flight requests");
-            proxy.shutdown().await;
-            if let Some(u) = &upgraded {
-                u.remove_path();
-            }
-        }
-        tracing::info!("stopped");
-        log::flush();
-        ExitCode::SUCCESS
+        let upgrade = (upgrade_path, takeover, explicit);
+        run_until_stopped(proxy, source, upgrade).await
     })
+}
+
+/// Serves until SIGTERM/Ctrl-C, or until a new process has taken over (`--upgrade`), then
+/// drains. When upgrading, this process tells the old one to drain once it is ready.
+async fn run_until_stopped(
+    proxy: Arc<Proxy>,
+    source: tokio::task::JoinHandle<()>,
+    (upgrade_path, takeover, explicit): (Option<PathBuf>, Option<upgrade::Takeover>, bool),
+) -> ExitCode {
+    let socket = tokio::select! {
+        s = upgrade_socket(&proxy, upgrade_path, takeover, explicit) => s,
+        _ = wait_for_signal() => Err(String::new()),
+    };
+    let mut upgraded = match socket {
+        Ok(u) => u,
+        Err(e) => {
+            source.abort();
+            if !e.is_empty() {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("spur proxy: {e}");
+            }
+            proxy.shutdown().await;
+            log::flush();
+            return ExitCode::from(if e.is_empty() { 0 } else { 1 });
+        }
+    };
+    let by_upgrade = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = async {
+            match upgraded.as_mut() {
+                Some(u) => u.wait().await,
+                None => std::future::pending().await,
+            }
+        } => true,
+    };
+    // No config may arrive while draining.
+    source.abort();
+    if by_upgrade {
+        tracing::info!("upgraded: the new process accepts; draining in-flight requests");
+        proxy.shutdown_for_upgrade().await;
+    } else {
+        tracing::info!("shutting down: draining in-flight requests");
+        proxy.shutdown().await;
+        if let Some(u) = &upgraded {
+            u.remove_path();
+        }
+    }
+    tracing::info!("stopped");
+    log::flush();
+    ExitCode::SUCCESS
 }
 
 /// Where this proxy's upgrade socket is: `--upgrade-socket`, else the default for its admin
