@@ -2,13 +2,14 @@
 
 use crate::log::{self, LogFormat};
 use crate::tls::{Credential, Identity, WorkloadIdentity};
-use crate::{reload, Proxy};
+use crate::{reload, upgrade, Proxy};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 pub const USAGE: &str = "usage: spur proxy --config FILE [--watch] [--admin ADDR] [--log-format json|text]
+                  [--upgrade] [--upgrade-socket PATH]
        spur proxy --control URL --node NAME --group GROUP [--token-file F] [--config FILE] [--admin ADDR]
                   [--control-ca FILE] [--sa-token-file PATH | --identity spiffe://TD/PATH --join-token-file F]
 
@@ -25,7 +26,11 @@ applied and renewed at two thirds of its life (tls blocks that name no files use
   --identity ID --join-token-file F
                         that SPIFFE ID, with a join token the CA binds to it
 --token-file F holds the control API's bearer token.
-SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.";
+SIGTERM or Ctrl-C: stop accepting, drain in-flight requests (drain_timeout), exit 0.
+--upgrade: take over the listening sockets of the proxy running with the same upgrade
+socket, become ready, then that one drains and exits 0. Every proxy listens on its upgrade
+socket (mode 0600): --upgrade-socket PATH, by default $XDG_RUNTIME_DIR/spur-<admin port>.sock,
+else /tmp/spur-<admin port>.sock (none without an admin port other than 0).";
 
 #[derive(Debug, Default)]
 pub struct ProxyArgs {
@@ -41,6 +46,8 @@ pub struct ProxyArgs {
     pub join_token_file: Option<PathBuf>,
     pub sa_token_file: Option<PathBuf>,
     pub control_ca: Option<PathBuf>,
+    pub upgrade: bool,
+    pub upgrade_socket: Option<PathBuf>,
 }
 
 /// How long the proxy keeps trying an unreachable mesh CA at start before giving up.
@@ -87,6 +94,10 @@ pub fn parse_proxy_args(args: &[String]) -> Result<ProxyArgs, String> {
                 out.join_token_file = Some(PathBuf::from(value("--join-token-file")?))
             }
             "--sa-token-file" => out.sa_token_file = Some(PathBuf::from(value("--sa-token-file")?)),
+            "--upgrade" => out.upgrade = true,
+            "--upgrade-socket" => {
+                out.upgrade_socket = Some(PathBuf::from(value("--upgrade-socket")?))
+            }
             "-h" | "--help" => return Err(String::new()),
             other => return Err(format!("unknown option `{other}`")),
         }
@@ -226,6 +237,13 @@ pub fn main(args: &[String]) -> ExitCode {
         },
         None => None,
     };
+    let upgrade_path = match upgrade_path(&parsed, bootstrap.as_ref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("spur proxy: {e}");
+            return ExitCode::from(2);
+        }
+    };
     // Thread per core: one single-threaded runtime per worker (see `crate::workers`).
     let wanted = crate::workers::wanted(bootstrap.as_ref().and_then(|c| c.workers));
     let (rt, workers) = match crate::workers::start(wanted) {
@@ -267,8 +285,25 @@ pub fn main(args: &[String]) -> ExitCode {
             _ => None,
         };
         tracing::info!(workers = workers.len(), "workers started");
+        // Upgrading: the running proxy's sockets first, so that the config takes them.
+        let takeover = match (&upgrade_path, parsed.upgrade) {
+            (Some(path), true) => match upgrade::take_over(path).await {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    tracing::error!(error = %e, "cannot upgrade");
+                    log::flush();
+                    eprintln!("spur proxy: --upgrade: {e}");
+                    return ExitCode::from(1);
+                }
+            },
+            _ => None,
+        };
+        let (takeover, inherited) = takeover.unzip();
         let started = async {
             let proxy = Proxy::idle_on(workers)?;
+            if let Some(inherited) = inherited {
+                proxy.inherit(inherited).await;
+            }
             if let Some(w) = identity {
                 let _ = proxy.set_identity(w);
             }
@@ -305,15 +340,144 @@ pub fn main(args: &[String]) -> ExitCode {
                 reload::spawn_file(proxy.clone(), parsed.config.expect("checked"), parsed.watch)
             }
         };
-        wait_for_signal().await;
-        // No config may arrive while draining.
-        source.abort();
+        let explicit = parsed.upgrade_socket.is_some();
+        let upgrade = (upgrade_path, takeover, explicit);
+        run_until_stopped(proxy, source, upgrade).await
+    })
+}
+
+/// Serves until SIGTERM/Ctrl-C, or until a new process has taken over (`--upgrade`), then
+/// drains. When upgrading, this process tells the old one to drain once it is ready.
+async fn run_until_stopped(
+    proxy: Arc<Proxy>,
+    source: tokio::task::JoinHandle<()>,
+    (upgrade_path, takeover, explicit): (Option<PathBuf>, Option<upgrade::Takeover>, bool),
+) -> ExitCode {
+    let socket = tokio::select! {
+        s = upgrade_socket(&proxy, upgrade_path, takeover, explicit) => s,
+        _ = wait_for_signal() => Err(String::new()),
+    };
+    let mut upgraded = match socket {
+        Ok(u) => u,
+        Err(e) => {
+            source.abort();
+            if !e.is_empty() {
+                tracing::error!(error = %e, "cannot start");
+                eprintln!("spur proxy: {e}");
+            }
+            proxy.shutdown().await;
+            log::flush();
+            return ExitCode::from(if e.is_empty() { 0 } else { 1 });
+        }
+    };
+    let by_upgrade = tokio::select! {
+        _ = wait_for_signal() => false,
+        _ = async {
+            match upgraded.as_mut() {
+                Some(u) => u.wait().await,
+                None => std::future::pending().await,
+            }
+        } => true,
+    };
+    // No config may arrive while draining.
+    source.abort();
+    if by_upgrade {
+        tracing::info!("upgraded: the new process accepts; draining in-flight requests");
+        proxy.shutdown_for_upgrade().await;
+    } else {
         tracing::info!("shutting down: draining in-flight requests");
         proxy.shutdown().await;
-        tracing::info!("stopped");
-        log::flush();
-        ExitCode::SUCCESS
-    })
+        if let Some(u) = &upgraded {
+            u.remove_path();
+        }
+    }
+    tracing::info!("stopped");
+    log::flush();
+    ExitCode::SUCCESS
+}
+
+/// Where this proxy's upgrade socket is: `--upgrade-socket`, else the default for its admin
+/// port (`None` without one, or with port 0: a new process could not know it).
+fn upgrade_path(
+    parsed: &ProxyArgs,
+    bootstrap: Option<&spur_config::Config>,
+) -> Result<Option<PathBuf>, String> {
+    if let Some(p) = &parsed.upgrade_socket {
+        return Ok(Some(p.clone()));
+    }
+    let port = match &parsed.admin {
+        Some(a) => a.parse::<std::net::SocketAddr>().ok().map(|a| a.port()),
+        None => bootstrap
+            .and_then(|c| c.admin.as_ref())
+            .map(|a| a.listen.port()),
+    };
+    match port.filter(|p| *p != 0) {
+        Some(p) => Ok(Some(upgrade::default_path(p))),
+        None if parsed.upgrade => Err("--upgrade needs the running proxy's upgrade socket: \
+             give --upgrade-socket PATH (the default, spur-<admin port>.sock, needs an admin \
+             address with a port other than 0)"
+            .into()),
+        None => Ok(None),
+    }
+}
+
+/// How long an upgrading proxy may take to become ready (its first config may come from
+/// the control plane) before it gives up and leaves the old one serving.
+const UPGRADE_READY_LIMIT: Duration = Duration::from_secs(110);
+
+/// Listens on the upgrade socket. When upgrading, first waits until this proxy is ready,
+/// then tells the old one to drain and takes over its socket's path. A failure to listen is
+/// fatal only when the path was given (`explicit`) and nothing was taken over: the default
+/// may be unwritable (a read-only root filesystem), which costs upgrades, not service.
+async fn upgrade_socket(
+    proxy: &Arc<Proxy>,
+    path: Option<PathBuf>,
+    takeover: Option<upgrade::Takeover>,
+    explicit: bool,
+) -> Result<Option<upgrade::Upgraded>, String> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let replace = takeover.is_some();
+    if let Some(takeover) = takeover {
+        let deadline = tokio::time::Instant::now() + UPGRADE_READY_LIMIT;
+        while !proxy
+            .shared
+            .ready
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            if tokio::time::Instant::now() >= deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        if !proxy
+            .shared
+            .ready
+            .load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(format!(
+                "--upgrade: not ready within {UPGRADE_READY_LIMIT:?}; the running proxy (pid {}) carries on",
+                takeover.pid
+            ));
+        }
+        let old = takeover.pid;
+        takeover
+            .finish()
+            .await
+            .map_err(|e| format!("--upgrade: {e}"))?;
+        proxy.forget_inherited().await;
+        tracing::info!(old_pid = old, "upgrade: ready; the old process drains");
+    }
+    match upgrade::listen(&path, replace) {
+        Ok(sock) => Ok(Some(upgrade::serve(proxy.clone(), sock))),
+        // Once the old process drains, this one must serve whatever happens here.
+        Err(e) if explicit && !replace => Err(e.to_string()),
+        Err(e) => {
+            tracing::warn!(error = %e, "no upgrade socket: this proxy cannot be upgraded in place");
+            Ok(None)
+        }
+    }
 }
 
 /// Completes on SIGTERM or SIGINT.
@@ -380,6 +544,28 @@ mod tests {
         assert_eq!(
             parse_proxy_args(&args(&["--config", "a", "--group", "g"])).unwrap_err(),
             "--group goes with --control"
+        );
+    }
+
+    #[test]
+    fn the_upgrade_socket_comes_from_the_flag_or_the_admin_port() {
+        let p = parse_proxy_args(&args(&["--config", "a", "--upgrade"])).unwrap();
+        assert!(p.upgrade);
+        // No admin port to name the default path after: --upgrade cannot find its socket.
+        let err = upgrade_path(&p, None).unwrap_err();
+        assert!(err.contains("give --upgrade-socket PATH"), "{err}");
+        let plain = parse_proxy_args(&args(&["--config", "a"])).unwrap();
+        assert_eq!(upgrade_path(&plain, None).unwrap(), None);
+        let pinned = parse_proxy_args(&args(&["--config", "a", "--admin", "127.0.0.1:9901"]));
+        let path = upgrade_path(&pinned.unwrap(), None).unwrap().unwrap();
+        assert!(path.ends_with("spur-9901.sock"), "{path:?}");
+        let cfg = spur_config::load("admin: { listen: \"0.0.0.0:9902\" }\n", None).unwrap();
+        let path = upgrade_path(&p, Some(&cfg)).unwrap().unwrap();
+        assert!(path.ends_with("spur-9902.sock"), "{path:?}");
+        let given = parse_proxy_args(&args(&["--config", "a", "--upgrade-socket=/run/s.sock"]));
+        assert_eq!(
+            upgrade_path(&given.unwrap(), None).unwrap(),
+            Some(PathBuf::from("/run/s.sock"))
         );
     }
 

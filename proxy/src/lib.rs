@@ -34,6 +34,7 @@
 //! - [`workers`]: the runtime, one current-thread worker per core with its own listening
 //!   sockets; [`footprint`]: giving idle memory back; [`process_metrics`]: the process's
 //!   CPU, memory and descriptors as metrics.
+//! - [`upgrade`]: a new binary takes over the listening sockets, then this one drains.
 //! - Also: [`body`] (bodies from any transport), [`headers`] (hop-by-hop hygiene),
 //!   [`clock`] (the request path's clock), [`cli`], [`echo`] (the demo's backend).
 
@@ -69,6 +70,7 @@ pub mod snapshot;
 pub mod tap;
 pub mod tls;
 pub mod trace;
+pub mod upgrade;
 pub mod upstream;
 pub mod workers;
 
@@ -79,6 +81,7 @@ use snapshot::Snapshot;
 use spur_config::Config;
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use tokio::sync::watch;
@@ -102,6 +105,11 @@ pub struct Shared {
     pub workers: workers::Workers,
     /// Requests sampled for the console while the control plane asks (see [`tap`]).
     pub tap: tap::Tap,
+    /// Set once a new process has taken over the listening sockets ([`upgrade`]): clients
+    /// keep coming to the same address, so a draining HTTP/1.1 connection is closed after
+    /// its next response (`Connection: close`) rather than at once, when the client may
+    /// already be sending on it.
+    pub handed_over: AtomicBool,
 }
 
 /// Why a config was not applied. The proxy keeps serving its previous config.
@@ -131,12 +139,32 @@ struct ListenerTask {
     stop: watch::Sender<bool>,
     drain: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Its sockets, for an upgrade; emptied when it stops accepting, so that a retired
+    /// listener's port is released.
+    handover: Vec<OwnedFd>,
+    /// An http3 listener's endpoint: an upgrade closes its connections at once.
+    quic: Option<quinn::Endpoint>,
+}
+
+impl ListenerTask {
+    /// Stops accepting; with `drain`, its connections are asked to finish. Its handles for
+    /// an upgrade go, so that nothing here keeps its socket open.
+    fn retire(&mut self, drain: bool) {
+        let _ = self.stop.send(true);
+        if drain {
+            let _ = self.drain.send(true);
+        }
+        self.handover.clear();
+        self.quic = None;
+    }
 }
 
 struct AdminTask {
     listen: String,
     stop: watch::Sender<bool>,
     task: JoinHandle<()>,
+    /// Its socket, for an upgrade.
+    handover: Option<OwnedFd>,
 }
 
 #[derive(Default)]
@@ -147,6 +175,8 @@ struct Running {
     admin: Option<AdminTask>,
     /// Set by [`Proxy::pin_admin`] (`--admin`): configs do not move the admin server.
     admin_pinned: bool,
+    /// Sockets received from the process this one upgrades (see [`upgrade`]).
+    inherited: upgrade::Inherited,
 }
 
 /// A running proxy.
@@ -192,6 +222,7 @@ impl Proxy {
             identity: OnceLock::new(),
             workers,
             tap: tap::Tap::default(),
+            handed_over: AtomicBool::new(false),
         });
         spawn_sweeper(&shared);
         footprint::spawn_trimmer();
@@ -316,12 +347,17 @@ impl Proxy {
         snap: &Snapshot,
         fresh: Vec<adapters::listener::Bound>,
     ) {
-        for bound in fresh {
+        for mut bound in fresh {
             let name = bound.name.to_string();
             let (stop, stop_rx) = watch::channel(false);
             let (drain, drain_rx) = watch::channel(false);
             let addr = bound.addr;
             tracing::info!(listener = name.as_str(), addr = %addr, "listening");
+            let handover = std::mem::take(&mut bound.handover);
+            let quic = match &bound.socket {
+                adapters::listener::Socket::Quic(endpoint) => Some(endpoint.clone()),
+                adapters::listener::Socket::Tcp(_) => None,
+            };
             let task = tokio::spawn(adapters::listener::serve(
                 self.shared.clone(),
                 bound,
@@ -334,15 +370,15 @@ impl Proxy {
                 stop,
                 drain,
                 task,
+                handover,
+                quic,
             };
-            if let Some(old) = running.listeners.insert(name.clone(), task) {
+            if let Some(mut old) = running.listeners.insert(name.clone(), task) {
                 // Moved: the old socket stops accepting; its connections carry on. A QUIC
                 // socket also carries its connections, so an http3 listener's are drained
                 // (GOAWAY): the old port is released once they are done.
-                let _ = old.stop.send(true);
-                if old.udp {
-                    let _ = old.drain.send(true);
-                }
+                let udp = old.udp;
+                old.retire(udp);
                 running.retired.push(old);
             }
         }
@@ -357,10 +393,9 @@ impl Proxy {
             .cloned()
             .collect();
         for name in removed {
-            if let Some(old) = running.listeners.remove(&name) {
+            if let Some(mut old) = running.listeners.remove(&name) {
                 tracing::info!(listener = name.as_str(), "listener removed: draining");
-                let _ = old.stop.send(true);
-                let _ = old.drain.send(true);
+                old.retire(true);
                 running.retired.push(old);
             }
         }
@@ -389,8 +424,14 @@ impl Proxy {
                 })?;
                 let (stop, stop_rx) = watch::channel(false);
                 tracing::info!(addr = %addr, "admin listening");
+                let handover = dup_fd(&tcp);
                 let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
-                running.admin = Some(AdminTask { listen, stop, task });
+                running.admin = Some(AdminTask {
+                    listen,
+                    stop,
+                    task,
+                    handover,
+                });
                 *self.admin_addr.lock().unwrap() = Some(addr);
             }
         }
@@ -407,7 +448,7 @@ impl Proxy {
             addr: listen.to_string(),
             source,
         };
-        let tcp = tokio::net::TcpListener::bind(listen)
+        let tcp = admin_socket(&running.inherited, listen)
             .await
             .map_err(bind_err)?;
         let addr = tcp.local_addr().map_err(bind_err)?;
@@ -416,11 +457,13 @@ impl Proxy {
         }
         let (stop, stop_rx) = watch::channel(false);
         tracing::info!(addr = %addr, "admin listening");
+        let handover = dup_fd(&tcp);
         let task = tokio::spawn(adapters::admin::serve(self.shared.clone(), tcp, stop_rx));
         running.admin = Some(AdminTask {
             listen: listen.to_string(),
             stop,
             task,
+            handover,
         });
         running.admin_pinned = true;
         *self.admin_addr.lock().unwrap() = Some(addr);
@@ -508,7 +551,7 @@ async fn bind_listeners(
         if unchanged {
             continue;
         }
-        let bound = adapters::listener::bind(lst, workers)
+        let bound = adapters::listener::bind(lst, workers, &running.inherited)
             .await
             .map_err(|source| ApplyError::Bind {
                 name: format!("listener `{name}`"),
@@ -547,7 +590,7 @@ async fn bind_admin(running: &Running, snap: &Snapshot) -> Result<AdminChange, A
     if running.admin.as_ref().map(|a| &a.listen) == Some(&listen) {
         return Ok(AdminChange::Keep);
     }
-    let tcp = tokio::net::TcpListener::bind(listen.as_str())
+    let tcp = admin_socket(&running.inherited, &listen)
         .await
         .map_err(|source| ApplyError::Bind {
             name: "admin".into(),
@@ -555,6 +598,25 @@ async fn bind_admin(running: &Running, snap: &Snapshot) -> Result<AdminChange, A
             source,
         })?;
     Ok(AdminChange::Move(listen, tcp))
+}
+
+/// The admin server's socket at `listen`: the one inherited in an upgrade, else a new one.
+async fn admin_socket(
+    inherited: &upgrade::Inherited,
+    listen: &str,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let parsed = listen.parse::<SocketAddr>().ok();
+    if let Some(socket) = parsed.map(|a| inherited.admin(a)).transpose()?.flatten() {
+        socket.set_nonblocking(true)?;
+        return tokio::net::TcpListener::from_std(socket);
+    }
+    tokio::net::TcpListener::bind(listen).await
+}
+
+/// A duplicate of a listening socket, kept for an upgrade (`None` if the process is out of
+/// descriptors: that socket is then bound anew by the next process, or refused).
+fn dup_fd(socket: &impl std::os::fd::AsFd) -> Option<OwnedFd> {
+    socket.as_fd().try_clone_to_owned().ok()
 }
 
 /// Every few seconds, removes the metric series of endpoints that have left every cluster

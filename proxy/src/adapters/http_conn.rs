@@ -24,6 +24,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::Ordering;
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -132,9 +133,19 @@ async fn sniff(io: &mut Rewind<Io>) -> std::io::Result<bool> {
 }
 
 /// `f`, unless the connection's clocks or the drain end it first (`None`).
+///
+/// After an upgrade ([`crate::Shared::handed_over`]) the drain does not end the wait: the
+/// client may be sending its next request already; that one is answered (and closes the
+/// connection), unless the drain timeout passes first.
 async fn guard<F: Future>(limits: &mut Limits<'_>, f: F) -> Option<F::Output> {
     let header_timeout = limits.lst.limits.header_timeout.get();
     let idle = limits.lst.limits.idle_timeout.get();
+    let gentle = limits.shared.handed_over.load(Ordering::Acquire);
+    let drained = match gentle {
+        true => Some(limits.shared.snapshot.load().drain_timeout),
+        false => None,
+    }
+    .map(|timeout| crate::adapters::idle::drained(limits.shutdown.clone(), timeout));
     tokio::select! {
         r = f => Some(r),
         _ = limits.head.expired(header_timeout) => {
@@ -142,7 +153,8 @@ async fn guard<F: Future>(limits: &mut Limits<'_>, f: F) -> Option<F::Output> {
             None
         }
         _ = limits.activity.idle_for(idle) => None,
-        _ = limits.shutdown.wait_for(|s| *s) => None,
+        _ = limits.shutdown.wait_for(|s| *s), if !gentle => None,
+        _ = async { drained.expect("made when gentle").await }, if gentle => None,
     }
 }
 
@@ -190,6 +202,10 @@ async fn drive<C: Graceful + ?Sized>(
     let idle = lst.limits.idle_timeout.get();
     let header_timeout = lst.limits.header_timeout.get();
     let mut draining = false;
+    // hyper told to finish: at once, or (HTTP/1.1 after an upgrade, when no request is in
+    // progress) at the next request, so that the client gets `Connection: close` on its
+    // response instead of a connection closed under a request it may be sending.
+    let mut told = false;
     // Once draining, the connection gets the drain timeout to finish, then it is dropped.
     let drain_deadline = tokio::time::sleep(Duration::from_secs(10 * 365 * 86_400));
     tokio::pin!(drain_deadline);
@@ -208,9 +224,17 @@ async fn drive<C: Graceful + ?Sized>(
             }
             _ = limits.shutdown.wait_for(|s| *s), if !draining => {
                 draining = true;
-                conn.as_mut().shutdown_gracefully();
+                let gentle = may_park && limits.shared.handed_over.load(Ordering::Acquire);
+                if !gentle || limits.head.in_request() {
+                    conn.as_mut().shutdown_gracefully();
+                    told = true;
+                }
                 let timeout = limits.shared.snapshot.load().drain_timeout;
                 drain_deadline.as_mut().reset(tokio::time::Instant::now() + timeout);
+            }
+            _ = limits.head.request_started(), if draining && !told => {
+                conn.as_mut().shutdown_gracefully();
+                told = true;
             }
             _ = &mut drain_deadline, if draining => {
                 tracing::debug!(listener = &*lst.name, peer = %limits.peer, "drain timeout: connection closed");

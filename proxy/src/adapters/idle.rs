@@ -155,6 +155,30 @@ impl HeadClock {
         RequestGuard(self.clone())
     }
 
+    /// A request's head was read and its response has not ended.
+    pub fn in_request(&self) -> bool {
+        self.0.in_flight.load(Ordering::Acquire) > 0
+    }
+
+    /// Completes once a request is in progress: its head read and handed to the service.
+    /// Used only while draining, so it may poll briefly while a head is half read.
+    pub async fn request_started(&self) {
+        let s = &self.0;
+        loop {
+            let started = s.started.notified();
+            tokio::pin!(started);
+            started.as_mut().enable();
+            if s.in_flight.load(Ordering::Acquire) > 0 {
+                return;
+            }
+            if s.since.load(Ordering::Acquire) == NO_HEAD {
+                started.await;
+            } else {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+        }
+    }
+
     /// Completes once a request head has been pending for `limit`.
     pub async fn expired(&self, limit: Duration) {
         let limit_ms = limit.as_millis() as u64;

@@ -15,6 +15,7 @@ use crate::snapshot::ListenerRt;
 use crate::Shared;
 use hyper::service::service_fn;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use tokio::net::{TcpListener, TcpStream};
@@ -25,6 +26,9 @@ pub struct Bound {
     pub name: Arc<str>,
     pub socket: Socket,
     pub addr: SocketAddr,
+    /// Duplicates of its distinct sockets, kept while it accepts so that they can be
+    /// handed to a new process in an upgrade (see [`crate::upgrade`]).
+    pub handover: Vec<OwnedFd>,
 }
 
 pub enum Socket {
@@ -36,27 +40,58 @@ pub enum Socket {
 }
 
 /// Binds a listener: for TCP, one socket per worker on the same address (the first one
-/// picks the port when the config says 0).
-pub async fn bind(lst: &ListenerRt, workers: usize) -> std::io::Result<Bound> {
+/// picks the port when the config says 0). Sockets inherited in an upgrade for its address
+/// are used instead: all of them (another process may have run more workers), and when
+/// there are fewer than workers, some workers accept on the same socket.
+pub async fn bind(
+    lst: &ListenerRt,
+    workers: usize,
+    inherited: &crate::upgrade::Inherited,
+) -> std::io::Result<Bound> {
     if lst.protocol == spur_config::ListenerProtocol::Http3 {
-        let endpoint = crate::quic::server::bind(lst)?;
+        let socket = match inherited.udp(&lst.name, lst.listen)? {
+            Some(s) => s,
+            None => std::net::UdpSocket::bind(lst.listen)?,
+        };
+        let handover = vec![OwnedFd::from(socket.try_clone()?)];
+        let endpoint = crate::quic::server::bind(lst, socket)?;
         let addr = endpoint.local_addr()?;
         return Ok(Bound {
             name: lst.name.clone(),
             socket: Socket::Quic(endpoint),
             addr,
+            handover,
         });
     }
-    let first = tcp_socket(lst.listen, workers > 1)?;
-    let addr = first.local_addr()?;
-    let mut sockets = vec![first];
-    for _ in 1..workers {
-        sockets.push(tcp_socket(addr, true)?);
+    let mut sockets = match inherited.tcp(&lst.name, lst.listen)? {
+        Some(sockets) => sockets,
+        None => {
+            let first = tcp_socket(lst.listen, workers > 1)?;
+            let addr = first.local_addr()?;
+            let mut sockets = vec![first];
+            for _ in 1..workers {
+                sockets.push(tcp_socket(addr, true)?);
+            }
+            sockets
+        }
+    };
+    let addr = sockets[0].local_addr()?;
+    let handover = sockets
+        .iter()
+        .map(|s| s.try_clone().map(OwnedFd::from))
+        .collect::<std::io::Result<Vec<_>>>()?;
+    for i in sockets.len()..workers {
+        let shared = sockets[i % handover.len()].try_clone()?;
+        sockets.push(shared);
+    }
+    for s in &sockets {
+        s.set_nonblocking(true)?;
     }
     Ok(Bound {
         name: lst.name.clone(),
         socket: Socket::Tcp(sockets),
         addr,
+        handover,
     })
 }
 

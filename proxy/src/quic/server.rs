@@ -31,8 +31,8 @@ type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
 /// How long a draining connection stays open once quiet, unless the client closes it first.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Binds the listener's UDP socket and makes its QUIC endpoint.
-pub fn bind(lst: &ListenerRt) -> std::io::Result<quinn::Endpoint> {
+/// Makes the listener's QUIC endpoint on its UDP socket (bound, or inherited in an upgrade).
+pub fn bind(lst: &ListenerRt, socket: std::net::UdpSocket) -> std::io::Result<quinn::Endpoint> {
     let tls = lst.tls.as_ref().ok_or_else(|| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
@@ -40,7 +40,6 @@ pub fn bind(lst: &ListenerRt) -> std::io::Result<quinn::Endpoint> {
         )
     })?;
     let config = server_config(lst, &tls.current())?;
-    let socket = std::net::UdpSocket::bind(lst.listen)?;
     quinn::Endpoint::new(
         quinn::EndpointConfig::default(),
         Some(config),
