@@ -549,7 +549,6 @@ async fn the_directory_store_is_its_own_leader() {
 /// over its own proxies and the other replica's, from the demand they publish).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_limit_holds_across_replicas() {
-    use spur_proxy::reload::{spawn_control, ControlSource};
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     use std::sync::Arc;
     let kube = FakeKube::start().await;
@@ -581,18 +580,9 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     let mut proxies = Vec::new();
     let mut watchers = Vec::new();
     for (node, api) in [("p1", apis[0]), ("p2", apis[1])] {
-        let proxy = Arc::new(spur_proxy::Proxy::idle().unwrap());
-        watchers.push(spawn_control(
-            proxy.clone(),
-            ControlSource {
-                url: format!("http://{api}"),
-                client: spur_proxy::control_client::client(None).unwrap(),
-                node: node.into(),
-                group: "shop".into(),
-                token: None,
-            },
-        ));
-        applied(&proxy, 1, "web").await;
+        let (proxy, watcher) =
+            watching_proxy(format!("http://{api}"), node, "shop", 1, "web").await;
+        watchers.push(watcher);
         proxies.push(proxy);
     }
     let share = |p: &spur_proxy::Proxy| p.shared.registry.rate_limits.groups()[0].1.share();

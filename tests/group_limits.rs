@@ -6,7 +6,6 @@
 mod common;
 
 use common::*;
-use spur_proxy::reload::{spawn_control, ControlSource};
 use spur_proxy::Proxy;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,18 +38,9 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     let mut proxies = Vec::new();
     let mut watchers = Vec::new();
     for node in ["p1", "p2", "p3"] {
-        let proxy = Arc::new(Proxy::idle().unwrap());
-        watchers.push(spawn_control(
-            proxy.clone(),
-            ControlSource {
-                url: format!("http://{}", cp.addr),
-                client: spur_proxy::control_client::client(None).unwrap(),
-                node: node.into(),
-                group: "shop".into(),
-                token: None,
-            },
-        ));
-        applied(&proxy, 1, "web").await;
+        let (proxy, watcher) =
+            watching_proxy(format!("http://{}", cp.addr), node, "shop", 1, "web").await;
+        watchers.push(watcher);
         proxies.push(proxy);
     }
     let on = Arc::new(AtomicBool::new(true));

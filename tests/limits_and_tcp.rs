@@ -282,6 +282,32 @@ async fn closed_after(mut s: TcpStream, since: Instant, limit: Duration) -> Opti
     closed.then(|| since.elapsed())
 }
 
+/// Opens `n` connections to `addr` that never send a byte; how long after the first
+/// connect each was closed (the test fails if one is still open after `limit`).
+async fn silent_connections(
+    addr: std::net::SocketAddr,
+    n: usize,
+    limit: Duration,
+) -> Vec<Duration> {
+    let started = Instant::now();
+    let mut conns = Vec::new();
+    for _ in 0..n {
+        conns.push(TcpStream::connect(addr).await.unwrap());
+    }
+    let waits: Vec<_> = conns
+        .into_iter()
+        .map(|s| tokio::spawn(closed_after(s, started, limit)))
+        .collect();
+    let mut ends = Vec::new();
+    for w in waits {
+        let end = w.await.unwrap();
+        ends.push(
+            end.unwrap_or_else(|| panic!("a silent connection is still open after {limit:?}")),
+        );
+    }
+    ends
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_connections_are_closed_at_header_timeout_and_free_the_listener() {
     let app = named_backend("app").await;
@@ -303,23 +329,7 @@ clusters:
     let admin = proxy.admin_addr().unwrap();
 
     // 260 connections that never send a byte: 200 fill max_connections, 60 are refused.
-    let started = Instant::now();
-    let mut conns = Vec::new();
-    for _ in 0..260 {
-        conns.push(TcpStream::connect(web).await.unwrap());
-    }
-    let waits: Vec<_> = conns
-        .into_iter()
-        .map(|s| tokio::spawn(closed_after(s, started, Duration::from_secs(10))))
-        .collect();
-    let mut ends = Vec::new();
-    for w in waits {
-        ends.push(
-            w.await
-                .unwrap()
-                .expect("a silent connection is still open after 10 s"),
-        );
-    }
+    let ends = silent_connections(web, 260, Duration::from_secs(10)).await;
     let header_timeout = Duration::from_millis(500);
     let at_timeout = ends.iter().filter(|t| **t >= header_timeout).count();
     assert_eq!(at_timeout, 200, "closed at header_timeout: {ends:?}");
@@ -361,23 +371,7 @@ clusters:
     .await;
     let admin = proxy.admin_addr().unwrap();
     // 300 connections that never send a byte: 256 fill the cap, 44 are closed at once.
-    let started = Instant::now();
-    let mut conns = Vec::new();
-    for _ in 0..300 {
-        conns.push(TcpStream::connect(admin).await.unwrap());
-    }
-    let waits: Vec<_> = conns
-        .into_iter()
-        .map(|s| tokio::spawn(closed_after(s, started, Duration::from_secs(20))))
-        .collect();
-    let mut ends = Vec::new();
-    for w in waits {
-        ends.push(
-            w.await
-                .unwrap()
-                .expect("a silent admin connection is still open after 20 s"),
-        );
-    }
+    let ends = silent_connections(admin, 300, Duration::from_secs(20)).await;
     let head_timeout = Duration::from_secs(10);
     let at_timeout = ends.iter().filter(|t| **t >= head_timeout).count();
     assert_eq!(at_timeout, 256, "closed at the head timeout: {ends:?}");

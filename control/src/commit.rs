@@ -153,17 +153,11 @@ impl Control {
                 let action = k8s::describe_change(&current.discovered, &found);
                 let config = current.config.clone();
                 let mesh = current.mesh.clone();
-                match self
+                let made = self
                     .append(&group, Some(&current), action, config, found, mesh)
-                    .await
-                {
-                    Ok(Some(_)) => {
-                        self.metrics.k8s_versions.inc();
-                        break;
-                    }
-                    Ok(None) => continue,
-                    // Logged by append; the next change tries again.
-                    Err(_) => break,
+                    .await;
+                if self.discovery_write_done(made) {
+                    break;
                 }
             }
         }
@@ -205,7 +199,7 @@ impl Control {
                     "discovery: mesh ({} clusters, {routes} routes)",
                     wanted.clusters.len()
                 );
-                match self
+                let made = self
                     .append(
                         &group,
                         current.as_deref(),
@@ -214,18 +208,26 @@ impl Control {
                         discovered,
                         Some(wanted.clone()),
                     )
-                    .await
-                {
-                    Ok(Some(_)) => {
-                        self.metrics.k8s_versions.inc();
-                        break;
-                    }
-                    Ok(None) => continue,
-                    // Logged by append; the next change tries again.
-                    Err(_) => break,
+                    .await;
+                if self.discovery_write_done(made) {
+                    break;
                 }
             }
         }
         Some(rendered.statuses)
+    }
+
+    /// Whether a write of Kubernetes discovery is over: made (counted), or failed (logged by
+    /// [`Control::append`]; the next change tries again). `false`: another replica wrote
+    /// first, build it again.
+    fn discovery_write_done(&self, made: Result<Option<Arc<Stored>>, StoreError>) -> bool {
+        match made {
+            Ok(Some(_)) => {
+                self.metrics.k8s_versions.inc();
+                true
+            }
+            Ok(None) => false,
+            Err(_) => true,
+        }
     }
 }

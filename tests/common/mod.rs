@@ -512,3 +512,27 @@ pub fn paced_load(
         }
     })
 }
+
+/// An idle in-process proxy fed by the control plane at `url` as `node` of `group`, once it
+/// has applied version `version` (with listener `listener`); and its watch task.
+pub async fn watching_proxy(
+    url: String,
+    node: &str,
+    group: &str,
+    version: u64,
+    listener: &str,
+) -> (std::sync::Arc<Proxy>, tokio::task::JoinHandle<()>) {
+    let proxy = std::sync::Arc::new(Proxy::idle().unwrap());
+    let watcher = spur_proxy::reload::spawn_control(
+        proxy.clone(),
+        spur_proxy::reload::ControlSource {
+            url,
+            client: spur_proxy::control_client::client(None).unwrap(),
+            node: node.into(),
+            group: group.into(),
+            token: None,
+        },
+    );
+    applied(&proxy, version, listener).await;
+    (proxy, watcher)
+}
