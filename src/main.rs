@@ -5,6 +5,7 @@ mod demo;
 mod inject;
 mod iptables;
 mod live;
+mod rollout;
 
 use std::process::ExitCode;
 
@@ -26,6 +27,8 @@ commands:
                              a group's live traffic per route and cluster, in a terminal
   tap --control URL --group G [--route R] [--status 5xx]
                              a group's sampled requests as JSON lines
+  rollout status|start|pause|resume|abort --control URL --group G NAME
+                             drive a canary rollout and show its verdicts
   help [COMMAND]             this text, or a command's options
 
 Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
@@ -52,6 +55,7 @@ fn run(cmd: &str, rest: &[String]) -> ExitCode {
         "authz" => authz::main(rest),
         "top" => live::top(rest),
         "tap" => live::tap(rest),
+        "rollout" => rollout::main(rest),
         "help" | "-h" | "--help" => match rest {
             [command] if command != "help" => run(command, &["--help".to_string()]),
             [] => {

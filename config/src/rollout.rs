@@ -38,6 +38,11 @@ pub struct Rollout {
     /// Canary p99 over baseline p99, at most.
     #[serde(default = "max_p99_increase")]
     pub max_p99_increase: Percent,
+    /// A slower canary p99 fails a step only when it is also at least this much slower
+    /// than the baseline's: on a fast service a few milliseconds are timer and scheduling
+    /// noise, not a regression.
+    #[serde(default = "min_p99_increase")]
+    pub min_p99_increase: Duration,
     #[serde(default)]
     pub on_failure: OnFailure,
 }
@@ -53,6 +58,9 @@ fn max_error_rate_increase() -> Percent {
 }
 fn max_p99_increase() -> Percent {
     Percent(20.0)
+}
+fn min_p99_increase() -> Duration {
+    Duration::from_millis(10)
 }
 
 /// What a failed step does.

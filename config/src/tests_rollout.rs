@@ -47,6 +47,7 @@ fn a_rollout_loads_with_the_documented_defaults() {
     assert_eq!(r.min_requests, 50);
     assert_eq!(r.max_error_rate_increase, Percent(1.0));
     assert_eq!(r.max_p99_increase, Percent(20.0));
+    assert_eq!(r.min_p99_increase, Duration::from_millis(10));
     assert_eq!(r.on_failure, OnFailure::Rollback);
     assert_eq!(rollout::locate(&cfg, r), Some((0, 0, 1)));
     // Written back as written: percentages with their sign.
@@ -76,7 +77,7 @@ fn rollout_mistakes_are_reported_with_their_paths() {
   b: { route: plain, canary: v1, steps: [100] }
   c: { route: checkout, canary: v3, steps: [50, 25, 0, 90] }
   d: { route: three, canary: v2, steps: [100], interval: 1s, min_requests: 0 }
-  e: { route: checkout, canary: v2, steps: [], max_error_rate_increase: 101%, max_p99_increase: -1 }
+  e: { route: checkout, canary: v2, steps: [], max_error_rate_increase: 101%, max_p99_increase: -1, min_p99_increase: 2m }
   f: { route: checkout, canary: v2, steps: [100], on_failure: retry }
   g: { route: checkout, canary: v2, steps: [100], max_p99_increase: lots }"#,
     ));
@@ -93,6 +94,7 @@ fn rollout_mistakes_are_reported_with_their_paths() {
         "rollouts.e.steps: needs at least one step (the last 100)",
         "rollouts.e.max_error_rate_increase: must be between 0% and 100%",
         "rollouts.e.max_p99_increase: must be between 0% and 10000%",
+        "rollouts.e.min_p99_increase: must be at most 1m",
         "rollouts.e.route: route `checkout` already has rollout `c`",
     ] {
         assert!(

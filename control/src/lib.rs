@@ -10,6 +10,7 @@
 //!   EndpointSlices, each change a new version.
 //! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
 //!   [`console`]: the web console at `/ui`.
+//! - [`rollout`]: canary rollouts driven through their steps, judged on that traffic.
 
 pub mod api;
 pub mod ca;
@@ -20,6 +21,7 @@ pub mod group_limits;
 pub mod join;
 pub mod k8s;
 pub mod proxies;
+pub mod rollout;
 // The process metrics of the data plane's collector (one source file, no dependency on
 // spur-proxy for it).
 #[path = "../../proxy/src/process_metrics.rs"]
@@ -32,6 +34,7 @@ pub mod traffic;
 pub mod watch;
 
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use serde_json::json;
@@ -133,6 +136,8 @@ pub struct Metrics {
     pub connections_rejected: Counter,
     pub tap_lines: Counter,
     pub tap_lines_over_rate: Counter,
+    pub rollout_step: Family<rollout::RolloutLabels, Gauge>,
+    pub rollout_verdicts: Family<rollout::VerdictLabels, Counter>,
 }
 
 impl Metrics {
@@ -218,7 +223,21 @@ impl Metrics {
             "Tap lines dropped: their proxy sent more than 100 a second",
             tap_lines_over_rate.clone(),
         );
+        let rollout_step = Family::default();
+        registry.register(
+            "spur_control_rollout_step",
+            "The step a rollout is at (1-based; 0 before it starts)",
+            rollout_step.clone(),
+        );
+        let rollout_verdicts = Family::default();
+        registry.register(
+            "spur_control_rollout_verdicts",
+            "Verdicts on rollout steps, by result (pass, fail)",
+            rollout_verdicts.clone(),
+        );
         Metrics {
+            rollout_step,
+            rollout_verdicts,
             registry,
             writes,
             writes_rejected,
@@ -263,6 +282,8 @@ pub struct Control {
     pub group_limits: Arc<group_limits::GroupLimits>,
     /// The proxies' traffic reports, and tap.
     pub traffic: traffic::Traffic,
+    /// Rollouts' states; [`rollout::driver::run`] drives the running ones.
+    pub rollouts: rollout::Rollouts,
 }
 
 impl Control {
@@ -280,12 +301,16 @@ impl Control {
         token: Option<String>,
         proxies: Arc<proxies::Proxies>,
     ) -> Control {
+        let rollouts = rollout::Rollouts::load(&store);
+        let metrics = Metrics::new(&proxies);
+        rollouts.publish(&metrics);
         Control {
+            rollouts,
             store,
             token,
             ca: None,
             discovery: None,
-            metrics: Metrics::new(&proxies),
+            metrics,
             write_lock: tokio::sync::Mutex::new(()),
             channels: Mutex::new(HashMap::new()),
             proxies,
@@ -435,12 +460,15 @@ pub struct ControlHandle {
     discovery: Option<tokio::task::JoinHandle<()>>,
     /// Computes group rate-limit shares every second.
     shares: tokio::task::JoinHandle<()>,
+    /// Drives running rollouts.
+    rollouts: tokio::task::JoinHandle<()>,
 }
 
 impl ControlHandle {
     pub fn stop(&self) {
         self.task.abort();
         self.shares.abort();
+        self.rollouts.abort();
         if let Some(d) = &self.discovery {
             d.abort();
         }
@@ -502,7 +530,9 @@ pub async fn start_with_tls(
         kubernetes.map(|(client, writer)| tokio::spawn(k8s::run(control.clone(), client, writer)));
     let task = tokio::spawn(serve::accept_loop(tcp, control.clone(), tls, opts.limits));
     let shares = group_limits::spawn(control.group_limits.clone());
+    let rollouts = tokio::spawn(rollout::driver::run(control.clone()));
     Ok(ControlHandle {
+        rollouts,
         shares,
         addr,
         control,

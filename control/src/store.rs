@@ -239,6 +239,66 @@ impl Store {
     }
 }
 
+/// Rollout states (issue 21), one file each beside the group's versions:
+/// `<data-dir>/groups/<group>/rollouts/<name>.json`, written like a version (temporary
+/// file, fsync, rename, directory fsync), so a state is either the old one or the new one.
+/// Kept to this pair of functions so that another store can hold them too.
+impl Store {
+    pub fn save_rollout_state(
+        &self,
+        group: &str,
+        name: &str,
+        state: &crate::rollout::RolloutState,
+    ) -> Result<(), StoreError> {
+        let dir = self.dir.join("groups").join(group).join("rollouts");
+        fs::create_dir_all(&dir).map_err(|e| io_err(&dir, e))?;
+        let json = serde_json::to_vec_pretty(state).expect("a rollout state serializes");
+        let tmp = dir.join(format!(".tmp-{name}"));
+        let dest = dir.join(format!("{name}.json"));
+        {
+            let mut f = fs::File::create(&tmp).map_err(|e| io_err(&tmp, e))?;
+            f.write_all(&json).map_err(|e| io_err(&tmp, e))?;
+            f.sync_all().map_err(|e| io_err(&tmp, e))?;
+        }
+        fs::rename(&tmp, &dest).map_err(|e| io_err(&dest, e))?;
+        fs::File::open(&dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|e| io_err(&dir, e))
+    }
+
+    /// Every stored rollout state: `(group, name, state)`. An unreadable file is logged and
+    /// left out (its rollout reads as idle).
+    pub fn load_rollout_states(&self) -> Vec<(String, String, crate::rollout::RolloutState)> {
+        let mut out = Vec::new();
+        for group in self.groups() {
+            let dir = self.dir.join("groups").join(&group).join("rollouts");
+            let Ok(entries) = fs::read_dir(&dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let fname = entry.file_name().to_string_lossy().into_owned();
+                if fname.starts_with(".tmp") {
+                    let _ = fs::remove_file(entry.path());
+                    continue;
+                }
+                let Some(name) = fname.strip_suffix(".json") else {
+                    continue;
+                };
+                let read = fs::read_to_string(entry.path())
+                    .map_err(|e| e.to_string())
+                    .and_then(|t| serde_json::from_str(&t).map_err(|e| e.to_string()));
+                match read {
+                    Ok(state) => out.push((group.clone(), name.to_string(), state)),
+                    Err(e) => {
+                        tracing::error!(file = %entry.path().display(), error = %e, "unreadable rollout state skipped")
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -74,6 +74,9 @@ pub(super) fn check(name: &str, r: &Rollout, cfg: &Config, e: &mut Errors) {
             "must be between 0% and 10000%",
         );
     }
+    if r.min_p99_increase.get() > std::time::Duration::from_secs(60) {
+        e.push(format!("{p}.min_p99_increase"), "must be at most 1m");
+    }
     let others = cfg
         .rollouts
         .iter()
