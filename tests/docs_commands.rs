@@ -194,6 +194,7 @@ fn every_spur_command_line_in_the_docs_parses() {
         "demo",
         "inject",
         "init-iptables",
+        "rollout",
         "help",
         "--version",
     ];
