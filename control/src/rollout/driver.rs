@@ -320,3 +320,96 @@ fn with_weights(cfg: &Config, name: &str, weights: &[u32]) -> Option<Config> {
     }
     Some(cfg)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    const CONFIG: &str = r#"
+listeners:
+  - name: web
+    listen: 127.0.0.1:0
+    routes:
+      - name: r
+        split: [{ cluster: a, weight: WA }, { cluster: b, weight: WB }]
+clusters:
+  - { name: a, endpoints: ["127.0.0.1:1"] }
+  - { name: b, endpoints: ["127.0.0.1:2"] }
+rollouts:
+  ramp: { route: r, canary: b, steps: [20, 100], interval: 2s }
+"#;
+
+    fn config(a: u32, b: u32) -> Config {
+        let text = CONFIG
+            .replace("WA", &a.to_string())
+            .replace("WB", &b.to_string());
+        spur_config::load(&text, Some("c.yaml")).unwrap()
+    }
+
+    fn split(control: &Control) -> Vec<u32> {
+        let cur = control.store.current("g").unwrap();
+        let s = &cur.config.listeners[0].routes[0].split;
+        s.iter().map(|s| s.weight).collect()
+    }
+
+    #[test]
+    fn a_version_lost_in_a_crash_is_written_again_and_a_users_change_pauses() {
+        let dir = std::env::temp_dir().join(format!("spur-rollout-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let control = Control::new(Store::open(&dir).unwrap(), None);
+        let put = |cfg| {
+            control
+                .store
+                .append("g", "put".into(), cfg, Default::default())
+        };
+        put(config(90, 10)).unwrap();
+        // Saved just before a crash: step 1 at 20%, whose version 2 never landed.
+        let st = RolloutState {
+            state: Phase::Running,
+            step: 1,
+            weight: 20,
+            weights: vec![80, 20],
+            baseline: vec![90, 10],
+            version: 2,
+            started_at: 0,
+            step_started_ms: now_ms(),
+            reason: None,
+            verdicts: Vec::new(),
+        };
+        control.rollouts.set(&control, "g", "ramp", st).unwrap();
+        // A restarted control plane finds it running at step 1, its window starting anew.
+        let before = now_ms();
+        let reloaded = super::super::Rollouts::load(&control.store);
+        let again = reloaded.get("g", "ramp").unwrap();
+        assert_eq!(
+            (again.state, again.step, again.version),
+            (Phase::Running, 1, 2)
+        );
+        assert!(again.step_started_ms >= before);
+
+        assert!(matches!(tick(&control, "g", "ramp"), Next::Wait(_)));
+        let cur = control.store.current("g").unwrap();
+        assert_eq!(
+            (cur.version, cur.action.as_str()),
+            (2, "rollout ramp: step 1/2 (20%)")
+        );
+        assert_eq!(split(&control), vec![80, 20]);
+        // Nothing to write twice; the step waits for its interval.
+        assert!(matches!(tick(&control, "g", "ramp"), Next::Wait(d) if d > Duration::ZERO));
+        assert_eq!(control.store.current("g").unwrap().version, 2);
+
+        // A user's version with other weights wins.
+        put(config(60, 40)).unwrap();
+        assert!(matches!(tick(&control, "g", "ramp"), Next::Stop));
+        let st = control.rollouts.get("g", "ramp").unwrap();
+        assert_eq!(st.state, Phase::Paused);
+        assert_eq!(
+            st.reason.unwrap(),
+            "version 3 (put) changed route `r`'s split to 60/40: the user's change wins; \
+             resume to go on from step 1 (20%)"
+        );
+        assert_eq!(split(&control), vec![60, 40]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
