@@ -578,3 +578,55 @@ async fn a_restarted_control_plane_resumes_the_step_and_a_users_put_pauses() {
     assert_eq!(v["state"], "succeeded", "{v:#}");
     stop.store(true, Ordering::Relaxed);
 }
+
+#[tokio::test]
+async fn rollout_calls_say_what_is_wrong() {
+    let (cp, _dir) = start_control(Some(TOKEN)).await;
+    let c = cp.addr;
+    let path = "/v1/groups/shop/rollouts/checkout-v2";
+    let (s, _) = call(c, "GET", path, None, None).await;
+    assert_eq!(s, 401, "the token is needed");
+    let (s, v) = call(c, "GET", path, None, Some(TOKEN)).await;
+    assert_eq!(s, 404, "{v}");
+    let cfg = config(
+        "127.0.0.1:1".parse().unwrap(),
+        "127.0.0.1:2".parse().unwrap(),
+        "2s",
+        "rollback",
+        (90, 10),
+    );
+    let (s, _) = call(c, "PUT", "/v1/groups/shop/config", Some(&cfg), Some(TOKEN)).await;
+    assert_eq!(s, 200);
+    let (s, v) = call(
+        c,
+        "POST",
+        "/v1/groups/shop/rollouts/nope/start",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(s, 404);
+    assert_eq!(
+        v["errors"][0]["message"],
+        "group `shop` has no rollout `nope` in its config (its rollouts: checkout-v2); add one under `rollouts:` with PUT .../config"
+    );
+    let (s, v) = call(c, "POST", &format!("{path}/pause"), None, Some(TOKEN)).await;
+    assert_eq!(
+        (s, v["errors"][0]["message"].as_str()),
+        (
+            409,
+            Some("rollout `checkout-v2` is idle (never started): cannot pause it")
+        )
+    );
+    let (s, v) = call(c, "POST", &format!("{path}/frobnicate"), None, Some(TOKEN)).await;
+    assert_eq!(s, 404, "{v}");
+    let (s, v) = call(c, "GET", "/v1/groups/shop/rollouts", None, Some(TOKEN)).await;
+    assert_eq!(s, 200);
+    assert_eq!(v["rollouts"][0]["state"], "idle");
+    assert_eq!(v["rollouts"][0]["steps"], serde_json::json!([20, 50, 100]));
+    // A config whose rollout names a route without a split is refused at its path.
+    let bad = cfg.replace("route: checkout", "route: nowhere");
+    let (s, v) = call(c, "PUT", "/v1/groups/shop/config", Some(&bad), Some(TOKEN)).await;
+    assert_eq!(s, 400);
+    assert_eq!(v["errors"][0]["path"], "rollouts.checkout-v2.route");
+}
