@@ -89,7 +89,7 @@ fn tick(control: &Control, group: &str, name: &str) -> Next {
         return Next::Stop;
     }
     let Some(current) = control.store.current(group) else {
-        return Next::Stop;
+        return Next::Wait(RECHECK); // cannot happen once started: a start writes a version
     };
     let Some(spec) = current.config.rollouts.get(name).cloned() else {
         let reason = format!(
@@ -216,8 +216,10 @@ fn verdict(
                 st.reason = Some(j.reason.clone());
                 set_weight(&mut st, spec, current, 0);
                 let action = format!("rollout {name}: rolled back — {}", j.reason);
-                let _ = write(control, group, name, st, current, action);
-                Next::Stop
+                match write(control, group, name, st, current, action) {
+                    Ok(()) => Next::Stop,
+                    Err(()) => Next::Wait(RECHECK),
+                }
             }
             spur_config::OnFailure::Pause => {
                 finish(control, group, name, st, Phase::Paused, j.reason)
