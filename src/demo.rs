@@ -177,7 +177,8 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
         },
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.listener_addr("demo").is_none() {
+    // The listener's and the admin server's addresses are published one after the other.
+    while proxy.listener_addr("demo").is_none() || proxy.admin_addr().is_none() {
         if Instant::now() > deadline {
             return fail(&format!("the proxy could not apply the demo config (is {listen} or {admin} taken? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)"));
         }
