@@ -4,7 +4,8 @@
 //! and two mirrors: /catalog is copied to another instance of the same build (the
 //! comparison finds them `same`), /checkout to v2, another version that answers
 //! differently on purpose (`differ`). Prints the URLs and curl lines to try, including one
-//! that turns the flag off live.
+//! that turns the flag off live, and the lines that run a canary rollout of v2 (`rollouts.v2`,
+//! idle until started).
 
 use spur_proxy::reload::{spawn_control, ControlSource};
 use spur_proxy::{cli::wait_for_signal, echo, log, Proxy};
@@ -21,7 +22,8 @@ that watches the control plane. Routes: the flag `new-checkout` (on for
 `x-user-group: beta`) sends requests to v2; /catalog goes to catalog and is mirrored to
 catalog-next (the same build: the answers compare `same`); /checkout goes to v1 and is
 mirrored to v2 (another version: `differ`); everything else is split 90% v1 / 10% v2,
-sticky per x-user-id. Serves until Ctrl-C.";
+sticky per x-user-id, and the rollout `v2` ramps that split to 100% when started
+(`spur rollout start ... v2`). Serves until Ctrl-C.";
 
 pub fn main(args: &[String]) -> ExitCode {
     let mut listen = "127.0.0.1:8080".to_string();
@@ -114,6 +116,13 @@ flags:
     enabled: true
     rules:
       - {{ header: x-user-group, values: [beta] }}
+rollouts:
+  v2:
+    route: canary
+    canary: v2
+    steps: [10, 50, 100]
+    interval: 10s
+    min_requests: 20
 "#
     )
 }
@@ -168,7 +177,8 @@ async fn run(listen: String, admin: String, control: SocketAddr) -> ExitCode {
         },
     );
     let deadline = Instant::now() + Duration::from_secs(5);
-    while proxy.listener_addr("demo").is_none() {
+    // The listener's and the admin server's addresses are published one after the other.
+    while proxy.listener_addr("demo").is_none() || proxy.admin_addr().is_none() {
         if Instant::now() > deadline {
             return fail(&format!("the proxy could not apply the demo config (is {listen} or {admin} taken? try --listen 127.0.0.1:0 --admin 127.0.0.1:0)"));
         }
@@ -201,6 +211,11 @@ then the second line again (now v1), and the mirrors:
 and the group's live traffic and sampled requests (or the console's Traffic and Tap pages):
   spur top --control {control_url} --group demo
   spur tap --control {control_url} --group demo
+and a canary rollout of v2 on the split (10%, 50%, 100%; each step judged for 10 s on the
+proxy's reports against v1), with traffic running meanwhile:
+  for i in $(seq 1000); do curl -s -o /dev/null {url}/hello -H \"x-user-id: u$i\"; sleep 0.05; done &
+  spur rollout start --control {control_url} --group demo v2
+  spur rollout status --control {control_url} --group demo v2
 
 Ctrl-C to stop."
     );

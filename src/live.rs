@@ -32,6 +32,7 @@ cluster, endpoint, status, grpc_status, duration_ms, flags, split, attempts, err
 100 a second per proxy, until Ctrl-C (or N lines). Proxies sample only while someone taps.
 Header values and bodies are never sent.";
 
+/// A control plane to call, for one group (also used by `spur rollout`).
 pub(crate) struct Remote {
     pub(crate) url: String,
     pub(crate) group: String,
@@ -144,7 +145,19 @@ pub fn tap(args: &[String]) -> ExitCode {
 
 impl Remote {
     async fn get(&self, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
-        let mut req = Request::get(format!("{}{path}", self.url));
+        self.send(http::Method::GET, path).await
+    }
+
+    /// Sends a call without a body; an answer other than 2xx is an error with the control
+    /// plane's message.
+    async fn send(
+        &self,
+        method: http::Method,
+        path: &str,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, String> {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.url));
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));
         }
@@ -169,7 +182,12 @@ impl Remote {
     }
 
     pub(crate) async fn json(&self, path: &str) -> Result<Value, String> {
-        let body = self.get(path).await?.into_body().collect().await;
+        self.json_of(http::Method::GET, path).await
+    }
+
+    /// [`Remote::send`], and the answer as JSON.
+    pub(crate) async fn json_of(&self, method: http::Method, path: &str) -> Result<Value, String> {
+        let body = self.send(method, path).await?.into_body().collect().await;
         let body = body
             .map_err(|e| format!("reading the answer: {e}"))?
             .to_bytes();

@@ -6,6 +6,7 @@ mod explain;
 mod inject;
 mod iptables;
 mod live;
+mod rollout;
 
 use std::process::ExitCode;
 
@@ -29,6 +30,8 @@ commands:
                              a group's sampled requests as JSON lines
   explain --control URL --pod NS/POD URL
                              what a meshed pod's sidecar would do with a request (--mesh)
+  rollout status|start|pause|resume|abort --control URL --group G NAME
+                             drive a canary rollout and show its verdicts
   help [COMMAND]             this text, or a command's options
 
 Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
@@ -56,6 +59,7 @@ fn run(cmd: &str, rest: &[String]) -> ExitCode {
         "top" => live::top(rest),
         "tap" => live::tap(rest),
         "explain" => explain::main(rest),
+        "rollout" => rollout::main(rest),
         "help" | "-h" | "--help" => match rest {
             [command] if command != "help" => run(command, &["--help".to_string()]),
             [] => {

@@ -171,6 +171,7 @@ async fn the_console_in_a_real_browser() {
     the_editor_validates_before_storing(&mut b, &scene).await;
     traffic_moves_with_the_load(&mut b, &scene).await;
     tap_shows_the_requests_sent(&mut b, &scene).await;
+    a_rollout_shows_its_steps_and_verdicts(&mut b, &scene, v1.addr, v2.addr).await;
 
     // Nothing the page showed ran as markup.
     assert_eq!(
@@ -479,4 +480,74 @@ async fn tap_shows_the_requests_sent(b: &mut Browser, s: &Scene) {
     b.screenshot(&shot("6-tap")).await;
     b.click("#tap-stop").await;
     sender.abort();
+}
+
+/// The group page shows a rollout's state, step and verdicts while it runs under load.
+async fn a_rollout_shows_its_steps_and_verdicts(
+    b: &mut Browser,
+    s: &Scene,
+    v1: SocketAddr,
+    v2: SocketAddr,
+) {
+    let (c, ui, webs) = (s.c, &s.ui, s.webs);
+    let with_rollout = format!(
+        "{}rollouts:\n  checkout-v2: {{ route: checkout, canary: v2, steps: [50, 100], interval: 2s, min_requests: 5, min_p99_increase: 100ms }}\n",
+        config(v1, v2)
+    );
+    let (st, v) = call(
+        c,
+        "PUT",
+        "/v1/groups/shop/config",
+        Some(&with_rollout),
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    b.goto(&format!("{ui}#/group/shop")).await;
+    let state = "document.querySelector('#rollouts [data-rollout=\"checkout-v2\"] [data-state]')?.dataset.state";
+    b.wait_for(&format!("{state} === 'idle'"), Duration::from_secs(10))
+        .await;
+    let (st, v) = call(
+        c,
+        "POST",
+        "/v1/groups/shop/rollouts/checkout-v2/start",
+        None,
+        Some(TOKEN),
+    )
+    .await;
+    assert_eq!(st, 200, "{v}");
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) && std::time::Instant::now() < deadline {
+                for web in webs {
+                    get(web, &format!("/checkout/rollout-{i}"), &[]).await;
+                }
+                i += 1;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+    };
+    b.wait_for(&format!("{state} === 'running'"), Duration::from_secs(10))
+        .await;
+    b.wait_for(&format!("{state} === 'succeeded'"), Duration::from_secs(30))
+        .await;
+    stop.store(true, Ordering::Relaxed);
+    load.await.unwrap();
+    let text = b
+        .wait_for(
+            "document.querySelectorAll('#rollouts tr.verdict').length === 1 && document.querySelector('#rollouts').innerText",
+            Duration::from_secs(10),
+        )
+        .await;
+    let text = text.as_str().unwrap();
+    assert!(text.contains("step 2/2 (100% to v2)"), "{text}");
+    assert!(
+        text.contains("canary error rate 0.0% vs baseline 0.0%"),
+        "{text}"
+    );
+    b.screenshot(&s.shot("7-rollout")).await;
 }

@@ -195,6 +195,7 @@ fn every_spur_command_line_in_the_docs_parses() {
         "inject",
         "init-iptables",
         "explain",
+        "rollout",
         "help",
         "--version",
     ];

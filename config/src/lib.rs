@@ -8,7 +8,7 @@
 //! disagree about what a value means, and the proxy's compile has nothing left to fail on.
 //!
 //! Module map: [`types`] (top level, listeners, flags), [`route`], [`cluster`], [`authz`],
-//! [`edge`] (rate limits, header rules, rewrites, redirects, CORS) and [`defaults`] are the
+//! [`edge`] (rate limits, header rules, rewrites, redirects, CORS), [`rollout`] and [`defaults`] are the
 //! schema; [`values`], [`conditions`] and [`peers`] the parsed
 //! value types;
 //! `depth` (nesting limit), `tree` (deserializing with paths and plain words) and `parse`
@@ -25,6 +25,7 @@ pub mod grpc;
 mod parse;
 pub mod peers;
 pub mod report;
+pub mod rollout;
 pub mod route;
 pub mod spiffe;
 pub mod tracing;
@@ -48,6 +49,7 @@ pub use edge::{
 pub use grpc::GrpcCode;
 pub use parse::{parse, Format};
 pub use peers::{Cidr, IdentityGlob, Namespace};
+pub use rollout::{OnFailure, Percent, Rollout};
 pub use route::*;
 pub use spiffe::{SpiffeId, SpiffeIdError};
 pub use tracing::{OtlpEndpoint, Propagation, Tracing};
@@ -219,3 +221,5 @@ mod tests_edge;
 mod tests_grpc;
 #[cfg(test)]
 mod tests_read;
+#[cfg(test)]
+mod tests_rollout;

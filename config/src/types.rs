@@ -12,6 +12,7 @@ use crate::cluster::Cluster;
 use crate::conditions::{CookieName, HashOn};
 use crate::defaults;
 use crate::edge::{RateLimit, XForwarded};
+use crate::rollout::Rollout;
 use crate::route::Route;
 use crate::tracing::Tracing;
 use crate::units::{ByteSize, Duration};
@@ -55,6 +56,10 @@ pub struct Config {
     /// destination no cluster owns. Absent: [`Egress::Allow`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub egress: Option<Egress>,
+    /// Canary rollouts the control plane runs on this config's splits (idle until
+    /// started; see [`crate::rollout`]). A proxy reads nothing here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rollouts: BTreeMap<String, Rollout>,
 }
 
 /// `egress`: connections to addresses outside the mesh (no cluster owns them).

@@ -292,6 +292,9 @@ async fn dispatch(control: Arc<Control>, req: Request<Incoming>) -> Response<Bod
                     let node = node.to_string();
                     report_status(&control, &group, &node, req).await
                 }
+                (m, rest) if crate::rollout::api::is_rollout_call(rest) => {
+                    crate::rollout::api::call(&control, &group, &m, rest).await
+                }
                 (m, rest) if crate::console::is_console_call(&m, rest) => {
                     crate::console::call(&control, &group, &m, rest, req).await
                 }

@@ -61,7 +61,7 @@ impl Control {
 
     /// Stores the version after `previous` (write lock held). `Ok(None)`: another replica
     /// made that version first; the store has caught up, build the write again.
-    async fn append(
+    pub(crate) async fn append(
         &self,
         group: &str,
         previous: Option<&Stored>,
@@ -101,7 +101,11 @@ impl Control {
     /// The endpoints a new version of `cfg` is made with: what discovery knows now; before
     /// its first complete list (or without discovery), the previous version's endpoints of
     /// the targets it still has, so a restart or a broken API never empties a cluster.
-    fn discovered_for(&self, cfg: &Config, previous: Option<&Stored>) -> k8s::Discovered {
+    pub(crate) fn discovered_for(
+        &self,
+        cfg: &Config,
+        previous: Option<&Stored>,
+    ) -> k8s::Discovered {
         let targets = k8s::targets(cfg);
         if targets.is_empty() {
             return k8s::Discovered::new();

@@ -8,7 +8,9 @@
 //!   afterwards [`crate::k8s::run`] pushes each change, and
 //!   [`crate::Control::refresh_discovery`] does nothing on other replicas.
 //! - Mesh renders (`--mesh`) likewise, with [`crate::Control::refresh_mesh`].
-//! - Rollouts (#21) start here too: add them to [`lead`].
+//! - Rollouts: the stored states are loaded at takeover and the driver runs for the term
+//!   ([`crate::rollout::driver::run`]); API calls answered by other replicas reach it
+//!   through the store ([`crate::rollout::Rollouts::sync`]).
 
 use crate::Control;
 use std::sync::Arc;
@@ -37,5 +39,11 @@ async fn lead(control: Arc<Control>) {
     // The mesh (`--mesh`) as the cluster is now; route statuses are written at the next
     // change (the old leader wrote the current ones).
     let _ = control.refresh_mesh().await;
+    // Rollouts: the stored states, then every running one driven until the term ends.
+    control
+        .rollouts
+        .takeover(&control.store, &control.metrics)
+        .await;
+    crate::rollout::driver::run(control).await;
     std::future::pending::<()>().await
 }

@@ -14,6 +14,7 @@
 //!   rendered from Services, EndpointSlices, Pods and Gateway API routes.
 //! - [`traffic`]: the proxies' traffic reports as time series, and tap (sampled requests);
 //!   [`console`]: the web console at `/ui`.
+//! - [`rollout`]: canary rollouts driven through their steps, judged on that traffic.
 
 pub mod api;
 pub mod ca;
@@ -29,6 +30,7 @@ pub mod lead;
 pub mod leader;
 pub mod mesh;
 pub mod proxies;
+pub mod rollout;
 // The process metrics of the data plane's collector (one source file, no dependency on
 // spur-proxy for it).
 #[path = "../../proxy/src/process_metrics.rs"]
@@ -43,6 +45,7 @@ pub mod watch;
 
 use k8s_openapi::api::coordination::v1::Lease;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::net::SocketAddr;
@@ -178,6 +181,8 @@ pub struct Metrics {
     pub connections_rejected: Counter,
     pub tap_lines: Counter,
     pub tap_lines_over_rate: Counter,
+    pub rollout_step: Family<rollout::RolloutLabels, Gauge>,
+    pub rollout_verdicts: Family<rollout::VerdictLabels, Counter>,
 }
 
 impl Metrics {
@@ -263,7 +268,21 @@ impl Metrics {
             "Tap lines dropped: their proxy sent more than 100 a second",
             tap_lines_over_rate.clone(),
         );
+        let rollout_step = Family::default();
+        registry.register(
+            "spur_control_rollout_step",
+            "The step a rollout is at (1-based; 0 before it starts)",
+            rollout_step.clone(),
+        );
+        let rollout_verdicts = Family::default();
+        registry.register(
+            "spur_control_rollout_verdicts",
+            "Verdicts on rollout steps, by result (pass, fail)",
+            rollout_verdicts.clone(),
+        );
         Metrics {
+            rollout_step,
+            rollout_verdicts,
             registry,
             writes,
             writes_rejected,
@@ -314,6 +333,8 @@ pub struct Control {
     pub group_limits: Arc<group_limits::GroupLimits>,
     /// The proxies' traffic reports, and tap.
     pub traffic: traffic::Traffic,
+    /// Rollouts' states; [`rollout::driver::run`] drives the running ones.
+    pub rollouts: rollout::Rollouts,
 }
 
 impl Control {
@@ -331,7 +352,9 @@ impl Control {
         token: Option<String>,
         proxies: Arc<proxies::Proxies>,
     ) -> Control {
+        let rollouts = rollout::Rollouts::default();
         Control {
+            rollouts,
             store,
             token,
             ca: None,

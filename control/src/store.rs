@@ -360,3 +360,49 @@ fn excess_discovery(versions: &Versions) -> Vec<u64> {
     let excess = older.len().saturating_sub(keep);
     older.into_iter().take(excess).collect()
 }
+
+/// Rollout states (issue 21): one document `rollout NAME` per rollout, in its group's
+/// documents (a file beside the group's versions, or a ConfigMap with `--store
+/// kubernetes`), so every replica, and the next leader, reads the same state.
+impl Store {
+    pub async fn save_rollout_state(
+        &self,
+        group: &str,
+        name: &str,
+        state: &crate::rollout::RolloutState,
+    ) -> Result<(), StoreError> {
+        let doc = serde_json::to_value(state).expect("a rollout state serializes");
+        self.save_doc(group, &format!("{ROLLOUT_DOC}{name}"), &doc)
+            .await
+    }
+
+    /// Every stored rollout state: `(group, name, state)`. An unreadable one is logged and
+    /// left out (its rollout reads as idle).
+    pub async fn load_rollout_states(&self) -> Vec<(String, String, crate::rollout::RolloutState)> {
+        let mut out = Vec::new();
+        for group in self.groups() {
+            let docs = match self.load_docs(&group).await {
+                Ok(docs) => docs,
+                Err(e) => {
+                    tracing::error!(group, error = %e, "cannot read the group's rollout states");
+                    continue;
+                }
+            };
+            for (doc, value) in docs {
+                let Some(name) = doc.strip_prefix(ROLLOUT_DOC) else {
+                    continue;
+                };
+                match serde_json::from_value(value) {
+                    Ok(state) => out.push((group.clone(), name.to_string(), state)),
+                    Err(e) => {
+                        tracing::error!(group, rollout = name, error = %e, "unreadable rollout state skipped")
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The document name prefix of rollout states.
+const ROLLOUT_DOC: &str = "rollout ";

@@ -10,6 +10,7 @@ mod authz;
 mod cluster;
 mod edge;
 mod listen;
+mod rollout;
 mod route;
 
 use crate::types::*;
@@ -81,6 +82,9 @@ pub(crate) fn check(cfg: &Config, rules: crate::Rules, e: &mut Errors) {
         for (k, rule) in flag.rules.iter().enumerate() {
             check_flag_rule(&format!("{p}.rules[{k}]"), rule, e);
         }
+    }
+    for (name, r) in &cfg.rollouts {
+        rollout::check(name, r, cfg, e);
     }
 }
 

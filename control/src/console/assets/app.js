@@ -237,6 +237,7 @@ async function meshPage() {
 async function groupPage(group) {
   const tabs = nav(group, 'group');
   const flags = el('div', { id: 'flags' });
+  const rollouts = el('div', { id: 'rollouts' });
   const history = el('tbody');
   const from = el('select', { id: 'diff-from' });
   const to = el('select', { id: 'diff-to' });
@@ -267,6 +268,7 @@ async function groupPage(group) {
   };
   show(el('h1', {}, 'Group ', group), tabs,
     el('section', { class: 'card' }, el('h2', {}, 'Flags'), flags),
+    el('section', { class: 'card' }, el('h2', {}, 'Rollouts'), rollouts),
     el('section', { class: 'card' }, el('h2', {}, 'History'),
       el('div', { class: 'row' }, 'Diff from', from, 'to', to,
         el('button', { id: 'diff-show', class: 'secondary', onclick: showDiff }, 'Show diff')),
@@ -282,7 +284,10 @@ async function groupPage(group) {
   let shownVersion = null;
   async function load(force) {
     const g = encodeURIComponent(group);
-    const [cfg, hist] = await Promise.all([api('GET', `/v1/groups/${g}/config`), api('GET', `/v1/groups/${g}/history`)]);
+    const [cfg, hist, ro] = await Promise.all([api('GET', `/v1/groups/${g}/config`), api('GET', `/v1/groups/${g}/history`),
+      api('GET', `/v1/groups/${g}/rollouts`)]);
+    // A rollout's verdicts come between versions: drawn at every refresh.
+    renderRollouts(rollouts, (ro.status === 200 && ro.data.rollouts) || []);
     if (cfg.status !== 200) { flags.replaceChildren(el('p', { class: 'muted' }, 'This group has no config yet.')); }
     const version = cfg.data && cfg.data.version;
     if (version === shownVersion && !force) return;
@@ -358,6 +363,33 @@ function renderFlags(group, box, flags, after) {
       el('td', {}, el('strong', {}, name), ' ', el('span', { class: 'badge ' + (f.enabled ? 'ok' : 'warn') }, f.enabled ? 'on' : 'off'),
         rules.length ? el('ul', { class: 'rules' }, rules) : el('div', { class: 'muted' }, f.enabled ? 'on for every request' : '')));
   }))));
+}
+
+const ROLLOUT_BADGE = { running: 'ok', succeeded: 'ok', paused: 'warn', aborted: 'warn', rolled_back: 'bad' };
+
+// Each rollout: its state, step and weight, why it stopped, and every verdict with its numbers.
+function renderRollouts(box, list) {
+  if (!list.length) { box.replaceChildren(el('p', { class: 'muted' }, 'No rollouts in this config.')); return; }
+  const side = f => [el('td', { class: 'num' }, f.requests), el('td', { class: 'num' }, pct(f.error_rate)),
+    el('td', { class: 'num' }, num(f.p99_ms))];
+  box.replaceChildren(...list.map(r => {
+    const steps = r.steps || [];
+    const head = el('p', { class: 'rollout-head' }, el('strong', {}, r.name), ' ',
+      el('span', { class: 'badge ' + (ROLLOUT_BADGE[r.state] || ''), 'data-state': r.state }, r.state.replace('_', ' ')), ' ',
+      'step ' + r.step + '/' + steps.length + ' (' + r.weight + '% to ' + (r.canary || '?') + ')',
+      r.route ? el('span', { class: 'muted' }, ' — route ' + r.route + ', steps ' + steps.map(s => s + '%').join(' ') + ', every ' + r.interval) : null);
+    const reason = r.reason ? el('p', { class: r.state === 'rolled_back' ? 'err reason' : 'muted reason' }, r.reason) : null;
+    const waiting = r.waiting_for_requests
+      ? el('p', { class: 'muted' }, 'Waiting for canary requests: ' + r.waiting_for_requests.canary_requests + ' of ' + r.min_requests) : null;
+    const verdicts = (r.verdicts || []).map(v => el('tr', { class: 'verdict', 'data-step': v.step },
+      el('td', { class: 'num' }, v.step), el('td', { class: 'num' }, v.weight + '%'),
+      el('td', {}, el('span', { class: 'badge ' + (v.result === 'pass' ? 'ok' : 'bad') }, v.result)),
+      side(v.canary), side(v.baseline), el('td', {}, v.reason)));
+    const table = verdicts.length ? el('table', {}, el('thead', {}, el('tr', {},
+      ['Step', 'Weight', 'Verdict', 'Canary req', 'Errors', 'p99 ms', 'Baseline req', 'Errors', 'p99 ms', 'Why']
+        .map(t => el('th', {}, t)))), el('tbody', {}, verdicts)) : el('p', { class: 'muted' }, 'No verdicts yet.');
+    return el('div', { class: 'rollout', 'data-rollout': r.name }, head, reason, waiting, table);
+  }));
 }
 
 function ruleText(r) {
