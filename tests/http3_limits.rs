@@ -559,3 +559,62 @@ clusters:
     assert_eq!(*ended.lock().unwrap(), BodyEnd::Broken);
     drop(tx);
 }
+
+/// RFC 9000 §8.1, the anti-amplification limit: to a client whose address is not yet
+/// validated, the listener sends at most three times what it received. A relay forwards
+/// the client's first flight only (what it sends before any answer, as if the spoofed
+/// victim never answered) and counts what comes back for 1.5 s, retransmissions included. (Without a Retry, quinn's first flight
+/// to one 1,200-byte Initial was 3.19 times that.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unvalidated_client_gets_at_most_three_times_its_bytes() {
+    let pki = Pki::new("h3-amplification");
+    let leaf = pki.issue("edge", None, 1);
+    let app = named_backend("app").await;
+    let limits = "{ header_timeout: 5s }";
+    let proxy = start_proxy(&edge_yaml(&leaf, app.addr, limits)).await;
+    let server = proxy.listener_addr("edge").unwrap();
+    let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let back = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let relay = front.local_addr().unwrap();
+    let tls = client_tls(&pki.ca_path, None);
+    let client = tokio::spawn(async move { quic_connect(relay, tls).await.is_ok() });
+    let (mut sent, mut received) = (0usize, 0usize);
+    let mut client_addr = None;
+    let mut first_at = None;
+    let (mut up, mut down) = (vec![0u8; 65_536], vec![0u8; 65_536]);
+    let end = Instant::now() + Duration::from_millis(2500);
+    loop {
+        let window_over =
+            first_at.is_some_and(|t: Instant| t.elapsed() > Duration::from_millis(1500));
+        if window_over || Instant::now() > end {
+            break;
+        }
+        tokio::select! {
+            r = front.recv_from(&mut up) => {
+                let (n, from) = r.unwrap();
+                client_addr = Some(from);
+                // The first flight: what the client sends before any answer.
+                first_at.get_or_insert_with(Instant::now);
+                if received == 0 {
+                    sent += n;
+                    back.send_to(&up[..n], server).await.unwrap();
+                }
+            }
+            r = back.recv_from(&mut down) => {
+                let (n, _) = r.unwrap();
+                received += n;
+                if let Some(c) = client_addr {
+                    front.send_to(&down[..n], c).await.unwrap();
+                }
+            }
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
+    }
+    client.abort();
+    assert!(sent >= 1200, "the client's first flight: {sent} bytes");
+    assert!(
+        received <= 3 * sent,
+        "the listener sent {received} bytes to an unvalidated address that sent {sent} ({:.2}x)",
+        received as f64 / sent as f64
+    );
+}
