@@ -217,6 +217,73 @@ mod tests {
         assert_eq!(lengths, vec![10, 20, 40, 80, 100]);
     }
 
+    /// Ejects `b` (closed) at `now`, lets its probe succeed when it may, and returns when.
+    fn eject_and_restore(b: &mut Breaker, now: Instant) -> Instant {
+        for _ in 0..3 {
+            b.record(true, now, &S, true, false);
+        }
+        let mut t = now;
+        while !b.available(t) {
+            t += Duration::from_secs(10);
+        }
+        assert_eq!(b.acquire(t), Some(true));
+        assert_eq!(b.record(false, t, &S, true, true), Transition::Restored);
+        t
+    }
+
+    /// The length of the next ejection of `b` (closed) made at `now`.
+    fn next_ejection(b: &mut Breaker, now: Instant) -> u64 {
+        for _ in 0..3 {
+            b.record(true, now, &S, true, false);
+        }
+        let mut t = now;
+        while !b.available(t) {
+            t += Duration::from_secs(10);
+        }
+        (t - now).as_secs()
+    }
+
+    #[test]
+    fn the_backoff_is_forgotten_after_ten_ejection_times_closed() {
+        // Closed for exactly 10 ejection times, then a success: the backoff stays.
+        let t0 = Instant::now();
+        let mut b = Breaker::new(t0);
+        let back = eject_and_restore(&mut b, t0);
+        let at = back + S.ejection_time * 10;
+        b.record(false, at, &S, true, false);
+        assert_eq!(
+            next_ejection(&mut b, at),
+            20,
+            "the second ejection is twice as long"
+        );
+        // Closed for 5 ejection times: still remembered.
+        let mut b = Breaker::new(t0);
+        let back = eject_and_restore(&mut b, t0);
+        let at = back + S.ejection_time * 5;
+        b.record(false, at, &S, true, false);
+        assert_eq!(next_ejection(&mut b, at), 20);
+        // Longer than 10 ejection times: forgotten, the next ejection is the first again.
+        let mut b = Breaker::new(t0);
+        let back = eject_and_restore(&mut b, t0);
+        let at = back + S.ejection_time * 10 + Duration::from_secs(1);
+        b.record(false, at, &S, true, false);
+        assert_eq!(next_ejection(&mut b, at), 10);
+    }
+
+    #[test]
+    fn half_open_is_available_until_its_probe_is_claimed() {
+        let t0 = Instant::now();
+        let mut b = Breaker::new(t0);
+        for _ in 0..3 {
+            b.record(true, t0, &S, true, false);
+        }
+        let t1 = t0 + S.ejection_time;
+        assert_eq!(b.acquire(t1), Some(true));
+        assert!(!b.available(t1), "the probe is out");
+        b.release();
+        assert!(b.available(t1), "half open, no probe out");
+    }
+
     #[test]
     fn released_probe_can_be_retried_and_may_eject_is_honoured() {
         let t0 = Instant::now();

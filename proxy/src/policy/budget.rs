@@ -150,6 +150,42 @@ mod tests {
         );
     }
 
+    #[test]
+    fn deposits_of_earlier_seconds_keep_counting() {
+        // 100 requests in second 0; in second 1, half of them may be retried, one by one
+        // (each retry lands in second 1's slot, beside second 0's requests).
+        let t0 = Instant::now();
+        let b = Budget::starting_at(0.5, 0, t0);
+        for _ in 0..100 {
+            b.deposit(t0);
+        }
+        let t1 = t0 + Duration::from_secs(1);
+        let granted = (0..60).filter(|_| b.withdraw(t1)).count();
+        assert_eq!(granted, 50);
+    }
+
+    #[test]
+    fn same_settings_means_both_settings() {
+        let b = Budget::new(0.2, 5);
+        assert!(b.same_settings(0.2, 5));
+        assert!(!b.same_settings(0.3, 5));
+        assert!(!b.same_settings(0.2, 6));
+        assert!(!b.same_settings(0.3, 6));
+    }
+
+    #[test]
+    fn the_window_is_ten_seconds_exactly() {
+        let t0 = Instant::now();
+        let b = Budget::starting_at(0.5, 0, t0);
+        for _ in 0..100 {
+            b.deposit(t0);
+        }
+        assert!(
+            !b.withdraw(t0 + Duration::from_secs(10)),
+            "deposits 10 s old are out"
+        );
+    }
+
     proptest! {
         #[test]
         fn retries_never_exceed_the_bound(
