@@ -174,6 +174,22 @@ mod tests {
     }
 
     #[test]
+    fn a_slot_is_reused_for_its_new_second() {
+        // Second 10 reuses second 0's slot: its own requests count, second 0's do not.
+        let t0 = Instant::now();
+        let b = Budget::starting_at(0.5, 0, t0);
+        for _ in 0..100 {
+            b.deposit(t0);
+        }
+        let t10 = t0 + Duration::from_secs(10);
+        for _ in 0..10 {
+            b.deposit(t10);
+        }
+        let granted = (0..60).filter(|_| b.withdraw(t10)).count();
+        assert_eq!(granted, 5);
+    }
+
+    #[test]
     fn the_window_is_ten_seconds_exactly() {
         let t0 = Instant::now();
         let b = Budget::starting_at(0.5, 0, t0);
