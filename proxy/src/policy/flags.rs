@@ -179,6 +179,33 @@ mod tests {
     }
 
     #[test]
+    fn a_key_at_the_percentage_boundary_is_off() {
+        // A key whose bucket is exactly the rule's basis points is just outside it: 0%
+        // turns nobody on, and a share of p% is buckets 0..p*100.
+        let key = (0..100_000)
+            .map(|i| format!("user-{i}"))
+            .find(|k| bucket("new-checkout", k.as_bytes()) == 1234)
+            .expect("some key lands in bucket 1234");
+        let h = headers(&[("x-user-id", &key)]);
+        let at = |p: &str| {
+            flag(&format!(
+                r#"{{"enabled": true, "rules": [{{"percent": {p}, "hash_on": "header:x-user-id"}}]}}"#
+            ))
+            .evaluate(&h)
+        };
+        assert!(!at("12.34"), "bucket 1234 is outside 12.34%");
+        assert!(at("12.35"));
+        let zero = (0..100_000)
+            .map(|i| format!("user-{i}"))
+            .find(|k| bucket("new-checkout", k.as_bytes()) == 0)
+            .expect("some key lands in bucket 0");
+        let h0 = headers(&[("x-user-id", &zero)]);
+        let none =
+            flag(r#"{"enabled": true, "rules": [{"percent": 0, "hash_on": "header:x-user-id"}]}"#);
+        assert!(!none.evaluate(&h0), "0% turns nobody on");
+    }
+
+    #[test]
     fn header_values() {
         assert_eq!(parse_header(" a, b,,c "), vec!["a", "b", "c"]);
         assert_eq!(header_value(["b", "a", "b"]), "a,b");
