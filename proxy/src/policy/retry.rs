@@ -203,6 +203,17 @@ mod tests {
     }
 
     #[test]
+    fn retry_reasons_name_the_status_or_its_class() {
+        let label = |s: u16| Outcome::Status(s).reason();
+        assert_eq!(
+            [409, 500, 502, 503, 504, 501, 599, 429, 404].map(label),
+            ["409", "500", "502", "503", "504", "5xx", "5xx", "4xx", "4xx"]
+        );
+        assert_eq!(Outcome::Grpc(14).reason(), "unavailable");
+        assert_eq!(Outcome::Timeout.reason(), "timeout");
+    }
+
+    #[test]
     fn conditions_and_attempts() {
         let p =
             policy(r#"{"attempts": 3, "retry_on": ["connect-failure", "503", "retriable-4xx"]}"#);
