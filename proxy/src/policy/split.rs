@@ -99,6 +99,17 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn points_at_a_boundary_go_to_the_next_side() {
+        // Weights 90/10 over [0, 100): 0..=89 the first side, 90..=99 the second.
+        assert_eq!(pick_weighted(&[90, 10], 0), 0);
+        assert_eq!(pick_weighted(&[90, 10], 89), 0);
+        assert_eq!(pick_weighted(&[90, 10], 90), 1);
+        assert_eq!(pick_weighted(&[90, 10], 99), 1);
+        // A side of weight 0 gets no point.
+        assert_eq!(pick_weighted(&[0, 5], 0), 1);
+    }
+
+    #[test]
     fn cookies_are_found() {
         let mut h = HeaderMap::new();
         h.append("cookie", "a=1; beta=yes".parse().unwrap());
