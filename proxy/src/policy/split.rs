@@ -99,6 +99,14 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn stable_hash_is_stable_across_releases() {
+        // Sticky splits and flag percentages must put a user on the same side after an
+        // upgrade, and every proxy of a group must agree: these values never change.
+        assert_eq!(stable_hash(0, b"user-1"), 14166554182431137624);
+        assert_eq!(stable_hash(0x7269_6e67, b"alice"), 13596344966509815848);
+    }
+
+    #[test]
     fn points_at_a_boundary_go_to_the_next_side() {
         // Weights 90/10 over [0, 100): 0..=89 the first side, 90..=99 the second.
         assert_eq!(pick_weighted(&[90, 10], 0), 0);
