@@ -217,8 +217,8 @@ mod tests {
         assert_eq!(lengths, vec![10, 20, 40, 80, 100]);
     }
 
-    /// Ejects `b` (closed) at `now`, lets its probe succeed when it may, and returns when.
-    fn eject_and_restore(b: &mut Breaker, now: Instant) -> Instant {
+    /// Ejects `b` (closed) at `now`; when its probe may go (to the 10 s).
+    fn ejected_until(b: &mut Breaker, now: Instant) -> Instant {
         for _ in 0..3 {
             b.record(true, now, &S, true, false);
         }
@@ -226,21 +226,20 @@ mod tests {
         while !b.available(t) {
             t += Duration::from_secs(10);
         }
+        t
+    }
+
+    /// Ejects `b` (closed) at `now`, lets its probe succeed when it may, and returns when.
+    fn eject_and_restore(b: &mut Breaker, now: Instant) -> Instant {
+        let t = ejected_until(b, now);
         assert_eq!(b.acquire(t), Some(true));
         assert_eq!(b.record(false, t, &S, true, true), Transition::Restored);
         t
     }
 
-    /// The length of the next ejection of `b` (closed) made at `now`.
+    /// The length of the next ejection of `b` (closed) made at `now`, in seconds.
     fn next_ejection(b: &mut Breaker, now: Instant) -> u64 {
-        for _ in 0..3 {
-            b.record(true, now, &S, true, false);
-        }
-        let mut t = now;
-        while !b.available(t) {
-            t += Duration::from_secs(10);
-        }
-        (t - now).as_secs()
+        (ejected_until(b, now) - now).as_secs()
     }
 
     #[test]
