@@ -595,10 +595,12 @@ async fn a_cluster_pointing_at_its_own_listener_is_a_loop_not_a_leak() {
             start.elapsed()
         );
     }
-    // The hops' connections are pooled and used again: six loops hold what one did.
+    // The hops' connections are pooled and used again: six loops hold what one did, give or
+    // take a few hops whose connection was not back in the pool when the next loop reached
+    // them (seen: +5). A leak keeps both ends of every hop: about 20 more per loop.
     let now = fds();
     assert!(
-        now <= after_one + 4,
+        now <= after_one + 15,
         "{after_one} descriptors after one loop, {now} after six"
     );
     assert!(after_one < 200, "{after_one} descriptors");
