@@ -215,22 +215,8 @@ async fn serve_conn(
     let streams = shared.metrics.quic_streams.get_or_create(&side).clone();
 
     let ctx = conn_ctx(&shared, &lst, &tls, &conn, guard, drain.clone());
-    // h3 refuses heads over this outright; the request path answers 431 for heads over
-    // max_header_bytes, so leave it room to.
-    let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
-    let mut builder = h3::server::builder();
-    builder.max_field_section_size(max_field);
-    let setup = builder.build(h3_quinn::Connection::new(conn.clone()));
-    let mut h3: H3Conn = match tokio::time::timeout_at(first_request_by, setup).await {
-        Ok(Ok(c)) => c,
-        Ok(Err(e)) => {
-            tracing::debug!(listener = &*lst.name, %peer, error = %e, "HTTP/3 setup failed");
-            return;
-        }
-        Err(_) => {
-            no_request(&shared, &lst, &conn);
-            return;
-        }
+    let Some(mut h3) = h3_setup(&shared, &lst, &conn, first_request_by).await else {
+        return;
     };
     let mut requests = JoinSet::new();
     let drain_timeout = || shared.snapshot.load().drain_timeout;
@@ -294,6 +280,34 @@ async fn serve_conn(
         Some(drain_timeout())
     };
     close(requests, &conn, wait, draining).await;
+}
+
+/// Sets HTTP/3 up on an established QUIC connection by `by` (the first request's
+/// deadline); `None` when it fails, or (counted as a header timeout) takes too long.
+async fn h3_setup(
+    shared: &Shared,
+    lst: &ListenerRt,
+    conn: &quinn::Connection,
+    by: tokio::time::Instant,
+) -> Option<H3Conn> {
+    // h3 refuses heads over this outright; the request path answers 431 for heads over
+    // max_header_bytes, so leave it room to.
+    let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
+    let mut builder = h3::server::builder();
+    builder.max_field_section_size(max_field);
+    let setup = builder.build(h3_quinn::Connection::new(conn.clone()));
+    match tokio::time::timeout_at(by, setup).await {
+        Ok(Ok(c)) => Some(c),
+        Ok(Err(e)) => {
+            let peer = conn.remote_address();
+            tracing::debug!(listener = &*lst.name, %peer, error = %e, "HTTP/3 setup failed");
+            None
+        }
+        Err(_) => {
+            no_request(shared, lst, conn);
+            None
+        }
+    }
 }
 
 /// Completes a QUIC connection's handshake by `by`; `None` (counted) when it fails or
