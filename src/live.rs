@@ -77,25 +77,9 @@ fn parse(args: &[String], tap: bool) -> Result<Args, String> {
             other => return Err(format!("unknown option `{other}`")),
         }
     }
-    let url = url.ok_or("--control URL is required")?;
-    if !url.starts_with("http://") && !url.starts_with("https://") {
-        return Err(format!(
-            "--control: `{url}` is not an http:// or https:// URL"
-        ));
-    }
-    let group = group.ok_or("--group G is required")?;
-    let token = match token_file {
-        Some(p) => Some(spur_config::read_token_file(std::path::Path::new(&p))?),
-        None => None,
-    };
-    let client = control_client::client(ca.as_deref().map(std::path::Path::new))?;
+    let remote = Remote::from_flags(url, group, token_file, ca)?;
     Ok(Args {
-        remote: Remote {
-            url,
-            group,
-            token,
-            client,
-        },
+        remote,
         once,
         route,
         status,
@@ -144,6 +128,34 @@ pub fn tap(args: &[String]) -> ExitCode {
 }
 
 impl Remote {
+    /// The control plane named by `--control`, `--group`, `--token-file` and
+    /// `--control-ca`, checked (the URL's scheme, the token file read, the CA loaded).
+    pub(crate) fn from_flags(
+        url: Option<String>,
+        group: Option<String>,
+        token_file: Option<String>,
+        ca: Option<String>,
+    ) -> Result<Remote, String> {
+        let url = url.ok_or("--control URL is required")?;
+        if !url.starts_with("http://") && !url.starts_with("https://") {
+            return Err(format!(
+                "--control: `{url}` is not an http:// or https:// URL"
+            ));
+        }
+        let group = group.ok_or("--group G is required")?;
+        let token = match token_file {
+            Some(p) => Some(spur_config::read_token_file(std::path::Path::new(&p))?),
+            None => None,
+        };
+        let client = control_client::client(ca.as_deref().map(std::path::Path::new))?;
+        Ok(Remote {
+            url,
+            group,
+            token,
+            client,
+        })
+    }
+
     async fn get(&self, path: &str) -> Result<hyper::Response<hyper::body::Incoming>, String> {
         self.send(http::Method::GET, path).await
     }

@@ -6,7 +6,6 @@
 use crate::live::Remote;
 use serde_json::Value;
 use spur_config::args::Flags;
-use spur_proxy::control_client;
 use std::process::ExitCode;
 
 const USAGE: &str = "usage: spur rollout status|start|pause|resume|abort --control URL --group G
@@ -54,25 +53,9 @@ fn parse(args: &[String]) -> Result<Args, String> {
             "unknown action `{action}` (status, start, pause, resume, abort)"
         ));
     }
-    let url = url.ok_or("--control URL is required")?;
-    if !url.starts_with("http://") && !url.starts_with("https://") {
-        return Err(format!(
-            "--control: `{url}` is not an http:// or https:// URL"
-        ));
-    }
-    let group = group.ok_or("--group G is required")?;
-    let token = match token_file {
-        Some(p) => Some(spur_config::read_token_file(std::path::Path::new(&p))?),
-        None => None,
-    };
-    let client = control_client::client(ca.as_deref().map(std::path::Path::new))?;
+    let remote = Remote::from_flags(url, group, token_file, ca)?;
     Ok(Args {
-        remote: Remote {
-            url,
-            group,
-            token,
-            client,
-        },
+        remote,
         action,
         name,
         json,
