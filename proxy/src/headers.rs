@@ -8,14 +8,17 @@ use http::Version;
 /// `HTTP2-Settings`, which belongs to an h2c upgrade (RFC 7540 §3.2.1), even when a client
 /// forgets to name it in `Connection`.
 const HOP_BY_HOP: [HeaderName; 7] = [
-    header::CONNECTION,
+    header::CONNECTION, // CONNECTION_BIT
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
     header::TRANSFER_ENCODING,
     header::UPGRADE,
-    header::TE,
+    header::TE, // TE_BIT
     HeaderName::from_static("http2-settings"),
 ];
+/// Bits of [`HOP_BY_HOP`] entries in [`strip_hop_by_hop`]'s mask of names present.
+const CONNECTION_BIT: u8 = 1 << 0;
+const TE_BIT: u8 = 1 << 5;
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -27,44 +30,68 @@ pub static X_SPUR_HOPS: HeaderName = HeaderName::from_static("x-spur-hops");
 /// Removes hop-by-hop headers, and any header the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
 ///
-/// Most heads carry none of them (or only `Connection`): one pass over the names, which
-/// compares well-known names as integers, decides whether any lookup is needed at all,
-/// rather than seven hashed removals on every request and every response.
+/// Most heads carry none of them, or only `Connection: keep-alive` (every response of an
+/// HTTP/1.1 origin such as nginx): one pass over the names, which compares well-known names
+/// as integers, notes which are present, and only those are removed; a `Connection` token
+/// costs a lookup (no allocation) and an allocation only when it names a header that is
+/// there and not hop-by-hop already.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    if !headers.keys().any(is_hop_by_hop) {
-        return;
-    }
-    if headers.contains_key(header::CONNECTION) {
-        let named: Vec<HeaderName> = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .filter_map(|t| HeaderName::from_bytes(t.trim().as_bytes()).ok())
-            .collect();
-        for name in named {
-            if name != header::TE {
-                headers.remove(&name);
-            }
+    let mut present = 0u8;
+    for name in headers.keys() {
+        if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
         }
     }
-    let te_trailers = headers
-        .get(header::TE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| {
-            v.split(',')
-                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
-        });
-    for h in &HOP_BY_HOP {
-        headers.remove(h);
+    if present == 0 {
+        return;
+    }
+    if present & CONNECTION_BIT != 0 {
+        for name in named_by_connection(headers) {
+            headers.remove(&name);
+        }
+    }
+    let te_trailers = present & TE_BIT != 0
+        && headers
+            .get(header::TE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| {
+                v.split(',')
+                    .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+            });
+    for (i, h) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << i) != 0 {
+            headers.remove(h);
+        }
     }
     if te_trailers {
         headers.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
-fn is_hop_by_hop(name: &HeaderName) -> bool {
-    HOP_BY_HOP.iter().any(|h| h == name)
+/// The headers present that a `Connection` header names, other than the hop-by-hop ones
+/// (removed anyway; `TE` is kept for its `trailers`). Empty (no allocation) for the usual
+/// `keep-alive`, `close` or `upgrade`.
+fn named_by_connection(headers: &HeaderMap) -> Vec<HeaderName> {
+    let mut named = Vec::new();
+    for v in headers.get_all(header::CONNECTION) {
+        let Ok(v) = v.to_str() else { continue };
+        for t in v.split(',').map(str::trim) {
+            // A hop-by-hop name goes anyway; a token that names no header here costs a
+            // lookup and nothing else.
+            if t.is_empty()
+                || HOP_BY_HOP
+                    .iter()
+                    .any(|h| t.eq_ignore_ascii_case(h.as_str()))
+                || !headers.contains_key(t)
+            {
+                continue;
+            }
+            if let Ok(name) = HeaderName::from_bytes(t.as_bytes()) {
+                named.push(name);
+            }
+        }
+    }
+    named
 }
 
 /// Whether a header is one Spur sets itself (`x-spur-…`), which a client cannot send.
@@ -202,6 +229,34 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn every_connection_header_value_names_headers_to_drop() {
+        let mut h = HeaderMap::new();
+        h.append("connection", "close".parse().unwrap());
+        h.append("connection", " X-One , ,x-two".parse().unwrap());
+        h.insert("x-one", "1".parse().unwrap());
+        h.insert("x-two", "2".parse().unwrap());
+        h.insert("close", "named by the `close` token".parse().unwrap());
+        h.insert("upgrade", "websocket".parse().unwrap());
+        h.insert("http2-settings", "AAMAAABkAAQAAP__".parse().unwrap());
+        h.insert("x-keep", "1".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        let left: Vec<&str> = h.keys().map(|k| k.as_str()).collect();
+        assert_eq!(left, ["x-keep"], "{h:?}");
+        // Nothing hop-by-hop: untouched.
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", "1".parse().unwrap());
+        h.insert("content-length", "3".parse().unwrap());
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 2);
+        // The mask's named bits point at their names.
+        assert_eq!(
+            HOP_BY_HOP[CONNECTION_BIT.trailing_zeros() as usize],
+            header::CONNECTION
+        );
+        assert_eq!(HOP_BY_HOP[TE_BIT.trailing_zeros() as usize], header::TE);
     }
 
     #[test]

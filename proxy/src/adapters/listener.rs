@@ -406,11 +406,15 @@ pub(crate) async fn serve_http_conn(
     let clock = head.clone();
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let request = clock.head_done(req.version());
-        let answer = handle(ctx.clone(), req);
-        async move {
-            let resp = answer.await?;
+        let ctx = ctx.clone();
+        // Boxed, and the request path's future built inside the box when first polled:
+        // hyper moves a service future several times (into an HTTP/2 stream task, or into
+        // the HTTP/1.1 dispatcher), and the request path's is about 2 KiB; a box is one
+        // allocation where those moves were copies of it.
+        Box::pin(async move {
+            let resp = handle(ctx, req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded::new(body, request)))
-        }
+        })
     });
     let limits = crate::adapters::http_conn::Limits {
         shared: &shared,

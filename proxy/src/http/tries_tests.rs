@@ -620,3 +620,31 @@ clusters:
     let ms = ep.ewma_ms();
     assert!((9.0..=11.0).contains(&ms), "latency estimate {ms} ms");
 }
+
+/// A connection's task holds its future for as long as the connection lives, idle or not:
+/// 1,000 idle keep-alive connections cost 1,000 of them.
+#[tokio::test]
+async fn a_connections_future_stays_small() {
+    let w = world(&config("", ""), |_, _, _| async { answer(200) });
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let stream = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+        .await
+        .unwrap();
+    let snap = w.ctx.shared.snapshot.load_full();
+    let lst = snap.listeners.values().next().unwrap().clone();
+    let (drain_tx, _) = tokio::sync::mpsc::channel(1);
+    let guard = ConnGuard::new(Arc::new(AtomicUsize::new(0)), Default::default(), drain_tx);
+    let (_tx, shutdown) = tokio::sync::watch::channel(false);
+    let f = crate::adapters::listener::serve_http_conn(
+        w.ctx.shared.clone(),
+        lst,
+        stream,
+        "127.0.0.1:1".parse().unwrap(),
+        None,
+        shutdown,
+        guard,
+    );
+    let size = std::mem::size_of_val(&f);
+    eprintln!("serve_http_conn's future: {size} bytes");
+    assert!(size < 3072, "serve_http_conn's future is {size} bytes");
+}

@@ -25,7 +25,11 @@ pub fn new_request_id() -> HeaderValue {
     let id = uuid::Builder::from_unix_timestamp_millis(millis, &rand).into_uuid();
     let mut buf = uuid::Uuid::encode_buffer();
     let s = id.hyphenated().encode_lower(&mut buf);
-    HeaderValue::from_str(s).expect("uuid is ASCII")
+    let mut v = HeaderValue::from_str(s).expect("uuid is ASCII");
+    // Unique to one request: HTTP/2 and HTTP/3 peers are told not to index it, which
+    // spares their header tables (and Spur's HPACK encoder) an insert and an eviction.
+    v.set_sensitive(true);
+    v
 }
 
 /// A parsed `traceparent`: `00-<trace-id:32 hex>-<parent-id:16 hex>-<flags:2 hex>`.
@@ -75,7 +79,10 @@ impl TraceParent {
         b[36..52].copy_from_slice(&self.parent_id);
         b[52] = b'-';
         b[53..55].copy_from_slice(&self.flags);
-        HeaderValue::from_bytes(&b).expect("hex is a valid header value")
+        let mut v = HeaderValue::from_bytes(&b).expect("hex is a valid header value");
+        // Unique to one request: not worth a place in an HPACK table (see new_request_id).
+        v.set_sensitive(true);
+        v
     }
 
     pub fn trace_id_str(&self) -> &str {
@@ -135,6 +142,9 @@ mod tests {
     fn parsed_and_written_back_byte_for_byte() {
         let tp = TraceParent::parse(GOOD.as_bytes()).unwrap();
         assert_eq!(tp.to_header(), GOOD);
+        // Per-request values are never indexed by HPACK/QPACK.
+        assert!(tp.to_header().is_sensitive());
+        assert!(new_request_id().is_sensitive());
         assert_eq!(tp.trace_id_str(), "4bf92f3577b34da6a3ce929d0e0e4736");
     }
 
