@@ -7,7 +7,8 @@
 //! `max_header_bytes` (431 from the request path; h3 refuses heads far larger), draining
 //! (GOAWAY, in-flight requests finish, then the drain timeout), the authorization policy
 //! (`authz` and `allow_identities`: 403 per request, through the same plan) and the
-//! verified peer identity in the access log and upstream.
+//! verified peer identity in the access log and upstream. h3 gets the QUIC connection
+//! through [`super::uni_streams`], which checks the client's QPACK encoder stream first.
 
 use super::uni_streams::GatedConnection;
 use crate::adapters::idle::Activity;
