@@ -10,7 +10,9 @@
 //! take that risk by default.
 
 pub mod client;
+mod encoder_stream;
 pub mod server;
+mod uni_streams;
 
 use crate::tls::Role;
 use quinn::ConnectionError;

@@ -7,8 +7,10 @@
 //! `max_header_bytes` (431 from the request path; h3 refuses heads far larger), draining
 //! (GOAWAY, in-flight requests finish, then the drain timeout), the authorization policy
 //! (`authz` and `allow_identities`: 403 per request, through the same plan) and the
-//! verified peer identity in the access log and upstream.
+//! verified peer identity in the access log and upstream. h3 gets the QUIC connection
+//! through [`super::uni_streams`], which checks the client's QPACK encoder stream first.
 
+use super::uni_streams::GatedConnection;
 use crate::adapters::idle::Activity;
 use crate::adapters::listener::ConnGuard;
 use crate::body::{H3Recv, H3Send, InBody};
@@ -25,8 +27,8 @@ use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
-type H3Conn = h3::server::Connection<h3_quinn::Connection, Bytes>;
-type Resolver = h3::server::RequestResolver<h3_quinn::Connection, Bytes>;
+type H3Conn = h3::server::Connection<GatedConnection, Bytes>;
+type Resolver = h3::server::RequestResolver<GatedConnection, Bytes>;
 
 /// How long a draining connection stays open once quiet, unless the client closes it first.
 const CLOSE_LINGER: std::time::Duration = std::time::Duration::from_secs(1);
@@ -295,7 +297,7 @@ async fn h3_setup(
     let max_field = lst.limits.max_header_bytes.get().saturating_mul(2) + 16 * 1024;
     let mut builder = h3::server::builder();
     builder.max_field_section_size(max_field);
-    let setup = builder.build(h3_quinn::Connection::new(conn.clone()));
+    let setup = builder.build(GatedConnection::new(conn.clone()));
     match tokio::time::timeout_at(by, setup).await {
         Ok(Ok(c)) => Some(c),
         Ok(Err(e)) => {
