@@ -59,12 +59,6 @@ async fn tcp_echo(name: &'static str) -> TcpEcho {
     }
 }
 
-/// A port nothing listens on (connections are refused).
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// One exchange over a new connection: the answer, or `None` if the proxy closed it.
 async fn tcp_once(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.ok()?;
@@ -80,7 +74,8 @@ async fn tcp_once(addr: SocketAddr) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_listener_ejects_a_dead_endpoint_and_skips_it() {
     let live = tcp_echo("live").await;
-    let dead = dead_addr();
+    let dead_port = refusing_addr();
+    let dead = dead_port.addr;
     let proxy = start_proxy(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}
@@ -485,6 +480,9 @@ clusters:
     let c_addr = c.addr;
     c.kill();
     drop(c);
+    // Its port held while it is down: refused as before, but no other test's listener
+    // can be given it meanwhile (the restarted backend binds over the hold).
+    let _down = hold_again(c_addr.port()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c2 = backend_on(c_addr, |_| async {
         http::Response::builder()

@@ -120,9 +120,12 @@ clusters:
             .await
         );
         c.kill();
-        c
+        // Its port stays held (refused): no other test's listener is given it meanwhile.
+        let held = hold_again(c.addr.port()).await;
+        (c, held)
     };
-    let (answers, _c) = tokio::join!(load(web, "/", 3000, 16, Duration::from_secs(30)), killer);
+    let (answers, (_c, _held)) =
+        tokio::join!(load(web, "/", 3000, 16, Duration::from_secs(30)), killer);
     assert!(answers.len() >= 2000, "only {} requests ran", answers.len());
     let ok = answers.iter().filter(|a| a.0 == 200).count();
     let rate = ok as f64 / answers.len() as f64;
