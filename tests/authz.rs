@@ -680,12 +680,10 @@ async fn a_pushed_policy_rolls_out_from_audit_to_deny_live_without_failing_allow
     let app = named_backend("app").await;
     let (cp, _dir) = start_control(Some("tok")).await;
     let c = cp.addr;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    // Held for the test: every pushed version names it, and it must not be taken before
+    // the proxy binds it.
+    let held = reserved_port();
+    let listen = held.addr.to_string();
     let put = |action: Option<&'static str>| {
         let body = pushed_yaml(&certs, &listen, app.addr, action);
         async move {

@@ -194,13 +194,10 @@ async fn proxies_follow_pushes_without_failing_a_request() {
     let c = cp.addr;
     let a = named_backend("a").await;
     let b = named_backend("b").await;
-    // Pick a port for the listener so every version can name it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let listen = format!("127.0.0.1:{port}");
+    // A port for the listener so every version can name it (held: it must not be taken
+    // before the proxy binds it).
+    let held = reserved_port();
+    let listen = held.addr.to_string();
     let (s, _) = call(
         c,
         "PUT",
@@ -532,11 +529,9 @@ async fn listener_changes_apply_live_and_open_streams_survive() {
     ws.send(Message::text("before")).await.unwrap();
     assert_eq!(ws.next().await.unwrap().unwrap(), Message::text("before"));
 
-    let extra_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Held for the test: free every other push, when it would be anyone's to take.
+    let extra_held = reserved_port();
+    let extra_port = extra_held.port();
     for n in 1..=20u32 {
         // Every other push adds or removes a listener on another port.
         let extra = (n % 2 == 1).then_some(extra_port);

@@ -321,10 +321,8 @@ async fn patching_a_flag_off_reroutes_within_a_second_without_errors() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_canary_with_no_healthy_endpoint_gives_its_share_away() {
     let v1 = variant("v1").await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_port = refusing_addr();
+    let dead = dead_port.addr;
     let proxy = start_proxy(&format!(
         r#"
 listeners:

@@ -274,9 +274,8 @@ async fn grpc_timeout_bounds_the_call_and_reaches_the_server_reduced() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spur_answers_grpc_calls_with_grpc_errors() {
     let server = healthy().await;
-    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let dead_addr = dead.local_addr().unwrap();
-    drop(dead);
+    let dead = refusing_addr();
+    let dead_addr = dead.addr;
     let proxy = start_proxy(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}

@@ -561,11 +561,8 @@ async fn an_ambiguous_response_is_502_and_its_connection_closed() {
 /// with 508 `loop_detected`, and repeating it holds no more descriptors.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_pointing_at_its_own_listener_is_a_loop_not_a_leak() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let held = reserved_port();
+    let port = held.port();
     let spur = spawn_spur(
         &format!(
             "listeners:\n  - {{ name: web, listen: \"127.0.0.1:{port}\", cluster: me }}\n\

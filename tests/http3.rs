@@ -670,10 +670,9 @@ listeners:
         spur_config::load(&y, Some("b.yaml")).unwrap()
     };
     // B starts with TCP only: A's QUIC handshakes time out and it falls back.
-    let port = {
-        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        probe.local_addr().unwrap().port()
-    };
+    // Both held until B binds them: UDP for seconds, while B has no http3 listener yet.
+    let (held, udp) = h3c::tcp_and_udp_port();
+    let port = held.port();
     let b = spur_proxy::Proxy::start(b_yaml(port, false)).await.unwrap();
     let a_leaf = pki.issue("a", Some(&id("a")), 71);
     let a = spawn_spur_env(
@@ -750,6 +749,7 @@ clusters:
         "no probe was made after the fallback period: {:?} handshake timeouts",
         timeouts().await
     );
+    drop(udp);
     b.apply(b_yaml(port, true), 2).await.unwrap();
     let b_admin = b.admin_addr().unwrap();
     assert!(

@@ -355,20 +355,6 @@ async fn a_drain_answers_requests_in_flight_and_rejects_later_streams() {
         .unwrap();
 }
 
-/// A port free for both TCP and UDP on 127.0.0.1. Chosen by a TCP bind (which skips ports
-/// a TIME-WAIT connection holds; a UDP one does not, and B's TCP listener then failed with
-/// EADDRINUSE on a loaded machine), then checked for UDP.
-fn tcp_and_udp_port() -> u16 {
-    for _ in 0..100 {
-        let tcp = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        let port = tcp.local_addr().unwrap().port();
-        if std::net::UdpSocket::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no port free for both TCP and UDP");
-}
-
 /// App ← B (`http3` listener, mTLS) ← A (`http3` cluster with `fallback: http2`); B's TCP
 /// listener on the same port would be accepted, its QUIC one is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -377,7 +363,9 @@ async fn a_certificate_refusal_does_not_fall_back_to_tcp() {
     let app = named_backend("app").await;
     let good = pki.issue("b", Some(&id("b")), 10);
     let wrong = pki.issue("c", Some(&id("c")), 11);
-    let port = tcp_and_udp_port();
+    let (held, udp) = h3c::tcp_and_udp_port();
+    let port = held.port();
+    drop(udp);
     let b = start_proxy(&format!(
         r#"
 listeners:

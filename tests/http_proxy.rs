@@ -235,10 +235,8 @@ async fn metrics_count_requests_by_route_cluster_and_code() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_failures_get_spur_errors() {
     // A port with nothing listening.
-    let dead = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap()
-    };
+    let dead_port = refusing_addr();
+    let dead = dead_port.addr;
     let slow = backend(|_req| async {
         tokio::time::sleep(std::time::Duration::from_secs(3)).await;
         http::Response::new(Full::new(Bytes::from("late")))

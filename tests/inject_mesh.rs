@@ -24,14 +24,6 @@ fn spur(args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// An app as a user writes it: a server (`echo`, serving on `app_port`) with a Service,
 /// and a client; each with its own service account.
 fn manifest(app_port: u16, client_annotations: &str) -> String {
@@ -123,7 +115,9 @@ fn read(path: &Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn injected_sidecars_talk_mutual_tls_with_their_service_accounts() {
     let app = named_backend("echo-app").await;
-    let (echo_in, echo_out, client_out) = (free_port(), free_port(), free_port());
+    // Held until the sidecars bind them (a port chosen and let go may be taken meanwhile).
+    let held: Vec<HeldPort> = (0..4).map(|_| reserved_port()).collect();
+    let (echo_in, echo_out, client_out) = (held[0].port(), held[1].port(), held[2].port());
     let input = manifest(app.addr.port(), "");
     // One run per sidecar: on this one host the two outbound listeners need two ports.
     let (echo_docs, echo_configs) = inject(
@@ -139,7 +133,7 @@ async fn injected_sidecars_talk_mutual_tls_with_their_service_accounts() {
         &input,
         &[
             "--inbound-port",
-            &free_port().to_string(),
+            &held[3].port().to_string(),
             "--outbound-port",
             &client_out.to_string(),
         ],

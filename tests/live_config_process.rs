@@ -8,14 +8,6 @@ use common::*;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 fn spawn_control(port: u16, dir: &std::path::Path) -> Child {
     Command::new(env!("CARGO_BIN_EXE_spur"))
         .args([
@@ -51,7 +43,10 @@ fn config_for(node: &str, backend: std::net::SocketAddr) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_mid_push_keeps_every_acknowledged_version() {
     let dir = temp_dir("kill9");
-    let port = free_port();
+    // Held for the whole test: the control plane is down between its runs, and a port
+    // merely chosen and let go may be taken by then.
+    let held = reserved_port();
+    let port = held.port();
     let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
     let backend: std::net::SocketAddr = "127.0.0.1:9".parse().unwrap();
     let mut acknowledged: Vec<(u64, String)> = Vec::new();

@@ -533,11 +533,9 @@ async fn a_failed_renewal_keeps_the_current_certificate_and_retries() {
 /// (`CERTIFY_START_LIMIT`), then exits 1 saying why.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unreachable_mesh_ca_is_retried_for_30_s_then_the_proxy_exits_1() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Nothing listens there, and nothing can while the test runs.
+    let held = refusing_addr();
+    let port = held.port();
     let token = temp_dir("no-ca").join("token");
     std::fs::write(&token, "join-me\n").unwrap();
     let started = Instant::now();
@@ -585,11 +583,9 @@ async fn an_unreachable_mesh_ca_is_retried_for_30_s_then_the_proxy_exits_1() {
 /// certificate and carries on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_mesh_ca_that_comes_up_within_30_s_certifies_the_waiting_proxy() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    // Held until the mesh CA binds it.
+    let held = reserved_port();
+    let port = held.port();
     let dir = temp_dir("late-ca");
     let token = dir.join("token");
     std::fs::write(&token, "join-me\n").unwrap();

@@ -50,10 +50,8 @@ async fn mirroring_is_bounded_in_flight_and_by_body_size_and_counts_failures() {
     })
     .await;
     // A port nothing listens on, for a shadow that cannot be reached.
-    let dead = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let dead_port = refusing_addr();
+    let dead = dead_port.addr;
     let proxy = start_proxy(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}

@@ -59,12 +59,6 @@ async fn tcp_echo(name: &'static str) -> TcpEcho {
     }
 }
 
-/// A port nothing listens on (connections are refused).
-fn dead_addr() -> SocketAddr {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
 /// One exchange over a new connection: the answer, or `None` if the proxy closed it.
 async fn tcp_once(addr: SocketAddr) -> Option<String> {
     let mut s = TcpStream::connect(addr).await.ok()?;
@@ -80,7 +74,8 @@ async fn tcp_once(addr: SocketAddr) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tcp_listener_ejects_a_dead_endpoint_and_skips_it() {
     let live = tcp_echo("live").await;
-    let dead = dead_addr();
+    let dead_port = refusing_addr();
+    let dead = dead_port.addr;
     let proxy = start_proxy(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}
@@ -232,9 +227,18 @@ clusters:
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_requests_one_answers_the_second_request_at_once() {
-    let slow = backend(|_| async {
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-        http::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow")))
+    // The app holds the first request until released: the second is answered while the
+    // first is still in flight, so "at once" needs no timing window.
+    let (release, released) = tokio::sync::watch::channel(false);
+    let arrived = Arc::new(AtomicUsize::new(0));
+    let seen = arrived.clone();
+    let slow = backend(move |_| {
+        let mut released = released.clone();
+        seen.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let _ = released.wait_for(|r| *r).await;
+            http::Response::new(http_body_util::Full::new(bytes::Bytes::from("slow")))
+        }
     })
     .await;
     let proxy = start_proxy(&format!(
@@ -251,13 +255,21 @@ clusters:
     .await;
     let web = proxy.listener_addr("web").unwrap();
     let first = tokio::spawn(async move { get(web, "/", &[]).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let start = Instant::now();
-    let second = get(web, "/", &[]).await;
-    let took = start.elapsed();
+    assert!(
+        eventually(Duration::from_secs(5), || async {
+            arrived.load(Ordering::SeqCst) == 1
+        })
+        .await,
+        "the first request reaches the app"
+    );
+    let second = tokio::time::timeout(Duration::from_secs(5), get(web, "/", &[]))
+        .await
+        .expect("the second request is answered while the first is held");
     assert_eq!(second.status, 503);
     assert_eq!(second.header("x-spur-error"), Some("overloaded"));
-    assert!(took < Duration::from_millis(100), "took {took:?}");
+    assert!(!first.is_finished(), "the first request is still in flight");
+    assert_eq!(arrived.load(Ordering::SeqCst), 1);
+    release.send_replace(true);
     assert_eq!(first.await.unwrap().text(), "slow");
 }
 
@@ -485,6 +497,9 @@ clusters:
     let c_addr = c.addr;
     c.kill();
     drop(c);
+    // Its port held while it is down: refused as before, but no other test's listener
+    // can be given it meanwhile (the restarted backend binds over the hold).
+    let _down = hold_again(c_addr.port()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let c2 = backend_on(c_addr, |_| async {
         http::Response::builder()

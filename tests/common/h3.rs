@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use crate::common::pki::Leaf;
+use crate::common::{reserved_port, HeldPort};
 use bytes::{Buf, Bytes};
 use h3::error::{Code, StreamError};
 use http::{Request, Response};
@@ -151,4 +152,21 @@ pub fn header<'a>(r: &'a Response<()>, name: &str) -> &'a str {
         .get(name)
         .and_then(|v| v.to_str().ok())
         .unwrap_or("")
+}
+
+/// A port for a TCP and an `http3` listener side by side: TCP held by [`reserved_port`]
+/// (the proxy's listener binds over it), UDP by the socket returned, which the test drops
+/// just before its `http3` listener binds the port. Chosen by a TCP bind, which skips
+/// ports a TIME-WAIT connection holds (a UDP bind does not, and the TCP listener then
+/// failed with EADDRINUSE on a loaded machine); held, because a port chosen and let go
+/// may be given to another test's socket before the proxy binds it (QUIC clients bind
+/// UDP ports all the time).
+pub fn tcp_and_udp_port() -> (HeldPort, std::net::UdpSocket) {
+    for _ in 0..100 {
+        let tcp = reserved_port();
+        if let Ok(udp) = std::net::UdpSocket::bind(tcp.addr) {
+            return (tcp, udp);
+        }
+    }
+    panic!("no port free for both TCP and UDP");
 }

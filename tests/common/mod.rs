@@ -414,6 +414,60 @@ fn fastrand_u64() -> u64 {
     h.finish()
 }
 
+/// A TCP port on 127.0.0.1 held by a socket that is bound but not listening, for as long
+/// as this value lives. Connections to it are refused, and no `bind(0)` anywhere on the
+/// machine is given it (the kernel skips bound ports), unlike a port taken by
+/// `bind(0)`-then-drop, which the next test's listener may get meanwhile.
+pub struct HeldPort {
+    pub addr: SocketAddr,
+    _socket: socket2::Socket,
+}
+
+impl HeldPort {
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+}
+
+fn hold_port(port: u16, reuse: bool) -> std::io::Result<HeldPort> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(reuse)?;
+    socket.bind(&SocketAddr::from(([127, 0, 0, 1], port)).into())?;
+    let addr = socket.local_addr()?.as_socket().expect("an IPv4 address");
+    Ok(HeldPort {
+        addr,
+        _socket: socket,
+    })
+}
+
+/// An address nothing listens on, and nothing else can bind while the value lives (bound
+/// without `SO_REUSEADDR`): a dead endpoint whose connections are refused.
+pub fn refusing_addr() -> HeldPort {
+    hold_port(0, false).expect("bind 127.0.0.1:0")
+}
+
+/// A port for a listener the test names before it is bound (a config pushed later, a
+/// listener added and removed live). Held with `SO_REUSEADDR` so that a listener that sets
+/// it too (Spur's, std's, tokio's) can bind and listen on it, while `bind(0)` elsewhere
+/// never gets it; it stays held in the gaps when the test's own listener is not there.
+pub fn reserved_port() -> HeldPort {
+    hold_port(0, true).expect("bind 127.0.0.1:0")
+}
+
+/// Holds `port` again once its listener is gone (a killed [`Backend`]), so that it stays
+/// refused and free for the test until it serves there again; waits (at most 5 s) for
+/// the old listener to close.
+pub async fn hold_again(port: u16) -> HeldPort {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        match hold_port(port, true) {
+            Ok(h) => return h,
+            Err(e) if Instant::now() > deadline => panic!("port {port} not released: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
 /// A fresh temporary directory for one test.
 pub fn temp_dir(tag: &str) -> std::path::PathBuf {
     let dir = std::env::temp_dir().join(format!(
