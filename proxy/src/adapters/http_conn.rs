@@ -60,7 +60,7 @@ where
 {
     let mut io = Rewind::new(io, Bytes::new());
     let h2 = h2_by_alpn || {
-        let sniffed = guard(&mut limits, sniff(&mut io)).await;
+        let sniffed = Box::pin(guard(&mut limits, sniff(&mut io))).await;
         match sniffed {
             Some(Ok(h2)) => h2,
             _ => return,
@@ -72,8 +72,10 @@ where
             .timer(TokioTimer::new())
             .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
             .max_concurrent_streams(1024);
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        drive(Box::pin(conn).as_mut(), &mut limits, false).await;
+        // Boxed where it is made: a named local would keep its size in this future for
+        // the connection's whole life, even moved into the box.
+        let mut conn = Box::pin(builder.serve_connection(TokioIo::new(io), svc));
+        Box::pin(drive(conn.as_mut(), &mut limits, false)).await;
         return;
     }
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -85,11 +87,12 @@ where
         .max_buf_size(header_buf_size(limits.lst.limits.max_header_bytes.get()))
         .keep_alive(true);
     loop {
-        let conn = builder
-            .serve_connection(TokioIo::new(io), svc.clone())
-            .with_upgrades();
-        let mut conn = Box::pin(conn);
-        if !drive(conn.as_mut(), &mut limits, true).await {
+        let mut conn = Box::pin(
+            builder
+                .serve_connection(TokioIo::new(io), svc.clone())
+                .with_upgrades(),
+        );
+        if !Box::pin(drive(conn.as_mut(), &mut limits, true)).await {
             return;
         }
         // Parked: hyper's state goes; the socket (and any bytes hyper read ahead) stays.
@@ -104,10 +107,17 @@ where
         drop((unread, parts.read_buf, parts.service));
         crate::footprint::parked();
         if prefix.is_empty() {
-            // Waits for the next request's first bytes with no buffer of hyper's: a read
-            // through the stream (TLS included), into a small buffer made only then.
+            // Waits for the next request's first bytes with no buffer of hyper's. Plain
+            // TCP: until the socket is readable, with no buffer at all. TLS may hold bytes
+            // it decrypted already, so it waits in a read.
+            if let Some(tcp) = stream.get_ref().plain() {
+                match guard(&mut limits, tcp.readable()).await {
+                    Some(Ok(())) => {}
+                    _ => return,
+                }
+            }
             prefix.reserve(1024);
-            match guard(&mut limits, stream.read_buf(&mut prefix)).await {
+            match Box::pin(guard(&mut limits, stream.read_buf(&mut prefix))).await {
                 Some(Ok(n)) if n > 0 => {}
                 _ => return,
             }

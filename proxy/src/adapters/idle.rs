@@ -269,6 +269,10 @@ impl<T> IdleIo<T> {
         }
     }
 
+    pub fn get_ref(&self) -> &T {
+        &self.inner
+    }
+
     /// Bytes (read from, written to) the inner stream so far.
     pub fn bytes(&self) -> (u64, u64) {
         (self.read, self.written)

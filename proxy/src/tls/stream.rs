@@ -27,6 +27,14 @@ impl Stream {
         }
     }
 
+    /// The TCP stream of a connection without TLS.
+    pub fn plain(&self) -> Option<&TcpStream> {
+        match self {
+            Stream::Plain(s) => Some(s),
+            _ => None,
+        }
+    }
+
     /// The protocol agreed by ALPN, if any.
     pub fn alpn(&self) -> Option<&[u8]> {
         match self {
