@@ -296,6 +296,7 @@ mod tests {
         assert!(!mid.matches("spiffe://cluster.local/ns/abc/sa"));
         assert!(segment_matches("a*b*c", "a-b-b-c"));
         assert!(!segment_matches("a*b*c", "a-b-b-d"));
+        assert_eq!(mid.as_str(), "spiffe://*.local/ns/a*c/sa/*");
     }
 
     #[test]

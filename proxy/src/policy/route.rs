@@ -204,6 +204,31 @@ mod tests {
     }
 
     #[test]
+    fn a_destination_match_takes_only_that_destinations_connections() {
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let rule = m(r#"{"destination": "db"}"#);
+        assert!(rule.names_destination());
+        assert!(!m("{}").names_destination());
+        let mut r = req(&get, "/", None, &h);
+        assert!(!rule.matches(&r), "no destination");
+        r.destination = Some("db");
+        assert!(rule.matches(&r));
+        r.destination = Some("cache");
+        assert!(!rule.matches(&r));
+    }
+
+    #[test]
+    fn a_header_named_alone_must_be_present() {
+        let mut h = HeaderMap::new();
+        let get = Method::GET;
+        let rule = m(r#"{"headers": [{"name": "x-canary"}]}"#);
+        assert!(!rule.matches(&req(&get, "/", None, &h)));
+        h.insert("x-canary", "".parse().unwrap());
+        assert!(rule.matches(&req(&get, "/", None, &h)));
+    }
+
+    #[test]
     fn method_host_and_headers() {
         let mut h = HeaderMap::new();
         h.insert("x-version", "v12".parse().unwrap());

@@ -1,0 +1,221 @@
+//! Edges of the checks that mutation testing (`cargo mutants`, README "Testing") found
+//! untested: values at the bounds of a range, and rules no other test reached.
+
+use super::*;
+
+fn errors_of(yaml: &str) -> Vec<String> {
+    match load(yaml, Some("c.yaml")) {
+        Ok(_) => vec![],
+        Err(e) => e.errors.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+/// A config of one http listener (extra listener fields `l`) and one cluster (extra
+/// cluster fields `c`), both given as YAML flow-map entries.
+fn config(l: &str, c: &str) -> String {
+    format!(
+        "listeners: [{{ name: l, listen: 127.0.0.1:1, cluster: c{l} }}]\n\
+         clusters: [{{ name: c, endpoints: [\"127.0.0.1:2\"]{c} }}]\n"
+    )
+}
+
+#[track_caller]
+fn assert_errors(yaml: &str, expected: &[&str]) {
+    assert_eq!(errors_of(yaml), expected, "{yaml}");
+}
+
+#[test]
+fn a_range_includes_its_upper_bound() {
+    let health = |n: u32| {
+        config(
+            "",
+            &format!(", health_check: {{ path: /h, unhealthy_threshold: {n} }}"),
+        )
+    };
+    assert_errors(&health(100), &[]);
+    assert_errors(
+        &health(101),
+        &["clusters[0].health_check.unhealthy_threshold: must be between 1 and 100"],
+    );
+}
+
+#[test]
+fn tls_files_must_be_named() {
+    assert_errors(
+        &config(", tls: { cert: \" \", key: k.pem, client_ca: \"\" }", ""),
+        &[
+            "listeners[0].tls.cert: must name a file",
+            "listeners[0].tls.client_ca: must name a file",
+        ],
+    );
+}
+
+#[test]
+fn a_destination_match_needs_an_original_dst_listener() {
+    let routes = |extra: &str| {
+        config(
+            &format!(", routes: [{{ match: {{ destination: c }}, cluster: c }}]{extra}"),
+            "",
+        )
+    };
+    assert_errors(
+        &routes(""),
+        &["listeners[0].routes[0].match.destination: only applies on a listener with original_dst (the destination is the connection's original one)"],
+    );
+    assert_errors(&routes(", original_dst: true"), &[]);
+}
+
+#[test]
+fn service_addresses_need_a_port() {
+    assert_errors(
+        &config("", ", service_addresses: [\"10.0.0.1:80\", \"10.0.0.2:0\"]"),
+        &["clusters[0].service_addresses[1]: port 0 is not a destination"],
+    );
+}
+
+#[test]
+fn every_breaker_setting_is_checked() {
+    assert_errors(
+        &config(
+            "",
+            ", circuit_breaker: { consecutive_failures: 0, ejection_time: 0ms, max_ejection_percent: 101, max_requests: 0, max_pending: 1000001 }",
+        ),
+        &[
+            "clusters[0].circuit_breaker.consecutive_failures: must be between 1 and 1000",
+            "clusters[0].circuit_breaker.ejection_time: must be greater than 0ms",
+            "clusters[0].circuit_breaker.max_ejection_percent: must be between 0 and 100",
+            "clusters[0].circuit_breaker.max_requests: must be between 1 and 1000000",
+            "clusters[0].circuit_breaker.max_pending: must be between 0 and 1000000",
+        ],
+    );
+    assert_errors(
+        &config(
+            "",
+            ", circuit_breaker: { consecutive_failures: 1000, max_ejection_percent: 100, max_requests: 1000000, max_pending: 0 }",
+        ),
+        &[],
+    );
+}
+
+#[test]
+fn a_rate_limit_period_is_at_most_a_day() {
+    let per = |per: &str| config(&format!(", rate_limit: {{ requests: 5, per: {per} }}"), "");
+    assert_errors(&per("24h"), &[]);
+    assert_errors(
+        &per("1441m"),
+        &["listeners[0].rate_limit.per: must be at most 24h"],
+    );
+}
+
+/// A config whose one route (fields `r`, given as flow-map entries) has no cluster.
+fn route(r: &str) -> String {
+    config(
+        &format!(", routes: [{{ match: {{ path_prefix: /a }}{r} }}]"),
+        "",
+    )
+}
+
+#[test]
+fn a_redirect_changing_any_one_part_is_enough() {
+    for part in [
+        "scheme: https",
+        "host: example.com",
+        "port: 8443",
+        "path: /b",
+        "path_prefix: /b/",
+    ] {
+        assert_errors(&route(&format!(", redirect: {{ {part} }}")), &[]);
+    }
+}
+
+#[test]
+fn a_path_has_no_query_fragment_space_or_control_character() {
+    for (path, ok) in [
+        ("/a/b-c_d~e", true),
+        ("/a?x", false),
+        ("/a#x", false),
+        ("/a b", false),
+        ("/a\\tb", false),
+        ("/a\\u007fb", false),
+        ("/caf\\u00e9", false),
+    ] {
+        let yaml = route(&format!(", redirect: {{ path: \"{path}\" }}"));
+        let errs = errors_of(&yaml);
+        assert_eq!(errs.is_empty(), ok, "{path}: {errs:?}");
+        assert!(
+            ok || errs[0]
+                .ends_with("is not a path (no query, fragment, spaces or control characters)"),
+            "{errs:?}"
+        );
+    }
+}
+
+#[test]
+fn header_rules_need_only_one_of_set_add_and_remove() {
+    for rules in ["set: { x-a: b }", "add: { x-a: b }", "remove: [x-a]"] {
+        let yaml = route(&format!(", cluster: c, request_headers: {{ {rules} }}"));
+        assert_errors(&yaml, &[]);
+    }
+}
+
+#[test]
+fn cors_max_age_and_slow_start_are_bounded_inclusively() {
+    let cors = |age: &str| {
+        route(&format!(
+            ", cluster: c, cors: {{ allow_origins: [\"https://a.example\"], max_age: {age} }}"
+        ))
+    };
+    assert_errors(&cors("24h"), &[]);
+    assert_errors(
+        &cors("1441m"),
+        &["listeners[0].routes[0].cors.max_age: must be at most 24h"],
+    );
+    let slow = |w: &str| config("", &format!(", slow_start: {{ window: {w} }}"));
+    assert_errors(&slow("1h"), &[]);
+    assert_errors(
+        &slow("61m"),
+        &["clusters[0].slow_start.window: must be at most 1h"],
+    );
+}
+
+#[test]
+fn a_specific_ipv6_address_does_not_take_the_port_on_ipv4() {
+    let yaml = "listeners:\n\
+        \x20 - { name: a, listen: \"[::1]:8080\", cluster: c }\n\
+        \x20 - { name: b, listen: \"127.0.0.1:8080\", cluster: c }\n\
+        \x20 - { name: d, listen: \"[::2]:8080\", cluster: c }\n\
+        clusters: [{ name: c, endpoints: [\"127.0.0.1:2\"] }]\n";
+    assert_errors(yaml, &[]);
+}
+
+#[test]
+fn retry_bounds_are_inclusive() {
+    let retry = |r: &str| route(&format!(", cluster: c, retry: {{ attempts: 2, {r} }}"));
+    assert_errors(
+        &retry("backoff: { base: 1s, max: 1s }, max_body: 64MiB"),
+        &[],
+    );
+    assert_errors(
+        &retry("max_body: 67108865"),
+        &["listeners[0].routes[0].retry.max_body: must be at most 64MiB"],
+    );
+}
+
+#[test]
+fn a_host_match_is_a_host_name() {
+    let host = |h: &str| {
+        config(
+            &format!(", routes: [{{ match: {{ host: \"{h}\" }}, cluster: c }}]"),
+            "",
+        )
+    };
+    assert_errors(&host("shop.example"), &[]);
+    for bad in ["", "a/b", "a b"] {
+        assert_errors(
+            &host(bad),
+            &[&format!(
+                "listeners[0].routes[0].match.host: `{bad}` is not a host name"
+            )],
+        );
+    }
+}
