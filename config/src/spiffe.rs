@@ -182,5 +182,11 @@ mod tests {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
             assert!(serde_json::from_value::<SpiffeId>(bad.into()).is_err());
         }
+        // The limits are inclusive: 2048 bytes in all, 255 for the trust domain.
+        let longest = format!("spiffe://td/{}", "a".repeat(MAX_LEN - 12));
+        assert_eq!(longest.len(), MAX_LEN);
+        assert!(SpiffeId::parse(&longest).is_ok());
+        assert!(SpiffeId::parse(&format!("{longest}a")).is_err());
+        assert!(SpiffeId::parse(&format!("spiffe://{}/a", "a".repeat(255))).is_ok());
     }
 }

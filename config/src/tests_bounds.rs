@@ -1,5 +1,5 @@
-//! Edges of the checks that mutation testing (`cargo mutants`, README "Testing") found
-//! untested: values at the bounds of a range, and rules no other test reached.
+//! What mutation testing (`cargo mutants`, README "Testing") found untested in spur-config:
+//! values at the bounds of a range, rules no other test reached, the library entry points.
 
 use super::*;
 
@@ -218,4 +218,96 @@ fn a_host_match_is_a_host_name() {
             )],
         );
     }
+}
+
+#[test]
+fn a_fault_abort_status_is_between_200_and_599() {
+    let abort = |status: u16| {
+        route(&format!(
+            ", cluster: c, fault: {{ abort: {{ percent: 10, status: {status} }} }}"
+        ))
+    };
+    assert_errors(&abort(200), &[]);
+    assert_errors(&abort(599), &[]);
+    assert_errors(
+        &abort(600),
+        &["listeners[0].routes[0].fault.abort.status: must be between 200 and 599"],
+    );
+}
+
+/// A file in the temporary directory, unique to this process and test.
+fn temp_file(name: &str, content: &str) -> std::path::PathBuf {
+    let path = std::env::temp_dir().join(format!("spur-config-{}-{name}", std::process::id()));
+    std::fs::write(&path, content).unwrap();
+    path
+}
+
+#[test]
+fn the_library_entry_points_check_what_they_are_given() {
+    // check_depth: for documents from the network.
+    let deep = format!(
+        "{}1{}",
+        "[".repeat(MAX_DEPTH + 1),
+        "]".repeat(MAX_DEPTH + 1)
+    );
+    assert!(check_depth(&deep, Format::Json).is_err());
+    assert!(check_depth("[[1]]", Format::Json).is_ok());
+    // validate and validate_with: a config changed after it was loaded.
+    let mut cfg = load(&config("", ""), None).unwrap();
+    assert_eq!(validate(&cfg), Ok(()));
+    cfg.workers = Some(0);
+    let err = validate(&cfg).unwrap_err();
+    assert_eq!(err.to_string(), "workers: must be between 1 and 1024");
+    assert_eq!(validate_with(&cfg, Rules::default()), Err(err));
+    // Several errors print one a line.
+    let two = load("node: \" \"\nworkers: 0\n", None).unwrap_err();
+    assert_eq!(
+        two.to_string(),
+        "node: must not be empty\nworkers: must be between 1 and 1024"
+    );
+}
+
+#[test]
+fn files_are_read_and_named_in_errors() {
+    let good = temp_file("good.yaml", &config("", ""));
+    assert_eq!(
+        load_file(&good).unwrap(),
+        load(&config("", ""), None).unwrap()
+    );
+    let bad = temp_file("bad.yaml", "workers: 0\n");
+    assert_eq!(
+        load_file_with(&bad, Rules::default())
+            .unwrap_err()
+            .to_string(),
+        "workers: must be between 1 and 1024"
+    );
+    let missing = std::env::temp_dir().join("spur-config-no-such-file.yaml");
+    let err = load_file(&missing).unwrap_err().to_string();
+    assert!(err.starts_with("cannot read "), "{err}");
+    let token = temp_file("token", "  s3cret\n");
+    assert_eq!(read_token_file(&token).unwrap(), "s3cret");
+    let empty = temp_file("empty-token", " \n");
+    assert!(read_token_file(&empty).unwrap_err().ends_with("is empty"));
+    assert!(read_token_file(&missing).is_err());
+    for p in [good, bad, token, empty] {
+        std::fs::remove_file(p).unwrap();
+    }
+}
+
+#[test]
+fn an_endpoint_weighs_one_unless_it_says() {
+    let cfg = load(
+        &config("", "").replace(
+            "endpoints: [\"127.0.0.1:2\"]",
+            "endpoints: [\"127.0.0.1:2\", { address: \"127.0.0.1:3\", weight: 7 }]",
+        ),
+        None,
+    )
+    .unwrap();
+    let weights: Vec<u32> = cfg.clusters[0]
+        .endpoints
+        .iter()
+        .map(|e| e.weight())
+        .collect();
+    assert_eq!(weights, [1, 7]);
 }
