@@ -147,6 +147,10 @@ mod tests {
         assert_eq!(id.path(), "/ns/shop/sa/web");
         assert_eq!(id.namespace(), Some("shop"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(
+            format!("{id:?}"),
+            "SpiffeId(spiffe://cluster.local/ns/shop/sa/web)"
+        );
         let bare = SpiffeId::parse("spiffe://example.org").unwrap();
         assert_eq!((bare.trust_domain(), bare.path()), ("example.org", ""));
         assert_eq!(bare.namespace(), None);

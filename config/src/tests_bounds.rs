@@ -311,3 +311,111 @@ fn an_endpoint_weighs_one_unless_it_says() {
         .collect();
     assert_eq!(weights, [1, 7]);
 }
+
+#[test]
+fn an_endpoint_that_is_not_an_address_says_what_would_be() {
+    let endpoints = |e: &str| config("", "").replace("endpoints: [\"127.0.0.1:2\"]", e);
+    // A host name without a port, or with spaces, is not taken for a `dns:` target.
+    for (e, text) in [
+        ("endpoints: [localhost]", "localhost"),
+        ("endpoints: [\"a b:80\"]", "a b:80"),
+    ] {
+        assert_errors(
+            &endpoints(e),
+            &[&format!(
+                "clusters[0].endpoints[0]: `{text}` is not an IP address with a port such as 127.0.0.1:8080"
+            )],
+        );
+    }
+    let errs = errors_of(&endpoints("endpoints: [[1]]"));
+    assert!(
+        errs[0].contains(
+            "expected an IP address with a port such as 127.0.0.1:8080, or { address, weight }"
+        ),
+        "{errs:?}"
+    );
+}
+
+#[test]
+fn percentages_and_where_a_rollout_is() {
+    use crate::rollout::locate;
+    assert_eq!(Percent(1.0).fraction(), 0.01);
+    assert_eq!(Percent(250.0).fraction(), 2.5);
+    assert!("inf%".parse::<Percent>().is_err());
+    assert!("NaN".parse::<Percent>().is_err());
+    assert_eq!(
+        serde_json::from_str::<Percent>("0.5").unwrap(),
+        Percent(0.5)
+    );
+    let e = serde_json::from_str::<Percent>("true")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("a percentage such as `1%` or `20`"), "{e}");
+    let yaml = "listeners:\n\
+        \x20 - { name: a, listen: 127.0.0.1:1, cluster: c }\n\
+        \x20 - name: b\n\
+        \x20   listen: 127.0.0.1:2\n\
+        \x20   routes:\n\
+        \x20     - { name: x, cluster: c }\n\
+        \x20     - { name: r, split: [{ cluster: c, weight: 1 }, { cluster: d, weight: 1 }, { cluster: e, weight: 1 }] }\n\
+        clusters:\n\
+        \x20 - { name: c, endpoints: [\"127.0.0.1:3\"] }\n\
+        \x20 - { name: d, endpoints: [\"127.0.0.1:4\"] }\n\
+        \x20 - { name: e, endpoints: [\"127.0.0.1:5\"] }\n\
+        rollouts:\n\
+        \x20 r: { route: r, canary: e, steps: [100] }\n";
+    let cfg = load(yaml, None).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(locate(&cfg, &cfg.rollouts["r"]), Some((1, 1, 2)));
+}
+
+#[test]
+fn cors_origins_match_exactly_what_they_say() {
+    let origin = |t: &str| OriginPattern::parse_value(t);
+    let sub = origin("https://*.example.com").unwrap();
+    assert!(sub.matches("https://a.example.com"));
+    assert!(sub.matches("https://a.b-c.example.com"));
+    for no in [
+        "https://example.com",
+        "https://.example.com",
+        "https://a_b.example.com",
+        "https://a.example.com:8443",
+        "http://a.example.com",
+    ] {
+        assert!(!sub.matches(no), "{no}");
+    }
+    for (bad, why) in [
+        ("https://a.com/x", "an origin has no path"),
+        ("https://", "an origin has no path"),
+        (
+            "https://*.com",
+            "`*.` is followed by a domain of two labels or more",
+        ),
+        ("https://a_b.com", "the host is not a host name"),
+        ("https://[abc", "the host is not a host name"),
+    ] {
+        let e = origin(bad).unwrap_err();
+        assert!(e.contains(why), "{bad}: {e}");
+    }
+    assert!(origin("https://[::1]:8080").is_ok());
+}
+
+#[test]
+fn the_default_access_log_is_left_out_when_written_back() {
+    let cfg = load(&config("", ""), None).unwrap();
+    let json = serde_json::to_value(&cfg).unwrap();
+    assert!(json.get("access_log").is_none(), "{json}");
+    let logged = load(
+        &format!("access_log: {{ query: true }}\n{}", config("", "")),
+        None,
+    )
+    .unwrap();
+    let json = serde_json::to_string(&logged).unwrap();
+    assert_eq!(serde_json::from_str::<Config>(&json).unwrap(), logged);
+}
+
+#[test]
+fn grpc_failures_are_the_server_side_codes() {
+    let codes = GrpcCode::default_failures();
+    assert_eq!(codes.len(), 5);
+    assert!(codes.contains(&GrpcCode::UNAVAILABLE) && !codes.contains(&GrpcCode::CANCELLED));
+}

@@ -182,6 +182,8 @@ mod tests {
         assert!(exact.matches(&req(&get, "/exact", None, &h)));
         assert!(!exact.matches(&req(&get, "/exact/", None, &h)));
         assert!(m("{}").matches(&req(&get, "/anything", None, &h)));
+        // `/` is every request, even `OPTIONS *`.
+        assert!(m(r#"{"path_prefix": "/"}"#).matches(&req(&Method::OPTIONS, "*", None, &h)));
     }
 
     #[test]
