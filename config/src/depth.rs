@@ -141,6 +141,15 @@ mod tests {
     }
 
     #[test]
+    fn the_json_limit_is_inclusive_and_closing_brackets_count_down() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json(&nested(MAX_DEPTH)).is_ok());
+        assert!(check_json(&nested(MAX_DEPTH + 1)).is_err());
+        let siblings = format!("[{}[]]", "{},".repeat(2 * MAX_DEPTH));
+        assert!(check_json(&siblings).is_ok());
+    }
+
+    #[test]
     fn ordinary_documents_pass_and_brackets_in_text_do_not_count() {
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
         assert_eq!(check_yaml(&ok), Ok(()));

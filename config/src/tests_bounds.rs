@@ -419,3 +419,32 @@ fn grpc_failures_are_the_server_side_codes() {
     assert_eq!(codes.len(), 5);
     assert!(codes.contains(&GrpcCode::UNAVAILABLE) && !codes.contains(&GrpcCode::CANCELLED));
 }
+
+#[test]
+fn header_rules_redirect_hosts_and_schemes() {
+    assert_errors(
+        &route(", cluster: c, request_headers: {}"),
+        &["listeners[0].routes[0].request_headers: needs set, add or remove"],
+    );
+    // (Read from JSON directly, as a pushed config is: the file reader words its own.)
+    let e = serde_json::from_str::<HeaderValues>("[1]")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("a map of header names to values (`x-env: prod`)"),
+        "{e}"
+    );
+    for host in ["u@h", "a/b", ""] {
+        assert!(HostName::parse_value(host).is_err(), "{host} accepted");
+    }
+    assert!(HostName::parse_value("api.internal:8080").is_ok());
+    assert_eq!(
+        (
+            RedirectScheme::Http.as_str(),
+            RedirectScheme::Https.as_str()
+        ),
+        ("http", "https")
+    );
+    let otlp = crate::OtlpEndpoint::parse_value("http://collector:4317").unwrap();
+    assert_eq!(otlp.to_string(), "http://collector:4317/");
+}
