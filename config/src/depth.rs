@@ -173,5 +173,17 @@ mod tests {
     fn tree_depth_counts_collections() {
         let v: Value = serde_yaml_ng::from_str("a: [1, {b: [2]}]").unwrap();
         assert_eq!(tree_depth(&v), 4);
+        let tagged: Value = serde_yaml_ng::from_str("a: !t [[1]]").unwrap();
+        assert_eq!(tree_depth(&tagged), 3, "a tag hides no depth");
+    }
+
+    #[test]
+    fn escaped_quotes_stay_inside_strings_and_the_yaml_limit_is_inclusive() {
+        let brackets = "[".repeat(MAX_DEPTH + 1);
+        assert!(check_json(&format!("[\"\\\"{brackets}\"]")).is_ok());
+        assert!(check_json(&format!("[\"\\\\\", {brackets}")).is_err());
+        let flow = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_yaml(&flow(MAX_DEPTH)).is_ok());
+        assert!(check_yaml(&flow(MAX_DEPTH + 1)).is_err());
     }
 }

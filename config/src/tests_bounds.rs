@@ -448,3 +448,13 @@ fn header_rules_redirect_hosts_and_schemes() {
     let otlp = crate::OtlpEndpoint::parse_value("http://collector:4317").unwrap();
     assert_eq!(otlp.to_string(), "http://collector:4317/");
 }
+
+#[test]
+fn parse_alone_refuses_what_does_not_parse() {
+    assert_eq!(
+        parse(&config("", ""), Format::Yaml).unwrap(),
+        load(&config("", ""), None).unwrap()
+    );
+    assert!(parse("listeners: 5\n", Format::Yaml).is_err());
+    assert!(parse("{", Format::Json).is_err());
+}
