@@ -458,3 +458,47 @@ fn parse_alone_refuses_what_does_not_parse() {
     assert!(parse("listeners: 5\n", Format::Yaml).is_err());
     assert!(parse("{", Format::Json).is_err());
 }
+
+#[test]
+fn a_syntax_error_names_the_format() {
+    let json = load("{", Some("c.json")).unwrap_err().to_string();
+    assert!(json.starts_with("not valid JSON: "), "{json}");
+    let yaml = load("a: [", Some("c.yaml")).unwrap_err().to_string();
+    assert!(yaml.starts_with("not valid YAML: "), "{yaml}");
+}
+
+#[test]
+fn parsing_stops_after_a_hundred_errors() {
+    let listeners: String = (0..150)
+        .map(|i| format!("  - {{ name: l{i}, listen: bad, cluster: c }}\n"))
+        .collect();
+    let errs = errors_of(&format!("listeners:\n{listeners}"));
+    assert_eq!(errs.len(), 101, "{:?}", errs.last());
+    assert_eq!(errs[100], "stopped after 100 errors; fix these first");
+}
+
+#[test]
+fn a_tag_anywhere_is_refused_at_its_path() {
+    let yaml = "node: !t n\nlisteners:\n  - !t { name: l }\n  - { name: m, listen: !t x }\n";
+    let errs = errors_of(yaml);
+    for path in ["node", "listeners[0]", "listeners[1].listen"] {
+        let want = format!("{path}: YAML tags (`!name`) are not used in a Spur config");
+        assert!(errs.contains(&want), "{want} not in {errs:#?}");
+    }
+}
+
+#[test]
+fn a_tree_of_exactly_the_depth_limit_is_read() {
+    // A map and 63 lists: 64 levels, the most allowed.
+    let text = format!("x: {}{}", "[".repeat(63), "]".repeat(63));
+    let errs = errors_of(&text);
+    assert!(
+        !errs.iter().any(|e| e.contains("nested more than")),
+        "{errs:?}"
+    );
+    let deeper = format!("x: {}{}", "[".repeat(64), "]".repeat(64));
+    assert_eq!(
+        errors_of(&deeper),
+        ["the document is nested more than 64 levels deep"]
+    );
+}
