@@ -59,4 +59,17 @@ mod tests {
         assert_eq!(f.value("--c").unwrap_err(), "--c needs a value");
         assert_eq!(f.next_flag(), None);
     }
+
+    #[test]
+    fn only_a_flag_has_an_inline_value() {
+        let args: Vec<String> = ["--a", "k=v", "--b"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        let mut f = Flags::new(&args);
+        assert_eq!(f.next_flag(), Some("--a"));
+        assert_eq!(f.next_flag(), Some("k=v"), "a plain argument stays whole");
+        assert_eq!(f.next_flag(), Some("--b"));
+        assert!(f.value("--b").is_err(), "no value left over from `k=v`");
+    }
 }

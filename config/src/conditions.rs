@@ -273,6 +273,39 @@ mod tests {
         let numbers: RetryOn = serde_json::from_str("[502, 503]").unwrap();
         assert!(numbers.retries_status(502));
     }
+
+    #[test]
+    fn each_condition_covers_its_statuses_only() {
+        let on = |json: &str| serde_json::from_str::<RetryOn>(json).unwrap();
+        let five = on(r#"["5xx"]"#);
+        assert!(five.retries_status(500) && five.retries_status(599));
+        assert!(
+            !five.retries_status(499) && !five.retries_status(600) && !five.retries_status(409)
+        );
+        let four = on(r#"["retriable-4xx"]"#);
+        assert!(four.retries_status(409));
+        assert!(!four.retries_status(408) && !four.retries_status(503));
+        let listed = on(r#"["reset", 503]"#);
+        assert!(listed.retries_status(503) && !listed.retries_status(502));
+        assert_eq!(
+            listed.conditions(),
+            [RetryCondition::Reset, RetryCondition::Status(503)]
+        );
+    }
+
+    #[test]
+    fn names_print_back_and_protocols_in_lower_case() {
+        let c = CookieName::parse_value("__Host-sid").unwrap();
+        assert_eq!(c.to_string(), "__Host-sid");
+        assert_eq!(serde_json::to_string(&c).unwrap(), r#""__Host-sid""#);
+        let p = UpgradeProtocol::parse_value("WebSocket").unwrap();
+        assert_eq!(
+            (p.as_str(), p.to_string()),
+            ("websocket", "websocket".into())
+        );
+        assert_eq!(UpgradeProtocol::websocket(), p);
+        assert!(UpgradeProtocol::parse_value("H2C").is_err());
+    }
 }
 
 /// A protocol a route lets clients switch to with HTTP/1.1 `Upgrade` (a route's

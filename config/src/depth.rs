@@ -141,6 +141,15 @@ mod tests {
     }
 
     #[test]
+    fn the_json_limit_is_inclusive_and_closing_brackets_count_down() {
+        let nested = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_json(&nested(MAX_DEPTH)).is_ok());
+        assert!(check_json(&nested(MAX_DEPTH + 1)).is_err());
+        let siblings = format!("[{}[]]", "{},".repeat(2 * MAX_DEPTH));
+        assert!(check_json(&siblings).is_ok());
+    }
+
+    #[test]
     fn ordinary_documents_pass_and_brackets_in_text_do_not_count() {
         let ok = format!("{}{}", "[".repeat(MAX_DEPTH - 1), "]".repeat(MAX_DEPTH - 1));
         assert_eq!(check_yaml(&ok), Ok(()));
@@ -164,5 +173,17 @@ mod tests {
     fn tree_depth_counts_collections() {
         let v: Value = serde_yaml_ng::from_str("a: [1, {b: [2]}]").unwrap();
         assert_eq!(tree_depth(&v), 4);
+        let tagged: Value = serde_yaml_ng::from_str("a: !t [[1]]").unwrap();
+        assert_eq!(tree_depth(&tagged), 3, "a tag hides no depth");
+    }
+
+    #[test]
+    fn escaped_quotes_stay_inside_strings_and_the_yaml_limit_is_inclusive() {
+        let brackets = "[".repeat(MAX_DEPTH + 1);
+        assert!(check_json(&format!("[\"\\\"{brackets}\"]")).is_ok());
+        assert!(check_json(&format!("[\"\\\\\", {brackets}")).is_err());
+        let flow = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
+        assert!(check_yaml(&flow(MAX_DEPTH)).is_ok());
+        assert!(check_yaml(&flow(MAX_DEPTH + 1)).is_err());
     }
 }

@@ -216,6 +216,8 @@ mod tests;
 #[cfg(test)]
 mod tests_authz;
 #[cfg(test)]
+mod tests_bounds;
+#[cfg(test)]
 mod tests_edge;
 #[cfg(test)]
 mod tests_grpc;

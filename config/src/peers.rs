@@ -296,6 +296,11 @@ mod tests {
         assert!(!mid.matches("spiffe://cluster.local/ns/abc/sa"));
         assert!(segment_matches("a*b*c", "a-b-b-c"));
         assert!(!segment_matches("a*b*c", "a-b-b-d"));
+        assert_eq!(mid.as_str(), "spiffe://*.local/ns/a*c/sa/*");
+        // A star as the whole trust domain is that one segment, not everything below.
+        let any_td = glob("spiffe://*");
+        assert!(any_td.matches("spiffe://td"));
+        assert!(!any_td.matches("spiffe://td/ns/a"));
     }
 
     #[test]

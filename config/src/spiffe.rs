@@ -147,6 +147,10 @@ mod tests {
         assert_eq!(id.path(), "/ns/shop/sa/web");
         assert_eq!(id.namespace(), Some("shop"));
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/web");
+        assert_eq!(
+            format!("{id:?}"),
+            "SpiffeId(spiffe://cluster.local/ns/shop/sa/web)"
+        );
         let bare = SpiffeId::parse("spiffe://example.org").unwrap();
         assert_eq!((bare.trust_domain(), bare.path()), ("example.org", ""));
         assert_eq!(bare.namespace(), None);
@@ -182,5 +186,11 @@ mod tests {
             assert!(SpiffeId::parse(bad).is_err(), "{bad} accepted");
             assert!(serde_json::from_value::<SpiffeId>(bad.into()).is_err());
         }
+        // The limits are inclusive: 2048 bytes in all, 255 for the trust domain.
+        let longest = format!("spiffe://td/{}", "a".repeat(MAX_LEN - 12));
+        assert_eq!(longest.len(), MAX_LEN);
+        assert!(SpiffeId::parse(&longest).is_ok());
+        assert!(SpiffeId::parse(&format!("{longest}a")).is_err());
+        assert!(SpiffeId::parse(&format!("spiffe://{}/a", "a".repeat(255))).is_ok());
     }
 }

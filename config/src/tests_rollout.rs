@@ -120,3 +120,31 @@ fn rollout_mistakes_are_reported_with_their_paths() {
         "{unknown:#?}"
     );
 }
+
+#[test]
+fn rollout_bounds_are_inclusive_and_names_are_checked() {
+    let one = |name: &str, extra: &str| {
+        errors_of(&with_rollouts(&format!(
+            "  \"{name}\": {{ route: checkout, canary: v2, steps: [100]{extra} }}"
+        )))
+    };
+    assert_eq!(
+        one("r", ", interval: 15m, min_p99_increase: 1m"),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        one("r", ", min_p99_increase: 60001ms"),
+        ["rollouts.r.min_p99_increase: must be at most 1m"]
+    );
+    assert_eq!(
+        one("r", ", interval: 901s"),
+        ["rollouts.r.interval: must be between 2s (proxies report every 2s) and 15m"]
+    );
+    let long = "n".repeat(128);
+    assert_eq!(one(&long, ""), Vec::<String>::new());
+    let name_error =
+        "a rollout name uses letters, digits, `-`, `_` and `.` only (not first), at most 128";
+    for bad in [format!("{long}n"), ".r".to_string(), "r r".to_string()] {
+        assert_eq!(one(&bad, ""), [format!("rollouts.{bad}: {name_error}")]);
+    }
+}

@@ -225,4 +225,21 @@ mod tests {
         let from_json: ByteSize = serde_json::from_str("4096").unwrap();
         assert_eq!(from_json, ByteSize::kib(4));
     }
+
+    #[test]
+    fn size_constructors_and_what_a_size_is_not() {
+        assert_eq!(ByteSize::mib(3).get(), 3 << 20);
+        assert_eq!(ByteSize::kib(3).get(), 3 << 10);
+        let neg = serde_json::from_str::<ByteSize>("-1")
+            .unwrap_err()
+            .to_string();
+        assert!(neg.contains("a size cannot be negative"), "{neg}");
+        let other = serde_json::from_str::<ByteSize>("true")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            other.contains("expected a size such as `64KiB` or a number of bytes"),
+            "{other}"
+        );
+    }
 }

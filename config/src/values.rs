@@ -348,5 +348,12 @@ mod tests {
         }
         let hp = Parsed::<HostPort>::parse("checkout.shop.svc:8080").unwrap();
         assert_eq!((hp.host.as_str(), hp.port), ("checkout.shop.svc", 8080));
+        assert_eq!(hp.get().to_string(), "checkout.shop.svc:8080");
+        assert_eq!(format!("{hp:?}"), r#""checkout.shop.svc:8080""#);
+        // Five digits at most, the largest port included.
+        assert_eq!(Parsed::<HostPort>::parse("svc:65535").unwrap().port, 65535);
+        for bad in ["svc:000080", "a/b:80", "a\tb:80", "a\u{1}b:80"] {
+            assert!(Parsed::<HostPort>::parse(bad).is_err(), "{bad} accepted");
+        }
     }
 }

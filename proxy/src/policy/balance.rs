@@ -116,12 +116,18 @@ impl Balancer {
     }
 
     /// A ring for endpoints identified by `ids` (their addresses), with these weights.
+    ///
+    /// A point is the hash of the virtual node's number under the hash of the id. (The
+    /// number as the seed of the id's hash made ids that differ in their first byte share
+    /// their points, `a:1` vnode 3 = `b:1` vnode 0, and the first such endpoint took
+    /// every key.)
     pub fn ring_hash(ids: &[&str], weights: &[u32]) -> Balancer {
         let mut ring = Vec::new();
         for (i, (id, w)) in ids.iter().zip(weights).enumerate() {
             let vnodes = (u64::from(*w).min(100) * 100).max(1);
+            let seed = stable_hash(0, id.as_bytes());
             for v in 0..vnodes {
-                ring.push((stable_hash(v, id.as_bytes()), i as u32));
+                ring.push((stable_hash(seed, &v.to_le_bytes()), i as u32));
             }
         }
         ring.sort_unstable();
@@ -693,6 +699,146 @@ mod tests {
             (0.12..0.28).contains(&frac),
             "remapped fraction {frac}, about 1/5 expected"
         );
+    }
+
+    #[test]
+    fn equal_loads_share_in_proportion_to_weight() {
+        // Equal costs are a tie, which goes to the first draw (drawn by weight): so the
+        // shares follow the weights, 3:1 (the second draw winning ties would give 1:3).
+        // (Latency per unit of weight is what EWMA compares: 3 ms on weight 3 equals 1 ms
+        // on weight 1.)
+        let eps = vec![ep(3, 0, 3.0), ep(1, 0, 1.0)];
+        for b in [Balancer::Ewma, Balancer::LeastRequest] {
+            let s = shares(&b, &eps, Instant::now(), Tuning::default());
+            assert!((0.68..0.82).contains(&s[0]), "{b:?}: {s:?}");
+        }
+    }
+
+    #[test]
+    fn load_is_compared_per_unit_of_weight() {
+        // 3 in flight on weight 4 (0.75 each) beats 1 on weight 1: endpoint 0 always wins.
+        let now = Instant::now();
+        let eps = vec![ep(4, 3, 1.0), ep(1, 1, 1.0)];
+        for _ in 0..100 {
+            assert_eq!(Balancer::LeastRequest.pick(&eps, &[], now, None), Some(0));
+        }
+        let eps = vec![ep(4, 0, 3.0), ep(1, 0, 1.0)];
+        for _ in 0..100 {
+            assert_eq!(Balancer::Ewma.pick(&eps, &[], now, None), Some(0));
+        }
+        // EWMA weighs latency by the requests in flight (+1): 1 ms × 10 loses to 5 ms × 1.
+        let eps = vec![ep(1, 9, 1.0), ep(1, 0, 5.0)];
+        for _ in 0..100 {
+            assert_eq!(Balancer::Ewma.pick(&eps, &[], now, None), Some(1));
+        }
+    }
+
+    #[test]
+    fn a_ring_has_a_hundred_points_per_unit_of_weight_up_to_a_hundred() {
+        let Balancer::RingHash { ring } =
+            Balancer::ring_hash(&["a", "b", "c", "d"], &[1, 3, 0, 500])
+        else {
+            unreachable!()
+        };
+        assert_eq!(ring.len(), 100 + 300 + 1 + 10_000);
+        assert!(ring.windows(2).all(|w| w[0] <= w[1]), "sorted");
+    }
+
+    #[test]
+    fn ring_hash_shares_evenly_among_ids_that_differ_in_their_first_byte() {
+        // Such ids once shared all their points: the first endpoint took every key.
+        let eps: Vec<Ep> = (0..3).map(|_| ep(1, 0, 1.0)).collect();
+        let now = Instant::now();
+        for ids in [
+            ["a:1", "b:1", "c:1"],
+            ["1.0.0.1:80", "2.0.0.1:80", "3.0.0.1:80"],
+        ] {
+            let ring = Balancer::ring_hash(&ids, &[1; 3]);
+            let mut counts = [0usize; 3];
+            for k in 0..3000 {
+                let key = format!("user-{k}");
+                counts[ring.pick(&eps, &[], now, Some(key.as_bytes())).unwrap()] += 1;
+            }
+            assert!(
+                counts.iter().all(|c| (600..1500).contains(c)),
+                "{ids:?}: {counts:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ring_hash_passes_an_unavailable_endpoints_keys_on_clockwise() {
+        // An unavailable endpoint's keys go where they would go if it had left the ring;
+        // the other keys stay.
+        let ids: Vec<String> = (0..5).map(|i| format!("10.0.0.{i}:80")).collect();
+        let refs: Vec<&str> = ids.iter().map(|s| s.as_str()).collect();
+        let mut eps: Vec<Ep> = (0..5).map(|_| ep(1, 0, 1.0)).collect();
+        eps[4].available = false;
+        let ring = Balancer::ring_hash(&refs, &[1; 5]);
+        let ring4 = Balancer::ring_hash(&refs[..4], &[1; 4]);
+        let now = Instant::now();
+        for k in 0..2000 {
+            let key = format!("user-{k}");
+            let key = Some(key.as_bytes());
+            assert_eq!(
+                ring.pick(&eps, &[], now, key),
+                ring4.pick(&eps[..4], &[], now, key)
+            );
+        }
+    }
+
+    #[test]
+    fn a_schedule_or_ring_longer_than_the_endpoints_skips_the_missing_ones() {
+        // Built for three endpoints, asked with two (a swap in between): never the third.
+        let ids = ["a:1", "b:1", "c:1"];
+        let eps = vec![ep(1, 0, 1.0), ep(1, 0, 1.0)];
+        let now = Instant::now();
+        let rr = Balancer::round_robin(&[1, 1, 1]);
+        let ring = Balancer::ring_hash(&ids, &[1, 1, 1]);
+        for k in 0..300u32 {
+            assert!(rr.pick(&eps, &[], now, None).is_some_and(|i| i < 2));
+            let key = k.to_le_bytes();
+            assert!(ring.pick(&eps, &[], now, Some(&key)).is_some_and(|i| i < 2));
+        }
+    }
+
+    #[test]
+    fn ring_hash_without_a_key_draws_by_weight() {
+        let ring = Balancer::ring_hash(&["a", "b"], &[3, 1]);
+        let eps = vec![ep(3, 0, 1.0), ep(1, 0, 1.0)];
+        let s = shares(&ring, &eps, Instant::now(), Tuning::default());
+        assert!((0.68..0.82).contains(&s[0]), "{s:?}");
+    }
+
+    #[test]
+    fn a_fast_sample_blends_in_by_the_time_since_the_last() {
+        let t0 = Instant::now();
+        let mut e = PeakEwma::new(t0);
+        e.observe(Duration::from_millis(100), false, t0);
+        // One TAU later a 1 ms sample: 100 ms × e^-1 + 1 ms × (1 - e^-1).
+        e.observe(Duration::from_millis(1), false, t0 + TAU);
+        let d = (-1.0f64).exp();
+        let want = 100e6 * d + 1e6 * (1.0 - d);
+        let got = e.estimate_ns(t0 + TAU);
+        assert!((got - want).abs() < 1e3, "{got} != {want}");
+        // A failure's penalty: a second at first, e^-1 of it one PENALTY_TAU later.
+        let mut f = PeakEwma::new(t0);
+        f.observe(Duration::from_millis(1), true, t0);
+        let want = DEFAULT_RTT.as_nanos() as f64 * (-0.025f64).exp() + 1e9 * d;
+        let got = f.estimate_ns(t0 + PENALTY_TAU);
+        assert!((got - want).abs() < 1e3, "{got} != {want}");
+    }
+
+    #[test]
+    fn penalised_peers_are_not_a_starting_estimate() {
+        let now = Instant::now();
+        // The only other endpoint is penalised (100 ms or more): the default.
+        let eps = vec![ep(1, 0, 100.0), ep(1, 0, 3.0)];
+        assert_eq!(peer_estimate(&eps, 1, now), DEFAULT_RTT.as_nanos() as f64);
+        let eps = vec![ep(1, 0, 99.0), ep(1, 0, 3.0)];
+        assert_eq!(peer_estimate(&eps, 1, now), 99e6);
+        // The endpoint itself does not count.
+        assert_eq!(peer_estimate(&eps, 0, now), 3e6);
     }
 
     proptest! {

@@ -181,6 +181,56 @@ mod tests {
     }
 
     #[test]
+    fn each_dash_and_each_field_is_checked() {
+        let good = GOOD.as_bytes();
+        for (at, to) in [(35, b'_'), (52, b'_'), (40, b'g'), (54, b'x'), (1, b'Z')] {
+            let mut bad = good.to_vec();
+            bad[at] = to;
+            assert_eq!(
+                TraceParent::parse(&bad),
+                None,
+                "{}",
+                String::from_utf8_lossy(&bad)
+            );
+        }
+        // A future version: 55 bytes, or more after a dash.
+        let mut v1 = good.to_vec();
+        v1[1] = b'1';
+        assert!(TraceParent::parse(&v1).is_some());
+        v1.extend_from_slice(b"x");
+        assert_eq!(TraceParent::parse(&v1), None, "no dash after the flags");
+    }
+
+    #[test]
+    fn hex_digits_both_ways() {
+        assert_eq!(&hex16(0x0123_4567_89ab_cdef), b"0123456789abcdef");
+        assert_eq!(&hex16(0xfedc_ba98_7654_3210), b"fedcba9876543210");
+        assert_eq!(unhex16(b"0123456789abcdef"), 0x0123_4567_89ab_cdef);
+        assert_eq!(unhex16(b"00f067aa0ba902b7"), 0x00f0_67aa_0ba9_02b7);
+        let id = new_span_id();
+        assert_eq!(hex16(unhex16(&id)), id);
+        let t = new_trace_id();
+        assert!(t
+            .iter()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert!(
+            t[..16].iter().any(|c| *c != b'0'),
+            "the high half is never zero"
+        );
+    }
+
+    #[test]
+    fn a_request_id_of_200_characters_is_kept() {
+        assert!(valid_request_id(
+            &HeaderValue::from_str(&"x".repeat(200)).unwrap()
+        ));
+        assert!(valid_request_id(&HeaderValue::from_static("!~")));
+        assert!(!valid_request_id(
+            &HeaderValue::from_bytes(&[b'a', 0x80]).unwrap()
+        ));
+    }
+
+    #[test]
     fn request_ids() {
         assert!(valid_request_id(&HeaderValue::from_static("abc-123")));
         assert!(!valid_request_id(&HeaderValue::from_static("has space")));

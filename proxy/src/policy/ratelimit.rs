@@ -342,6 +342,27 @@ mod tests {
     }
 
     #[test]
+    fn the_key_table_fills_every_shard_to_its_bound() {
+        // 1000 keys over 16 shards: 63 each, 1008 in all once a flood has filled them.
+        let l = Limiter::new(1.0, Duration::from_secs(60), 1, Some(1000));
+        let t0 = crate::clock::now();
+        l.check(b"a", t0);
+        l.check(b"b", t0);
+        assert_eq!(l.keys(), 2);
+        for k in 0..20_000u32 {
+            l.check(&k.to_le_bytes(), t0);
+        }
+        assert_eq!(l.keys(), 1008);
+        assert_eq!(Limiter::new(1.0, Duration::from_secs(1), 1, None).keys(), 1);
+    }
+
+    #[test]
+    fn a_check_at_the_epoch_counts() {
+        let l = Limiter::new(1.0, Duration::from_secs(1), 2, None);
+        assert_eq!(l.check(b"", l.epoch), Verdict::Allow { remaining: 1 });
+    }
+
+    #[test]
     fn the_least_recently_used_key_goes_first() {
         let mut s = Shard::new(2);
         let allow = |t: u64| Ok(t + 1);

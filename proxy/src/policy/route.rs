@@ -182,6 +182,8 @@ mod tests {
         assert!(exact.matches(&req(&get, "/exact", None, &h)));
         assert!(!exact.matches(&req(&get, "/exact/", None, &h)));
         assert!(m("{}").matches(&req(&get, "/anything", None, &h)));
+        // `/` is every request, even `OPTIONS *`.
+        assert!(m(r#"{"path_prefix": "/"}"#).matches(&req(&Method::OPTIONS, "*", None, &h)));
     }
 
     #[test]
@@ -201,6 +203,31 @@ mod tests {
         assert!(service.matches(&req(&post, "/shop.Cart/Put", None, &grpc)));
         assert!(!service.matches(&req(&post, "/shop.CartX/Put", None, &grpc)));
         assert!(!service.matches(&req(&post, "/shop.Cart", None, &grpc)));
+    }
+
+    #[test]
+    fn a_destination_match_takes_only_that_destinations_connections() {
+        let h = HeaderMap::new();
+        let get = Method::GET;
+        let rule = m(r#"{"destination": "db"}"#);
+        assert!(rule.names_destination());
+        assert!(!m("{}").names_destination());
+        let mut r = req(&get, "/", None, &h);
+        assert!(!rule.matches(&r), "no destination");
+        r.destination = Some("db");
+        assert!(rule.matches(&r));
+        r.destination = Some("cache");
+        assert!(!rule.matches(&r));
+    }
+
+    #[test]
+    fn a_header_named_alone_must_be_present() {
+        let mut h = HeaderMap::new();
+        let get = Method::GET;
+        let rule = m(r#"{"headers": [{"name": "x-canary"}]}"#);
+        assert!(!rule.matches(&req(&get, "/", None, &h)));
+        h.insert("x-canary", "".parse().unwrap());
+        assert!(rule.matches(&req(&get, "/", None, &h)));
     }
 
     #[test]
