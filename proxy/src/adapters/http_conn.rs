@@ -60,7 +60,7 @@ where
 {
     let mut io = Rewind::new(io, Bytes::new());
     let h2 = h2_by_alpn || {
-        let sniffed = Box::pin(guard(&mut limits, sniff(&mut io))).await;
+        let sniffed = guard(&mut limits, sniff(&mut io)).await;
         match sniffed {
             Some(Ok(h2)) => h2,
             _ => return,
@@ -72,10 +72,8 @@ where
             .timer(TokioTimer::new())
             .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
             .max_concurrent_streams(1024);
-        // Boxed where it is made: a named local would keep its size in this future for
-        // the connection's whole life, even moved into the box.
-        let mut conn = Box::pin(builder.serve_connection(TokioIo::new(io), svc));
-        Box::pin(drive(conn.as_mut(), &mut limits, false)).await;
+        let conn = builder.serve_connection(TokioIo::new(io), svc);
+        drive(Box::pin(conn).as_mut(), &mut limits, false).await;
         return;
     }
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -87,12 +85,11 @@ where
         .max_buf_size(header_buf_size(limits.lst.limits.max_header_bytes.get()))
         .keep_alive(true);
     loop {
-        let mut conn = Box::pin(
-            builder
-                .serve_connection(TokioIo::new(io), svc.clone())
-                .with_upgrades(),
-        );
-        if !Box::pin(drive(conn.as_mut(), &mut limits, true)).await {
+        let conn = builder
+            .serve_connection(TokioIo::new(io), svc.clone())
+            .with_upgrades();
+        let mut conn = Box::pin(conn);
+        if !drive(conn.as_mut(), &mut limits, true).await {
             return;
         }
         // Parked: hyper's state goes; the socket (and any bytes hyper read ahead) stays.
@@ -117,7 +114,7 @@ where
                 }
             }
             prefix.reserve(1024);
-            match Box::pin(guard(&mut limits, stream.read_buf(&mut prefix))).await {
+            match guard(&mut limits, stream.read_buf(&mut prefix)).await {
                 Some(Ok(n)) if n > 0 => {}
                 _ => return,
             }

@@ -383,10 +383,7 @@ pub(crate) async fn serve_http_conn(
     // header_timeout runs from accept: the TLS handshake (bounded by it on its own too) and
     // the first request head share it.
     let head = HeadClock::start();
-    // Boxed, as every step of a connection's life but the parked wait: the task holds its
-    // future's largest state for as long as the connection lives, idle or not.
-    let Some(down) = Box::pin(crate::adapters::tls::accept(&shared, &lst, stream, peer)).await
-    else {
+    let Some(down) = crate::adapters::tls::accept(&shared, &lst, stream, peer).await else {
         return;
     };
     let peer_identity = down.peer_identity();
