@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# User-space instructions per request of Spur binaries, counted by callgrind: a measure that
+# does not depend on what else the machine runs (benches/run.sh's CPU time does), for
+# comparing two builds of the request path on a busy machine. For each binary: two runs
+# under valgrind, N1 and N2 requests from h2load (HTTP/1.1 with --h1, or h2c with several
+# streams per connection) to one HTTP listener in front of run.sh's nginx origin; the
+# instructions of the difference divided by N2 - N1, so start-up and shutdown cancel out.
+# Instructions are not time: cache misses, system calls and the kernel's share are not in
+# them. 127.0.0.1 only; every run is bounded in time.
+# Usage: benches/instructions.sh [--protocol h1|h2] BIN [BIN...]
+set -Eeuo pipefail
+
+SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+# shellcheck source=lib/common.sh
+source "$SCRIPT_DIR/lib/common.sh"
+# shellcheck source=lib/targets.sh
+source "$SCRIPT_DIR/lib/targets.sh"
+
+PROTO=h1
+N1=${N1:-1000}
+N2=${N2:-6000}
+while [[ $# -gt 0 && $1 == --* ]]; do
+  case $1 in
+    --protocol) PROTO=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) die "unknown option '$1' (see --help)" ;;
+  esac
+done
+[[ $# -ge 1 ]] || die "give at least one Spur binary (see --help)"
+case $PROTO in h1|h2) ;; *) die "--protocol must be h1 or h2" ;; esac
+for tool in valgrind h2load curl; do
+  command -v "$tool" >/dev/null || die "$tool is missing (apt-get install -y valgrind nghttp2-client curl)"
+done
+[[ -x $NGINX_BIN ]] || die "nginx is missing (apt-get install -y nginx)"
+
+# shellcheck disable=SC2034  # used by targets.sh
+ON_LOAD_CPUS=()
+RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spur-instructions.XXXXXX")
+WORK=$RUN_DIR
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+start_origin
+
+# instructions BIN N : total instructions callgrind counted for one run serving N requests.
+instructions() {
+  local bin=$1 n=$2 port out pid i
+  free_port port
+  out=$RUN_DIR/callgrind.$n.out
+  cat >"$RUN_DIR/spur.yaml" <<EOF
+listeners:
+  - { name: bench, listen: "127.0.0.1:$port", cluster: origin }
+clusters:
+  - { name: origin, endpoints: ["127.0.0.1:$ORIGIN_PORT"] }
+EOF
+  TOKIO_WORKER_THREADS=1 SPUR_LOG=warn timeout --kill-after=5 600 \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --config "$RUN_DIR/spur.yaml" \
+    >"$RUN_DIR/spur.log" 2>&1 &
+  pid=$!
+  for ((i = 0; i < 300; i++)); do
+    curl --noproxy '*' -s -m 1 -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.1
+  done
+  if [[ $PROTO == h2 ]]; then
+    timeout 300 h2load -n "$n" -c 10 -m 10 "http://127.0.0.1:$port/" >"$RUN_DIR/load.txt" 2>&1
+  else
+    timeout 300 h2load --h1 -n "$n" -c 10 "http://127.0.0.1:$port/" >"$RUN_DIR/load.txt" 2>&1
+  fi
+  grep -q " 0 failed, 0 errored" "$RUN_DIR/load.txt" || { cat "$RUN_DIR/load.txt" >&2; die "requests failed"; }
+  kill -INT "$pid"
+  wait "$pid" || true
+  awk '/^(summary|totals):/ {print $2; exit}' "$out"
+}
+
+for bin in "$@"; do
+  [[ -x $bin ]] || die "not an executable: $bin"
+  a=$(instructions "$bin" "$N1")
+  b=$(instructions "$bin" "$N2")
+  printf '%s %s: %d instructions per request (user space)\n' "$bin" "$PROTO" $(((b - a) / (N2 - N1)))
+done
