@@ -7,8 +7,15 @@
 //! a floor plus a part of the rest in proportion to demand ([`shares`]): with every proxy
 //! over its share, each refuses the same fraction of its requests, as one shared bucket
 //! would, and the group admits the whole rate; the floor keeps an idle proxy able to
-//! serve the first requests that reach it before its next report. A proxy silent for
-//! [`STALE`] leaves the division (its share goes to the others).
+//! serve the first requests that reach it before its next report.
+//!
+//! A proxy whose report is late keeps its place in the division (with its last demand)
+//! while its watch stream is open: it is alive and still enforces the last share it was
+//! sent, so handing that share to the others would let the group admit more than its rate
+//! (with three proxies, a loaded one would take the whole rate while the late ones keep
+//! theirs). A proxy silent for [`STALE`] whose stream is closed (it is gone, or
+//! reconnecting and about to report afresh), or silent for [`HOLD`] even with its stream
+//! open, leaves the division: its share goes to the others.
 //!
 //! With several control-plane replicas, a proxy reports to the one it is connected to; so
 //! each replica publishes its proxies' demand beside their status ([`crate::shared_proxies`])
@@ -22,8 +29,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::watch;
 
-/// A proxy whose last demand report is older than this no longer has a share.
+/// A proxy whose last demand report is older than this no longer has a share, unless its
+/// watch stream is still open.
 pub const STALE: Duration = Duration::from_secs(3);
+/// A proxy whose last demand report is older than this no longer has a share, even with
+/// its watch stream open (and is forgotten).
+pub const HOLD: Duration = Duration::from_secs(60);
 /// How often shares are computed.
 pub const TICK: Duration = Duration::from_secs(1);
 /// The part of a limit's rate divided evenly among its proxies, whatever their demand.
@@ -64,6 +75,20 @@ pub fn shares(demands: &[f64]) -> Vec<f64> {
         .collect()
 }
 
+impl Node {
+    /// Whether this proxy takes part in the division: it reported lately, or it still holds
+    /// the share it was last sent (its stream is open) and has not been silent for long.
+    fn counts(&self, stream_open: bool) -> bool {
+        let silent = self.at.elapsed();
+        silent < STALE || (stream_open && silent < HOLD)
+    }
+}
+
+/// Whether a proxy's shares stream is read by an open watch stream.
+fn stream_open(channels: &HashMap<Key, watch::Sender<Option<Bytes>>>, key: &Key) -> bool {
+    channels.get(key).is_some_and(|tx| tx.receiver_count() > 0)
+}
+
 impl GroupLimits {
     /// A proxy's demand report.
     pub fn report(&self, group: &str, node: &str, demand: BTreeMap<String, f64>) {
@@ -79,13 +104,14 @@ impl GroupLimits {
         e.demand = demand;
     }
 
-    /// The demand of this replica's fresh proxies, to publish for the other replicas:
-    /// `[{"group", "node", "demand": {limit: requests per second}}]`.
+    /// The demand of this replica's proxies that take part in the division, to publish for
+    /// the other replicas: `[{"group", "node", "demand": {limit: requests per second}}]`.
     pub fn local_demand(&self) -> serde_json::Value {
         let nodes = self.nodes.lock().unwrap();
+        let channels = self.channels.lock().unwrap();
         let list: Vec<serde_json::Value> = nodes
             .iter()
-            .filter(|(_, n)| n.at.elapsed() < STALE && !n.demand.is_empty())
+            .filter(|(k, n)| n.counts(stream_open(&channels, k)) && !n.demand.is_empty())
             .map(|((group, node), n)| {
                 serde_json::json!({ "group": group, "node": node, "demand": n.demand })
             })
@@ -100,31 +126,29 @@ impl GroupLimits {
 
     /// The shares lines for a proxy's watch stream.
     pub fn subscribe(&self, group: &str, node: &str) -> watch::Receiver<Option<Bytes>> {
-        let mut channels = self.channels.lock().unwrap();
-        let rx = channels
-            .entry((group.to_string(), node.to_string()))
-            .or_insert_with(|| watch::channel(None).0)
-            .subscribe();
+        // Locks nodes before channels, as everything else does.
+        let mut nodes = self.nodes.lock().unwrap();
+        let key = (group.to_string(), node.to_string());
         // A new stream starts without what the old one was sent.
-        if let Some(n) = self
-            .nodes
-            .lock()
-            .unwrap()
-            .get_mut(&(group.into(), node.into()))
-        {
+        if let Some(n) = nodes.get_mut(&key) {
             n.sent.clear();
         }
-        rx
+        let mut channels = self.channels.lock().unwrap();
+        channels
+            .entry(key)
+            .or_insert_with(|| watch::channel(None).0)
+            .subscribe()
     }
 
     /// Computes every share and sends the proxies whose shares changed.
     pub fn tick(&self) {
         let mut nodes = self.nodes.lock().unwrap();
-        nodes.retain(|_, n| n.at.elapsed() < STALE * 20);
-        // (group, limit) -> the fresh nodes reporting it and their demand.
+        nodes.retain(|_, n| n.at.elapsed() < HOLD);
+        let channels = self.channels.lock().unwrap();
+        // (group, limit) -> the nodes taking part and their demand.
         let mut limits: BTreeMap<(&str, &str), Vec<(&Key, f64)>> = BTreeMap::new();
-        let fresh = |n: &&Node| n.at.elapsed() < STALE;
-        for (key, n) in nodes.iter().filter(|(_, n)| fresh(n)) {
+        let counts = |key: &Key, n: &Node| n.counts(stream_open(&channels, key));
+        for (key, n) in nodes.iter().filter(|(k, n)| counts(k, n)) {
             for (limit, d) in &n.demand {
                 limits.entry((&key.0, limit)).or_default().push((key, *d));
             }
@@ -133,7 +157,7 @@ impl GroupLimits {
         // once, as reported here); their shares are theirs to send.
         let remote = self.remote.lock().unwrap();
         for (key, demand) in remote.iter() {
-            if nodes.get(key).is_some_and(|n| fresh(&n)) {
+            if nodes.get(key).is_some_and(|n| counts(key, n)) {
                 continue;
             }
             for (limit, d) in demand {
@@ -149,7 +173,6 @@ impl GroupLimits {
                     .insert(limit.to_string(), share);
             }
         }
-        let channels = self.channels.lock().unwrap();
         for (key, new) in next {
             let Some(n) = nodes.get_mut(&key) else {
                 continue;
@@ -263,5 +286,60 @@ mod tests {
             (share - 1.0 / 3.0).abs() < 1e-9,
             "a third each, not a half: {share}"
         );
+    }
+
+    /// Makes a proxy's last report `ago` old.
+    fn silent(g: &GroupLimits, node: &str, ago: Duration) {
+        let mut nodes = g.nodes.lock().unwrap();
+        let n = nodes.get_mut(&("g".to_string(), node.to_string())).unwrap();
+        n.at = Instant::now().checked_sub(ago).unwrap();
+    }
+
+    fn share_of(line: &Bytes) -> f64 {
+        let v: serde_json::Value = serde_json::from_slice(line).unwrap();
+        v["shares"]["web/api"].as_f64().unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_late_proxy_with_its_stream_open_keeps_its_share() {
+        let g = GroupLimits::default();
+        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
+        let mut a = Some(g.subscribe("g", "a"));
+        let b = Some(g.subscribe("g", "b"));
+        g.report("g", "a", demand(400.0));
+        g.report("g", "b", demand(40.0));
+        g.tick();
+        let before = share_of(&next_line(&mut a).await.unwrap());
+        assert!(before < 0.9, "{before}");
+        // b's report is late, but its stream is open: it still enforces its share, so a
+        // does not take the whole rate (nor is it published as gone).
+        silent(&g, "b", STALE + Duration::from_secs(1));
+        g.tick();
+        assert!(
+            !a.as_mut().unwrap().has_changed().unwrap(),
+            "a's share moved"
+        );
+        assert_eq!(g.local_demand().as_array().unwrap().len(), 2);
+        // Its stream closed: b is gone, and a has the whole rate.
+        drop(b);
+        g.tick();
+        let after = share_of(&next_line(&mut a).await.unwrap());
+        assert_eq!(after, 1.0);
+        assert_eq!(g.local_demand().as_array().unwrap().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_proxy_silent_for_long_leaves_even_with_its_stream_open() {
+        let g = GroupLimits::default();
+        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
+        let mut a = Some(g.subscribe("g", "a"));
+        let _b = Some(g.subscribe("g", "b"));
+        g.report("g", "a", demand(100.0));
+        g.report("g", "b", demand(100.0));
+        g.tick();
+        assert!((share_of(&next_line(&mut a).await.unwrap()) - 0.5).abs() < 1e-9);
+        silent(&g, "b", HOLD + Duration::from_secs(1));
+        g.tick();
+        assert_eq!(share_of(&next_line(&mut a).await.unwrap()), 1.0);
     }
 }

@@ -2,6 +2,7 @@
 //! process or as a child process, and real HTTP clients.
 #![allow(dead_code)]
 
+pub mod load;
 pub mod pki;
 
 use bytes::Bytes;
@@ -532,39 +533,6 @@ pub async fn try_call(
     let body = resp.into_body().collect().await.ok()?.to_bytes();
     let v = serde_json::from_slice(&body).unwrap_or(serde_json::Value::Null);
     Some((status, v))
-}
-
-/// Sends `rate` requests a second to `addr`'s `/api` while `on` holds, each on its own task; counts
-/// the 200s in `ok` and the 429s in `limited`.
-pub fn paced_load(
-    addr: std::net::SocketAddr,
-    rate: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    ok: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    limited: std::sync::Arc<std::sync::atomic::AtomicUsize>,
-    on: std::sync::Arc<std::sync::atomic::AtomicBool>,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let client = h1_client();
-        let mut next = std::time::Instant::now();
-        while on.load(std::sync::atomic::Ordering::SeqCst) {
-            let r = rate.load(std::sync::atomic::Ordering::SeqCst).max(1);
-            next += std::time::Duration::from_secs_f64(1.0 / r as f64);
-            tokio::time::sleep_until(next.into()).await;
-            let (client, ok, limited) = (client.clone(), ok.clone(), limited.clone());
-            tokio::spawn(async move {
-                let req = http::Request::get(format!("http://{addr}/api"))
-                    .body(http_body_util::Full::new(bytes::Bytes::new()))
-                    .unwrap();
-                if let Ok(resp) = client.request(req).await {
-                    match resp.status().as_u16() {
-                        200 => ok.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
-                        429 => limited.fetch_add(1, std::sync::atomic::Ordering::SeqCst),
-                        _ => 0,
-                    };
-                }
-            });
-        }
-    })
 }
 
 /// An idle in-process proxy fed by the control plane at `url` as `node` of `group`, once it
