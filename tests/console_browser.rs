@@ -453,6 +453,13 @@ async fn tap_shows_the_requests_sent(b: &mut Browser, s: &Scene) {
         Duration::from_secs(15),
     )
     .await;
+    // Each proxy starts tapping when its own watch stream hears of the session: the second
+    // one's lines may come a moment after the first one's.
+    b.wait_for(
+        "(t => t.includes('node-1') && t.includes('node-2'))([...document.querySelectorAll('#tap-lines tr[data-route=\"checkout\"]')].map(r => r.innerText).join(' '))",
+        Duration::from_secs(15),
+    )
+    .await;
     // A line with markup in it, as a rogue proxy could post.
     let rogue = serde_json::json!({ "ts": 1, "method": "GET", "path": format!("/{XSS}"), "route": "checkout",
         "cluster": "v1", "endpoint": "-", "status": 200, "duration_ms": 1.0, "attempts": 1 });
