@@ -358,4 +358,131 @@ mod tests {
             assert!(bad.parse::<StatusFilter>().is_err(), "{bad}");
         }
     }
+
+    #[test]
+    fn bucket_edges_are_exact() {
+        // (micros, bucket): 0 up to 127; then four per power of two from 128.
+        for (us, b) in [
+            (127, 0),
+            (128, 1),
+            (159, 1),
+            (160, 2),
+            (191, 2),
+            (192, 3),
+            (224, 4),
+            (255, 4),
+            (256, 5),
+            (320, 6),
+            (511, 8),
+            (512, 9),
+        ] {
+            assert_eq!(bucket_of(us), b, "{us} µs");
+        }
+        assert_eq!(bucket_bounds(0), (0.0, 128.0));
+        assert_eq!(bucket_bounds(1), (128.0, 160.0));
+        assert_eq!(bucket_bounds(4), (224.0, 256.0));
+        assert_eq!(bucket_bounds(5), (256.0, 320.0));
+        // The last bucket starts where the one before it ends, past 100 s.
+        let (lo, _) = bucket_bounds(BUCKETS - 1);
+        assert_eq!(lo, bucket_bounds(BUCKETS - 2).1);
+        assert!(lo > 100e6, "{lo}");
+        assert_eq!(bucket_of(lo as u64), BUCKETS - 1);
+        assert_eq!(bucket_of(lo as u64 - 1), BUCKETS - 2);
+    }
+
+    #[test]
+    fn quantiles_interpolate_inside_a_bucket_and_stop_at_the_open_one() {
+        // Four samples in bucket 1 (128..160 µs): the quantiles step a quarter of it each.
+        let mut s = Sketch::default();
+        for _ in 0..4 {
+            s.record_micros(130);
+        }
+        assert_eq!(s.quantile_ms(0.25), Some(0.136));
+        assert_eq!(s.quantile_ms(0.5), Some(0.144));
+        assert_eq!(s.quantile_ms(1.0), Some(0.16));
+        // Out of range asks are clamped; the least rank is the first sample.
+        assert_eq!(s.quantile_ms(2.0), Some(0.16));
+        assert_eq!(s.quantile_ms(0.0), Some(0.136));
+        assert_eq!(s.quantile_ms(-1.0), Some(0.136));
+        // A rank exactly at a bucket's end is in that bucket, not the next.
+        s.record_micros(1000);
+        s.record_micros(1000);
+        s.record_micros(1000);
+        s.record_micros(1000);
+        assert_eq!(s.quantile_ms(0.5), Some(0.16));
+        // The open-ended bucket reports its lower bound.
+        let mut far = Sketch::default();
+        far.record_micros(u64::MAX);
+        far.record_micros(u64::MAX);
+        let lo = bucket_bounds(BUCKETS - 1).0 / 1000.0;
+        assert_eq!(far.quantile_ms(0.5), Some(lo));
+        assert_eq!(far.quantile_ms(1.0), Some(lo));
+    }
+
+    #[test]
+    fn counts_saturate_when_added() {
+        let mut a = Sketch::default();
+        a.counts[3] = u64::MAX - 1;
+        let mut b = Sketch::default();
+        b.counts[3] = 5;
+        b.counts[4] = 2;
+        a.merge(&b);
+        assert_eq!((a.counts[3], a.counts[4]), (u64::MAX, 2));
+        let s: Sketch = serde_json::from_str("[[2,1],[2,2],[79,3],[90,4]]").unwrap();
+        assert_eq!((s.counts[2], s.counts[BUCKETS - 1], s.total()), (3, 7, 10));
+        let s: Sketch = serde_json::from_str(&format!("[[1,{}],[1,9]]", u64::MAX)).unwrap();
+        assert_eq!(s.counts[1], u64::MAX);
+    }
+
+    #[test]
+    fn status_filters_cover_each_class_and_travel_as_text() {
+        for (text, filter, back) in [
+            ("1xx", StatusFilter::Class(1), "1xx"),
+            ("5XX", StatusFilter::Class(5), "5xx"),
+            ("4xX", StatusFilter::Class(4), "4xx"),
+            ("100", StatusFilter::Exact(100), "100"),
+            ("599", StatusFilter::Exact(599), "599"),
+            ("200", StatusFilter::Exact(200), "200"),
+        ] {
+            let f: StatusFilter = text.parse().unwrap();
+            assert_eq!(f, filter, "{text}");
+            assert_eq!(String::from(f), back);
+            let json = serde_json::to_string(&f).unwrap();
+            assert_eq!(json, format!("\"{back}\""));
+            assert_eq!(serde_json::from_str::<StatusFilter>(&json).unwrap(), f);
+        }
+        for bad in ["0xx", "6xx", "600", "099", "5xy", "5000", "50", "5 0"] {
+            let e = bad.parse::<StatusFilter>().unwrap_err();
+            assert_eq!(
+                e,
+                format!("`{bad}` is not a status (503) or a class of them (5xx)")
+            );
+        }
+        assert!(serde_json::from_str::<StatusFilter>("\"7xx\"").is_err());
+        let four = StatusFilter::Class(4);
+        assert!(four.matches(400) && four.matches(499));
+        assert!(!four.matches(399) && !four.matches(500));
+    }
+
+    #[test]
+    fn a_tap_filter_needs_each_part_it_names() {
+        let any = TapFilter::default();
+        assert!(any.matches("a", 200) && any.matches("b", 503));
+        let route = TapFilter {
+            route: Some("a".into()),
+            status: None,
+        };
+        assert!(route.matches("a", 200) && !route.matches("b", 200));
+        let both = TapFilter {
+            route: Some("a".into()),
+            status: Some(StatusFilter::Class(5)),
+        };
+        assert!(both.matches("a", 503));
+        assert!(!both.matches("a", 200) && !both.matches("b", 503));
+        let status = TapFilter {
+            route: None,
+            status: Some(StatusFilter::Exact(404)),
+        };
+        assert!(status.matches("x", 404) && !status.matches("x", 403));
+    }
 }

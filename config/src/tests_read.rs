@@ -319,3 +319,128 @@ fn workers_is_a_number_of_threads() {
     let errs = crate::load("workers: 0\n", None).unwrap_err();
     assert_eq!(errs.to_string(), "workers: must be between 1 and 1024");
 }
+
+#[test]
+fn anchors_that_nest_deeper_than_the_text_are_refused_as_too_deep() {
+    // Each line nests 50 levels (the token count passes), but each alias repeats the line
+    // above inside its own brackets: `c` is 150 levels deep, past the YAML reader's own
+    // limit (128). That is reported as too deep, not as a syntax error.
+    let (o, c) = ("[".repeat(50), "]".repeat(50));
+    let text = format!("a: &x {o}1{c}\nb: &y {o}*x{c}\nc: {o}*y{c}\n");
+    assert!(crate::depth::check_yaml(&text).is_ok());
+    assert_eq!(
+        errors_of(&text, "c.yaml"),
+        ["the document is nested more than 64 levels deep"]
+    );
+    // 30 a line: 91 levels, read, then refused by the tree's depth.
+    let (o, c) = ("[".repeat(30), "]".repeat(30));
+    let text = format!("a: &x {o}1{c}\nb: &y {o}*x{c}\nc: {o}*y{c}\n");
+    assert_eq!(
+        errors_of(&text, "c.yaml"),
+        ["the document is nested more than 64 levels deep"]
+    );
+}
+
+#[test]
+fn every_required_field_that_is_missing_is_reported_and_the_rest_still_checked() {
+    // listeners[0] lacks both required fields, listeners[1] lacks the one filled last in
+    // listeners[0]: each stand-in must fit although another listener (or the same one)
+    // still misses a field, or a whole listener would be left out with its other errors.
+    let yaml = "listeners:\n  - { cluster: nope1 }\n  - { name: m, cluster: nope2 }\n\
+                clusters: [{ name: c, endpoints: [\"127.0.0.1:9\"] }]\n";
+    assert_eq!(
+        errors_of(yaml, "c.yaml"),
+        [
+            "listeners[0].name: missing: this field is required",
+            "listeners[0].listen: missing: this field is required",
+            "listeners[1].listen: missing: this field is required",
+            "listeners[0].cluster: unknown cluster `nope1`",
+            "listeners[1].cluster: unknown cluster `nope2`",
+        ]
+    );
+}
+
+#[test]
+fn the_tag_spur_uses_inside_is_refused_in_a_file_like_any_other() {
+    // `!spur-skipped` is the tag the reader gives a node it left out; written in a file
+    // it must not make a node silently absent, in a map or in a list.
+    let yaml = "node: !spur-skipped n\n\
+                listeners:\n  - !spur-skipped { name: l }\n  - { name: m, listen: 127.0.0.1:1, cluster: c }\n\
+                clusters: [{ name: c, endpoints: [\"127.0.0.1:9\"] }]\n";
+    let tag = "YAML tags (`!name`) are not used in a Spur config";
+    assert_eq!(
+        errors_of(yaml, "c.yaml"),
+        [format!("node: {tag}"), format!("listeners[0]: {tag}")]
+    );
+    assert_eq!(errors_of("!spur-skipped {}", "c.yaml"), [tag]);
+}
+
+#[test]
+fn every_default_is_the_value_the_spec_shows() {
+    // The same config three ways: every defaulted field written out with the value SPEC.md
+    // (or README) gives as its default, each section left empty, and each left out.
+    let written = r#"
+drain_timeout: 10s
+admin: { listen: 127.0.0.1:9901 }
+correlation: { request_id_header: x-request-id, generate: true, trace_context: true }
+listeners:
+  - name: a
+    listen: 127.0.0.1:1
+    limits: { max_connections: 10000, max_header_bytes: 64KiB, header_timeout: 10s, idle_timeout: 5m, body_timeout: 30s }
+    rate_limit: { requests: 5, per: 1s, key: route, max_keys: 100000 }
+    routes:
+      - cluster: c
+        retry:
+          attempts: 2
+          retry_on: [connect-failure, reset]
+          backoff: { base: 25ms, max: 250ms }
+          budget: { ratio: 0.2, min_per_sec: 10 }
+          max_body: 64KiB
+        mirror: { cluster: c, percent: 100 }
+      - redirect: { status: 301, host: example.com }
+clusters:
+  - name: c
+    endpoints: [{ address: "127.0.0.1:2", weight: 1 }]
+    connect_timeout: 1s
+    circuit_breaker: { consecutive_failures: 5, ejection_time: 10s, max_ejection_percent: 50, max_requests: 1024, max_pending: 0 }
+    health_check: { path: /h, interval: 5s, timeout: 1s, unhealthy_threshold: 3, healthy_threshold: 2 }
+"#;
+    let load_ok = |text: &str| load(text, Some("c.yaml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+    let want = load_ok(written);
+    let empty = |s: &str| {
+        let mut out = s.to_string();
+        for (from, to) in [
+            ("{ listen: 127.0.0.1:9901 }", "{}"),
+            (
+                "{ request_id_header: x-request-id, generate: true, trace_context: true }",
+                "{}",
+            ),
+            ("{ max_connections: 10000, max_header_bytes: 64KiB, header_timeout: 10s, idle_timeout: 5m, body_timeout: 30s }", "{}"),
+            ("per: 1s, key: route, max_keys: 100000 ", ""),
+            ("          attempts: 2\n          retry_on: [connect-failure, reset]\n", ""),
+            ("{ base: 25ms, max: 250ms }", "{}"),
+            ("{ ratio: 0.2, min_per_sec: 10 }", "{}"),
+            ("\n          max_body: 64KiB", ""),
+            (", percent: 100", ""),
+            ("status: 301, ", ""),
+            ("{ address: \"127.0.0.1:2\", weight: 1 }", "{ address: \"127.0.0.1:2\" }"),
+            ("    connect_timeout: 1s\n", ""),
+            ("{ consecutive_failures: 5, ejection_time: 10s, max_ejection_percent: 50, max_requests: 1024, max_pending: 0 }", "{}"),
+            (", interval: 5s, timeout: 1s, unhealthy_threshold: 3, healthy_threshold: 2", ""),
+        ] {
+            assert!(out.contains(from), "{from}");
+            out = out.replace(from, to);
+        }
+        out
+    };
+    let emptied = empty(written);
+    assert_eq!(load_ok(&emptied), want, "{emptied}");
+    let left_out = emptied
+        .replace("drain_timeout: 10s\n", "")
+        .replace("correlation: {}\n", "")
+        .replace("    limits: {}\n", "")
+        .replace("          backoff: {}\n", "")
+        .replace("          budget: {}", "          attempts: 2");
+    assert_eq!(load_ok(&left_out), want, "{left_out}");
+    assert_eq!(want.clusters[0].panic_threshold(), 50);
+}

@@ -475,4 +475,96 @@ mod tests {
             "reads as absent"
         );
     }
+
+    #[derive(Debug, Deserialize)]
+    #[allow(dead_code)]
+    struct Kinds {
+        byte: Option<u8>,
+        port: Option<u16>,
+        big: Option<u64>,
+        signed: Option<i32>,
+        share: Option<f64>,
+        text: Option<String>,
+        letter: Option<char>,
+        nothing: Option<()>,
+        names: Option<std::collections::BTreeMap<String, u32>>,
+        inner: Option<Inner>,
+        on: Option<bool>,
+    }
+
+    /// The message for `field: value` in a [`Kinds`].
+    fn said(field: &str, value: &str) -> String {
+        let v: Value = serde_yaml_ng::from_str(&format!("{field}: {value}")).unwrap();
+        let e = from_value::<Kinds>(&v).unwrap_err();
+        assert_eq!(e.to_string(), e.message, "Display is the message");
+        e.message
+    }
+
+    #[test]
+    fn each_expected_kind_and_found_value_is_said_in_words() {
+        for (field, value, want) in [
+            (
+                "byte",
+                "[1]",
+                "expected a whole number from 0 to 255, found a list",
+            ),
+            (
+                "port",
+                "{ a: 1 }",
+                "expected a whole number from 0 to 65535, found a map",
+            ),
+            ("big", "true", "expected a whole number, found `true`"),
+            ("signed", "2.5", "expected a whole number, found `2.5`"),
+            ("share", "[]", "expected a number, found a list"),
+            ("text", "[]", "expected text, found a list"),
+            ("letter", "[]", "expected text, found a list"),
+            ("nothing", "5", "expected nothing, found `5`"),
+            (
+                "names",
+                "[]",
+                "expected a map (`name: value`), found a list",
+            ),
+            (
+                "inner",
+                "x",
+                "expected a map of settings (`name: value`), found `x`",
+            ),
+            ("on", "{}", "expected true or false, found a map"),
+            (
+                "byte",
+                "-1",
+                "expected a whole number from 0 to 255, found `-1`",
+            ),
+            (
+                "byte",
+                "300",
+                "expected a whole number from 0 to 255, found `300`",
+            ),
+        ] {
+            assert_eq!(said(field, value), want, "{field}: {value}");
+        }
+    }
+
+    #[test]
+    fn a_number_or_boolean_key_reads_as_its_text() {
+        let v: Value = serde_yaml_ng::from_str("names: { 1: 2, true: 3, x: 4 }").unwrap();
+        let names = from_value::<Kinds>(&v).unwrap().names.unwrap();
+        assert_eq!(
+            names.into_iter().collect::<Vec<_>>(),
+            [("1".into(), 2), ("true".into(), 3), ("x".into(), 4)]
+        );
+        let v: Value = serde_yaml_ng::from_str("names: { [1]: 2 }").unwrap();
+        assert_eq!(
+            from_value::<Kinds>(&v).unwrap_err().message,
+            "a map key must be a name"
+        );
+    }
+
+    #[test]
+    fn an_empty_value_reads_as_absent() {
+        for text in ["items: []\non:", "items: []\non: null", "items: []\non: ~"] {
+            let v: Value = serde_yaml_ng::from_str(text).unwrap();
+            assert_eq!(from_value::<Outer>(&v).unwrap().on, None, "{text}");
+        }
+    }
 }
