@@ -551,7 +551,7 @@ async fn the_directory_store_is_its_own_leader() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_group_limit_holds_across_replicas() {
     use common::load::*;
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicBool, AtomicUsize};
     use std::sync::Arc;
     let kube = FakeKube::start().await;
     let dir = temp_dir("group-limit");
@@ -610,18 +610,7 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     assert!(settled, "shares {shares:?}");
     let read = || proxies.iter().map(|p| share(p)).collect();
     let (from, to, mean) = watch_shares(Duration::from_secs(4), read).await;
-    on.store(false, Ordering::SeqCst);
-    for l in loaders {
-        let _ = l.await;
-    }
-    let mut sent = Vec::new();
-    for log in &logs {
-        assert!(
-            log.drained(Duration::from_secs(10)).await,
-            "requests unanswered"
-        );
-        sent.push(log.between(from, to));
-    }
+    let sent = stop_and_tally(&on, loaders, &logs, from, to).await;
     // Two replicas divide from demand read at different moments: 10% to spare.
     let secs = (to - from).as_secs_f64();
     assert_group_limit(&sent, &mean, (200.0, 100.0), secs, 0.1);

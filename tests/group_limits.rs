@@ -84,18 +84,7 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     .await;
     let shares: Vec<f64> = proxies.iter().map(|p| share(p)).collect();
     assert!(followed, "after {:?}: shares {shares:?}", moved.elapsed());
-    on.store(false, Ordering::SeqCst);
-    for l in loaders {
-        let _ = l.await;
-    }
-    let mut sent = Vec::new();
-    for log in &logs {
-        assert!(
-            log.drained(Duration::from_secs(10)).await,
-            "requests unanswered"
-        );
-        sent.push(log.between(from, to));
-    }
+    let sent = stop_and_tally(&on, loaders, &logs, from, to).await;
     let secs = (to - from).as_secs_f64();
     // One control plane: the shares add up to one but for the moments they move.
     assert_group_limit(&sent, &mean, (300.0, 150.0), secs, 0.05);

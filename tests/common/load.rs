@@ -47,6 +47,30 @@ impl LoadLog {
     }
 }
 
+/// Stops the loads (`on` turns false, every loader ends) and, once every request has its
+/// answer, tallies what each log's requests sent in `[from, to)` got.
+pub async fn stop_and_tally(
+    on: &AtomicBool,
+    loaders: Vec<tokio::task::JoinHandle<()>>,
+    logs: &[Arc<LoadLog>],
+    from: Instant,
+    to: Instant,
+) -> Vec<Tally> {
+    on.store(false, Ordering::SeqCst);
+    for l in loaders {
+        let _ = l.await;
+    }
+    let mut sent = Vec::new();
+    for log in logs {
+        assert!(
+            log.drained(Duration::from_secs(10)).await,
+            "requests unanswered"
+        );
+        sent.push(log.between(from, to));
+    }
+    sent
+}
+
 /// Sends `rate` requests a second to `addr`'s `/api` while `on` holds, each on its own task,
 /// and logs them in `log`.
 pub fn paced_load(
