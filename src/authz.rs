@@ -53,16 +53,9 @@ pub fn main(args: &[String]) -> ExitCode {
 }
 
 fn explain(args: &[String]) -> ExitCode {
-    let a = match parse_args(args) {
+    let a = match crate::args_or_exit("authz explain", USAGE, parse_args(args)) {
         Ok(a) => a,
-        Err(msg) if msg.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(msg) => {
-            eprintln!("spur authz explain: {msg}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
     // A group's config for `spur control --kubernetes` (with `k8s:` clusters) is explained
     // too: clusters play no part in a policy.

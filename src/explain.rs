@@ -44,21 +44,11 @@ struct Args {
 }
 
 pub fn main(args: &[String]) -> ExitCode {
-    let a = match parse(args) {
+    let a = match crate::args_or_exit("explain", USAGE, parse(args)) {
         Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("spur explain: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = crate::client_runtime();
     match rt.block_on(explain(&a)) {
         Ok(text) => {
             print!("{text}");

@@ -88,21 +88,12 @@ fn parse(args: &[String], tap: bool) -> Result<Args, String> {
 }
 
 fn run_with(args: &[String], tap: bool, usage: &str) -> ExitCode {
-    let a = match parse(args, tap) {
+    let command = if tap { "tap" } else { "top" };
+    let a = match crate::args_or_exit(command, usage, parse(args, tap)) {
         Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            println!("{usage}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("spur {}: {e}\n\n{usage}", if tap { "tap" } else { "top" });
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = crate::client_runtime();
     let result = rt.block_on(async {
         if tap {
             tap_stream(&a).await

@@ -82,6 +82,31 @@ fn run(cmd: &str, rest: &[String]) -> ExitCode {
     }
 }
 
+/// A command's parsed arguments, or how the command ends: `--help` (an empty error from the
+/// parser) prints the usage and succeeds; a bad argument prints the error and the usage,
+/// exit 2.
+fn args_or_exit<A>(command: &str, usage: &str, parsed: Result<A, String>) -> Result<A, ExitCode> {
+    match parsed {
+        Ok(a) => Ok(a),
+        Err(e) if e.is_empty() => {
+            println!("{usage}");
+            Err(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            eprintln!("spur {command}: {e}\n\n{usage}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// The one-thread runtime a client command (top, tap, explain, rollout) runs on.
+fn client_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
 const VALIDATE_USAGE: &str = "usage: spur validate [--kubernetes] FILE
 
 Checks a config as a proxy would: exit 0 and a one-line summary, or exit 1 and every error

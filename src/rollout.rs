@@ -63,21 +63,11 @@ fn parse(args: &[String]) -> Result<Args, String> {
 }
 
 pub fn main(args: &[String]) -> ExitCode {
-    let a = match parse(args) {
+    let a = match crate::args_or_exit("rollout", USAGE, parse(args)) {
         Ok(a) => a,
-        Err(e) if e.is_empty() => {
-            println!("{USAGE}");
-            return ExitCode::SUCCESS;
-        }
-        Err(e) => {
-            eprintln!("spur rollout: {e}\n\n{USAGE}");
-            return ExitCode::from(2);
-        }
+        Err(code) => return code,
     };
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = crate::client_runtime();
     let path = format!("/v1/groups/{}/rollouts/{}", a.remote.group, a.name);
     let answer = rt.block_on(async {
         if a.action == "status" {
