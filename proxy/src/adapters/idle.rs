@@ -38,6 +38,14 @@ fn now_ms() -> u64 {
     epoch().elapsed().as_millis() as u64
 }
 
+/// Whole milliseconds surely gone since `since` (a [`now_ms`] reading). Both readings are
+/// cut to the millisecond, so the time gone can be up to 1 ms less than their difference:
+/// a limit judged on this is never reached early (header_timeout and idle_timeout end a
+/// connection no sooner than configured, up to about a millisecond later).
+fn surely_gone_since(since: u64) -> u64 {
+    now_ms().saturating_sub(since).saturating_sub(1)
+}
+
 /// The time of a connection's last activity, shared between its IO and its watchdog.
 #[derive(Clone)]
 pub struct Activity(Arc<ActivityState>);
@@ -78,9 +86,7 @@ impl Activity {
     pub async fn idle_for(&self, limit: Duration) {
         let limit_ms = limit.as_millis() as u64;
         loop {
-            let last = self.0.last.load(Ordering::Relaxed);
-            let now = now_ms();
-            let idle = now.saturating_sub(last);
+            let idle = surely_gone_since(self.0.last.load(Ordering::Relaxed));
             if idle >= limit_ms {
                 return;
             }
@@ -191,7 +197,7 @@ impl HeadClock {
                 started.await;
                 continue;
             }
-            let waited = now_ms().saturating_sub(since);
+            let waited = surely_gone_since(since);
             if waited >= limit_ms {
                 return;
             }
