@@ -11,7 +11,8 @@ use std::fmt::Write as _;
 pub enum Val<'a> {
     Str(&'a str),
     U64(u64),
-    F64(f64),
+    /// A duration, written in milliseconds with three decimals (`12.345`).
+    Millis(std::time::Duration),
     Bool(bool),
 }
 
@@ -39,12 +40,8 @@ pub fn emit(message: &str, fields: &[(&str, Val<'_>)]) {
                 line.push_str("\":");
                 match v {
                     Val::Str(s) => json_str(&mut line, s),
-                    Val::U64(n) => {
-                        let _ = write!(line, "{n}");
-                    }
-                    Val::F64(x) => {
-                        let _ = write!(line, "{x:.3}");
-                    }
+                    Val::U64(n) => push_u64(&mut line, *n),
+                    Val::Millis(d) => push_millis(&mut line, *d),
                     Val::Bool(b) => line.push_str(if *b { "true" } else { "false" }),
                 }
             }
@@ -55,12 +52,17 @@ pub fn emit(message: &str, fields: &[(&str, Val<'_>)]) {
             line.push_str("  INFO spur::access: ");
             line.push_str(message);
             for (k, v) in fields {
-                let _ = match v {
-                    Val::Str(s) => write!(line, " {k}={s:?}"),
-                    Val::U64(n) => write!(line, " {k}={n}"),
-                    Val::F64(x) => write!(line, " {k}={x:.3}"),
-                    Val::Bool(b) => write!(line, " {k}={b}"),
-                };
+                line.push(' ');
+                line.push_str(k);
+                line.push('=');
+                match v {
+                    Val::Str(s) => {
+                        let _ = write!(line, "{s:?}");
+                    }
+                    Val::U64(n) => push_u64(&mut line, *n),
+                    Val::Millis(d) => push_millis(&mut line, *d),
+                    Val::Bool(b) => line.push_str(if *b { "true" } else { "false" }),
+                }
             }
             line.push('\n');
         }
@@ -80,22 +82,62 @@ pub fn socket_addr(buf: &mut [u8; ADDR_MAX], addr: std::net::SocketAddr) -> &str
     std::str::from_utf8(&buf[..n]).unwrap_or("-")
 }
 
+/// `s` as a JSON string. Only ASCII bytes are escaped, so the text between them is copied
+/// in runs (every index where an escape starts is a char boundary).
 fn json_str(out: &mut String, s: &str) {
     out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
+    let mut start = 0;
+    for (i, &b) in s.as_bytes().iter().enumerate() {
+        let escaped = match b {
+            b'"' => "\\\"",
+            b'\\' => "\\\\",
+            b'\n' => "\\n",
+            b'\r' => "\\r",
+            b'\t' => "\\t",
+            0..=0x1f => "",
+            _ => continue,
+        };
+        out.push_str(&s[start..i]);
+        if escaped.is_empty() {
+            const HEX: &[u8; 16] = b"0123456789abcdef";
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 0xf)]));
+        } else {
+            out.push_str(escaped);
+        }
+        start = i + 1;
+    }
+    out.push_str(&s[start..]);
+    out.push('"');
+}
+
+/// `n` in decimal, without the formatting machinery.
+fn push_u64(out: &mut String, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
         }
     }
-    out.push('"');
+    for &d in &digits[at..] {
+        out.push(char::from(d));
+    }
+}
+
+/// `d` in milliseconds with three decimals (whole microseconds: `1.234` is 1,234 µs).
+fn push_millis(out: &mut String, d: std::time::Duration) {
+    let micros = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    push_u64(out, micros / 1000);
+    out.push('.');
+    let frac = micros % 1000;
+    for digit in [frac / 100, frac / 10 % 10, frac % 10] {
+        out.push(char::from(b'0' + digit as u8));
+    }
 }
 
 /// `2026-11-22T00:08:06.746610Z` from a duration since the Unix epoch.
@@ -143,6 +185,35 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v, "a\"b\\c\nd\u{1}é");
+        for text in ["", "plain", "é\u{1f}\"", "\t\r\u{7f}ü\\"] {
+            let mut s = String::new();
+            json_str(&mut s, text);
+            let v: serde_json::Value = serde_json::from_str(&s).unwrap();
+            assert_eq!(v, text, "{s}");
+        }
+        let mut s = String::new();
+        json_str(&mut s, "\u{1f}");
+        assert_eq!(s, r#""\u001f""#);
+        for (n, text) in [
+            (0, "0"),
+            (7, "7"),
+            (10, "10"),
+            (u64::MAX, "18446744073709551615"),
+        ] {
+            let mut s = String::new();
+            push_u64(&mut s, n);
+            assert_eq!(s, text);
+        }
+        for (micros, text) in [
+            (0, "0.000"),
+            (7, "0.007"),
+            (1_234, "1.234"),
+            (60_000_050, "60000.050"),
+        ] {
+            let mut s = String::new();
+            push_millis(&mut s, std::time::Duration::from_micros(micros));
+            assert_eq!(s, text);
+        }
         let mut buf = [0u8; ADDR_MAX];
         let mut long = std::net::SocketAddrV6::new(
             "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff".parse().unwrap(),

@@ -258,7 +258,7 @@ impl Exchange {
                     grpc.map_or(Val::Str(DASH), |g| Val::U64(u64::from(g))),
                 ),
                 ("attempts", Val::U64(u64::from(self.attempts))),
-                ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
+                ("duration_ms", Val::Millis(elapsed)),
                 ("bytes_received", Val::U64(self.body.bytes())),
                 ("bytes_sent", Val::U64(self.bytes_sent)),
                 ("error", Val::Str(self.error.unwrap_or(DASH))),

@@ -221,7 +221,7 @@ impl Conn<'_> {
                 ("authz_rule", Val::Str(self.authz_rule.unwrap_or("-"))),
                 ("bytes_received", Val::U64(bytes.0)),
                 ("bytes_sent", Val::U64(bytes.1)),
-                ("duration_ms", Val::F64(elapsed.as_secs_f64() * 1e3)),
+                ("duration_ms", Val::Millis(elapsed)),
                 ("error", Val::Str(error)),
             ],
         );
