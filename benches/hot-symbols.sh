@@ -35,6 +35,7 @@ done
 ON_LOAD_CPUS=()
 # shellcheck disable=SC2034  # used by targets.sh
 PROXY_WORKERS=1
+# shellcheck disable=SC2034  # used by targets.sh
 declare -A SPUR_WORKERS_KEY=()
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spur-hot-symbols.XXXXXX")
 WORK=$RUN_DIR
