@@ -25,6 +25,7 @@ SPUR=$(realpath "${1:-$ROOT/target/release/spur}")
 SPUR_PROXY=$(dirname "$SPUR")/spur-proxy
 OUT=$ROOT/proxy/link/hot-symbols.txt
 REQUESTS=${REQUESTS:-2000}
+PORT='' ADMIN='' INPORT=''   # set by free_port
 [[ -x $SPUR && -x $SPUR_PROXY ]] || die "$SPUR and $SPUR_PROXY are needed (cargo build --release first)"
 for tool in valgrind h2load curl openssl python3; do
   command -v "$tool" >/dev/null || die "$tool is missing (apt-get install -y valgrind nghttp2-client curl openssl python3)"
