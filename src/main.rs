@@ -42,6 +42,11 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
+    // The servers keep Rust's default, SIGPIPE ignored: a closed log pipe never stops
+    // traffic. Every other command, and any --help, ends quietly when its reader goes away.
+    if !matches!(cmd.as_str(), "proxy" | "control" | "demo") || spur_proxy::cli::wants_help(rest) {
+        spur_proxy::cli::end_quietly_on_closed_output();
+    }
     run(cmd, rest)
 }
 

@@ -201,3 +201,38 @@ async fn demo_serves_the_routes_it_prints() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// `spur inject app.yaml | head`, `spur help | head`: a command whose reader goes away ends
+/// quietly by SIGPIPE, as Unix tools do, instead of panicking on the failed write.
+#[test]
+fn a_command_whose_reader_goes_away_ends_quietly() {
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::ExitStatusExt;
+    let app = write_temp("closed-reader.yaml", "apiVersion: apps/v1\nkind: Deployment\nmetadata: { name: a, namespace: n }\nspec:\n  selector: { matchLabels: { app: a } }\n  template:\n    metadata: { labels: { app: a } }\n    spec: { containers: [ { name: a, image: a } ] }\n");
+    let cases: [&[&str]; 5] = [
+        &["help"],
+        &["proxy", "--help"],
+        &["control", "--help"],
+        &["validate", "--help"],
+        &["inject", app.to_str().unwrap()],
+    ];
+    for args in cases {
+        // stdout is a socket whose other end is already closed: the first write fails.
+        let (out, reader) = UnixStream::pair().unwrap();
+        drop(reader);
+        let result = spur()
+            .args(args)
+            .stdout(std::os::fd::OwnedFd::from(out))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&result.stderr);
+        assert!(!stderr.contains("panicked"), "spur {args:?}: {stderr}");
+        assert_eq!(
+            result.status.signal(),
+            Some(13),
+            "spur {args:?} should end by SIGPIPE: {:?} {stderr}",
+            result.status
+        );
+    }
+}

@@ -192,6 +192,24 @@ fn credential(
 }
 
 /// Entry point of `spur proxy ARGS` and of the `spur-proxy` binary.
+/// Whether the arguments ask for a command's help text.
+pub fn wants_help(args: &[String]) -> bool {
+    args.iter().any(|a| a == "--help" || a == "-h")
+}
+
+/// A command that prints and ends (help, validate, inject, tap, ...) is ended by SIGPIPE
+/// when the reader of its output goes away (`spur inject app.yaml | head`), as Unix tools
+/// are, instead of panicking on the failed write. Rust ignores SIGPIPE by default; a
+/// long-running proxy keeps that, so a closed log pipe never stops its traffic (socket
+/// writes never raise SIGPIPE: std sends with MSG_NOSIGNAL).
+pub fn end_quietly_on_closed_output() {
+    #[cfg(unix)]
+    // SAFETY: sets the action of one signal to its default; no handler runs our code.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub fn main(args: &[String]) -> ExitCode {
     let parsed = match parse_proxy_args(args) {
         Ok(p) => p,
