@@ -56,16 +56,21 @@ profile() {
     valgrind --tool=callgrind --demangle=no --callgrind-out-file="$RUN_DIR/$name.callgrind" \
     "$@" --config "$config" >"$RUN_DIR/$name.stdout.log" 2>"$RUN_DIR/$name.stderr.log" &
   pid=$!
-  wait_ok "$name" "http://127.0.0.1:$PORT/" "$pid" h1 300 || die "$name did not start (see $RUN_DIR)"
-  timeout 300 h2load --h1 -n "$REQUESTS" -c 10 "http://127.0.0.1:$PORT/" >"$RUN_DIR/$name.h1.txt" 2>&1
-  timeout 300 h2load -n "$REQUESTS" -c 10 -m 10 "http://127.0.0.1:$PORT/" >"$RUN_DIR/$name.h2.txt" 2>&1
+  ALL_PIDS+=("$pid")   # cleanup stops it if anything below fails
+  wait_ok "$name" "http://127.0.0.1:$PORT/" "$pid" h1 300 || die "$name did not start"
+  timeout 300 h2load --h1 -n "$REQUESTS" -c 10 "http://127.0.0.1:$PORT/" >"$RUN_DIR/$name.h1.txt" 2>&1 || true
+  timeout 300 h2load -n "$REQUESTS" -c 10 -m 10 "http://127.0.0.1:$PORT/" >"$RUN_DIR/$name.h2.txt" 2>&1 || true
   for path in metrics ready live config clusters; do
     curl --noproxy '*' -s -m 10 -o /dev/null "http://127.0.0.1:$ADMIN/$path" || true
   done
   kill -INT "$pid"
   wait "$pid" || true
-  grep -q " 0 failed, 0 errored" "$RUN_DIR/$name.h1.txt" "$RUN_DIR/$name.h2.txt" \
-    || die "$name: requests failed (see $RUN_DIR/$name.h*.txt)"
+  for proto in h1 h2; do
+    if ! grep -q " 0 failed, 0 errored" "$RUN_DIR/$name.$proto.txt"; then
+      cat "$RUN_DIR/$name.$proto.txt" >&2
+      die "$name: $proto requests failed (h2load's output is above)"
+    fi
+  done
 }
 
 for variant in spur spur-proxy; do

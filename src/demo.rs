@@ -36,7 +36,7 @@ pub fn main(args: &[String]) -> ExitCode {
             "--admin" => &mut admin,
             "--control" => &mut control,
             "-h" | "--help" => {
-                println!("{HELP}");
+                spur_proxy::cli::print_help(HELP);
                 return ExitCode::SUCCESS;
             }
             other => return usage(&format!("unknown option `{other}`")),

@@ -159,7 +159,7 @@ pub fn main(args: &[String]) -> ExitCode {
     let (rules, opts) = match parse_args(args) {
         Ok(Some(p)) => p,
         Ok(None) => {
-            println!("{HELP}");
+            spur_proxy::cli::print_help(HELP);
             return ExitCode::SUCCESS;
         }
         Err(msg) => {

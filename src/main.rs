@@ -42,9 +42,23 @@ fn main() -> ExitCode {
         eprintln!("{USAGE}");
         return ExitCode::from(2);
     };
-    // The servers keep Rust's default, SIGPIPE ignored: a closed log pipe never stops
-    // traffic. Every other command, and any --help, ends quietly when its reader goes away.
-    if !matches!(cmd.as_str(), "proxy" | "control" | "demo") || spur_proxy::cli::wants_help(rest) {
+    // Commands that print and end stop quietly when their reader goes away. The others keep
+    // Rust's default, SIGPIPE ignored: the servers (a closed log pipe never stops traffic),
+    // init-iptables (iptables-restore may exit before reading: its error is reported), and
+    // top and tap (they end on a failed write themselves). Their help texts set it.
+    if matches!(
+        cmd.as_str(),
+        "validate"
+            | "inject"
+            | "authz"
+            | "explain"
+            | "rollout"
+            | "help"
+            | "-h"
+            | "--help"
+            | "version"
+            | "--version"
+    ) {
         spur_proxy::cli::end_quietly_on_closed_output();
     }
     run(cmd, rest)
@@ -94,7 +108,7 @@ fn args_or_exit<A>(command: &str, usage: &str, parsed: Result<A, String>) -> Res
     match parsed {
         Ok(a) => Ok(a),
         Err(e) if e.is_empty() => {
-            println!("{usage}");
+            spur_proxy::cli::print_help(usage);
             Err(ExitCode::SUCCESS)
         }
         Err(e) => {

@@ -324,6 +324,13 @@ pub fn main(args: &[String], init_log: impl FnOnce(Option<&str>)) -> ExitCode {
     let parsed = match parse(args) {
         Ok(p) => p,
         Err(msg) if msg.is_empty() => {
+            // The help text ends quietly when its reader goes away (`spur control --help |
+            // head`), as spur_proxy::cli::print_help's does; the server keeps SIGPIPE ignored.
+            #[cfg(unix)]
+            // SAFETY: sets the action of one signal to its default; no handler runs our code.
+            unsafe {
+                libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+            }
             println!("{USAGE}");
             return ExitCode::SUCCESS;
         }

@@ -191,13 +191,7 @@ fn credential(
     }
 }
 
-/// Entry point of `spur proxy ARGS` and of the `spur-proxy` binary.
-/// Whether the arguments ask for a command's help text.
-pub fn wants_help(args: &[String]) -> bool {
-    args.iter().any(|a| a == "--help" || a == "-h")
-}
-
-/// A command that prints and ends (help, validate, inject, tap, ...) is ended by SIGPIPE
+/// A command that prints and ends (help texts, validate, inject, ...) is ended by SIGPIPE
 /// when the reader of its output goes away (`spur inject app.yaml | head`), as Unix tools
 /// are, instead of panicking on the failed write. Rust ignores SIGPIPE by default; a
 /// long-running proxy keeps that, so a closed log pipe never stops its traffic (socket
@@ -210,12 +204,19 @@ pub fn end_quietly_on_closed_output() {
     }
 }
 
+/// Prints a command's help text (see [`end_quietly_on_closed_output`]).
+pub fn print_help(text: &str) {
+    end_quietly_on_closed_output();
+    println!("{text}");
+}
+
+/// Entry point of `spur proxy ARGS` and of the `spur-proxy` binary.
 pub fn main(args: &[String]) -> ExitCode {
     let parsed = match parse_proxy_args(args) {
         Ok(p) => p,
         Err(msg) => {
             if msg.is_empty() {
-                println!("{USAGE}");
+                print_help(USAGE);
                 return ExitCode::SUCCESS;
             }
             eprintln!("spur proxy: {msg}\n\n{USAGE}");
