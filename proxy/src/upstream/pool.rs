@@ -12,6 +12,12 @@
 //! A pooled connection that turns out closed takes the request back unwritten (hyper returns
 //! it): the request then goes on one fresh connection, and the try is not charged for the
 //! stale one. A fresh connection that does the same is [`Failure::NotSent`].
+//!
+//! An HTTP/1.1 connection nobody used for 60 to 90 seconds is closed (hyper keeps about
+//! 30 KB of buffers and channels per connection, and an origin may never close its idle
+//! ones): while connections sit on a stack, a task of that worker ticks every 30 s and
+//! closes those that were idle through two whole ticks. Checking a connection in only
+//! notes the current tick, so the request path reads no clock for it.
 
 use super::{HttpConnector, ReqBody, UpstreamError};
 use crate::body::InBody;
@@ -19,39 +25,47 @@ use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use spur_config::UpstreamProtocol;
 use std::net::SocketAddr;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 /// Connections kept per endpoint beyond which a returning one is closed.
 const MAX_H1: usize = 1024;
 
+/// The idle sweep's tick; an HTTP/1.1 connection idle through [`IDLE_TICKS`] - 1 whole ticks
+/// is closed at the next one (so after 60 to 90 s unused).
+const IDLE_TICK: Duration = Duration::from_secs(30);
+const IDLE_TICKS: u64 = 3;
+
 /// One shard per worker (see `crate::workers`): a request takes connections its own thread
 /// drives, so no wake-up crosses to another core.
 pub struct Pool {
-    shards: Box<[Shard]>,
+    shards: Box<[Arc<Shard>]>,
 }
 
-#[derive(Default)]
 struct Shard {
     h1: Mutex<Vec<H1>>,
     h2: Mutex<Option<H2>>,
     /// Serializes making a new HTTP/2 connection.
     h2_connecting: tokio::sync::Mutex<()>,
+    /// Ticks of the idle sweep so far.
+    tick: AtomicU64,
+    /// Whether a sweep task runs (it ends when the stack is empty).
+    sweeping: AtomicBool,
+    idle_tick: Duration,
 }
 
 impl Default for Pool {
     fn default() -> Pool {
-        Pool {
-            shards: (0..crate::workers::count())
-                .map(|_| Shard::default())
-                .collect(),
-        }
+        Pool::with_idle_tick(IDLE_TICK)
     }
 }
 
 struct H1 {
     send: http1::SendRequest<ReqBody>,
     generation: u64,
+    /// The sweep's tick when the connection last went back on the stack.
+    tick: u64,
 }
 
 #[derive(Clone)]
@@ -69,6 +83,23 @@ type Answer = Result<http::Response<InBody>, UpstreamError>;
 pub struct Connecting(pub std::time::Duration);
 
 impl Pool {
+    fn with_idle_tick(idle_tick: Duration) -> Pool {
+        Pool {
+            shards: (0..crate::workers::count())
+                .map(|_| {
+                    Arc::new(Shard {
+                        h1: Mutex::default(),
+                        h2: Mutex::default(),
+                        h2_connecting: tokio::sync::Mutex::default(),
+                        tick: AtomicU64::new(0),
+                        sweeping: AtomicBool::new(false),
+                        idle_tick,
+                    })
+                })
+                .collect(),
+        }
+    }
+
     /// Sends `req` to `addr` on a pooled or new connection made by `conn`.
     pub async fn send(
         &self,
@@ -112,15 +143,23 @@ impl Shard {
         None
     }
 
-    fn checkin_h1(&self, c: H1) {
-        let mut stack = self.h1.lock().unwrap();
-        if stack.len() < MAX_H1 {
+    fn checkin_h1(self: &Arc<Self>, mut c: H1) {
+        c.tick = self.tick.load(Ordering::Relaxed);
+        {
+            let mut stack = self.h1.lock().unwrap();
+            if stack.len() >= MAX_H1 {
+                return;
+            }
             stack.push(c);
+        }
+        // After the push: a sweep that found the stack empty said so under the lock.
+        if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
+            tokio::spawn(sweep_idle(Arc::downgrade(self)));
         }
     }
 
     async fn send_h1(
-        &self,
+        self: &Arc<Self>,
         conn: &HttpConnector,
         addr: SocketAddr,
         req: http::Request<ReqBody>,
@@ -145,7 +184,7 @@ impl Shard {
 
     /// `req` on a new connection.
     async fn send_h1_fresh(
-        &self,
+        self: &Arc<Self>,
         conn: &HttpConnector,
         addr: SocketAddr,
         req: http::Request<ReqBody>,
@@ -277,6 +316,35 @@ fn framing<B>(resp: &http::Response<B>) -> Result<(), UpstreamError> {
     Ok(())
 }
 
+/// Every tick while `shard` holds HTTP/1.1 connections: closes those idle through
+/// [`IDLE_TICKS`] - 1 whole ticks. A connection still reading its response body counts as
+/// used. Ends when the stack is empty (the next check-in starts another) or the endpoint
+/// is gone.
+async fn sweep_idle(shard: Weak<Shard>) {
+    loop {
+        let Some(tick) = shard.upgrade().map(|s| s.idle_tick) else {
+            return;
+        };
+        tokio::time::sleep(tick).await;
+        let Some(shard) = shard.upgrade() else {
+            return;
+        };
+        let now = shard.tick.fetch_add(1, Ordering::Relaxed) + 1;
+        let mut stack = shard.h1.lock().unwrap();
+        stack.retain_mut(|c| {
+            if !c.send.is_ready() {
+                c.tick = now; // busy (its body is being read) or closed
+                return !c.send.is_closed();
+            }
+            now - c.tick < IDLE_TICKS
+        });
+        if stack.is_empty() {
+            shard.sweeping.store(false, Ordering::Relaxed);
+            return;
+        }
+    }
+}
+
 async fn connect_h1(conn: &HttpConnector, addr: SocketAddr) -> Result<H1, UpstreamError> {
     let io = TokioIo::new(conn.connect(addr, false).await?);
     let (send, connection) = http1::Builder::new()
@@ -291,5 +359,163 @@ async fn connect_h1(conn: &HttpConnector, addr: SocketAddr) -> Result<H1, Upstre
     Ok(H1 {
         send,
         generation: conn.generation,
+        tick: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+    use std::sync::atomic::AtomicUsize;
+    use std::time::Instant;
+
+    /// A body of `left` chunks of "ok", 0.4 s apart.
+    struct Chunks {
+        left: u32,
+        pause: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    }
+
+    impl http_body::Body for Chunks {
+        type Data = bytes::Bytes;
+        type Error = std::convert::Infallible;
+
+        fn poll_frame(
+            mut self: std::pin::Pin<&mut Self>,
+            cx: &mut std::task::Context<'_>,
+        ) -> std::task::Poll<Option<Result<hyper::body::Frame<bytes::Bytes>, Self::Error>>>
+        {
+            if self.left == 0 {
+                return std::task::Poll::Ready(None);
+            }
+            if let Some(pause) = self.pause.as_mut() {
+                std::task::ready!(std::future::Future::poll(pause.as_mut(), cx));
+            }
+            self.left -= 1;
+            self.pause = Some(Box::pin(tokio::time::sleep(Duration::from_millis(400))));
+            let data = bytes::Bytes::from_static(b"ok");
+            std::task::Poll::Ready(Some(Ok(hyper::body::Frame::data(data))))
+        }
+    }
+
+    /// An HTTP/1.1 origin on 127.0.0.1 that answers 200; counts its open connections, and
+    /// all it accepted.
+    async fn origin() -> (SocketAddr, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(AtomicUsize::new(0));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (count, total) = (open.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((sock, _)) = listener.accept().await {
+                total.fetch_add(1, Ordering::SeqCst);
+                count.fetch_add(1, Ordering::SeqCst);
+                let count = count.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|req: http::Request<_>| async move {
+                        // /slow: ten chunks 0.4 s apart.
+                        let left = if req.uri().path() == "/slow" { 10 } else { 1 };
+                        let body = Chunks { left, pause: None };
+                        Ok::<_, std::convert::Infallible>(http::Response::new(body))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(sock), svc)
+                        .await;
+                    count.fetch_sub(1, Ordering::SeqCst);
+                });
+            }
+        });
+        (addr, open, accepted)
+    }
+
+    async fn get(pool: &Pool, conn: &HttpConnector, addr: SocketAddr) {
+        get_path(pool, conn, addr, "/").await;
+    }
+
+    async fn get_path(pool: &Pool, conn: &HttpConnector, addr: SocketAddr, path: &str) -> usize {
+        let req = http::Request::builder()
+            .uri(format!("http://{addr}{path}"))
+            .body(ReqBody::empty())
+            .unwrap();
+        let resp = pool.send(conn, addr, req).await.unwrap();
+        resp.into_body().collect().await.unwrap().to_bytes().len()
+    }
+
+    fn plain_http1() -> HttpConnector {
+        HttpConnector {
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            generation: 1,
+        }
+    }
+
+    /// Waits (up to 20 s) until the origin has `n` connections open; when that happened.
+    async fn until_open(open: &AtomicUsize, n: usize) -> Instant {
+        let give_up = Instant::now() + Duration::from_secs(20);
+        while open.load(Ordering::SeqCst) != n {
+            assert!(
+                Instant::now() < give_up,
+                "origin still has {open:?} connections open, waiting for {n}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Instant::now()
+    }
+
+    #[tokio::test]
+    async fn idle_http1_connections_close_after_two_whole_ticks_and_a_used_one_stays_longer() {
+        let (addr, open, _) = origin().await;
+        let tick = Duration::from_secs(1);
+        let pool = Pool::with_idle_tick(tick);
+        let conn = plain_http1();
+        let start = Instant::now();
+        // Two at once: two connections, both back on the stack at tick 0.
+        tokio::join!(get(&pool, &conn, addr), get(&pool, &conn, addr));
+        assert_eq!(open.load(Ordering::SeqCst), 2);
+        // One of them used again after the first tick: it goes back at tick 1.
+        tokio::time::sleep(tick * 3 / 2).await;
+        get(&pool, &conn, addr).await;
+        assert_eq!(
+            open.load(Ordering::SeqCst),
+            2,
+            "a pooled connection was used again"
+        );
+        // The other closes at tick 3 (timers never fire early: not before 3 ticks), the one
+        // used again a tick later.
+        let first = until_open(&open, 1).await;
+        assert!(
+            first - start >= tick * 3,
+            "closed after {:?}",
+            first - start
+        );
+        let second = until_open(&open, 0).await;
+        assert!(second - first >= tick / 2, "both closed together");
+        assert_eq!(pool.connections(), (0, 0));
+        // The sweep ended with the stack empty; a connection made now is swept again.
+        get(&pool, &conn, addr).await;
+        assert_eq!(open.load(Ordering::SeqCst), 1);
+        until_open(&open, 0).await;
+    }
+
+    /// A connection goes back on the stack when its response head arrives; while its body
+    /// is still coming it is in use, however many ticks the body takes, and it is reused
+    /// after.
+    #[tokio::test]
+    async fn a_connection_reading_a_long_body_counts_as_used() {
+        let (addr, open, accepted) = origin().await;
+        let tick = Duration::from_millis(300);
+        let pool = Pool::with_idle_tick(tick);
+        let conn = plain_http1();
+        // 3.6 s of body: twelve ticks.
+        assert_eq!(get_path(&pool, &conn, addr, "/slow").await, 20);
+        get(&pool, &conn, addr).await;
+        assert_eq!(
+            accepted.load(Ordering::SeqCst),
+            1,
+            "the connection was reused"
+        );
+        assert_eq!(open.load(Ordering::SeqCst), 1);
+        until_open(&open, 0).await;
+    }
 }
