@@ -245,8 +245,8 @@ mod tests {
     async fn proxies_get_their_shares_when_they_change() {
         let g = GroupLimits::default();
         let mut a = Some(g.subscribe("g", "a"));
-        g.report("g", "a", [("web/api".to_string(), 90.0)].into());
-        g.report("g", "b", [("web/api".to_string(), 10.0)].into());
+        g.report("g", "a", demand(90.0));
+        g.report("g", "b", demand(10.0));
         g.tick();
         let line = next_line(&mut a).await.unwrap();
         let v: serde_json::Value = serde_json::from_slice(&line).unwrap();
@@ -262,7 +262,6 @@ mod tests {
         // Replica 1 has proxy a; replica 2 has b and c, whose demand replica 1 read.
         let r1 = GroupLimits::default();
         let r2 = GroupLimits::default();
-        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
         let mut a = Some(r1.subscribe("g", "a"));
         r1.report("g", "a", demand(100.0));
         r2.report("g", "b", demand(100.0));
@@ -288,6 +287,11 @@ mod tests {
         );
     }
 
+    /// A proxy's demand for the one limit these tests use.
+    fn demand(d: f64) -> BTreeMap<String, f64> {
+        [("web/api".to_string(), d)].into()
+    }
+
     /// Makes a proxy's last report `ago` old.
     fn silent(g: &GroupLimits, node: &str, ago: Duration) {
         let mut nodes = g.nodes.lock().unwrap();
@@ -303,7 +307,6 @@ mod tests {
     #[tokio::test]
     async fn a_late_proxy_with_its_stream_open_keeps_its_share() {
         let g = GroupLimits::default();
-        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
         let mut a = Some(g.subscribe("g", "a"));
         let b = Some(g.subscribe("g", "b"));
         g.report("g", "a", demand(400.0));
@@ -331,7 +334,6 @@ mod tests {
     #[tokio::test]
     async fn a_proxy_silent_for_long_leaves_even_with_its_stream_open() {
         let g = GroupLimits::default();
-        let demand = |d: f64| -> BTreeMap<String, f64> { [("web/api".to_string(), d)].into() };
         let mut a = Some(g.subscribe("g", "a"));
         let _b = Some(g.subscribe("g", "b"));
         g.report("g", "a", demand(100.0));

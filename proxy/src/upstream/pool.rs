@@ -154,7 +154,7 @@ impl Shard {
         }
         // After the push: a sweep that found the stack empty said so under the lock.
         if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
-            tokio::spawn(sweep_idle(Arc::downgrade(self)));
+            tokio::spawn(sweep_idle(Arc::downgrade(self), self.idle_tick));
         }
     }
 
@@ -320,11 +320,8 @@ fn framing<B>(resp: &http::Response<B>) -> Result<(), UpstreamError> {
 /// [`IDLE_TICKS`] - 1 whole ticks. A connection still reading its response body counts as
 /// used. Ends when the stack is empty (the next check-in starts another) or the endpoint
 /// is gone.
-async fn sweep_idle(shard: Weak<Shard>) {
+async fn sweep_idle(shard: Weak<Shard>, tick: Duration) {
     loop {
-        let Some(tick) = shard.upgrade().map(|s| s.idle_tick) else {
-            return;
-        };
         tokio::time::sleep(tick).await;
         let Some(shard) = shard.upgrade() else {
             return;
