@@ -7,7 +7,8 @@
 # instructions of the difference divided by N2 - N1, so start-up and shutdown cancel out.
 # Instructions are not time: cache misses, system calls and the kernel's share are not in
 # them. 127.0.0.1 only; every run is bounded in time.
-# Usage: benches/instructions.sh [--protocol h1|h2] BIN [BIN...]
+# --keep DIR keeps callgrind's output files there, to read with callgrind_annotate.
+# Usage: benches/instructions.sh [--protocol h1|h2] [--keep DIR] BIN [BIN...]
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -17,12 +18,14 @@ source "$SCRIPT_DIR/lib/common.sh"
 source "$SCRIPT_DIR/lib/targets.sh"
 
 PROTO=h1
+KEEP=
 N1=${N1:-1000}
 N2=${N2:-6000}
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --protocol) PROTO=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --keep) KEEP=${2:?}; mkdir -p "$KEEP"; shift 2 ;;
+    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
@@ -44,7 +47,9 @@ start_origin
 
 # instructions BIN N : total instructions callgrind counted for one run serving N requests.
 instructions() {
-  local bin=$1 n=$2 port out pid i
+  local bin=$1 n=$2 port out pid i sub=(proxy)
+  # The data plane's own binary (spur-proxy, quicker to build) takes no subcommand.
+  [[ $(basename "$bin") == spur-proxy* ]] && sub=()
   free_port port
   out=$RUN_DIR/callgrind.$n.out
   cat >"$RUN_DIR/spur.yaml" <<EOF
@@ -54,7 +59,7 @@ clusters:
   - { name: origin, endpoints: ["127.0.0.1:$ORIGIN_PORT"] }
 EOF
   TOKIO_WORKER_THREADS=1 SPUR_LOG=warn timeout --kill-after=5 600 \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" proxy --config "$RUN_DIR/spur.yaml" \
+    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
     >"$RUN_DIR/spur.log" 2>&1 &
   pid=$!
   for ((i = 0; i < 300; i++)); do
@@ -70,6 +75,7 @@ EOF
   kill -INT "$pid"
   wait "$pid" || true
   awk '/^(summary|totals):/ {print $2; exit}' "$out"
+  if [[ -n $KEEP ]]; then cp "$out" "$KEEP/$(basename "$bin").$PROTO.$n.callgrind"; fi
 }
 
 for bin in "$@"; do

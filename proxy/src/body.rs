@@ -13,6 +13,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum InBody {
     Http(Incoming),
+    /// A response read by Spur's own HTTP/1.1 client.
+    H1(crate::upstream::h1::ResponseBody),
     /// Boxed: an h3 stream is large, and hyper bodies are the common case.
     H3(Box<H3Recv>),
     /// Any body, for the request path's own tests (requests and fake upstreams' answers).
@@ -36,6 +38,7 @@ impl Body for InBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             InBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            InBody::H1(b) => Pin::new(b).poll_frame(cx),
             InBody::H3(b) => b.poll_frame(cx),
             #[cfg(test)]
             InBody::Test(b) => Pin::new(b).poll_frame(cx),
@@ -45,6 +48,7 @@ impl Body for InBody {
     fn is_end_stream(&self) -> bool {
         match self {
             InBody::Http(b) => b.is_end_stream(),
+            InBody::H1(b) => b.is_end_stream(),
             InBody::H3(b) => b.state == H3State::Done,
             #[cfg(test)]
             InBody::Test(b) => b.is_end_stream(),
@@ -54,6 +58,7 @@ impl Body for InBody {
     fn size_hint(&self) -> SizeHint {
         match self {
             InBody::Http(b) => b.size_hint(),
+            InBody::H1(b) => b.size_hint(),
             InBody::H3(b) => match b.length {
                 Some(n) if b.state == H3State::Data => SizeHint::with_exact(n),
                 _ => SizeHint::default(),

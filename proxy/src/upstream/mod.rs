@@ -2,7 +2,9 @@
 //!
 //! - HTTP/1.1 and HTTP/2 over TCP, plain or TLS: Spur's own per-endpoint pool
 //!   ([`pool::Pool`], on hyper's `client::conn`), held by the endpoint's state, so the
-//!   connections go when the endpoint goes and a config push keeps them.
+//!   connections go when the endpoint goes and a config push keeps them. A request with
+//!   no body to a plaintext HTTP/1.1 endpoint (most of them) goes through Spur's own
+//!   HTTP/1.1 client instead ([`h1`]), read and written by the request's own task.
 //! - HTTP/3 over QUIC ([`crate::quic::client`]), with its TCP fallback through the pool.
 //!
 //! Why not hyper-util's pooled `Client`: it hides what the try needs to know. Spur tells
@@ -14,6 +16,7 @@
 //! when certificate files rotate, verifies SPIFFE identities and counts failures by reason.
 
 pub mod body;
+pub mod h1;
 pub mod pool;
 
 pub use body::{buffer, BodyStats, Buffered, ClientBody, ReqBody};

@@ -6,6 +6,11 @@
 //! that moment. The most recently used ready connection is taken first (its TCP window and
 //! the server's keep-alive timer are the freshest), closed ones are dropped on the way.
 //!
+//! Spur's own HTTP/1.1 client ([`h1`], for requests without a body to plaintext endpoints)
+//! keeps a second stack: its connections are on it only while idle (a response body holds
+//! its connection until it ends, then puts it back), most recently used first, and the idle
+//! sweep closes them like hyper's.
+//!
 //! HTTP/2: one multiplexed connection, shared by every request, made again when it closes.
 //! Requests arriving while it is being made wait for that one handshake.
 //!
@@ -19,7 +24,7 @@
 //! closes those that were idle through two whole ticks. Checking a connection in only
 //! notes the current tick, so the request path reads no clock for it.
 
-use super::{HttpConnector, ReqBody, UpstreamError};
+use super::{h1, HttpConnector, ReqBody, UpstreamError};
 use crate::body::InBody;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -43,8 +48,12 @@ pub struct Pool {
     shards: Box<[Arc<Shard>]>,
 }
 
-struct Shard {
+pub struct Shard {
     h1: Mutex<Vec<H1>>,
+    /// Idle connections of Spur's own HTTP/1.1 client (see [`super::h1`]). Boxed: a
+    /// connection moves between this stack and a response body whole, as one pointer.
+    #[allow(clippy::vec_box)]
+    raw: Mutex<Vec<Box<h1::Conn>>>,
     h2: Mutex<Option<H2>>,
     /// Serializes making a new HTTP/2 connection.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -89,6 +98,7 @@ impl Pool {
                 .map(|_| {
                     Arc::new(Shard {
                         h1: Mutex::default(),
+                        raw: Mutex::default(),
                         h2: Mutex::default(),
                         h2_connecting: tokio::sync::Mutex::default(),
                         tick: AtomicU64::new(0),
@@ -122,7 +132,8 @@ impl Pool {
                     .unwrap()
                     .as_ref()
                     .is_some_and(|c| !c.send.is_closed());
-            (h1 + s.h1.lock().unwrap().len(), h2 + usize::from(open))
+            let h1 = h1 + s.h1.lock().unwrap().len() + s.raw.lock().unwrap().len();
+            (h1, h2 + usize::from(open))
         })
     }
 }
@@ -152,9 +163,68 @@ impl Shard {
             }
             stack.push(c);
         }
-        // After the push: a sweep that found the stack empty said so under the lock.
+        self.ensure_sweep();
+    }
+
+    fn checkout_raw(&self, generation: u64) -> Option<Box<h1::Conn>> {
+        let mut stack = self.raw.lock().unwrap();
+        while let Some(c) = stack.pop() {
+            if c.generation == generation && !c.is_stale() {
+                return Some(c);
+            }
+        }
+        None
+    }
+
+    /// Starts the idle sweep unless it runs: after a push, since a sweep that found the
+    /// stacks empty said so under their locks.
+    fn ensure_sweep(self: &Arc<Self>) {
         if !self.sweeping.load(Ordering::Relaxed) && !self.sweeping.swap(true, Ordering::Relaxed) {
             tokio::spawn(sweep_idle(Arc::downgrade(self), self.idle_tick));
+        }
+    }
+
+    /// `req` (no body, plain TCP: see [`h1::eligible`]) through Spur's own HTTP/1.1 client.
+    async fn send_raw(
+        self: &Arc<Self>,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Answer {
+        let Some(c) = self.checkout_raw(conn.generation) else {
+            return Box::pin(self.send_raw_fresh(conn, addr, req)).await;
+        };
+        match c.send(&req).await {
+            Ok(resp) => Ok(resp.map(InBody::H1)),
+            // Nothing was written: the request goes on a fresh connection.
+            Err(f) if !f.written => Box::pin(self.send_raw_fresh(conn, addr, req)).await,
+            Err(f) => Err(UpstreamError::sent(f.error)),
+        }
+    }
+
+    async fn send_raw_fresh(
+        self: &Arc<Self>,
+        conn: &HttpConnector,
+        addr: SocketAddr,
+        req: http::Request<ReqBody>,
+    ) -> Answer {
+        let started = crate::clock::now();
+        let crate::tls::Stream::Plain(tcp) = conn.connect(addr, false).await? else {
+            return Err(UpstreamError::connect(
+                "a TLS connection where plain TCP was asked",
+            ));
+        };
+        let home: Weak<dyn h1::Home> = Arc::downgrade(self) as Weak<Shard>;
+        let c = h1::Conn::new(tcp, home, conn.generation);
+        let connecting = Connecting(crate::clock::now().saturating_duration_since(started));
+        match c.send(&req).await {
+            Ok(resp) => {
+                let mut resp = resp.map(InBody::H1);
+                resp.extensions_mut().insert(connecting);
+                Ok(resp)
+            }
+            Err(f) if !f.written => Err(UpstreamError::not_sent(f.error)),
+            Err(f) => Err(UpstreamError::sent(f.error)),
         }
     }
 
@@ -164,6 +234,9 @@ impl Shard {
         addr: SocketAddr,
         req: http::Request<ReqBody>,
     ) -> Answer {
+        if conn.tls.is_none() && h1::eligible(&req) {
+            return self.send_raw(conn, addr, req).await;
+        }
         // The common case inline; a new connection (rare, and large: TCP, TLS, handshake)
         // boxed, so every request's future stays small.
         let Some(mut c) = self.checkout_h1(conn.generation) else {
@@ -305,6 +378,20 @@ impl Shard {
     }
 }
 
+impl h1::Home for Shard {
+    fn checkin(self: Arc<Self>, mut conn: Box<h1::Conn>) {
+        conn.tick = self.tick.load(Ordering::Relaxed);
+        {
+            let mut stack = self.raw.lock().unwrap();
+            if stack.len() >= MAX_H1 {
+                return;
+            }
+            stack.push(conn);
+        }
+        self.ensure_sweep();
+    }
+}
+
 /// Refuses an HTTP/1.1 response whose framing is ambiguous (see
 /// [`crate::headers::ambiguous_framing`]); its connection is then dropped, not pooled.
 fn framing<B>(resp: &http::Response<B>) -> Result<(), UpstreamError> {
@@ -335,7 +422,10 @@ async fn sweep_idle(shard: Weak<Shard>, tick: Duration) {
             }
             now - c.tick < IDLE_TICKS
         });
-        if stack.is_empty() {
+        let mut raw = shard.raw.lock().unwrap();
+        // A connection of Spur's own client is on its stack only while idle.
+        raw.retain(|c| now - c.tick < IDLE_TICKS && !c.is_stale());
+        if stack.is_empty() && raw.is_empty() {
             shard.sweeping.store(false, Ordering::Relaxed);
             return;
         }

@@ -1,0 +1,881 @@
+//! Spur's own HTTP/1.1 client, for the common exchange: a request with no body, to a
+//! plaintext endpoint.
+//!
+//! hyper's `client::conn::http1` runs each connection as a task of its own: a request goes
+//! to it through a channel, the response head comes back through another, and the body
+//! through a third, with a wake-up of one task by the other at each step (five task polls
+//! per request, about a third of the instructions Spur spent on a proxied GET). Here the
+//! request's own task writes the head, reads the response and its body, and puts the
+//! connection back in the pool when the body has ended: no task, no channel.
+//!
+//! What goes through hyper instead (see [`eligible`]): a request with a body (streamed,
+//! `Expect`, `Transfer-Encoding`), an upgrade or `CONNECT`, a TLS endpoint, anything but
+//! an origin-form HTTP/1.1 request. Both share the endpoint's pool and its idle sweep.
+//!
+//! The response is read as RFC 9112 says: informational heads skipped (a `101` is an
+//! error: nothing asked to switch), no body for `HEAD`, `204` and `304`, `chunked` (with
+//! trailers), `content-length` (several values must agree), else until the connection
+//! closes. A connection is reused only after an HTTP/1.1 response without
+//! `connection: close`, whose body was read to its end with nothing after it.
+//!
+//! A pooled connection is checked before it is used, without a system call: the runtime
+//! knows whether its socket turned readable while it sat in the pool (the origin closed it,
+//! or sent bytes nobody asked for). A connection whose request could not be written at all
+//! gives the request back, like hyper's, so it goes on a fresh connection.
+
+use crate::body::BoxError;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode, Version};
+use http_body::{Body, Frame, SizeHint};
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{ready, Context, Poll, Waker};
+use tokio::net::TcpStream;
+
+/// The most headers a response head (or its trailers) may have, as hyper's client.
+const MAX_HEADERS: usize = 100;
+/// The most bytes a response head, a chunk-size line or a trailer section may take.
+const MAX_HEAD: usize = 400 * 1024;
+/// Room made in the read buffer before each read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Where a connection goes back when its exchange is over (the endpoint's pool shard).
+pub trait Home: Send + Sync + 'static {
+    fn checkin(self: Arc<Self>, conn: Box<Conn>);
+}
+
+/// One upstream HTTP/1.1 connection, idle between exchanges. Boxed once when made, so a
+/// response body that holds it stays small.
+pub struct Conn {
+    tcp: TcpStream,
+    /// Its pool (weak: the pool holds its idle connections).
+    home: Weak<dyn Home>,
+    /// Bytes read and not yet used; empty between exchanges.
+    buf: BytesMut,
+    pub generation: u64,
+    /// The idle sweep's tick when it last went back to the pool.
+    pub tick: u64,
+}
+
+/// Whether a request can go through this client rather than hyper's.
+pub fn eligible<B: Body>(req: &Request<B>) -> bool {
+    let h = req.headers();
+    req.version() == Version::HTTP_11
+        && req.body().is_end_stream()
+        && req.method() != Method::CONNECT
+        && req.uri().scheme().is_none()
+        && req.uri().authority().is_none()
+        && !h.contains_key(header::UPGRADE)
+        && !h.contains_key(header::EXPECT)
+        && !h.contains_key(header::TRANSFER_ENCODING)
+        && h.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0")
+}
+
+/// Why an exchange failed, and whether any of the request was written.
+#[derive(Debug)]
+pub struct Failed {
+    pub error: BoxError,
+    pub written: bool,
+}
+
+impl Failed {
+    fn sent(error: impl Into<BoxError>) -> Failed {
+        Failed {
+            error: error.into(),
+            written: true,
+        }
+    }
+}
+
+impl Conn {
+    pub fn new(tcp: TcpStream, home: Weak<dyn Home>, generation: u64) -> Box<Conn> {
+        Box::new(Conn {
+            tcp,
+            home,
+            buf: BytesMut::new(),
+            generation,
+            tick: 0,
+        })
+    }
+
+    /// The origin closed the connection, or sent something, while it sat in the pool.
+    pub fn is_stale(&self) -> bool {
+        if !self.buf.is_empty() {
+            return true;
+        }
+        let mut cx = Context::from_waker(Waker::noop());
+        if self.tcp.poll_read_ready(&mut cx).is_pending() {
+            return false;
+        }
+        // Readable: an end of stream or bytes, unless the readiness is only left over from
+        // the last read (then this read finds nothing and clears it).
+        let mut probe = [0u8; 1];
+        !matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
+    }
+
+    /// Writes `req`'s head and reads the response head; the body is read by the response's
+    /// [`ResponseBody`], which puts the connection back in `home` when it ends. The head is
+    /// encoded before the returned future runs, which holds nothing of `req`.
+    pub fn send<B>(
+        mut self: Box<Self>,
+        req: &Request<B>,
+    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Failed>> + Send {
+        self.buf.clear();
+        encode_head(req, &mut self.buf);
+        let head_request = req.method() == Method::HEAD;
+        self.exchange(head_request)
+    }
+
+    async fn exchange(
+        mut self: Box<Self>,
+        head_request: bool,
+    ) -> Result<Response<ResponseBody>, Failed> {
+        let mut at = 0;
+        while at < self.buf.len() {
+            match tokio::io::AsyncWriteExt::write(&mut self.tcp, &self.buf[at..]).await {
+                Ok(0) => {
+                    return Err(Failed {
+                        error: "the connection closed while the request was written".into(),
+                        written: at > 0,
+                    })
+                }
+                Ok(n) => at += n,
+                Err(e) => {
+                    return Err(Failed {
+                        error: e.into(),
+                        written: at > 0,
+                    })
+                }
+            }
+        }
+        self.buf.clear();
+        let (parts, framing, keep_alive) = loop {
+            if !self.buf.is_empty() {
+                if let Some(head) = self.parse_head(head_request)? {
+                    break head;
+                }
+            }
+            if self.buf.len() > MAX_HEAD {
+                return Err(Failed::sent("the response head is too large"));
+            }
+            let n = std::future::poll_fn(|cx| self.poll_fill(cx))
+                .await
+                .map_err(Failed::sent)?;
+            if n == 0 {
+                return Err(Failed::sent(
+                    "the connection closed before a response head arrived",
+                ));
+            }
+        };
+        let mut body = ResponseBody {
+            conn: Some(self),
+            framing,
+            keep_alive,
+        };
+        if matches!(body.framing, Framing::Length(0)) {
+            body.finish();
+        }
+        Ok(Response::from_parts(parts, body))
+    }
+
+    /// The response head at the front of the buffer, taken from it; `None` until whole.
+    /// Informational heads are dropped on the way.
+    #[allow(clippy::type_complexity)]
+    fn parse_head(
+        &mut self,
+        head_request: bool,
+    ) -> Result<Option<(http::response::Parts, Framing, bool)>, Failed> {
+        loop {
+            let mut slots = [const { std::mem::MaybeUninit::uninit() }; MAX_HEADERS];
+            let mut res = httparse::Response::new(&mut []);
+            let parsed = httparse::ParserConfig::default()
+                .parse_response_with_uninit_headers(&mut res, &self.buf, &mut slots);
+            let len = match parsed {
+                Ok(httparse::Status::Complete(len)) => len,
+                Ok(httparse::Status::Partial) => return Ok(None),
+                Err(e) => return Err(Failed::sent(format!("invalid response head: {e}"))),
+            };
+            let code = res.code.unwrap_or(0);
+            if (100..200).contains(&code) {
+                if code == 101 {
+                    return Err(Failed::sent("101 to a request that asked for no upgrade"));
+                }
+                self.buf.advance(len);
+                continue;
+            }
+            let status = StatusCode::from_u16(code).map_err(Failed::sent)?;
+            let version = match res.version {
+                Some(1) => Version::HTTP_11,
+                _ => Version::HTTP_10,
+            };
+            let base = self.buf.as_ptr() as usize;
+            let mut spans = [(0u32, 0u32, 0u32, 0u32); MAX_HEADERS];
+            let count = res.headers.len();
+            for (span, h) in spans.iter_mut().zip(res.headers.iter()) {
+                let name = (h.name.as_ptr() as usize - base) as u32;
+                let value = (h.value.as_ptr() as usize - base) as u32;
+                *span = (name, h.name.len() as u32, value, h.value.len() as u32);
+            }
+            let head = self.buf.split_to(len).freeze();
+            let mut headers = HeaderMap::with_capacity(count);
+            for &(n, nl, v, vl) in &spans[..count] {
+                let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
+                let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(Failed::sent)?;
+                let value =
+                    HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(Failed::sent)?;
+                headers.append(name, value);
+            }
+            let (framing, mut keep_alive) = framing(head_request, status, &headers)?;
+            keep_alive &= version == Version::HTTP_11;
+            let mut parts = Response::new(()).into_parts().0;
+            parts.status = status;
+            parts.version = version;
+            parts.headers = headers;
+            return Ok(Some((parts, framing, keep_alive)));
+        }
+    }
+
+    /// Reads what the socket has into the buffer: the number of bytes (0 at its end).
+    fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.buf)
+    }
+}
+
+/// The request head in HTTP/1.1 form, as hyper writes it: origin form, names as they are
+/// (lower case), one line per value.
+fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
+    let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let size = req.method().as_str().len()
+        + target.len()
+        + 12
+        + req
+            .headers()
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+        + 2;
+    out.reserve(size);
+    out.put_slice(req.method().as_str().as_bytes());
+    out.put_u8(b' ');
+    out.put_slice(target.as_bytes());
+    out.put_slice(b" HTTP/1.1\r\n");
+    for (name, value) in req.headers() {
+        out.put_slice(name.as_str().as_bytes());
+        out.put_slice(b": ");
+        out.put_slice(value.as_bytes());
+        out.put_slice(b"\r\n");
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// How the response body is delimited, and whether the connection may carry another
+/// exchange after it (RFC 9112 section 6.3).
+fn framing(
+    head_request: bool,
+    status: StatusCode,
+    h: &HeaderMap,
+) -> Result<(Framing, bool), Failed> {
+    let keep_alive = !h
+        .get_all(header::CONNECTION)
+        .iter()
+        .any(|v| has_token(v.as_bytes(), b"close"));
+    if crate::headers::ambiguous_framing(h) {
+        return Err(Failed::sent(
+            "the response has both content-length and transfer-encoding",
+        ));
+    }
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Framing::Length(0), keep_alive));
+    }
+    if h.contains_key(header::TRANSFER_ENCODING) {
+        let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
+        let chunked = last.is_some_and(|v| {
+            v.as_bytes()
+                .rsplit(|&b| b == b',')
+                .next()
+                .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
+        });
+        return Ok(match chunked {
+            true => (Framing::Chunked(Chunk::Size), keep_alive),
+            false => (Framing::Close, false),
+        });
+    }
+    let mut length = None;
+    for v in h.get_all(header::CONTENT_LENGTH) {
+        for part in v.as_bytes().split(|&b| b == b',') {
+            let n = parse_length(part.trim_ascii())
+                .ok_or_else(|| Failed::sent("invalid content-length in the response"))?;
+            if length.is_some_and(|l| l != n) {
+                return Err(Failed::sent("content-length values disagree"));
+            }
+            length = Some(n);
+        }
+    }
+    Ok(match length {
+        Some(n) => (Framing::Length(n), keep_alive),
+        None => (Framing::Close, false),
+    })
+}
+
+fn parse_length(s: &[u8]) -> Option<u64> {
+    if s.is_empty() || s.len() > 19 || !s.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(s.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+fn has_token(list: &[u8], token: &[u8]) -> bool {
+    list.split(|&b| b == b',')
+        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
+}
+
+enum Framing {
+    /// This many bytes of body left.
+    Length(u64),
+    Chunked(Chunk),
+    /// Until the connection closes.
+    Close,
+    Done,
+}
+
+enum Chunk {
+    /// Before a chunk-size line.
+    Size,
+    /// Inside a chunk's data: this many bytes left.
+    Data(u64),
+    /// The CRLF after a chunk's data.
+    DataEnd,
+    /// After the last chunk: trailer fields, then an empty line.
+    Trailers,
+}
+
+/// A response body read from its connection by whoever polls it; the connection goes back
+/// to its pool when the body ends (and is closed if the body is dropped before).
+pub struct ResponseBody {
+    conn: Option<Box<Conn>>,
+    framing: Framing,
+    keep_alive: bool,
+}
+
+impl ResponseBody {
+    /// The body ended: its connection goes home if it can carry another exchange.
+    fn finish(&mut self) {
+        self.framing = Framing::Done;
+        if let Some(conn) = self.conn.take() {
+            if self.keep_alive && conn.buf.is_empty() {
+                if let Some(home) = conn.home.upgrade() {
+                    home.checkin(conn);
+                }
+            }
+        }
+    }
+
+    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.framing = Framing::Done;
+        self.conn = None;
+        Poll::Ready(Some(Err(e.into())))
+    }
+
+    /// Reads more of the body into the buffer; an end of stream is an error.
+    fn poll_more(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        let Some(conn) = self.conn.as_mut() else {
+            return Poll::Ready(Err("the response body's connection is gone".into()));
+        };
+        match ready!(conn.poll_fill(cx)) {
+            Ok(0) => Poll::Ready(Err(
+                "the connection closed before the response body ended".into()
+            )),
+            Ok(_) => Poll::Ready(Ok(())),
+            Err(e) => Poll::Ready(Err(e.into())),
+        }
+    }
+
+    fn buf(&mut self) -> &mut BytesMut {
+        &mut self
+            .conn
+            .as_mut()
+            .expect("a body being read has its connection")
+            .buf
+    }
+}
+
+impl Body for ResponseBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            match this.framing {
+                Framing::Done => return Poll::Ready(None),
+                Framing::Length(0) => {
+                    this.finish();
+                    return Poll::Ready(None);
+                }
+                Framing::Length(left) => {
+                    if this.buf().is_empty() {
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                        continue;
+                    }
+                    let buf = this.buf();
+                    let n = (buf.len() as u64).min(left);
+                    let data = buf.split_to(n as usize).freeze();
+                    this.framing = Framing::Length(left - n);
+                    if left == n {
+                        this.finish();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Close => {
+                    if this.buf().is_empty() {
+                        let conn = this
+                            .conn
+                            .as_mut()
+                            .expect("a body being read has its connection");
+                        match ready!(conn.poll_fill(cx)) {
+                            Ok(0) => {
+                                this.framing = Framing::Done;
+                                this.conn = None;
+                                return Poll::Ready(None);
+                            }
+                            Ok(_) => continue,
+                            Err(e) => return this.fail(e),
+                        }
+                    }
+                    let data = this.buf().split().freeze();
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(Chunk::Data(left)) => {
+                    if this.buf().is_empty() {
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                        continue;
+                    }
+                    let buf = this.buf();
+                    let n = (buf.len() as u64).min(left);
+                    let data = buf.split_to(n as usize).freeze();
+                    this.framing = Framing::Chunked(match left - n {
+                        0 => Chunk::DataEnd,
+                        rest => Chunk::Data(rest),
+                    });
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Framing::Chunked(Chunk::DataEnd) => {
+                    let buf = this.buf();
+                    if buf.len() < 2 {
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                        continue;
+                    }
+                    if &buf[..2] != b"\r\n" {
+                        return this.fail("invalid chunked encoding: no CRLF after a chunk");
+                    }
+                    buf.advance(2);
+                    this.framing = Framing::Chunked(Chunk::Size);
+                }
+                Framing::Chunked(Chunk::Size) => {
+                    let buf = this.buf();
+                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+                        if buf.len() > MAX_HEAD {
+                            return this.fail("a chunk-size line is too long");
+                        }
+                        if let Err(e) = ready!(this.poll_more(cx)) {
+                            return this.fail(e);
+                        }
+                        continue;
+                    };
+                    let Some(size) = chunk_size(&buf[..end]) else {
+                        return this.fail("invalid chunked encoding: bad chunk size");
+                    };
+                    buf.advance(end + 2);
+                    this.framing = Framing::Chunked(match size {
+                        0 => Chunk::Trailers,
+                        n => Chunk::Data(n),
+                    });
+                }
+                Framing::Chunked(Chunk::Trailers) => {
+                    let buf = this.buf();
+                    if buf.starts_with(b"\r\n") {
+                        buf.advance(2);
+                        this.finish();
+                        return Poll::Ready(None);
+                    }
+                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+                    let parsed = match httparse::parse_headers(buf, &mut slots) {
+                        Ok(httparse::Status::Complete((len, fields))) => {
+                            let mut map = HeaderMap::with_capacity(fields.len());
+                            for f in fields {
+                                let (Ok(name), Ok(value)) = (
+                                    HeaderName::from_bytes(f.name.as_bytes()),
+                                    HeaderValue::from_bytes(f.value),
+                                ) else {
+                                    return this.fail("invalid trailer field");
+                                };
+                                map.append(name, value);
+                            }
+                            Some((len, map))
+                        }
+                        Ok(httparse::Status::Partial) => None,
+                        Err(e) => return this.fail(format!("invalid trailers: {e}")),
+                    };
+                    match parsed {
+                        Some((len, map)) => {
+                            this.buf().advance(len);
+                            this.finish();
+                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
+                        }
+                        None => {
+                            if this.buf().len() > MAX_HEAD {
+                                return this.fail("the trailers are too large");
+                            }
+                            if let Err(e) = ready!(this.poll_more(cx)) {
+                                return this.fail(e);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        matches!(self.framing, Framing::Done | Framing::Length(0))
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self.framing {
+            Framing::Done => SizeHint::with_exact(0),
+            Framing::Length(n) => SizeHint::with_exact(n),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+/// A chunk-size line's size (hex digits, then optional extensions after `;`).
+fn chunk_size(line: &[u8]) -> Option<u64> {
+    let digits = line
+        .split(|&b| b == b';')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if digits.is_empty() || digits.len() > 15 {
+        return None;
+    }
+    let mut n = 0u64;
+    for &d in digits {
+        n = n * 16 + u64::from((d as char).to_digit(16)?);
+    }
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::pool::Pool;
+    use super::super::{Failure, HttpConnector, ReqBody};
+    use super::*;
+    use http_body_util::BodyExt;
+    use spur_config::UpstreamProtocol;
+    use std::net::SocketAddr;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Mutex;
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// An origin on 127.0.0.1 that answers each request head it reads with the next of
+    /// `answers` as raw bytes (closing the connection after an answer that ends in
+    /// `"CLOSE"`, which is not sent); records the heads and counts connections.
+    struct Origin {
+        addr: SocketAddr,
+        heads: Arc<Mutex<Vec<String>>>,
+        accepted: Arc<AtomicUsize>,
+    }
+
+    async fn origin(answers: &[&'static str]) -> Origin {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let heads = Arc::new(Mutex::new(Vec::new()));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let queue = Arc::new(Mutex::new(answers.to_vec()));
+        let (h, a) = (heads.clone(), accepted.clone());
+        tokio::spawn(async move {
+            while let Ok((mut sock, _)) = listener.accept().await {
+                a.fetch_add(1, Ordering::SeqCst);
+                let (h, queue) = (h.clone(), queue.clone());
+                tokio::spawn(async move {
+                    let mut got = Vec::new();
+                    loop {
+                        let mut b = [0u8; 4096];
+                        let n = match sock.read(&mut b).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => n,
+                        };
+                        got.extend_from_slice(&b[..n]);
+                        while let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head: Vec<u8> = got.drain(..end + 4).collect();
+                            h.lock().unwrap().push(String::from_utf8(head).unwrap());
+                            let answer = queue.lock().unwrap().remove(0);
+                            let (bytes, close) = match answer.strip_suffix("CLOSE") {
+                                Some(b) => (b, true),
+                                None => (answer, false),
+                            };
+                            sock.write_all(bytes.as_bytes()).await.unwrap();
+                            if close {
+                                return;
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        Origin {
+            addr,
+            heads,
+            accepted,
+        }
+    }
+
+    fn connector() -> HttpConnector {
+        HttpConnector {
+            protocol: UpstreamProtocol::Http1,
+            tls: None,
+            connect_timeout: Duration::from_secs(5),
+            generation: 1,
+        }
+    }
+
+    fn get(method: &str, path: &str) -> Request<ReqBody> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("host", "origin.test")
+            .header("x-multi", "a")
+            .header("x-multi", "b")
+            .body(ReqBody::empty())
+            .unwrap()
+    }
+
+    /// Status, headers and the whole body (data and trailers) of one exchange.
+    async fn exchange(
+        pool: &Pool,
+        o: &Origin,
+        req: Request<ReqBody>,
+    ) -> Result<(StatusCode, HeaderMap, Bytes, Option<HeaderMap>), String> {
+        let limit = Duration::from_secs(5);
+        let conn = connector();
+        let sent = tokio::time::timeout(limit, pool.send(&conn, o.addr, req));
+        let resp = sent
+            .await
+            .map_err(|_| "no response head".to_string())?
+            .map_err(|e| format!("{:?}: {e}", e.failure))?;
+        let (parts, body) = resp.into_parts();
+        let collected = tokio::time::timeout(limit, body.collect())
+            .await
+            .map_err(|_| "body: not whole in time".to_string())?
+            .map_err(|e| format!("body: {e}"))?;
+        let trailers = collected.trailers().cloned();
+        Ok((parts.status, parts.headers, collected.to_bytes(), trailers))
+    }
+
+    #[tokio::test]
+    async fn content_length_then_the_connection_is_reused() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-Echo: 1\r\n\r\nhello",
+            "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\n\r\n",
+        ])
+        .await;
+        let pool = Pool::default();
+        let (status, headers, body, _) = exchange(&pool, &o, get("GET", "/a?b=c")).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"hello"[..]));
+        assert_eq!(headers["x-echo"], "1");
+        let (status, _, body, _) = exchange(&pool, &o, get("GET", "/next")).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NOT_FOUND, 0));
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            1,
+            "one connection for both"
+        );
+        let heads = o.heads.lock().unwrap().clone();
+        assert_eq!(
+            heads[0],
+            "GET /a?b=c HTTP/1.1\r\nhost: origin.test\r\nx-multi: a\r\nx-multi: b\r\n\r\n"
+        );
+        assert!(heads[1].starts_with("GET /next HTTP/1.1\r\n"));
+    }
+
+    #[tokio::test]
+    async fn chunked_with_extensions_and_trailers() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+        ])
+        .await;
+        let pool = Pool::default();
+        let (_, _, body, trailers) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(&body[..], b"hello!");
+        assert_eq!(trailers.unwrap()["grpc-status"], "0");
+        let (_, _, body, trailers) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!((&body[..], trailers), (&b"abc"[..], None));
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            1,
+            "reused after a chunked body"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_until_close_and_connection_close_are_not_reused() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\n\r\nuntil the endCLOSE",
+            // These two do not close (as a careless origin might): Spur must.
+            "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.0 200 OK\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = Pool::default();
+        let (_, _, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(&body[..], b"until the end");
+        for _ in 0..3 {
+            let (_, _, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+            assert_eq!(&body[..], b"ok");
+        }
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 4);
+    }
+
+    #[tokio::test]
+    async fn no_body_for_head_204_and_304_and_informational_heads_are_skipped() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\ncontent-length: 1000\r\n\r\n",
+            "HTTP/1.1 204 No Content\r\ncontent-length: 7\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\n\r\n",
+            "HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = Pool::default();
+        let (status, headers, body, _) = exchange(&pool, &o, get("HEAD", "/")).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::OK, 0));
+        assert_eq!(headers["content-length"], "1000");
+        let (status, _, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!((status, body.len()), (StatusCode::NO_CONTENT, 0));
+        let (status, _, _, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(status, StatusCode::NOT_MODIFIED);
+        let (status, headers, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!((status, &body[..]), (StatusCode::OK, &b"ok"[..]));
+        assert!(
+            !headers.contains_key("link"),
+            "the 103's fields stay with it"
+        );
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn bad_responses_are_errors_after_the_request_was_sent() {
+        let bad = [
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n",
+            "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
+            "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
+            "HTTP/1.1 2000 OK\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nbad header\r\n\r\n",
+            "CLOSE",
+        ];
+        for answer in bad {
+            let o = origin(&[answer]).await;
+            let pool = Pool::default();
+            let e = pool.send(&connector(), o.addr, get("GET", "/")).await.err();
+            let e = e.unwrap_or_else(|| panic!("{answer:?} was taken"));
+            assert_eq!(e.failure, Failure::Sent, "{answer:?}: {e}");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_body_cut_short_or_badly_chunked_fails_and_is_not_reused() {
+        for answer in [
+            "HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshortCLOSE",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\nCLOSE",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokXX",
+            "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nokCLOSE",
+        ] {
+            let o = origin(&[answer, "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n"]).await;
+            let pool = Pool::default();
+            let r =
+                tokio::time::timeout(Duration::from_secs(5), exchange(&pool, &o, get("GET", "/")));
+            let e = r.await.expect("no hang").unwrap_err();
+            assert!(
+                e.starts_with("body: ") && !e.contains("in time"),
+                "{answer:?}: {e}"
+            );
+            exchange(&pool, &o, get("GET", "/")).await.unwrap();
+            assert_eq!(o.accepted.load(Ordering::SeqCst), 2, "{answer:?}");
+        }
+    }
+
+    /// A connection the origin closed while it sat in the pool is not used: the request
+    /// goes on a new one and succeeds.
+    #[tokio::test]
+    async fn a_pooled_connection_the_origin_closed_is_left_out() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nokCLOSE",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        // The origin closes after its answer, though the answer allows keep-alive.
+        let pool = Pool::default();
+        exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(pool.connections().0, 1, "pooled");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let (_, _, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    #[test]
+    fn only_bodiless_origin_form_http11_requests_are_eligible() {
+        assert!(eligible(&get("GET", "/")));
+        assert!(eligible(&get("DELETE", "/x")));
+        let with = |name: &str, value: &str| {
+            let mut r = get("GET", "/");
+            r.headers_mut().insert(
+                HeaderName::from_bytes(name.as_bytes()).unwrap(),
+                value.parse().unwrap(),
+            );
+            eligible(&r)
+        };
+        assert!(with("content-length", "0"));
+        assert!(!with("content-length", "3"));
+        assert!(!with("transfer-encoding", "chunked"));
+        assert!(!with("upgrade", "websocket"));
+        assert!(!with("expect", "100-continue"));
+        let mut r = get("GET", "/");
+        *r.version_mut() = Version::HTTP_2;
+        assert!(!eligible(&r));
+        assert!(!eligible(&get("GET", "http://a.test/")));
+        let body = Request::builder()
+            .uri("/")
+            .body(ReqBody::replay(&Bytes::from_static(b"x"), &None))
+            .unwrap();
+        assert!(!eligible(&body));
+    }
+
+    #[test]
+    fn chunk_sizes() {
+        assert_eq!(chunk_size(b"1a"), Some(26));
+        assert_eq!(chunk_size(b"FF ; name=value"), Some(255));
+        assert_eq!(chunk_size(b"0"), Some(0));
+        assert_eq!(chunk_size(b""), None);
+        assert_eq!(chunk_size(b"-1"), None);
+        assert_eq!(chunk_size(b"1g"), None);
+        assert_eq!(chunk_size(b"1000000000000000"), None, "over 15 hex digits");
+    }
+}
