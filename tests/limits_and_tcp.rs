@@ -582,6 +582,46 @@ clusters:
     proxy.shutdown().await;
 }
 
+/// An HTTP/2 connection (which never parks) that goes silent after its request is closed
+/// at idle_timeout, and that is not counted as a header timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_http2_connection_is_closed_at_idle_timeout() {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&limits_config(app.addr)).await;
+    let web = proxy.listener_addr("web").unwrap();
+    let admin = proxy.admin_addr().unwrap();
+    let tcp = TcpStream::connect(web).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    let closed = tokio::spawn(conn);
+    let req = http::Request::get(format!("http://{web}/"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    assert_eq!(sender.send_request(req).await.unwrap().status(), 200);
+    let answered = Instant::now();
+    tokio::time::timeout(Duration::from_secs(3), closed)
+        .await
+        .expect("the silent HTTP/2 connection is closed")
+        .unwrap()
+        .ok();
+    let idle = answered.elapsed();
+    assert!(
+        idle >= Duration::from_millis(650) && idle < Duration::from_millis(700) + SLACK,
+        "closed {idle:?} after its answer (idle_timeout 700 ms)"
+    );
+    let header_timeouts = metric(
+        admin,
+        "spur_downstream_rejected_total",
+        &[("listener", "web"), ("reason", "header_timeout")],
+    )
+    .await;
+    assert_eq!(header_timeouts, None, "not a header timeout");
+    proxy.shutdown().await;
+}
+
 /// On HTTP/2, frames flow between requests (here the client's keep-alive pings): they
 /// neither start a header timeout nor let the connection go idle, so a connection that
 /// pings lives past both timeouts and serves its next request.

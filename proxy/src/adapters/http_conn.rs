@@ -12,7 +12,7 @@
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
 //! connections that were idle anyway.
 
-use crate::adapters::idle::{Activity, HeadClock, IdleIo};
+use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
 use crate::metrics::ListenerReasonLabels;
 use crate::snapshot::ListenerRt;
 use crate::tls::Stream;
@@ -247,29 +247,25 @@ async fn drive<C: Graceful + ?Sized>(
                 tracing::debug!(listener = &*lst.name, peer = %limits.peer, "drain timeout: connection closed");
                 return false;
             }
-            _ = limits.head.expired(header_timeout) => {
-                limits.shared.metrics.reject(&lst.name, "header_timeout");
-                tracing::debug!(listener = &*lst.name, peer = %limits.peer, "header timeout");
-                return false;
-            }
-            _ = limits.activity.idle_for(idle) => {
-                tracing::debug!(listener = &*lst.name, peer = %limits.peer, "idle timeout");
-                return false;
-            }
-            _ = parkable(&limits.head, &limits.activity), if may_park && !draining => return true,
+            watch = watchdog(
+                &limits.head,
+                &limits.activity,
+                header_timeout,
+                idle,
+                (may_park && !draining).then_some(PARK_AFTER),
+            ) => match watch {
+                Watch::HeaderTimeout => {
+                    limits.shared.metrics.reject(&lst.name, "header_timeout");
+                    tracing::debug!(listener = &*lst.name, peer = %limits.peer, "header timeout");
+                    return false;
+                }
+                Watch::Idle => {
+                    tracing::debug!(listener = &*lst.name, peer = %limits.peer, "idle timeout");
+                    return false;
+                }
+                Watch::Parkable => return true,
+            },
         }
-    }
-}
-
-/// Completes once the connection is parkable: no request in progress, nothing unflushed and
-/// no byte moving for [`PARK_AFTER`].
-async fn parkable(head: &HeadClock, activity: &Activity) {
-    loop {
-        activity.idle_for(PARK_AFTER).await;
-        if head.is_idle() && activity.is_flushed() {
-            return;
-        }
-        tokio::time::sleep(PARK_AFTER).await;
     }
 }
 

@@ -206,6 +206,61 @@ impl HeadClock {
     }
 }
 
+/// Which of a connection's clocks ran out (see [`watchdog`]).
+#[derive(Debug, PartialEq, Eq)]
+pub enum Watch {
+    /// A request head has been pending for `header_timeout`.
+    HeaderTimeout,
+    /// No byte moved for `idle_timeout`.
+    Idle,
+    /// No request in progress, nothing unflushed, and no byte moved for the park delay.
+    Parkable,
+}
+
+/// `header_timeout`, `idle_timeout` and (with `park`) parking, on one timer: what a served
+/// connection's task polls at every wake-up (several per request), so it costs one sleep's
+/// poll. The timer is set for the earliest time one of them could end; when it fires, the
+/// clocks are read again and it is set again. No head in progress: a head that starts later
+/// ends later than `header_timeout` from now, so that is when to look again.
+pub async fn watchdog(
+    head: &HeadClock,
+    activity: &Activity,
+    header_timeout: Duration,
+    idle_timeout: Duration,
+    park: Option<Duration>,
+) -> Watch {
+    let header_ms = header_timeout.as_millis() as u64;
+    let idle_ms = idle_timeout.as_millis() as u64;
+    let park_ms = park.map(|p| p.as_millis() as u64);
+    loop {
+        let since = head.0.since.load(Ordering::Acquire);
+        let mut wait = header_ms;
+        if since != NO_HEAD {
+            let waited = surely_gone_since(since);
+            if waited >= header_ms {
+                return Watch::HeaderTimeout;
+            }
+            wait = header_ms - waited;
+        }
+        let quiet = surely_gone_since(activity.0.last.load(Ordering::Relaxed));
+        if quiet >= idle_ms {
+            return Watch::Idle;
+        }
+        wait = wait.min(idle_ms - quiet);
+        if let Some(park_ms) = park_ms {
+            if quiet < park_ms {
+                wait = wait.min(park_ms - quiet);
+            } else if head.is_idle() && activity.is_flushed() {
+                return Watch::Parkable;
+            } else {
+                // Quiet but busy (a response still being made): look again later.
+                wait = wait.min(park_ms);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+    }
+}
+
 /// A request in flight on a [`HeadClock`]'s connection; dropped when its response ends.
 pub struct RequestGuard(HeadClock);
 
