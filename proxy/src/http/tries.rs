@@ -82,9 +82,8 @@ pub async fn run(
         let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
         let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
-        // Boxed: the upstream's state (pool, connection, QUIC) is kilobytes; inline, it would
-        // be copied through every layer of this future and held by every idle connection.
-        let send = Box::pin(fwd.cluster.client.send(attempt.endpoint(), req));
+        // Small: the upstream boxes what is large (see `Upstream::send`).
+        let send = fwd.cluster.client.send(attempt.endpoint(), req);
         let sent = crate::clock::until(limit, send).await;
         ex.attempts = number;
         let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);

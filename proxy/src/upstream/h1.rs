@@ -31,6 +31,7 @@ use http_body::{Body, Frame, SizeHint};
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll, Waker};
+use tokio::io::AsyncWrite;
 use tokio::net::TcpStream;
 
 /// The most headers a response head (or its trailers) may have, as hyper's client.
@@ -77,6 +78,8 @@ pub fn eligible<B: Body>(req: &Request<B>) -> bool {
 pub struct Failed {
     pub error: BoxError,
     pub written: bool,
+    /// Nothing was written: the encoded head, and whether it is a `HEAD` request.
+    pub unsent: Option<(BytesMut, bool)>,
 }
 
 impl Failed {
@@ -84,6 +87,7 @@ impl Failed {
         Failed {
             error: error.into(),
             written: true,
+            unsent: None,
         }
     }
 }
@@ -114,69 +118,28 @@ impl Conn {
         !matches!(self.tcp.try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
     }
 
-    /// Writes `req`'s head and reads the response head; the body is read by the response's
-    /// [`ResponseBody`], which puts the connection back in `home` when it ends. The head is
-    /// encoded before the returned future runs, which holds nothing of `req`.
-    pub fn send<B>(
-        mut self: Box<Self>,
-        req: &Request<B>,
-    ) -> impl std::future::Future<Output = Result<Response<ResponseBody>, Failed>> + Send {
+    /// The exchange of `req`: its head is encoded now, so the returned future holds nothing
+    /// of `req` (its body is empty: see [`eligible`]).
+    pub fn start<B>(mut self: Box<Self>, req: &Request<B>) -> Exchange {
+        // The connection's own buffer: empty while it is idle (see `ResponseBody`).
         self.buf.clear();
         encode_head(req, &mut self.buf);
-        let head_request = req.method() == Method::HEAD;
-        self.exchange(head_request)
+        Exchange {
+            head_request: req.method() == Method::HEAD,
+            conn: Some(self),
+            written: Some(0),
+        }
     }
 
-    async fn exchange(
-        mut self: Box<Self>,
-        head_request: bool,
-    ) -> Result<Response<ResponseBody>, Failed> {
-        let mut at = 0;
-        while at < self.buf.len() {
-            match tokio::io::AsyncWriteExt::write(&mut self.tcp, &self.buf[at..]).await {
-                Ok(0) => {
-                    return Err(Failed {
-                        error: "the connection closed while the request was written".into(),
-                        written: at > 0,
-                    })
-                }
-                Ok(n) => at += n,
-                Err(e) => {
-                    return Err(Failed {
-                        error: e.into(),
-                        written: at > 0,
-                    })
-                }
-            }
-        }
-        self.buf.clear();
-        let (parts, framing, keep_alive) = loop {
-            if !self.buf.is_empty() {
-                if let Some(head) = self.parse_head(head_request)? {
-                    break head;
-                }
-            }
-            if self.buf.len() > MAX_HEAD {
-                return Err(Failed::sent("the response head is too large"));
-            }
-            let n = std::future::poll_fn(|cx| self.poll_fill(cx))
-                .await
-                .map_err(Failed::sent)?;
-            if n == 0 {
-                return Err(Failed::sent(
-                    "the connection closed before a response head arrived",
-                ));
-            }
-        };
-        let mut body = ResponseBody {
+    /// The exchange of a request head encoded already (`head`, for a `HEAD` request when
+    /// `head_request`).
+    pub fn resume(mut self: Box<Self>, head: BytesMut, head_request: bool) -> Exchange {
+        self.buf = head;
+        Exchange {
             conn: Some(self),
-            framing,
-            keep_alive,
-        };
-        if matches!(body.framing, Framing::Length(0)) {
-            body.finish();
+            head_request,
+            written: Some(0),
         }
-        Ok(Response::from_parts(parts, body))
     }
 
     /// The response head at the front of the buffer, taken from it; `None` until whole.
@@ -245,9 +208,88 @@ impl Conn {
     }
 }
 
+/// Writes a request head, then reads the response head; the body is read by the
+/// response's [`ResponseBody`], which puts the connection back in its pool when it ends.
+/// A named future (not an `async fn`) so that the pool's [`super::pool::Sending`] can hold
+/// it inline: on every request's path.
+pub struct Exchange {
+    conn: Option<Box<Conn>>,
+    head_request: bool,
+    /// Bytes of the head written so far, while writing.
+    written: Option<usize>,
+}
+
+impl std::future::Future for Exchange {
+    type Output = Result<Response<ResponseBody>, Failed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        let conn = this
+            .conn
+            .as_mut()
+            .expect("an exchange polled after it ended");
+        while let Some(at) = this.written {
+            if at == conn.buf.len() {
+                conn.buf.clear();
+                this.written = None;
+                break;
+            }
+            let failed = match Pin::new(&mut conn.tcp).poll_write(cx, &conn.buf[at..]) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(0)) => {
+                    BoxError::from("the connection closed while the request was written")
+                }
+                Poll::Ready(Ok(n)) => {
+                    this.written = Some(at + n);
+                    continue;
+                }
+                Poll::Ready(Err(e)) => e.into(),
+            };
+            let result = match at {
+                // Nothing written: the head goes back, for another connection.
+                0 => Failed {
+                    error: failed,
+                    written: false,
+                    unsent: Some((conn.buf.split(), this.head_request)),
+                },
+                _ => Failed::sent(failed),
+            };
+            this.conn = None;
+            return Poll::Ready(Err(result));
+        }
+        loop {
+            if !conn.buf.is_empty() {
+                if let Some((parts, framing, keep_alive)) = conn.parse_head(this.head_request)? {
+                    let mut body = ResponseBody {
+                        conn: this.conn.take(),
+                        framing,
+                        keep_alive,
+                    };
+                    if matches!(body.framing, Framing::Length(0)) {
+                        body.finish();
+                    }
+                    return Poll::Ready(Ok(Response::from_parts(parts, body)));
+                }
+                if conn.buf.len() > MAX_HEAD {
+                    return Poll::Ready(Err(Failed::sent("the response head is too large")));
+                }
+            }
+            match ready!(conn.poll_fill(cx)) {
+                Ok(0) => {
+                    return Poll::Ready(Err(Failed::sent(
+                        "the connection closed before a response head arrived",
+                    )))
+                }
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(Failed::sent(e))),
+            }
+        }
+    }
+}
+
 /// The request head in HTTP/1.1 form, as hyper writes it: origin form, names as they are
 /// (lower case), one line per value.
-fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
+pub fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
     let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
     let size = req.method().as_str().len()
         + target.len()
@@ -838,6 +880,46 @@ mod tests {
         let (_, _, body, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
         assert_eq!(&body[..], b"ok");
         assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+    }
+
+    /// A pooled connection that takes none of the request's head (here: shut for writing
+    /// after the stale check, as when the origin's reset arrives just then) hands the head
+    /// to a new connection, and the request succeeds there.
+    #[tokio::test]
+    async fn a_head_a_pooled_connection_did_not_take_goes_on_a_new_one() {
+        let ok = "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        let o = origin(&[ok, ok]).await;
+        let pool = Pool::default();
+        exchange(&pool, &o, get("GET", "/one")).await.unwrap();
+        let (shard, c) = pool
+            .shards
+            .iter()
+            .find_map(|s| Some((s, s.raw.lock().unwrap().pop()?)))
+            .expect("the first connection is pooled");
+        socket2::SockRef::from(&c.tcp)
+            .shutdown(std::net::Shutdown::Write)
+            .unwrap();
+        let conn = connector();
+        let sending = super::super::Sending::Raw {
+            exchange: c.start(&get("GET", "/two")),
+            shard,
+            conn: &conn,
+            addr: o.addr,
+        };
+        let resp = tokio::time::timeout(Duration::from_secs(5), sending)
+            .await
+            .expect("an answer in time")
+            .expect("the request is sent again on a new connection");
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"ok");
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2);
+        let heads = o.heads.lock().unwrap();
+        assert_eq!(heads.len(), 2);
+        assert!(
+            heads[1].starts_with("GET /two HTTP/1.1\r\n"),
+            "{:?}",
+            heads[1]
+        );
     }
 
     #[test]

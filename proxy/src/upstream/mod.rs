@@ -20,11 +20,12 @@ pub mod h1;
 pub mod pool;
 
 pub use body::{buffer, BodyStats, Buffered, ClientBody, ReqBody};
+pub use pool::Sending;
 
-use crate::body::{BoxError, InBody};
+use crate::body::BoxError;
 use crate::endpoint::EndpointState;
 use crate::tls::{ClientTlsRt, HandshakeError, Role, Stream};
-use http::{Request, Response};
+use http::Request;
 use spur_config::UpstreamProtocol;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -117,19 +118,16 @@ impl UpstreamError {
 }
 
 impl Upstream {
-    /// Sends `req` to `endpoint` (the URI's authority is the endpoint's address).
-    pub async fn send(
-        &self,
-        endpoint: &EndpointState,
-        req: Request<ReqBody>,
-    ) -> Result<Response<InBody>, UpstreamError> {
+    /// Sends `req` to `endpoint` (the URI's authority is the endpoint's address). The
+    /// future is small when the request goes through Spur's own HTTP/1.1 client on a pooled
+    /// connection (most requests); every other way is boxed inside it (the QUIC path's
+    /// state, hyper's, a new connection's are kilobytes).
+    pub fn send<'a>(&'a self, endpoint: &'a EndpointState, req: Request<ReqBody>) -> Sending<'a> {
         match self {
-            Upstream::Http(c) => endpoint.pool.send(c, endpoint.addr, req).await,
-            // Boxed: the QUIC path's state is kilobytes, and it would otherwise be part of
-            // every request's future, whatever its cluster's protocol.
-            Upstream::H3(c) => Box::pin(c.request(endpoint, req)).await,
+            Upstream::Http(c) => endpoint.pool.send(c, endpoint.addr, req),
+            Upstream::H3(c) => Sending::Other(Box::pin(c.request(endpoint, req))),
             #[cfg(test)]
-            Upstream::Fake(f) => f.send(endpoint.addr, req).await,
+            Upstream::Fake(f) => Sending::Other(f.send(endpoint.addr, req)),
         }
     }
 
@@ -201,6 +199,8 @@ pub mod fake {
     //! An upstream in memory: each try calls a function of the test's, which answers (or
     //! fails, or waits on tokio's clock) as the test needs.
     use super::*;
+    use crate::body::InBody;
+    use http::Response;
     use std::future::Future;
     use std::pin::Pin;
 

@@ -45,7 +45,7 @@ const IDLE_TICKS: u64 = 3;
 /// One shard per worker (see `crate::workers`): a request takes connections its own thread
 /// drives, so no wake-up crosses to another core.
 pub struct Pool {
-    shards: Box<[Arc<Shard>]>,
+    pub(super) shards: Box<[Arc<Shard>]>,
 }
 
 pub struct Shard {
@@ -53,7 +53,7 @@ pub struct Shard {
     /// Idle connections of Spur's own HTTP/1.1 client (see [`super::h1`]). Boxed: a
     /// connection moves between this stack and a response body whole, as one pointer.
     #[allow(clippy::vec_box)]
-    raw: Mutex<Vec<Box<h1::Conn>>>,
+    pub(super) raw: Mutex<Vec<Box<h1::Conn>>>,
     h2: Mutex<Option<H2>>,
     /// Serializes making a new HTTP/2 connection.
     h2_connecting: tokio::sync::Mutex<()>,
@@ -111,16 +111,38 @@ impl Pool {
     }
 
     /// Sends `req` to `addr` on a pooled or new connection made by `conn`.
-    pub async fn send(
-        &self,
-        conn: &HttpConnector,
+    pub fn send<'a>(
+        &'a self,
+        conn: &'a HttpConnector,
         addr: SocketAddr,
         req: http::Request<ReqBody>,
-    ) -> Answer {
+    ) -> Sending<'a> {
         let shard = &self.shards[crate::workers::index() % self.shards.len()];
-        match conn.protocol {
-            UpstreamProtocol::Http2 => shard.send_h2(conn, addr, req).await,
-            _ => shard.send_h1(conn, addr, req).await,
+        if conn.protocol == UpstreamProtocol::Http2 {
+            return Sending::Other(Box::pin(shard.send_h2(conn, addr, req)));
+        }
+        if conn.tls.is_some() || !h1::eligible(&req) {
+            return Sending::Other(Box::pin(shard.send_h1(conn, addr, req)));
+        }
+        // Spur's own client: inline, the common case; a new connection boxed.
+        match shard.checkout_raw(conn.generation) {
+            Some(c) => Sending::Raw {
+                exchange: c.start(&req),
+                shard,
+                conn,
+                addr,
+            },
+            None => {
+                let mut head = bytes::BytesMut::new();
+                h1::encode_head(&req, &mut head);
+                let head_request = req.method() == http::Method::HEAD;
+                Sending::Other(Box::pin(shard.send_raw_fresh(
+                    conn,
+                    addr,
+                    head,
+                    head_request,
+                )))
+            }
         }
     }
 
@@ -184,29 +206,13 @@ impl Shard {
         }
     }
 
-    /// `req` (no body, plain TCP: see [`h1::eligible`]) through Spur's own HTTP/1.1 client.
-    async fn send_raw(
-        self: &Arc<Self>,
-        conn: &HttpConnector,
-        addr: SocketAddr,
-        req: http::Request<ReqBody>,
-    ) -> Answer {
-        let Some(c) = self.checkout_raw(conn.generation) else {
-            return Box::pin(self.send_raw_fresh(conn, addr, req)).await;
-        };
-        match c.send(&req).await {
-            Ok(resp) => Ok(resp.map(InBody::H1)),
-            // Nothing was written: the request goes on a fresh connection.
-            Err(f) if !f.written => Box::pin(self.send_raw_fresh(conn, addr, req)).await,
-            Err(f) => Err(UpstreamError::sent(f.error)),
-        }
-    }
-
+    /// A request head encoded for Spur's own client, on a new connection.
     async fn send_raw_fresh(
         self: &Arc<Self>,
         conn: &HttpConnector,
         addr: SocketAddr,
-        req: http::Request<ReqBody>,
+        head: bytes::BytesMut,
+        head_request: bool,
     ) -> Answer {
         let started = crate::clock::now();
         let crate::tls::Stream::Plain(tcp) = conn.connect(addr, false).await? else {
@@ -217,7 +223,7 @@ impl Shard {
         let home: Weak<dyn h1::Home> = Arc::downgrade(self) as Weak<Shard>;
         let c = h1::Conn::new(tcp, home, conn.generation);
         let connecting = Connecting(crate::clock::now().saturating_duration_since(started));
-        match c.send(&req).await {
+        match c.resume(head, head_request).await {
             Ok(resp) => {
                 let mut resp = resp.map(InBody::H1);
                 resp.extensions_mut().insert(connecting);
@@ -234,9 +240,6 @@ impl Shard {
         addr: SocketAddr,
         req: http::Request<ReqBody>,
     ) -> Answer {
-        if conn.tls.is_none() && h1::eligible(&req) {
-            return self.send_raw(conn, addr, req).await;
-        }
         // The common case inline; a new connection (rare, and large: TCP, TLS, handshake)
         // boxed, so every request's future stays small.
         let Some(mut c) = self.checkout_h1(conn.generation) else {
@@ -375,6 +378,53 @@ impl Shard {
         };
         *self.h2.lock().unwrap() = Some(c.clone());
         Ok(c)
+    }
+}
+
+/// A request on its way to an endpoint: through Spur's own HTTP/1.1 client on a pooled
+/// connection, inline (a small future, on most requests' path), or any other way, boxed.
+pub enum Sending<'a> {
+    Raw {
+        exchange: h1::Exchange,
+        shard: &'a Arc<Shard>,
+        conn: &'a HttpConnector,
+        addr: SocketAddr,
+    },
+    Other(std::pin::Pin<Box<dyn std::future::Future<Output = Answer> + Send + 'a>>),
+}
+
+impl std::future::Future for Sending<'_> {
+    type Output = Answer;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Answer> {
+        let this = self.get_mut();
+        loop {
+            let (shard, conn, addr, failed) = match this {
+                Sending::Other(f) => return f.as_mut().poll(cx),
+                Sending::Raw {
+                    exchange,
+                    shard,
+                    conn,
+                    addr,
+                } => match std::task::ready!(std::pin::Pin::new(exchange).poll(cx)) {
+                    Ok(resp) => return std::task::Poll::Ready(Ok(resp.map(InBody::H1))),
+                    Err(f) => (*shard, *conn, *addr, f),
+                },
+            };
+            let Some((head, head_request)) = failed.unsent else {
+                return std::task::Poll::Ready(Err(UpstreamError::sent(failed.error)));
+            };
+            // The pooled connection took nothing: the head goes on a fresh one.
+            *this = Sending::Other(Box::pin(shard.send_raw_fresh(
+                conn,
+                addr,
+                head,
+                head_request,
+            )));
+        }
     }
 }
 
