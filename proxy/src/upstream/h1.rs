@@ -38,6 +38,9 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 100;
 /// The most bytes a response head, a chunk-size line or a trailer section may take.
 const MAX_HEAD: usize = 400 * 1024;
+/// Headers a response's map has room for beyond the origin's (see `Conn::parse_head`).
+const SPARE_HEADERS: usize = 8;
+
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
 
@@ -181,7 +184,11 @@ impl Conn {
                 *span = (name, h.name.len() as u32, value, h.value.len() as u32);
             }
             let head = self.buf.split_to(len).freeze();
-            let mut headers = HeaderMap::with_capacity(count);
+            // Room beyond the origin's headers: hyper's HTTP/1.1 server keeps a response's
+            // map (cleared) for the next request on its connection, to which Spur adds its
+            // own headers (request id, forwarding, tracing); without the room, that map
+            // grows, rehashing and reallocating, on every request.
+            let mut headers = HeaderMap::with_capacity(count + SPARE_HEADERS);
             for &(n, nl, v, vl) in &spans[..count] {
                 let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
                 let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(Failed::sent)?;
