@@ -28,6 +28,7 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
+use std::ops::ControlFlow;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::task::{ready, Context, Poll, Waker};
@@ -76,12 +77,12 @@ pub fn eligible<B: Body>(req: &Request<B>) -> bool {
         && h.get(header::CONTENT_LENGTH).is_none_or(|v| v == "0")
 }
 
-/// Why an exchange failed, and whether any of the request was written.
+/// Why an exchange failed, and what of the request was not written.
 #[derive(Debug)]
 pub struct Failed {
     pub error: BoxError,
-    pub written: bool,
-    /// Nothing was written: the encoded head, and whether it is a `HEAD` request.
+    /// Nothing was written: the encoded head, and whether it is a `HEAD` request (`None`:
+    /// some or all of the request was written).
     pub unsent: Option<(BytesMut, bool)>,
 }
 
@@ -89,7 +90,6 @@ impl Failed {
     fn sent(error: impl Into<BoxError>) -> Failed {
         Failed {
             error: error.into(),
-            written: true,
             unsent: None,
         }
     }
@@ -127,11 +127,8 @@ impl Conn {
         // The connection's own buffer: empty while it is idle (see `ResponseBody`).
         self.buf.clear();
         encode_head(req, &mut self.buf);
-        Exchange {
-            head_request: req.method() == Method::HEAD,
-            conn: Some(self),
-            written: Some(0),
-        }
+        let head = std::mem::take(&mut self.buf);
+        self.resume(head, req.method() == Method::HEAD)
     }
 
     /// The exchange of a request head encoded already (`head`, for a `HEAD` request when
@@ -256,7 +253,6 @@ impl std::future::Future for Exchange {
                 // Nothing written: the head goes back, for another connection.
                 0 => Failed {
                     error: failed,
-                    written: false,
                     unsent: Some((conn.buf.split(), this.head_request)),
                 },
                 _ => Failed::sent(failed),
@@ -423,7 +419,7 @@ impl ResponseBody {
         }
     }
 
-    fn fail(&mut self, e: impl Into<BoxError>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn fail(&mut self, e: impl Into<BoxError>) -> Polled {
         self.framing = Framing::Done;
         self.conn = None;
         Poll::Ready(Some(Err(e.into())))
@@ -450,150 +446,174 @@ impl ResponseBody {
             .expect("a body being read has its connection")
             .buf
     }
+
+    /// Reads more of the body: `Continue` to look at the buffer again, or what
+    /// `poll_frame` returns (pending, or the failure).
+    fn more(&mut self, cx: &mut Context<'_>) -> Step {
+        match self.poll_more(cx) {
+            Poll::Pending => ControlFlow::Break(Poll::Pending),
+            Poll::Ready(Ok(())) => ControlFlow::Continue(()),
+            Poll::Ready(Err(e)) => ControlFlow::Break(self.fail(e)),
+        }
+    }
+
+    /// Up to `left` bytes from the buffer (which is not empty), and how many are left after.
+    fn take(&mut self, left: u64) -> (Bytes, u64) {
+        let buf = self.buf();
+        let n = (buf.len() as u64).min(left);
+        (buf.split_to(n as usize).freeze(), left - n)
+    }
+
+    /// A body of `left` more bytes (`Content-Length`).
+    fn length(&mut self, left: u64, cx: &mut Context<'_>) -> Step {
+        if self.buf().is_empty() {
+            return self.more(cx);
+        }
+        let (data, rest) = self.take(left);
+        self.framing = Framing::Length(rest);
+        if rest == 0 {
+            self.finish();
+        }
+        ControlFlow::Break(Poll::Ready(Some(Ok(Frame::data(data)))))
+    }
+
+    /// A body that ends when the origin closes the connection.
+    fn until_close(&mut self, cx: &mut Context<'_>) -> Step {
+        if self.buf().is_empty() {
+            let conn = self
+                .conn
+                .as_mut()
+                .expect("a body being read has its connection");
+            return match conn.poll_fill(cx) {
+                Poll::Pending => ControlFlow::Break(Poll::Pending),
+                Poll::Ready(Ok(0)) => {
+                    self.framing = Framing::Done;
+                    self.conn = None;
+                    ControlFlow::Break(Poll::Ready(None))
+                }
+                Poll::Ready(Ok(_)) => ControlFlow::Continue(()),
+                Poll::Ready(Err(e)) => ControlFlow::Break(self.fail(e)),
+            };
+        }
+        let data = self.buf().split().freeze();
+        ControlFlow::Break(Poll::Ready(Some(Ok(Frame::data(data)))))
+    }
+
+    /// Inside a chunk: `left` more bytes of data.
+    fn chunk_data(&mut self, left: u64, cx: &mut Context<'_>) -> Step {
+        if self.buf().is_empty() {
+            return self.more(cx);
+        }
+        let (data, rest) = self.take(left);
+        self.framing = Framing::Chunked(match rest {
+            0 => Chunk::DataEnd,
+            rest => Chunk::Data(rest),
+        });
+        ControlFlow::Break(Poll::Ready(Some(Ok(Frame::data(data)))))
+    }
+
+    /// The CRLF after a chunk's data.
+    fn chunk_end(&mut self, cx: &mut Context<'_>) -> Step {
+        let buf = self.buf();
+        if buf.len() < 2 {
+            return self.more(cx);
+        }
+        if &buf[..2] != b"\r\n" {
+            return ControlFlow::Break(
+                self.fail("invalid chunked encoding: no CRLF after a chunk"),
+            );
+        }
+        buf.advance(2);
+        self.framing = Framing::Chunked(Chunk::Size);
+        ControlFlow::Continue(())
+    }
+
+    /// A chunk-size line (extensions ignored); size 0 is the last chunk.
+    fn chunk_size_line(&mut self, cx: &mut Context<'_>) -> Step {
+        let buf = self.buf();
+        let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
+            if buf.len() > MAX_HEAD {
+                return ControlFlow::Break(self.fail("a chunk-size line is too long"));
+            }
+            return self.more(cx);
+        };
+        let Some(size) = chunk_size(&buf[..end]) else {
+            return ControlFlow::Break(self.fail("invalid chunked encoding: bad chunk size"));
+        };
+        buf.advance(end + 2);
+        self.framing = Framing::Chunked(match size {
+            0 => Chunk::Trailers,
+            n => Chunk::Data(n),
+        });
+        ControlFlow::Continue(())
+    }
+
+    /// After the last chunk: trailer fields (a frame of their own), then an empty line.
+    fn trailers(&mut self, cx: &mut Context<'_>) -> Step {
+        let buf = self.buf();
+        if buf.starts_with(b"\r\n") {
+            buf.advance(2);
+            self.finish();
+            return ControlFlow::Break(Poll::Ready(None));
+        }
+        let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
+        let (len, map) = match httparse::parse_headers(buf, &mut slots) {
+            Ok(httparse::Status::Complete((len, fields))) => {
+                let mut map = HeaderMap::with_capacity(fields.len());
+                for f in fields {
+                    let (Ok(name), Ok(value)) = (
+                        HeaderName::from_bytes(f.name.as_bytes()),
+                        HeaderValue::from_bytes(f.value),
+                    ) else {
+                        return ControlFlow::Break(self.fail("invalid trailer field"));
+                    };
+                    map.append(name, value);
+                }
+                (len, map)
+            }
+            Ok(httparse::Status::Partial) => {
+                if buf.len() > MAX_HEAD {
+                    return ControlFlow::Break(self.fail("the trailers are too large"));
+                }
+                return self.more(cx);
+            }
+            Err(e) => return ControlFlow::Break(self.fail(format!("invalid trailers: {e}"))),
+        };
+        self.buf().advance(len);
+        self.finish();
+        ControlFlow::Break(Poll::Ready(Some(Ok(Frame::trailers(map)))))
+    }
 }
+
+/// What [`ResponseBody::poll_frame`] returns.
+type Polled = Poll<Option<Result<Frame<Bytes>, BoxError>>>;
+
+/// One step of reading a body: `Continue` to take the next (the framing moved on, or more
+/// bytes came), or `Break` with what `poll_frame` returns.
+type Step = ControlFlow<Polled>;
 
 impl Body for ResponseBody {
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Polled {
         let this = self.get_mut();
         loop {
-            match this.framing {
+            let step = match this.framing {
                 Framing::Done => return Poll::Ready(None),
                 Framing::Length(0) => {
                     this.finish();
                     return Poll::Ready(None);
                 }
-                Framing::Length(left) => {
-                    if this.buf().is_empty() {
-                        if let Err(e) = ready!(this.poll_more(cx)) {
-                            return this.fail(e);
-                        }
-                        continue;
-                    }
-                    let buf = this.buf();
-                    let n = (buf.len() as u64).min(left);
-                    let data = buf.split_to(n as usize).freeze();
-                    this.framing = Framing::Length(left - n);
-                    if left == n {
-                        this.finish();
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Close => {
-                    if this.buf().is_empty() {
-                        let conn = this
-                            .conn
-                            .as_mut()
-                            .expect("a body being read has its connection");
-                        match ready!(conn.poll_fill(cx)) {
-                            Ok(0) => {
-                                this.framing = Framing::Done;
-                                this.conn = None;
-                                return Poll::Ready(None);
-                            }
-                            Ok(_) => continue,
-                            Err(e) => return this.fail(e),
-                        }
-                    }
-                    let data = this.buf().split().freeze();
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Chunked(Chunk::Data(left)) => {
-                    if this.buf().is_empty() {
-                        if let Err(e) = ready!(this.poll_more(cx)) {
-                            return this.fail(e);
-                        }
-                        continue;
-                    }
-                    let buf = this.buf();
-                    let n = (buf.len() as u64).min(left);
-                    let data = buf.split_to(n as usize).freeze();
-                    this.framing = Framing::Chunked(match left - n {
-                        0 => Chunk::DataEnd,
-                        rest => Chunk::Data(rest),
-                    });
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Framing::Chunked(Chunk::DataEnd) => {
-                    let buf = this.buf();
-                    if buf.len() < 2 {
-                        if let Err(e) = ready!(this.poll_more(cx)) {
-                            return this.fail(e);
-                        }
-                        continue;
-                    }
-                    if &buf[..2] != b"\r\n" {
-                        return this.fail("invalid chunked encoding: no CRLF after a chunk");
-                    }
-                    buf.advance(2);
-                    this.framing = Framing::Chunked(Chunk::Size);
-                }
-                Framing::Chunked(Chunk::Size) => {
-                    let buf = this.buf();
-                    let Some(end) = buf.windows(2).position(|w| w == b"\r\n") else {
-                        if buf.len() > MAX_HEAD {
-                            return this.fail("a chunk-size line is too long");
-                        }
-                        if let Err(e) = ready!(this.poll_more(cx)) {
-                            return this.fail(e);
-                        }
-                        continue;
-                    };
-                    let Some(size) = chunk_size(&buf[..end]) else {
-                        return this.fail("invalid chunked encoding: bad chunk size");
-                    };
-                    buf.advance(end + 2);
-                    this.framing = Framing::Chunked(match size {
-                        0 => Chunk::Trailers,
-                        n => Chunk::Data(n),
-                    });
-                }
-                Framing::Chunked(Chunk::Trailers) => {
-                    let buf = this.buf();
-                    if buf.starts_with(b"\r\n") {
-                        buf.advance(2);
-                        this.finish();
-                        return Poll::Ready(None);
-                    }
-                    let mut slots = [httparse::EMPTY_HEADER; MAX_HEADERS];
-                    let parsed = match httparse::parse_headers(buf, &mut slots) {
-                        Ok(httparse::Status::Complete((len, fields))) => {
-                            let mut map = HeaderMap::with_capacity(fields.len());
-                            for f in fields {
-                                let (Ok(name), Ok(value)) = (
-                                    HeaderName::from_bytes(f.name.as_bytes()),
-                                    HeaderValue::from_bytes(f.value),
-                                ) else {
-                                    return this.fail("invalid trailer field");
-                                };
-                                map.append(name, value);
-                            }
-                            Some((len, map))
-                        }
-                        Ok(httparse::Status::Partial) => None,
-                        Err(e) => return this.fail(format!("invalid trailers: {e}")),
-                    };
-                    match parsed {
-                        Some((len, map)) => {
-                            this.buf().advance(len);
-                            this.finish();
-                            return Poll::Ready(Some(Ok(Frame::trailers(map))));
-                        }
-                        None => {
-                            if this.buf().len() > MAX_HEAD {
-                                return this.fail("the trailers are too large");
-                            }
-                            if let Err(e) = ready!(this.poll_more(cx)) {
-                                return this.fail(e);
-                            }
-                        }
-                    }
-                }
+                Framing::Length(left) => this.length(left, cx),
+                Framing::Close => this.until_close(cx),
+                Framing::Chunked(Chunk::Data(left)) => this.chunk_data(left, cx),
+                Framing::Chunked(Chunk::DataEnd) => this.chunk_end(cx),
+                Framing::Chunked(Chunk::Size) => this.chunk_size_line(cx),
+                Framing::Chunked(Chunk::Trailers) => this.trailers(cx),
+            };
+            if let ControlFlow::Break(polled) = step {
+                return polled;
             }
         }
     }

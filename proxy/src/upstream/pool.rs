@@ -229,7 +229,7 @@ impl Shard {
                 resp.extensions_mut().insert(connecting);
                 Ok(resp)
             }
-            Err(f) if !f.written => Err(UpstreamError::not_sent(f.error)),
+            Err(f) if f.unsent.is_some() => Err(UpstreamError::not_sent(f.error)),
             Err(f) => Err(UpstreamError::sent(f.error)),
         }
     }
