@@ -69,15 +69,34 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Raw<S> {
     }
 }
 
+/// CPU time this process (test, proxy and backend alike) has used so far.
+fn cpu_time() -> Duration {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap();
+    // Fields after the command name (which may hold spaces): utime and stime are the 12th
+    // and 13th, in clock ticks (100 a second on Linux).
+    let after = &stat[stat.rfind(')').unwrap() + 2..];
+    let ticks: u64 = after
+        .split(' ')
+        .skip(11)
+        .take(2)
+        .map(|t| t.parse::<u64>().unwrap())
+        .sum();
+    Duration::from_millis(ticks * 10)
+}
+
 async fn parks<S: AsyncRead + AsyncWrite + Unpin>(s: S) {
     let mut c = Raw::new(s);
     let before = spur_proxy::footprint::parked_total();
     assert_eq!(c.get("/one").await, (200, "app".into()));
+    let cpu = cpu_time();
     tokio::time::sleep(IDLE).await;
     assert!(
         spur_proxy::footprint::parked_total() > before,
         "the idle connection was parked"
     );
+    // Parked, a connection waits for its next bytes: it costs no CPU meanwhile.
+    let spent = cpu_time() - cpu;
+    assert!(spent < IDLE / 4, "{spent:?} of CPU while idle for {IDLE:?}");
     // The same connection serves on, a request at a time...
     assert_eq!(c.get("/two").await, (200, "app".into()));
     tokio::time::sleep(IDLE).await;

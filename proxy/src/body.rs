@@ -12,6 +12,8 @@ use std::task::{ready, Context, Poll};
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 pub enum InBody {
+    /// No body: a request read by Spur's own HTTP/1.1 server.
+    Empty,
     Http(Incoming),
     /// A response read by Spur's own HTTP/1.1 client.
     H1(crate::upstream::h1::ResponseBody),
@@ -37,6 +39,7 @@ impl Body for InBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
+            InBody::Empty => Poll::Ready(None),
             InBody::Http(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
             InBody::H1(b) => Pin::new(b).poll_frame(cx),
             InBody::H3(b) => b.poll_frame(cx),
@@ -47,6 +50,7 @@ impl Body for InBody {
 
     fn is_end_stream(&self) -> bool {
         match self {
+            InBody::Empty => true,
             InBody::Http(b) => b.is_end_stream(),
             InBody::H1(b) => b.is_end_stream(),
             InBody::H3(b) => b.state == H3State::Done,
@@ -57,6 +61,7 @@ impl Body for InBody {
 
     fn size_hint(&self) -> SizeHint {
         match self {
+            InBody::Empty => SizeHint::with_exact(0),
             InBody::Http(b) => b.size_hint(),
             InBody::H1(b) => b.size_hint(),
             InBody::H3(b) => match b.length {

@@ -12,7 +12,9 @@
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
 //! connections that were idle anyway.
 
+use crate::adapters::h1_server;
 use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
+use crate::body::InBody;
 use crate::metrics::ListenerReasonLabels;
 use crate::snapshot::ListenerRt;
 use crate::tls::Stream;
@@ -23,8 +25,8 @@ use hyper::service::Service;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
-use std::sync::atomic::Ordering;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -49,14 +51,20 @@ pub struct Limits<'a> {
     pub shutdown: watch::Receiver<bool>,
 }
 
-/// Serves a connection until it closes, times out or is drained.
-pub async fn serve<S, B>(io: Io, h2_by_alpn: bool, svc: S, mut limits: Limits<'_>)
+/// Serves a connection until it closes, times out or is drained. HTTP/1.1 requests go to
+/// `own` through Spur's own server ([`h1_server`]) where it takes them, else to `svc`
+/// through hyper's.
+pub async fn serve<S, B, H, F, O>(io: Io, h2_by_alpn: bool, svc: S, own: H, mut limits: Limits<'_>)
 where
     S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
     S::Future: Send + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
     B: http_body::Body<Data = Bytes> + Send + 'static,
     B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Fn(http::Request<InBody>) -> F,
+    F: Future<Output = http::Response<O>>,
+    O: http_body::Body<Data = Bytes> + Unpin,
+    O::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let mut io = Rewind::new(io, Bytes::new());
     let h2 = h2_by_alpn || {
@@ -73,53 +81,144 @@ where
             .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
             .max_concurrent_streams(1024);
         let conn = builder.serve_connection(TokioIo::new(io), svc);
-        drive(Box::pin(conn).as_mut(), &mut limits, false).await;
+        if let Driven::Done(Err(e)) = drive(Box::pin(conn).as_mut(), &mut limits, false).await {
+            count_error(&limits, &e);
+        }
         return;
     }
+    let max_head = header_buf_size(limits.lst.limits.max_header_bytes.get());
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder
         .timer(TokioTimer::new())
         // Off: hyper's would also run between requests (see adapters::idle); the head
         // clock applies header_timeout instead.
         .header_read_timeout(None)
-        .max_buf_size(header_buf_size(limits.lst.limits.max_header_bytes.get()))
+        .max_buf_size(max_head)
         .keep_alive(true);
+    let (mut io, sniffed) = io.into_parts();
+    let mut buf = BytesMut::from(&sniffed[..]);
+    drop(sniffed);
     loop {
+        // Spur's own server, until a request it leaves to hyper.
+        let driven = {
+            let closing = AtomicBool::new(false);
+            let conn = h1_server::Conn {
+                io: &mut io,
+                buf: &mut buf,
+                head: limits.head.clone(),
+                closing: &closing,
+                max_head,
+            };
+            // Boxed for as long as the connection is busy: the request path's future is
+            // inside it, and an idle (parked) connection holds none.
+            let mut served = Box::pin(h1_server::serve(conn, &own));
+            let own_conn = Own {
+                fut: served.as_mut(),
+                closing: &closing,
+            };
+            drive(pin!(own_conn), &mut limits, true).await
+        };
+        match driven {
+            Driven::Done(h1_server::Ended::ToHyper) => {}
+            Driven::Parked => {
+                // Idle: the server's buffers go (the read buffer's bytes, if any, stay).
+                if buf.is_empty() {
+                    buf = BytesMut::new();
+                }
+                crate::footprint::parked();
+                if !wait_for_bytes(&mut io, &mut buf, &mut limits).await {
+                    return;
+                }
+                continue;
+            }
+            Driven::Done(h1_server::Ended::Closed) | Driven::Ended => return,
+        }
+        // hyper, until the connection parks.
         let conn = builder
-            .serve_connection(TokioIo::new(io), svc.clone())
+            .serve_connection(
+                TokioIo::new(Rewind::new(io, buf.split().freeze())),
+                svc.clone(),
+            )
             .with_upgrades();
         let mut conn = Box::pin(conn);
-        if !drive(conn.as_mut(), &mut limits, true).await {
-            return;
+        match drive(conn.as_mut(), &mut limits, true).await {
+            Driven::Parked => {}
+            Driven::Done(Err(e)) => {
+                count_error(&limits, &e);
+                return;
+            }
+            Driven::Done(Ok(())) | Driven::Ended => return,
         }
         // Parked: hyper's state goes; the socket (and any bytes hyper read ahead) stays.
         let Some(parts) = Pin::into_inner(conn).into_parts() else {
             return;
         };
-        let (mut stream, unread) = parts.io.into_inner().into_parts();
-        let mut prefix = BytesMut::new();
-        prefix.extend_from_slice(&unread);
-        prefix.extend_from_slice(&parts.read_buf);
+        let (stream, unread) = parts.io.into_inner().into_parts();
+        buf = BytesMut::new();
+        buf.extend_from_slice(&unread);
+        buf.extend_from_slice(&parts.read_buf);
+        io = stream;
         // Before waiting: the read-ahead bytes share hyper's whole read buffer.
         drop((unread, parts.read_buf, parts.service));
         crate::footprint::parked();
-        if prefix.is_empty() {
-            // Waits for the next request's first bytes with no buffer of hyper's. Plain
-            // TCP: until the socket is readable, with no buffer at all. TLS may hold bytes
-            // it decrypted already, so it waits in a read.
-            if let Some(tcp) = stream.get_ref().plain() {
-                match guard(&mut limits, tcp.readable()).await {
-                    Some(Ok(())) => {}
-                    _ => return,
-                }
-            }
-            prefix.reserve(1024);
-            match guard(&mut limits, stream.read_buf(&mut prefix)).await {
-                Some(Ok(n)) if n > 0 => {}
-                _ => return,
-            }
+        // Bytes hyper read ahead go to the server at once; it parks again if they are
+        // only part of a head.
+        if buf.is_empty() && !wait_for_bytes(&mut io, &mut buf, &mut limits).await {
+            return;
         }
-        io = Rewind::new(stream, prefix.freeze());
+    }
+}
+
+/// Waits, on a parked connection, for the client's next bytes: false when the connection's
+/// clocks or the drain end it first. Not parked again before then (the clocks that park a
+/// connection would find it parkable at once). Plain TCP waits until the socket is
+/// readable, with no buffer at all; TLS may hold bytes it decrypted already, so it waits in
+/// a read.
+async fn wait_for_bytes(io: &mut Io, buf: &mut BytesMut, limits: &mut Limits<'_>) -> bool {
+    if let Some(tcp) = io.get_ref().plain() {
+        let readable = matches!(guard(limits, tcp.readable()).await, Some(Ok(())));
+        // Nothing read yet: without this, the connection would look parkable still.
+        limits.activity.touch();
+        return readable;
+    }
+    buf.reserve(1024);
+    matches!(guard(limits, io.read_buf(buf)).await, Some(Ok(n)) if n > 0)
+}
+
+/// Counts and logs the error a hyper connection ended with.
+fn count_error(limits: &Limits<'_>, e: &hyper::Error) {
+    if let Some(reason) = classify(e) {
+        limits
+            .shared
+            .metrics
+            .rejected
+            .get_or_create(&ListenerReasonLabels {
+                listener: limits.lst.name.clone(),
+                reason,
+            })
+            .inc();
+    }
+    tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "connection ended with an error");
+}
+
+/// Spur's own HTTP/1.1 server on a connection, told to finish through `closing`.
+struct Own<'a, F> {
+    fut: Pin<&'a mut F>,
+    closing: &'a AtomicBool,
+}
+
+impl<F: Future> Future for Own<'_, F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        self.fut.as_mut().poll(cx)
+    }
+}
+
+impl<F: Future> Graceful for Own<'_, F> {
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        // Seen at the server's next poll: `drive` polls it again at once.
+        self.closing.store(true, Ordering::Release);
     }
 }
 
@@ -165,8 +264,8 @@ async fn guard<F: Future>(limits: &mut Limits<'_>, f: F) -> Option<F::Output> {
     }
 }
 
-/// A hyper connection that can be asked to finish what it is doing and close.
-trait Graceful: Future<Output = hyper::Result<()>> {
+/// A connection that can be asked to finish what it is doing and close.
+trait Graceful: Future {
     fn shutdown_gracefully(self: Pin<&mut Self>);
 }
 
@@ -198,13 +297,22 @@ where
     }
 }
 
-/// Runs a hyper connection with the listener's timeouts and draining. True when it was
-/// left idle long enough to be parked (`may_park`); false when it has ended.
+/// How [`drive`] left a connection.
+enum Driven<T> {
+    /// The connection's future completed.
+    Done(T),
+    /// Idle long enough to be parked (only when `may_park`).
+    Parked,
+    /// Ended by a timeout or the drain.
+    Ended,
+}
+
+/// Runs a connection with the listener's timeouts and draining.
 async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<&mut C>,
     limits: &mut Limits<'_>,
     may_park: bool,
-) -> bool {
+) -> Driven<C::Output> {
     let lst = limits.lst;
     let idle = lst.limits.idle_timeout.get();
     let header_timeout = lst.limits.header_timeout.get();
@@ -218,17 +326,7 @@ async fn drive<C: Graceful + ?Sized>(
     tokio::pin!(drain_deadline);
     loop {
         tokio::select! {
-            res = conn.as_mut() => {
-                if let Err(e) = res {
-                    if let Some(reason) = classify(&e) {
-                        limits.shared.metrics.rejected
-                            .get_or_create(&ListenerReasonLabels { listener: lst.name.clone(), reason })
-                            .inc();
-                    }
-                    tracing::debug!(listener = &*lst.name, peer = %limits.peer, error = %e, "connection ended with an error");
-                }
-                return false;
-            }
+            res = conn.as_mut() => return Driven::Done(res),
             _ = limits.shutdown.wait_for(|s| *s), if !draining => {
                 draining = true;
                 let gentle = may_park && limits.shared.handed_over.load(Ordering::Acquire);
@@ -245,7 +343,7 @@ async fn drive<C: Graceful + ?Sized>(
             }
             _ = &mut drain_deadline, if draining => {
                 tracing::debug!(listener = &*lst.name, peer = %limits.peer, "drain timeout: connection closed");
-                return false;
+                return Driven::Ended;
             }
             watch = watchdog(
                 &limits.head,
@@ -257,13 +355,13 @@ async fn drive<C: Graceful + ?Sized>(
                 Watch::HeaderTimeout => {
                     limits.shared.metrics.reject(&lst.name, "header_timeout");
                     tracing::debug!(listener = &*lst.name, peer = %limits.peer, "header timeout");
-                    return false;
+                    return Driven::Ended;
                 }
                 Watch::Idle => {
                     tracing::debug!(listener = &*lst.name, peer = %limits.peer, "idle timeout");
-                    return false;
+                    return Driven::Ended;
                 }
-                Watch::Parkable => return true,
+                Watch::Parkable => return Driven::Parked,
             },
         }
     }

@@ -64,7 +64,8 @@ impl Activity {
         }))
     }
 
-    fn touch(&self) {
+    /// Something happened on the connection now.
+    pub fn touch(&self) {
         self.0.last.store(now_ms(), Ordering::Relaxed);
     }
 

@@ -404,6 +404,8 @@ pub(crate) async fn serve_http_conn(
         tls: down.session,
     });
     let clock = head.clone();
+    let own_ctx = ctx.clone();
+    let own = |req| crate::http::handle_any(&own_ctx, req);
     let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
         let request = clock.head_done(req.version());
         let ctx = ctx.clone();
@@ -424,7 +426,7 @@ pub(crate) async fn serve_http_conn(
         activity,
         shutdown,
     };
-    crate::adapters::http_conn::serve(io, h2_by_alpn, svc, limits).await;
+    crate::adapters::http_conn::serve(io, h2_by_alpn, svc, own, limits).await;
 }
 
 #[cfg(test)]
