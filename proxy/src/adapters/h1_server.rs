@@ -473,79 +473,131 @@ struct Head {
     keep_alive: bool,
 }
 
+/// What decides a response head's framing, as hyper's encoder sees it.
+struct Shape {
+    head_request: bool,
+    /// No body may be sent (`HEAD`, `1xx`, `204`, `304`).
+    bodiless: bool,
+    /// A `content-length` may be written (not `1xx`, `204`, `304`).
+    may_have_length: bool,
+    /// hyper's `BodyLength`: 0 for an ended body, else its exact size, or unknown.
+    length: Option<u64>,
+    /// The body has ended already.
+    empty: bool,
+    /// An HTTP/1.0 response (from an HTTP/1.0 origin): it keeps its version, as with hyper.
+    http10: bool,
+}
+
+/// What writing the response's own headers found.
+struct Written {
+    framing: Option<Framing>,
+    keep_alive: bool,
+    /// A `connection` header was written.
+    closing_said: bool,
+    /// A `date` header was written.
+    dated: bool,
+}
+
 /// Encodes the response head into `out`, as hyper's HTTP/1.1 server does.
 fn encode_head<B: Body>(
     parts: &mut http::response::Parts,
     body: &B,
     head_request: bool,
-    mut keep_alive: bool,
+    keep_alive: bool,
     out: &mut BytesMut,
 ) -> std::io::Result<Head> {
     let status = parts.status;
-    let bodiless = head_request
-        || status.is_informational()
-        || status == StatusCode::NO_CONTENT
-        || status == StatusCode::NOT_MODIFIED;
     let may_have_length = !status.is_informational()
         && status != StatusCode::NO_CONTENT
         && status != StatusCode::NOT_MODIFIED;
-    // hyper's `BodyLength`: none for an ended body, else its exact size or unknown.
-    let length = match body.is_end_stream() {
-        true => Some(0),
-        false => body.size_hint().exact(),
-    };
     let empty = body.is_end_stream();
-    let h = &parts.headers;
-    out.reserve(32 + h.len() * 32);
-    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
-    // An HTTP/1.0 response (from an HTTP/1.0 origin) keeps its version, as with hyper.
-    let http10 = parts.version == Version::HTTP_10;
-    if status == StatusCode::OK && reason.is_none() && !http10 {
-        out.put_slice(b"HTTP/1.1 200 OK\r\n");
-    } else {
-        out.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-        out.put_slice(status.as_str().as_bytes());
-        out.put_u8(b' ');
-        match reason {
-            Some(r) => out.put_slice(r.as_bytes()),
-            None => out.put_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
-        }
+    let shape = Shape {
+        head_request,
+        bodiless: head_request || !may_have_length,
+        may_have_length,
+        length: match empty {
+            true => Some(0),
+            false => body.size_hint().exact(),
+        },
+        empty,
+        http10: parts.version == Version::HTTP_10,
+    };
+    out.reserve(32 + parts.headers.len() * 32);
+    put_status_line(parts, shape.http10, out);
+    let mut written = Written {
+        framing: None,
+        keep_alive,
+        closing_said: false,
+        dated: false,
+    };
+    put_headers(&parts.headers, &shape, &mut written, out)?;
+    if !written.keep_alive && !written.closing_said {
+        out.put_slice(b"connection: close\r\n");
+    }
+    let framing = match written.framing {
+        Some(f) => f,
+        None => put_framing(&shape, out),
+    };
+    if !written.dated {
+        out.put_slice(b"date: ");
+        put_date(out);
         out.put_slice(b"\r\n");
     }
-    let mut framing = None;
-    let mut closing_said = false;
-    let mut dated = false;
-    // One pass over the map, whose values of one name come one after the other: the run of
-    // values of the name being written.
+    out.put_slice(b"\r\n");
+    let framing = match framing {
+        _ if shape.bodiless => Framing::Bodiless,
+        Framing::Length(0) => Framing::Bodiless,
+        f => f,
+    };
+    Ok(Head {
+        framing,
+        keep_alive: written.keep_alive,
+    })
+}
+
+/// The status line, with the upstream's reason phrase when hyper's client kept one.
+fn put_status_line(parts: &http::response::Parts, http10: bool, out: &mut BytesMut) {
+    let status = parts.status;
+    let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
+    if status == StatusCode::OK && reason.is_none() && !http10 {
+        out.put_slice(b"HTTP/1.1 200 OK\r\n");
+        return;
+    }
+    out.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    out.put_slice(status.as_str().as_bytes());
+    out.put_u8(b' ');
+    match reason {
+        Some(r) => out.put_slice(r.as_bytes()),
+        None => out.put_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+    }
+    out.put_slice(b"\r\n");
+}
+
+/// The response's own headers, in one pass over the map (whose values of one name come
+/// one after the other): the run of values of the name being written.
+fn put_headers(
+    h: &HeaderMap,
+    shape: &Shape,
+    written: &mut Written,
+    out: &mut BytesMut,
+) -> std::io::Result<()> {
     let mut run: Option<(&HeaderName, Run)> = None;
     for (name, value) in h {
         let v = value.as_bytes();
         if let Some((prev, state)) = &mut run {
             if std::ptr::eq(*prev, name) {
-                match state {
-                    Run::Lines => header_line(out, name, v),
-                    Run::Skip => {}
-                    Run::Length(first) if length.is_none() && v != *first => {
-                        return Err(std::io::Error::other("content-length values disagree"));
-                    }
-                    Run::Length(_) => {}
-                    Run::Joined(join) => {
-                        out.put_slice(b", ");
-                        out.put_slice(v);
-                        join.saw(v);
-                    }
-                }
+                state.more(name, v, shape.length.is_none(), out)?;
                 continue;
             }
         }
         if let Some((_, Run::Joined(join))) = run.take() {
-            join.end(out, &mut keep_alive, &mut framing);
+            join.end(out, &mut written.keep_alive, &mut written.framing);
         }
         let state = match *name {
-            header::CONTENT_LENGTH if empty && !head_request => Run::Skip,
+            // An empty body's `content-length: 0` is written by `put_framing`.
+            header::CONTENT_LENGTH if shape.empty && !shape.head_request => Run::Skip,
             header::CONTENT_LENGTH => {
-                // An empty body's `content-length: 0` is written below.
-                let declared = match length {
+                let declared = match shape.length {
                     Some(n) => n,
                     None => std::str::from_utf8(v)
                         .ok()
@@ -553,12 +605,14 @@ fn encode_head<B: Body>(
                         .ok_or_else(|| std::io::Error::other("invalid content-length"))?,
                 };
                 header_line(out, name, v);
-                framing = Some(Framing::Length(declared));
+                written.framing = Some(Framing::Length(declared));
                 Run::Length(v)
             }
-            header::TRANSFER_ENCODING | header::TRAILER if bodiless || http10 => Run::Skip,
+            header::TRANSFER_ENCODING | header::TRAILER if shape.bodiless || shape.http10 => {
+                Run::Skip
+            }
             header::TRANSFER_ENCODING | header::CONNECTION | header::TRAILER => {
-                closing_said |= *name == header::CONNECTION;
+                written.closing_said |= *name == header::CONNECTION;
                 out.put_slice(name.as_str().as_bytes());
                 out.put_slice(b": ");
                 out.put_slice(v);
@@ -567,7 +621,7 @@ fn encode_head<B: Body>(
                 Run::Joined(join)
             }
             _ => {
-                dated |= *name == header::DATE;
+                written.dated |= *name == header::DATE;
                 header_line(out, name, v);
                 Run::Lines
             }
@@ -575,51 +629,36 @@ fn encode_head<B: Body>(
         run = Some((name, state));
     }
     if let Some((_, Run::Joined(join))) = run {
-        join.end(out, &mut keep_alive, &mut framing);
+        join.end(out, &mut written.keep_alive, &mut written.framing);
     }
-    let wrote_length = framing.is_some();
-    if !keep_alive && !closing_said {
-        out.put_slice(b"connection: close\r\n");
-    }
-    if !wrote_length {
-        framing = Some(match length {
-            None if bodiless => Framing::Bodiless,
-            None if http10 => Framing::Close,
-            None => {
-                out.put_slice(b"transfer-encoding: chunked\r\n");
-                Framing::Chunked
+    Ok(())
+}
+
+/// The framing of a response whose headers named none: from the body's length, with the
+/// header hyper adds for it.
+fn put_framing(shape: &Shape, out: &mut BytesMut) -> Framing {
+    match shape.length {
+        None if shape.bodiless => Framing::Bodiless,
+        None if shape.http10 => Framing::Close,
+        None => {
+            out.put_slice(b"transfer-encoding: chunked\r\n");
+            Framing::Chunked
+        }
+        Some(0) => {
+            if shape.may_have_length && !shape.head_request {
+                out.put_slice(b"content-length: 0\r\n");
             }
-            Some(0) => {
-                if may_have_length && !head_request {
-                    out.put_slice(b"content-length: 0\r\n");
-                }
-                Framing::Length(0)
+            Framing::Length(0)
+        }
+        Some(n) => {
+            if shape.may_have_length {
+                out.put_slice(b"content-length: ");
+                put_number(out, n, 10);
+                out.put_slice(b"\r\n");
             }
-            Some(n) => {
-                if may_have_length {
-                    out.put_slice(b"content-length: ");
-                    put_number(out, n, 10);
-                    out.put_slice(b"\r\n");
-                }
-                Framing::Length(n)
-            }
-        });
+            Framing::Length(n)
+        }
     }
-    if !dated {
-        out.put_slice(b"date: ");
-        put_date(out);
-        out.put_slice(b"\r\n");
-    }
-    out.put_slice(b"\r\n");
-    let framing = match framing {
-        _ if bodiless => Framing::Bodiless,
-        Some(Framing::Length(0)) | None => Framing::Bodiless,
-        Some(f) => f,
-    };
-    Ok(Head {
-        framing,
-        keep_alive,
-    })
 }
 
 /// What [`encode_head`] does with the values of the name it is at.
@@ -632,6 +671,33 @@ enum Run<'h> {
     Length(&'h [u8]),
     /// All on one line, comma-separated (`connection`, `transfer-encoding`, `trailer`).
     Joined(Join),
+}
+
+impl Run<'_> {
+    /// Another value of the name this run is at (`unknown_length`: the body does not tell
+    /// its length, so every `content-length` must agree).
+    fn more(
+        &mut self,
+        name: &HeaderName,
+        v: &[u8],
+        unknown_length: bool,
+        out: &mut BytesMut,
+    ) -> std::io::Result<()> {
+        match self {
+            Run::Lines => header_line(out, name, v),
+            Run::Skip => {}
+            Run::Length(first) if unknown_length && v != *first => {
+                return Err(std::io::Error::other("content-length values disagree"));
+            }
+            Run::Length(_) => {}
+            Run::Joined(join) => {
+                out.put_slice(b", ");
+                out.put_slice(v);
+                join.saw(v);
+            }
+        }
+        Ok(())
+    }
 }
 
 /// A line of joined values being written.

@@ -75,16 +75,7 @@ where
         }
     };
     if h2 {
-        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-        builder
-            .timer(TokioTimer::new())
-            .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
-            .max_concurrent_streams(1024);
-        let conn = builder.serve_connection(TokioIo::new(io), svc);
-        if let Driven::Done(Err(e)) = drive(Box::pin(conn).as_mut(), &mut limits, false).await {
-            count_error(&limits, &e);
-        }
-        return;
+        return serve_h2(io, svc, &mut limits).await;
     }
     let max_head = header_buf_size(limits.lst.limits.max_header_bytes.get());
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -100,24 +91,7 @@ where
     drop(sniffed);
     loop {
         // Spur's own server, until a request it leaves to hyper.
-        let driven = {
-            let closing = AtomicBool::new(false);
-            let conn = h1_server::Conn {
-                io: &mut io,
-                buf: &mut buf,
-                head: limits.head.clone(),
-                closing: &closing,
-                max_head,
-            };
-            // Boxed for as long as the connection is busy: the request path's future is
-            // inside it, and an idle (parked) connection holds none.
-            let mut served = Box::pin(h1_server::serve(conn, &own));
-            let own_conn = Own {
-                fut: served.as_mut(),
-                closing: &closing,
-            };
-            drive(pin!(own_conn), &mut limits, true).await
-        };
+        let driven = serve_own(&mut io, &mut buf, &own, &mut limits, max_head).await;
         match driven {
             Driven::Done(h1_server::Ended::ToHyper) => {}
             Driven::Parked => {
@@ -167,6 +141,59 @@ where
             return;
         }
     }
+}
+
+/// An HTTP/2 connection, served by hyper.
+async fn serve_h2<S, B>(io: Rewind<Io>, svc: S, limits: &mut Limits<'_>)
+where
+    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+    builder
+        .timer(TokioTimer::new())
+        .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
+        .max_concurrent_streams(1024);
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    if let Driven::Done(Err(e)) = drive(Box::pin(conn).as_mut(), limits, false).await {
+        count_error(limits, &e);
+    }
+}
+
+/// Spur's own HTTP/1.1 server on the connection, until it ends, parks, or meets a request
+/// for hyper.
+async fn serve_own<H, F, O>(
+    io: &mut Io,
+    buf: &mut BytesMut,
+    own: &H,
+    limits: &mut Limits<'_>,
+    max_head: usize,
+) -> Driven<h1_server::Ended>
+where
+    H: Fn(http::Request<InBody>) -> F,
+    F: Future<Output = http::Response<O>>,
+    O: http_body::Body<Data = Bytes> + Unpin,
+    O::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let closing = AtomicBool::new(false);
+    let conn = h1_server::Conn {
+        io,
+        buf,
+        head: limits.head.clone(),
+        closing: &closing,
+        max_head,
+    };
+    // Boxed for as long as the connection is busy: the request path's future is inside
+    // it, and an idle (parked) connection holds none.
+    let mut served = Box::pin(h1_server::serve(conn, own));
+    let own_conn = Own {
+        fut: served.as_mut(),
+        closing: &closing,
+    };
+    drive(pin!(own_conn), limits, true).await
 }
 
 /// Waits, on a parked connection, for the client's next bytes: false when the connection's
