@@ -31,6 +31,7 @@
 use super::http_conn::Io;
 use super::idle::HeadClock;
 use crate::body::{BoxError, InBody};
+use crate::upstream::h1::has_token;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
@@ -281,11 +282,6 @@ fn plain_header(name: &[u8], value: &[u8], keep_alive: &mut bool, seen_length: &
         17 if name.eq_ignore_ascii_case(b"transfer-encoding") => false,
         _ => true,
     }
-}
-
-fn has_token(list: &[u8], token: &[u8]) -> bool {
-    list.split(|&b| b == b',')
-        .any(|t| t.trim_ascii().eq_ignore_ascii_case(token))
 }
 
 /// The request path's answer, unless the client closes its side first (`None`): the
