@@ -76,6 +76,10 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     .await;
     let web = proxy.listener_addr("web").unwrap();
     let admin = proxy.admin_addr().unwrap();
+    // The most a 20/s, burst 5 bucket can admit from requests that all reached the proxy
+    // within `span` (and a few for the edges of the window), for each path.
+    let mut most = Vec::new();
+    let mut admitted = 0;
     for path in ["/api", "/watched"] {
         // 100 requests a second for 3 s, paced (each sent on its own task).
         let start = Instant::now();
@@ -83,24 +87,39 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
         for i in 0..300u32 {
             let at = start + Duration::from_millis(u64::from(i) * 10);
             tokio::time::sleep_until(at.into()).await;
-            tasks.push(tokio::spawn(send_req(web, "GET", path, &[])));
+            tasks.push(tokio::spawn(async move {
+                let a = send_req(web, "GET", path, &[]).await;
+                (a, Instant::now())
+            }));
         }
         let mut ok = 0;
         let mut limited = None;
+        let mut last_answer = start;
         for t in tasks {
-            let a = t.await.unwrap();
+            let (a, at) = t.await.unwrap();
+            last_answer = last_answer.max(at);
             match a.status {
                 200 => ok += 1,
                 429 => limited = Some(a),
                 s => panic!("unexpected {s}"),
             }
         }
+        // On a busy machine the last requests reach the proxy late, and the bucket has
+        // refilled for longer than 3 s: the upper bound follows the requests' real span.
+        let span = last_answer - start;
+        let bound = 5 + (20.0 * span.as_secs_f64()).ceil() as usize + 7;
+        eprintln!("{path}: {ok} of 300 answered 200 within {span:?} (at most {bound} admitted)");
+        most.push(bound);
         if path == "/watched" {
             assert_eq!(ok, 300, "shadow mode lets everything through");
             continue;
         }
+        admitted = ok;
         // 5 at once, then 20 a second for 3 s: 65.
-        assert!((58..=72).contains(&ok), "{ok} of 300 admitted");
+        assert!(
+            (58..=bound).contains(&ok),
+            "{ok} of 300 admitted in {span:?}"
+        );
         let a = limited.expect("some were refused");
         assert_eq!(a.header("x-spur-error"), Some("rate_limited"));
         let retry: u64 = a.header("retry-after").unwrap().parse().unwrap();
@@ -116,7 +135,11 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     )
     .await
     .unwrap();
-    assert!((228.0..=242.0).contains(&refused), "{refused}");
+    assert_eq!(
+        refused,
+        (300 - admitted) as f64,
+        "every 429 counted, and only those"
+    );
     let shadow = metric(
         admin,
         "spur_rate_limited_total",
@@ -128,7 +151,10 @@ clusters: [{{ name: app, endpoints: ["{}"] }}]
     )
     .await
     .unwrap();
-    assert!((228.0..=242.0).contains(&shadow), "{shadow}");
+    // What enforce mode would have refused: 300 less what the bucket admits (at least
+    // 58, at most the bound for the shadow run's span).
+    let least = 300usize.saturating_sub(most[1]) as f64;
+    assert!((least..=242.0).contains(&shadow), "{shadow}");
 }
 
 /// Issue 17: a flood of distinct keys does not grow the proxy: the key table holds at most

@@ -448,8 +448,10 @@ clusters:
         .unwrap();
     let p99_on = run(200).await;
     eprintln!("client p99: mirroring off {p99_off:?}, on (mirror 500 ms slow) {p99_on:?}");
+    // A client that waited for the mirror would wait its 500 ms; the bound stays well
+    // clear of that, and of the pauses a busy machine puts into 200 requests (tens of ms).
     assert!(
-        p99_on < p99_off + Duration::from_millis(50),
+        p99_on < p99_off + Duration::from_millis(250),
         "mirroring slowed the client: {p99_on:?} vs {p99_off:?}"
     );
     // 50 of the 200 went to /diff/.
