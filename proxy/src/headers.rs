@@ -195,19 +195,36 @@ pub fn head_size_of(head: &http::request::Parts) -> usize {
 
 /// The request's host, without port: the URI authority (HTTP/2) or the Host header.
 pub fn host_of<'a>(uri: &'a http::Uri, headers: &'a HeaderMap) -> Option<&'a str> {
-    if let Some(h) = uri.host() {
-        return Some(h);
+    if let Some(a) = uri.authority() {
+        return Some(authority_host(a.as_str()));
     }
     let raw = headers.get(header::HOST)?.to_str().ok()?;
     Some(strip_port(raw))
 }
 
+/// The host of a URI authority (`[user@]host[:port]`), as `Authority::host` gives it (an
+/// IPv6 literal keeps its brackets), in one forward pass over the bytes: `Authority::host`
+/// searches with `rsplit` and `split`, several hundred instructions an HTTP/2 request.
+pub fn authority_host(authority: &str) -> &str {
+    let b = authority.as_bytes();
+    let start = b.iter().rposition(|&c| c == b'@').map_or(0, |i| i + 1);
+    let host_port = &authority[start..];
+    let end = if host_port.starts_with('[') {
+        host_port.bytes().position(|c| c == b']').map(|i| i + 1)
+    } else {
+        host_port.bytes().position(|c| c == b':')
+    };
+    &host_port[..end.unwrap_or(host_port.len())]
+}
+
+/// A `Host` value without its port (byte loops: `rsplit_once` costs a few hundred
+/// instructions a request).
 fn strip_port(host: &str) -> &str {
     if host.starts_with('[') {
         return host.split_inclusive(']').next().unwrap_or(host);
     }
-    match host.rsplit_once(':') {
-        Some((h, port)) if port.bytes().all(|b| b.is_ascii_digit()) => h,
+    match host.bytes().rposition(|b| b == b':') {
+        Some(i) if host.as_bytes()[i + 1..].iter().all(u8::is_ascii_digit) => &host[..i],
         _ => host,
     }
 }
@@ -229,6 +246,25 @@ mod tests {
         assert_eq!(h.len(), 2, "{h:?}");
         assert_eq!(h["te"], "trailers");
         assert_eq!(h["x-keep"], "1");
+    }
+
+    #[test]
+    fn authority_host_is_what_the_http_crate_gives() {
+        for a in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "user@example.com:1",
+            "a@b@example.com",
+            "example.com:",
+            ":80",
+        ] {
+            let parsed: http::uri::Authority = a.parse().unwrap();
+            assert_eq!(authority_host(a), parsed.host(), "{a}");
+        }
+        assert_eq!(authority_host(""), "");
     }
 
     #[test]

@@ -119,7 +119,7 @@ fn host(head: &mut Parts) -> Result<(), Reason> {
 
 /// A URI authority that names a host: no user info (`user@host`), a host that is not empty.
 fn checked(a: &Authority) -> Result<(), Reason> {
-    if a.as_str().contains('@') || a.host().is_empty() {
+    if a.as_str().contains('@') || crate::headers::authority_host(a.as_str()).is_empty() {
         return Err(Reason::InvalidHost);
     }
     Ok(())
