@@ -252,9 +252,12 @@ SPUR_INFO=()
 if wants_spur; then
   for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do
     mkdir -p "$WORK/bin"
-    cp -p "${SPUR_BINS[$i]}" "$WORK/bin/spur$i"
-    SPUR_INFO+=("$(bin_info "${SPUR_BINS[$i]}" "$WORK/bin/spur$i")")
-    SPUR_BINS[i]="$WORK/bin/spur$i"
+    # A spur-proxy binary keeps its name's start: it takes no `proxy` subcommand.
+    copy="$WORK/bin/spur$i"
+    [[ $(basename "${SPUR_BINS[$i]}") == spur-proxy* ]] && copy="$WORK/bin/spur-proxy$i"
+    cp -p "${SPUR_BINS[$i]}" "$copy"
+    SPUR_INFO+=("$(bin_info "${SPUR_BINS[$i]}" "$copy")")
+    SPUR_BINS[i]=$copy
   done
 fi
 
@@ -439,7 +442,8 @@ memory() {
 # startup NAME BIN : STARTUP_RUNS starts of `spur proxy`, each timed from the fork to the
 # first 200 from /ready (helper.py polls from the load CPU); the median.
 startup() {
-  local name=$1 bin=$2 tag port admin out
+  local name=$1 bin=$2 tag port admin out sub=(proxy)
+  [[ $(basename "$bin") == spur-proxy* ]] && sub=()
   tag=$(file_tag "startup|$name")
   log "startup: $name, $STARTUP_RUNS runs to /ready"
   free_port port; free_port admin
@@ -448,7 +452,7 @@ startup() {
   # shellcheck disable=SC2046
   if run_fg "${ON_LOAD_CPUS[@]}" env -u RUST_LOG $(spur_env off) python3 "$SCRIPT_DIR/lib/helper.py" startup \
       --admin-port "$admin" --runs "$STARTUP_RUNS" --cpus "$PROXY_CPUS" --log-prefix "$RUN_DIR/$tag" \
-      -- "$bin" proxy --config "$RUN_DIR/$tag.yaml" >"$out" 2>&1; then
+      -- "$bin" "${sub[@]}" --config "$RUN_DIR/$tag.yaml" >"$out" 2>&1; then
     R_START_MED[$name]=$(awk '$1 == "median_ms" { print $2 }' "$out")
     R_START_MIN[$name]=$(awk '$1 == "min_ms" { print $2 }' "$out")
     R_START_RUNS[$name]=$(awk '$1 == "runs_ms" { print $2 }' "$out")

@@ -246,7 +246,9 @@ EOF
 # start_target KIND TAG LOG [SPUR_BIN] (see the top of this file). KIND: spur, haproxy,
 # nginx, spur-mtls, spur-mtls-h2, spur-h3, spur-2hop. Returns 1 if it did not come up.
 start_target() {
-  local kind=$1 tag=$2 logmode=$3 bin=${4:-} port h2port admin inport certs hop alog
+  local kind=$1 tag=$2 logmode=$3 bin=${4:-} port h2port admin inport certs hop alog sub=(proxy)
+  # The data plane's own binary (spur-proxy, quicker to build) takes no subcommand.
+  [[ $(basename "${bin:-spur}") == spur-proxy* ]] && sub=()
   free_port port
   T_PORT=$port; T_URL="http://127.0.0.1:$port/"; T_H2URL=""; T_H2NOTE=""; T_ADMIN=""; T_INPORT=""; T_CERTS=""
   case $kind in
@@ -255,7 +257,7 @@ start_target() {
       write_spur_conf "$RUN_DIR/$tag.yaml" "$port" "$admin" "$bin"
       # shellcheck disable=SC2046
       start_proc "$tag" "${ON_PROXY_CPUS[@]}" env -u RUST_LOG $(spur_env "$logmode") \
-        "$bin" proxy --config "$RUN_DIR/$tag.yaml"
+        "$bin" "${sub[@]}" --config "$RUN_DIR/$tag.yaml"
       T_H2URL=$T_URL
       T_LOGFILE="$RUN_DIR/$tag.stderr.log"
       ;;
@@ -271,7 +273,7 @@ start_target() {
       write_spur_mesh_conf "$RUN_DIR/$tag.yaml" "$port" "$admin" "$inport" "$certs" "$hop" "$bin"
       # shellcheck disable=SC2046
       start_proc "$tag" "${ON_PROXY_CPUS[@]}" env -u RUST_LOG $(spur_env "$logmode") \
-        "$bin" proxy --config "$RUN_DIR/$tag.yaml"
+        "$bin" "${sub[@]}" --config "$RUN_DIR/$tag.yaml"
       T_LOGFILE="$RUN_DIR/$tag.stderr.log"
       ;;
     haproxy)

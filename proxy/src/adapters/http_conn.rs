@@ -1,6 +1,7 @@
 //! One downstream HTTP connection: HTTP/1.1 or HTTP/2 (by ALPN, or by the client's first
-//! bytes: the HTTP/2 preface means prior knowledge), served by hyper, with the listener's
-//! timeouts and draining.
+//! bytes: the HTTP/2 preface means prior knowledge), with the listener's timeouts and
+//! draining. HTTP/2 is Spur's own server on the h2 crate ([`h2_server`]); HTTP/1.1 is
+//! Spur's own server ([`h1_server`]) for the requests it takes, hyper's for the rest.
 //!
 //! **Idle HTTP/1.1 connections are parked.** hyper keeps an 8 KiB read buffer and an 8 KiB
 //! write buffer for every connection for as long as it lives, and the request future's box
@@ -12,8 +13,8 @@
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
 //! connections that were idle anyway.
 
-use crate::adapters::h1_server;
 use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
+use crate::adapters::{h1_server, h2_server};
 use crate::body::InBody;
 use crate::metrics::ListenerReasonLabels;
 use crate::snapshot::ListenerRt;
@@ -22,7 +23,7 @@ use crate::Shared;
 use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::service::Service;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
@@ -75,7 +76,7 @@ where
         }
     };
     if h2 {
-        return serve_h2(io, svc, &mut limits).await;
+        return serve_h2(io, &own, &mut limits).await;
     }
     let max_head = header_buf_size(limits.lst.limits.max_header_bytes.get());
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -143,23 +144,25 @@ where
     }
 }
 
-/// An HTTP/2 connection, served by hyper.
-async fn serve_h2<S, B>(io: Rewind<Io>, svc: S, limits: &mut Limits<'_>)
+/// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]).
+async fn serve_h2<H, F, O>(io: Rewind<Io>, own: &H, limits: &mut Limits<'_>)
 where
-    S: Service<http::Request<Incoming>, Response = http::Response<B>> + Clone + Send + 'static,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    B: http_body::Body<Data = Bytes> + Send + 'static,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    H: Fn(http::Request<InBody>) -> F,
+    F: Future<Output = http::Response<O>>,
+    O: http_body::Body<Data = Bytes> + Unpin,
+    O::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
-    builder
-        .timer(TokioTimer::new())
-        .max_header_list_size(limits.lst.limits.max_header_bytes.get() as u32)
-        .max_concurrent_streams(1024);
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
-    if let Driven::Done(Err(e)) = drive(Box::pin(conn).as_mut(), limits, false).await {
-        count_error(limits, &e);
+    let closing = AtomicBool::new(false);
+    let max_header_list = limits.lst.limits.max_header_bytes.get() as u32;
+    let head = limits.head.clone();
+    // Boxed: the connection's state (h2's, and its streams') is kilobytes.
+    let mut served = Box::pin(h2_server::serve(io, own, &head, &closing, max_header_list));
+    let conn = Own {
+        fut: served.as_mut(),
+        closing: &closing,
+    };
+    if let Driven::Done(Err(e)) = drive(pin!(conn), limits, false).await {
+        tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
     }
 }
 
@@ -309,21 +312,6 @@ where
     }
 }
 
-impl<I, S, B> Graceful for hyper::server::conn::http2::Connection<I, S, TokioExecutor>
-where
-    S: hyper::service::HttpService<Incoming, ResBody = B>,
-    S::Future: Send + 'static,
-    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-    B: http_body::Body + Send + 'static,
-    B::Data: Send,
-    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
-{
-    fn shutdown_gracefully(self: Pin<&mut Self>) {
-        self.graceful_shutdown();
-    }
-}
-
 /// How [`drive`] left a connection.
 enum Driven<T> {
     /// The connection's future completed.
@@ -420,7 +408,7 @@ pub struct Rewind<T> {
 }
 
 impl<T> Rewind<T> {
-    fn new(inner: T, prefix: Bytes) -> Rewind<T> {
+    pub(crate) fn new(inner: T, prefix: Bytes) -> Rewind<T> {
         Rewind { prefix, inner }
     }
 

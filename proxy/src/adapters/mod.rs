@@ -4,6 +4,7 @@ pub mod admin;
 pub mod detect;
 pub mod dns;
 pub mod h1_server;
+pub mod h2_server;
 pub mod health;
 pub mod http_conn;
 pub mod idle;

@@ -1,0 +1,275 @@
+//! Spur's own HTTP/2 server: the h2 crate (the framing, HPACK and flow control hyper's
+//! HTTP/2 server uses) driven by the connection's own task.
+//!
+//! hyper's server spawns a task per stream and boxes the request path's future in it; a
+//! worker serves a connection on one thread anyway ([`crate::workers`]), so here the
+//! streams of a connection are futures polled by the connection's task: no task to spawn,
+//! schedule and free per request, and no wake-up crossing between a stream's task and its
+//! connection's. What hyper's server does on the way is kept: the same settings (windows,
+//! frame size, send buffer, header list limit), connection headers stripped from responses,
+//! a `date` when the response has none, `content-length` from a body of known length, the
+//! request path's future dropped when the client resets the stream, a response body error
+//! sent as a reset with the h2 reason behind it (or `INTERNAL_ERROR`).
+
+use crate::adapters::http_conn::{Io, Rewind};
+use crate::adapters::idle::HeadClock;
+use crate::body::{BoxError, H2Recv, InBody};
+use bytes::Bytes;
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use h2::server::SendResponse;
+use h2::{Reason, RecvStream, SendStream};
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, Version};
+use http_body::Body;
+use std::future::{poll_fn, Future};
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+
+/// hyper's server defaults, which Spur's listeners have always had.
+const WINDOW: u32 = 1024 * 1024;
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
+const MAX_SEND_BUFFER: usize = 400 * 1024;
+const MAX_LOCAL_ERROR_RESETS: usize = 1024;
+const MAX_CONCURRENT_STREAMS: u32 = 1024;
+
+/// Serves an HTTP/2 connection (its preface, if sniffed, is in `io`'s rewind bytes) until
+/// it ends. `closing` set: a `GOAWAY`, and the streams in progress finish.
+pub async fn serve<H, F, B>(
+    io: Rewind<Io>,
+    handler: &H,
+    head: &HeadClock,
+    closing: &AtomicBool,
+    max_header_list: u32,
+) -> Result<(), h2::Error>
+where
+    H: Fn(Request<InBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut conn = h2::server::Builder::new()
+        .initial_window_size(WINDOW)
+        .initial_connection_window_size(WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
+        .max_header_list_size(max_header_list)
+        .max_local_error_reset_streams(Some(MAX_LOCAL_ERROR_RESETS))
+        .max_send_buffer_size(MAX_SEND_BUFFER)
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .handshake::<_, Bytes>(io)
+        .await?;
+    let mut streams = FuturesUnordered::new();
+    let mut told = false;
+    poll_fn(|cx| loop {
+        if !told && closing.load(Ordering::Acquire) {
+            conn.graceful_shutdown();
+            told = true;
+        }
+        // The streams first: what they send goes out when the connection is polled next.
+        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        match conn.poll_accept(cx) {
+            Poll::Ready(Some(Ok((req, respond)))) => {
+                streams.push(stream(handler, head, req, respond));
+            }
+            Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
+            // Closed: every stream has ended, or the connection failed under them.
+            Poll::Ready(None) => return Poll::Ready(Ok(())),
+            Poll::Pending => return Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// One request: the request path's answer, sent back on the stream.
+async fn stream<H, F, B>(
+    handler: &H,
+    head: &HeadClock,
+    req: Request<RecvStream>,
+    mut respond: SendResponse<Bytes>,
+) where
+    H: Fn(Request<InBody>) -> F,
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    // Held until the response has ended: the connection is busy until then.
+    let _busy = head.head_done(Version::HTTP_2);
+    let (parts, recv) = req.into_parts();
+    let body = match recv.is_end_stream() {
+        true => InBody::Empty,
+        false => InBody::H2(H2Recv::new(recv, &parts.headers)),
+    };
+    let mut answer = pin!(handler(Request::from_parts(parts, body)));
+    // A client's reset cancels the request (the request path's future is dropped).
+    let answered = poll_fn(|cx| match answer.as_mut().poll(cx) {
+        Poll::Ready(resp) => Poll::Ready(Some(resp)),
+        Poll::Pending => match respond.poll_reset(cx) {
+            Poll::Ready(_) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        },
+    })
+    .await;
+    let Some(resp) = answered else {
+        return;
+    };
+    let (mut parts, body) = resp.into_parts();
+    strip_connection_headers(&mut parts.headers);
+    if !parts.headers.contains_key(header::DATE) {
+        parts.headers.insert(header::DATE, date());
+    }
+    let end = body.is_end_stream();
+    if !end && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+        if let Some(n) = body.size_hint().exact() {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+        }
+    }
+    match respond.send_response(Response::from_parts(parts, ()), end) {
+        Ok(tx) if !end => send_body(body, tx).await,
+        Ok(_) => {}
+        Err(e) => {
+            tracing::debug!(error = %e, "HTTP/2 response not sent");
+            respond.send_reset(Reason::INTERNAL_ERROR);
+        }
+    }
+}
+
+/// Sends a response body on its stream as the client's flow-control windows allow, as
+/// hyper's server does: a chunk is read from the body only once the one before it has
+/// been given to the stream, and only a byte of the connection's window is claimed ahead
+/// (h2 claims the rest as the chunk goes out), so a stream waiting for its body does not
+/// hold window the others need.
+async fn send_body<B>(mut body: B, mut tx: SendStream<Bytes>)
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    let mut waiting: Option<(Bytes, bool)> = None;
+    poll_fn(|cx| loop {
+        if let Poll::Ready(reason) = tx.poll_reset(cx) {
+            tracing::debug!(?reason, "HTTP/2 stream reset while its response was sent");
+            return Poll::Ready(());
+        }
+        if let Some((data, end)) = waiting.take() {
+            while tx.capacity() == 0 {
+                match tx.poll_capacity(cx) {
+                    Poll::Ready(Some(Ok(0))) => {}
+                    Poll::Ready(Some(Ok(_))) => break,
+                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                    Poll::Pending => {
+                        waiting = Some((data, end));
+                        return Poll::Pending;
+                    }
+                }
+            }
+            if tx.send_data(data, end).is_err() || end {
+                return Poll::Ready(());
+            }
+            continue;
+        }
+        let frame = match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                // Ended without an end-of-stream flag on a data frame or trailers.
+                let _ = tx.send_data(Bytes::new(), true);
+                return Poll::Ready(());
+            }
+            Poll::Ready(Some(Err(e))) => {
+                let e: BoxError = e.into();
+                tracing::debug!(error = %e, "HTTP/2 response body failed");
+                tx.send_reset(reason_of(&*e));
+                return Poll::Ready(());
+            }
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        match frame.into_data() {
+            Ok(data) if data.is_empty() => {
+                let end = body.is_end_stream();
+                if tx.send_data(data, end).is_err() || end {
+                    return Poll::Ready(());
+                }
+            }
+            Ok(data) => {
+                tx.reserve_capacity(1);
+                waiting = Some((data, body.is_end_stream()));
+            }
+            Err(frame) => {
+                if let Ok(trailers) = frame.into_trailers() {
+                    tx.reserve_capacity(0);
+                    let _ = tx.send_trailers(trailers);
+                    return Poll::Ready(());
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// The reset reason for a response body's error: the h2 reason behind it (an upstream
+/// HTTP/2 stream's reset), else `INTERNAL_ERROR`.
+fn reason_of(e: &(dyn std::error::Error + 'static)) -> Reason {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(reason) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
+            return reason;
+        }
+        cur = err.source();
+    }
+    Reason::INTERNAL_ERROR
+}
+
+/// Headers HTTP/2 forbids (RFC 9113 §8.2.2), which h2 would refuse to send: taken out of a
+/// response, with the headers a `connection` header names. Spur's answers and upstream
+/// responses have had their hop-by-hop headers taken out already (a `te` may be left), so
+/// one pass over the names usually finds none.
+fn strip_connection_headers(h: &mut HeaderMap) {
+    static NAMES: [HeaderName; 6] = [
+        header::CONNECTION,
+        HeaderName::from_static("keep-alive"),
+        HeaderName::from_static("proxy-connection"),
+        header::TRANSFER_ENCODING,
+        header::UPGRADE,
+        header::TE,
+    ];
+    if !h.keys().any(|k| NAMES.contains(k)) {
+        return;
+    }
+    if let Some(v) = h.remove(header::CONNECTION) {
+        if let Ok(v) = v.to_str() {
+            for name in v.split(',') {
+                h.remove(name.trim());
+            }
+        }
+    }
+    for name in &NAMES[1..] {
+        h.remove(name);
+    }
+}
+
+thread_local! {
+    /// The `date` value of the current second, per worker thread.
+    static DATE: std::cell::RefCell<(u64, HeaderValue)> =
+        const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+}
+
+/// The current time as an HTTP date, made once a second per thread.
+fn date() -> HeaderValue {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            let text = httpdate::fmt_http_date(now);
+            *value = HeaderValue::from_maybe_shared(Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            *at = secs;
+        }
+        value.clone()
+    })
+}
+
+#[cfg(test)]
+#[path = "h2_server_tests.rs"]
+mod tests;
