@@ -73,18 +73,62 @@ pub fn emit(message: &str, fields: &[(&str, Val<'_>)]) {
 /// Room for the longest socket address text (`[v6%scope]:port`).
 pub const ADDR_MAX: usize = 64;
 
-/// `addr` written into `buf` (no allocation): `1.2.3.4:5` or `[::1]:5`.
+/// `addr` written into `buf` (no allocation): `1.2.3.4:5` or `[::1]:5`. IPv4 (every
+/// request's client on most listeners) digit by digit, without the formatting machinery.
 pub fn socket_addr(buf: &mut [u8; ADDR_MAX], addr: std::net::SocketAddr) -> &str {
     use std::io::Write as _;
+    if let std::net::SocketAddr::V4(v4) = addr {
+        let mut n = 0;
+        for (i, octet) in v4.ip().octets().into_iter().enumerate() {
+            if i > 0 {
+                buf[n] = b'.';
+                n += 1;
+            }
+            n += put_decimal(&mut buf[n..], u64::from(octet));
+        }
+        buf[n] = b':';
+        n += 1;
+        n += put_decimal(&mut buf[n..], u64::from(v4.port()));
+        return std::str::from_utf8(&buf[..n]).unwrap_or("-");
+    }
     let mut cursor = std::io::Cursor::new(&mut buf[..]);
     let _ = write!(cursor, "{addr}");
     let n = cursor.position() as usize;
     std::str::from_utf8(&buf[..n]).unwrap_or("-")
 }
 
+/// `n` in decimal at the start of `out` (which has room for it): the digits written.
+fn put_decimal(out: &mut [u8], n: u64) -> usize {
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut n = n;
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    let len = digits.len() - at;
+    out[..len].copy_from_slice(&digits[at..]);
+    len
+}
+
 /// `s` as a JSON string. Only ASCII bytes are escaped, so the text between them is copied
-/// in runs (every index where an escape starts is a char boundary).
+/// in runs (every index where an escape starts is a char boundary). Most values need no
+/// escape at all: one pass without branches finds that, and the text is copied whole.
 fn json_str(out: &mut String, s: &str) {
+    let plain = s.bytes().fold(true, |plain, b| {
+        plain & (b >= 0x20) & (b != b'"') & (b != b'\\')
+    });
+    if plain {
+        out.reserve(s.len() + 2);
+        out.push('"');
+        out.push_str(s);
+        out.push('"');
+        return;
+    }
     out.push('"');
     let mut start = 0;
     for (i, &b) in s.as_bytes().iter().enumerate() {
@@ -155,19 +199,45 @@ fn rfc3339(out: &mut String, since_epoch: std::time::Duration) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:06}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60,
-        since_epoch.subsec_micros()
-    );
+    // Zero-padded fields, without the formatting machinery (this runs for every line).
+    let mut text = *b"0000-00-00T00:00:00.000000Z";
+    let mut field = |at: usize, width: usize, mut v: u64| {
+        for i in (at..at + width).rev() {
+            text[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+        }
+    };
+    field(0, 4, year.clamp(0, 9999) as u64);
+    field(5, 2, month as u64);
+    field(8, 2, day as u64);
+    field(11, 2, rem / 3600);
+    field(14, 2, rem % 3600 / 60);
+    field(17, 2, rem % 60);
+    field(20, 6, u64::from(since_epoch.subsec_micros()));
+    out.push_str(std::str::from_utf8(&text).unwrap_or("-"));
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Seconds since the epoch and microseconds of an RFC 3339 UTC timestamp, by days from
+    /// civil (the inverse of the formatter's arithmetic, written independently).
+    fn chrono_like(s: &str) -> (i64, u32) {
+        let n = |r: std::ops::Range<usize>| s[r].parse::<i64>().unwrap();
+        let (y, m, d) = (n(0..4), n(5..7), n(8..10));
+        let (hh, mm, ss) = (n(11..13), n(14..16), n(17..19));
+        let micros = n(20..26) as u32;
+        assert_eq!(&s[26..], "Z");
+        let y = if m <= 2 { y - 1 } else { y };
+        let era = y.div_euclid(400);
+        let yoe = y - era * 400;
+        let mp = (m + 9) % 12;
+        let doy = (153 * mp + 2) / 5 + d - 1;
+        let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+        let days = era * 146_097 + doe - 719_468;
+        (days * 86_400 + hh * 3600 + mm * 60 + ss, micros)
+    }
 
     #[test]
     fn timestamps_and_escaping() {
@@ -185,7 +255,17 @@ mod tests {
         assert_eq!(s, r#""a\"b\\c\nd\u0001é""#);
         let v: serde_json::Value = serde_json::from_str(&s).unwrap();
         assert_eq!(v, "a\"b\\c\nd\u{1}é");
-        for text in ["", "plain", "é\u{1f}\"", "\t\r\u{7f}ü\\"] {
+        // Each escape on its own too: a value with only one kind must not pass as plain.
+        for text in [
+            "",
+            "plain",
+            "é\u{1f}\"",
+            "\t\r\u{7f}ü\\",
+            "say \"hi\"",
+            "back\\slash",
+            "new\nline",
+            "\u{0}",
+        ] {
             let mut s = String::new();
             json_str(&mut s, text);
             let v: serde_json::Value = serde_json::from_str(&s).unwrap();
@@ -224,8 +304,33 @@ mod tests {
         assert_eq!(socket_addr(&mut buf, long.into()), long.to_string());
         long.set_scope_id(0);
         assert_eq!(socket_addr(&mut buf, long.into()), long.to_string());
-        let v4: std::net::SocketAddr = "192.0.2.7:40000".parse().unwrap();
-        let mut buf = [0u8; ADDR_MAX];
-        assert_eq!(socket_addr(&mut buf, v4), "192.0.2.7:40000");
+        for text in [
+            "192.0.2.7:40000",
+            "0.0.0.0:0",
+            "255.255.255.255:65535",
+            "10.0.100.9:8",
+        ] {
+            let v4: std::net::SocketAddr = text.parse().unwrap();
+            let mut buf = [0u8; ADDR_MAX];
+            assert_eq!(socket_addr(&mut buf, v4), text);
+        }
+        // Against std's formatting, over the whole range of each field's digit counts.
+        for (ip, port) in [([1, 22, 133, 4], 1), ([9, 99, 100, 255], 10_000)] {
+            let a = std::net::SocketAddr::from((ip, port));
+            let mut buf = [0u8; ADDR_MAX];
+            assert_eq!(socket_addr(&mut buf, a), a.to_string());
+        }
+        for micros in [
+            0u64,
+            951_782_400_000_001,   // 2000-02-29 (a leap day)
+            4_102_444_799_999_999, // 2099-12-31T23:59:59.999999Z
+            1_795_305_686_746_610,
+        ] {
+            let mut s = String::new();
+            rfc3339(&mut s, std::time::Duration::from_micros(micros));
+            let secs = (micros / 1_000_000) as i64;
+            let parsed = chrono_like(&s);
+            assert_eq!(parsed, (secs, (micros % 1_000_000) as u32), "{s}");
+        }
     }
 }
