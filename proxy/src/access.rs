@@ -157,20 +157,10 @@ fn json_str(out: &mut String, s: &str) {
 }
 
 /// `n` in decimal, without the formatting machinery.
-fn push_u64(out: &mut String, mut n: u64) {
+fn push_u64(out: &mut String, n: u64) {
     let mut digits = [0u8; 20];
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    for &d in &digits[at..] {
-        out.push(char::from(d));
-    }
+    let len = put_decimal(&mut digits, n);
+    out.push_str(std::str::from_utf8(&digits[..len]).unwrap_or("-"));
 }
 
 /// `d` in milliseconds with three decimals (whole microseconds: `1.234` is 1,234 µs).
