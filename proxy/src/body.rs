@@ -11,6 +11,20 @@ use std::task::{ready, Context, Poll};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
+/// The first error of type `T` in `e`'s chain of causes (`e` itself included).
+pub fn find_cause<'a, T: std::error::Error + 'static>(
+    e: &'a (dyn std::error::Error + 'static),
+) -> Option<&'a T> {
+    let mut cur = Some(e);
+    while let Some(err) = cur {
+        if let Some(t) = err.downcast_ref::<T>() {
+            return Some(t);
+        }
+        cur = err.source();
+    }
+    None
+}
+
 pub enum InBody {
     /// No body: a request read by Spur's own HTTP/1.1 server.
     Empty,

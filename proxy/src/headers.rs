@@ -27,6 +27,36 @@ pub static X_SPUR_ERROR: HeaderName = HeaderName::from_static("x-spur-error");
 pub static X_SPUR_PEER_IDENTITY: HeaderName = HeaderName::from_static("x-spur-peer-identity");
 pub static X_SPUR_HOPS: HeaderName = HeaderName::from_static("x-spur-hops");
 
+thread_local! {
+    /// The `date` value of the current second, per worker thread: formatted once a second.
+    static DATE: std::cell::RefCell<(u64, HeaderValue)> =
+        const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
+}
+
+/// `f` of the current time as an HTTP date (IMF-fixdate), for a response that has no
+/// `date`: formatted once a second per thread (Spur's HTTP/1.1 server writes its bytes).
+pub fn with_http_date<R>(f: impl FnOnce(&HeaderValue) -> R) -> R {
+    let now = std::time::SystemTime::now();
+    let secs = now
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    DATE.with_borrow_mut(|(at, value)| {
+        if *at != secs {
+            let text = httpdate::fmt_http_date(now);
+            *value = HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+                .unwrap_or_else(|_| HeaderValue::from_static(""));
+            *at = secs;
+        }
+        f(value)
+    })
+}
+
+/// The current time as an HTTP date, a value sharing the second's bytes (Spur's HTTP/2
+/// server inserts it).
+pub fn http_date() -> HeaderValue {
+    with_http_date(HeaderValue::clone)
+}
+
 /// Removes hop-by-hop headers, and any header the `Connection` header names. `TE: trailers`
 /// survives (gRPC needs it end to end).
 ///

@@ -536,7 +536,7 @@ fn encode_head<B: Body>(
     };
     if !written.dated {
         out.put_slice(b"date: ");
-        put_date(out);
+        crate::headers::with_http_date(|v| out.put_slice(v.as_bytes()));
         out.put_slice(b"\r\n");
     }
     out.put_slice(b"\r\n");
@@ -760,26 +760,6 @@ fn header_line(out: &mut BytesMut, name: &HeaderName, value: &[u8]) {
     out.put_slice(b": ");
     out.put_slice(value);
     out.put_slice(b"\r\n");
-}
-
-thread_local! {
-    /// The `date` value of the current second, per worker thread: formatted once a second.
-    static DATE: std::cell::Cell<(u64, [u8; 29])> = const { std::cell::Cell::new((u64::MAX, [0; 29])) };
-}
-
-/// The current time as an HTTP date (IMF-fixdate, 29 bytes).
-fn put_date(out: &mut BytesMut) {
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    let (at, mut text) = DATE.get();
-    if at != secs {
-        let formatted = httpdate::fmt_http_date(now);
-        text.copy_from_slice(&formatted.as_bytes()[..29]);
-        DATE.set((secs, text));
-    }
-    out.put_slice(&text);
 }
 
 #[cfg(test)]

@@ -6,7 +6,7 @@
 //! streams of a connection are futures polled by the connection's task: no task to spawn,
 //! schedule and free per request, and no wake-up crossing between a stream's task and its
 //! connection's. What hyper's server does on the way is kept: the same settings (windows,
-//! frame size, send buffer, header list limit), connection headers stripped from responses,
+//! frame size, send buffer, header list limit), hop-by-hop headers stripped from responses,
 //! a `date` when the response has none, `content-length` from a body of known length, the
 //! request path's future dropped when the client resets the stream, a response body error
 //! sent as a reset with the h2 reason behind it (or `INTERNAL_ERROR`).
@@ -18,7 +18,7 @@ use bytes::Bytes;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
-use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::Body;
 use std::future::{poll_fn, Future};
@@ -113,9 +113,13 @@ async fn stream<H, F, B>(
         return;
     };
     let (mut parts, body) = resp.into_parts();
-    strip_connection_headers(&mut parts.headers);
+    // HTTP/2 forbids connection-specific headers (h2 refuses to send them); upstream
+    // responses have lost theirs already, so this is one pass over the names.
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
     if !parts.headers.contains_key(header::DATE) {
-        parts.headers.insert(header::DATE, date());
+        parts
+            .headers
+            .insert(header::DATE, crate::headers::http_date());
     }
     let end = body.is_end_stream();
     if !end && !parts.headers.contains_key(header::CONTENT_LENGTH) {
@@ -209,65 +213,9 @@ where
 /// The reset reason for a response body's error: the h2 reason behind it (an upstream
 /// HTTP/2 stream's reset), else `INTERNAL_ERROR`.
 fn reason_of(e: &(dyn std::error::Error + 'static)) -> Reason {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(reason) = err.downcast_ref::<h2::Error>().and_then(h2::Error::reason) {
-            return reason;
-        }
-        cur = err.source();
-    }
-    Reason::INTERNAL_ERROR
-}
-
-/// Headers HTTP/2 forbids (RFC 9113 §8.2.2), which h2 would refuse to send: taken out of a
-/// response, with the headers a `connection` header names. Spur's answers and upstream
-/// responses have had their hop-by-hop headers taken out already (a `te` may be left), so
-/// one pass over the names usually finds none.
-fn strip_connection_headers(h: &mut HeaderMap) {
-    static NAMES: [HeaderName; 6] = [
-        header::CONNECTION,
-        HeaderName::from_static("keep-alive"),
-        HeaderName::from_static("proxy-connection"),
-        header::TRANSFER_ENCODING,
-        header::UPGRADE,
-        header::TE,
-    ];
-    if !h.keys().any(|k| NAMES.contains(k)) {
-        return;
-    }
-    if let Some(v) = h.remove(header::CONNECTION) {
-        if let Ok(v) = v.to_str() {
-            for name in v.split(',') {
-                h.remove(name.trim());
-            }
-        }
-    }
-    for name in &NAMES[1..] {
-        h.remove(name);
-    }
-}
-
-thread_local! {
-    /// The `date` value of the current second, per worker thread.
-    static DATE: std::cell::RefCell<(u64, HeaderValue)> =
-        const { std::cell::RefCell::new((u64::MAX, HeaderValue::from_static(""))) };
-}
-
-/// The current time as an HTTP date, made once a second per thread.
-fn date() -> HeaderValue {
-    let now = std::time::SystemTime::now();
-    let secs = now
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    DATE.with_borrow_mut(|(at, value)| {
-        if *at != secs {
-            let text = httpdate::fmt_http_date(now);
-            *value = HeaderValue::from_maybe_shared(Bytes::from(text))
-                .unwrap_or_else(|_| HeaderValue::from_static(""));
-            *at = secs;
-        }
-        value.clone()
-    })
+    crate::body::find_cause::<h2::Error>(e)
+        .and_then(h2::Error::reason)
+        .unwrap_or(Reason::INTERNAL_ERROR)
 }
 
 #[cfg(test)]

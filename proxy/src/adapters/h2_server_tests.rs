@@ -4,7 +4,7 @@
 use super::*;
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::tls::Stream;
-use http::{Method, StatusCode};
+use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use std::sync::Arc;
 use std::time::Duration;

@@ -410,9 +410,10 @@ pub(crate) async fn serve_http_conn(
         let request = clock.head_done(req.version());
         let ctx = ctx.clone();
         // Boxed, and the request path's future built inside the box when first polled:
-        // hyper moves a service future several times (into an HTTP/2 stream task, or into
-        // the HTTP/1.1 dispatcher), and the request path's is about 2 KiB; a box is one
-        // allocation where those moves were copies of it.
+        // hyper moves a service future into its HTTP/1.1 dispatcher (HTTP/2 and bodiless
+        // HTTP/1.1 requests go to Spur's own servers, which call the request path
+        // directly), and the request path's is about 2 KiB; a box is one allocation where
+        // those moves were copies of it.
         Box::pin(async move {
             let resp = handle(ctx, req).await?;
             Ok::<_, std::convert::Infallible>(resp.map(|body| Guarded::new(body, request)))

@@ -182,18 +182,6 @@ pub async fn connect_tcp(
     Ok(tcp)
 }
 
-/// The TLS handshake failure behind an error, if that is what it was.
-pub fn tls_failure<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a HandshakeError> {
-    let mut cur = Some(e);
-    while let Some(err) = cur {
-        if let Some(h) = err.downcast_ref::<HandshakeError>() {
-            return Some(h);
-        }
-        cur = err.source();
-    }
-    None
-}
-
 #[cfg(test)]
 pub mod fake {
     //! An upstream in memory: each try calls a function of the test's, which answers (or
