@@ -339,10 +339,17 @@ async fn drive<C: Graceful + ?Sized>(
     // Once draining, the connection gets the drain timeout to finish, then it is dropped.
     let drain_deadline = tokio::time::sleep(Duration::from_secs(10 * 365 * 86_400));
     tokio::pin!(drain_deadline);
+    // The connection wakes its task for every read and write; the drain signal and the
+    // clocks rarely do. They are polled only after waking it themselves.
+    let drain_gate = Gate::new();
+    let clock_gate = Gate::new();
     loop {
+        drain_gate.open();
+        clock_gate.open();
         tokio::select! {
+            biased;
             res = conn.as_mut() => return Driven::Done(res),
-            _ = limits.shutdown.wait_for(|s| *s), if !draining => {
+            _ = drain_gate.wrap(limits.shutdown.wait_for(|s| *s)), if !draining => {
                 draining = true;
                 let gentle = may_park && limits.shared.handed_over.load(Ordering::Acquire);
                 if !gentle || limits.head.in_request() {
@@ -360,13 +367,13 @@ async fn drive<C: Graceful + ?Sized>(
                 tracing::debug!(listener = &*lst.name, peer = %limits.peer, "drain timeout: connection closed");
                 return Driven::Ended;
             }
-            watch = watchdog(
+            watch = clock_gate.wrap(watchdog(
                 &limits.head,
                 &limits.activity,
                 header_timeout,
                 idle,
                 (may_park && !draining).then_some(PARK_AFTER),
-            ) => match watch {
+            )) => match watch {
                 Watch::HeaderTimeout => {
                     limits.shared.metrics.reject(&lst.name, "header_timeout");
                     tracing::debug!(listener = &*lst.name, peer = %limits.peer, "header timeout");
@@ -379,6 +386,71 @@ async fn drive<C: Graceful + ?Sized>(
                 Watch::Parkable => return Driven::Parked,
             },
         }
+    }
+}
+
+/// Polls a future only when it has woken its task since it was last polled (or when the
+/// gate was opened): a future that waits for something rare is not polled again each time
+/// something else wakes the task it shares.
+struct Gate {
+    flag: std::sync::Arc<GateFlag>,
+    waker: std::task::Waker,
+}
+
+#[derive(Default)]
+struct GateFlag {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl std::task::Wake for GateFlag {
+    fn wake(self: std::sync::Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &std::sync::Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+impl Gate {
+    fn new() -> Gate {
+        let flag = std::sync::Arc::new(GateFlag::default());
+        let waker = std::task::Waker::from(flag.clone());
+        Gate { flag, waker }
+    }
+
+    /// The next poll polls the future (a new future must be polled to register its waker).
+    fn open(&self) {
+        self.flag.woken.store(true, Ordering::Relaxed);
+    }
+
+    fn wrap<F: Future>(&self, fut: F) -> Gated<'_, F> {
+        Gated { gate: self, fut }
+    }
+}
+
+pin_project_lite::pin_project! {
+    struct Gated<'g, F> {
+        gate: &'g Gate,
+        #[pin]
+        fut: F,
+    }
+}
+
+impl<F: Future> Future for Gated<'_, F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let flag = &this.gate.flag;
+        // Registered before the flag is read: a wake in between wakes this task again.
+        flag.task.register(cx.waker());
+        if !flag.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        this.fut.poll(&mut Context::from_waker(&this.gate.waker))
     }
 }
 
