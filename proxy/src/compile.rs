@@ -73,7 +73,7 @@ impl Snapshot {
             clusters: &clusters,
             flags: &flags,
         };
-        let mut listeners = HashMap::new();
+        let mut listeners = HashMap::default();
         for (i, l) in cfg.listeners.iter().enumerate() {
             listeners.insert(l.name.clone(), Arc::new(ctx.listener(i, l)?));
         }

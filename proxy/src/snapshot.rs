@@ -30,7 +30,8 @@ use std::time::Duration;
 pub struct Snapshot {
     pub version: u64,
     pub config: Arc<Config>,
-    pub listeners: HashMap<String, Arc<ListenerRt>>,
+    /// By name, looked up on every request: FxHash (the names come from the config).
+    pub listeners: HashMap<String, Arc<ListenerRt>, rustc_hash::FxBuildHasher>,
     pub clusters: HashMap<String, Arc<ClusterRt>>,
     pub correlation: CorrelationRt,
     /// `access_log.query`: access lines write the query string.

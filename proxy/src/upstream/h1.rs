@@ -58,6 +58,9 @@ pub struct Conn {
     home: Weak<dyn Home>,
     /// Bytes read and not yet used; empty between exchanges.
     buf: BytesMut,
+    /// The request's header map, cleared, for the response's headers (no allocation: see
+    /// [`Conn::start`]); empty between exchanges.
+    spare: HeaderMap,
     pub generation: u64,
     /// The idle sweep's tick when it last went back to the pool.
     pub tick: u64,
@@ -101,6 +104,7 @@ impl Conn {
             tcp,
             home,
             buf: BytesMut::new(),
+            spare: HeaderMap::new(),
             generation,
             tick: 0,
         })
@@ -122,13 +126,23 @@ impl Conn {
     }
 
     /// The exchange of `req`: its head is encoded now, so the returned future holds nothing
-    /// of `req` (its body is empty: see [`eligible`]).
-    pub fn start<B>(mut self: Box<Self>, req: &Request<B>) -> Exchange {
+    /// of `req` (its body is empty: see [`eligible`]). The request's header map, cleared,
+    /// takes the response's headers when it has room for them: with Spur's HTTP/1.1
+    /// server, which keeps a response's map for the connection's next request, a request
+    /// then allocates no map at all.
+    pub fn start<B>(mut self: Box<Self>, req: Request<B>) -> Exchange {
         // The connection's own buffer: empty while it is idle (see `ResponseBody`).
         self.buf.clear();
-        encode_head(req, &mut self.buf);
+        encode_head(&req, &mut self.buf);
         let head = std::mem::take(&mut self.buf);
-        self.resume(head, req.method() == Method::HEAD)
+        let head_request = req.method() == Method::HEAD;
+        let headers = req.into_parts().0.headers;
+        // A smaller map would be rebuilt for the response (a new one is made then).
+        if headers.capacity() >= 2 * SPARE_HEADERS {
+            self.spare = headers;
+            self.spare.clear();
+        }
+        self.resume(head, head_request)
     }
 
     /// The exchange of a request head encoded already (`head`, for a `HEAD` request when
@@ -181,11 +195,12 @@ impl Conn {
                 *span = (name, h.name.len() as u32, value, h.value.len() as u32);
             }
             let head = self.buf.split_to(len).freeze();
-            // Room beyond the origin's headers: hyper's HTTP/1.1 server keeps a response's
+            // Room beyond the origin's headers: Spur's HTTP/1.1 server keeps a response's
             // map (cleared) for the next request on its connection, to which Spur adds its
             // own headers (request id, forwarding, tracing); without the room, that map
             // grows, rehashing and reallocating, on every request.
-            let mut headers = HeaderMap::with_capacity(count + SPARE_HEADERS);
+            let mut headers = std::mem::take(&mut self.spare);
+            headers.reserve(count + SPARE_HEADERS);
             for &(n, nl, v, vl) in &spans[..count] {
                 let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
                 let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(Failed::sent)?;
@@ -784,6 +799,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_response_has_only_the_origins_headers_on_the_requests_map() {
+        // The second request goes on the pooled connection (`Conn::start`), whose response
+        // takes the request's header map: cleared, it must hold the origin's headers alone.
+        let answer = "HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Echo: 1\r\n\r\nok";
+        let o = origin(&[answer, answer]).await;
+        let pool = Pool::default();
+        for _ in 0..2 {
+            let mut req = get("GET", "/");
+            req.headers_mut().reserve(32);
+            let (_, headers, body, _) = exchange(&pool, &o, req).await.unwrap();
+            assert_eq!(&body[..], b"ok");
+            let mut names: Vec<_> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.to_str().unwrap()))
+                .collect();
+            names.sort();
+            assert_eq!(names, [("content-length", "2"), ("x-echo", "1")]);
+        }
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            1,
+            "the connection was reused"
+        );
+    }
+
+    #[tokio::test]
     async fn chunked_with_extensions_and_trailers() {
         let o = origin(&[
             "HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5;ext=1\r\nhello\r\n1\r\n!\r\n0\r\ngrpc-status: 0\r\n\r\n",
@@ -929,7 +970,7 @@ mod tests {
             .unwrap();
         let conn = connector();
         let sending = super::super::Sending::Raw {
-            exchange: c.start(&get("GET", "/two")),
+            exchange: c.start(get("GET", "/two")),
             shard,
             conn: &conn,
             addr: o.addr,

@@ -127,7 +127,7 @@ impl Pool {
         // Spur's own client: inline, the common case; a new connection boxed.
         match shard.checkout_raw(conn.generation) {
             Some(c) => Sending::Raw {
-                exchange: c.start(&req),
+                exchange: c.start(req),
                 shard,
                 conn,
                 addr,
