@@ -66,7 +66,12 @@ impl Activity {
 
     /// Something happened on the connection now.
     pub fn touch(&self) {
-        self.0.last.store(now_ms(), Ordering::Relaxed);
+        self.touch_at(now_ms());
+    }
+
+    /// [`Activity::touch`] with a clock reading taken already.
+    fn touch_at(&self, ms: u64) {
+        self.0.last.store(ms, Ordering::Relaxed);
     }
 
     fn wrote(&self) {
@@ -132,12 +137,13 @@ impl HeadClock {
     }
 
     /// Bytes arrived: the first ones while no request is in flight begin the next head.
-    fn on_read(&self) {
+    /// Bytes arrived at `ms` (a [`now_ms`] reading).
+    fn on_read(&self, ms: u64) {
         let s = &self.0;
         if s.in_flight.load(Ordering::Acquire) == 0
             && !s.multiplexed.load(Ordering::Acquire)
             && s.since
-                .compare_exchange(NO_HEAD, now_ms(), Ordering::AcqRel, Ordering::Acquire)
+                .compare_exchange(NO_HEAD, ms, Ordering::AcqRel, Ordering::Acquire)
                 .is_ok()
         {
             s.started.notify_one();
@@ -363,9 +369,11 @@ impl<T: AsyncRead + Unpin> AsyncRead for IdleIo<T> {
         let r = Pin::new(&mut this.inner).poll_read(cx, buf);
         if buf.filled().len() > before {
             this.read += (buf.filled().len() - before) as u64;
-            this.activity.touch();
+            // One clock reading for both clocks.
+            let ms = now_ms();
+            this.activity.touch_at(ms);
             if let Some(head) = &this.head {
-                head.on_read();
+                head.on_read(ms);
             }
         }
         r
