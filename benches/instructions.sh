@@ -8,7 +8,10 @@
 # Instructions are not time: cache misses, system calls and the kernel's share are not in
 # them. 127.0.0.1 only; every run is bounded in time.
 # --keep DIR keeps callgrind's output files there, to read with callgrind_annotate.
-# Usage: benches/instructions.sh [--protocol h1|h2] [--keep DIR] BIN [BIN...]
+# `haproxy` in place of a binary counts HAProxy (nbthread 1, log off, the config run.sh
+# gives it) the same way, except that its counters are zeroed after warm-up and dumped after
+# N2 - N1 requests (it leaves callgrind no output when it exits).
+# Usage: benches/instructions.sh [--protocol h1|h2] [--keep DIR] BIN|haproxy [...]
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,7 +28,7 @@ while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --protocol) PROTO=${2:?}; shift 2 ;;
     --keep) KEEP=${2:?}; mkdir -p "$KEEP"; shift 2 ;;
-    -h|--help) sed -n '2,11p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
@@ -38,6 +41,8 @@ done
 
 # shellcheck disable=SC2034  # used by targets.sh
 ON_LOAD_CPUS=()
+# shellcheck disable=SC2034  # used by targets.sh (HAProxy's nbthread)
+PROXY_WORKERS=1
 RUN_DIR=$(mktemp -d "${TMPDIR:-/tmp}/spur-instructions.XXXXXX")
 WORK=$RUN_DIR
 trap cleanup EXIT
@@ -66,19 +71,65 @@ EOF
     curl --noproxy '*' -s -m 1 -o /dev/null "http://127.0.0.1:$port/" && break
     sleep 0.1
   done
-  if [[ $PROTO == h2 ]]; then
-    timeout 300 h2load -n "$n" -c 10 -m 10 "http://127.0.0.1:$port/" >"$RUN_DIR/load.txt" 2>&1
-  else
-    timeout 300 h2load --h1 -n "$n" -c 10 "http://127.0.0.1:$port/" >"$RUN_DIR/load.txt" 2>&1
-  fi
-  grep -q " 0 failed, 0 errored" "$RUN_DIR/load.txt" || { cat "$RUN_DIR/load.txt" >&2; die "requests failed"; }
+  load "http://127.0.0.1:$port/" "$n"
   kill -INT "$pid"
   wait "$pid" || true
   awk '/^(summary|totals):/ {print $2; exit}' "$out"
   if [[ -n $KEEP ]]; then cp "$out" "$KEEP/$(basename "$bin").$PROTO.$n.callgrind"; fi
 }
 
+# load URL N : N requests from h2load, every one answered.
+load() {
+  if [[ $PROTO == h2 ]]; then
+    timeout 300 h2load -n "$2" -c 10 -m 10 "$1" >"$RUN_DIR/load.txt" 2>&1
+  else
+    timeout 300 h2load --h1 -n "$2" -c 10 "$1" >"$RUN_DIR/load.txt" 2>&1
+  fi
+  grep -q " 0 failed, 0 errored" "$RUN_DIR/load.txt" || { cat "$RUN_DIR/load.txt" >&2; die "requests failed"; }
+}
+
+# haproxy_per_request : HAProxy's instructions per request (N2 - N1 requests counted).
+haproxy_per_request() {
+  local port h2port out pid vpid i url total
+  command -v callgrind_control >/dev/null || die "callgrind_control is missing (apt-get install -y valgrind)"
+  free_port port
+  free_port h2port
+  write_haproxy_conf "$RUN_DIR/haproxy.cfg" "$port" "$h2port" off
+  out=$RUN_DIR/callgrind.haproxy.out
+  timeout --kill-after=5 600 valgrind --tool=callgrind --callgrind-out-file="$out" \
+    "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy.log" 2>&1 &
+  pid=$!
+  for ((i = 0; i < 300; i++)); do
+    curl --noproxy '*' -s -m 1 -o /dev/null "http://127.0.0.1:$port/" && break
+    sleep 0.1
+  done
+  url="http://127.0.0.1:$port/"
+  [[ $PROTO == h2 ]] && url="http://127.0.0.1:$h2port/"
+  load "$url" "$N1"
+  vpid=$(pgrep -P "$pid" | head -1)   # valgrind, under timeout
+  [[ -n $vpid ]] || die "HAProxy under valgrind is not running"
+  callgrind_control -z "$vpid" >/dev/null 2>&1
+  load "$url" $((N2 - N1))
+  callgrind_control -d "$vpid" >/dev/null 2>&1
+  for ((i = 0; i < 100; i++)); do
+    total=$(awk '/^(summary|totals):/ {print $2; exit}' "$out".* 2>/dev/null || true)
+    [[ -n $total ]] && break
+    sleep 0.1
+  done
+  kill -KILL "$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+  [[ -n $total ]] || die "no callgrind dump from HAProxy"
+  if [[ -n $KEEP ]]; then cp "$out".* "$KEEP/haproxy.$PROTO.callgrind"; fi
+  rm -f "$out".*
+  echo $((total / (N2 - N1)))
+}
+
 for bin in "$@"; do
+  if [[ $bin == haproxy ]]; then
+    [[ -x $HAPROXY_BIN ]] || die "haproxy is missing (apt-get install -y haproxy)"
+    printf 'haproxy %s: %d instructions per request (user space)\n' "$PROTO" "$(haproxy_per_request)"
+    continue
+  fi
   [[ -x $bin ]] || die "not an executable: $bin"
   a=$(instructions "$bin" "$N1")
   b=$(instructions "$bin" "$N2")
