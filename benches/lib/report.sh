@@ -23,7 +23,23 @@ bin_info() {   # bin_info PATH [COPY] -> "`PATH` (N MB, modified T, sha256 X…)
   size=$(stat -c %s "$b" 2>/dev/null || echo 0)
   when=$(date -u -r "$b" '+%Y-%m-%d %H:%M UTC' 2>/dev/null || echo '?')
   sha=$(sha256sum "$b" 2>/dev/null | cut -c1-12)
-  echo "\`$1\` ($((size / 1048576)) MB, modified $when, sha256 $sha…)"
+  echo "\`$1\` ($((size / 1048576)) MB, modified $when, sha256 $sha…, $(layout_info "$b"))"
+}
+# layout_info BIN -> how many of proxy/link/hot-symbols.txt's proxy functions BIN has: a
+# build whose names no longer match the list runs without its code laid out by use, and
+# its CPU and RSS are not a release's (benches/README.md, hot-symbols.sh).
+layout_info() {
+  local list=$REPO_ROOT/proxy/link/hot-symbols.txt total found
+  [[ -f $list ]] && command -v nm >/dev/null || { echo "hot-code list not checked"; return; }
+  total=$(grep -c '^_ZN10spur_proxy' "$list" || true)
+  found=$(nm "$1" 2>/dev/null | awk '$NF ~ /^_ZN10spur_proxy/ {print $NF}' | sort -u \
+    | comm -12 - <(grep '^_ZN10spur_proxy' "$list" | sort -u) | wc -l)
+  if ((total > 0 && found * 2 < total)); then
+    warn "$1 has $found of the hot-code list's $total proxy functions: its code is not laid out by use (regenerate with benches/hot-symbols.sh, build spur-proxy with spur)"
+    echo "**hot-code list: $found of $total proxy functions — not laid out by use**"
+  else
+    echo "hot-code list: $found of $total proxy functions"
+  fi
 }
 bin_line() {   # bin_line INDEX
   local b=${SPUR_BINS[$1]} how="TOKIO_WORKER_THREADS=$PROXY_WORKERS (its config has no \`workers\`)"
