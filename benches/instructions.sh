@@ -52,7 +52,7 @@ start_origin
 
 # instructions BIN N : total instructions callgrind counted for one run serving N requests.
 instructions() {
-  local bin=$1 n=$2 port out pid i sub=(proxy)
+  local bin=$1 n=$2 port out pid sub=(proxy)
   # The data plane's own binary (spur-proxy, quicker to build) takes no subcommand.
   [[ $(basename "$bin") == spur-proxy* ]] && sub=()
   free_port port
@@ -65,12 +65,9 @@ clusters:
 EOF
   TOKIO_WORKER_THREADS=1 SPUR_LOG=warn timeout --kill-after=5 600 \
     valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
-    >"$RUN_DIR/spur.log" 2>&1 &
+    >"$RUN_DIR/spur.stdout.log" 2>&1 &
   pid=$!
-  for ((i = 0; i < 300; i++)); do
-    curl --noproxy '*' -s -m 1 -o /dev/null "http://127.0.0.1:$port/" && break
-    sleep 0.1
-  done
+  wait_ok spur "http://127.0.0.1:$port/" "$pid" h1 300 || die "Spur under valgrind did not start"
   load "http://127.0.0.1:$port/" "$n"
   kill -INT "$pid"
   wait "$pid" || true
@@ -97,12 +94,9 @@ haproxy_per_request() {
   write_haproxy_conf "$RUN_DIR/haproxy.cfg" "$port" "$h2port" off
   out=$RUN_DIR/callgrind.haproxy.out
   timeout --kill-after=5 600 valgrind --tool=callgrind --callgrind-out-file="$out" \
-    "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy.log" 2>&1 &
+    "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy.stdout.log" 2>&1 &
   pid=$!
-  for ((i = 0; i < 300; i++)); do
-    curl --noproxy '*' -s -m 1 -o /dev/null "http://127.0.0.1:$port/" && break
-    sleep 0.1
-  done
+  wait_ok haproxy "http://127.0.0.1:$port/" "$pid" h1 300 || die "HAProxy under valgrind did not start"
   url="http://127.0.0.1:$port/"
   [[ $PROTO == h2 ]] && url="http://127.0.0.1:$h2port/"
   load "$url" "$N1"
@@ -127,7 +121,9 @@ haproxy_per_request() {
 for bin in "$@"; do
   if [[ $bin == haproxy ]]; then
     [[ -x $HAPROXY_BIN ]] || die "haproxy is missing (apt-get install -y haproxy)"
-    printf 'haproxy %s: %d instructions per request (user space)\n' "$PROTO" "$(haproxy_per_request)"
+    # An assignment, so that a failure ends the script instead of printing 0.
+    n=$(haproxy_per_request)
+    printf 'haproxy %s: %d instructions per request (user space)\n' "$PROTO" "$n"
     continue
   fi
   [[ -x $bin ]] || die "not an executable: $bin"
