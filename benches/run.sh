@@ -26,7 +26,8 @@ source "$SCRIPT_DIR/lib/report.sh"
 
 # ----------------------------------------------------------------- settings --
 # Every setting can come from the environment or from a flag below.
-DURATION=${DURATION:-8}             # each throughput run (wrk, h2load), seconds
+DURATION=${DURATION:-5}             # each throughput run (wrk, h2load), seconds
+ROUNDS=${ROUNDS:-3}                 # throughput runs per cell, the proxies of a group taking turns
 LAT_DURATION=${LAT_DURATION:-3}     # 1-connection latency run, seconds
 WARMUP=${WARMUP:-1}                 # warm-up per proxy start, seconds (0 = none)
 CONNECTIONS=${CONNECTIONS:-50}      # wrk connections (one wrk thread)
@@ -77,6 +78,9 @@ Options (environment variable in brackets):
   --protocols LIST        h1,h2 or one of them [PROTOCOLS=$PROTOCOLS]
   --mesh-log off|on       access-log setting of the mesh-hop rows [MESH_LOG, default: first of --logs]
   --duration N            each throughput run, seconds [DURATION=$DURATION]
+  --rounds N              throughput runs per cell: the proxies of a placement and log setting
+                          run side by side and take turns, N rounds; a cell reports its
+                          round with the median CPU µs/req [ROUNDS=$ROUNDS]
   --latency-duration N    1-connection latency run, seconds [LAT_DURATION=$LAT_DURATION]
   --warmup N              warm-up after each proxy start, seconds, 0 = none [WARMUP=$WARMUP]
   --connections N         wrk connections [CONNECTIONS=$CONNECTIONS]
@@ -116,6 +120,7 @@ while [[ $# -gt 0 ]]; do
     --protocols) PROTOCOLS=${2:?}; shift ;;
     --mesh-log) MESH_LOG=${2:?}; shift ;;
     --duration) DURATION=${2:?}; shift ;;
+    --rounds) ROUNDS=${2:?}; shift ;;
     --latency-duration) LAT_DURATION=${2:?}; shift ;;
     --warmup) WARMUP=${2:?}; shift ;;
     --connections) CONNECTIONS=${2:?}; shift ;;
@@ -143,7 +148,7 @@ LAT_DURATION=$(to_secs "$LAT_DURATION")
 WARMUP=$(to_secs "$WARMUP")
 HS_DURATION=$(to_secs "$HS_DURATION")
 [[ $DURATION -ge 1 && $LAT_DURATION -ge 1 ]] || die "durations must be at least 1s"
-for v in CONNECTIONS H2_CLIENTS H2_STREAMS PROXY_WORKERS; do
+for v in CONNECTIONS H2_CLIENTS H2_STREAMS PROXY_WORKERS ROUNDS; do
   [[ ${!v} =~ ^[1-9][0-9]*$ ]] || die "$v must be a positive integer (got '${!v}')"
 done
 [[ $MEM_CONNS =~ ^[0-9]+$ && $STARTUP_RUNS =~ ^[0-9]+$ ]] || die "--memory-conns and --startup-runs take a number"
@@ -263,7 +268,7 @@ fi
 
 # ------------------------------------------------------------------ results --
 # Cell key: "PLACEMENT|LOG|PROTO|NAME" (direct: LOG "-"). Latency key: "LATPL|LOG|NAME".
-for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_PROC_CPU R_SYS R_CSW R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
+for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_TASK_CPU R_STEAL R_ROUNDS R_SYS R_CSW R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
   R_LP50 R_LP99 R_MEM_IDLE R_MEM_CONN R_MEM_OK R_START_MED R_START_MIN R_START_RUNS R_HS_RATE R_HS_CPU; do
   declare -A "$_a=()"
 done
@@ -277,10 +282,13 @@ add_cell() { [[ -n ${_seen_cell[$1]:-} ]] || { CELL_ORDER+=("$1"); _seen_cell[$1
 add_lat()  { [[ -n ${_seen_lat[$1]:-} ]] || { LAT_ORDER+=("$1"); _seen_lat[$1]=1; }; }
 fail_cell() { R_STATUS[$1]=${2:-failed}; FAILED=1; }
 
-# measure KEY PROTO URL PIDS... : one throughput run under the counters.
+# measure KEY PROTO URL PIDS... : one throughput run under the counters (round ROUND of
+# the cell when ROUNDS > 1). CPU per request is /proc's utime+stime (the proxy's own CPU
+# time; steal excluded), perf's task-clock beside it.
+ROUND=1
 measure() {
   local key=$1 proto=$2 url=$3 out rps reqs errs p50 p99; shift 3
-  out="$RUN_DIR/$(file_tag "$key").$proto.txt"
+  out="$RUN_DIR/$(file_tag "$key").$proto$([[ $ROUNDS -gt 1 ]] && echo ".r$ROUND").txt"
   add_cell "$key"
   [[ $# -gt 0 ]] && counters_start "$@"
   if [[ $proto == h1 ]]; then
@@ -293,11 +301,12 @@ measure() {
   R_RPS[$key]=$rps; R_REQS[$key]=$reqs; R_ERRS[$key]=$errs; R_STATUS[$key]=ok
   if [[ $# -gt 0 ]]; then
     counters_stop
-    R_CPU[$key]=$(per_req "$C_TASK_US" "$reqs" 1)
-    R_PROC_CPU[$key]=$(per_req "$C_PROC_US" "$reqs" 1)
+    R_CPU[$key]=$(per_req "$C_PROC_US" "$reqs" 1)
+    R_TASK_CPU[$key]=$(per_req "$C_TASK_US" "$reqs" 1)
+    R_STEAL[$key]=$(awk -v s="$C_STEAL_US" -v w="$C_WALL_US" 'BEGIN { if (w > 0) printf "%.1f%%", 100 * s / w; else print "-" }')
     R_SYS[$key]=$(per_req "$C_SYS" "$reqs" 2)
     R_CSW[$key]=$(per_req "$C_CSW" "$reqs" 2)
-    R_UTIL[$key]=$(awk -v c="$C_TASK_US" -v w="$C_WALL_US" 'BEGIN { if (w > 0) printf "%.0f%%", 100 * c / w; else print "-" }')
+    R_UTIL[$key]=$(awk -v c="$C_PROC_US" -v w="$C_WALL_US" 'BEGIN { if (w > 0) printf "%.0f%%", 100 * c / w; else print "-" }')
   fi
   if [[ $rps == - || $reqs == 0 ]]; then
     fail_cell "$key" "failed (no result)"; warn "$key: no result (see $out)"
@@ -336,47 +345,105 @@ lat_placement() {
   fi
 }
 
-# cell PLACEMENT LOG KIND NAME [BIN] : start one proxy, warm it up, measure the selected
-# protocols (and latency), read its peak RSS, stop it.
-cell() {
-  local pl=$1 lg=$2 kind=$3 name=$4 bin=${5:-} tag pids=() proto key lpl
-  tag=$(file_tag "$pl|$lg|$name")
-  log "$pl, access log $lg: $name"
-  if ! start_target "$kind" "$tag" "$lg" "$bin"; then
-    for proto in h1 h2; do want_proto "$proto" && { add_cell "$pl|$lg|$proto|$name"; fail_cell "$pl|$lg|$proto|$name" "did not start"; }; done
-    stop_proc "$T_PID"; return 0
+# keep_round KEY : the values of the cell's run just measured, as round ROUND.
+declare -A ROUND_ROWS=()
+keep_round() {
+  local k=$1
+  ROUND_ROWS[$k]+="${R_CPU[$k]:--} ${R_STATUS[$k]} ${R_RPS[$k]} ${R_REQS[$k]} ${R_ERRS[$k]} ${R_TASK_CPU[$k]:--} ${R_SYS[$k]:--} ${R_CSW[$k]:--} ${R_UTIL[$k]:--} ${R_STEAL[$k]:--}"$'\n'
+}
+# pick_round KEY : the cell's values become those of its round with the median CPU µs/req
+# (of an even count, the lower middle); errors are those of every round; a cell fails when
+# one of its rounds did.
+pick_round() {
+  local k=$1 rows row status errs=0 failed=0 cpus=()
+  rows=${ROUND_ROWS[$k]:-}
+  [[ -n $rows ]] || return 0
+  while read -r -a row; do
+    [[ ${#row[@]} -gt 0 ]] || continue
+    cpus+=("${row[0]}")
+    errs=$((errs + ${row[4]:-0}))
+    [[ ${row[1]} == ok ]] || failed=1
+  done <<<"$rows"
+  R_ROUNDS[$k]=$(IFS=/; echo "${cpus[*]}")
+  if [[ $failed == 1 ]]; then
+    R_STATUS[$k]="failed (no result in a round)"; R_ERRS[$k]=$errs; FAILED=1; return 0
   fi
-  mapfile -t pids < <(proc_tree "$T_PID")
-  local threads; threads=$(thread_count "${pids[@]}")
-  if [[ $WARMUP -gt 0 ]]; then
-    if want_proto h1; then run_wrk "$WORK/warmup.txt" "$LOAD_CPUS" "$CONNECTIONS" "$WARMUP" "$T_URL"
-    elif [[ -n $T_H2URL ]]; then run_h2load "$WORK/warmup.txt" "$LOAD_CPUS" "$H2_CLIENTS" "$H2_STREAMS" "$WARMUP" "$T_H2URL"; fi
-  fi
-  for proto in h1 h2; do
-    want_proto "$proto" || continue
-    [[ $proto == h2 && $kind == spur-* ]] && continue   # mesh hops: HTTP/1.1 clients, as before
-    key="$pl|$lg|$proto|$name"
-    if [[ $proto == h2 && -z $T_H2URL ]]; then
-      add_cell "$key"; R_STATUS[$key]=n/a; R_NOTE[$key]=$T_H2NOTE; continue
+  read -r -a row < <(sed '/^$/d' <<<"$rows" | sort -n -k1,1 | awk -v n="${#cpus[@]}" 'NR == int((n + 1) / 2)')
+  R_CPU[$k]=${row[0]}; status=${row[1]}; R_RPS[$k]=${row[2]}; R_REQS[$k]=${row[3]}
+  R_TASK_CPU[$k]=${row[5]}; R_SYS[$k]=${row[6]}; R_CSW[$k]=${row[7]}; R_UTIL[$k]=${row[8]}; R_STEAL[$k]=${row[9]}
+  R_STATUS[$k]=$status; R_ERRS[$k]=$errs
+}
+
+# group PLACEMENT LOG KIND|NAME|BIN... : the proxies of one placement and log setting
+# started side by side (each on the proxy CPUs, idle while another is measured), warmed up,
+# then ROUNDS rounds in which each takes its turn at every protocol (the order reversed
+# every other round), so that a disturbance of the machine falls on all of them rather
+# than on one; a cell reports its median round. Then each one's latency run, peak RSS and
+# stop.
+declare -A G_PID=() G_PIDS=() G_URL=() G_H2URL=() G_H2NOTE=() G_LOG=() G_TAG=() G_KIND=() G_INPORT=() G_CERTS=()
+group() {
+  local pl=$1 lg=$2 e kind name bin tag names=() order=() pids=() proto key lpl r i
+  shift 2
+  for e in "$@"; do
+    IFS='|' read -r kind name bin <<<"$e"
+    tag=$(file_tag "$pl|$lg|$name")
+    log "$pl, access log $lg: $name"
+    if ! start_target "$kind" "$tag" "$lg" "$bin"; then
+      for proto in h1 h2; do want_proto "$proto" && { add_cell "$pl|$lg|$proto|$name"; fail_cell "$pl|$lg|$proto|$name" "did not start"; }; done
+      stop_proc "$T_PID"; continue
     fi
-    if [[ $proto == h1 ]]; then measure "$key" h1 "$T_URL" "${pids[@]}"
-    else measure "$key" h2 "$T_H2URL" "${pids[@]}"; fi
-    R_THREADS[$key]=$threads
+    names+=("$name")
+    G_KIND[$name]=$kind; G_PID[$name]=$T_PID; G_URL[$name]=$T_URL; G_H2URL[$name]=$T_H2URL
+    G_H2NOTE[$name]=$T_H2NOTE; G_LOG[$name]=$T_LOGFILE; G_TAG[$name]=$tag; G_INPORT[$name]=$T_INPORT; G_CERTS[$name]=$T_CERTS
+    mapfile -t pids < <(proc_tree "$T_PID")
+    G_PIDS[$name]="${pids[*]}"
+    for proto in h1 h2; do R_THREADS["$pl|$lg|$proto|$name"]=$(thread_count "${pids[@]}"); done
+    if [[ $WARMUP -gt 0 ]]; then
+      if want_proto h1; then run_wrk "$WORK/warmup.txt" "$LOAD_CPUS" "$CONNECTIONS" "$WARMUP" "$T_URL"
+      elif [[ -n $T_H2URL ]]; then run_h2load "$WORK/warmup.txt" "$LOAD_CPUS" "$H2_CLIENTS" "$H2_STREAMS" "$WARMUP" "$T_H2URL"; fi
+    fi
   done
-  lpl=$(lat_placement "$pl")
-  if [[ -n $lpl ]]; then latency "$lpl|$lg|$name" "$T_URL" "$pl" "$T_PID"; fi
-  if [[ $kind == spur-mtls && $HS_DURATION -gt 0 ]]; then handshakes "$name" "$T_PID" "$T_INPORT" "$T_CERTS"; fi
-  local hwm lines
-  hwm=$(mem_kib VmHWM "${pids[@]}")
-  for proto in h1 h2; do
-    key="$pl|$lg|$proto|$name"
-    [[ ${R_STATUS[$key]:-} == ok ]] || continue
-    R_HWM[$key]=$hwm
-    if ! kill -0 "$T_PID" 2>/dev/null; then fail_cell "$key" crashed; warn "$name exited during the run (see $RUN_DIR/$tag.*)"; fi
+  for ((r = 1; r <= ROUNDS; r++)); do
+    ROUND=$r
+    order=("${names[@]}")
+    if ((r % 2 == 0)); then order=(); for ((i = ${#names[@]} - 1; i >= 0; i--)); do order+=("${names[$i]}"); done; fi
+    [[ $ROUNDS -gt 1 && ${#names[@]} -gt 0 ]] && log "$pl, access log $lg: round $r of $ROUNDS (${order[*]})"
+    for name in "${order[@]}"; do
+      kind=${G_KIND[$name]}
+      read -r -a pids <<<"${G_PIDS[$name]}"
+      for proto in h1 h2; do
+        want_proto "$proto" || continue
+        [[ $proto == h2 && $kind == spur-* ]] && continue   # mesh hops: HTTP/1.1 clients, as before
+        key="$pl|$lg|$proto|$name"
+        if [[ $proto == h2 && -z ${G_H2URL[$name]} ]]; then
+          add_cell "$key"; R_STATUS[$key]=n/a; R_NOTE[$key]=${G_H2NOTE[$name]}; continue
+        fi
+        if [[ $proto == h1 ]]; then measure "$key" h1 "${G_URL[$name]}" "${pids[@]}"
+        else measure "$key" h2 "${G_H2URL[$name]}" "${pids[@]}"; fi
+        keep_round "$key"
+      done
+    done
   done
-  stop_proc "$T_PID"
-  lines=$(access_log_lines "$T_LOGFILE")
-  for proto in h1 h2; do R_LOGLINES["$pl|$lg|$proto|$name"]=$lines; done
+  ROUND=1
+  for name in "${names[@]}"; do
+    kind=${G_KIND[$name]}
+    read -r -a pids <<<"${G_PIDS[$name]}"
+    for proto in h1 h2; do pick_round "$pl|$lg|$proto|$name"; done
+    lpl=$(lat_placement "$pl")
+    if [[ -n $lpl ]]; then latency "$lpl|$lg|$name" "${G_URL[$name]}" "$pl" "${G_PID[$name]}"; fi
+    if [[ $kind == spur-mtls && $HS_DURATION -gt 0 ]]; then handshakes "$name" "${G_PID[$name]}" "${G_INPORT[$name]}" "${G_CERTS[$name]}"; fi
+    local hwm lines
+    hwm=$(mem_kib VmHWM "${pids[@]}")
+    for proto in h1 h2; do
+      key="$pl|$lg|$proto|$name"
+      [[ ${R_STATUS[$key]:-} == ok ]] || continue
+      R_HWM[$key]=$hwm
+      if ! kill -0 "${G_PID[$name]}" 2>/dev/null; then fail_cell "$key" crashed; warn "$name exited during the run (see $RUN_DIR/${G_TAG[$name]}.*)"; fi
+    done
+    stop_proc "${G_PID[$name]}"
+    lines=$(access_log_lines "${G_LOG[$name]}")
+    for proto in h1 h2; do R_LOGLINES["$pl|$lg|$proto|$name"]=$lines; done
+  done
 }
 
 # handshakes NAME PID PORT CERT_DIR : full mTLS handshakes (client certificate included)
@@ -487,15 +554,17 @@ for pl in "${PLACEMENT_LIST[@]}"; do
     [[ -n $lpl ]] && latency "$lpl|-|direct" "http://127.0.0.1:$ORIGIN_PORT/" "$pl"
   fi
   for lg in "${LOG_LIST[@]}"; do
+    entries=()
     for kind in "${PROXY_KINDS[@]}"; do
       if [[ $kind == spur ]]; then
         for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do
-          cell "$pl" "$lg" spur "$(spur_name spur "${SPUR_LABELS[$i]}")" "${SPUR_BINS[$i]}"
+          entries+=("spur|$(spur_name spur "${SPUR_LABELS[$i]}")|${SPUR_BINS[$i]}")
         done
       else
-        cell "$pl" "$lg" "$kind" "$kind"
+        entries+=("$kind|$kind|")
       fi
     done
+    [[ ${#entries[@]} -gt 0 ]] && group "$pl" "$lg" "${entries[@]}"
   done
 done
 
@@ -506,7 +575,7 @@ for kind in "${MESH_KINDS[@]}"; do
   for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do
     name=$(spur_name "$kind" "${SPUR_LABELS[$i]}")
     MESH_ORDER+=("$name")
-    cell alone "$MESH_LOG" "$kind" "$name" "${SPUR_BINS[$i]}"
+    group alone "$MESH_LOG" "$kind|$name|${SPUR_BINS[$i]}"
   done
 done
 

@@ -145,6 +145,19 @@ cpu_ticks() {   # sum of utime+stime (clock ticks) over the PIDs given, all thre
   done
   echo "$total"
 }
+# cpu_steal CPU-LIST -> steal time (clock ticks) of those CPUs so far (/proc/stat): time the
+# hypervisor ran something else while the guest had work on them. perf's task-clock counts
+# it as the task's; /proc's utime+stime leave it out.
+cpu_steal() {
+  local list=$1 part a b c cpus=()
+  IFS=, read -r -a part <<<"$list"
+  for a in "${part[@]}"; do
+    if [[ $a == *-* ]]; then for ((c = ${a%-*}; c <= ${a#*-}; c++)); do cpus+=("cpu$c"); done
+    else cpus+=("cpu$a"); fi
+  done
+  b=" ${cpus[*]} "
+  awk -v want="$b" 'index(want, " " $1 " ") { n += $9 } END { print n + 0 }' /proc/stat
+}
 ctx_switches() {   # voluntary + involuntary context switches, every thread of the PIDs given
   local pid
   for pid in "$@"; do
@@ -174,7 +187,8 @@ thread_count() {  # threads over the PIDs given
 # `perf stat -p` is started with its events disabled and switched on and off through a
 # control FIFO with acknowledgement, so the window is exact; /proc utime+stime is read as
 # well (the cross-check, and the fallback when perf is unusable). counters_stop sets
-# C_TASK_US (CPU µs), C_CSW, C_SYS ("-" if unknown), C_PROC_US (/proc's CPU µs) and
+# C_TASK_US (perf's task-clock, µs; /proc's without perf), C_CSW, C_SYS ("-" if unknown),
+# C_PROC_US (/proc's utime+stime, µs), C_STEAL_US (steal time of the proxy CPUs, µs) and
 # C_WALL_US (the window's length).
 PERF_PID=
 COUNTER_PIDS=()
@@ -182,6 +196,7 @@ USE_PERF=${USE_PERF:-1}
 counters_start() {
   COUNTER_PIDS=("$@")
   C_T0=$(cpu_ticks "$@")
+  C_STEAL0=$(cpu_steal "$PROXY_CPUS")
   C_CSW0=$(ctx_switches "$@")
   C_WALL0=$(date +%s%N)
   PERF_PID=
@@ -209,6 +224,7 @@ counters_stop() {
     read -r -t 10 -u 8 ack || true
   fi
   t1=$(cpu_ticks "${COUNTER_PIDS[@]}")
+  C_STEAL_US=$(awk -v d=$(($(cpu_steal "$PROXY_CPUS") - C_STEAL0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_WALL_US=$(( ($(date +%s%N) - C_WALL0) / 1000 ))
   C_PROC_US=$(awk -v d=$((t1 - C_T0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_TASK_US=$C_PROC_US

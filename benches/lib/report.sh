@@ -57,7 +57,8 @@ report_header() {
   echo "· placements: **alone** = the proxy alone on CPU $PROXY_CPUS, wrk/h2load and the origin on CPU $LOAD_CPUS; **shared** = the proxy and the origin on CPU $PROXY_CPUS, wrk/h2load on CPU $LOAD_CPUS"
   echo "· $PROXY_WORKERS worker(s) per proxy (HAProxy nbthread, nginx worker_processes)"
   echo "· HTTP/1.1: wrk -t1 -c$CONNECTIONS, ${DURATION}s; HTTP/2: h2load -t1 -c$H2_CLIENTS -m$H2_STREAMS (h2c, prior knowledge), ${DURATION}s; warm-up ${WARMUP}s after each start; all to an HTTP/1.1 nginx origin (100-byte body)"
-  echo "· counters: $([[ $USE_PERF == 1 ]] && echo 'perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p PROXY, enabled for the throughput run only' || echo '/proc utime+stime and voluntary+involuntary context switches (no perf: no system-call counts)')"
+  echo "· $ROUNDS round(s) per cell: the proxies of a placement and log setting run side by side and take turns (order reversed every other round); each cell shows its round with the median CPU µs/req"
+  echo "· counters: CPU time from /proc utime+stime (the kernel leaves out steal, time the hypervisor gave away while the proxy had work); $([[ $USE_PERF == 1 ]] && echo 'perf stat -e task-clock,context-switches,raw_syscalls:sys_enter -p PROXY, enabled for the throughput run only (task-clock, which counts steal, in the details)' || echo 'voluntary+involuntary context switches from /proc (no perf: no system-call counts)')"
   echo "· $("$NGINX_BIN" -v 2>&1 | head -1); $([[ -x $HAPROXY_BIN ]] && "$HAPROXY_BIN" -v 2>/dev/null | head -1 | cut -d' ' -f1-3); $(wrk -v 2>&1 | head -1 | cut -d' ' -f1-2); $(command -v h2load >/dev/null && h2load --version 2>&1 | head -1)"
   echo
 }
@@ -66,7 +67,7 @@ report_main() {
   local key pl lg proto name
   echo "## Throughput and cost per request"
   echo
-  echo "req/s: the client's rate over the run. CPU µs, syscalls and ctx sw (context switches) per request: the proxy's own, over the throughput run. Proxy CPU: the proxy's CPU time ÷ the run's length (near 100%: the proxy's core was the limit). Peak RSS: VmHWM after the cell (HTTP/1.1, HTTP/2 and latency runs of one start)."
+  echo "req/s: the client's rate over the run. CPU µs (utime+stime), syscalls and ctx sw (context switches) per request: the proxy's own, over the throughput run. Proxy CPU: the proxy's CPU time ÷ the run's length (near 100%: the proxy's core was the limit). All of these from the cell's median round. Peak RSS: VmHWM after the cell (every round and the latency run of one start). Errors: of every round."
   echo
   echo "| placement | access log | client | target | req/s | CPU µs/req | syscalls/req | ctx sw/req | proxy CPU | peak RSS MiB | errors |"
   echo "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|"
@@ -208,15 +209,15 @@ report_details() {
   local key pl lg proto name
   echo "<details><summary>details</summary>"
   echo
-  echo "CPU µs/req (/proc): utime+stime over the same window (10 ms ticks), the cross-check of perf's task-clock. Threads: of the proxy process(es) after start. Log lines: lines in the proxy's access-log file over the whole cell (warm-up, HTTP/1.1, HTTP/2 and latency runs; Spur's file also has its few start-up lines)."
+  echo "Rounds: CPU µs/req of each round, in order (the table shows the median one). task-clock: perf's CPU µs/req of the shown round, which counts steal. Steal: the proxy CPU's steal time over that round ÷ its length; a cell with a large one ran on a disturbed machine. Requests and errors: of the shown round; errors of every round. Threads: of the proxy process(es) after start. Log lines: lines in the proxy's access-log file over the whole cell (warm-up, every round, latency run; Spur's file also has its few start-up lines)."
   echo
-  echo "| placement | access log | client | target | requests | errors | CPU µs/req (/proc) | threads | log lines |"
-  echo "|---|---|---|---|---:|---:|---:|---:|---:|"
+  echo "| placement | access log | client | target | requests | errors | rounds CPU µs/req | task-clock µs/req | steal | threads | log lines |"
+  echo "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|"
   for key in "${CELL_ORDER[@]}"; do
     IFS='|' read -r pl lg proto name <<<"$key"
     [[ ${R_STATUS[$key]:-} == ok || ${R_STATUS[$key]:-} == crashed ]] || continue
     [[ $lg == - ]] && lg="—"
-    echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_REQS[$key]} | ${R_ERRS[$key]} | $(dash "${R_PROC_CPU[$key]:-}") | $(dash "${R_THREADS[$key]:-}") | $(dash "${R_LOGLINES[$key]:-}") |"
+    echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_REQS[$key]} | ${R_ERRS[$key]} | $(dash "${R_ROUNDS[$key]:-}") | $(dash "${R_TASK_CPU[$key]:-}") | $(dash "${R_STEAL[$key]:-}") | $(dash "${R_THREADS[$key]:-}") | $(dash "${R_LOGLINES[$key]:-}") |"
   done
   echo
   echo "Raw output, configs and logs: \`${RUN_DIR#"$REPO_ROOT"/}/\`"
