@@ -201,15 +201,31 @@ impl Conn {
             // grows, rehashing and reallocating, on every request.
             let mut headers = std::mem::take(&mut self.spare);
             headers.reserve(count + SPARE_HEADERS);
+            let mut close = false;
             for &(n, nl, v, vl) in &spans[..count] {
                 let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
-                let name = HeaderName::from_bytes(&head[n..n + nl]).map_err(Failed::sent)?;
+                let (name, value) = (&head[n..n + nl], &head[v..v + vl]);
+                // Hop-by-hop headers that only concern this connection never reach the map:
+                // `keep-alive`, and a `connection` that lists only `keep-alive` or `close`
+                // (nginx answers every HTTP/1.1 request with `connection: keep-alive`), so
+                // the response has nothing to strip on its way to the client. A
+                // `connection` naming other headers stays, for the strip to find them.
+                if name.eq_ignore_ascii_case(b"connection") {
+                    close |= has_token(value, b"close");
+                    if only_tokens(value, &[b"keep-alive", b"close"]) {
+                        continue;
+                    }
+                } else if name.eq_ignore_ascii_case(b"keep-alive") {
+                    continue;
+                }
+                let name = HeaderName::from_bytes(name).map_err(Failed::sent)?;
                 let value =
                     HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(Failed::sent)?;
                 headers.append(name, value);
             }
-            let (framing, mut keep_alive) = framing(head_request, status, &headers)?;
-            keep_alive &= version == Version::HTTP_11;
+            let framing = framing(head_request, status, &headers)?;
+            let keep_alive =
+                !close && !matches!(framing, Framing::Close) && version == Version::HTTP_11;
             let mut parts = Response::new(()).into_parts().0;
             parts.status = status;
             parts.version = version;
@@ -332,24 +348,16 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
     out.put_slice(b"\r\n");
 }
 
-/// How the response body is delimited, and whether the connection may carry another
-/// exchange after it (RFC 9112 section 6.3).
-fn framing(
-    head_request: bool,
-    status: StatusCode,
-    h: &HeaderMap,
-) -> Result<(Framing, bool), Failed> {
-    let keep_alive = !h
-        .get_all(header::CONNECTION)
-        .iter()
-        .any(|v| has_token(v.as_bytes(), b"close"));
+/// How the response body is delimited (RFC 9112 section 6.3). A body that ends with the
+/// connection ([`Framing::Close`]) leaves no connection to reuse.
+fn framing(head_request: bool, status: StatusCode, h: &HeaderMap) -> Result<Framing, Failed> {
     if crate::headers::ambiguous_framing(h) {
         return Err(Failed::sent(
             "the response has both content-length and transfer-encoding",
         ));
     }
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
-        return Ok((Framing::Length(0), keep_alive));
+        return Ok(Framing::Length(0));
     }
     if h.contains_key(header::TRANSFER_ENCODING) {
         let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
@@ -360,8 +368,8 @@ fn framing(
                 .is_some_and(|t| t.trim_ascii().eq_ignore_ascii_case(b"chunked"))
         });
         return Ok(match chunked {
-            true => (Framing::Chunked(Chunk::Size), keep_alive),
-            false => (Framing::Close, false),
+            true => Framing::Chunked(Chunk::Size),
+            false => Framing::Close,
         });
     }
     let mut length = None;
@@ -376,8 +384,8 @@ fn framing(
         }
     }
     Ok(match length {
-        Some(n) => (Framing::Length(n), keep_alive),
-        None => (Framing::Close, false),
+        Some(n) => Framing::Length(n),
+        None => Framing::Close,
     })
 }
 
@@ -386,6 +394,14 @@ fn parse_length(s: &[u8]) -> Option<u64> {
         return None;
     }
     Some(s.iter().fold(0u64, |n, d| n * 10 + u64::from(d - b'0')))
+}
+
+/// Whether every token of a comma-separated header value is one of `tokens`
+/// (case-insensitive; empty elements allowed).
+fn only_tokens(list: &[u8], tokens: &[&[u8]]) -> bool {
+    list.split(|&b| b == b',')
+        .map(<[u8]>::trim_ascii)
+        .all(|t| t.is_empty() || tokens.iter().any(|k| t.eq_ignore_ascii_case(k)))
 }
 
 /// Whether a comma-separated header value lists `token` (case-insensitive).
@@ -842,6 +858,33 @@ mod tests {
             1,
             "reused after a chunked body"
         );
+    }
+
+    #[tokio::test]
+    async fn connection_only_headers_stay_out_of_the_response() {
+        let o = origin(&[
+            "HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
+            // Names another header: stays for the strip on the way out (which removes both).
+            "HTTP/1.1 200 OK\r\nconnection: keep-alive, x-a\r\nx-a: 1\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\nConnection: Keep-Alive, CLOSE\r\ncontent-length: 2\r\n\r\nok",
+            "HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])
+        .await;
+        let pool = Pool::default();
+        let (_, headers, _, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        let names: Vec<_> = headers.keys().map(|n| n.as_str()).collect();
+        assert_eq!(names, ["x-a", "content-length"]);
+        let (_, headers, _, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(headers["connection"], "keep-alive, x-a");
+        let (_, headers, _, _) = exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert!(!headers.contains_key("connection"));
+        assert_eq!(
+            o.accepted.load(Ordering::SeqCst),
+            1,
+            "kept alive until the close"
+        );
+        exchange(&pool, &o, get("GET", "/")).await.unwrap();
+        assert_eq!(o.accepted.load(Ordering::SeqCst), 2, "closed after 'close'");
     }
 
     #[tokio::test]
