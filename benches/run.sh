@@ -231,7 +231,10 @@ fi
 
 # ------------------------------------------------------------- CPU pinning --
 read -r -a ALLOWED <<<"$(allowed_cpus)"
-[[ ${#ALLOWED[@]} -ge 2 ]] || die "needs at least 2 CPUs to place the proxy and the load generator apart (${#ALLOWED[@]} allowed)"
+# One CPU is accepted only when both placements are given (benches/pgo.sh's training load,
+# whose figures are not read).
+[[ ${#ALLOWED[@]} -ge 2 || ( -n $PROXY_CPUS && -n $LOAD_CPUS ) ]] \
+  || die "needs at least 2 CPUs to place the proxy and the load generator apart (${#ALLOWED[@]} allowed)"
 [[ -n $PROXY_CPUS ]] || PROXY_CPUS=${ALLOWED[-1]}
 [[ -n $LOAD_CPUS ]] || LOAD_CPUS=${ALLOWED[0]}
 read -r -a _lc <<<"$(expand_cpus "$LOAD_CPUS")"
@@ -287,8 +290,9 @@ fail_cell() { R_STATUS[$1]=${2:-failed}; FAILED=1; }
 # time; steal excluded), perf's task-clock beside it.
 ROUND=1
 measure() {
-  local key=$1 proto=$2 url=$3 out rps reqs errs p50 p99; shift 3
-  out="$RUN_DIR/$(file_tag "$key").$proto$([[ $ROUNDS -gt 1 ]] && echo ".r$ROUND").txt"
+  local key=$1 proto=$2 url=$3 out rps reqs errs p50 p99 round=""; shift 3
+  [[ $ROUNDS -le 1 ]] || round=".r$ROUND"
+  out="$RUN_DIR/$(file_tag "$key").$proto$round.txt"
   add_cell "$key"
   [[ $# -gt 0 ]] && counters_start "$@"
   if [[ $proto == h1 ]]; then
@@ -407,7 +411,7 @@ group() {
     ROUND=$r
     order=("${names[@]}")
     if ((r % 2 == 0)); then order=(); for ((i = ${#names[@]} - 1; i >= 0; i--)); do order+=("${names[$i]}"); done; fi
-    [[ $ROUNDS -gt 1 && ${#names[@]} -gt 0 ]] && log "$pl, access log $lg: round $r of $ROUNDS (${order[*]})"
+    if [[ $ROUNDS -gt 1 && ${#names[@]} -gt 0 ]]; then log "$pl, access log $lg: round $r of $ROUNDS (${order[*]})"; fi
     for name in "${order[@]}"; do
       kind=${G_KIND[$name]}
       read -r -a pids <<<"${G_PIDS[$name]}"
