@@ -16,6 +16,18 @@
 
 # ---------------------------------------------------------------- build stage --
 FROM rust:1.95-bookworm AS builder
+# PGO=1 (the default): spur and spur-proxy are built with profile-guided optimisation by
+# benches/pgo.sh: an instrumented build serves a short benchmark load (nginx origin, wrk,
+# h2load, all on 127.0.0.1 inside the build), then the release build uses that profile.
+# About 20% less CPU per request in the user space on the development VM (README,
+# Benchmark), for a build about twice as long. --build-arg PGO=0: one plain release build.
+ARG PGO=1
+RUN if [ "$PGO" = 1 ]; then \
+      apt-get update \
+   && apt-get install -y --no-install-recommends nginx wrk nghttp2-client python3 procps curl openssl \
+   && rm -rf /var/lib/apt/lists/* \
+   && rustup component add llvm-tools; \
+    fi
 WORKDIR /src
 COPY . .
 # Cache mounts keep the crates.io downloads and the compiled dependencies between
@@ -24,11 +36,18 @@ COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     --mount=type=cache,target=/usr/local/cargo/git,sharing=locked \
     --mount=type=cache,target=/src/target,sharing=locked \
-    cargo build --release --locked \
+    mkdir -p /out \
+ && if [ "$PGO" = 1 ]; then \
+      benches/pgo.sh \
+   && cp target/pgo/release/spur target/pgo/release/spur-proxy /out/ \
+   && cargo build --release --locked -p spur-control --bin spur-control; \
+    else \
+      cargo build --release --locked \
         -p spur -p spur-proxy -p spur-control \
         --bin spur --bin spur-proxy --bin spur-control \
- && mkdir -p /out \
- && cp target/release/spur target/release/spur-proxy target/release/spur-control /out/
+   && cp target/release/spur target/release/spur-proxy /out/; \
+    fi \
+ && cp target/release/spur-control /out/
 
 # ------------------------------------------------------------------ init stage --
 # `spur init-iptables` runs `iptables-restore`, which distroless does not have. This image

@@ -62,7 +62,7 @@ Compares direct traffic to an nginx origin with traffic through Spur, HAProxy an
 (reverse proxy), in two placements, with access logs off and on, for HTTP/1.1 and HTTP/2
 clients. Prints Markdown tables and writes them to benches/results/latest.md; raw load
 generator output, configs, perf counters and logs go to benches/results/run-<timestamp>/.
-The default run takes about 5½ minutes (about 7 with --compare of two binaries).
+The default run takes about 10 minutes (about 12 with --compare of two binaries).
 
 Options (environment variable in brackets):
   --spur-bin PATH         Spur binary [SPUR_BIN, default target/release/spur]; given twice,
