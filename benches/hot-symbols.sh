@@ -9,8 +9,11 @@
 # itself), so a proxy without mesh hops keeps only the first part resident. Both binaries
 # are profiled because generic code is named after the crate that instantiates it. Functions
 # that never ran are not listed: the linker places them after. 127.0.0.1 only; every run is
-# bounded in time. Rebuild afterwards (cargo build --release). About a minute.
-# Usage: benches/hot-symbols.sh [SPUR_BIN]   (default target/release/spur; spur-proxy is
+# bounded in time. Rebuild afterwards (cargo build --release). About a minute per binary.
+# Several binaries (a PGO build, then a plain one: PGO inlines some functions the plain
+# build keeps, and keeps others apart): the list is the first one's, followed by what each
+# next one ran that is not listed yet, so one list serves every build.
+# Usage: benches/hot-symbols.sh [SPUR_BIN...]   (default target/release/spur; spur-proxy is
 # taken from the same directory)
 set -Eeuo pipefail
 
@@ -21,12 +24,14 @@ source "$SCRIPT_DIR/lib/common.sh"
 # shellcheck source=lib/targets.sh
 source "$SCRIPT_DIR/lib/targets.sh"
 
-SPUR=$(realpath "${1:-$ROOT/target/release/spur}")
-SPUR_PROXY=$(dirname "$SPUR")/spur-proxy
+BINS=()
+for b in "${@:-$ROOT/target/release/spur}"; do BINS+=("$(realpath "$b")"); done
 OUT=$ROOT/proxy/link/hot-symbols.txt
 REQUESTS=${REQUESTS:-2000}
 PORT='' ADMIN='' INPORT=''   # set by free_port
-[[ -x $SPUR && -x $SPUR_PROXY ]] || die "$SPUR and $SPUR_PROXY are needed (cargo build --release first)"
+for b in "${BINS[@]}"; do
+  [[ -x $b && -x $(dirname "$b")/spur-proxy ]] || die "$b and $(dirname "$b")/spur-proxy are needed (cargo build --release first)"
+done
 for tool in valgrind h2load curl openssl python3; do
   command -v "$tool" >/dev/null || die "$tool is missing (apt-get install -y valgrind nghttp2-client curl openssl python3)"
 done
@@ -73,19 +78,27 @@ profile() {
   done
 }
 
-for variant in spur spur-proxy; do
-  cmd=("$SPUR" proxy)
-  [[ $variant == spur-proxy ]] && cmd=("$SPUR_PROXY")
-  free_port PORT; free_port ADMIN
-  write_spur_conf "$RUN_DIR/plain.yaml" "$PORT" "$ADMIN" "$SPUR"
-  profile "$variant.plain" "$RUN_DIR/plain.yaml" "${cmd[@]}"
-  for hop in http1 http2 http3; do
-    free_port PORT; free_port ADMIN; free_port INPORT
-    write_spur_mesh_conf "$RUN_DIR/mesh-$hop.yaml" "$PORT" "$ADMIN" "$INPORT" "$WORK/certs" "$hop" "$SPUR"
-    profile "$variant.mesh-$hop" "$RUN_DIR/mesh-$hop.yaml" "${cmd[@]}"
+: >"$OUT.new"
+for ((i = 0; i < ${#BINS[@]}; i++)); do
+  SPUR=${BINS[$i]}
+  SPUR_PROXY=$(dirname "$SPUR")/spur-proxy
+  for variant in spur spur-proxy; do
+    cmd=("$SPUR" proxy)
+    [[ $variant == spur-proxy ]] && cmd=("$SPUR_PROXY")
+    free_port PORT; free_port ADMIN
+    write_spur_conf "$RUN_DIR/plain.yaml" "$PORT" "$ADMIN" "$SPUR"
+    profile "b$i.$variant.plain" "$RUN_DIR/plain.yaml" "${cmd[@]}"
+    for hop in http1 http2 http3; do
+      free_port PORT; free_port ADMIN; free_port INPORT
+      write_spur_mesh_conf "$RUN_DIR/mesh-$hop.yaml" "$PORT" "$ADMIN" "$INPORT" "$WORK/certs" "$hop" "$SPUR"
+      profile "b$i.$variant.mesh-$hop" "$RUN_DIR/mesh-$hop.yaml" "${cmd[@]}"
+    done
   done
+  python3 "$SCRIPT_DIR/lib/hot_symbols.py" "$RUN_DIR"/b"$i".*.plain.callgrind -- "$RUN_DIR"/b"$i".*.callgrind \
+    >"$RUN_DIR/list$i.txt"
+  # Names an earlier binary listed keep their place.
+  awk 'FILENAME == ARGV[1] { seen[$0] = 1; next } !seen[$0]' "$OUT.new" "$RUN_DIR/list$i.txt" >"$RUN_DIR/new$i.txt"
+  cat "$RUN_DIR/new$i.txt" >>"$OUT.new"
 done
-
-python3 "$SCRIPT_DIR/lib/hot_symbols.py" "$RUN_DIR"/*.plain.callgrind -- "$RUN_DIR"/*.callgrind >"$OUT.new"
 mv "$OUT.new" "$OUT"
 log "wrote $(wc -l <"$OUT") symbols to $OUT"
