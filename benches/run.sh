@@ -467,7 +467,7 @@ handshakes() {
   n=$(awk '/connections in [0-9]+ real seconds/ { print $1; exit }' "$out")
   if [[ -n $n && $n -gt 0 ]]; then
     R_HS_RATE[$name]=$(awk -v n="$n" -v d="$HS_DURATION" 'BEGIN { printf "%.0f", n / d }')
-    R_HS_CPU[$name]=$(per_req "$C_TASK_US" "$n" 0)
+    R_HS_CPU[$name]=$(per_req "$C_PROC_US" "$n" 0)
   else
     warn "$name: no handshake completed (see $out)"
   fi
