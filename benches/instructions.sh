@@ -11,7 +11,9 @@
 # `haproxy` in place of a binary counts HAProxy (nbthread 1, log off, the config run.sh
 # gives it) the same way, except that its counters are zeroed after warm-up and dumped after
 # N2 - N1 requests (it leaves callgrind no output when it exits).
-# Usage: benches/instructions.sh [--protocol h1|h2] [--keep DIR] BIN|haproxy [...]
+# --log on counts Spur with its access log on (one line per request to a file; HAProxy
+# keeps its log off).
+# Usage: benches/instructions.sh [--protocol h1|h2] [--log off|on] [--keep DIR] BIN|haproxy [...]
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -22,18 +24,21 @@ source "$SCRIPT_DIR/lib/targets.sh"
 
 PROTO=h1
 KEEP=
+LOG=off
 N1=${N1:-1000}
 N2=${N2:-6000}
 while [[ $# -gt 0 && $1 == --* ]]; do
   case $1 in
     --protocol) PROTO=${2:?}; shift 2 ;;
     --keep) KEEP=${2:?}; mkdir -p "$KEEP"; shift 2 ;;
-    -h|--help) sed -n '2,14p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --log) LOG=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 [[ $# -ge 1 ]] || die "give at least one Spur binary (see --help)"
 case $PROTO in h1|h2) ;; *) die "--protocol must be h1 or h2" ;; esac
+case $LOG in off) LOG_FILTER=warn ;; on) LOG_FILTER=info ;; *) die "--log must be off or on" ;; esac
 for tool in valgrind h2load curl; do
   command -v "$tool" >/dev/null || die "$tool is missing (apt-get install -y valgrind nghttp2-client curl)"
 done
@@ -63,7 +68,7 @@ listeners:
 clusters:
   - { name: origin, endpoints: ["127.0.0.1:$ORIGIN_PORT"] }
 EOF
-  TOKIO_WORKER_THREADS=1 SPUR_LOG=warn timeout --kill-after=5 600 \
+  TOKIO_WORKER_THREADS=1 SPUR_LOG=$LOG_FILTER timeout --kill-after=5 600 \
     valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
     >"$RUN_DIR/spur.stdout.log" 2>&1 &
   pid=$!
