@@ -15,6 +15,8 @@ set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$SCRIPT_DIR/.." && pwd)
+# shellcheck source=lib/common.sh
+source "$SCRIPT_DIR/lib/common.sh"   # allowed_cpus; log and die are pgo.sh's own below
 GEN_TARGET=${PGO_GEN_TARGET:-$ROOT/target/pgo-gen}
 PGO_TARGET=${PGO_TARGET:-$ROOT/target/pgo}
 DATA=${PGO_DATA:-$ROOT/target/pgo-data}
@@ -44,8 +46,8 @@ log "instrumented build into $GEN_TARGET"
 log "training load (benches/run.sh, short)"
 # Its figures are not read: on a one-CPU machine the proxy and the load share the CPU.
 cpus=()
-read -r -a allowed < <(taskset -pc $$ 2>/dev/null | awk -F': ' '{ print $2 }' | tr ',' ' ')
-if [[ ${#allowed[@]} -eq 1 && ${allowed[0]} != *-* ]]; then cpus=(--proxy-cpus "${allowed[0]}" --load-cpus "${allowed[0]}"); fi
+read -r -a allowed <<<"$(allowed_cpus)"
+if [[ ${#allowed[@]} -eq 1 ]]; then cpus=(--proxy-cpus "${allowed[0]}" --load-cpus "${allowed[0]}"); fi
 RESULTS_DIR=$DATA/run "$SCRIPT_DIR/run.sh" --spur-bin "$GEN_TARGET/release/spur" --no-perf "${cpus[@]}" \
   --targets spur,spur-mtls,spur-mtls-h2,spur-h3 --rounds 1 --duration 3 --warmup 1 \
   --latency-duration 1 --handshake-duration 1 --memory-conns 0 --startup-runs 0 >"$DATA/run.log" 2>&1 \

@@ -359,7 +359,7 @@ keep_round() {
 # (of an even count, the lower middle); errors are those of every round; a cell fails when
 # one of its rounds did.
 pick_round() {
-  local k=$1 rows row status errs=0 failed=0 cpus=()
+  local k=$1 rows row errs=0 failed=0 cpus=()
   rows=${ROUND_ROWS[$k]:-}
   [[ -n $rows ]] || return 0
   while read -r -a row; do
@@ -373,9 +373,9 @@ pick_round() {
     R_STATUS[$k]="failed (no result in a round)"; R_ERRS[$k]=$errs; FAILED=1; return 0
   fi
   read -r -a row < <(sed '/^$/d' <<<"$rows" | sort -n -k1,1 | awk -v n="${#cpus[@]}" 'NR == int((n + 1) / 2)')
-  R_CPU[$k]=${row[0]}; status=${row[1]}; R_RPS[$k]=${row[2]}; R_REQS[$k]=${row[3]}
+  R_CPU[$k]=${row[0]}; R_RPS[$k]=${row[2]}; R_REQS[$k]=${row[3]}
   R_TASK_CPU[$k]=${row[5]}; R_SYS[$k]=${row[6]}; R_CSW[$k]=${row[7]}; R_UTIL[$k]=${row[8]}; R_STEAL[$k]=${row[9]}
-  R_STATUS[$k]=$status; R_ERRS[$k]=$errs
+  R_STATUS[$k]=ok; R_ERRS[$k]=$errs
 }
 
 # group PLACEMENT LOG KIND|NAME|BIN... : the proxies of one placement and log setting
@@ -568,7 +568,7 @@ for pl in "${PLACEMENT_LIST[@]}"; do
         entries+=("$kind|$kind|")
       fi
     done
-    [[ ${#entries[@]} -gt 0 ]] && group "$pl" "$lg" "${entries[@]}"
+    if [[ ${#entries[@]} -gt 0 ]]; then group "$pl" "$lg" "${entries[@]}"; fi
   done
 done
 

@@ -149,14 +149,7 @@ cpu_ticks() {   # sum of utime+stime (clock ticks) over the PIDs given, all thre
 # hypervisor ran something else while the guest had work on them. perf's task-clock counts
 # it as the task's; /proc's utime+stime leave it out.
 cpu_steal() {
-  local list=$1 part a b c cpus=()
-  IFS=, read -r -a part <<<"$list"
-  for a in "${part[@]}"; do
-    if [[ $a == *-* ]]; then for ((c = ${a%-*}; c <= ${a#*-}; c++)); do cpus+=("cpu$c"); done
-    else cpus+=("cpu$a"); fi
-  done
-  b=" ${cpus[*]} "
-  awk -v want="$b" 'index(want, " " $1 " ") { n += $9 } END { print n + 0 }' /proc/stat
+  awk -v want=" $(expand_cpus "$1") " '$1 ~ /^cpu[0-9]/ && index(want, " " substr($1, 4) " ") { n += $9 } END { print n + 0 }' /proc/stat
 }
 ctx_switches() {   # voluntary + involuntary context switches, every thread of the PIDs given
   local pid
