@@ -32,7 +32,7 @@ impl LogFormat {
     }
 }
 
-static BUFFER: OnceLock<Mutex<Vec<u8>>> = OnceLock::new();
+static BUFFER: OnceLock<Mutex<Pending>> = OnceLock::new();
 /// The format chosen by [`init`], and whether lines are buffered.
 static FORMAT: OnceLock<(LogFormat, bool)> = OnceLock::new();
 
@@ -54,7 +54,24 @@ pub fn write_line(line: &[u8]) {
     }
 }
 
-fn buffer() -> &'static Mutex<Vec<u8>> {
+/// The lines waiting to be written, and an empty buffer that keeps its room for when they
+/// are taken out: a buffer taken whole and not given back made the next lines grow a new
+/// one from nothing (a reallocation and a copy at each doubling up to [`FLUSH_AT`]).
+struct Pending {
+    lines: Vec<u8>,
+    spare: Vec<u8>,
+}
+
+impl Pending {
+    fn new() -> Pending {
+        Pending {
+            lines: Vec::with_capacity(FLUSH_AT * 2),
+            spare: Vec::with_capacity(FLUSH_AT * 2),
+        }
+    }
+}
+
+fn buffer() -> &'static Mutex<Pending> {
     BUFFER.get_or_init(|| {
         std::thread::Builder::new()
             .name("spur-log".into())
@@ -63,16 +80,58 @@ fn buffer() -> &'static Mutex<Vec<u8>> {
                 flush();
             })
             .expect("log flusher thread");
-        Mutex::new(Vec::with_capacity(FLUSH_AT * 2))
+        Mutex::new(Pending::new())
     })
+}
+
+fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
+    pending.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The lines taken out of `guard` (the spare buffer takes their place), written to `sink`
+/// outside the lock, and their buffer kept as the next spare. The sink (stderr's lock) is
+/// taken before the buffer is let go, so lines taken out first are written first.
+fn write_out(
+    pending: &Mutex<Pending>,
+    mut guard: std::sync::MutexGuard<'_, Pending>,
+    mut sink: impl Write,
+) -> std::io::Result<()> {
+    let spare = std::mem::take(&mut guard.spare);
+    let mut out = std::mem::replace(&mut guard.lines, spare);
+    drop(guard);
+    let written = sink.write_all(&out);
+    drop(sink);
+    out.clear();
+    if out.capacity() <= FLUSH_AT * 4 {
+        let mut guard = lock(pending);
+        if guard.spare.capacity() == 0 {
+            guard.spare = out;
+        }
+    }
+    written
+}
+
+/// `data` added to the lines waiting; all of them written to `sink()` once they pass
+/// [`FLUSH_AT`].
+fn append<W: Write>(
+    pending: &Mutex<Pending>,
+    data: &[u8],
+    sink: impl FnOnce() -> W,
+) -> std::io::Result<()> {
+    let mut guard = lock(pending);
+    guard.lines.extend_from_slice(data);
+    if guard.lines.len() >= FLUSH_AT {
+        return write_out(pending, guard, sink());
+    }
+    Ok(())
 }
 
 /// Writes out every buffered log line.
 pub fn flush() {
-    let Some(buf) = BUFFER.get() else { return };
-    let pending = std::mem::take(&mut *buf.lock().unwrap_or_else(|e| e.into_inner()));
-    if !pending.is_empty() {
-        let _ = std::io::stderr().lock().write_all(&pending);
+    let Some(pending) = BUFFER.get() else { return };
+    let guard = lock(pending);
+    if !guard.lines.is_empty() {
+        let _ = write_out(pending, guard, std::io::stderr().lock());
     }
 }
 
@@ -81,13 +140,7 @@ pub struct BufferedStderr;
 
 impl Write for BufferedStderr {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let mut buf = buffer().lock().unwrap_or_else(|e| e.into_inner());
-        buf.extend_from_slice(data);
-        if buf.len() >= FLUSH_AT {
-            let pending = std::mem::take(&mut *buf);
-            drop(buf);
-            std::io::stderr().lock().write_all(&pending)?;
-        }
+        append(buffer(), data, || std::io::stderr().lock())?;
         Ok(data.len())
     }
 
@@ -136,4 +189,36 @@ pub fn init(format: Option<LogFormat>) {
             .try_init(),
         (LogFormat::Text, true) => builder.with_writer(std::io::stderr).try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Lines come out whole and in order, and the two buffers keep their room: no buffer
+    /// grows again from nothing after a write-out.
+    #[test]
+    fn buffered_lines_keep_their_order_and_their_room() {
+        let pending = Mutex::new(Pending::new());
+        let mut sent = Vec::new();
+        let mut written = Vec::new();
+        let mut write_outs = 0;
+        for i in 0..FLUSH_AT / 100 * 5 {
+            let line = format!("{{\"n\":{i},\"pad\":\"{}\"}}\n", "x".repeat(i % 200));
+            sent.extend_from_slice(line.as_bytes());
+            let before = written.len();
+            append(&pending, line.as_bytes(), || &mut written).unwrap();
+            if written.len() != before {
+                write_outs += 1;
+                let guard = lock(&pending);
+                assert!(guard.lines.is_empty());
+                assert!(guard.lines.capacity() >= FLUSH_AT, "write-out {write_outs}");
+                assert!(guard.spare.capacity() >= FLUSH_AT, "write-out {write_outs}");
+            }
+        }
+        assert!(write_outs >= 3, "{write_outs}");
+        let rest = std::mem::take(&mut lock(&pending).lines);
+        written.extend_from_slice(&rest);
+        assert!(written == sent);
+    }
 }
