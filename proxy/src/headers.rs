@@ -20,6 +20,12 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 const CONNECTION_BIT: u8 = 1 << 0;
 const TE_BIT: u8 = 1 << 5;
 
+/// Headers a map made by Spur's HTTP/1.1 server (a request's) or client (a response's) gets
+/// room for beyond those that arrived: the request path adds its own to the same map
+/// (request ID, forwarding, tracing, hops; an edge's response headers), and a map without
+/// the room grows on the way, reallocating and rehashing what it holds.
+pub const SPARE_HEADERS: usize = 8;
+
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");

@@ -31,6 +31,7 @@
 use super::http_conn::Io;
 use super::idle::HeadClock;
 use crate::body::{BoxError, InBody};
+use crate::headers::SPARE_HEADERS;
 use crate::upstream::h1::has_token;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -52,9 +53,6 @@ const READ_CHUNK: usize = 8 * 1024;
 const COPY_MAX: usize = 4 * 1024;
 /// The most bytes the write buffer holds before they are written.
 const OUT_MAX: usize = 64 * 1024;
-/// Headers a request's map has room for beyond the client's: the request path adds its
-/// own (request ID, forwarding, tracing) to the same map.
-const SPARE_HEADERS: usize = 8;
 
 /// How the server left a connection.
 #[derive(Debug, PartialEq, Eq)]

@@ -24,6 +24,7 @@
 //! gives the request back, like hyper's, so it goes on a fresh connection.
 
 use crate::body::BoxError;
+use crate::headers::SPARE_HEADERS;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
@@ -39,8 +40,6 @@ use tokio::net::TcpStream;
 const MAX_HEADERS: usize = 100;
 /// The most bytes a response head, a chunk-size line or a trailer section may take.
 const MAX_HEAD: usize = 400 * 1024;
-/// Headers a response's map has room for beyond the origin's (see `Conn::parse_head`).
-const SPARE_HEADERS: usize = 8;
 
 /// Room made in the read buffer before each read.
 const READ_CHUNK: usize = 8 * 1024;
@@ -202,6 +201,9 @@ impl Conn {
             let mut headers = std::mem::take(&mut self.spare);
             headers.reserve(count + SPARE_HEADERS);
             let mut close = false;
+            // Which framing headers arrived, seen here so that `framing` looks up only
+            // those (each lookup hashes the name).
+            let mut present = Present::default();
             for &(n, nl, v, vl) in &spans[..count] {
                 let (n, nl, v, vl) = (n as usize, nl as usize, v as usize, vl as usize);
                 let (name, value) = (&head[n..n + nl], &head[v..v + vl]);
@@ -219,11 +221,13 @@ impl Conn {
                     continue;
                 }
                 let name = HeaderName::from_bytes(name).map_err(Failed::sent)?;
+                present.transfer_encoding |= name == header::TRANSFER_ENCODING;
+                present.content_length |= name == header::CONTENT_LENGTH;
                 let value =
                     HeaderValue::from_maybe_shared(head.slice(v..v + vl)).map_err(Failed::sent)?;
                 headers.append(name, value);
             }
-            let framing = framing(head_request, status, &headers)?;
+            let framing = framing(head_request, status, &headers, present)?;
             let keep_alive =
                 !close && !matches!(framing, Framing::Close) && version == Version::HTTP_11;
             let mut parts = Response::new(()).into_parts().0;
@@ -348,10 +352,22 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
     out.put_slice(b"\r\n");
 }
 
+/// Which of the framing headers a response has.
+#[derive(Clone, Copy, Default)]
+struct Present {
+    transfer_encoding: bool,
+    content_length: bool,
+}
+
 /// How the response body is delimited (RFC 9112 section 6.3). A body that ends with the
 /// connection ([`Framing::Close`]) leaves no connection to reuse.
-fn framing(head_request: bool, status: StatusCode, h: &HeaderMap) -> Result<Framing, Failed> {
-    if crate::headers::ambiguous_framing(h) {
+fn framing(
+    head_request: bool,
+    status: StatusCode,
+    h: &HeaderMap,
+    present: Present,
+) -> Result<Framing, Failed> {
+    if present.transfer_encoding && present.content_length {
         return Err(Failed::sent(
             "the response has both content-length and transfer-encoding",
         ));
@@ -359,7 +375,7 @@ fn framing(head_request: bool, status: StatusCode, h: &HeaderMap) -> Result<Fram
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok(Framing::Length(0));
     }
-    if h.contains_key(header::TRANSFER_ENCODING) {
+    if present.transfer_encoding {
         let last = h.get_all(header::TRANSFER_ENCODING).iter().next_back();
         let chunked = last.is_some_and(|v| {
             v.as_bytes()
@@ -937,6 +953,7 @@ mod tests {
     async fn bad_responses_are_errors_after_the_request_was_sent() {
         let bad = [
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n",
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 2\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: 2\r\ncontent-length: 3\r\n\r\n",
             "HTTP/1.1 200 OK\r\ncontent-length: -1\r\n\r\n",
             "HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\n\r\n",
