@@ -199,7 +199,8 @@ fn json_str(out: &mut Vec<u8>, s: &str) {
 }
 
 /// Whether `bytes` has a control character, `"` or `\`: eight bytes at a time, each
-/// test a few word operations for all eight (a byte's high bit set in the result marks it).
+/// test a few word operations for all eight (any high bit set in the result: such a byte is
+/// there).
 fn needs_escape(bytes: &[u8]) -> bool {
     const ONES: u64 = 0x0101_0101_0101_0101;
     const HIGH: u64 = 0x8080_8080_8080_8080;

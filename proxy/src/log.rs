@@ -60,6 +60,10 @@ pub fn write_line(line: &[u8]) {
 struct Pending {
     lines: Vec<u8>,
     spare: Vec<u8>,
+    /// A thread is writing lines out: the others go on adding theirs, to be written after
+    /// (one writer at a time keeps the lines in order, and nobody waits for stderr while
+    /// holding the lock).
+    writing: bool,
 }
 
 impl Pending {
@@ -67,6 +71,7 @@ impl Pending {
         Pending {
             lines: Vec::with_capacity(FLUSH_AT * 2),
             spare: Vec::with_capacity(FLUSH_AT * 2),
+            writing: false,
         }
     }
 }
@@ -88,31 +93,30 @@ fn lock(pending: &Mutex<Pending>) -> std::sync::MutexGuard<'_, Pending> {
     pending.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// The lines taken out of `guard` (the spare buffer takes their place), written to `sink`
-/// outside the lock, and their buffer kept as the next spare. The sink (stderr's lock) is
-/// taken before the buffer is let go, so lines taken out first are written first.
-fn write_out(
+/// The lines taken out of `guard` (the spare buffer takes their place), written to
+/// `sink()` outside the lock, and their buffer kept as the next spare. No other thread is
+/// writing (the caller checked `writing`).
+fn write_out<W: Write>(
     pending: &Mutex<Pending>,
     mut guard: std::sync::MutexGuard<'_, Pending>,
-    mut sink: impl Write,
+    sink: impl FnOnce() -> W,
 ) -> std::io::Result<()> {
+    guard.writing = true;
     let spare = std::mem::take(&mut guard.spare);
     let mut out = std::mem::replace(&mut guard.lines, spare);
     drop(guard);
-    let written = sink.write_all(&out);
-    drop(sink);
+    let written = sink().write_all(&out);
     out.clear();
+    let mut guard = lock(pending);
+    guard.writing = false;
     if out.capacity() <= FLUSH_AT * 4 {
-        let mut guard = lock(pending);
-        if guard.spare.capacity() == 0 {
-            guard.spare = out;
-        }
+        guard.spare = out;
     }
     written
 }
 
 /// `data` added to the lines waiting; all of them written to `sink()` once they pass
-/// [`FLUSH_AT`].
+/// [`FLUSH_AT`], unless another thread is writing (its turn ends, the next line writes).
 fn append<W: Write>(
     pending: &Mutex<Pending>,
     data: &[u8],
@@ -120,18 +124,26 @@ fn append<W: Write>(
 ) -> std::io::Result<()> {
     let mut guard = lock(pending);
     guard.lines.extend_from_slice(data);
-    if guard.lines.len() >= FLUSH_AT {
-        return write_out(pending, guard, sink());
+    if guard.lines.len() >= FLUSH_AT && !guard.writing {
+        return write_out(pending, guard, sink);
     }
     Ok(())
 }
 
-/// Writes out every buffered log line.
+/// Writes out every buffered log line, after the lines another thread is writing.
 pub fn flush() {
     let Some(pending) = BUFFER.get() else { return };
-    let guard = lock(pending);
-    if !guard.lines.is_empty() {
-        let _ = write_out(pending, guard, std::io::stderr().lock());
+    loop {
+        let guard = lock(pending);
+        if guard.writing {
+            drop(guard);
+            std::thread::sleep(Duration::from_millis(1));
+            continue;
+        }
+        if !guard.lines.is_empty() {
+            let _ = write_out(pending, guard, || std::io::stderr().lock());
+        }
+        return;
     }
 }
 
@@ -220,5 +232,27 @@ mod tests {
         let rest = std::mem::take(&mut lock(&pending).lines);
         written.extend_from_slice(&rest);
         assert!(written == sent);
+    }
+
+    /// While one thread writes lines out, another's lines wait in the buffer (it neither
+    /// writes them ahead of the first's nor waits for stderr); the first line after that
+    /// turn writes them all.
+    #[test]
+    fn one_thread_writes_at_a_time() {
+        let pending = Mutex::new(Pending::new());
+        let line = [b'x'; 1000];
+        lock(&pending).writing = true;
+        let mut written = Vec::new();
+        for _ in 0..FLUSH_AT / 1000 * 2 {
+            append(&pending, &line, || &mut written).unwrap();
+        }
+        assert!(written.is_empty());
+        let waiting = lock(&pending).lines.len();
+        assert!(waiting >= 2 * FLUSH_AT - 2000, "{waiting}");
+        lock(&pending).writing = false;
+        append(&pending, b"end\n", || &mut written).unwrap();
+        assert_eq!(written.len(), waiting + 4);
+        assert!(written.ends_with(b"end\n"));
+        assert!(!lock(&pending).writing);
     }
 }
