@@ -130,20 +130,28 @@ fn append<W: Write>(
     Ok(())
 }
 
-/// Writes out every buffered log line, after the lines another thread is writing.
+/// Writes out every buffered log line, after the lines another thread is writing (waited
+/// for a second at most: a writer that never ended its turn, a panic in it, must not hang
+/// the exit).
 pub fn flush() {
-    let Some(pending) = BUFFER.get() else { return };
-    loop {
-        let guard = lock(pending);
-        if guard.writing {
-            drop(guard);
-            std::thread::sleep(Duration::from_millis(1));
-            continue;
+    if let Some(pending) = BUFFER.get() {
+        flush_to(pending, || std::io::stderr().lock());
+    }
+}
+
+/// [`flush`] of `pending` to `sink()`.
+fn flush_to<W: Write>(pending: &Mutex<Pending>, sink: impl FnOnce() -> W) {
+    let mut guard = lock(pending);
+    for _ in 0..1000 {
+        if !guard.writing {
+            break;
         }
-        if !guard.lines.is_empty() {
-            let _ = write_out(pending, guard, || std::io::stderr().lock());
-        }
-        return;
+        drop(guard);
+        std::thread::sleep(Duration::from_millis(1));
+        guard = lock(pending);
+    }
+    if !guard.lines.is_empty() {
+        let _ = write_out(pending, guard, sink);
     }
 }
 
@@ -254,5 +262,23 @@ mod tests {
         assert_eq!(written.len(), waiting + 4);
         assert!(written.ends_with(b"end\n"));
         assert!(!lock(&pending).writing);
+    }
+
+    /// flush waits for a turn in progress, but not for ever: a writer that never ended its
+    /// turn leaves the lines to be written after a second.
+    #[test]
+    fn flush_waits_for_a_turn_a_second_at_most() {
+        let pending = Mutex::new(Pending::new());
+        append(&pending, b"a\n", Vec::new).unwrap();
+        lock(&pending).writing = true;
+        let mut written = Vec::new();
+        let start = std::time::Instant::now();
+        flush_to(&pending, || &mut written);
+        assert!(
+            start.elapsed() >= Duration::from_millis(900),
+            "{:?}",
+            start.elapsed()
+        );
+        assert_eq!(written, b"a\n");
     }
 }
