@@ -218,15 +218,87 @@ pub fn ambiguous_framing(headers: &HeaderMap) -> bool {
     headers.contains_key(header::TRANSFER_ENCODING) && headers.contains_key(header::CONTENT_LENGTH)
 }
 
-/// The size of a request head as it would be written in HTTP/1.1, for the header limit.
-pub fn head_size_of(head: &http::request::Parts) -> usize {
-    let line =
+/// Which of the request headers the request path looks for a request arrived with, noted in
+/// one pass over its names ([`scan`]): a phase looks a header up only when it is there, and
+/// a request that carries none of them (most do) costs no lookup at all. A bit set is "may
+/// be there": [`Seen::ALL`] is always correct, only slower.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seen(u32);
+
+impl Seen {
+    /// Each of [`HOP_BY_HOP`], by its index.
+    pub const HOP_BY_HOP: Seen = Seen((1 << 7) - 1);
+    pub const UPGRADE: Seen = Seen(1 << 4);
+    /// Any `x-spur-…` header.
+    pub const SPUR: Seen = Seen(1 << 7);
+    pub const HOPS: Seen = Seen(1 << 8);
+    pub const FLAGS: Seen = Seen(1 << 9);
+    /// `traceparent`, `b3` or any `x-b3-…` header.
+    pub const TRACE: Seen = Seen(1 << 10);
+    pub const CONTENT_TYPE: Seen = Seen(1 << 11);
+    pub const HOST: Seen = Seen(1 << 12);
+    pub const USER_AGENT: Seen = Seen(1 << 13);
+    /// The request ID header (`correlation.request_id_header`).
+    pub const REQUEST_ID: Seen = Seen(1 << 14);
+    pub const ALL: Seen = Seen(u32::MAX);
+
+    /// Whether any of `bits` may be present.
+    pub fn has(self, bits: Seen) -> bool {
+        self.0 & bits.0 != 0
+    }
+
+    /// These headers and the bits of `name` (a header about to be added).
+    pub fn with(self, name: &HeaderName, request_id: &HeaderName) -> Seen {
+        Seen(self.0 | bits_of(name, request_id))
+    }
+}
+
+/// An empty header map, for a phase to read in place of a request's when [`Seen`] says the
+/// request has none of the headers it reads.
+pub fn none() -> &'static HeaderMap {
+    static NONE: std::sync::LazyLock<HeaderMap> = std::sync::LazyLock::new(HeaderMap::new);
+    &NONE
+}
+
+/// One pass over a request head: its size as it would be written in HTTP/1.1 (for the
+/// header limit) and the headers it has that the request path looks for.
+pub fn scan(head: &http::request::Parts, request_id: &HeaderName) -> (usize, Seen) {
+    let mut size =
         head.method.as_str().len() + head.uri.path_and_query().map_or(1, |p| p.as_str().len()) + 12;
-    head.headers
-        .iter()
-        .map(|(k, v)| k.as_str().len() + v.len() + 4)
-        .sum::<usize>()
-        + line
+    let mut seen = 0;
+    for (k, v) in &head.headers {
+        size += k.as_str().len() + v.len() + 4;
+        seen |= bits_of(k, request_id);
+    }
+    (size, Seen(seen))
+}
+
+/// The [`Seen`] bits of a header name.
+fn bits_of(name: &HeaderName, request_id: &HeaderName) -> u32 {
+    let s = name.as_str();
+    let bits = match s {
+        "connection" => 1 << 0,
+        "keep-alive" => 1 << 1,
+        "proxy-connection" => 1 << 2,
+        "transfer-encoding" => 1 << 3,
+        "upgrade" => Seen::UPGRADE.0,
+        "te" => 1 << 5,
+        "http2-settings" => 1 << 6,
+        "host" => Seen::HOST.0,
+        "user-agent" => Seen::USER_AGENT.0,
+        "content-type" => Seen::CONTENT_TYPE.0,
+        "traceparent" | "b3" => Seen::TRACE.0,
+        _ if s.starts_with("x-b3-") => Seen::TRACE.0,
+        "x-spur-hops" => Seen::SPUR.0 | Seen::HOPS.0,
+        "x-spur-flags" => Seen::SPUR.0 | Seen::FLAGS.0,
+        _ if s.starts_with("x-spur-") => Seen::SPUR.0,
+        _ => 0,
+    };
+    if name == request_id {
+        bits | Seen::REQUEST_ID.0
+    } else {
+        bits
+    }
 }
 
 /// The request's host, without port: the URI authority (HTTP/2) or the Host header.
@@ -361,6 +433,57 @@ mod tests {
             None,
             "not named in Connection"
         );
+    }
+
+    #[test]
+    fn a_scan_notes_the_headers_the_request_path_looks_for() {
+        let id = HeaderName::from_static("x-correlation");
+        let head = |names: &[&str]| {
+            let mut r = http::Request::get("/a").body(()).unwrap();
+            for n in names {
+                r.headers_mut().append(
+                    HeaderName::from_bytes(n.as_bytes()).unwrap(),
+                    "v".parse().unwrap(),
+                );
+            }
+            r.into_parts().0
+        };
+        let (size, seen) = scan(&head(&[]), &id);
+        assert_eq!(seen, Seen(0));
+        assert_eq!(size, "GET".len() + "/a".len() + 12);
+        let (size, _) = scan(&head(&["x-one", "x-two"]), &id);
+        assert_eq!(size, 3 + 2 + 12 + 2 * ("x-one".len() + 1 + 4));
+        // Each hop-by-hop name has the bit of its place in HOP_BY_HOP (strip's mask).
+        for (i, name) in HOP_BY_HOP.iter().enumerate() {
+            let (_, seen) = scan(&head(&[name.as_str()]), &id);
+            assert_eq!(seen, Seen(1 << i), "{name}");
+            assert!(seen.has(Seen::HOP_BY_HOP));
+        }
+        assert!(scan(&head(&["upgrade"]), &id).1.has(Seen::UPGRADE));
+        let cases: [(&str, Seen); 12] = [
+            ("host", Seen::HOST),
+            ("user-agent", Seen::USER_AGENT),
+            ("content-type", Seen::CONTENT_TYPE),
+            ("traceparent", Seen::TRACE),
+            ("b3", Seen::TRACE),
+            ("x-b3-traceid", Seen::TRACE),
+            ("x-b3-sampled", Seen::TRACE),
+            ("x-spur-hops", Seen(Seen::SPUR.0 | Seen::HOPS.0)),
+            ("x-spur-flags", Seen(Seen::SPUR.0 | Seen::FLAGS.0)),
+            ("x-spur-attempt", Seen::SPUR),
+            ("x-correlation", Seen::REQUEST_ID),
+            ("accept", Seen(0)),
+        ];
+        for (name, bits) in cases {
+            assert_eq!(scan(&head(&[name]), &id).1, bits, "{name}");
+        }
+        // Several: the union; `with` adds a name about to be set.
+        let (_, seen) = scan(&head(&["host", "te", "x-spur-peer-identity"]), &id);
+        assert_eq!(seen, Seen(Seen::HOST.0 | 1 << 5 | Seen::SPUR.0));
+        assert!(!seen.has(Seen::REQUEST_ID));
+        assert!(seen.with(&id, &id).has(Seen::REQUEST_ID));
+        assert!(Seen(0).with(&header::CONNECTION, &id).has(Seen::HOP_BY_HOP));
+        assert!(Seen::ALL.has(Seen::TRACE));
     }
 
     #[test]

@@ -108,21 +108,23 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
     );
     ex.peer_identity = ctx.peer_identity.clone();
     ex.log_query = snap.log_query;
-    ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
     let Some(lst) = snap.listeners.get(&*ctx.listener) else {
         // The listener was removed by a config push while this connection was open.
+        ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
         ex.grpc = crate::grpc::is_grpc(&head.headers);
         return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
     };
-    let mut rng = fastrand::Rng::new();
     let plan = plan::plan(
         &snap,
         lst,
         ctx.peer(),
         &mut head,
         crate::clock::now(),
-        &mut rng,
+        &mut fastrand::Rng::new(),
     );
+    if plan.seen.has(headers::Seen::USER_AGENT) {
+        ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
+    }
     ex.record_plan(&plan, lst);
     if let (Some(route), Action::Forward(_)) = (plan.route, &plan.action) {
         edge::rewrite(route, &mut head);
@@ -182,10 +184,13 @@ fn rewrite_head(
     if let Some(t) = &plan.trace {
         t.write_upstream(h, t.span_id);
     }
-    headers::strip_hop_by_hop(h);
-    // Headers only Spur sets: a client's are dropped (one pass finds them; most requests
-    // have none).
-    if h.keys().any(headers::is_spur_header) {
+    // What the request came with, and the request ID header just set: hop-by-hop headers
+    // and headers only Spur sets (a client's are dropped) are looked for only when there.
+    let seen = plan.seen.with(id_header, id_header);
+    if seen.has(headers::Seen::HOP_BY_HOP) {
+        headers::strip_hop_by_hop(h);
+    }
+    if seen.has(headers::Seen::SPUR) {
         for name in [
             &X_SPUR_PEER_IDENTITY,
             &X_SPUR_ATTEMPT,

@@ -26,6 +26,7 @@
 //! A path that needs none of this (the common case) is checked in one pass over its bytes
 //! and not copied.
 
+use crate::headers::Seen;
 use crate::reason::Reason;
 use http::header::{self, HeaderValue};
 use http::request::Parts;
@@ -34,12 +35,13 @@ use http::{Uri, Version};
 use std::borrow::Cow;
 
 /// Rewrites `head` into its normal form (see the module doc), or the reason to refuse it.
-pub fn head(head: &mut Parts, allow_encoded_slashes: bool) -> Result<(), Reason> {
+/// `seen`: the headers it has (a `host` is looked for only when it may be there).
+pub fn head(head: &mut Parts, seen: Seen, allow_encoded_slashes: bool) -> Result<(), Reason> {
     if head.method == http::Method::CONNECT {
         // Its target is a host to tunnel to, not a resource: nothing to route on.
         return Err(Reason::MethodNotAllowed);
     }
-    host(head)?;
+    host(head, seen)?;
     let Some(pq) = head.uri.path_and_query() else {
         // No path: an HTTP/2 request without `:path`, which hyper refuses before this.
         return Ok(());
@@ -54,11 +56,14 @@ pub fn head(head: &mut Parts, allow_encoded_slashes: bool) -> Result<(), Reason>
 /// becomes `Host` (and the URI origin-form); otherwise the host stays where it came (`Host`,
 /// or the HTTP/2 and HTTP/3 `:authority` in the URI), rewritten only when it is not
 /// canonical, so the common request costs a scan and no copy.
-fn host(head: &mut Parts) -> Result<(), Reason> {
-    let mut hosts = head.headers.get_all(header::HOST).iter();
-    let sent = hosts.next().cloned();
-    if hosts.next().is_some() {
-        return Err(Reason::InvalidHost);
+fn host(head: &mut Parts, seen: Seen) -> Result<(), Reason> {
+    let mut sent = None;
+    if seen.has(Seen::HOST) {
+        let mut hosts = head.headers.get_all(header::HOST).iter();
+        sent = hosts.next().cloned();
+        if hosts.next().is_some() {
+            return Err(Reason::InvalidHost);
+        }
     }
     if let Some(h) = &sent {
         if !valid_authority(h.as_bytes()) {
@@ -434,11 +439,11 @@ mod tests {
     fn one_host_per_request() {
         let h1 = Version::HTTP_11;
         let mut p = parts(h1, "/x", &["Shop.Example.:8080"]);
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(host_of(&p), Some("shop.example:8080"));
         // Absolute form: the target's authority replaces Host; the URI is origin-form.
         let mut p = parts(h1, "http://public.example/x?q", &["internal.example"]);
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(host_of(&p), Some("public.example"));
         assert_eq!(p.uri, "/x?q");
         assert!(p.uri.authority().is_none());
@@ -462,27 +467,27 @@ mod tests {
         ] {
             let mut p = parts(v, uri, hosts);
             assert_eq!(
-                head(&mut p, false),
+                head(&mut p, Seen::ALL, false),
                 Err(Reason::InvalidHost),
                 "{v:?} {uri} {hosts:?}"
             );
         }
         // HTTP/1.0 may go without; HTTP/2 may send a host that agrees, or only a host.
         let mut p = parts(Version::HTTP_10, "/x", &[]);
-        assert_eq!(head(&mut p, false), Ok(()));
+        assert_eq!(head(&mut p, Seen::ALL, false), Ok(()));
         assert_eq!(host_of(&p), None);
         let mut p = parts(Version::HTTP_2, "https://A.example./x", &["a.EXAMPLE."]);
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(host_of(&p), Some("a.example"));
         assert_eq!(p.uri, "https://a.example/x");
         let mut p = parts(Version::HTTP_2, "https://a.example:8443/x", &[]);
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(
             (host_of(&p), p.uri.authority().unwrap().as_str()),
             (None, "a.example:8443")
         );
         let mut p = parts(Version::HTTP_2, "/x", &["b.example"]);
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(host_of(&p), Some("b.example"));
     }
 
@@ -494,7 +499,10 @@ mod tests {
             .unwrap()
             .into_parts()
             .0;
-        assert_eq!(head(&mut p, false), Err(Reason::MethodNotAllowed));
+        assert_eq!(
+            head(&mut p, Seen::ALL, false),
+            Err(Reason::MethodNotAllowed)
+        );
     }
 
     #[test]
@@ -530,7 +538,7 @@ mod tests {
             "http://a.example//x/../%61dmin?q=%2F",
             &[],
         );
-        head(&mut p, false).unwrap();
+        head(&mut p, Seen::ALL, false).unwrap();
         assert_eq!(p.uri, "/admin?q=%2F");
         assert_eq!(host_of(&p), Some("a.example"));
     }

@@ -88,6 +88,8 @@ pub struct Plan<'s> {
     pub cors_origin: Option<Box<HeaderValue>>,
     /// The request is a gRPC call: Spur answers it in gRPC's terms (see [`crate::grpc`]).
     pub grpc: bool,
+    /// The headers the request arrived with that the request path looks for.
+    pub seen: headers::Seen,
     pub action: Action<'s>,
 }
 
@@ -161,8 +163,9 @@ pub fn plan<'s>(
     now: Instant,
     rng: &mut fastrand::Rng,
 ) -> Plan<'s> {
-    let (request_id, trace) = correlate(snap, head);
-    let grpc = crate::grpc::is_grpc(&head.headers);
+    let (head_size, seen) = headers::scan(head, &snap.correlation.header);
+    let (request_id, trace) = correlate(snap, head, seen);
+    let grpc = seen.has(headers::Seen::CONTENT_TYPE) && crate::grpc::is_grpc(&head.headers);
     let mut plan = Plan {
         request_id,
         trace,
@@ -176,14 +179,15 @@ pub fn plan<'s>(
         trust: super::edge::trust(lst, peer),
         cors_origin: None,
         grpc,
+        seen,
         action: Action::Refuse(Reason::NoRoute.into()),
     };
-    if let Some(action) = gate(lst, peer, head, now, &mut plan) {
+    if let Some(action) = gate(lst, peer, head, head_size, now, &mut plan) {
         plan.action = action;
         return plan;
     }
     let head = &*head;
-    let (on, header) = decide_flags(snap, lst, peer, &head.headers);
+    let (on, header) = decide_flags(snap, lst, peer, &head.headers, seen);
     plan.flags_on = on;
     plan.flags_header = header;
     let path = super::normalize::match_path(head.uri.path());
@@ -206,7 +210,7 @@ pub fn plan<'s>(
     let (route, preflight) = super::edge::route_for(lst, &view, &plan.flags_on);
     plan.route = route;
     let Some(route) = plan.route else {
-        if let Some(forward) = without_route(owner, lst, head, grpc_deadline) {
+        if let Some(forward) = without_route(owner, lst, head, seen, grpc_deadline) {
             plan.route_name = Some(lst.default_route_name.clone());
             plan.action = Action::Forward(forward);
         }
@@ -233,9 +237,12 @@ pub fn plan<'s>(
             return plan;
         }
     }
-    let upgrade = headers::upgrade_to_send(head.version, &head.headers, |p| {
-        route.upgrades.iter().any(|u| **u == *p)
+    let upgrade = seen.has(headers::Seen::UPGRADE).then(|| {
+        headers::upgrade_to_send(head.version, &head.headers, |p| {
+            route.upgrades.iter().any(|u| **u == *p)
+        })
     });
+    let upgrade = upgrade.flatten();
     let tunnel = upgrade.is_some();
     plan.action = Action::Forward(Forward {
         cluster,
@@ -285,15 +292,20 @@ fn gate<'s>(
     lst: &ListenerRt,
     peer: Peer<'_>,
     head: &mut Parts,
+    head_size: usize,
     now: Instant,
     plan: &mut Plan<'s>,
 ) -> Option<Action<'s>> {
-    if let Err(reason) =
-        admit(lst, head).and_then(|()| super::normalize::head(head, lst.allow_encoded_slashes))
-    {
+    if head_size > lst.limits.max_header_bytes.get() as usize {
+        return Some(Action::Refuse(Reason::HeadersTooLarge.into()));
+    }
+    if let Err(reason) = super::normalize::head(head, plan.seen, lst.allow_encoded_slashes) {
         return Some(Action::Refuse(reason.into()));
     }
-    let hops = headers::hops_of(&head.headers);
+    let hops = match plan.seen.has(headers::Seen::HOPS) {
+        true => headers::hops_of(&head.headers),
+        false => 0,
+    };
     if hops >= headers::MAX_HOPS {
         return Some(Action::Refuse(Reason::LoopDetected.into()));
     }
@@ -315,6 +327,7 @@ fn without_route(
     owner: Option<Arc<ClusterRt>>,
     lst: &ListenerRt,
     head: &Parts,
+    seen: headers::Seen,
     grpc_deadline: Option<Instant>,
 ) -> Option<Forward<'static>> {
     let cluster = owner.or_else(|| lst.default_cluster.clone())?;
@@ -326,7 +339,10 @@ fn without_route(
         grpc_timeout: grpc_deadline.is_some(),
         retry: None,
         mirror: None,
-        upgrade: headers::upgrade_to_send(head.version, &head.headers, |p| p == "websocket"),
+        upgrade: match seen.has(headers::Seen::UPGRADE) {
+            true => headers::upgrade_to_send(head.version, &head.headers, |p| p == "websocket"),
+            false => None,
+        },
         body_timeout: lst.limits.body_timeout.get(),
     })
 }
@@ -358,24 +374,28 @@ fn earliest(a: Option<Instant>, b: Option<Instant>) -> Option<Instant> {
 }
 
 /// The request ID (kept when valid, else made when generation is on) and the trace context
-/// (a child of the caller's, or a new trace).
-fn correlate(snap: &Snapshot, head: &Parts) -> (Option<HeaderValue>, Option<Trace>) {
+/// (a child of the caller's, or a new trace). `seen`: the headers the request has.
+fn correlate(
+    snap: &Snapshot,
+    head: &Parts,
+    seen: headers::Seen,
+) -> (Option<HeaderValue>, Option<Trace>) {
     let c = &snap.correlation;
-    let request_id = match head.headers.get(&c.header) {
+    let sent = seen
+        .has(headers::Seen::REQUEST_ID)
+        .then(|| head.headers.get(&c.header))
+        .flatten();
+    let request_id = match sent {
         Some(v) if valid_request_id(v) => Some(v.clone()),
         _ if c.generate => Some(new_request_id()),
         _ => None,
     };
-    let trace = Trace::decide(snap.tracer.as_deref(), c.trace_context, &head.headers);
+    let carried = match seen.has(headers::Seen::TRACE) {
+        true => &head.headers,
+        false => headers::none(),
+    };
+    let trace = Trace::decide(snap.tracer.as_deref(), c.trace_context, carried);
     (request_id, trace)
-}
-
-/// The listener's own limits on what may be sent.
-fn admit(lst: &ListenerRt, head: &Parts) -> Result<(), Reason> {
-    if headers::head_size_of(head) > lst.limits.max_header_bytes.get() as usize {
-        return Err(Reason::HeadersTooLarge);
-    }
-    Ok(())
 }
 
 /// The listener's policy on this peer and request: the path is the one routing sees.
@@ -400,12 +420,13 @@ fn decide_flags(
     lst: &ListenerRt,
     peer: Peer<'_>,
     headers: &http::HeaderMap,
+    seen: headers::Seen,
 ) -> (Vec<bool>, Option<HeaderValue>) {
     let trusted = lst.trust_incoming_flags || peer.identity.is_some();
     let mut on = vec![false; snap.flags.len()];
-    let kept = headers
-        .get(&X_SPUR_FLAGS)
-        .filter(|_| trusted)
+    let kept = (trusted && seen.has(headers::Seen::FLAGS))
+        .then(|| headers.get(&X_SPUR_FLAGS))
+        .flatten()
         .and_then(|v| v.to_str().ok());
     let value = match kept {
         Some(kept) => {
