@@ -44,7 +44,10 @@ pub fn upstream(
     }
     let status = resp.status();
     ex.status = status.as_u16();
-    let resp_upgrade = resp.headers().get(header::UPGRADE).cloned();
+    let resp_upgrade = match status == StatusCode::SWITCHING_PROTOCOLS {
+        true => resp.headers().get(header::UPGRADE).cloned(),
+        false => None,
+    };
     headers::strip_hop_by_hop(resp.headers_mut());
     if let Some(id) = &ex.request_id {
         resp.headers_mut()
