@@ -5,7 +5,8 @@
 //! worker serves a connection on one thread anyway ([`crate::workers`]), so here the
 //! streams of a connection are futures polled by the connection's task: no task to spawn,
 //! schedule and free per request, and no wake-up crossing between a stream's task and its
-//! connection's. What hyper's server does on the way is kept: the same settings (windows,
+//! connection's; a stream's future goes into a slot a finished stream left (see
+//! [`super::stream_set`]), not into a new allocation. What hyper's server does on the way is kept: the same settings (windows,
 //! frame size, send buffer, header list limit), hop-by-hop headers stripped from responses,
 //! a `date` when the response has none, `content-length` from a body of known length, the
 //! request path's future dropped when the client resets the stream, a response body error
@@ -15,7 +16,6 @@ use crate::adapters::http_conn::{Io, Rewind};
 use crate::adapters::idle::HeadClock;
 use crate::body::{BoxError, H2Recv, InBody};
 use bytes::Bytes;
-use futures_util::stream::{FuturesUnordered, StreamExt};
 use h2::server::SendResponse;
 use h2::{Reason, RecvStream, SendStream};
 use http::header::{self, HeaderValue};
@@ -58,7 +58,7 @@ where
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .handshake::<_, Bytes>(io)
         .await?;
-    let mut streams = FuturesUnordered::new();
+    let mut streams = super::stream_set::StreamSet::new();
     let mut told = false;
     poll_fn(|cx| loop {
         if !told && closing.load(Ordering::Acquire) {
@@ -66,7 +66,7 @@ where
             told = true;
         }
         // The streams first: what they send goes out when the connection is polled next.
-        while let Poll::Ready(Some(())) = streams.poll_next_unpin(cx) {}
+        let _ = streams.poll(cx);
         match conn.poll_accept(cx) {
             Poll::Ready(Some(Ok((req, respond)))) => {
                 streams.push(stream(handler, head, req, respond));

@@ -9,5 +9,6 @@ pub mod health;
 pub mod http_conn;
 pub mod idle;
 pub mod listener;
+mod stream_set;
 pub mod tcp;
 pub mod tls;
