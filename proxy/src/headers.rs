@@ -78,6 +78,44 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
             present |= 1 << i;
         }
     }
+    strip_present(headers, present);
+}
+
+/// What a response head for the client has, noted while its hop-by-hop headers go.
+pub struct ResponseHead {
+    pub date: bool,
+    pub content_length: bool,
+}
+
+/// [`strip_hop_by_hop`] for a response to the client, noting in the same pass over the
+/// names whether it has a `date` and a `content-length` (HTTP/2's server adds them when
+/// not).
+pub fn strip_response(headers: &mut HeaderMap) -> ResponseHead {
+    let mut present = 0u8;
+    let mut head = ResponseHead {
+        date: false,
+        content_length: false,
+    };
+    for name in headers.keys() {
+        if name == header::DATE {
+            head.date = true;
+        } else if name == header::CONTENT_LENGTH {
+            head.content_length = true;
+        } else if let Some(i) = HOP_BY_HOP.iter().position(|h| h == name) {
+            present |= 1 << i;
+        }
+    }
+    strip_present(headers, present);
+    if present & CONNECTION_BIT != 0 {
+        // `Connection` may have named them.
+        head.date = headers.contains_key(header::DATE);
+        head.content_length = headers.contains_key(header::CONTENT_LENGTH);
+    }
+    head
+}
+
+/// Removes the hop-by-hop headers whose bits are in `present` (see [`strip_hop_by_hop`]).
+fn strip_present(headers: &mut HeaderMap, present: u8) {
     if present == 0 {
         return;
     }
@@ -373,6 +411,28 @@ mod tests {
             assert_eq!(authority_host(a), parsed.host(), "{a}");
         }
         assert_eq!(authority_host(""), "");
+    }
+
+    #[test]
+    fn a_response_strip_notes_date_and_length() {
+        let mut h = HeaderMap::new();
+        h.insert("x-keep", "1".parse().unwrap());
+        h.insert("keep-alive", "timeout=5".parse().unwrap());
+        let has = strip_response(&mut h);
+        assert!(!has.date && !has.content_length);
+        assert_eq!(h.len(), 1, "{h:?}");
+        h.insert("date", "Thu, 03 Dec 2026 19:00:00 GMT".parse().unwrap());
+        let has = strip_response(&mut h);
+        assert!(has.date && !has.content_length);
+        h.insert("content-length", "3".parse().unwrap());
+        let has = strip_response(&mut h);
+        assert!(has.date && has.content_length);
+        assert_eq!(h.len(), 3);
+        // What `Connection` names goes, and is not counted.
+        h.insert("connection", "date".parse().unwrap());
+        let has = strip_response(&mut h);
+        assert!(!has.date && has.content_length);
+        assert_eq!(h.len(), 2, "{h:?}");
     }
 
     #[test]

@@ -115,14 +115,14 @@ async fn stream<H, F, B>(
     let (mut parts, body) = resp.into_parts();
     // HTTP/2 forbids connection-specific headers (h2 refuses to send them); upstream
     // responses have lost theirs already, so this is one pass over the names.
-    crate::headers::strip_hop_by_hop(&mut parts.headers);
-    if !parts.headers.contains_key(header::DATE) {
+    let has = crate::headers::strip_response(&mut parts.headers);
+    if !has.date {
         parts
             .headers
             .insert(header::DATE, crate::headers::http_date());
     }
     let end = body.is_end_stream();
-    if !end && !parts.headers.contains_key(header::CONTENT_LENGTH) {
+    if !end && !has.content_length {
         if let Some(n) = body.size_hint().exact() {
             parts
                 .headers
