@@ -229,20 +229,13 @@ pub fn plan<'s>(
         None => {}
     }
     let (cluster, split_side, hash_key) = choose_target(route, head, rng);
-    if let Some(fault) = &route.fault {
-        let (delay, abort) = inject_fault(fault, rng);
-        plan.delay = delay;
-        if let Some(refusal) = abort {
-            plan.action = Action::Refuse(refusal);
-            return plan;
-        }
+    let (delay, abort) = inject_fault(route.fault.as_ref(), rng);
+    plan.delay = delay;
+    if let Some(refusal) = abort {
+        plan.action = Action::Refuse(refusal);
+        return plan;
     }
-    let upgrade = seen.has(headers::Seen::UPGRADE).then(|| {
-        headers::upgrade_to_send(head.version, &head.headers, |p| {
-            route.upgrades.iter().any(|u| **u == *p)
-        })
-    });
-    let upgrade = upgrade.flatten();
+    let upgrade = upgrade_for(head, seen, |p| route.upgrades.iter().any(|u| **u == *p));
     let tunnel = upgrade.is_some();
     plan.action = Action::Forward(Forward {
         cluster,
@@ -339,16 +332,32 @@ fn without_route(
         grpc_timeout: grpc_deadline.is_some(),
         retry: None,
         mirror: None,
-        upgrade: match seen.has(headers::Seen::UPGRADE) {
-            true => headers::upgrade_to_send(head.version, &head.headers, |p| p == "websocket"),
-            false => None,
-        },
+        upgrade: upgrade_for(head, seen, |p| p == "websocket"),
         body_timeout: lst.limits.body_timeout.get(),
     })
 }
 
-/// A route's fault injection, drawn: the delay to add and the refusal to answer with.
-fn inject_fault(fault: &Fault, rng: &mut fastrand::Rng) -> (Option<Duration>, Option<Refusal>) {
+/// The `Upgrade` to send upstream (see [`headers::upgrade_to_send`]); looked for only when
+/// the request came with one.
+fn upgrade_for(
+    head: &Parts,
+    seen: headers::Seen,
+    allowed: impl Fn(&str) -> bool,
+) -> Option<HeaderValue> {
+    if !seen.has(headers::Seen::UPGRADE) {
+        return None;
+    }
+    headers::upgrade_to_send(head.version, &head.headers, allowed)
+}
+
+/// A route's fault injection (if it has one), drawn: the delay to add and the refusal to answer with.
+fn inject_fault(
+    fault: Option<&Fault>,
+    rng: &mut fastrand::Rng,
+) -> (Option<Duration>, Option<Refusal>) {
+    let Some(fault) = fault else {
+        return (None, None);
+    };
     let delay = fault
         .delay
         .as_ref()
