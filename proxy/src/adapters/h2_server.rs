@@ -69,7 +69,7 @@ where
         let _ = streams.poll(cx);
         match conn.poll_accept(cx) {
             Poll::Ready(Some(Ok((req, respond)))) => {
-                streams.push(stream(handler, head, req, respond));
+                streams.push_with(|| stream(handler, head, req, respond));
             }
             Poll::Ready(Some(Err(e))) => return Poll::Ready(Err(e)),
             // Closed: every stream has ended, or the connection failed under them.
@@ -143,7 +143,7 @@ async fn stream<H, F, B>(
 /// hyper's server does: a chunk is read from the body only once the one before it has
 /// been given to the stream, and only a byte of the connection's window is claimed ahead
 /// (h2 claims the rest as the chunk goes out), so a stream waiting for its body does not
-/// hold window the others need.
+/// hold window the others need. The last chunk goes to the stream without the wait.
 async fn send_body<B>(mut body: B, mut tx: SendStream<Bytes>)
 where
     B: Body<Data = Bytes> + Unpin,
@@ -194,9 +194,16 @@ where
                     return Poll::Ready(());
                 }
             }
+            // The last chunk (often the only one) is given to the stream at once: h2 claims
+            // the window it needs as it goes out, which is what waiting for it would do, and
+            // there is no next chunk to hold back.
+            Ok(data) if body.is_end_stream() => {
+                let _ = tx.send_data(data, true);
+                return Poll::Ready(());
+            }
             Ok(data) => {
                 tx.reserve_capacity(1);
-                waiting = Some((data, body.is_end_stream()));
+                waiting = Some((data, false));
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {

@@ -32,6 +32,8 @@ pub struct StreamSet<F> {
     ready: Arc<Ready>,
     /// The woken indexes being polled (swapped with the queue's, so both keep their room).
     polling: Vec<usize>,
+    /// Indexes of streams pushed since the last poll (no lock: only the set's owner pushes).
+    fresh: Vec<usize>,
 }
 
 struct Slot<F> {
@@ -88,6 +90,7 @@ impl<F: Future<Output = ()>> StreamSet<F> {
                 task: AtomicWaker::new(),
             }),
             polling: Vec::new(),
+            fresh: Vec::new(),
         }
     }
 
@@ -96,8 +99,17 @@ impl<F: Future<Output = ()>> StreamSet<F> {
         self.slots.len() - self.kept.len() - self.empty.len()
     }
 
-    /// Adds a stream; it is polled at the next [`StreamSet::poll`].
+    /// Adds a stream; it is polled at the next [`StreamSet::poll`], which the caller makes
+    /// (the task is not woken for it).
+    #[cfg(test)]
     pub fn push(&mut self, fut: F) {
+        self.push_with(|| fut);
+    }
+
+    /// Adds the stream `make` makes, made in its slot: a stream's future is kilobytes, and
+    /// made elsewhere it would be copied in (twice, through `Pin::set`). Polled at the next
+    /// [`StreamSet::poll`], which the caller makes (the task is not woken for it).
+    pub fn push_with(&mut self, make: impl FnOnce() -> F) {
         let index = match self.kept.pop().or_else(|| self.empty.pop()) {
             Some(i) => i,
             None => {
@@ -120,8 +132,19 @@ impl<F: Future<Output = ()>> StreamSet<F> {
                 })
             }
         };
-        slot.fut.set(Some(fut));
-        slot.waker.wake_by_ref();
+        let place = slot.fut.as_mut();
+        assert!(place.is_none(), "a kept slot is empty");
+        // SAFETY: the slot holds `None` (asserted above: a finished stream's future is dropped
+        // before its slot is kept), so nothing is overwritten without its drop; the new
+        // future is written where it stays until it is dropped in place (`set(None)`) or
+        // with its box, which keeps the pin's promise.
+        unsafe { std::ptr::write(place.get_unchecked_mut(), Some(make())) };
+        // Marked for the next poll without a wake-up: the caller polls the set next (a wake
+        // would only poll its task once more for nothing). A slot just reused may still be
+        // queued by its last stream's waker; one poll takes it either way.
+        if !slot.wake.queued.swap(true, Ordering::SeqCst) {
+            self.fresh.push(index);
+        }
     }
 
     /// Polls the streams woken since the last call (each once), with `cx`'s waker
@@ -132,6 +155,7 @@ impl<F: Future<Output = ()>> StreamSet<F> {
             let mut queue = self.ready.queue.lock().unwrap_or_else(|e| e.into_inner());
             std::mem::swap(&mut *queue, &mut self.polling);
         }
+        self.polling.append(&mut self.fresh);
         for n in 0..self.polling.len() {
             let index = self.polling[n];
             // A waker of a slot freed or reused since may still wake it: nothing to do, or
@@ -302,6 +326,7 @@ mod tests {
         let (g, fut) = gate(&done);
         set.push(fut);
         assert!(set.poll(&mut cx).is_pending());
+        assert_eq!(g.polls.load(Ordering::SeqCst), 1, "a new stream is polled");
         let woken = task.0.load(Ordering::SeqCst);
         let waker = g.waker.lock().unwrap().clone().unwrap();
         waker.wake_by_ref();
@@ -317,6 +342,19 @@ mod tests {
             2,
             "polled once for two wakes"
         );
+        // A stream pushed while the task's waker is registered: the caller polls the set
+        // next, so nobody is woken for it, and that poll polls it.
+        let woken = task.0.load(Ordering::SeqCst);
+        let (second, fut) = gate(&done);
+        set.push(fut);
+        assert_eq!(task.0.load(Ordering::SeqCst), woken, "a push wakes nobody");
+        assert!(set.poll(&mut cx).is_pending());
+        assert_eq!(
+            second.polls.load(Ordering::SeqCst),
+            1,
+            "a new stream is polled"
+        );
+        assert_eq!(g.polls.load(Ordering::SeqCst), 2, "not the one not woken");
         // A stream that wakes itself while polled: once per poll, not in a loop.
         let mut selfish = StreamSet::new();
         let polls = Arc::new(AtomicUsize::new(0));
