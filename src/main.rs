@@ -36,6 +36,11 @@ commands:
 
 Run `spur <command> --help` (or `spur help <command>`) for a command's options.";
 
+/// glibc's allocator with a cache of freed blocks on each proxy worker (see
+/// `spur_proxy::alloc`).
+#[global_allocator]
+static ALLOC: spur_proxy::alloc::ThreadCache = spur_proxy::alloc::ThreadCache;
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some((cmd, rest)) = args.split_first() else {

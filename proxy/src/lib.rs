@@ -40,6 +40,7 @@
 
 pub mod access;
 pub mod adapters;
+pub mod alloc;
 pub mod attempt;
 pub mod authorize;
 pub mod body;

@@ -71,10 +71,13 @@ pub fn wanted(configured: Option<u32>) -> usize {
 
 /// Starts `n` workers: returns worker 0's runtime (the caller runs it with `block_on`) and
 /// the handles of all of them. Workers 1.. run on threads of their own until the process
-/// exits.
+/// exits. Each worker's thread (the caller's is worker 0's) keeps freed blocks for its
+/// next allocations ([`crate::alloc`]; it does so where [`crate::alloc::ThreadCache`] is
+/// the process's allocator, as in Spur's binaries).
 pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
     let n = n.max(1);
     let _ = COUNT.set(n);
+    crate::alloc::ThreadCache::enable();
     let main = Builder::new_current_thread().enable_all().build()?;
     let mut handles = vec![main.handle().clone()];
     for i in 1..n {
@@ -83,6 +86,7 @@ pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
             .name(format!("spur-worker-{i}"))
             .spawn(move || {
                 INDEX.with(|c| c.set(i));
+                crate::alloc::ThreadCache::enable();
                 let rt = match Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
