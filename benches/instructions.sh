@@ -13,7 +13,10 @@
 # N2 - N1 requests (it leaves callgrind no output when it exits).
 # --log on counts Spur with its access log on (one line per request to a file; HAProxy
 # keeps its log off).
-# Usage: benches/instructions.sh [--protocol h1|h2] [--log off|on] [--keep DIR] BIN|haproxy [...]
+# --hop mtls|mtls-h2|h3 counts run.sh's mesh hop of that name instead of one listener: the
+# client's listener forwards over mutual TLS (HTTP/1.1, HTTP/2, or HTTP/3 over QUIC) to a
+# second listener in the same process, which forwards to the origin; the count covers both.
+# Usage: benches/instructions.sh [--protocol h1|h2] [--log off|on] [--hop HOP] [--keep DIR] BIN|haproxy [...]
 set -Eeuo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -25,6 +28,7 @@ source "$SCRIPT_DIR/lib/targets.sh"
 PROTO=h1
 KEEP=
 LOG=off
+HOP=
 N1=${N1:-1000}
 N2=${N2:-6000}
 while [[ $# -gt 0 && $1 == --* ]]; do
@@ -32,12 +36,16 @@ while [[ $# -gt 0 && $1 == --* ]]; do
     --protocol) PROTO=${2:?}; shift 2 ;;
     --keep) KEEP=${2:?}; mkdir -p "$KEEP"; shift 2 ;;
     --log) LOG=${2:?}; shift 2 ;;
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    --hop) HOP=${2:?}; shift 2 ;;
+    -h|--help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown option '$1' (see --help)" ;;
   esac
 done
 [[ $# -ge 1 ]] || die "give at least one Spur binary (see --help)"
 case $PROTO in h1|h2) ;; *) die "--protocol must be h1 or h2" ;; esac
+HOP_NAME=$HOP
+case $HOP in '') ;; mtls) HOP=http1 ;; mtls-h2) HOP=http2 ;; h3) HOP=http3 ;;
+  *) die "--hop must be mtls, mtls-h2 or h3" ;; esac
 case $LOG in off) LOG_FILTER=warn ;; on) LOG_FILTER=info ;; *) die "--log must be off or on" ;; esac
 for tool in valgrind h2load curl; do
   command -v "$tool" >/dev/null || die "$tool is missing (apt-get install -y valgrind nghttp2-client curl)"
@@ -54,6 +62,10 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 start_origin
+if [[ -n $HOP ]]; then
+  command -v openssl >/dev/null || die "openssl is missing (apt-get install -y openssl)"
+  make_mesh_certs "$RUN_DIR/certs"
+fi
 
 # instructions BIN N : total instructions callgrind counted for one run serving N requests.
 instructions() {
@@ -62,12 +74,19 @@ instructions() {
   [[ $(basename "$bin") == spur-proxy* ]] && sub=()
   free_port port
   out=$RUN_DIR/callgrind.$n.out
-  cat >"$RUN_DIR/spur.yaml" <<EOF
+  if [[ -n $HOP ]]; then
+    local admin inport
+    free_port admin
+    free_port inport
+    write_spur_mesh_conf "$RUN_DIR/spur.yaml" "$port" "$admin" "$inport" "$RUN_DIR/certs" "$HOP" "$bin"
+  else
+    cat >"$RUN_DIR/spur.yaml" <<EOF
 listeners:
   - { name: bench, listen: "127.0.0.1:$port", cluster: origin }
 clusters:
   - { name: origin, endpoints: ["127.0.0.1:$ORIGIN_PORT"] }
 EOF
+  fi
   TOKIO_WORKER_THREADS=1 SPUR_LOG=$LOG_FILTER timeout --kill-after=5 600 \
     valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
     >"$RUN_DIR/spur.stdout.log" 2>&1 &
@@ -125,6 +144,7 @@ haproxy_per_request() {
 
 for bin in "$@"; do
   if [[ $bin == haproxy ]]; then
+    [[ -z $HOP ]] || die "--hop counts Spur's mesh hops; HAProxy has none here"
     [[ -x $HAPROXY_BIN ]] || die "haproxy is missing (apt-get install -y haproxy)"
     # An assignment, so that a failure ends the script instead of printing 0.
     n=$(haproxy_per_request)
@@ -134,5 +154,6 @@ for bin in "$@"; do
   [[ -x $bin ]] || die "not an executable: $bin"
   a=$(instructions "$bin" "$N1")
   b=$(instructions "$bin" "$N2")
-  printf '%s %s: %d instructions per request (user space)\n' "$bin" "$PROTO" $(((b - a) / (N2 - N1)))
+  printf '%s %s%s: %d instructions per request (user space)\n' "$bin" "$PROTO" "${HOP_NAME:+ through the $HOP_NAME mesh hop}" \
+    $(((b - a) / (N2 - N1)))
 done
