@@ -149,25 +149,26 @@ where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    let mut waiting: Option<(Bytes, bool)> = None;
+    // A chunk that is not the last, given to the stream once it has window for it.
+    let mut waiting: Option<Bytes> = None;
     poll_fn(|cx| loop {
         if let Poll::Ready(reason) = tx.poll_reset(cx) {
             tracing::debug!(?reason, "HTTP/2 stream reset while its response was sent");
             return Poll::Ready(());
         }
-        if let Some((data, end)) = waiting.take() {
+        if let Some(data) = waiting.take() {
             while tx.capacity() == 0 {
                 match tx.poll_capacity(cx) {
                     Poll::Ready(Some(Ok(0))) => {}
                     Poll::Ready(Some(Ok(_))) => break,
                     Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
                     Poll::Pending => {
-                        waiting = Some((data, end));
+                        waiting = Some(data);
                         return Poll::Pending;
                     }
                 }
             }
-            if tx.send_data(data, end).is_err() || end {
+            if tx.send_data(data, false).is_err() {
                 return Poll::Ready(());
             }
             continue;
@@ -203,7 +204,7 @@ where
             }
             Ok(data) => {
                 tx.reserve_capacity(1);
-                waiting = Some((data, false));
+                waiting = Some(data);
             }
             Err(frame) => {
                 if let Ok(trailers) = frame.into_trailers() {

@@ -106,9 +106,11 @@ impl<F: Future<Output = ()>> StreamSet<F> {
         self.push_with(|| fut);
     }
 
-    /// Adds the stream `make` makes, made in its slot: a stream's future is kilobytes, and
-    /// made elsewhere it would be copied in (twice, through `Pin::set`). Polled at the next
-    /// [`StreamSet::poll`], which the caller makes (the task is not woken for it).
+    /// Adds the stream `make` makes, written straight into its slot: a stream's future is
+    /// kilobytes, and `Pin::set` of one made by the caller moved it twice (the compiler may
+    /// still build it aside and copy it in once: about 330 instructions per HTTP/2 request
+    /// in a callgrind profile). Polled at the next [`StreamSet::poll`], which the caller
+    /// makes (the task is not woken for it).
     pub fn push_with(&mut self, make: impl FnOnce() -> F) {
         let index = match self.kept.pop().or_else(|| self.empty.pop()) {
             Some(i) => i,
