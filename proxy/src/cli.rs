@@ -318,6 +318,7 @@ pub fn main(args: &[String]) -> ExitCode {
             _ => None,
         };
         let (takeover, inherited) = takeover.unzip();
+        let caches = workers.clone();
         let started = async {
             let proxy = Proxy::idle_on(workers)?;
             if let Some(inherited) = inherited {
@@ -336,7 +337,10 @@ pub fn main(args: &[String]) -> ExitCode {
         }
         .await;
         let proxy = match started {
-            Ok(p) => Arc::new(p),
+            Ok(p) => {
+                caches.keep_freed_blocks();
+                Arc::new(p)
+            }
             Err(e) => {
                 tracing::error!(error = %e, "cannot start");
                 log::flush();

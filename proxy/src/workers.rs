@@ -54,6 +54,17 @@ impl Workers {
     pub fn handle(&self, i: usize) -> &Handle {
         &self.0[i % self.0.len()]
     }
+
+    /// Has each worker's thread keep freed blocks for its next allocations from now on
+    /// ([`crate::alloc`]; where [`crate::alloc::ThreadCache`] is the process's allocator,
+    /// as in Spur's binaries). `spur proxy` calls it once started, so that what start-up
+    /// freed went back to glibc; only for workers [`start`] made, which live as long as
+    /// the process (a thread that ends with its cache on leaks the blocks in it).
+    pub fn keep_freed_blocks(&self) {
+        for h in &self.0 {
+            h.spawn(async { crate::alloc::ThreadCache::enable() });
+        }
+    }
 }
 
 /// How many workers to run: `TOKIO_WORKER_THREADS` (kept for compatibility), else the
@@ -71,13 +82,10 @@ pub fn wanted(configured: Option<u32>) -> usize {
 
 /// Starts `n` workers: returns worker 0's runtime (the caller runs it with `block_on`) and
 /// the handles of all of them. Workers 1.. run on threads of their own until the process
-/// exits. Each worker's thread (the caller's is worker 0's) keeps freed blocks for its
-/// next allocations ([`crate::alloc`]; it does so where [`crate::alloc::ThreadCache`] is
-/// the process's allocator, as in Spur's binaries).
+/// exits.
 pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
     let n = n.max(1);
     let _ = COUNT.set(n);
-    crate::alloc::ThreadCache::enable();
     let main = Builder::new_current_thread().enable_all().build()?;
     let mut handles = vec![main.handle().clone()];
     for i in 1..n {
@@ -86,7 +94,6 @@ pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
             .name(format!("spur-worker-{i}"))
             .spawn(move || {
                 INDEX.with(|c| c.set(i));
-                crate::alloc::ThreadCache::enable();
                 let rt = match Builder::new_current_thread().enable_all().build() {
                     Ok(rt) => rt,
                     Err(e) => {
@@ -100,4 +107,32 @@ pub fn start(n: usize) -> std::io::Result<(Runtime, Workers)> {
         handles.push(rx.recv().map_err(std::io::Error::other)??);
     }
     Ok((main, Workers(handles)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::alloc::ThreadCache;
+    use std::alloc::{GlobalAlloc, Layout};
+
+    #[test]
+    fn a_workers_cache_is_off_until_the_proxy_has_started() {
+        std::thread::spawn(|| {
+            let rt = Builder::new_current_thread().build().unwrap();
+            let workers = Workers(vec![rt.handle().clone()]);
+            let layout = Layout::from_size_align(64, 8).unwrap();
+            // SAFETY: a block freed with the layout it was allocated with.
+            let alloc_and_free =
+                || unsafe { ThreadCache.dealloc(ThreadCache.alloc(layout), layout) };
+            alloc_and_free();
+            assert_eq!(ThreadCache::cached().0, 0, "start-up's frees go to glibc");
+            workers.keep_freed_blocks();
+            rt.block_on(tokio::task::yield_now());
+            alloc_and_free();
+            assert_eq!(ThreadCache::cached().0, 1, "kept once started");
+            ThreadCache::flush();
+        })
+        .join()
+        .unwrap();
+    }
 }
