@@ -14,11 +14,11 @@
 //! The budget is sized for a worker with about a hundred requests in flight (ten HTTP/2
 //! connections of ten streams each, as `benches/run.sh` sends): an HTTP/2 request holds
 //! about 9.5 KiB in a dozen blocks, 2.5 and 3.1 KiB the largest, so all of a hundred
-//! requests' blocks come back into 1 MiB. With 256 KiB, four in ten of those blocks went
-//! to glibc and came back from it, blocks of 1 KiB and more through its large bins, whose
-//! every allocation first merged glibc's small freed blocks (`malloc_consolidate`): about
-//! 4,300 instructions of a 35,500-instruction HTTP/2 request. A worker's cache is turned on
-//! once the proxy has started ([`ThreadCache::enable`], from `spur proxy`'s start-up), so
+//! requests' blocks come back into 1 MiB. With 256 KiB, about a third of those blocks went
+//! to glibc and came back from it (2.4 calls to glibc's `malloc` per request under that
+//! load), blocks of 1 KiB and more through its large bins, whose every allocation first
+//! merges glibc's small freed blocks (`malloc_consolidate`). A worker's cache is turned on
+//! once `spur proxy` has started ([`crate::workers::Workers::keep_freed_blocks`]), so
 //! what start-up frees goes back to glibc rather than staying in the cache.
 //!
 //! Every block is a glibc block: a size class's blocks are allocated at the class's size
