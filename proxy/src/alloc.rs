@@ -14,7 +14,7 @@
 //! The budget is sized for a worker with about a hundred requests in flight (ten HTTP/2
 //! connections of ten streams each, as `benches/run.sh` sends): an HTTP/2 request holds
 //! about 9.5 KiB in a dozen blocks, 2.5 and 3.1 KiB the largest, so all of a hundred
-//! requests' blocks come back into 1 MiB. With 256 KiB, about a third of those blocks went
+//! requests' blocks come back into 1 MiB. With 256 KiB, about a fifth of those blocks went
 //! to glibc and came back from it (2.4 calls to glibc's `malloc` per request under that
 //! load), blocks of 1 KiB and more through its large bins, whose every allocation first
 //! merges glibc's small freed blocks (`malloc_consolidate`). A worker's cache is turned on
