@@ -19,7 +19,9 @@
 //! load), blocks of 1 KiB and more through its large bins, whose every allocation first
 //! merges glibc's small freed blocks (`malloc_consolidate`). A worker's cache is turned on
 //! once `spur proxy` has started ([`crate::workers::Workers::keep_freed_blocks`]), so
-//! what start-up frees goes back to glibc rather than staying in the cache.
+//! what start-up frees (with a config file, compiling it and binding its listeners) goes
+//! back to glibc rather than staying in the cache; a config from the control plane comes
+//! after, and what its compiling frees is kept like any other block, within the budget.
 //!
 //! Every block is a glibc block: a size class's blocks are allocated at the class's size
 //! (a size glibc would round the request to anyway, so nothing is wasted), on every thread
@@ -348,8 +350,10 @@ mod tests {
             ThreadCache::flush();
             ThreadCache::enable();
             // Two classes of large blocks, neither over its count: the budget stops them.
+            const EACH: u32 = 200;
+            const { assert!(EACH < PER_CLASS, "each class stays under its count") };
             let sizes = [MAX_CACHED, MAX_CACHED - STEP];
-            let big: Vec<_> = (0..200)
+            let big: Vec<_> = (0..EACH)
                 .flat_map(|_| sizes.map(|size| (A.alloc(layout(size)), size)))
                 .collect();
             for &(p, size) in &big {

@@ -115,22 +115,48 @@ mod tests {
     use crate::alloc::ThreadCache;
     use std::alloc::{GlobalAlloc, Layout};
 
+    /// Allocates and frees a block on this thread; how many blocks its cache then holds.
+    fn kept_after_a_free() -> usize {
+        let layout = Layout::from_size_align(64, 8).unwrap();
+        // SAFETY: a block freed with the layout it was allocated with.
+        unsafe { ThreadCache.dealloc(ThreadCache.alloc(layout), layout) };
+        ThreadCache::cached().0
+    }
+
     #[test]
-    fn a_workers_cache_is_off_until_the_proxy_has_started() {
+    fn each_workers_cache_is_off_until_the_proxy_has_started() {
         std::thread::spawn(|| {
-            let rt = Builder::new_current_thread().build().unwrap();
-            let workers = Workers(vec![rt.handle().clone()]);
-            let layout = Layout::from_size_align(64, 8).unwrap();
-            // SAFETY: a block freed with the layout it was allocated with.
-            let alloc_and_free =
-                || unsafe { ThreadCache.dealloc(ThreadCache.alloc(layout), layout) };
-            alloc_and_free();
-            assert_eq!(ThreadCache::cached().0, 0, "start-up's frees go to glibc");
+            // Worker 0 as `spur proxy` makes it (one worker: `start` makes no thread and
+            // leaves the worker count at its default), and a second worker as `start` makes
+            // the others: a runtime on a thread of its own.
+            let (rt, first) = start(1).unwrap();
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+            let other = std::thread::spawn(move || {
+                let rt = Builder::new_current_thread().build().unwrap();
+                handle_tx.send(rt.handle().clone()).unwrap();
+                let _ = rt.block_on(stop_rx);
+                ThreadCache::flush();
+            });
+            let workers = Workers(vec![first.handle(0).clone(), handle_rx.recv().unwrap()]);
+            let kept_on = |i: usize| {
+                rt.block_on(workers.handle(i).spawn(async { kept_after_a_free() }))
+                    .unwrap()
+            };
+            assert_eq!(
+                (kept_on(0), kept_on(1)),
+                (0, 0),
+                "start-up's frees go to glibc"
+            );
             workers.keep_freed_blocks();
-            rt.block_on(tokio::task::yield_now());
-            alloc_and_free();
-            assert_eq!(ThreadCache::cached().0, 1, "kept once started");
+            assert_eq!(
+                (kept_on(0), kept_on(1)),
+                (1, 1),
+                "kept on every worker once started"
+            );
             ThreadCache::flush();
+            stop_tx.send(()).unwrap();
+            other.join().unwrap();
         })
         .join()
         .unwrap();
