@@ -112,10 +112,15 @@ pub struct Attempt {
 impl Attempt {
     /// Picks an endpoint of `cluster` the balancer and its breaker agree on, avoiding the
     /// ones in `tried` while another is available; `key` is the request's hash key
-    /// (`ring_hash`). `None`: no endpoint is available.
-    pub fn pick(cluster: &Arc<ClusterRt>, tried: &Tried, key: Option<&[u8]>) -> Option<Attempt> {
+    /// (`ring_hash`); `now`, a reading of the request path's clock, is when the try starts.
+    /// `None`: no endpoint is available.
+    pub fn pick(
+        cluster: &Arc<ClusterRt>,
+        tried: &Tried,
+        key: Option<&[u8]>,
+        now: Instant,
+    ) -> Option<Attempt> {
         let members = cluster.members.load_full();
-        let now = crate::clock::now();
         let mut skip: Option<Vec<usize>> = None;
         loop {
             let exclude = skip.as_deref().unwrap_or(tried.as_slice());

@@ -165,7 +165,7 @@ async fn send(
     path: http::uri::PathAndQuery,
     (data, trailers): (Bytes, Option<HeaderMap>),
 ) -> Result<PrimaryResult, ()> {
-    let attempt = Attempt::pick(cluster, &Tried::default(), None).ok_or(())?;
+    let attempt = Attempt::pick(cluster, &Tried::default(), None, crate::clock::now()).ok_or(())?;
     head.uri = if cluster.protocol == spur_config::UpstreamProtocol::Http1 {
         Uri::from(path)
     } else {

@@ -25,25 +25,49 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-fn epoch() -> Instant {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    *EPOCH.get_or_init(Instant::now)
-}
-
+/// The module's clock, in milliseconds: the kernel's coarse monotonic clock, which the
+/// kernel updates at each timer tick and the vDSO reads without the time-stamp counter
+/// (a few loads rather than `rdtsc` and a conversion). It is read at every read and write
+/// of a served connection, two or more times per request, where whole milliseconds and a
+/// tick's lag are precise enough for limits of a second or more.
 fn now_ms() -> u64 {
-    epoch().elapsed().as_millis() as u64
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC_COARSE exists on every
+    // Linux since 2.6.32 (the call cannot fail for it).
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
 }
 
-/// Whole milliseconds surely gone since `since` (a [`now_ms`] reading). Both readings are
-/// cut to the millisecond, so the time gone can be up to 1 ms less than their difference:
-/// a limit judged on this is never reached early (header_timeout and idle_timeout end a
-/// connection no sooner than configured, up to about a millisecond later).
+/// How far [`now_ms`] may lag the time, in whole milliseconds rounded up: one tick
+/// (`clock_getres`, 4 ms at 250 Hz).
+fn lag_ms() -> u64 {
+    static LAG: OnceLock<u64> = OnceLock::new();
+    *LAG.get_or_init(|| {
+        let mut res = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: as in `now_ms`.
+        unsafe { libc::clock_getres(libc::CLOCK_MONOTONIC_COARSE, &mut res) };
+        (res.tv_sec as u64 * 1000 + (res.tv_nsec as u64).div_ceil(1_000_000)).max(1)
+    })
+}
+
+/// Whole milliseconds surely gone since `since` (a [`now_ms`] reading). Each reading lags
+/// the time by up to a tick and is cut to the millisecond, so the time gone can be up to a
+/// tick and 1 ms less than their difference: a limit judged on this is not reached early
+/// (header_timeout and idle_timeout end a connection no sooner than configured, up to two
+/// ticks and a millisecond later), unless the kernel ran a tick late when `since` was read
+/// (a stalled virtual machine), by as much as it was late.
 fn surely_gone_since(since: u64) -> u64 {
-    now_ms().saturating_sub(since).saturating_sub(1)
+    now_ms().saturating_sub(since).saturating_sub(lag_ms() + 1)
 }
 
 /// The time of a connection's last activity, shared between its IO and its watchdog.
@@ -439,4 +463,37 @@ pub async fn drained(mut drain: tokio::sync::watch::Receiver<bool>, drain_timeou
         std::future::pending::<()>().await;
     }
     tokio::time::sleep(drain_timeout).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The coarse clock lags by up to a tick: a time judged gone is not more than the time
+    /// that went. Red with the tick's lag not taken off (a quarter of these tries judge too
+    /// much then); two are let off, for a tick the kernel ran late (a stalled machine).
+    #[test]
+    fn time_judged_gone_is_not_more_than_the_time_that_went() {
+        let mut over = Vec::new();
+        for _ in 0..40 {
+            let started = std::time::Instant::now();
+            let since = now_ms();
+            std::thread::sleep(Duration::from_millis(1));
+            let gone = surely_gone_since(since);
+            let went = started.elapsed().as_millis() as u64;
+            if gone > went {
+                over.push((gone, went));
+            }
+        }
+        assert!(over.len() <= 2, "(judged gone, went) in ms: {over:?}");
+        // And it follows the time: 50 ms later, no more than a tick's lag at each reading
+        // and a millisecond go uncounted (here with room for a tick the kernel was late with).
+        let since = now_ms();
+        std::thread::sleep(Duration::from_millis(50));
+        let gone = surely_gone_since(since);
+        assert!(
+            gone + 2 * lag_ms() + 1 + 10 >= 50,
+            "{gone} ms judged gone of 50"
+        );
+    }
 }

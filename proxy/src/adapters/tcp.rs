@@ -94,7 +94,8 @@ pub(crate) async fn serve_to(
         Ok(slot) => slot,
         Err(reason) => return conn.refused(reason),
     };
-    let Some(attempt) = Attempt::pick(&cluster, &Tried::default(), None) else {
+    let Some(attempt) = Attempt::pick(&cluster, &Tried::default(), None, crate::clock::now())
+    else {
         return conn.refused(Reason::NoHealthyEndpoint);
     };
     let endpoint = attempt.endpoint().clone();

@@ -119,7 +119,8 @@ pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBod
         lst,
         ctx.peer(),
         &mut head,
-        crate::clock::now(),
+        // The exchange's clock reading, a moment old: one reading for the request's start.
+        ex.start,
         &mut fastrand::Rng::new(),
     );
     if plan.seen.has(headers::Seen::USER_AGENT) {

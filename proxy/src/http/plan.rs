@@ -122,6 +122,11 @@ pub struct Forward<'s> {
     pub upgrade: Option<HeaderValue>,
     /// The listener's `body_timeout`: the longest wait between reads of the request body.
     pub body_timeout: Duration,
+    /// Nothing before the first try can wait (no injected delay, no admission queue, no
+    /// body read whole for a retry or a mirror): the first try starts at the exchange's
+    /// clock reading rather than a reading of its own (one per request's start, as an
+    /// event loop reads its clock once per turn).
+    pub at_start: bool,
 }
 
 /// An answer Spur makes itself.
@@ -237,19 +242,24 @@ pub fn plan<'s>(
     }
     let upgrade = upgrade_for(head, seen, |p| route.upgrades.iter().any(|u| **u == *p));
     let tunnel = upgrade.is_some();
+    let retry = route.retry.as_ref().filter(|_| !tunnel);
+    let mirror = route
+        .mirror
+        .as_ref()
+        .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent);
+    let at_start =
+        delay.is_none() && cluster.limits.is_none() && retry.is_none() && mirror.is_none();
     plan.action = Action::Forward(Forward {
         cluster,
         split_side,
         hash_key,
         deadline: earliest(route.timeout.map(|t| now + t), grpc_deadline),
         grpc_timeout: grpc_deadline.is_some(),
-        retry: route.retry.as_ref().filter(|_| !tunnel),
-        mirror: route
-            .mirror
-            .as_ref()
-            .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent),
+        retry,
+        mirror,
         upgrade,
         body_timeout: lst.limits.body_timeout.get(),
+        at_start,
     });
     plan
 }
@@ -325,6 +335,7 @@ fn without_route(
 ) -> Option<Forward<'static>> {
     let cluster = owner.or_else(|| lst.default_cluster.clone())?;
     Some(Forward {
+        at_start: cluster.limits.is_none(),
         cluster,
         split_side: None,
         hash_key: None,

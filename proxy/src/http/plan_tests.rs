@@ -430,6 +430,25 @@ fn a_forward_carries_its_deadline_retry_mirror_and_sticky_side() {
     assert!(f.deadline.is_none() && f.retry.is_none() && f.mirror.is_none());
 }
 
+/// The first try takes the exchange's clock reading only when nothing before it can wait:
+/// not after an injected delay, nor a body read whole for a retry or a mirror.
+#[test]
+fn the_first_try_starts_at_the_requests_start_only_when_nothing_waits() {
+    let snap = snapshot();
+    for (uri, at_start) in [
+        ("/x", true),
+        ("/admin-x", true),
+        ("/slow", false),
+        ("/shop", false),
+    ] {
+        let (_, p) = decide(&snap, &case("GET", uri, &[]));
+        let Action::Forward(f) = &p.action else {
+            panic!("{uri} forwarded")
+        };
+        assert_eq!(f.at_start, at_start, "{uri}");
+    }
+}
+
 #[test]
 fn an_upgrade_is_never_retried_nor_mirrored() {
     let snap = snapshot();

@@ -76,7 +76,17 @@ pub async fn run(
         if fwd.deadline.is_some_and(|d| crate::clock::now() >= d) {
             return respond::local(Reason::Timeout.into(), snap, ex);
         }
-        let Some(mut attempt) = Attempt::pick(&fwd.cluster, &tried, fwd.hash_key.as_deref()) else {
+        let Some(mut attempt) = Attempt::pick(
+            &fwd.cluster,
+            &tried,
+            fwd.hash_key.as_deref(),
+            // See `Forward::at_start`. Not kept in a local: the request's future would hold
+            // it across the try.
+            match number == 1 && fwd.at_start {
+                true => ex.start,
+                false => crate::clock::now(),
+            },
+        ) else {
             return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
         };
         let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
