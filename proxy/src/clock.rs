@@ -12,6 +12,21 @@ pub fn now() -> Instant {
     tokio::time::Instant::now().into_std()
 }
 
+/// Milliseconds on one of the kernel's coarse clocks (`CLOCK_MONOTONIC_COARSE`,
+/// `CLOCK_REALTIME_COARSE`): what the kernel noted at its last timer tick, read by the vDSO
+/// without the time-stamp counter (a few loads rather than `rdtsc` and a conversion), so a
+/// tick's precision (4 ms at 250 Hz). Not tokio's clock: a paused test clock does not move it.
+pub fn coarse_millis(clock: libc::clockid_t) -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec to write to; both coarse clocks exist on every Linux
+    // since 2.6.32 (the call cannot fail for them).
+    unsafe { libc::clock_gettime(clock, &mut ts) };
+    ts.tv_sec.max(0) as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+}
+
 /// Sleeps until `at` (a time from [`now`]).
 pub async fn sleep_until(at: Instant) {
     tokio::time::sleep_until(at.into()).await

@@ -29,20 +29,12 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::sync::Notify;
 
-/// The module's clock, in milliseconds: the kernel's coarse monotonic clock, which the
-/// kernel updates at each timer tick and the vDSO reads without the time-stamp counter
-/// (a few loads rather than `rdtsc` and a conversion). It is read at every read and write
-/// of a served connection, two or more times per request, where whole milliseconds and a
-/// tick's lag are precise enough for limits of a second or more.
+/// The module's clock, in milliseconds: the kernel's coarse monotonic clock (see
+/// [`crate::clock::coarse_millis`]). It is read at every read and write of a served
+/// connection, two or more times per request, where whole milliseconds and a tick's lag are
+/// precise enough for limits of a second or more.
 fn now_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to; CLOCK_MONOTONIC_COARSE exists on every
-    // Linux since 2.6.32 (the call cannot fail for it).
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
+    crate::clock::coarse_millis(libc::CLOCK_MONOTONIC_COARSE)
 }
 
 /// How far [`now_ms`] may lag the time, in whole milliseconds rounded up: one tick

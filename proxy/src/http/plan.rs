@@ -240,13 +240,7 @@ pub fn plan<'s>(
         plan.action = Action::Refuse(refusal);
         return plan;
     }
-    let upgrade = upgrade_for(head, seen, |p| route.upgrades.iter().any(|u| **u == *p));
-    let tunnel = upgrade.is_some();
-    let retry = route.retry.as_ref().filter(|_| !tunnel);
-    let mirror = route
-        .mirror
-        .as_ref()
-        .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent);
+    let (upgrade, retry, mirror) = upgrade_retry_mirror(route, head, seen, rng);
     let at_start =
         delay.is_none() && cluster.limits.is_none() && retry.is_none() && mirror.is_none();
     plan.action = Action::Forward(Forward {
@@ -262,6 +256,28 @@ pub fn plan<'s>(
         at_start,
     });
     plan
+}
+
+/// The route's upgrade to send (if the client asked for one it tunnels), and its retry
+/// policy and mirror (sampled), neither of which a tunnel gets.
+fn upgrade_retry_mirror<'s>(
+    route: &'s RouteRt,
+    head: &Parts,
+    seen: headers::Seen,
+    rng: &mut fastrand::Rng,
+) -> (
+    Option<HeaderValue>,
+    Option<&'s RetryRt>,
+    Option<&'s MirrorRt>,
+) {
+    let upgrade = upgrade_for(head, seen, |p| route.upgrades.iter().any(|u| **u == *p));
+    let tunnel = upgrade.is_some();
+    let retry = route.retry.as_ref().filter(|_| !tunnel);
+    let mirror = route
+        .mirror
+        .as_ref()
+        .filter(|m| !tunnel && rng.f64() * 100.0 < m.percent);
+    (upgrade, retry, mirror)
 }
 
 /// The route's cluster, or its split's side (by the request's `hash_on` key, else at

@@ -73,21 +73,9 @@ pub async fn run(
     let mut tried = Tried::default();
     let mut number: u32 = 1;
     loop {
-        if fwd.deadline.is_some_and(|d| crate::clock::now() >= d) {
-            return respond::local(Reason::Timeout.into(), snap, ex);
-        }
-        let Some(mut attempt) = Attempt::pick(
-            &fwd.cluster,
-            &tried,
-            fwd.hash_key.as_deref(),
-            // See `Forward::at_start`. Not kept in a local: the request's future would hold
-            // it across the try.
-            match number == 1 && fwd.at_start {
-                true => ex.start,
-                false => crate::clock::now(),
-            },
-        ) else {
-            return respond::local(Reason::NoHealthyEndpoint.into(), snap, ex);
+        let mut attempt = match start_try(fwd, &tried, &ex, number) {
+            Ok(attempt) => attempt,
+            Err(reason) => return respond::local(reason.into(), snap, ex),
         };
         let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
         let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
@@ -253,6 +241,26 @@ fn client_failed(
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
     resp
+}
+
+/// Try `number`'s endpoint, unless the request's deadline has passed or no endpoint is
+/// available. The try starts at the exchange's own clock reading when it is the first and
+/// nothing waited before it (see `Forward::at_start`), else at a reading of its own.
+fn start_try(
+    fwd: &Forward<'_>,
+    tried: &Tried,
+    ex: &Exchange,
+    number: u32,
+) -> Result<Attempt, Reason> {
+    if fwd.deadline.is_some_and(|d| crate::clock::now() >= d) {
+        return Err(Reason::Timeout);
+    }
+    let now = match number == 1 && fwd.at_start {
+        true => ex.start,
+        false => crate::clock::now(),
+    };
+    Attempt::pick(&fwd.cluster, tried, fwd.hash_key.as_deref(), now)
+        .ok_or(Reason::NoHealthyEndpoint)
 }
 
 /// The request body as the tries see it: held whole (so each try sends it again), or a

@@ -15,18 +15,11 @@ pub fn valid_request_id(v: &HeaderValue) -> bool {
 
 /// A UUIDv7: 48 bits of Unix milliseconds, then 74 random bits from the thread-local
 /// generator (no system call per request, unlike `Uuid::now_v7`). The milliseconds come
-/// from the kernel's coarse wall clock, which the vDSO reads without the time-stamp
-/// counter: a timer tick's precision (4 ms at 250 Hz), as RFC 9562 allows for the
-/// timestamp; the random bits keep IDs of one tick apart.
+/// from the kernel's coarse wall clock ([`crate::clock::coarse_millis`]): a timer tick's
+/// precision, as RFC 9562 allows for the timestamp; the random bits keep IDs of one tick
+/// apart.
 pub fn new_request_id() -> HeaderValue {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid timespec to write to; CLOCK_REALTIME_COARSE exists on every
-    // Linux since 2.6.32 (the call cannot fail for it).
-    unsafe { libc::clock_gettime(libc::CLOCK_REALTIME_COARSE, &mut ts) };
-    let millis = (ts.tv_sec.max(0) as u64) * 1000 + ts.tv_nsec as u64 / 1_000_000;
+    let millis = crate::clock::coarse_millis(libc::CLOCK_REALTIME_COARSE);
     let mut rand = [0u8; 10];
     rand[..8].copy_from_slice(&fastrand::u64(..).to_le_bytes());
     rand[8..].copy_from_slice(&fastrand::u16(..).to_le_bytes());
