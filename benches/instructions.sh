@@ -8,6 +8,9 @@
 # Instructions are not time: cache misses, system calls and the kernel's share are not in
 # them. 127.0.0.1 only; every run is bounded in time.
 # --keep DIR keeps callgrind's output files there, to read with callgrind_annotate.
+# CALLGRIND_ARGS adds options to callgrind's for Spur, e.g. "--dump-instr=yes" to tell the
+# call sites of a function apart (its callers' instruction addresses, for addr2line -i on a
+# build with line tables: CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
 # `haproxy` in place of a binary counts HAProxy (nbthread 1, log off, the config run.sh
 # gives it) the same way, except that its counters are zeroed after warm-up and dumped after
 # N2 - N1 requests (it leaves callgrind no output when it exits).
@@ -27,6 +30,7 @@ source "$SCRIPT_DIR/lib/targets.sh"
 
 PROTO=h1
 KEEP=
+read -ra cg_args <<<"${CALLGRIND_ARGS:-}"
 LOG=off
 HOP=
 N1=${N1:-1000}
@@ -88,7 +92,7 @@ clusters:
 EOF
   fi
   TOKIO_WORKER_THREADS=1 SPUR_LOG=$LOG_FILTER timeout --kill-after=5 600 \
-    valgrind --tool=callgrind --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
+    valgrind --tool=callgrind "${cg_args[@]}" --callgrind-out-file="$out" "$bin" "${sub[@]}" --config "$RUN_DIR/spur.yaml" \
     >"$RUN_DIR/spur.stdout.log" 2>&1 &
   pid=$!
   wait_ok spur "http://127.0.0.1:$port/" "$pid" h1 300 || die "Spur under valgrind did not start"

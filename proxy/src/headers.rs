@@ -1,6 +1,7 @@
 //! Header hygiene between hops: hop-by-hop removal, size accounting (forwarding headers:
 //! [`crate::http::forwarded`]).
 
+use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::Version;
 
@@ -25,6 +26,32 @@ const TE_BIT: u8 = 1 << 5;
 /// (request ID, forwarding, tracing, hops; an edge's response headers), and a map without
 /// the room grows on the way, reallocating and rehashing what it holds.
 pub const SPARE_HEADERS: usize = 8;
+
+/// Appends `src` to a head being written: `BytesMut::put_slice` is a call per piece (34
+/// instructions and a `memcpy` call for two bytes, in a callgrind profile); inlined here,
+/// a constant piece such as `": "` is a store and the capacity check is two compares.
+#[inline(always)]
+pub fn put(out: &mut BytesMut, src: &[u8]) {
+    out.reserve(src.len());
+    // SAFETY: `reserve` left at least `src.len()` bytes of spare capacity after `len()`;
+    // they are written before `set_len` counts them, and `src` is not in `out`'s buffer
+    // (`&mut out` and `&src` cannot alias).
+    unsafe {
+        let dst = out.spare_capacity_mut().as_mut_ptr().cast::<u8>();
+        std::ptr::copy_nonoverlapping(src.as_ptr(), dst, src.len());
+        out.set_len(out.len() + src.len());
+    }
+}
+
+/// Appends a field line, `name: value\r\n`.
+#[inline(always)]
+pub fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.reserve(name.len() + value.len() + 4);
+    put(out, name);
+    put(out, b": ");
+    put(out, value);
+    put(out, b"\r\n");
+}
 
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
@@ -378,6 +405,23 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fields_are_appended_whole_past_the_capacity_there_was() {
+        let mut out = BytesMut::with_capacity(4);
+        put(&mut out, b"GET / HTTP/1.1\r\n");
+        for i in 0..40 {
+            put_field(&mut out, b"x-n", i.to_string().as_bytes());
+        }
+        put_field(&mut out, b"empty", b"");
+        put(&mut out, b"");
+        let mut want = b"GET / HTTP/1.1\r\n".to_vec();
+        for i in 0..40 {
+            want.extend_from_slice(format!("x-n: {i}\r\n").as_bytes());
+        }
+        want.extend_from_slice(b"empty: \r\n");
+        assert_eq!(&out[..], &want[..]);
+    }
 
     #[test]
     fn hop_by_hop_headers_go() {

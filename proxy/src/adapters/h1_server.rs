@@ -31,9 +31,9 @@
 use super::http_conn::Io;
 use super::idle::HeadClock;
 use crate::body::{BoxError, InBody};
-use crate::headers::SPARE_HEADERS;
+use crate::headers::{put, put_field, SPARE_HEADERS};
 use crate::upstream::h1::has_token;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body::Body;
@@ -99,7 +99,9 @@ where
         // idle for the drain) until then.
         let busy = c.head.head_done(Version::HTTP_11);
         let head_request = req.method() == Method::HEAD;
-        let Some(resp) = answer(&mut c, handler(req)).await else {
+        // Pinned here, not moved into `answer`: the request path's future is two
+        // kilobytes, and each move of it is a copy.
+        let Some(resp) = answer(&mut c, pin!(handler(req))).await else {
             return Ended::Closed;
         };
         keep_alive &= !c.closing.load(Ordering::Acquire);
@@ -285,8 +287,7 @@ fn plain_header(name: &[u8], value: &[u8], keep_alive: &mut bool, seen_length: &
 /// The request path's answer, unless the client closes its side first (`None`): the
 /// request is then dropped, as hyper drops it. Bytes the client sends meanwhile (the next
 /// requests) are kept in the read buffer.
-async fn answer<F: Future>(c: &mut Conn<'_>, fut: F) -> Option<F::Output> {
-    let mut fut = pin!(fut);
+async fn answer<F: Future>(c: &mut Conn<'_>, mut fut: Pin<&mut F>) -> Option<F::Output> {
     let mut watching = c.buf.is_empty();
     poll_fn(|cx| {
         if let Poll::Ready(resp) = fut.as_mut().poll(cx) {
@@ -354,7 +355,7 @@ where
                     c.io.flush().await?;
                     unflushed = false;
                 }
-                answer(c, body.frame())
+                answer(c, pin!(body.frame()))
                     .await
                     .ok_or_else(|| std::io::Error::other("the client closed its side"))?
             }
@@ -378,7 +379,7 @@ where
             }
             Framing::Chunked if !data.is_empty() => {
                 put_number(out, data.len() as u64, 16);
-                out.put_slice(b"\r\n");
+                put(out, b"\r\n");
             }
             _ => {}
         }
@@ -386,13 +387,13 @@ where
             continue;
         }
         if data.len() < COPY_MAX {
-            out.put_slice(&data);
+            put(out, &data);
         } else {
             write_out(c.io, out, Some(&mut data)).await?;
             unflushed = true;
         }
         if let Framing::Chunked = framing {
-            out.put_slice(b"\r\n");
+            put(out, b"\r\n");
         }
         if out.len() >= OUT_MAX {
             write_out(c.io, out, None).await?;
@@ -402,7 +403,7 @@ where
     let keep_alive = match framing {
         Framing::Length(0) | Framing::Bodiless => head.keep_alive,
         Framing::Chunked => {
-            out.put_slice(b"0\r\n\r\n");
+            put(out, b"0\r\n\r\n");
             head.keep_alive
         }
         Framing::Close => false,
@@ -428,7 +429,7 @@ fn put_number(out: &mut BytesMut, mut n: u64, base: u64) {
             break;
         }
     }
-    out.put_slice(&digits[at..]);
+    put(out, &digits[at..]);
 }
 
 /// Writes `out` (emptied) and then `data` (all of it), in one vectored write when it can.
@@ -526,18 +527,18 @@ fn encode_head<B: Body>(
     };
     put_headers(&parts.headers, &shape, &mut written, out)?;
     if !written.keep_alive && !written.closing_said {
-        out.put_slice(b"connection: close\r\n");
+        put(out, b"connection: close\r\n");
     }
     let framing = match written.framing {
         Some(f) => f,
         None => put_framing(&shape, out),
     };
     if !written.dated {
-        out.put_slice(b"date: ");
-        crate::headers::with_http_date(|v| out.put_slice(v.as_bytes()));
-        out.put_slice(b"\r\n");
+        put(out, b"date: ");
+        crate::headers::with_http_date(|v| put(out, v.as_bytes()));
+        put(out, b"\r\n");
     }
-    out.put_slice(b"\r\n");
+    put(out, b"\r\n");
     let framing = match framing {
         _ if shape.bodiless => Framing::Bodiless,
         Framing::Length(0) => Framing::Bodiless,
@@ -554,17 +555,20 @@ fn put_status_line(parts: &http::response::Parts, http10: bool, out: &mut BytesM
     let status = parts.status;
     let reason = parts.extensions.get::<hyper::ext::ReasonPhrase>();
     if status == StatusCode::OK && reason.is_none() && !http10 {
-        out.put_slice(b"HTTP/1.1 200 OK\r\n");
+        put(out, b"HTTP/1.1 200 OK\r\n");
         return;
     }
-    out.put_slice(if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
-    out.put_slice(status.as_str().as_bytes());
-    out.put_u8(b' ');
+    put(out, if http10 { b"HTTP/1.0 " } else { b"HTTP/1.1 " });
+    put(out, status.as_str().as_bytes());
+    put(out, b" ");
     match reason {
-        Some(r) => out.put_slice(r.as_bytes()),
-        None => out.put_slice(status.canonical_reason().unwrap_or("<none>").as_bytes()),
+        Some(r) => put(out, r.as_bytes()),
+        None => put(
+            out,
+            status.canonical_reason().unwrap_or("<none>").as_bytes(),
+        ),
     }
-    out.put_slice(b"\r\n");
+    put(out, b"\r\n");
 }
 
 /// The response's own headers, in one pass over the map (whose values of one name come
@@ -607,9 +611,9 @@ fn put_headers(
             }
             header::TRANSFER_ENCODING | header::CONNECTION | header::TRAILER => {
                 written.closing_said |= *name == header::CONNECTION;
-                out.put_slice(name.as_str().as_bytes());
-                out.put_slice(b": ");
-                out.put_slice(v);
+                put(out, name.as_str().as_bytes());
+                put(out, b": ");
+                put(out, v);
                 let mut join = Join::new(name);
                 join.saw(v);
                 Run::Joined(join)
@@ -635,20 +639,20 @@ fn put_framing(shape: &Shape, out: &mut BytesMut) -> Framing {
         None if shape.bodiless => Framing::Bodiless,
         None if shape.http10 => Framing::Close,
         None => {
-            out.put_slice(b"transfer-encoding: chunked\r\n");
+            put(out, b"transfer-encoding: chunked\r\n");
             Framing::Chunked
         }
         Some(0) => {
             if shape.may_have_length && !shape.head_request {
-                out.put_slice(b"content-length: 0\r\n");
+                put(out, b"content-length: 0\r\n");
             }
             Framing::Length(0)
         }
         Some(n) => {
             if shape.may_have_length {
-                out.put_slice(b"content-length: ");
+                put(out, b"content-length: ");
                 put_number(out, n, 10);
-                out.put_slice(b"\r\n");
+                put(out, b"\r\n");
             }
             Framing::Length(n)
         }
@@ -685,8 +689,8 @@ impl Run<'_> {
             }
             Run::Length(_) => {}
             Run::Joined(join) => {
-                out.put_slice(b", ");
-                out.put_slice(v);
+                put(out, b", ");
+                put(out, v);
                 join.saw(v);
             }
         }
@@ -737,27 +741,23 @@ impl Join {
             JoinKind::Connection => {
                 *keep_alive &= !self.flag;
                 if !*keep_alive && !self.flag {
-                    out.put_slice(b", close");
+                    put(out, b", close");
                 }
             }
             JoinKind::TransferEncoding => {
                 if !self.flag {
-                    out.put_slice(b", chunked");
+                    put(out, b", chunked");
                 }
                 *framing = Some(Framing::Chunked);
             }
             JoinKind::Trailer => {}
         }
-        out.put_slice(b"\r\n");
+        put(out, b"\r\n");
     }
 }
 
 fn header_line(out: &mut BytesMut, name: &HeaderName, value: &[u8]) {
-    out.reserve(name.as_str().len() + value.len() + 4);
-    out.put_slice(name.as_str().as_bytes());
-    out.put_slice(b": ");
-    out.put_slice(value);
-    out.put_slice(b"\r\n");
+    put_field(out, name.as_str().as_bytes(), value);
 }
 
 #[cfg(test)]

@@ -24,8 +24,8 @@
 //! gives the request back, like hyper's, so it goes on a fresh connection.
 
 use crate::body::BoxError;
-use crate::headers::SPARE_HEADERS;
-use bytes::{Buf, BufMut, Bytes, BytesMut};
+use crate::headers::{put, put_field, SPARE_HEADERS};
+use bytes::{Buf, Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode, Version};
 use http_body::{Body, Frame, SizeHint};
@@ -343,17 +343,14 @@ pub fn encode_head<B>(req: &Request<B>, out: &mut BytesMut) {
             .sum::<usize>()
         + 2;
     out.reserve(size);
-    out.put_slice(req.method().as_str().as_bytes());
-    out.put_u8(b' ');
-    out.put_slice(target.as_bytes());
-    out.put_slice(b" HTTP/1.1\r\n");
+    put(out, req.method().as_str().as_bytes());
+    put(out, b" ");
+    put(out, target.as_bytes());
+    put(out, b" HTTP/1.1\r\n");
     for (name, value) in req.headers() {
-        out.put_slice(name.as_str().as_bytes());
-        out.put_slice(b": ");
-        out.put_slice(value.as_bytes());
-        out.put_slice(b"\r\n");
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    out.put_slice(b"\r\n");
+    put(out, b"\r\n");
 }
 
 /// Which of the framing headers a response has.
