@@ -1,5 +1,6 @@
 //! Header hygiene between hops: hop-by-hop removal, size accounting (forwarding headers:
-//! [`crate::http::forwarded`]).
+//! [`crate::http::forwarded`]); and the appends the HTTP/1.1 server and client write heads
+//! with ([`put`], [`put_field`]).
 
 use bytes::BytesMut;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
