@@ -431,7 +431,27 @@ clusters:
     assert_eq!(conns.load(Ordering::SeqCst), 1);
 }
 
-/// Sends ~500 requests a second from 5 workers until `stop`, recording (time, backend).
+/// How long [`slow_backend`] takes to answer: a service's few milliseconds, well above the
+/// scheduling noise of a loaded test machine.
+const SERVICE_TIME: Duration = Duration::from_millis(10);
+
+/// A backend that answers with `x-backend: name` after [`SERVICE_TIME`], on `addr` if given.
+async fn slow_backend(name: &'static str, addr: Option<SocketAddr>) -> Option<Backend> {
+    let answer = move |_: http::Request<hyper::body::Incoming>| async move {
+        tokio::time::sleep(SERVICE_TIME).await;
+        http::Response::builder()
+            .header("x-backend", name)
+            .body(http_body_util::Full::new(bytes::Bytes::from(name)))
+            .unwrap()
+    };
+    match addr {
+        Some(addr) => backend_on(addr, answer).await,
+        None => Some(backend(answer).await),
+    }
+}
+
+/// Sends a request every 10 ms from each of 5 workers (about 450 a second against
+/// [`slow_backend`]s) until `stop`, recording (time, backend).
 fn load(
     web: SocketAddr,
     stop: Arc<std::sync::atomic::AtomicBool>,
@@ -467,9 +487,13 @@ fn share(log: &[(Instant, String)], name: &str, from: Instant, to: Instant) -> (
 }
 
 async fn recovered_endpoint_gets_its_share(breaker: &str) {
-    let a = named_backend("a").await;
-    let b = named_backend("b").await;
-    let c = named_backend("c").await;
+    // The backends take a service's time to answer, so requests are in flight and EWMA's
+    // cost (latency x (in flight + 1)) weighs load as well as latency, as it does in front of
+    // a real service. Against backends answering in microseconds the latency term alone
+    // decides, and one request slowed by a loaded machine kept an endpoint out for seconds.
+    let a = slow_backend("a", None).await.unwrap();
+    let b = slow_backend("b", None).await.unwrap();
+    let c = slow_backend("c", None).await.unwrap();
     let proxy = start_proxy(&format!(
         r#"
 admin: {{ listen: "127.0.0.1:0" }}
@@ -501,14 +525,9 @@ clusters:
     // can be given it meanwhile (the restarted backend binds over the hold).
     let _down = hold_again(c_addr.port()).await;
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let c2 = backend_on(c_addr, |_| async {
-        http::Response::builder()
-            .header("x-backend", "c")
-            .body(http_body_util::Full::new(bytes::Bytes::from("c")))
-            .unwrap()
-    })
-    .await
-    .expect("the port is free again");
+    let c2 = slow_backend("c", Some(c_addr))
+        .await
+        .expect("the port is free again");
     // Back in service: with a breaker, once its probe succeeded; without, now.
     let label = c_addr.to_string();
     if !breaker.is_empty() {
@@ -553,6 +572,9 @@ clusters:
         back + Duration::from_secs(2),
         back + Duration::from_secs(3),
     );
+    if std::env::var("DEBUG_EWMA").is_ok() {
+        eprintln!("share, requests per second since it was back: {windows:?}");
+    }
     assert!(n > 200, "load was {n} requests in that second");
     // Back in rotation: a starved endpoint gets nothing (with failures counted as latency it
     // got 0%; with estimates compared strictly, the highest of three near-equal ones got 2-7%
