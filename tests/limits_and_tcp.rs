@@ -199,6 +199,7 @@ listeners:
   - {{ name: raw, listen: 127.0.0.1:0, protocol: tcp, cluster: echo }}
 clusters:
   - {{ name: echo, endpoints: ["{echo_addr}"] }}
+admin: {{ listen: "127.0.0.1:0" }}
 "#
     ))
     .await;
@@ -219,6 +220,24 @@ clusters:
     assert_eq!(got.len(), payload.len() + 4);
     assert_eq!(&got[..payload.len()], &payload[..]);
     assert_eq!(&got[payload.len()..], b"|bye");
+    // Every byte counted both ways (between plain sockets they are spliced, never read).
+    let admin = proxy.admin_addr().unwrap();
+    // They are counted when the connection has ended, just after the client saw its end.
+    for (direction, n) in [
+        ("upstream", payload.len()),
+        ("downstream", payload.len() + 4),
+    ] {
+        let labels = [
+            ("listener", "raw"),
+            ("cluster", "echo"),
+            ("direction", direction),
+        ];
+        let counted = || async { metric(admin, "spur_tcp_bytes_total", &labels).await };
+        let right = eventually(Duration::from_secs(3), || async {
+            counted().await == Some(n as f64)
+        });
+        assert!(right.await, "{direction}: {:?}, not {n}", counted().await);
+    }
     proxy.shutdown().await;
 }
 

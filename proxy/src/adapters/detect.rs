@@ -25,10 +25,10 @@
 //! Detection costs one `peek` per connection (and a few more for a head that arrives in
 //! pieces); the request path after it is unchanged.
 
-use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
 use crate::metrics::{DetectedLabels, EgressLabels};
 use crate::snapshot::{ClusterRt, ListenerRt};
+use crate::tls::Stream;
 use crate::Shared;
 use spur_config::Egress;
 use std::net::SocketAddr;
@@ -380,7 +380,7 @@ pub fn decide(
 async fn passthrough(
     shared: &Shared,
     lst: &ListenerRt,
-    mut client: TcpStream,
+    client: TcpStream,
     dst: SocketAddr,
     shutdown: watch::Receiver<bool>,
 ) {
@@ -397,14 +397,10 @@ async fn passthrough(
         }
     };
     let _ = upstream.set_nodelay(true);
-    let activity = Activity::new();
-    let mut up = IdleIo::new(upstream, activity.clone());
     let idle = lst.limits.idle_timeout.get();
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut up) => {}
-        _ = activity.idle_for(idle) => {}
-        _ = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout) => {}
-    }
+    let drained = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout);
+    let (client, upstream) = (Stream::Plain(client), Stream::Plain(upstream));
+    let _ = crate::adapters::relay::relay(client, upstream, idle, drained).await;
 }
 
 #[cfg(test)]

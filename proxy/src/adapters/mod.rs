@@ -9,6 +9,7 @@ pub mod health;
 pub mod http_conn;
 pub mod idle;
 pub mod listener;
+pub mod relay;
 mod stream_set;
 pub mod tcp;
 pub mod tls;

@@ -1,6 +1,7 @@
 //! `tcp` listeners: opaque bytes both ways between the client and an endpoint of the
 //! listener's cluster. Half-close is passed on: when one side finishes sending, the other
-//! side's write half is shut down and the opposite direction keeps flowing.
+//! side's write half is shut down and the opposite direction keeps flowing; between plain
+//! TCP sockets the kernel moves the bytes (`splice`, see [`crate::adapters::relay`]).
 //!
 //! A connection is one [`Attempt`], as an HTTP try is: it takes one of the cluster's
 //! `max_requests` slots (concurrent connections; over it the connection is closed at once,
@@ -21,8 +22,8 @@
 //! and logged with its `authz_rule`.
 
 use crate::access::{self, Val};
-use crate::adapters::idle::{Activity, IdleIo};
 use crate::adapters::listener::ConnGuard;
+use crate::adapters::relay::relay;
 use crate::attempt::{self, Attempt, Tried};
 use crate::metrics::{TcpBytesLabels, TcpLabels};
 use crate::policy::authz::Subject;
@@ -116,19 +117,11 @@ pub(crate) async fn serve_to(
         }
     };
     attempt.record_tcp(true, &lst.name, &shared.metrics);
-    let mut client = down.stream;
-    let activity = Activity::new();
-    let mut up = IdleIo::new(upstream, activity.clone());
     let idle = lst.limits.idle_timeout.get();
-    let result = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut client, &mut up) => r.map_err(|e| e.to_string()),
-        _ = activity.idle_for(idle) => Err("idle_timeout".to_string()),
-        _ = crate::adapters::idle::drained(shutdown, shared.snapshot.load().drain_timeout) => Err("drain_timeout".to_string()),
-    };
+    let drain_timeout = shared.snapshot.load().drain_timeout;
+    let drained = crate::adapters::idle::drained(shutdown, drain_timeout);
+    let (result, bytes) = relay(down.stream, upstream, idle, drained).await;
     drop(attempt);
-    // What moved, also when the connection ended in a timeout or an error.
-    let (from_upstream, to_upstream) = up.bytes();
-    let bytes = (to_upstream, from_upstream);
     let error = match &result {
         Ok(_) => "-",
         Err(e) => e.as_str(),
