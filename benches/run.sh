@@ -378,6 +378,20 @@ pick_round() {
   R_STATUS[$k]=ok; R_ERRS[$k]=$errs
 }
 
+# cut_log NAME : with access logs on, each proxy's log file is emptied after each of its
+# runs (its lines counted first), unless KEEP_LOGS=1. A log that grows by gigabytes over a
+# cell writes into memory the virtual machine touches for the first time, which costs the
+# writer more with every round (seen in the kernel's copy into the page cache: 25% of
+# Spur's CPU in its seventh HTTP/2 round, near none in its first), and more for a proxy
+# whose lines are longer; emptied, the file's pages are freed and written again.
+declare -A G_CUT=()
+cut_log() {
+  local f=${G_LOG[$1]}
+  [[ ${KEEP_LOGS:-0} != 1 && -f $f ]] || return 0
+  G_CUT[$1]=$(( ${G_CUT[$1]:-0} + $(wc -l <"$f") ))
+  : >"$f"
+}
+
 # group PLACEMENT LOG KIND|NAME|BIN... : the proxies of one placement and log setting
 # started side by side (each on the proxy CPUs, idle while another is measured), warmed up,
 # then ROUNDS rounds in which each takes its turn at every protocol (the order reversed
@@ -388,6 +402,7 @@ declare -A G_PID=() G_PIDS=() G_URL=() G_H2URL=() G_H2NOTE=() G_LOG=() G_TAG=() 
 group() {
   local pl=$1 lg=$2 e kind name bin tag names=() order=() pids=() proto key lpl r i
   shift 2
+  G_CUT=()
   for e in "$@"; do
     IFS='|' read -r kind name bin <<<"$e"
     tag=$(file_tag "$pl|$lg|$name")
@@ -425,6 +440,7 @@ group() {
         if [[ $proto == h1 ]]; then measure "$key" h1 "${G_URL[$name]}" "${pids[@]}"
         else measure "$key" h2 "${G_H2URL[$name]}" "${pids[@]}"; fi
         keep_round "$key"
+        [[ $lg == on ]] && cut_log "$name"
       done
     done
   done
@@ -445,7 +461,7 @@ group() {
       if ! kill -0 "${G_PID[$name]}" 2>/dev/null; then fail_cell "$key" crashed; warn "$name exited during the run (see $RUN_DIR/${G_TAG[$name]}.*)"; fi
     done
     stop_proc "${G_PID[$name]}"
-    lines=$(access_log_lines "${G_LOG[$name]}")
+    lines=$(( ${G_CUT[$name]:-0} + $(access_log_lines "${G_LOG[$name]}") ))
     for proto in h1 h2; do R_LOGLINES["$pl|$lg|$proto|$name"]=$lines; done
   done
 }

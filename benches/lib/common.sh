@@ -55,10 +55,11 @@ free_port() {
 ALL_PIDS=()
 LAST_PID=
 FG_PID=
-# start_proc NAME CMD... : background process, stdout/stderr into the run dir.
+# start_proc NAME CMD... : background process, stdout/stderr into the run dir (opened to
+# append, so that a log cut between rounds starts again at its beginning, see cut_log).
 start_proc() {
   local name=$1; shift
-  "$@" >"$RUN_DIR/$name.stdout.log" 2>"$RUN_DIR/$name.stderr.log" &
+  "$@" >>"$RUN_DIR/$name.stdout.log" 2>>"$RUN_DIR/$name.stderr.log" &
   LAST_PID=$!
   ALL_PIDS+=("$LAST_PID")
 }
