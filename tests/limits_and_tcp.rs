@@ -220,9 +220,10 @@ admin: {{ listen: "127.0.0.1:0" }}
     assert_eq!(got.len(), payload.len() + 4);
     assert_eq!(&got[..payload.len()], &payload[..]);
     assert_eq!(&got[payload.len()..], b"|bye");
-    // Every byte counted both ways (between plain sockets they are spliced, never read).
+    // Every byte counted both ways, whether copied or spliced (between plain sockets a
+    // stream's bytes are spliced), once the connection has ended: just after the client saw
+    // its end, so polled.
     let admin = proxy.admin_addr().unwrap();
-    // They are counted when the connection has ended, just after the client saw its end.
     for (direction, n) in [
         ("upstream", payload.len()),
         ("downstream", payload.len() + 4),

@@ -92,23 +92,19 @@ mod splice {
     use std::io;
     use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
     use std::sync::atomic::AtomicBool;
-    use std::sync::OnceLock;
+    use std::sync::LazyLock;
     use tokio::io::Interest;
     use tokio::net::TcpStream;
 
     /// Whether splicing is on: `SPUR_TCP_SPLICE=0` turns it off, and so does a kernel or
     /// sandbox that refuses it (the chunk that found out is copied instead).
     pub fn wanted() -> bool {
-        static READ: OnceLock<()> = OnceLock::new();
-        READ.get_or_init(|| {
-            if std::env::var("SPUR_TCP_SPLICE").is_ok_and(|v| v == "0") {
-                REFUSED.store(true, Ordering::Relaxed);
-            }
-        });
-        !REFUSED.load(Ordering::Relaxed)
+        ON.load(Ordering::Relaxed)
     }
 
-    static REFUSED: AtomicBool = AtomicBool::new(false);
+    static ON: LazyLock<AtomicBool> = LazyLock::new(|| {
+        AtomicBool::new(std::env::var("SPUR_TCP_SPLICE").map_or(true, |v| v != "0"))
+    });
 
     /// A copied chunk's most; a read that fills it turns its direction to splicing.
     const BUF: usize = 16 * 1024;
@@ -282,7 +278,7 @@ mod splice {
                 return Ok(None);
             }
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL | libc::ENOSYS)) => {
-                REFUSED.store(true, Ordering::Relaxed);
+                ON.store(false, Ordering::Relaxed);
                 tracing::warn!(error = %e, "splice refused: tcp bytes are copied from now on");
                 return copy_chunk(from, to, activity, moved).await;
             }

@@ -1,7 +1,7 @@
 //! `tcp` listeners: opaque bytes both ways between the client and an endpoint of the
 //! listener's cluster. Half-close is passed on: when one side finishes sending, the other
 //! side's write half is shut down and the opposite direction keeps flowing; between plain
-//! TCP sockets the kernel moves the bytes (`splice`, see [`crate::adapters::relay`]).
+//! TCP sockets the kernel moves a stream's bytes (`splice`, see [`crate::adapters::relay`]).
 //!
 //! A connection is one [`Attempt`], as an HTTP try is: it takes one of the cluster's
 //! `max_requests` slots (concurrent connections; over it the connection is closed at once,
