@@ -136,13 +136,16 @@ repin() {
 
 # ------------------------------------------------------------------- /proc --
 CLK_TCK=$(getconf CLK_TCK)
-cpu_ticks() {   # sum of utime+stime (clock ticks) over the PIDs given, all threads
-  local total=0 pid line rest fields=()
+# cpu_ticks [--kernel] PIDS... : sum of utime+stime (clock ticks) over the PIDs given, all
+# threads; with --kernel, stime only (time spent in the kernel on their behalf).
+cpu_ticks() {
+  local total=0 pid line rest fields=() user=1
+  [[ ${1:-} == --kernel ]] && { user=0; shift; }
   for pid in "$@"; do
     line=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
     rest=${line##*) }            # fields after "(comm)": state is index 0
     read -r -a fields <<<"$rest"
-    total=$((total + fields[11] + fields[12]))   # fields 14 (utime) and 15 (stime)
+    total=$((total + user * fields[11] + fields[12]))   # fields 14 (utime) and 15 (stime)
   done
   echo "$total"
 }
@@ -182,7 +185,7 @@ thread_count() {  # threads over the PIDs given
 # control FIFO with acknowledgement, so the window is exact; /proc utime+stime is read as
 # well (the cross-check, and the fallback when perf is unusable). counters_stop sets
 # C_TASK_US (perf's task-clock, µs; /proc's without perf), C_CSW, C_SYS ("-" if unknown),
-# C_PROC_US (/proc's utime+stime, µs), C_STEAL_US (steal time of the proxy CPUs, µs) and
+# C_PROC_US (/proc's utime+stime, µs), C_KERNEL_US (/proc's stime alone), C_STEAL_US (steal time of the proxy CPUs, µs) and
 # C_WALL_US (the window's length).
 PERF_PID=
 COUNTER_PIDS=()
@@ -190,6 +193,7 @@ USE_PERF=${USE_PERF:-1}
 counters_start() {
   COUNTER_PIDS=("$@")
   C_T0=$(cpu_ticks "$@")
+  C_K0=$(cpu_ticks --kernel "$@")
   C_STEAL0=$(cpu_steal "$PROXY_CPUS")
   C_CSW0=$(ctx_switches "$@")
   C_WALL0=$(date +%s%N)
@@ -221,6 +225,7 @@ counters_stop() {
   C_STEAL_US=$(awk -v d=$(($(cpu_steal "$PROXY_CPUS") - C_STEAL0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_WALL_US=$(( ($(date +%s%N) - C_WALL0) / 1000 ))
   C_PROC_US=$(awk -v d=$((t1 - C_T0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
+  C_KERNEL_US=$(awk -v d=$(($(cpu_ticks --kernel "${COUNTER_PIDS[@]}") - C_K0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_TASK_US=$C_PROC_US
   C_CSW=$(( $(ctx_switches "${COUNTER_PIDS[@]}") - C_CSW0 ))
   C_SYS=-
