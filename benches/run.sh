@@ -271,7 +271,7 @@ fi
 
 # ------------------------------------------------------------------ results --
 # Cell key: "PLACEMENT|LOG|PROTO|NAME" (direct: LOG "-"). Latency key: "LATPL|LOG|NAME".
-for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_TASK_CPU R_STEAL R_ROUNDS R_SYS R_CSW R_KERNEL R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
+for _a in R_STATUS R_RPS R_REQS R_ERRS R_CPU R_TASK_CPU R_STEAL R_ROUNDS R_SYS R_CSW R_KERNEL R_FAULTS R_UTIL R_HWM R_THREADS R_LOGLINES R_NOTE \
   R_LP50 R_LP99 R_MEM_IDLE R_MEM_CONN R_MEM_OK R_START_MED R_START_MIN R_START_RUNS R_HS_RATE R_HS_CPU; do
   declare -A "$_a=()"
 done
@@ -311,6 +311,7 @@ measure() {
     R_SYS[$key]=$(per_req "$C_SYS" "$reqs" 2)
     R_CSW[$key]=$(per_req "$C_CSW" "$reqs" 2)
     R_KERNEL[$key]=$(per_req "$C_KERNEL_US" "$reqs" 1)
+    R_FAULTS[$key]=$(per_req "$C_FAULTS" "$reqs" 3)
     R_UTIL[$key]=$(awk -v c="$C_PROC_US" -v w="$C_WALL_US" 'BEGIN { if (w > 0) printf "%.0f%%", 100 * c / w; else print "-" }')
   fi
   if [[ $rps == - || $reqs == 0 ]]; then
@@ -354,7 +355,7 @@ lat_placement() {
 declare -A ROUND_ROWS=()
 keep_round() {
   local k=$1
-  ROUND_ROWS[$k]+="${R_CPU[$k]:--} ${R_STATUS[$k]} ${R_RPS[$k]} ${R_REQS[$k]} ${R_ERRS[$k]} ${R_TASK_CPU[$k]:--} ${R_SYS[$k]:--} ${R_CSW[$k]:--} ${R_UTIL[$k]:--} ${R_STEAL[$k]:--} ${R_KERNEL[$k]:--}"$'\n'
+  ROUND_ROWS[$k]+="${R_CPU[$k]:--} ${R_STATUS[$k]} ${R_RPS[$k]} ${R_REQS[$k]} ${R_ERRS[$k]} ${R_TASK_CPU[$k]:--} ${R_SYS[$k]:--} ${R_CSW[$k]:--} ${R_UTIL[$k]:--} ${R_STEAL[$k]:--} ${R_KERNEL[$k]:--} ${R_FAULTS[$k]:--}"$'\n'
 }
 # pick_round KEY : the cell's values become those of its round with the median CPU µs/req
 # (of an even count, the lower middle); errors are those of every round; a cell fails when
@@ -375,7 +376,7 @@ pick_round() {
   fi
   read -r -a row < <(sed '/^$/d' <<<"$rows" | sort -n -k1,1 | awk -v n="${#cpus[@]}" 'NR == int((n + 1) / 2)')
   R_CPU[$k]=${row[0]}; R_RPS[$k]=${row[2]}; R_REQS[$k]=${row[3]}
-  R_TASK_CPU[$k]=${row[5]}; R_SYS[$k]=${row[6]}; R_CSW[$k]=${row[7]}; R_UTIL[$k]=${row[8]}; R_STEAL[$k]=${row[9]}; R_KERNEL[$k]=${row[10]}
+  R_TASK_CPU[$k]=${row[5]}; R_SYS[$k]=${row[6]}; R_CSW[$k]=${row[7]}; R_UTIL[$k]=${row[8]}; R_STEAL[$k]=${row[9]}; R_KERNEL[$k]=${row[10]}; R_FAULTS[$k]=${row[11]}
   R_STATUS[$k]=ok; R_ERRS[$k]=$errs
 }
 

@@ -149,6 +149,18 @@ cpu_ticks() {
   done
   echo "$total"
 }
+# page_faults PIDS... : minor + major page faults of the PIDs given so far (all threads).
+# On a VM a fault can cost microseconds, and no system call counts it.
+page_faults() {
+  local total=0 pid line rest fields=()
+  for pid in "$@"; do
+    line=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
+    rest=${line##*) }
+    read -r -a fields <<<"$rest"
+    total=$((total + fields[7] + fields[9]))   # fields 10 (minflt) and 12 (majflt)
+  done
+  echo "$total"
+}
 # cpu_steal CPU-LIST -> steal time (clock ticks) of those CPUs so far (/proc/stat): time the
 # hypervisor ran something else while the guest had work on them. perf's task-clock counts
 # it as the task's; /proc's utime+stime leave it out.
@@ -185,7 +197,8 @@ thread_count() {  # threads over the PIDs given
 # control FIFO with acknowledgement, so the window is exact; /proc utime+stime is read as
 # well (the cross-check, and the fallback when perf is unusable). counters_stop sets
 # C_TASK_US (perf's task-clock, µs; /proc's without perf), C_CSW, C_SYS ("-" if unknown),
-# C_PROC_US (/proc's utime+stime, µs), C_KERNEL_US (/proc's stime alone), C_STEAL_US (steal time of the proxy CPUs, µs) and
+# C_PROC_US (/proc's utime+stime, µs), C_KERNEL_US (/proc's stime alone), C_FAULTS (page
+# faults), C_STEAL_US (steal time of the proxy CPUs, µs) and
 # C_WALL_US (the window's length).
 PERF_PID=
 COUNTER_PIDS=()
@@ -194,6 +207,7 @@ counters_start() {
   COUNTER_PIDS=("$@")
   C_T0=$(cpu_ticks "$@")
   C_K0=$(cpu_ticks --kernel "$@")
+  C_F0=$(page_faults "$@")
   C_STEAL0=$(cpu_steal "$PROXY_CPUS")
   C_CSW0=$(ctx_switches "$@")
   C_WALL0=$(date +%s%N)
@@ -226,6 +240,7 @@ counters_stop() {
   C_WALL_US=$(( ($(date +%s%N) - C_WALL0) / 1000 ))
   C_PROC_US=$(awk -v d=$((t1 - C_T0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_KERNEL_US=$(awk -v d=$(($(cpu_ticks --kernel "${COUNTER_PIDS[@]}") - C_K0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
+  C_FAULTS=$(( $(page_faults "${COUNTER_PIDS[@]}") - C_F0 ))
   C_TASK_US=$C_PROC_US
   C_CSW=$(( $(ctx_switches "${COUNTER_PIDS[@]}") - C_CSW0 ))
   C_SYS=-

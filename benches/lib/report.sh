@@ -209,15 +209,15 @@ report_details() {
   local key pl lg proto name
   echo "<details><summary>details</summary>"
   echo
-  echo "Rounds: CPU µs/req of each round, in order (the table shows the median one). task-clock: perf's CPU µs/req of the shown round, which counts steal. Kernel: the part of CPU µs/req spent in the kernel on the proxy's behalf (/proc stime: system calls, the network stack's work they do, page faults); where it is most of the cost, system calls per request are the lever. Steal: the proxy CPU's steal time over that round ÷ its length; a cell with a large one ran on a disturbed machine. Requests and errors: of the shown round; errors of every round. Threads: of the proxy process(es) after start. Log lines: lines in the proxy's access-log file over the whole cell (warm-up, every round, latency run; Spur's file also has its few start-up lines)."
+  echo "Rounds: CPU µs/req of each round, in order (the table shows the median one). task-clock: perf's CPU µs/req of the shown round, which counts steal. Kernel: the part of CPU µs/req spent in the kernel on the proxy's behalf (/proc stime: system calls, the network stack's work they do, page faults); where it is most of the cost, system calls per request are the lever. Faults: page faults per request (/proc minflt+majflt), kernel time that no system call shows. Steal: the proxy CPU's steal time over that round ÷ its length; a cell with a large one ran on a disturbed machine. Requests and errors: of the shown round; errors of every round. Threads: of the proxy process(es) after start. Log lines: lines in the proxy's access-log file over the whole cell (warm-up, every round, latency run; Spur's file also has its few start-up lines)."
   echo
-  echo "| placement | access log | client | target | requests | errors | rounds CPU µs/req | task-clock µs/req | kernel µs/req | steal | threads | log lines |"
-  echo "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|"
+  echo "| placement | access log | client | target | requests | errors | rounds CPU µs/req | task-clock µs/req | kernel µs/req | faults/req | steal | threads | log lines |"
+  echo "|---|---|---|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"
   for key in "${CELL_ORDER[@]}"; do
     IFS='|' read -r pl lg proto name <<<"$key"
     [[ ${R_STATUS[$key]:-} == ok || ${R_STATUS[$key]:-} == crashed ]] || continue
     [[ $lg == - ]] && lg="—"
-    echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_REQS[$key]} | ${R_ERRS[$key]} | $(dash "${R_ROUNDS[$key]:-}") | $(dash "${R_TASK_CPU[$key]:-}") | $(dash "${R_KERNEL[$key]:-}") | $(dash "${R_STEAL[$key]:-}") | $(dash "${R_THREADS[$key]:-}") | $(dash "${R_LOGLINES[$key]:-}") |"
+    echo "| $pl | $lg | $(proto_label "$proto") | $name | ${R_REQS[$key]} | ${R_ERRS[$key]} | $(dash "${R_ROUNDS[$key]:-}") | $(dash "${R_TASK_CPU[$key]:-}") | $(dash "${R_KERNEL[$key]:-}") | $(dash "${R_FAULTS[$key]:-}") | $(dash "${R_STEAL[$key]:-}") | $(dash "${R_THREADS[$key]:-}") | $(dash "${R_LOGLINES[$key]:-}") |"
   done
   echo
   echo "Raw output, configs and logs: \`${RUN_DIR#"$REPO_ROOT"/}/\`"
