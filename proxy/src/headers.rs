@@ -44,6 +44,20 @@ pub fn put(out: &mut BytesMut, src: &[u8]) {
     }
 }
 
+/// An emptied read buffer starts again at the front of its allocation, when nothing else
+/// holds a part of it (else it stays as it is; nothing is allocated). A connection's reads
+/// then land on the same few cache lines exchange after exchange, as HAProxy's recycled
+/// buffers do, rather than walking through kilobytes of it first: with a hundred upstream
+/// connections that walk was most of a megabyte of memory, cold by the time it came round.
+#[inline]
+pub fn rewind_empty(buf: &mut BytesMut) {
+    if buf.is_empty() {
+        // One more byte than the room left behind the (empty) data: met only by moving to
+        // the front, which `try_reclaim` does when the allocation is this handle's alone.
+        let _ = buf.try_reclaim(buf.capacity() + 1);
+    }
+}
+
 /// Appends a field line, `name: value\r\n`.
 #[inline(always)]
 pub fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
@@ -406,6 +420,32 @@ fn strip_port(host: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An emptied buffer's next read lands where its first did, once the parts taken out
+    /// are gone; while one is held, the buffer is left as it was and nothing is allocated.
+    #[test]
+    fn an_emptied_buffer_goes_back_to_its_front() {
+        let mut buf = BytesMut::with_capacity(8192);
+        let front = buf.as_ptr();
+        for _ in 0..3 {
+            buf.extend_from_slice(&[b'x'; 300]);
+            let taken = buf.split_to(300).freeze();
+            let (at, room) = (buf.as_ptr(), buf.capacity());
+            rewind_empty(&mut buf);
+            assert_eq!((buf.as_ptr(), buf.capacity()), (at, room), "a part is held");
+            drop(taken);
+            rewind_empty(&mut buf);
+            assert_eq!(buf.as_ptr(), front);
+            assert_eq!(buf.capacity(), 8192);
+        }
+        buf.extend_from_slice(b"left");
+        let at = buf.as_ptr();
+        rewind_empty(&mut buf);
+        assert_eq!(buf.as_ptr(), at, "a buffer with bytes in it stays");
+        let mut none = BytesMut::new();
+        rewind_empty(&mut none);
+        assert_eq!(none.capacity(), 0);
+    }
 
     #[test]
     fn fields_are_appended_whole_past_the_capacity_there_was() {

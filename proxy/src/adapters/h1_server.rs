@@ -178,6 +178,7 @@ fn poll_fill(
             std::task::ready!(tcp.poll_read_ready(cx))?;
         }
     }
+    crate::headers::rewind_empty(buf);
     if buf.capacity() - buf.len() < READ_CHUNK / 4 {
         buf.reserve(READ_CHUNK);
     }

@@ -244,6 +244,7 @@ impl Conn {
 
     /// Reads what the socket has into the buffer: the number of bytes (0 at its end).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
+        crate::headers::rewind_empty(&mut self.buf);
         if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
             self.buf.reserve(READ_CHUNK);
         }
