@@ -136,31 +136,24 @@ repin() {
 
 # ------------------------------------------------------------------- /proc --
 CLK_TCK=$(getconf CLK_TCK)
-# cpu_ticks [--kernel] PIDS... : sum of utime+stime (clock ticks) over the PIDs given, all
-# threads; with --kernel, stime only (time spent in the kernel on their behalf).
-cpu_ticks() {
-  local total=0 pid line rest fields=() user=1
-  [[ ${1:-} == --kernel ]] && { user=0; shift; }
+# stat_sum "INDEXES" PIDS... : the sum of /proc/PID/stat's fields at INDEXES (counted from
+# the state field, 0) over the PIDs given; each PID's figures cover all its threads.
+stat_sum() {
+  local want=$1 total=0 pid line rest fields=() i
+  shift
   for pid in "$@"; do
     line=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
     rest=${line##*) }            # fields after "(comm)": state is index 0
     read -r -a fields <<<"$rest"
-    total=$((total + user * fields[11] + fields[12]))   # fields 14 (utime) and 15 (stime)
+    for i in $want; do total=$((total + fields[i])); done
   done
   echo "$total"
 }
-# page_faults PIDS... : minor + major page faults of the PIDs given so far (all threads).
-# On a VM a fault can cost microseconds, and no system call counts it.
-page_faults() {
-  local total=0 pid line rest fields=()
-  for pid in "$@"; do
-    line=$(cat "/proc/$pid/stat" 2>/dev/null) || continue
-    rest=${line##*) }
-    read -r -a fields <<<"$rest"
-    total=$((total + fields[7] + fields[9]))   # fields 10 (minflt) and 12 (majflt)
-  done
-  echo "$total"
-}
+cpu_ticks() { stat_sum "11 12" "$@"; }     # utime+stime (clock ticks): fields 14 and 15
+kernel_ticks() { stat_sum "12" "$@"; }     # stime alone: time in the kernel on their behalf
+# page faults, minor + major (fields 10 and 12): on a VM one can cost microseconds, and no
+# system call counts it
+page_faults() { stat_sum "7 9" "$@"; }
 # cpu_steal CPU-LIST -> steal time (clock ticks) of those CPUs so far (/proc/stat): time the
 # hypervisor ran something else while the guest had work on them. perf's task-clock counts
 # it as the task's; /proc's utime+stime leave it out.
@@ -206,7 +199,7 @@ USE_PERF=${USE_PERF:-1}
 counters_start() {
   COUNTER_PIDS=("$@")
   C_T0=$(cpu_ticks "$@")
-  C_K0=$(cpu_ticks --kernel "$@")
+  C_K0=$(kernel_ticks "$@")
   C_F0=$(page_faults "$@")
   C_STEAL0=$(cpu_steal "$PROXY_CPUS")
   C_CSW0=$(ctx_switches "$@")
@@ -239,7 +232,7 @@ counters_stop() {
   C_STEAL_US=$(awk -v d=$(($(cpu_steal "$PROXY_CPUS") - C_STEAL0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_WALL_US=$(( ($(date +%s%N) - C_WALL0) / 1000 ))
   C_PROC_US=$(awk -v d=$((t1 - C_T0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
-  C_KERNEL_US=$(awk -v d=$(($(cpu_ticks --kernel "${COUNTER_PIDS[@]}") - C_K0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
+  C_KERNEL_US=$(awk -v d=$(($(kernel_ticks "${COUNTER_PIDS[@]}") - C_K0)) -v hz="$CLK_TCK" 'BEGIN { printf "%.0f", d / hz * 1e6 }')
   C_FAULTS=$(( $(page_faults "${COUNTER_PIDS[@]}") - C_F0 ))
   C_TASK_US=$C_PROC_US
   C_CSW=$(( $(ctx_switches "${COUNTER_PIDS[@]}") - C_CSW0 ))
