@@ -8,9 +8,11 @@
 # Instructions are not time: cache misses, system calls and the kernel's share are not in
 # them. 127.0.0.1 only; every run is bounded in time.
 # --keep DIR keeps callgrind's output files there, to read with callgrind_annotate.
-# CALLGRIND_ARGS adds options to callgrind's for Spur, e.g. "--dump-instr=yes" to tell the
-# call sites of a function apart (its callers' instruction addresses, for addr2line -i on a
-# build with line tables: CARGO_PROFILE_RELEASE_DEBUG=line-tables-only).
+# CALLGRIND_ARGS adds options to callgrind's (for Spur and HAProxy alike), e.g.
+# "--dump-instr=yes" to tell the call sites of a function apart (its callers' instruction
+# addresses, for addr2line -i on a build with line tables:
+# CARGO_PROFILE_RELEASE_DEBUG=line-tables-only), or "--cache-sim=yes" to count simulated
+# cache misses as well (in the kept files; the printed figure stays instructions).
 # `haproxy` in place of a binary counts HAProxy (nbthread 1, log off, the config run.sh
 # gives it) the same way, except that its counters are zeroed after warm-up and dumped after
 # N2 - N1 requests (it leaves callgrind no output when it exits).
@@ -121,7 +123,7 @@ haproxy_per_request() {
   free_port h2port
   write_haproxy_conf "$RUN_DIR/haproxy.cfg" "$port" "$h2port" off
   out=$RUN_DIR/callgrind.haproxy.out
-  timeout --kill-after=5 600 valgrind --tool=callgrind --callgrind-out-file="$out" \
+  timeout --kill-after=5 600 valgrind --tool=callgrind "${cg_args[@]}" --callgrind-out-file="$out" \
     "$HAPROXY_BIN" -db -f "$RUN_DIR/haproxy.cfg" >"$RUN_DIR/haproxy.stdout.log" 2>&1 &
   pid=$!
   wait_ok haproxy "http://127.0.0.1:$port/" "$pid" h1 300 || die "HAProxy under valgrind did not start"
