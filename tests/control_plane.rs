@@ -580,19 +580,33 @@ async fn proxy_reconnects_after_the_control_plane_restarts() {
     let a = named_backend("a").await;
     let b = named_backend("b").await;
     let dir = temp_dir("restart");
+    // A restart on the same address: the stopped control plane's tasks are aborted, and its
+    // listener closes once the runtime drops them, which may be a moment after `stop`
+    // returns (another worker thread), so the bind is tried again until then.
     let start = |listen: std::net::SocketAddr| {
         let dir = dir.clone();
         async move {
-            spur_control::start(spur_control::Options {
-                listen,
-                data_dir: dir,
-                token: None,
-                ca: None,
-                kubernetes: None,
-                ..Default::default()
-            })
-            .await
-            .unwrap()
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let opts = spur_control::Options {
+                    listen,
+                    data_dir: dir.clone(),
+                    token: None,
+                    ca: None,
+                    kubernetes: None,
+                    ..Default::default()
+                };
+                match spur_control::start(opts).await {
+                    Ok(cp) => break cp,
+                    Err(spur_control::StartError::Bind { source, .. })
+                        if source.kind() == std::io::ErrorKind::AddrInUse
+                            && Instant::now() < deadline =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                    Err(e) => panic!("control plane on {listen}: {e}"),
+                }
+            }
         }
     };
     let cp = start("127.0.0.1:0".parse().unwrap()).await;
