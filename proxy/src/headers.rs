@@ -44,13 +44,28 @@ pub fn put(out: &mut BytesMut, src: &[u8]) {
     }
 }
 
+/// Room made in an HTTP/1.1 read buffer (the server's, an upstream connection's) before
+/// each read.
+const READ_CHUNK: usize = 8 * 1024;
+
+/// Makes room in an HTTP/1.1 read buffer for the next read: an emptied buffer goes back to
+/// its front ([`rewind_empty`]), and one with less than a quarter of [`READ_CHUNK`] free
+/// gets a chunk more.
+#[inline]
+pub fn make_room_to_read(buf: &mut BytesMut) {
+    rewind_empty(buf);
+    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
+        buf.reserve(READ_CHUNK);
+    }
+}
+
 /// An emptied read buffer starts again at the front of its allocation, when nothing else
 /// holds a part of it (else it stays as it is; nothing is allocated). A connection's reads
 /// then land on the same few cache lines exchange after exchange, as HAProxy's recycled
 /// buffers do, rather than walking through kilobytes of it first: with a hundred upstream
 /// connections that walk was most of a megabyte of memory, cold by the time it came round.
 #[inline]
-pub fn rewind_empty(buf: &mut BytesMut) {
+fn rewind_empty(buf: &mut BytesMut) {
     if buf.is_empty() {
         // One more byte than the room left behind the (empty) data: met only by moving to
         // the front, which `try_reclaim` does when the allocation is this handle's alone.
@@ -445,6 +460,25 @@ mod tests {
         let mut none = BytesMut::new();
         rewind_empty(&mut none);
         assert_eq!(none.capacity(), 0);
+    }
+
+    /// A read gets a chunk of room when a quarter of one is not left, and no more.
+    #[test]
+    fn room_is_made_for_a_read_only_when_it_is_short() {
+        let mut buf = BytesMut::new();
+        make_room_to_read(&mut buf);
+        assert!(buf.capacity() >= READ_CHUNK);
+        buf.extend_from_slice(&vec![b'x'; buf.capacity() - READ_CHUNK / 4]);
+        let (at, room) = (buf.as_ptr(), buf.capacity());
+        make_room_to_read(&mut buf);
+        assert_eq!(
+            (buf.as_ptr(), buf.capacity()),
+            (at, room),
+            "a quarter is enough"
+        );
+        buf.extend_from_slice(b"x");
+        make_room_to_read(&mut buf);
+        assert!(buf.capacity() - buf.len() >= READ_CHUNK);
     }
 
     #[test]

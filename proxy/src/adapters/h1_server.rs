@@ -47,8 +47,6 @@ use tokio::io::AsyncWriteExt;
 
 /// The most headers a request read here may have; more goes to hyper (which takes 100).
 pub const MAX_HEADERS: usize = 64;
-/// Room made in the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
 /// A data frame at least this large is written from its own buffer, not copied.
 const COPY_MAX: usize = 4 * 1024;
 /// The most bytes the write buffer holds before they are written.
@@ -178,10 +176,7 @@ fn poll_fill(
             std::task::ready!(tcp.poll_read_ready(cx))?;
         }
     }
-    crate::headers::rewind_empty(buf);
-    if buf.capacity() - buf.len() < READ_CHUNK / 4 {
-        buf.reserve(READ_CHUNK);
-    }
+    crate::headers::make_room_to_read(buf);
     tokio_util::io::poll_read_buf(Pin::new(io), cx, buf)
 }
 

@@ -41,9 +41,6 @@ const MAX_HEADERS: usize = 100;
 /// The most bytes a response head, a chunk-size line or a trailer section may take.
 const MAX_HEAD: usize = 400 * 1024;
 
-/// Room made in the read buffer before each read.
-const READ_CHUNK: usize = 8 * 1024;
-
 /// Where a connection goes back when its exchange is over (the endpoint's pool shard).
 pub trait Home: Send + Sync + 'static {
     fn checkin(self: Arc<Self>, conn: Box<Conn>);
@@ -244,10 +241,7 @@ impl Conn {
 
     /// Reads what the socket has into the buffer: the number of bytes (0 at its end).
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<std::io::Result<usize>> {
-        crate::headers::rewind_empty(&mut self.buf);
-        if self.buf.capacity() - self.buf.len() < READ_CHUNK / 4 {
-            self.buf.reserve(READ_CHUNK);
-        }
+        crate::headers::make_room_to_read(&mut self.buf);
         tokio_util::io::poll_read_buf(Pin::new(&mut self.tcp), cx, &mut self.buf)
     }
 }
