@@ -8,7 +8,6 @@
 //! what is pending; the binaries call it before exiting.
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 use tracing_subscriber::fmt::MakeWriter;
@@ -77,17 +76,12 @@ impl Pending {
     }
 }
 
-/// The flusher thread's id once it runs with a file-descriptor table of its own (0 before).
-static FLUSHER_TID: AtomicI32 = AtomicI32::new(0);
-
 fn buffer() -> &'static Mutex<Pending> {
     BUFFER.get_or_init(|| {
         std::thread::Builder::new()
             .name("spur-log".into())
             .spawn(|| {
                 own_fd_table();
-                // SAFETY: gettid has no preconditions.
-                FLUSHER_TID.store(unsafe { libc::gettid() }, Ordering::Release);
                 loop {
                     std::thread::sleep(FLUSH_EVERY);
                     flush();
@@ -255,20 +249,18 @@ mod tests {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let (fd, addr) = (listener.as_raw_fd(), listener.local_addr().unwrap());
         let _ = buffer();
+        // The flusher (the thread named spur-log), once it has unshared its table: until
+        // then its table is the process's.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
-        let tid = loop {
-            match FLUSHER_TID.load(Ordering::Acquire) {
-                0 if std::time::Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(1))
-                }
-                0 => panic!("the flusher thread did not start"),
-                tid => break tid,
+        let fds = loop {
+            let fds = flusher_fds();
+            if fds.as_ref().is_some_and(|f| f.iter().all(|&f| f <= 2))
+                || std::time::Instant::now() >= deadline
+            {
+                break fds.expect("the flusher thread runs");
             }
+            std::thread::sleep(Duration::from_millis(1));
         };
-        let fds: Vec<i32> = std::fs::read_dir(format!("/proc/self/task/{tid}/fd"))
-            .unwrap()
-            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
-            .collect();
         assert!(
             fds.iter().all(|&f| f <= 2),
             "the flusher's descriptors: {fds:?}"
@@ -279,6 +271,20 @@ mod tests {
             std::net::TcpStream::connect(addr).is_err(),
             "{addr} still listens"
         );
+    }
+
+    /// The descriptors open in the spur-log thread's table (`None` before it runs).
+    fn flusher_fds() -> Option<Vec<i32>> {
+        let task = std::fs::read_dir("/proc/self/task").ok()?.find_map(|t| {
+            let t = t.ok()?.path();
+            let comm = std::fs::read_to_string(t.join("comm")).ok()?;
+            (comm.trim_end() == "spur-log").then_some(t)
+        })?;
+        let fds = std::fs::read_dir(task.join("fd")).ok()?;
+        Some(
+            fds.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+                .collect(),
+        )
     }
 
     /// Lines come out whole and in order, and the two buffers keep their room: no buffer
