@@ -13,7 +13,7 @@
 //! sent as a reset with the h2 reason behind it (or `INTERNAL_ERROR`).
 
 use crate::adapters::http_conn::{Io, Rewind};
-use crate::adapters::idle::HeadClock;
+use crate::adapters::idle::{HeadClock, RequestGuard};
 use crate::body::{BoxError, H2Recv, InBody};
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -22,9 +22,9 @@ use http::header::{self, HeaderValue};
 use http::{Request, Response, Version};
 use http_body::Body;
 use std::future::{poll_fn, Future};
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::Poll;
+use std::task::{Context, Poll};
 
 /// hyper's server defaults, which Spur's listeners have always had.
 const WINDOW: u32 = 1024 * 1024;
@@ -80,38 +80,78 @@ where
     .await
 }
 
-/// One request: the request path's answer, sent back on the stream.
-async fn stream<H, F, B>(
+/// One request, from the request path's answer to the response's end.
+fn stream<H, F, B>(
     handler: &H,
     head: &HeadClock,
     req: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
-) where
+    respond: SendResponse<Bytes>,
+) -> Stream<F, B>
+where
     H: Fn(Request<InBody>) -> F,
-    F: Future<Output = Response<B>>,
-    B: Body<Data = Bytes> + Unpin,
-    B::Error: Into<BoxError>,
 {
     // Held until the response has ended: the connection is busy until then.
-    let _busy = head.head_done(Version::HTTP_2);
+    let busy = head.head_done(Version::HTTP_2);
     let (parts, recv) = req.into_parts();
     let body = match recv.is_end_stream() {
         true => InBody::Empty,
         false => InBody::H2(H2Recv::new(recv, &parts.headers)),
     };
-    let mut answer = pin!(handler(Request::from_parts(parts, body)));
-    // A client's reset cancels the request (the request path's future is dropped).
-    let answered = poll_fn(|cx| match answer.as_mut().poll(cx) {
-        Poll::Ready(resp) => Poll::Ready(Some(resp)),
-        Poll::Pending => match respond.poll_reset(cx) {
-            Poll::Ready(_) => Poll::Ready(None),
-            Poll::Pending => Poll::Pending,
-        },
-    })
-    .await;
-    let Some(resp) = answered else {
-        return;
-    };
+    Stream {
+        answer: handler(Request::from_parts(parts, body)),
+        respond,
+        sending: None,
+        _busy: busy,
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A stream's work: the request path's answer, then the response body.
+    ///
+    /// Written out rather than an `async fn`, which would keep the request beside the
+    /// request path's future made from it, and the stream's handle twice: the future is the
+    /// largest part of a stream's slot, copied into it whole for each request.
+    struct Stream<F, B> {
+        #[pin]
+        answer: F,
+        respond: SendResponse<Bytes>,
+        // Set once the response head has gone: the answer is not polled again.
+        sending: Option<SendBody<B>>,
+        _busy: RequestGuard,
+    }
+}
+
+impl<F, B> Future for Stream<F, B>
+where
+    F: Future<Output = Response<B>>,
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Output = ();
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let this = self.project();
+        if let Some(send) = this.sending {
+            return send.poll(cx);
+        }
+        let resp = match this.answer.poll(cx) {
+            Poll::Ready(resp) => resp,
+            // A client's reset cancels the request (the request path's future is dropped
+            // with the stream's).
+            Poll::Pending => return this.respond.poll_reset(cx).map(drop),
+        };
+        match send_head(this.respond, resp) {
+            Some(send) => this.sending.insert(send).poll(cx),
+            None => Poll::Ready(()),
+        }
+    }
+}
+
+/// Sends the response head; what is left to send of its body, if anything.
+fn send_head<B>(respond: &mut SendResponse<Bytes>, resp: Response<B>) -> Option<SendBody<B>>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
     let (mut parts, body) = resp.into_parts();
     // HTTP/2 forbids connection-specific headers (h2 refuses to send them); upstream
     // responses have lost theirs already, so this is one pass over the names.
@@ -130,11 +170,16 @@ async fn stream<H, F, B>(
         }
     }
     match respond.send_response(Response::from_parts(parts, ()), end) {
-        Ok(tx) if !end => send_body(body, tx).await,
-        Ok(_) => {}
+        Ok(tx) if !end => Some(SendBody {
+            body,
+            tx,
+            waiting: None,
+        }),
+        Ok(_) => None,
         Err(e) => {
             tracing::debug!(error = %e, "HTTP/2 response not sent");
             respond.send_reset(Reason::INTERNAL_ERROR);
+            None
         }
     }
 }
@@ -144,78 +189,86 @@ async fn stream<H, F, B>(
 /// been given to the stream, and only a byte of the connection's window is claimed ahead
 /// (h2 claims the rest as the chunk goes out), so a stream waiting for its body does not
 /// hold window the others need. The last chunk goes to the stream without the wait.
-async fn send_body<B>(mut body: B, mut tx: SendStream<Bytes>)
+struct SendBody<B> {
+    body: B,
+    tx: SendStream<Bytes>,
+    /// A chunk that is not the last, given to the stream once it has window for it.
+    waiting: Option<Bytes>,
+}
+
+impl<B> SendBody<B>
 where
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
 {
-    // A chunk that is not the last, given to the stream once it has window for it.
-    let mut waiting: Option<Bytes> = None;
-    poll_fn(|cx| loop {
-        if let Poll::Ready(reason) = tx.poll_reset(cx) {
-            tracing::debug!(?reason, "HTTP/2 stream reset while its response was sent");
-            return Poll::Ready(());
-        }
-        if let Some(data) = waiting.take() {
-            while tx.capacity() == 0 {
-                match tx.poll_capacity(cx) {
-                    Poll::Ready(Some(Ok(0))) => {}
-                    Poll::Ready(Some(Ok(_))) => break,
-                    Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
-                    Poll::Pending => {
-                        waiting = Some(data);
-                        return Poll::Pending;
+    /// Ready when the body has ended, failed, or the stream was reset.
+    fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        let tx = &mut self.tx;
+        loop {
+            if let Poll::Ready(reason) = tx.poll_reset(cx) {
+                tracing::debug!(?reason, "HTTP/2 stream reset while its response was sent");
+                return Poll::Ready(());
+            }
+            if let Some(data) = self.waiting.take() {
+                while tx.capacity() == 0 {
+                    match tx.poll_capacity(cx) {
+                        Poll::Ready(Some(Ok(0))) => {}
+                        Poll::Ready(Some(Ok(_))) => break,
+                        Poll::Ready(Some(Err(_)) | None) => return Poll::Ready(()),
+                        Poll::Pending => {
+                            self.waiting = Some(data);
+                            return Poll::Pending;
+                        }
+                    }
+                }
+                if tx.send_data(data, false).is_err() {
+                    return Poll::Ready(());
+                }
+                continue;
+            }
+            let frame = match Pin::new(&mut self.body).poll_frame(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(None) => {
+                    // Ended without an end-of-stream flag on a data frame or trailers.
+                    let _ = tx.send_data(Bytes::new(), true);
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    let e: BoxError = e.into();
+                    tracing::debug!(error = %e, "HTTP/2 response body failed");
+                    tx.send_reset(reason_of(&*e));
+                    return Poll::Ready(());
+                }
+                Poll::Ready(Some(Ok(frame))) => frame,
+            };
+            match frame.into_data() {
+                Ok(data) if data.is_empty() => {
+                    let end = self.body.is_end_stream();
+                    if tx.send_data(data, end).is_err() || end {
+                        return Poll::Ready(());
+                    }
+                }
+                // The last chunk (often the only one) is given to the stream at once: h2
+                // claims the window it needs as it goes out, which is what waiting for it
+                // would do, and there is no next chunk to hold back.
+                Ok(data) if self.body.is_end_stream() => {
+                    let _ = tx.send_data(data, true);
+                    return Poll::Ready(());
+                }
+                Ok(data) => {
+                    tx.reserve_capacity(1);
+                    self.waiting = Some(data);
+                }
+                Err(frame) => {
+                    if let Ok(trailers) = frame.into_trailers() {
+                        tx.reserve_capacity(0);
+                        let _ = tx.send_trailers(trailers);
+                        return Poll::Ready(());
                     }
                 }
             }
-            if tx.send_data(data, false).is_err() {
-                return Poll::Ready(());
-            }
-            continue;
         }
-        let frame = match Pin::new(&mut body).poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
-            Poll::Ready(None) => {
-                // Ended without an end-of-stream flag on a data frame or trailers.
-                let _ = tx.send_data(Bytes::new(), true);
-                return Poll::Ready(());
-            }
-            Poll::Ready(Some(Err(e))) => {
-                let e: BoxError = e.into();
-                tracing::debug!(error = %e, "HTTP/2 response body failed");
-                tx.send_reset(reason_of(&*e));
-                return Poll::Ready(());
-            }
-            Poll::Ready(Some(Ok(frame))) => frame,
-        };
-        match frame.into_data() {
-            Ok(data) if data.is_empty() => {
-                let end = body.is_end_stream();
-                if tx.send_data(data, end).is_err() || end {
-                    return Poll::Ready(());
-                }
-            }
-            // The last chunk (often the only one) is given to the stream at once: h2 claims
-            // the window it needs as it goes out, which is what waiting for it would do, and
-            // there is no next chunk to hold back.
-            Ok(data) if body.is_end_stream() => {
-                let _ = tx.send_data(data, true);
-                return Poll::Ready(());
-            }
-            Ok(data) => {
-                tx.reserve_capacity(1);
-                waiting = Some(data);
-            }
-            Err(frame) => {
-                if let Ok(trailers) = frame.into_trailers() {
-                    tx.reserve_capacity(0);
-                    let _ = tx.send_trailers(trailers);
-                    return Poll::Ready(());
-                }
-            }
-        }
-    })
-    .await
+    }
 }
 
 /// The reset reason for a response body's error: the h2 reason behind it (an upstream

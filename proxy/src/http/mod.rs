@@ -35,6 +35,7 @@ use http::{header, HeaderValue, Request, Response};
 use hyper::body::Incoming;
 use plan::{Action, Forward, Peer, Plan};
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -91,80 +92,89 @@ pub async fn handle(
 }
 
 /// The request path for a request from any transport (HTTP/1.1, HTTP/2, HTTP/3).
-pub async fn handle_any(ctx: &ConnCtx, req: Request<InBody>) -> Response<RespBody> {
-    let snap = ctx.shared.snapshot.load_full();
+///
+/// Not an `async fn`, which would keep the request twice in its future (captured, then
+/// split into locals): the block captures the head and body already split (see
+/// `tries::run`).
+pub fn handle_any(
+    ctx: &ConnCtx,
+    req: Request<InBody>,
+) -> impl Future<Output = Response<RespBody>> + '_ {
     let (mut head, body) = req.into_parts();
-    let path = head
-        .uri
-        .path_and_query()
-        .cloned()
-        .unwrap_or_else(|| PathAndQuery::from_static("/"));
-    let mut ex = Exchange::new(
-        ctx.shared.clone(),
-        ctx.listener.clone(),
-        ctx.peer,
-        head.method.clone(),
-        path,
-    );
-    ex.peer_identity = ctx.peer_identity.clone();
-    ex.log_query = snap.log_query;
-    let Some(lst) = snap.listeners.get(&*ctx.listener) else {
-        // The listener was removed by a config push while this connection was open.
-        ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
-        ex.grpc = crate::grpc::is_grpc(&head.headers);
-        return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
-    };
-    let plan = plan::plan(
-        &snap,
-        lst,
-        ctx.peer(),
-        &mut head,
-        // The exchange's clock reading, a moment old: one reading for the request's start.
-        ex.start,
-        &mut fastrand::Rng::new(),
-    );
-    if plan.seen.has(headers::Seen::USER_AGENT) {
-        ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
-    }
-    ex.record_plan(&plan, lst);
-    if let (Some(route), Action::Forward(_)) = (plan.route, &plan.action) {
-        edge::rewrite(route, &mut head);
-    }
-    ex.span = crate::trace::span::Recording::for_plan(&snap, &plan, ex.start);
-    if let Some(p) = head.uri.path_and_query() {
-        // Normalised by the plan: logged, and sent upstream, as it was routed.
-        ex.path = p.clone();
-    }
-    ex.host = head.headers.get(header::HOST).cloned();
-    if let Some(delay) = plan.delay {
-        // Boxed: rare, and a timer is a large part of a future every request carries.
-        Box::pin(tokio::time::sleep(delay)).await;
-    }
-    let mut resp = match plan.action {
-        Action::Refuse(refusal) => {
-            if refusal.reason.rejects_client() {
-                ctx.shared
-                    .metrics
-                    .reject(&lst.name, refusal.reason.as_str());
+    async move {
+        let snap = ctx.shared.snapshot.load_full();
+        let path = head
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let mut ex = Exchange::new(
+            ctx.shared.clone(),
+            ctx.listener.clone(),
+            ctx.peer,
+            head.method.clone(),
+            path,
+        );
+        ex.peer_identity = ctx.peer_identity.clone();
+        ex.log_query = snap.log_query;
+        let Some(lst) = snap.listeners.get(&*ctx.listener) else {
+            // The listener was removed by a config push while this connection was open.
+            ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
+            ex.grpc = crate::grpc::is_grpc(&head.headers);
+            return respond::local(Reason::ListenerRemoved.into(), &snap, ex);
+        };
+        let plan = plan::plan(
+            &snap,
+            lst,
+            ctx.peer(),
+            &mut head,
+            // The exchange's clock reading, a moment old: one reading for the request's start.
+            ex.start,
+            &mut fastrand::Rng::new(),
+        );
+        if plan.seen.has(headers::Seen::USER_AGENT) {
+            ex.user_agent = head.headers.get(header::USER_AGENT).cloned();
+        }
+        ex.record_plan(&plan, lst);
+        if let (Some(route), Action::Forward(_)) = (plan.route, &plan.action) {
+            edge::rewrite(route, &mut head);
+        }
+        ex.span = crate::trace::span::Recording::for_plan(&snap, &plan, ex.start);
+        if let Some(p) = head.uri.path_and_query() {
+            // Normalised by the plan: logged, and sent upstream, as it was routed.
+            ex.path = p.clone();
+        }
+        ex.host = head.headers.get(header::HOST).cloned();
+        if let Some(delay) = plan.delay {
+            // Boxed: rare, and a timer is a large part of a future every request carries.
+            Box::pin(tokio::time::sleep(delay)).await;
+        }
+        let mut resp = match plan.action {
+            Action::Refuse(refusal) => {
+                if refusal.reason.rejects_client() {
+                    ctx.shared
+                        .metrics
+                        .reject(&lst.name, refusal.reason.as_str());
+                }
+                respond::local(refusal, &snap, ex)
             }
-            respond::local(refusal, &snap, ex)
-        }
-        Action::Answer(ref answer) => {
-            if let Some(reason) = answer.reason.filter(|r| r.rejects_client()) {
-                ctx.shared.metrics.reject(&lst.name, reason.as_str());
+            Action::Answer(ref answer) => {
+                if let Some(reason) = answer.reason.filter(|r| r.rejects_client()) {
+                    ctx.shared.metrics.reject(&lst.name, reason.as_str());
+                }
+                answer::respond(answer, &snap, ex)
             }
-            answer::respond(answer, &snap, ex)
+            Action::Forward(ref fwd) => {
+                rewrite_head(ctx, &snap.correlation.header, &plan, fwd, &mut head);
+                tries::run(ctx, &snap, fwd, &mut head, body, ex).await
+            }
+        };
+        if let Some(v) = &lst.alt_svc {
+            resp.headers_mut().insert(header::ALT_SVC, v.clone());
         }
-        Action::Forward(ref fwd) => {
-            rewrite_head(ctx, &snap.correlation.header, &plan, fwd, &mut head);
-            tries::run(ctx, &snap, fwd, head, body, ex).await
-        }
-    };
-    if let Some(v) = &lst.alt_svc {
-        resp.headers_mut().insert(header::ALT_SVC, v.clone());
+        edge::on_response(ctx, &plan, resp.headers_mut());
+        resp
     }
-    edge::on_response(ctx, &plan, resp.headers_mut());
-    resp
 }
 
 /// The head the upstream sees: hop-by-hop headers out (an upgrade only if the plan allows

@@ -23,105 +23,120 @@ use http::request::Parts;
 use http::{header, HeaderMap, HeaderValue, Request, Response, Uri, Version};
 use http_body::Body as _;
 use spur_config::UpstreamProtocol;
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 /// Runs the tries of a planned request and answers the client.
-pub async fn run(
-    ctx: &ConnCtx,
-    snap: &Snapshot,
-    fwd: &Forward<'_>,
-    mut head: Parts,
+///
+/// Not an `async fn`, which keeps each argument twice in its future (as captured and as a
+/// local): an `async move` block uses what it captured in place. The head (224 bytes)
+/// stays in the caller's future.
+#[allow(clippy::manual_async_fn)] // on purpose, as said above
+pub fn run<'a>(
+    ctx: &'a ConnCtx,
+    snap: &'a Snapshot,
+    fwd: &'a Forward<'a>,
+    head: &'a mut Parts,
     body: InBody,
     mut ex: Box<Exchange>,
-) -> Response<RespBody> {
-    let metrics = &ctx.shared.metrics;
-    match attempt::admit(&fwd.cluster, fwd.deadline, metrics).await {
-        Ok(slot) => ex.permit = slot,
-        Err(reason) => return respond::local(reason.into(), snap, ex),
-    }
-    // Only an upgrade the plan allowed may become a tunnel: a `101` to any other request
-    // (its upgrade was stripped) is refused in `respond::upstream`.
-    let downstream_upgrade = head
-        .extensions
-        .remove::<hyper::upgrade::OnUpgrade>()
-        .filter(|_| fwd.upgrade.is_some());
-    let Some(mut body) = TryBody::read(fwd, body, &ex).await else {
-        return client_failed(ctx, snap, ex, head.version);
-    };
-    if let Some(r) = fwd.retry {
-        r.budget.deposit(crate::clock::now());
-    }
-    if let Some(m) = fwd.mirror {
-        ex.mirror = match body.replayable() {
-            Some(data) => mirror::spawn(
-                ctx.shared.clone(),
-                m.cluster.clone(),
-                &head,
-                ex.path.clone(),
-                data,
-                ex.request_id.clone(),
-                ex.span.as_ref().map(|r| r.mirror()),
-            ),
-            None => {
-                mirror::dropped(&ctx.shared, &m.cluster.name);
-                None
-            }
-        }
-        .map(|tx| (tx, mirror::BodyHash::default()));
-    }
-    let idempotent = retry::idempotent(&head.method);
-    let mut tried = Tried::default();
-    let mut number: u32 = 1;
-    loop {
-        let mut attempt = match start_try(fwd, &tried, &ex, number) {
-            Ok(attempt) => attempt,
+) -> impl Future<Output = Response<RespBody>> + 'a {
+    async move {
+        let metrics = &ctx.shared.metrics;
+        match attempt::admit(&fwd.cluster, fwd.deadline, metrics).await {
+            Ok(slot) => ex.permit = slot,
             Err(reason) => return respond::local(reason.into(), snap, ex),
-        };
-        let req = prepare(&mut head, fwd, &attempt, &mut ex, body.for_try(), number);
-        let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
-        let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
-        // Small: the upstream boxes what is large (see `Upstream::send`).
-        let send = fwd.cluster.client.send(attempt.endpoint(), req);
-        let sent = crate::clock::until(limit, send).await;
-        ex.attempts = number;
-        let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
-        if let Some(setup) = result
-            .as_ref()
-            .ok()
-            .and_then(|r| r.extensions().get::<Connecting>())
-        {
-            attempt.discount(setup.0);
         }
-        let (awaits_trailers, recorded) = settle(&attempt, outcome, &mut ex, metrics);
-        let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
-        match step.and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
-        {
-            Some(pause) => {
-                drop(result);
-                // Boxed: retries are rare, and a timer is large.
-                Box::pin(tokio::time::sleep(pause)).await;
-                tried.add(attempt.index);
-                number += 1;
+        // Only an upgrade the plan allowed may become a tunnel: a `101` to any other request
+        // (its upgrade was stripped) is refused in `respond::upstream`.
+        let downstream_upgrade = head
+            .extensions
+            .remove::<hyper::upgrade::OnUpgrade>()
+            .filter(|_| fwd.upgrade.is_some());
+        let Some(mut body) = TryBody::read(fwd, body, &ex).await else {
+            return client_failed(ctx, snap, ex, head.version);
+        };
+        if let Some(r) = fwd.retry {
+            r.budget.deposit(crate::clock::now());
+        }
+        start_mirror(ctx, fwd, head, &body, &mut ex);
+        let idempotent = retry::idempotent(&head.method);
+        let mut tried = Tried::default();
+        let mut number: u32 = 1;
+        loop {
+            let mut attempt = match start_try(fwd, &tried, &ex, number) {
+                Ok(attempt) => attempt,
+                Err(reason) => return respond::local(reason.into(), snap, ex),
+            };
+            let req = prepare(head, fwd, &attempt, &mut ex, body.for_try(), number);
+            let per_try = fwd.retry.and_then(|r| r.policy.per_try_timeout);
+            let limit = earliest(per_try.map(|t| attempt.started + t), fwd.deadline);
+            // Small: the upstream boxes what is large (see `Upstream::send`).
+            let send = fwd.cluster.client.send(attempt.endpoint(), req);
+            let sent = crate::clock::until(limit, send).await;
+            ex.attempts = number;
+            let (outcome, result) = classify(sent, &ex, metrics, &fwd.cluster);
+            if let Some(setup) = result
+                .as_ref()
+                .ok()
+                .and_then(|r| r.extensions().get::<Connecting>())
+            {
+                attempt.discount(setup.0);
             }
-            None => {
-                let last = Last {
-                    attempt,
-                    outcome,
-                    awaits_trailers,
-                    recorded,
-                };
-                return answer(
-                    ctx,
-                    snap,
-                    last,
-                    result,
-                    ex,
-                    downstream_upgrade,
-                    head.version,
-                );
+            let (awaits_trailers, recorded) = settle(&attempt, outcome, &mut ex, metrics);
+            let step = next_step(fwd, outcome, number, idempotent, &body, metrics);
+            match step
+                .and_then(|(r, pause)| budget(r, outcome, &fwd.cluster, metrics).then_some(pause))
+            {
+                Some(pause) => {
+                    drop(result);
+                    // Boxed: retries are rare, and a timer is large.
+                    Box::pin(tokio::time::sleep(pause)).await;
+                    tried.add(attempt.index);
+                    number += 1;
+                }
+                None => {
+                    let last = Last {
+                        attempt,
+                        outcome,
+                        awaits_trailers,
+                        recorded,
+                    };
+                    return answer(
+                        ctx,
+                        snap,
+                        last,
+                        result,
+                        ex,
+                        downstream_upgrade,
+                        head.version,
+                    );
+                }
             }
         }
     }
+}
+
+/// Sends the mirrored copy, when the route mirrors and the body is held whole.
+fn start_mirror(ctx: &ConnCtx, fwd: &Forward<'_>, head: &Parts, body: &TryBody, ex: &mut Exchange) {
+    let Some(m) = fwd.mirror else {
+        return;
+    };
+    ex.mirror = match body.replayable() {
+        Some(data) => mirror::spawn(
+            ctx.shared.clone(),
+            m.cluster.clone(),
+            head,
+            ex.path.clone(),
+            data,
+            ex.request_id.clone(),
+            ex.span.as_ref().map(|r| r.mirror()),
+        ),
+        None => {
+            mirror::dropped(&ctx.shared, &m.cluster.name);
+            None
+        }
+    }
+    .map(|tx| (tx, mirror::BodyHash::default()));
 }
 
 /// The last try, as the answer needs it.
