@@ -62,7 +62,8 @@ log "optimised build into $PGO_TARGET"
 # LLVM inlines a call the profile calls hot up to a cost of 3000 by default, so the request
 # path's hot functions swell with copies of the same callees (a hundred kilobytes of code
 # run per request, three times the instruction cache). 1000 keeps the instruction count
-# and takes 8% of the simulated instruction-cache misses away (benches/README.md).
+# and takes 8% (HTTP/2) and 1% (HTTP/1.1) of the simulated instruction-cache misses away
+# (benches/README.md).
 (cd "$ROOT" && CARGO_TARGET_DIR=$PGO_TARGET \
   RUSTFLAGS="-Cprofile-use=$DATA/spur.profdata -Cllvm-args=-hot-callsite-threshold=1000" \
   cargo build --release --locked -p spur -p spur-proxy --bin spur --bin spur-proxy)
