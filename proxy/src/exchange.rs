@@ -95,7 +95,9 @@ impl Exchange {
         path: http::uri::PathAndQuery,
     ) -> Box<Exchange> {
         let unknown: Arc<str> = shared.dash.clone();
-        Box::new(Exchange {
+        // Written into its box: `Box::new` built the record aside and copied it in.
+        let mut ex = Box::<Exchange>::new_uninit();
+        ex.write(Exchange {
             shared,
             start: crate::clock::now(),
             listener,
@@ -129,7 +131,9 @@ impl Exchange {
             deferred: None,
             ended: false,
             span: None,
-        })
+        });
+        // SAFETY: written just above.
+        unsafe { ex.assume_init() }
     }
 
     /// Takes what the plan decided into the record: request ID, trace, route, cluster and

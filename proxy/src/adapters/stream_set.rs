@@ -127,8 +127,14 @@ impl<F: Future<Output = ()>> StreamSet<F> {
                     queued: AtomicBool::new(false),
                     ready: Arc::downgrade(&self.ready),
                 });
+                // `Box::pin(None)` builds the `None` aside and copies all of the future's
+                // kilobytes into the box, the unset ones too; this writes only what `None`
+                // sets.
+                let mut fut = Box::<Option<F>>::new_uninit();
+                fut.write(None);
                 empty.insert(Slot {
-                    fut: Box::pin(None),
+                    // SAFETY: written just above.
+                    fut: Box::into_pin(unsafe { fut.assume_init() }),
                     waker: Waker::from(wake.clone()),
                     wake,
                 })
