@@ -249,6 +249,10 @@ fn p2c(
     tie: f64,
     n: usize,
 ) -> Option<usize> {
+    // One endpoint (a sidecar's own application): what the draws would give, without them.
+    if n == 1 {
+        return usable(0).then_some(0);
+    }
     let a = weighted_draw(n, usable, weight, None)?;
     let Some(b) = weighted_draw(n, usable, weight, Some(a)) else {
         return Some(a);
@@ -519,6 +523,29 @@ mod tests {
             assert!((0.4..0.6).contains(&end), "after the window: {end}");
             // Without slow start, no ramp.
             assert!(shares(&b, &eps, t0, Tuning::default())[1] > 0.4);
+        }
+    }
+
+    #[test]
+    fn a_single_endpoint_is_picked_while_available_and_retried_when_excluded() {
+        let now = Instant::now();
+        let mut eps = vec![ep(3, 5, 2.0)];
+        eps[0].ramp_since = Some(now);
+        let tuning = Tuning {
+            panic_threshold: 0,
+            slow_start: Some(Duration::from_secs(10)),
+        };
+        for b in [Balancer::Ewma, Balancer::LeastRequest] {
+            for _ in 0..20 {
+                let pick = b.pick_with(&eps, &[], now, None, tuning).unwrap();
+                assert_eq!(pick.index, 0);
+                // A retry excluding it goes to it again: there is no other.
+                let pick = b.pick_with(&eps, &[0], now, None, tuning).unwrap();
+                assert_eq!(pick.index, 0);
+            }
+            eps[0].available = false;
+            assert_eq!(b.pick_with(&eps, &[], now, None, tuning), None);
+            eps[0].available = true;
         }
     }
 
