@@ -6,6 +6,7 @@ pub mod dns;
 pub mod h1_server;
 pub mod h2_server;
 pub mod health;
+pub mod hpack;
 pub mod http_conn;
 pub mod idle;
 pub mod listener;
