@@ -30,7 +30,7 @@ pub enum InBody {
     Empty,
     Http(Incoming),
     /// A request body on a stream of Spur's own HTTP/2 server.
-    H2(H2Recv),
+    H2(crate::adapters::h2_body::H2Recv),
     /// A response read by Spur's own HTTP/1.1 client.
     H1(crate::upstream::h1::ResponseBody),
     /// Boxed: an h3 stream is large, and hyper bodies are the common case.
@@ -69,7 +69,7 @@ impl Body for InBody {
         match self {
             InBody::Empty => true,
             InBody::Http(b) => b.is_end_stream(),
-            InBody::H2(b) => b.recv.is_end_stream(),
+            InBody::H2(b) => b.is_end_stream(),
             InBody::H1(b) => b.is_end_stream(),
             InBody::H3(b) => b.state == H3State::Done,
             #[cfg(test)]
@@ -81,11 +81,7 @@ impl Body for InBody {
         match self {
             InBody::Empty => SizeHint::with_exact(0),
             InBody::Http(b) => b.size_hint(),
-            InBody::H2(b) => match b.length {
-                _ if b.recv.is_end_stream() => SizeHint::with_exact(0),
-                UNKNOWN => SizeHint::default(),
-                n => SizeHint::with_exact(n),
-            },
+            InBody::H2(b) => b.size_hint(),
             InBody::H1(b) => b.size_hint(),
             InBody::H3(b) => match b.length {
                 Some(n) if b.state == H3State::Data => SizeHint::with_exact(n),
@@ -93,53 +89,6 @@ impl Body for InBody {
             },
             #[cfg(test)]
             InBody::Test(b) => b.size_hint(),
-        }
-    }
-}
-
-/// The receiving half of an HTTP/2 request stream, as hyper reads one: the bytes read are
-/// given back to the stream's flow-control window, and a reset with `NO_ERROR` (the client
-/// had no more to send once it had the response, RFC 9113 §8.1) ends the body cleanly.
-pub struct H2Recv {
-    recv: h2::RecvStream,
-    /// `content-length` minus the bytes read; [`UNKNOWN`] when the client declared none (a
-    /// plain `u64` keeps the request path's future small).
-    length: u64,
-    data_done: bool,
-}
-
-const UNKNOWN: u64 = u64::MAX;
-
-impl H2Recv {
-    pub fn new(recv: h2::RecvStream, headers: &HeaderMap) -> H2Recv {
-        H2Recv {
-            recv,
-            length: content_length(headers).unwrap_or(UNKNOWN),
-            data_done: false,
-        }
-    }
-
-    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        if !self.data_done {
-            match ready!(self.recv.poll_data(cx)) {
-                Some(Ok(data)) => {
-                    let _ = self.recv.flow_control().release_capacity(data.len());
-                    if self.length != UNKNOWN {
-                        self.length = self.length.saturating_sub(data.len() as u64);
-                    }
-                    return Poll::Ready(Some(Ok(Frame::data(data))));
-                }
-                Some(Err(e)) if e.reason() == Some(h2::Reason::NO_ERROR) => {
-                    return Poll::Ready(None)
-                }
-                Some(Err(e)) => return Poll::Ready(Some(Err(e.into()))),
-                None => self.data_done = true,
-            }
-        }
-        match ready!(self.recv.poll_trailers(cx)) {
-            Ok(t) => Poll::Ready(t.map(|t| Ok(Frame::trailers(t)))),
-            Err(e) if e.reason() == Some(h2::Reason::NO_ERROR) => Poll::Ready(None),
-            Err(e) => Poll::Ready(Some(Err(e.into()))),
         }
     }
 }

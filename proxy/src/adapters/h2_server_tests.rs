@@ -4,6 +4,8 @@
 use super::*;
 use crate::adapters::idle::{Activity, IdleIo};
 use crate::tls::Stream;
+use h2::RecvStream;
+use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, StatusCode};
 use http_body_util::{BodyExt, Full, StreamBody};
 use std::sync::Arc;
@@ -28,7 +30,7 @@ fn frames(frames: Vec<Result<http_body::Frame<Bytes>, BoxError>>) -> TestBody {
 struct Server {
     client: h2::client::SendRequest<Bytes>,
     /// How [`serve`] ended.
-    ended: JoinHandle<Result<(), h2::Error>>,
+    ended: JoinHandle<Result<(), H2Error>>,
     head: HeadClock,
     closing: Arc<AtomicBool>,
 }

@@ -14,7 +14,6 @@
 //! it or queues the slot again.
 
 use futures_util::task::AtomicWaker;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -79,7 +78,7 @@ impl Wake for SlotWake {
     }
 }
 
-impl<F: Future<Output = ()>> StreamSet<F> {
+impl<F> StreamSet<F> {
     pub fn new() -> Self {
         StreamSet {
             slots: Vec::new(),
@@ -111,7 +110,7 @@ impl<F: Future<Output = ()>> StreamSet<F> {
     /// still build it aside and copy it in once: about 330 instructions per HTTP/2 request
     /// in a callgrind profile). Polled at the next [`StreamSet::poll`], which the caller
     /// makes (the task is not woken for it).
-    pub fn push_with(&mut self, make: impl FnOnce() -> F) {
+    pub fn push_with(&mut self, make: impl FnOnce() -> F) -> usize {
         let index = match self.kept.pop().or_else(|| self.empty.pop()) {
             Some(i) => i,
             None => {
@@ -153,11 +152,32 @@ impl<F: Future<Output = ()>> StreamSet<F> {
         if !slot.wake.queued.swap(true, Ordering::SeqCst) {
             self.fresh.push(index);
         }
+        index
     }
 
-    /// Polls the streams woken since the last call (each once), with `cx`'s waker
-    /// registered for the next wake-up. Ready when no stream is left.
-    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+    /// Has the stream in slot `index` polled at the next [`StreamSet::poll_with`], as its
+    /// own waker would, without waking the task (the caller polls the set next).
+    pub fn wake(&mut self, index: usize) {
+        if let Some(slot) = &self.slots[index] {
+            if !slot.wake.queued.swap(true, Ordering::SeqCst) {
+                self.fresh.push(index);
+            }
+        }
+    }
+
+    /// Streams pushed or woken by the caller since the last poll.
+    pub fn has_fresh(&self) -> bool {
+        !self.fresh.is_empty()
+    }
+
+    /// Polls the streams woken since the last call (each once) with `poll`, given each
+    /// one's slot index, with `cx`'s waker registered for the next wake-up. Ready when no
+    /// stream is left.
+    pub fn poll_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        mut poll: impl FnMut(usize, Pin<&mut F>, &mut Context<'_>) -> Poll<()>,
+    ) -> Poll<()> {
         self.ready.task.register(cx.waker());
         {
             let mut queue = self.ready.queue.lock().unwrap_or_else(|e| e.into_inner());
@@ -175,7 +195,7 @@ impl<F: Future<Output = ()>> StreamSet<F> {
             let Some(fut) = slot.fut.as_mut().as_pin_mut() else {
                 continue;
             };
-            if fut.poll(&mut Context::from_waker(&slot.waker)).is_pending() {
+            if poll(index, fut, &mut Context::from_waker(&slot.waker)).is_pending() {
                 continue;
             }
             slot.fut.set(None);
@@ -201,8 +221,17 @@ impl<F: Future<Output = ()>> StreamSet<F> {
 }
 
 #[cfg(test)]
+impl<F: std::future::Future<Output = ()>> StreamSet<F> {
+    /// [`StreamSet::poll_with`] for streams that are futures.
+    pub fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        self.poll_with(cx, |_, fut, cx| fut.poll(cx))
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
+    use std::future::Future;
     use std::sync::atomic::AtomicUsize;
     use std::task::Wake;
 
