@@ -1015,6 +1015,42 @@ async fn headers_over_the_limit_are_refused_and_the_connection_goes_on() {
     assert_eq!(s.app.hits(), 1, "the refused request did not go upstream");
 }
 
+/// A head far over the limit (past the room the server decodes for the request path's
+/// check: 64 KiB here) is answered 431 by the connection itself, with `x-spur-error`;
+/// the request's body is stopped with RST_STREAM NO_ERROR (§8.1), and what the client
+/// still sends on the stream (its trailers) is ignored, not a connection error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_far_over_the_limit_is_answered_and_its_body_stopped() {
+    let s = setup_with("    limits: { max_header_bytes: 2KiB }", "http1").await;
+    let mut c = Conn::open(s.addr).await;
+    let big = vec![b'x'; 70_000];
+    let block = post_block("/upload").field("x-big", &big).bytes();
+    let mut chunks = block.chunks(16 * 1024).peekable();
+    let mut kind = HEADERS;
+    while let Some(chunk) = chunks.next() {
+        let flags = if chunks.peek().is_none() {
+            END_HEADERS
+        } else {
+            0
+        };
+        c.send(kind, flags, 1, chunk).await;
+        kind = CONTINUATION;
+    }
+    let r = c.response(1).await;
+    assert_eq!(r.status, 431, "{:?}", c.seen);
+    let rst = c
+        .until("RST_STREAM", |f| f.kind == RST_STREAM && f.stream == 1)
+        .await;
+    assert_eq!(rst.code(), NO_ERROR);
+    let trailers = Block::new().field("x-t", b"1").bytes();
+    c.send(HEADERS, END_HEADERS | END_STREAM, 1, &trailers)
+        .await;
+    c.headers(3, &get_block("/").bytes(), true).await;
+    let r = c.response(3).await;
+    assert_eq!((r.status, &r.body[..]), (200, &b"hello"[..]));
+    assert_eq!(s.app.hits(), 1, "the refused request did not go upstream");
+}
+
 // ---------------------------------------------------------------- 11. rapid reset
 
 /// CVE-2023-44487: a client that opens streams and resets each at once (RST_STREAM

@@ -104,6 +104,18 @@ impl Feed {
     }
 }
 
+impl Drop for Feed {
+    /// The connection is gone without the client ending the stream (an I/O error, a
+    /// protocol error, a drain): the reader sees the body fail, not wait forever (a body
+    /// read by an upstream connection's task would hold its stream open).
+    fn drop(&mut self) {
+        let ended = lock(&self.0.state).ended;
+        if !ended {
+            self.reset(Reason::CANCEL);
+        }
+    }
+}
+
 /// The reader's half: [`crate::body::InBody::H2`].
 pub struct H2Recv {
     shared: Arc<Shared>,
@@ -156,9 +168,13 @@ impl H2Recv {
         Poll::Pending
     }
 
+    /// True only for a body that ended cleanly: one reset with an error has that error to
+    /// give (a reader that trusts this would not poll for it, and would pass on a cut body
+    /// as whole).
     pub fn is_end_stream(&self) -> bool {
         let s = lock(&self.shared.state);
-        s.ended && s.chunks.is_empty() && s.trailers.is_none()
+        let clean = matches!(s.reset, None | Some(Reason::NO_ERROR));
+        s.ended && clean && s.chunks.is_empty() && s.trailers.is_none()
     }
 
     pub fn size_hint(&self) -> SizeHint {
@@ -179,5 +195,58 @@ impl Drop for H2Recv {
         let unread: usize = s.chunks.drain(..).map(|c| c.len()).sum();
         drop(s);
         self.shared.credits.give(self.shared.stream, unread);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::task::noop_waker_ref;
+
+    fn poll(recv: &mut H2Recv) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        recv.poll_frame(&mut Context::from_waker(noop_waker_ref()))
+    }
+
+    fn data(p: Poll<Option<Result<Frame<Bytes>, BoxError>>>) -> Bytes {
+        match p {
+            Poll::Ready(Some(Ok(f))) => f.into_data().expect("a data frame"),
+            _ => panic!("no data"),
+        }
+    }
+
+    #[test]
+    fn a_reset_after_queued_data_is_not_a_clean_end() {
+        let credits = Arc::new(Credits::default());
+        let (feed, mut recv) = channel(1, &credits, None);
+        assert!(feed.data(Bytes::from_static(b"abc")));
+        feed.reset(Reason::CANCEL);
+        assert!(!recv.is_end_stream(), "the reset is still to be seen");
+        assert_eq!(data(poll(&mut recv)), "abc");
+        assert!(!recv.is_end_stream());
+        assert!(matches!(poll(&mut recv), Poll::Ready(Some(Err(_)))));
+        let mut read = Vec::new();
+        credits.take(&mut read);
+        assert_eq!(read, vec![(1, 3)], "what was read goes back to the window");
+    }
+
+    #[test]
+    fn a_feed_dropped_before_the_end_fails_the_body() {
+        let credits = Arc::new(Credits::default());
+        let (feed, mut recv) = channel(1, &credits, Some(10));
+        assert!(poll(&mut recv).is_pending());
+        drop(feed);
+        assert!(matches!(poll(&mut recv), Poll::Ready(Some(Err(_)))));
+    }
+
+    #[test]
+    fn an_ended_body_stays_clean_when_its_feed_is_dropped() {
+        let credits = Arc::new(Credits::default());
+        let (feed, mut recv) = channel(1, &credits, Some(2));
+        feed.data(Bytes::from_static(b"ok"));
+        feed.end(None);
+        drop(feed);
+        assert_eq!(data(poll(&mut recv)), "ok");
+        assert!(recv.is_end_stream());
+        assert!(matches!(poll(&mut recv), Poll::Ready(None)));
     }
 }

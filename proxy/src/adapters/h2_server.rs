@@ -130,6 +130,8 @@ struct Conn {
     settings_seen: bool,
     /// `GOAWAY` sent: no new streams; the connection ends when the streams have.
     going_away: bool,
+    /// The last stream id of the first `GOAWAY`: a later one never names more (§6.8).
+    goaway_last: Option<u32>,
     /// The error the connection ends with, once its `GOAWAY` is written.
     failed: Option<H2Error>,
     /// The client will not send more (end of its stream, or its `GOAWAY`).
@@ -179,6 +181,7 @@ impl Conn {
             preface: false,
             settings_seen: false,
             going_away: false,
+            goaway_last: None,
             failed: None,
             read_closed: false,
             resets: 0,
@@ -191,7 +194,8 @@ impl Conn {
     /// `GOAWAY` with the last stream the server took: the streams in progress finish.
     fn go_away(&mut self, reason: Reason) {
         if !self.going_away {
-            frame::put_goaway(&mut self.out.buf, self.last_id, reason);
+            let last = *self.goaway_last.get_or_insert(self.last_id);
+            frame::put_goaway(&mut self.out.buf, last, reason);
             self.going_away = true;
         }
     }

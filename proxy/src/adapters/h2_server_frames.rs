@@ -17,7 +17,7 @@ impl Conn {
         if head.stream == 0 {
             return Err((Reason::PROTOCOL_ERROR, "DATA on stream 0"));
         }
-        if head.stream > self.last_id {
+        if head.stream > self.last_id || head.stream % 2 == 0 {
             return Err((Reason::PROTOCOL_ERROR, "DATA on an idle stream"));
         }
         // The whole frame counts against the windows, padding included (§6.9.1).
@@ -379,6 +379,10 @@ impl Conn {
         }
         if decoded.too_large {
             too_large(&mut self.out, id);
+            if !end_stream {
+                // Answered: the client may stop sending its body (§8.1).
+                self.out.reset(id, Reason::NO_ERROR);
+            }
             return Ok(());
         }
         let length = head.content_length();

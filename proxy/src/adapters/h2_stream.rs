@@ -63,8 +63,8 @@ pub struct Out {
     pub completed: usize,
 }
 
-/// How many of the streams the server reset are remembered.
-const RESETS_KEPT: usize = 256;
+/// How many of the streams the server reset are remembered: twice as many as may be open.
+const RESETS_KEPT: usize = 2 * super::h2_server::MAX_CONCURRENT_STREAMS as usize;
 
 /// [`Out::reset`] on `Out`'s fields, for callers holding one of its streams' state.
 pub fn reset_on(buf: &mut Vec<u8>, ids: &mut VecDeque<u32>, id: u32, reason: Reason) {
@@ -109,6 +109,9 @@ impl Out {
         if let Ok(at) = self.ids.binary_search_by_key(&meta.id, |(i, _)| *i) {
             self.ids.remove(at);
         }
+        // A slot is queued at most once per wait; the next stream in it starts afresh.
+        self.blocked.retain(|s| *s != slot);
+        self.full.retain(|s| *s != slot);
         if let Some(feed) = meta.feed {
             if !meta.reset {
                 self.reset(meta.id, Reason::NO_ERROR);
