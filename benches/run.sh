@@ -491,18 +491,26 @@ handshakes() {
   fi
 }
 
-# memory KIND NAME [BIN] : RSS after start (idle), then with MEM_CONNS idle keep-alive
-# connections that each made one request (held by helper.py on the load CPU).
+# memory KIND NAME PROTO [BIN] : RSS after start (idle), then with MEM_CONNS idle keep-alive
+# connections (HTTP/1.1 or, PROTO h2, HTTP/2 with prior knowledge) that each made one
+# request (held by helper.py on the load CPU). Results are keyed "NAME|PROTO".
 memory() {
-  local kind=$1 name=$2 bin=${3:-} tag pids=() ready hpid i
-  tag=$(file_tag "memory|$name")
-  log "memory: $name, idle and with $MEM_CONNS idle keep-alive connections"
-  MEM_ORDER+=("$name")
-  if ! start_target "$kind" "$tag" off "$bin"; then stop_proc "$T_PID"; R_MEM_OK[$name]="did not start"; FAILED=1; return 0; fi
+  local kind=$1 name=$2 proto=$3 bin=${4:-} tag pids=() ready hpid i key port h2=()
+  key="$name|$proto"
+  [[ $proto == h2 ]] && h2=(--h2)
+  tag=$(file_tag "memory|$name|$proto")
+  log "memory: $name, idle and with $MEM_CONNS idle keep-alive $(proto_label "$proto") connections"
+  MEM_ORDER+=("$key")
+  if ! start_target "$kind" "$tag" off "$bin"; then stop_proc "$T_PID"; R_MEM_OK[$key]="did not start"; FAILED=1; return 0; fi
   mapfile -t pids < <(proc_tree "$T_PID")
-  R_MEM_IDLE[$name]=$(mem_kib VmRSS "${pids[@]}")
+  R_MEM_IDLE[$key]=$(mem_kib VmRSS "${pids[@]}")
+  port=$T_PORT
+  if [[ $proto == h2 ]]; then
+    if [[ -z $T_H2URL ]]; then R_MEM_OK[$key]=${T_H2NOTE:-no h2c}; stop_proc "$T_PID"; return 0; fi
+    port=${T_H2URL%/}; port=${port##*:}   # h2c may have a port of its own (nginx, HAProxy)
+  fi
   ready="$WORK/$tag.ready"
-  "${ON_LOAD_CPUS[@]}" python3 "$SCRIPT_DIR/lib/helper.py" hold --port "$T_PORT" \
+  "${ON_LOAD_CPUS[@]}" python3 "$SCRIPT_DIR/lib/helper.py" hold --port "$port" "${h2[@]}" \
     --conns "$MEM_CONNS" --ready-file "$ready" --max-seconds 90 >"$RUN_DIR/$tag.hold.log" 2>&1 &
   hpid=$!
   for ((i = 0; i < 1200; i++)); do
@@ -515,14 +523,14 @@ memory() {
     # holds (Spur parks a connection idle for 250 ms, then gives memory back) is measured
     # idle, as a sidecar spends most of its connections' lives.
     sleep "$MEM_SETTLE"
-    R_MEM_CONN[$name]=$(mem_kib VmRSS "${pids[@]}")
-    R_MEM_OK[$name]=$(awk '$1 == "ok" { print $2 }' "$ready")
+    R_MEM_CONN[$key]=$(mem_kib VmRSS "${pids[@]}")
+    R_MEM_OK[$key]=$(awk '$1 == "ok" { print $2 }' "$ready")
     cp "$ready" "$RUN_DIR/$tag.ready.txt"
-    if [[ ${R_MEM_OK[$name]} != "$MEM_CONNS" ]]; then
-      FAILED=1; warn "memory: $name answered ${R_MEM_OK[$name]} of $MEM_CONNS requests (see $tag.ready.txt)"
+    if [[ ${R_MEM_OK[$key]} != "$MEM_CONNS" ]]; then
+      FAILED=1; warn "memory: $name ($proto) answered ${R_MEM_OK[$key]} of $MEM_CONNS requests (see $tag.ready.txt)"
     fi
   else
-    R_MEM_OK[$name]="helper failed (see $tag.hold.log)"; FAILED=1
+    R_MEM_OK[$key]="helper failed (see $tag.hold.log)"; FAILED=1
   fi
   stop_proc "$hpid"
   stop_proc "$T_PID"
@@ -602,12 +610,15 @@ for kind in "${MESH_KINDS[@]}"; do
 done
 
 if [[ $MEM_CONNS -gt 0 ]]; then
-  for kind in "${PROXY_KINDS[@]}"; do
-    if [[ $kind == spur ]]; then
-      for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do memory spur "$(spur_name spur "${SPUR_LABELS[$i]}")" "${SPUR_BINS[$i]}"; done
-    else
-      memory "$kind" "$kind"
-    fi
+  for proto in h1 h2; do
+    want_proto "$proto" || continue
+    for kind in "${PROXY_KINDS[@]}"; do
+      if [[ $kind == spur ]]; then
+        for ((i = 0; i < ${#SPUR_BINS[@]}; i++)); do memory spur "$(spur_name spur "${SPUR_LABELS[$i]}")" "$proto" "${SPUR_BINS[$i]}"; done
+      else
+        memory "$kind" "$kind" "$proto"
+      fi
+    done
   done
 fi
 if [[ $STARTUP_RUNS -gt 0 ]] && wants_spur; then

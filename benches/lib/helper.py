@@ -4,7 +4,8 @@
 hold: opens N keep-alive HTTP/1.1 connections to a proxy, makes one GET on each (checking
   for a 200), writes "ok N" to --ready-file and keeps them all open and idle until it is
   killed or --max-seconds pass. run.sh reads the proxy's RSS while they are held: what a
-  proxy keeps per idle client connection.
+  proxy keeps per idle client connection. With --h2, each connection is HTTP/2 with prior
+  knowledge (h2c) and makes its GET on stream 1.
 
 startup: starts a command (a `spur proxy`) --runs times (after one start that is not
   counted, which brings the binary into the page cache) and, for each, measures the time
@@ -53,6 +54,52 @@ def read_response(sock):
     return status
 
 
+# HTTP/2 with prior knowledge: the preface, an empty SETTINGS, and a HEADERS frame for
+# stream 1 (END_STREAM | END_HEADERS) with GET, http, / from HPACK's static table and
+# :authority 127.0.0.1 as a literal without indexing.
+_AUTHORITY = b"127.0.0.1"
+_H2_BLOCK = b"\x82\x86\x84\x01" + bytes([len(_AUTHORITY)]) + _AUTHORITY
+H2_REQUEST = (
+    b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+    + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    + len(_H2_BLOCK).to_bytes(3, "big") + b"\x01\x05\x00\x00\x00\x01" + _H2_BLOCK
+)
+_STATUS = {0x88: 200, 0x89: 204, 0x8A: 206, 0x8B: 304, 0x8C: 400, 0x8D: 404, 0x8E: 500}
+
+
+def read_h2_response(sock):
+    """Reads frames until stream 1 ends; returns its status code (from the static table's
+    :status entries or a literal with the entry's name), answering the server's SETTINGS."""
+    buf, status = b"", None
+    while True:
+        while len(buf) < 9 or len(buf) < 9 + int.from_bytes(buf[:3], "big"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise ConnectionError("closed before stream 1 ended")
+            buf += chunk
+        n = int.from_bytes(buf[:3], "big")
+        kind, flags, stream = buf[3], buf[4], int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+        payload, buf = buf[9 : 9 + n], buf[9 + n :]
+        if kind == 0x4 and not flags & 0x1:
+            sock.sendall(b"\x00\x00\x00\x04\x01\x00\x00\x00\x00")
+        elif kind == 0x7:
+            raise ConnectionError("GOAWAY")
+        elif kind == 0x3 and stream == 1:
+            raise ConnectionError("stream 1 reset")
+        elif kind == 0x1 and stream == 1:
+            first = payload[0]
+            if first in _STATUS:
+                status = _STATUS[first]
+            elif first & 0xF0 in (0x00, 0x10) and first & 0x0F == 8:
+                status = int(payload[2 : 2 + payload[1]])
+            else:
+                raise ValueError(f"unexpected :status encoding {first:#x}")
+        if stream == 1 and kind in (0x0, 0x1) and flags & 0x1:
+            if status is None:
+                raise ValueError("stream 1 ended without a response head")
+            return status
+
+
 def hold(args):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.conns + 64
@@ -66,8 +113,8 @@ def hold(args):
             break
         try:
             s = socket.create_connection(("127.0.0.1", args.port), timeout=5)
-            s.sendall(REQUEST)
-            if read_response(s) == 200:
+            s.sendall(H2_REQUEST if args.h2 else REQUEST)
+            if (read_h2_response(s) if args.h2 else read_response(s)) == 200:
                 ok += 1
             socks.append(s)
         except (OSError, ValueError, IndexError) as e:
@@ -154,6 +201,7 @@ def main():
     h.add_argument("--conns", type=int, default=1000)
     h.add_argument("--ready-file", required=True)
     h.add_argument("--max-seconds", type=float, default=60)
+    h.add_argument("--h2", action="store_true", help="HTTP/2 with prior knowledge (h2c)")
     s = sub.add_parser("startup", help="time from start to /ready answering 200")
     s.add_argument("--admin-port", type=int, required=True)
     s.add_argument("--runs", type=int, default=5)

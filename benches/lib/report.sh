@@ -137,19 +137,20 @@ report_latency() {
 }
 
 report_memory() {
-  local name
+  local key name proto
   [[ ${#MEM_ORDER[@]} -gt 0 ]] || return 0
   echo "## Memory"
   echo
-  echo "RSS (VmRSS, summed over nginx's master and worker) after start and one request, then with $MEM_CONNS idle HTTP/1.1 keep-alive client connections that each made one request (proxy alone on its core, access log off). Goal (issue 13) for Spur: idle ≤ 8 MiB, with 1,000 connections ≤ 20 MiB."
+  echo "RSS (VmRSS, summed over nginx's master and worker) after start and one request, then with $MEM_CONNS idle keep-alive client connections that each made one request: HTTP/1.1, or HTTP/2 with prior knowledge (one stream each); proxy alone on its core, access log off, a fresh start for each client. Goal (issue 13) for Spur: idle ≤ 8 MiB, with 1,000 connections ≤ 20 MiB."
   echo
-  echo "| target | idle RSS MiB | RSS with $MEM_CONNS conns MiB | KiB per connection | 200s received |"
-  echo "|---|---:|---:|---:|---:|"
-  for name in "${MEM_ORDER[@]}"; do
-    if [[ -n ${R_MEM_CONN[$name]:-} ]]; then
-      echo "| $name | $(fmt_mib "${R_MEM_IDLE[$name]}") | $(fmt_mib "${R_MEM_CONN[$name]}") | $(awk -v a="${R_MEM_CONN[$name]}" -v b="${R_MEM_IDLE[$name]}" -v n="$MEM_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }') | ${R_MEM_OK[$name]} |"
+  echo "| target | client | idle RSS MiB | RSS with $MEM_CONNS conns MiB | KiB per connection | 200s received |"
+  echo "|---|---|---:|---:|---:|---:|"
+  for key in "${MEM_ORDER[@]}"; do
+    name=${key%|*}; proto=$(proto_label "${key##*|}")
+    if [[ -n ${R_MEM_CONN[$key]:-} ]]; then
+      echo "| $name | $proto | $(fmt_mib "${R_MEM_IDLE[$key]}") | $(fmt_mib "${R_MEM_CONN[$key]}") | $(awk -v a="${R_MEM_CONN[$key]}" -v b="${R_MEM_IDLE[$key]}" -v n="$MEM_CONNS" 'BEGIN { printf "%.1f", (a - b) / n }') | ${R_MEM_OK[$key]} |"
     else
-      echo "| $name | $(fmt_mib "${R_MEM_IDLE[$name]:-}") | ${R_MEM_OK[$name]:-failed} | — | — |"
+      echo "| $name | $proto | $(fmt_mib "${R_MEM_IDLE[$key]:-}") | ${R_MEM_OK[$key]:-failed} | — | — |"
     fi
   done
   echo
