@@ -1,6 +1,7 @@
 //! Idle HTTP/1.1 connections are parked (hyper's buffers dropped, the socket kept) and come
 //! back for the next request as if nothing happened: plain and TLS, a head split around the
-//! park, bytes sent before the park is noticed, and the timeouts still apply.
+//! park, bytes sent before the park is noticed, and the timeouts still apply. Idle HTTP/2
+//! connections (h2c) park too: the server's read and write buffers go.
 
 mod common;
 
@@ -143,6 +144,16 @@ async fn a_tls_connection_parks_and_serves_on() {
         leaf.cert, leaf.key, app.addr
     ))
     .await;
+    let s = tls_client(&pki, b"http/1.1", proxy.listener_addr("web").unwrap()).await;
+    parks(s).await;
+}
+
+/// A TLS client to `addr` trusting `pki`'s CA, offering one ALPN protocol.
+async fn tls_client(
+    pki: &Pki,
+    alpn: &[u8],
+    addr: std::net::SocketAddr,
+) -> tokio_rustls::client::TlsStream<TcpStream> {
     let mut roots = rustls::RootCertStore::empty();
     for c in CertificateDer::pem_file_iter(&pki.ca_path).unwrap() {
         roots.add(c.unwrap()).unwrap();
@@ -154,15 +165,93 @@ async fn a_tls_connection_parks_and_serves_on() {
     .unwrap()
     .with_root_certificates(roots)
     .with_no_client_auth();
-    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    cfg.alpn_protocols = vec![alpn.to_vec()];
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+/// One GET on an HTTP/2 connection: (status, body).
+async fn h2_get(client: &mut h2::client::SendRequest<bytes::Bytes>, path: &str) -> (u16, String) {
+    let req = http::Request::get(format!("http://app{path}"))
+        .body(())
+        .unwrap();
+    let (resp, _) = client.send_request(req, true).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(5), resp)
+        .await
+        .expect("an answer within 5 s")
+        .unwrap();
+    let status = resp.status().as_u16();
+    let mut body = resp.into_body();
+    let mut got = Vec::new();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap();
+        let _ = body.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    (status, String::from_utf8_lossy(&got).into_owned())
+}
+
+/// An HTTP/2 connection over `s` idles twice and serves on; it is parked each time when
+/// `parks` (plaintext), and costs no CPU while idle either way.
+async fn h2_idles<S>(s: S, parks: bool)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut client, conn) = h2::client::handshake(s).await.unwrap();
+    let conn = tokio::spawn(conn);
+    assert_eq!(h2_get(&mut client, "/one").await, (200, "app".into()));
+    for path in ["/two", "/three"] {
+        let before = spur_proxy::footprint::parked_total();
+        let cpu = cpu_time();
+        tokio::time::sleep(IDLE).await;
+        assert_eq!(
+            spur_proxy::footprint::parked_total() > before,
+            parks,
+            "parked while idle before {path}"
+        );
+        let spent = cpu_time() - cpu;
+        assert!(spent < IDLE / 4, "{spent:?} of CPU while idle for {IDLE:?}");
+        assert_eq!(h2_get(&mut client, path).await, (200, "app".into()));
+    }
+    // Streams at once after a park.
+    tokio::time::sleep(IDLE).await;
+    let (mut a, mut b) = (client.clone(), client.clone());
+    let (a, b) = tokio::join!(h2_get(&mut a, "/a"), h2_get(&mut b, "/b"));
+    assert_eq!((a.0, b.0), (200, 200));
+    assert!(!conn.is_finished(), "the connection is still open");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_connection_parks_and_serves_on() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
     let tcp = TcpStream::connect(proxy.listener_addr("web").unwrap())
         .await
         .unwrap();
-    let s = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .unwrap();
-    parks(s).await;
+    h2_idles(tcp, true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_http2_tls_connection_idles_unparked_and_serves_on() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let pki = Pki::new("parking-h2");
+    let leaf = pki.issue("localhost", None, 7);
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    cluster: app\n    tls: {{ cert: \"{}\", key: \"{}\" }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        leaf.cert, leaf.key, app.addr
+    ))
+    .await;
+    let s = tls_client(&pki, b"h2", proxy.listener_addr("web").unwrap()).await;
+    h2_idles(s, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -57,6 +57,7 @@ where
                 &handler,
                 &head,
                 &closing,
+                &Park::default(),
                 16 * 1024,
             )
             .await
@@ -284,4 +285,81 @@ async fn closing_lets_the_stream_in_progress_finish_then_ends_the_connection() {
         Ok((resp, _)) => within(resp).await.is_err(),
     };
     assert!(refused, "a request after the GOAWAY was served");
+}
+
+/// Drives `conn` as [`serve`] does, with `park`, while `until` runs; `until`'s output.
+async fn driving<S, MK, T>(
+    conn: &mut Conn,
+    streams: &mut StreamSet<S>,
+    make: &mut MK,
+    park: &Park,
+    until: impl Future<Output = T>,
+) -> T
+where
+    S: StreamLike,
+    MK: FnMut(Request<InBody>) -> S,
+{
+    let mut until = std::pin::pin!(until);
+    within(std::future::poll_fn(|cx| {
+        if let Poll::Ready(r) = conn.poll(cx, streams, make) {
+            panic!("the connection ended: {r:?}");
+        }
+        conn.park_step(park, streams.len());
+        until.as_mut().poll(cx)
+    }))
+    .await
+}
+
+#[tokio::test]
+async fn a_parked_connection_gives_its_buffers_back_and_reads_again() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    let head = HeadClock::start();
+    let io = IdleIo::with_head(Stream::Plain(server), Activity::new(), head.clone());
+    let mut conn = Conn::new(Rewind::new(io, Bytes::new()), 16 * 1024);
+    let mut streams = StreamSet::new();
+    let park = Park::default();
+    let mut make = |_req: Request<InBody>| {
+        crate::adapters::h2_stream::Stream::new(
+            async { Response::new(full("hello")) },
+            head.head_done(Version::HTTP_2),
+        )
+    };
+    let m = &mut make;
+    let handshake = h2::client::handshake(tcp);
+    let (mut client, h2conn) = driving(&mut conn, &mut streams, m, &park, handshake)
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        let _ = h2conn.await;
+    });
+    for round in 0..2 {
+        let (resp, _) = client.send_request(get("/"), true).unwrap();
+        let got = driving(&mut conn, &mut streams, m, &park, async {
+            let body = read_all(resp.await.unwrap().into_body()).await.unwrap();
+            // Whatever the client sends after the response (acks, window updates) is read.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            body
+        })
+        .await;
+        assert_eq!(got.0, b"hello", "round {round}");
+        assert!(park.is_active(), "round {round}: read again after parking");
+        assert_eq!(streams.len(), 0);
+        // Idle but not parked: a busy connection's buffers stay between its bursts.
+        assert!(conn.rbuf.capacity() > 0, "round {round}");
+        assert!(conn.out.buf.capacity() > 0, "round {round}");
+        park.ask();
+        let sleep = tokio::time::sleep(Duration::from_millis(10));
+        driving(&mut conn, &mut streams, m, &park, sleep).await;
+        assert!(park.is_parked(), "round {round}");
+        assert_eq!(conn.rbuf.capacity(), 0, "read buffer kept, round {round}");
+        assert_eq!(
+            conn.out.buf.capacity(),
+            0,
+            "write buffer kept, round {round}"
+        );
+    }
 }

@@ -116,7 +116,7 @@ where
             )
             .with_upgrades();
         let mut conn = Box::pin(conn);
-        match drive(conn.as_mut(), &mut limits, true).await {
+        match drive(conn.as_mut(), &mut limits, true, true).await {
             Driven::Parked => {}
             Driven::Done(Err(e)) => {
                 count_error(&limits, &e);
@@ -144,7 +144,9 @@ where
     }
 }
 
-/// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]).
+/// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]). Idle for
+/// [`PARK_AFTER`] with no stream open, a plaintext one is parked: the server frees its read and write
+/// buffers (see [`h2_server::Park`]) and makes them again on the client's next bytes.
 async fn serve_h2<H, F, O>(io: Rewind<Io>, own: &H, limits: &mut Limits<'_>)
 where
     H: Fn(http::Request<InBody>) -> F,
@@ -153,16 +155,69 @@ where
     O::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let closing = AtomicBool::new(false);
+    let park = h2_server::Park::default();
+    let plain = io.inner.get_ref().plain().is_some();
     let max_header_list = limits.lst.limits.max_header_bytes.get() as u32;
     let head = limits.head.clone();
-    // Boxed: the connection's state (h2's, and its streams') is kilobytes.
-    let mut served = Box::pin(h2_server::serve(io, own, &head, &closing, max_header_list));
-    let conn = Own {
-        fut: served.as_mut(),
-        closing: &closing,
-    };
-    if let Driven::Done(Err(e)) = drive(pin!(conn), limits, false).await {
-        tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
+    // Boxed: the connection's state (its streams', the HPACK table) is kilobytes.
+    let mut served = Box::pin(h2_server::serve(
+        io,
+        own,
+        &head,
+        &closing,
+        &park,
+        max_header_list,
+    ));
+    loop {
+        let conn = H2Own {
+            fut: served.as_mut(),
+            closing: &closing,
+            park: &park,
+        };
+        // Parked, the clocks would find the connection parkable at once: not again until
+        // it has read. TLS connections do not park (rustls may hold bytes read ahead).
+        let may_park = plain && park.is_active();
+        match drive(pin!(conn), limits, may_park, false).await {
+            Driven::Parked => park.ask(),
+            Driven::Done(None) => {}
+            Driven::Done(Some(Err(e))) => {
+                tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
+                return;
+            }
+            Driven::Done(Some(Ok(()))) | Driven::Ended => return,
+        }
+    }
+}
+
+/// Spur's HTTP/2 server on a connection, told to finish through `closing`. Ready with `None`
+/// when a connection asked to park has read again (parked or found busy).
+struct H2Own<'a, F> {
+    fut: Pin<&'a mut F>,
+    closing: &'a AtomicBool,
+    park: &'a h2_server::Park,
+}
+
+impl<F: Future> Future for H2Own<'_, F> {
+    type Output = Option<F::Output>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let (asked, active) = (self.park.is_asked(), self.park.is_active());
+        if let Poll::Ready(r) = self.fut.as_mut().poll(cx) {
+            return Poll::Ready(Some(r));
+        }
+        if asked && self.park.is_parked() {
+            crate::footprint::parked();
+        }
+        match !active && self.park.is_active() {
+            true => Poll::Ready(None),
+            false => Poll::Pending,
+        }
+    }
+}
+
+impl<F: Future> Graceful for H2Own<'_, F> {
+    fn shutdown_gracefully(self: Pin<&mut Self>) {
+        self.closing.store(true, Ordering::Release);
     }
 }
 
@@ -196,7 +251,7 @@ where
         fut: served.as_mut(),
         closing: &closing,
     };
-    drive(pin!(own_conn), limits, true).await
+    drive(pin!(own_conn), limits, true, true).await
 }
 
 /// Waits, on a parked connection, for the client's next bytes: false when the connection's
@@ -322,11 +377,14 @@ enum Driven<T> {
     Ended,
 }
 
-/// Runs a connection with the listener's timeouts and draining.
+/// Runs a connection with the listener's timeouts and draining. `may_park`: it may end
+/// parked when idle; `gentle`: after an upgrade, an HTTP/1.1 connection with no request in
+/// progress is not told to close at the drain (see [`guard`]).
 async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<&mut C>,
     limits: &mut Limits<'_>,
     may_park: bool,
+    gentle: bool,
 ) -> Driven<C::Output> {
     let lst = limits.lst;
     let idle = lst.limits.idle_timeout.get();
@@ -351,7 +409,7 @@ async fn drive<C: Graceful + ?Sized>(
             res = conn.as_mut() => return Driven::Done(res),
             _ = drain_gate.wrap(limits.shutdown.wait_for(|s| *s)), if !draining => {
                 draining = true;
-                let gentle = may_park && limits.shared.handed_over.load(Ordering::Acquire);
+                let gentle = gentle && limits.shared.handed_over.load(Ordering::Acquire);
                 if !gentle || limits.head.in_request() {
                     conn.as_mut().shutdown_gracefully();
                     told = true;
@@ -486,6 +544,17 @@ impl<T> Rewind<T> {
 
     fn into_parts(self) -> (T, Bytes) {
         (self.inner, self.prefix)
+    }
+}
+
+impl Rewind<Io> {
+    /// The plaintext socket under the connection, once the rewound bytes are read (`None`
+    /// for TLS, whose layer may hold read bytes of its own).
+    pub(crate) fn drained_tcp(&self) -> Option<&tokio::net::TcpStream> {
+        match self.prefix.is_empty() {
+            true => self.inner.get_ref().plain(),
+            false => None,
+        }
     }
 }
 
