@@ -136,6 +136,19 @@ async fn a_plain_connection_parks_and_serves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tls_connection_parks_and_serves_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
+    let (s, _proxy, _app) = tls_proxy(b"http/1.1").await;
+    parks(s).await;
+}
+
+/// A proxy with a TLS listener in front of an `app` backend, and a TLS client connected to
+/// it offering one ALPN protocol (keep the proxy and the backend for as long as the client).
+async fn tls_proxy(
+    alpn: &[u8],
+) -> (
+    tokio_rustls::client::TlsStream<TcpStream>,
+    spur_proxy::Proxy,
+    Backend,
+) {
     let pki = Pki::new("parking");
     let leaf = pki.issue("localhost", None, 7);
     let app = named_backend("app").await;
@@ -144,8 +157,8 @@ async fn a_tls_connection_parks_and_serves_on() {
         leaf.cert, leaf.key, app.addr
     ))
     .await;
-    let s = tls_client(&pki, b"http/1.1", proxy.listener_addr("web").unwrap()).await;
-    parks(s).await;
+    let s = tls_client(&pki, alpn, proxy.listener_addr("web").unwrap()).await;
+    (s, proxy, app)
 }
 
 /// A TLS client to `addr` trusting `pki`'s CA, offering one ALPN protocol.
@@ -242,15 +255,7 @@ async fn an_http2_connection_parks_and_serves_on() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_tls_connection_idles_unparked_and_serves_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let pki = Pki::new("parking-h2");
-    let leaf = pki.issue("localhost", None, 7);
-    let app = named_backend("app").await;
-    let proxy = start_proxy(&format!(
-        "listeners:\n  - name: web\n    listen: \"127.0.0.1:0\"\n    cluster: app\n    tls: {{ cert: \"{}\", key: \"{}\" }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
-        leaf.cert, leaf.key, app.addr
-    ))
-    .await;
-    let s = tls_client(&pki, b"h2", proxy.listener_addr("web").unwrap()).await;
+    let (s, _proxy, _app) = tls_proxy(b"h2").await;
     h2_idles(s, false).await;
 }
 

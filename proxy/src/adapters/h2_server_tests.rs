@@ -35,17 +35,23 @@ struct Server {
     closing: Arc<AtomicBool>,
 }
 
+/// Both ends of a TCP connection on 127.0.0.1: (client, server).
+async fn socket_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let tcp = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (server, _) = listener.accept().await.unwrap();
+    (tcp, server)
+}
+
 /// An HTTP/2 client connected to [`serve`] with `handler`, served in a task of its own.
 async fn start<H, F>(handler: H) -> Server
 where
     H: Fn(Request<InBody>) -> F + Send + Sync + 'static,
     F: Future<Output = Response<TestBody>> + Send + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (server, _) = listener.accept().await.unwrap();
+    let (tcp, server) = socket_pair().await;
     let head = HeadClock::start();
     let closing = Arc::new(AtomicBool::new(false));
     let ended = tokio::spawn({
@@ -312,11 +318,7 @@ where
 
 #[tokio::test]
 async fn a_parked_connection_gives_its_buffers_back_and_reads_again() {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let tcp = TcpStream::connect(listener.local_addr().unwrap())
-        .await
-        .unwrap();
-    let (server, _) = listener.accept().await.unwrap();
+    let (tcp, server) = socket_pair().await;
     let head = HeadClock::start();
     let io = IdleIo::with_head(Stream::Plain(server), Activity::new(), head.clone());
     let mut conn = Conn::new(Rewind::new(io, Bytes::new()), 16 * 1024);
