@@ -121,15 +121,7 @@ async fn parks<S: AsyncRead + AsyncWrite + Unpin>(s: S) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_plain_connection_parks_and_serves_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let app = named_backend("app").await;
-    let proxy = start_proxy(&format!(
-        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
-        app.addr
-    ))
-    .await;
-    let mut s = TcpStream::connect(proxy.listener_addr("web").unwrap())
-        .await
-        .unwrap();
+    let (mut s, _proxy, _app) = plain_proxy().await;
     parks(&mut s).await;
 }
 
@@ -138,6 +130,21 @@ async fn a_tls_connection_parks_and_serves_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let (s, _proxy, _app) = tls_proxy(b"http/1.1").await;
     parks(s).await;
+}
+
+/// A proxy with a plaintext listener in front of an `app` backend, and a connection to it
+/// (keep the proxy and the backend for as long as the connection).
+async fn plain_proxy() -> (TcpStream, spur_proxy::Proxy, Backend) {
+    let app = named_backend("app").await;
+    let proxy = start_proxy(&format!(
+        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
+        app.addr
+    ))
+    .await;
+    let tcp = TcpStream::connect(proxy.listener_addr("web").unwrap())
+        .await
+        .unwrap();
+    (tcp, proxy, app)
 }
 
 /// A proxy with a TLS listener in front of an `app` backend, and a TLS client connected to
@@ -240,15 +247,7 @@ where
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_http2_connection_parks_and_serves_on() {
     let _alone = ONE_AT_A_TIME.lock().await;
-    let app = named_backend("app").await;
-    let proxy = start_proxy(&format!(
-        "listeners:\n  - {{ name: web, listen: \"127.0.0.1:0\", cluster: app }}\nclusters:\n  - {{ name: app, endpoints: [\"{}\"] }}\n",
-        app.addr
-    ))
-    .await;
-    let tcp = TcpStream::connect(proxy.listener_addr("web").unwrap())
-        .await
-        .unwrap();
+    let (tcp, _proxy, _app) = plain_proxy().await;
     h2_idles(tcp, true).await;
 }
 

@@ -98,13 +98,9 @@ where
             conn.go_away(Reason::NO_ERROR);
             told = true;
         }
-        let polled = conn.poll(cx, &mut streams, &mut |req: Request<InBody>| {
+        conn.turn(cx, &mut streams, park, &mut |req: Request<InBody>| {
             Stream::new(handler(req), head.head_done(Version::HTTP_2))
-        });
-        if polled.is_pending() {
-            conn.park_step(park, streams.len());
-        }
-        polled
+        })
     })
     .await
 }
@@ -318,6 +314,25 @@ impl Conn {
             self.out.buf = Vec::new();
         }
         idle
+    }
+
+    /// One turn ([`Conn::poll`]), then, if the connection is left waiting, [`Park`]'s step.
+    fn turn<S, MK>(
+        &mut self,
+        cx: &mut Context<'_>,
+        streams: &mut StreamSet<S>,
+        park: &Park,
+        make: &mut MK,
+    ) -> Poll<Result<(), H2Error>>
+    where
+        S: StreamLike,
+        MK: FnMut(Request<InBody>) -> S,
+    {
+        let polled = self.poll(cx, streams, make);
+        if polled.is_pending() {
+            self.park_step(park, streams.len());
+        }
+        polled
     }
 
     /// After a turn that left the connection waiting: parks it if that was asked and it is

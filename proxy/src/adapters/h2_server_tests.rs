@@ -307,10 +307,9 @@ where
 {
     let mut until = std::pin::pin!(until);
     within(std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = conn.poll(cx, streams, make) {
+        if let Poll::Ready(r) = conn.turn(cx, streams, park, make) {
             panic!("the connection ended: {r:?}");
         }
-        conn.park_step(park, streams.len());
         until.as_mut().poll(cx)
     }))
     .await

@@ -1,7 +1,7 @@
 //! One downstream HTTP connection: HTTP/1.1 or HTTP/2 (by ALPN, or by the client's first
 //! bytes: the HTTP/2 preface means prior knowledge), with the listener's timeouts and
-//! draining. HTTP/2 is Spur's own server on the h2 crate ([`h2_server`]); HTTP/1.1 is
-//! Spur's own server ([`h1_server`]) for the requests it takes, hyper's for the rest.
+//! draining. HTTP/2 is Spur's own server ([`h2_server`]); HTTP/1.1 is Spur's own server
+//! ([`h1_server`]) for the requests it takes, hyper's for the rest.
 //!
 //! **Idle HTTP/1.1 connections are parked.** hyper keeps an 8 KiB read buffer and an 8 KiB
 //! write buffer for every connection for as long as it lives, and the request future's box
@@ -11,7 +11,8 @@
 //! (`into_parts`: nothing is closed, nothing is sent) and only the socket is kept, waiting
 //! to become readable; the next request's bytes start a fresh hyper connection on it. A
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
-//! connections that were idle anyway.
+//! connections that were idle anyway. Idle plaintext HTTP/2 connections park the same way,
+//! inside the server: it frees its buffers and keeps its state ([`h2_server::Park`]).
 
 use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
 use crate::adapters::{h1_server, h2_server};
