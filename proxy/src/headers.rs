@@ -65,7 +65,7 @@ pub fn make_room_to_read(buf: &mut BytesMut) {
 /// buffers do, rather than walking through kilobytes of it first: with a hundred upstream
 /// connections that walk was most of a megabyte of memory, cold by the time it came round.
 #[inline]
-fn rewind_empty(buf: &mut BytesMut) {
+pub(crate) fn rewind_empty(buf: &mut BytesMut) {
     if buf.is_empty() {
         // One more byte than the room left behind the (empty) data: met only by moving to
         // the front, which `try_reclaim` does when the allocation is this handle's alone.

@@ -24,6 +24,7 @@ use super::h2_body::{self, Credits};
 use super::h2_frame::{self as frame, Head, PeerSettings};
 use super::h2_stream::{Meta, Out, Stream, OUT_HIGH};
 use super::hpack::{self, Field, Pseudo};
+use super::lend;
 use super::stream_set::StreamSet;
 use crate::adapters::http_conn::{Io, Rewind};
 use crate::adapters::idle::HeadClock;
@@ -34,7 +35,7 @@ use http::{HeaderMap, Method, Request, Response, Uri, Version};
 use http_body::Body;
 use std::future::{poll_fn, Future};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
@@ -48,6 +49,8 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const MAX_RESETS: usize = 2 * MAX_CONCURRENT_STREAMS as usize;
 /// The HPACK table size Spur's decoder allows (the default; not advertised).
 const HEADER_TABLE_SIZE: usize = 4096;
+/// Room a connection's write buffer starts a turn with.
+const WRITE_BUF: usize = 4096;
 
 /// How a connection ended badly.
 #[derive(Debug)]
@@ -81,7 +84,6 @@ pub async fn serve<H, F, B>(
     handler: &H,
     head: &HeadClock,
     closing: &AtomicBool,
-    park: &Park,
     max_header_list: u32,
 ) -> Result<(), H2Error>
 where
@@ -98,48 +100,11 @@ where
             conn.go_away(Reason::NO_ERROR);
             told = true;
         }
-        conn.turn(cx, &mut streams, park, &mut |req: Request<InBody>| {
+        conn.turn(cx, &mut streams, &mut |req: Request<InBody>| {
             Stream::new(handler(req), head.head_done(Version::HTTP_2))
         })
     })
     .await
-}
-
-/// Parking of an idle connection: asked by the connection's driver once it has been quiet
-/// for a while ([`crate::adapters::http_conn::PARK_AFTER`]), done by the server at its next
-/// turn if no stream is open and nothing is buffered (its read and write buffers are freed),
-/// and over when the client's next bytes are read. A connection found busy when asked (a
-/// frame half read, say) is not asked again until it has read. Releasing at every idle
-/// moment instead would free and remake the buffers between every two bursts of a busy
-/// connection.
-#[derive(Default)]
-pub struct Park(AtomicU8);
-
-impl Park {
-    const ACTIVE: u8 = 0;
-    const ASKED: u8 = 1;
-    const PARKED: u8 = 2;
-    const BUSY: u8 = 3;
-
-    /// Asks the server to park the connection at its next turn.
-    pub fn ask(&self) {
-        self.0.store(Park::ASKED, Ordering::Relaxed);
-    }
-
-    /// Whether the connection is active: never asked to park, or read from since.
-    pub fn is_active(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Park::ACTIVE
-    }
-
-    /// Whether parking was asked and the server has not had its turn since.
-    pub fn is_asked(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Park::ASKED
-    }
-
-    /// Whether the connection gave its buffers back and has not read since.
-    pub fn is_parked(&self) -> bool {
-        self.0.load(Ordering::Relaxed) == Park::PARKED
-    }
 }
 
 /// A header block being gathered from HEADERS and CONTINUATION frames.
@@ -176,15 +141,13 @@ struct Conn {
     read_closed: bool,
     /// Streams reset before their response, net of responses completed.
     resets: usize,
-    /// Bytes read since parking was last asked (see [`Park`]).
-    read_since_ask: bool,
     max_header_list: usize,
 }
 
 impl Conn {
     fn new(io: Rewind<Io>, max_header_list: u32) -> Conn {
         let mut out = Out {
-            buf: Vec::with_capacity(4096),
+            buf: Vec::with_capacity(WRITE_BUF),
             peer: PeerSettings::default(),
             send_window: frame::DEFAULT_WINDOW,
             meta: Vec::new(),
@@ -225,7 +188,6 @@ impl Conn {
             failed: None,
             read_closed: false,
             resets: 0,
-            read_since_ask: false,
             // Room over the listener's limit, so that the request path's own check (which
             // answers 431 with `x-spur-error`) sees oversize heads first, as on HTTP/1.1.
             max_header_list: (max_header_list as usize * 2 + 16 * 1024).max(64 * 1024),
@@ -300,58 +262,26 @@ impl Conn {
         }
     }
 
-    /// With no stream open and nothing buffered either way, gives the buffers back, so that
-    /// an idle connection holds none (see [`Conn::read`]); they are made again on its next
-    /// bytes. Whether it did.
-    fn release_if_idle(&mut self, streams: usize) -> bool {
-        let idle = streams == 0
-            && self.rbuf.is_empty()
-            && self.out.buf.is_empty()
-            && self.gathering.is_none()
-            && self.io.drained_tcp().is_some();
-        if idle {
-            self.rbuf = BytesMut::new();
-            self.out.buf = Vec::new();
-        }
-        idle
-    }
-
-    /// One turn ([`Conn::poll`]), then, if the connection is left waiting, [`Park`]'s step.
+    /// One turn ([`Conn::poll`]) with the worker's buffers (see [`lend`]): borrowed for the
+    /// turn, given back at its end unless bytes are left in them.
     fn turn<S, MK>(
         &mut self,
         cx: &mut Context<'_>,
         streams: &mut StreamSet<S>,
-        park: &Park,
         make: &mut MK,
     ) -> Poll<Result<(), H2Error>>
     where
         S: StreamLike,
         MK: FnMut(Request<InBody>) -> S,
     {
+        if self.out.buf.capacity() == 0 {
+            self.out.buf = lend::write_buf();
+            self.out.buf.reserve(WRITE_BUF);
+        }
         let polled = self.poll(cx, streams, make);
-        if polled.is_pending() {
-            self.park_step(park, streams.len());
-        }
+        lend::give_read(&mut self.rbuf);
+        lend::give_write(&mut self.out.buf);
         polled
-    }
-
-    /// After a turn that left the connection waiting: parks it if that was asked and it is
-    /// idle, and notes when a parked connection has read again.
-    fn park_step(&mut self, park: &Park, streams: usize) {
-        match park.0.load(Ordering::Relaxed) {
-            Park::ASKED => {
-                self.read_since_ask = false;
-                let to = match self.release_if_idle(streams) {
-                    true => Park::PARKED,
-                    false => Park::BUSY,
-                };
-                park.0.store(to, Ordering::Relaxed);
-            }
-            Park::PARKED | Park::BUSY if self.read_since_ask => {
-                park.0.store(Park::ACTIVE, Ordering::Relaxed)
-            }
-            _ => {}
-        }
     }
 
     /// Too many streams reset before their response: the connection's error.
@@ -425,12 +355,14 @@ impl Conn {
         MK: FnMut(Request<InBody>) -> S,
     {
         if self.rbuf.capacity() == 0 {
-            // Released while idle: no buffer until the socket has something to read.
+            // No buffer between turns (see [`lend`]): the worker's, once the socket has
+            // something to read.
             if let Some(tcp) = self.io.drained_tcp() {
                 if let Err(e) = std::task::ready!(tcp.poll_read_ready(cx)) {
                     return Poll::Ready(Err(H2Error::Io(e)));
                 }
             }
+            self.rbuf = lend::read_buf();
         }
         self.rbuf.reserve(MAX_FRAME_SIZE + frame::HEAD_LEN);
         match tokio_util::io::poll_read_buf(Pin::new(&mut self.io), cx, &mut self.rbuf) {
@@ -447,7 +379,7 @@ impl Conn {
                 }
                 return Poll::Ready(Ok(()));
             }
-            Poll::Ready(Ok(_)) => self.read_since_ask = true,
+            Poll::Ready(Ok(_)) => {}
         }
         if let Err(e) = self.frames(streams, make) {
             self.fail(e);

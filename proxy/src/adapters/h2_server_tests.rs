@@ -63,7 +63,6 @@ where
                 &handler,
                 &head,
                 &closing,
-                &Park::default(),
                 16 * 1024,
             )
             .await
@@ -293,12 +292,11 @@ async fn closing_lets_the_stream_in_progress_finish_then_ends_the_connection() {
     assert!(refused, "a request after the GOAWAY was served");
 }
 
-/// Drives `conn` as [`serve`] does, with `park`, while `until` runs; `until`'s output.
+/// Drives `conn` as [`serve`] does while `until` runs; `until`'s output.
 async fn driving<S, MK, T>(
     conn: &mut Conn,
     streams: &mut StreamSet<S>,
     make: &mut MK,
-    park: &Park,
     until: impl Future<Output = T>,
 ) -> T
 where
@@ -307,7 +305,7 @@ where
 {
     let mut until = std::pin::pin!(until);
     within(std::future::poll_fn(|cx| {
-        if let Poll::Ready(r) = conn.turn(cx, streams, park, make) {
+        if let Poll::Ready(r) = conn.turn(cx, streams, make) {
             panic!("the connection ended: {r:?}");
         }
         until.as_mut().poll(cx)
@@ -316,13 +314,12 @@ where
 }
 
 #[tokio::test]
-async fn a_parked_connection_gives_its_buffers_back_and_reads_again() {
+async fn a_connection_holds_no_buffer_between_turns() {
     let (tcp, server) = socket_pair().await;
     let head = HeadClock::start();
     let io = IdleIo::with_head(Stream::Plain(server), Activity::new(), head.clone());
     let mut conn = Conn::new(Rewind::new(io, Bytes::new()), 16 * 1024);
     let mut streams = StreamSet::new();
-    let park = Park::default();
     let mut make = |_req: Request<InBody>| {
         crate::adapters::h2_stream::Stream::new(
             async { Response::new(full("hello")) },
@@ -331,15 +328,16 @@ async fn a_parked_connection_gives_its_buffers_back_and_reads_again() {
     };
     let m = &mut make;
     let handshake = h2::client::handshake(tcp);
-    let (mut client, h2conn) = driving(&mut conn, &mut streams, m, &park, handshake)
+    let (mut client, h2conn) = driving(&mut conn, &mut streams, m, handshake)
         .await
         .unwrap();
     tokio::spawn(async move {
         let _ = h2conn.await;
     });
-    for round in 0..2 {
+    let mut lent = None;
+    for round in 0..3 {
         let (resp, _) = client.send_request(get("/"), true).unwrap();
-        let got = driving(&mut conn, &mut streams, m, &park, async {
+        let got = driving(&mut conn, &mut streams, m, async {
             let body = read_all(resp.await.unwrap().into_body()).await.unwrap();
             // Whatever the client sends after the response (acks, window updates) is read.
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -347,20 +345,20 @@ async fn a_parked_connection_gives_its_buffers_back_and_reads_again() {
         })
         .await;
         assert_eq!(got.0, b"hello", "round {round}");
-        assert!(park.is_active(), "round {round}: read again after parking");
         assert_eq!(streams.len(), 0);
-        // Idle but not parked: a busy connection's buffers stay between its bursts.
-        assert!(conn.rbuf.capacity() > 0, "round {round}");
-        assert!(conn.out.buf.capacity() > 0, "round {round}");
-        park.ask();
-        let sleep = tokio::time::sleep(Duration::from_millis(10));
-        driving(&mut conn, &mut streams, m, &park, sleep).await;
-        assert!(park.is_parked(), "round {round}");
         assert_eq!(conn.rbuf.capacity(), 0, "read buffer kept, round {round}");
         assert_eq!(
             conn.out.buf.capacity(),
             0,
             "write buffer kept, round {round}"
         );
+        // The worker has them, and lends the same ones every turn.
+        let (mut read, mut write) = (lend::read_buf(), lend::write_buf());
+        assert!(read.capacity() >= MAX_FRAME_SIZE, "round {round}");
+        assert!(write.capacity() >= WRITE_BUF, "round {round}");
+        let at = (read.as_ptr(), write.as_ptr());
+        assert_eq!(*lent.get_or_insert(at), at, "round {round}: made again");
+        lend::give_read(&mut read);
+        lend::give_write(&mut write);
     }
 }

@@ -11,8 +11,8 @@
 //! (`into_parts`: nothing is closed, nothing is sent) and only the socket is kept, waiting
 //! to become readable; the next request's bytes start a fresh hyper connection on it. A
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
-//! connections that were idle anyway. Idle plaintext HTTP/2 connections park the same way,
-//! inside the server: it frees its buffers and keeps its state ([`h2_server::Park`]).
+//! connections that were idle anyway. HTTP/2 connections do not park: they hold no buffer
+//! between turns in the first place (see `adapters::lend`).
 
 use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
 use crate::adapters::{h1_server, h2_server};
@@ -145,9 +145,9 @@ where
     }
 }
 
-/// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]). Idle for
-/// [`PARK_AFTER`] with no stream open, a plaintext one is parked: the server frees its read and write
-/// buffers (see [`h2_server::Park`]) and makes them again on the client's next bytes.
+/// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]). Between its
+/// turns it holds no read or write buffer: the worker lends it its own (see
+/// `adapters::lend`), so it has no need to park.
 async fn serve_h2<H, F, O>(io: Rewind<Io>, own: &H, limits: &mut Limits<'_>)
 where
     H: Fn(http::Request<InBody>) -> F,
@@ -156,69 +156,19 @@ where
     O::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let closing = AtomicBool::new(false);
-    let park = h2_server::Park::default();
-    let plain = io.inner.get_ref().plain().is_some();
     let max_header_list = limits.lst.limits.max_header_bytes.get() as u32;
     let head = limits.head.clone();
     // Boxed: the connection's state (its streams', the HPACK table) is kilobytes.
-    let mut served = Box::pin(h2_server::serve(
-        io,
-        own,
-        &head,
-        &closing,
-        &park,
-        max_header_list,
-    ));
-    loop {
-        let conn = H2Own {
-            fut: served.as_mut(),
-            closing: &closing,
-            park: &park,
-        };
-        // Parked, the clocks would find the connection parkable at once: not again until
-        // it has read. TLS connections do not park (rustls may hold bytes read ahead).
-        let may_park = plain && park.is_active();
-        match drive(pin!(conn), limits, may_park, false).await {
-            Driven::Parked => park.ask(),
-            Driven::Done(None) => {}
-            Driven::Done(Some(Err(e))) => {
-                tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
-                return;
-            }
-            Driven::Done(Some(Ok(()))) | Driven::Ended => return,
+    let mut served = Box::pin(h2_server::serve(io, own, &head, &closing, max_header_list));
+    let conn = Own {
+        fut: served.as_mut(),
+        closing: &closing,
+    };
+    match drive(pin!(conn), limits, false, false).await {
+        Driven::Done(Err(e)) => {
+            tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
         }
-    }
-}
-
-/// Spur's HTTP/2 server on a connection, told to finish through `closing`. Ready with `None`
-/// when a connection asked to park has read again (parked or found busy).
-struct H2Own<'a, F> {
-    fut: Pin<&'a mut F>,
-    closing: &'a AtomicBool,
-    park: &'a h2_server::Park,
-}
-
-impl<F: Future> Future for H2Own<'_, F> {
-    type Output = Option<F::Output>;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let (asked, active) = (self.park.is_asked(), self.park.is_active());
-        if let Poll::Ready(r) = self.fut.as_mut().poll(cx) {
-            return Poll::Ready(Some(r));
-        }
-        if asked && self.park.is_parked() {
-            crate::footprint::parked();
-        }
-        match !active && self.park.is_active() {
-            true => Poll::Ready(None),
-            false => Poll::Pending,
-        }
-    }
-}
-
-impl<F: Future> Graceful for H2Own<'_, F> {
-    fn shutdown_gracefully(self: Pin<&mut Self>) {
-        self.closing.store(true, Ordering::Release);
+        Driven::Done(Ok(())) | Driven::Ended | Driven::Parked => {}
     }
 }
 
@@ -287,7 +237,7 @@ fn count_error(limits: &Limits<'_>, e: &hyper::Error) {
     tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "connection ended with an error");
 }
 
-/// Spur's own HTTP/1.1 server on a connection, told to finish through `closing`.
+/// Spur's own HTTP/1.1 or HTTP/2 server on a connection, told to finish through `closing`.
 struct Own<'a, F> {
     fut: Pin<&'a mut F>,
     closing: &'a AtomicBool,

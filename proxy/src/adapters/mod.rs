@@ -12,6 +12,7 @@ pub mod health;
 pub mod hpack;
 pub mod http_conn;
 pub mod idle;
+mod lend;
 pub mod listener;
 pub mod relay;
 mod stream_set;
