@@ -146,8 +146,10 @@ struct Conn {
 
 impl Conn {
     fn new(io: Rewind<Io>, max_header_list: u32) -> Conn {
+        let mut buf = lend::write_buf();
+        buf.reserve(WRITE_BUF);
         let mut out = Out {
-            buf: Vec::with_capacity(WRITE_BUF),
+            buf,
             peer: PeerSettings::default(),
             send_window: frame::DEFAULT_WINDOW,
             meta: Vec::new(),
