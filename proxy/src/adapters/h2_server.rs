@@ -49,7 +49,7 @@ pub const MAX_CONCURRENT_STREAMS: u32 = 1024;
 const MAX_RESETS: usize = 2 * MAX_CONCURRENT_STREAMS as usize;
 /// The HPACK table size Spur's decoder allows (the default; not advertised).
 const HEADER_TABLE_SIZE: usize = 4096;
-/// Room a connection's write buffer starts a turn with.
+/// Room a borrowed write buffer is given.
 const WRITE_BUF: usize = 4096;
 
 /// How a connection ended badly.
@@ -357,8 +357,8 @@ impl Conn {
         MK: FnMut(Request<InBody>) -> S,
     {
         if self.rbuf.capacity() == 0 {
-            // No buffer between turns (see [`lend`]): the worker's, once the socket has
-            // something to read.
+            // No buffer between turns (see [`lend`]): the worker's, on plain TCP once the
+            // socket has something to read (TLS may hold bytes it decrypted already).
             if let Some(tcp) = self.io.drained_tcp() {
                 if let Err(e) = std::task::ready!(tcp.poll_read_ready(cx)) {
                     return Poll::Ready(Err(H2Error::Io(e)));

@@ -11,8 +11,8 @@
 //! (`into_parts`: nothing is closed, nothing is sent) and only the socket is kept, waiting
 //! to become readable; the next request's bytes start a fresh hyper connection on it. A
 //! busy connection never parks, so the rebuild (a few small allocations) is paid only by
-//! connections that were idle anyway. HTTP/2 connections do not park: they hold no buffer
-//! between turns in the first place (see `adapters::lend`).
+//! connections that were idle anyway. HTTP/2 connections do not park: an idle one holds no
+//! buffer in the first place (see `adapters::lend`).
 
 use crate::adapters::idle::{watchdog, Activity, HeadClock, IdleIo, Watch};
 use crate::adapters::{h1_server, h2_server};
@@ -146,8 +146,9 @@ where
 }
 
 /// An HTTP/2 connection, served by Spur's own HTTP/2 server ([`h2_server`]). Between its
-/// turns it holds no read or write buffer: the worker lends it its own (see
-/// `adapters::lend`), so it has no need to park.
+/// turns it holds no read or write buffer unless one holds bytes (a frame half read, output
+/// not yet written): the worker lends it its own (see `adapters::lend`), so it has no need
+/// to park.
 async fn serve_h2<H, F, O>(io: Rewind<Io>, own: &H, limits: &mut Limits<'_>)
 where
     H: Fn(http::Request<InBody>) -> F,
@@ -168,6 +169,7 @@ where
         Driven::Done(Err(e)) => {
             tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
         }
+        // Not `Parked`: driven with `may_park` false.
         Driven::Done(Ok(())) | Driven::Ended | Driven::Parked => {}
     }
 }

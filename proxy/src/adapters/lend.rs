@@ -9,9 +9,12 @@
 //!
 //! A connection that keeps bytes over a turn (a frame half read, output the client has not
 //! taken) keeps its buffer, and the next borrower gets another of the worker's, or a new
-//! one. A worker keeps up to [`KEPT`] buffers of each kind given back; more are freed. Each
-//! worker is one thread ([`crate::workers`]): the buffers are thread-local, and a turn
-//! never spans two threads.
+//! one. A worker keeps up to [`KEPT`] buffers of each kind given back, none larger than
+//! [`KEPT_MAX`] (a write buffer that grew for a slow client is freed, not kept); the rest
+//! are freed. The buffers are thread-local: a Spur worker is one thread
+//! ([`crate::workers`]). On a runtime of several threads (tests, an embedding program) a
+//! buffer a connection kept over a turn may come back on another thread, which is
+//! harmless: it joins that thread's buffers.
 //!
 //! HTTP/1.1 does not borrow: its read buffer is shared by the values of the request in
 //! progress, so it would be given back only between requests, and borrowing it again for
@@ -23,6 +26,9 @@ use std::cell::RefCell;
 
 /// Buffers of each kind a worker keeps.
 const KEPT: usize = 64;
+/// The largest buffer kept (bytes of capacity): a read buffer is 16 KiB and a frame head,
+/// a write buffer 4 KiB unless a turn's output outgrew it.
+const KEPT_MAX: usize = 32 * 1024;
 
 thread_local! {
     static READ: RefCell<Vec<BytesMut>> = const { RefCell::new(Vec::new()) };
@@ -33,7 +39,10 @@ fn take<T: Default>(kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>) -> T 
     kept.with(|k| k.borrow_mut().pop().unwrap_or_default())
 }
 
-fn keep<T>(kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>, buf: T) {
+fn keep<T>(kept: &'static std::thread::LocalKey<RefCell<Vec<T>>>, buf: T, capacity: usize) {
+    if capacity > KEPT_MAX {
+        return;
+    }
     kept.with(|k| {
         let mut k = k.borrow_mut();
         if k.len() < KEPT {
@@ -52,7 +61,8 @@ pub fn read_buf() -> BytesMut {
 pub fn give_read(buf: &mut BytesMut) {
     if buf.is_empty() && buf.capacity() > 0 {
         crate::headers::rewind_empty(buf);
-        keep(&READ, std::mem::take(buf));
+        let capacity = buf.capacity();
+        keep(&READ, std::mem::take(buf), capacity);
     }
 }
 
@@ -64,6 +74,45 @@ pub fn write_buf() -> Vec<u8> {
 /// Gives an emptied write buffer back to the worker; one with bytes in it stays.
 pub fn give_write(buf: &mut Vec<u8>) {
     if buf.is_empty() && buf.capacity() > 0 {
-        keep(&WRITE, std::mem::take(buf));
+        let capacity = buf.capacity();
+        keep(&WRITE, std::mem::take(buf), capacity);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_buffer_with_bytes_in_it_stays_with_its_connection() {
+        let mut read = BytesMut::from(&b"half a frame"[..]);
+        give_read(&mut read);
+        assert_eq!(&read[..], b"half a frame");
+        assert_eq!(
+            read_buf().capacity(),
+            0,
+            "a read buffer with bytes was given back"
+        );
+        let mut write = b"unwritten".to_vec();
+        give_write(&mut write);
+        assert_eq!(write, b"unwritten");
+        assert_eq!(
+            write_buf().capacity(),
+            0,
+            "a write buffer with bytes was given back"
+        );
+    }
+
+    #[test]
+    fn emptied_buffers_are_lent_again_unless_too_large() {
+        let mut read = BytesMut::with_capacity(16 * 1024);
+        let at = read.as_ptr();
+        give_read(&mut read);
+        assert_eq!(read.capacity(), 0, "given back");
+        assert_eq!(read_buf().as_ptr(), at, "the same buffer lent again");
+        let mut big = Vec::with_capacity(KEPT_MAX + 1);
+        give_write(&mut big);
+        assert_eq!(big.capacity(), 0, "taken from the connection");
+        assert_eq!(write_buf().capacity(), 0, "freed, not kept");
     }
 }
