@@ -520,7 +520,7 @@ memory() {
   done
   if [[ -f $ready ]]; then
     # The same pause for every proxy, so that one which frees what an idle connection
-    # holds (Spur parks a connection idle for 250 ms, then gives memory back) is measured
+    # holds (Spur parks an HTTP/1.1 connection idle for 250 ms, then gives memory back) is measured
     # idle, as a sidecar spends most of its connections' lives.
     sleep "$MEM_SETTLE"
     R_MEM_CONN[$key]=$(mem_kib VmRSS "${pids[@]}")

@@ -274,24 +274,6 @@ async fn h2_client_to(addr: SocketAddr) -> h2::client::SendRequest<Bytes> {
     client
 }
 
-/// Reads an h2 crate response body whole, and its trailers.
-async fn read_body(mut body: h2::RecvStream) -> (Vec<u8>, Option<HeaderMap>) {
-    let mut out = Vec::new();
-    while let Some(chunk) = tokio::time::timeout(STEP, body.data())
-        .await
-        .expect("data in time")
-    {
-        let chunk = chunk.expect("body data");
-        let _ = body.flow_control().release_capacity(chunk.len());
-        out.extend_from_slice(&chunk);
-    }
-    let trailers = tokio::time::timeout(STEP, body.trailers())
-        .await
-        .expect("trailers in time")
-        .expect("trailers");
-    (out, trailers)
-}
-
 // ---------------------------------------------------------------- 1. PING
 
 /// A PING is answered with a PING ACK carrying the same 8 bytes; frames of an unknown type
@@ -1216,7 +1198,7 @@ async fn huffman_coded_headers_arrive_unchanged_both_ways() {
             h.get("x-round").map(|v| v.as_bytes()),
             Some(round.to_string().as_bytes())
         );
-        let (body, _) = read_body(resp.into_body()).await;
+        let (body, _) = h2_read_body(resp.into_body()).await;
         assert_eq!(body, value, "round {round}: what the backend received");
     }
 }
@@ -1366,7 +1348,7 @@ async fn trailers_pass_both_ways() {
     let (resp, _) = client.send_request(req, true).unwrap();
     let resp = tokio::time::timeout(STEP, resp).await.unwrap().unwrap();
     assert_eq!(resp.status(), 200);
-    let (body, trailers) = read_body(resp.into_body()).await;
+    let (body, trailers) = h2_read_body(resp.into_body()).await;
     assert_eq!(body, b"grpc-body");
     let trailers = trailers.expect("trailers");
     assert_eq!(trailers.get("grpc-status").unwrap(), "0");

@@ -205,13 +205,7 @@ async fn h2_get(client: &mut h2::client::SendRequest<bytes::Bytes>, path: &str) 
         .expect("an answer within 5 s")
         .unwrap();
     let status = resp.status().as_u16();
-    let mut body = resp.into_body();
-    let mut got = Vec::new();
-    while let Some(chunk) = body.data().await {
-        let chunk = chunk.unwrap();
-        let _ = body.flow_control().release_capacity(chunk.len());
-        got.extend_from_slice(&chunk);
-    }
+    let (got, _) = h2_read_body(resp.into_body()).await;
     (status, String::from_utf8_lossy(&got).into_owned())
 }
 

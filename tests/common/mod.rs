@@ -558,3 +558,22 @@ pub async fn watching_proxy(
     applied(&proxy, version, listener).await;
     (proxy, watcher)
 }
+
+/// Reads an h2 crate response body whole, and its trailers; each wait bounded (5 s).
+pub async fn h2_read_body(mut body: h2::RecvStream) -> (Vec<u8>, Option<http::HeaderMap>) {
+    const STEP: Duration = Duration::from_secs(5);
+    let mut out = Vec::new();
+    while let Some(chunk) = tokio::time::timeout(STEP, body.data())
+        .await
+        .expect("data in time")
+    {
+        let chunk = chunk.expect("body data");
+        let _ = body.flow_control().release_capacity(chunk.len());
+        out.extend_from_slice(&chunk);
+    }
+    let trailers = tokio::time::timeout(STEP, body.trailers())
+        .await
+        .expect("trailers in time")
+        .expect("trailers");
+    (out, trailers)
+}

@@ -107,6 +107,13 @@ where
     .await
 }
 
+/// The worker's write buffer (see [`lend`]), with room for a turn's usual output.
+fn borrow_write_buf() -> Vec<u8> {
+    let mut buf = lend::write_buf();
+    buf.reserve(WRITE_BUF);
+    buf
+}
+
 /// A header block being gathered from HEADERS and CONTINUATION frames.
 struct Gathering {
     stream: u32,
@@ -146,10 +153,8 @@ struct Conn {
 
 impl Conn {
     fn new(io: Rewind<Io>, max_header_list: u32) -> Conn {
-        let mut buf = lend::write_buf();
-        buf.reserve(WRITE_BUF);
         let mut out = Out {
-            buf,
+            buf: borrow_write_buf(),
             peer: PeerSettings::default(),
             send_window: frame::DEFAULT_WINDOW,
             meta: Vec::new(),
@@ -277,8 +282,7 @@ impl Conn {
         MK: FnMut(Request<InBody>) -> S,
     {
         if self.out.buf.capacity() == 0 {
-            self.out.buf = lend::write_buf();
-            self.out.buf.reserve(WRITE_BUF);
+            self.out.buf = borrow_write_buf();
         }
         let polled = self.poll(cx, streams, make);
         lend::give_read(&mut self.rbuf);

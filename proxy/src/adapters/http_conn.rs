@@ -117,7 +117,7 @@ where
             )
             .with_upgrades();
         let mut conn = Box::pin(conn);
-        match drive(conn.as_mut(), &mut limits, true, true).await {
+        match drive(conn.as_mut(), &mut limits, true).await {
             Driven::Parked => {}
             Driven::Done(Err(e)) => {
                 count_error(&limits, &e);
@@ -165,7 +165,7 @@ where
         fut: served.as_mut(),
         closing: &closing,
     };
-    match drive(pin!(conn), limits, false, false).await {
+    match drive(pin!(conn), limits, false).await {
         Driven::Done(Err(e)) => {
             tracing::debug!(listener = &*limits.lst.name, peer = %limits.peer, error = %e, "HTTP/2 connection ended with an error");
         }
@@ -204,7 +204,7 @@ where
         fut: served.as_mut(),
         closing: &closing,
     };
-    drive(pin!(own_conn), limits, true, true).await
+    drive(pin!(own_conn), limits, true).await
 }
 
 /// Waits, on a parked connection, for the client's next bytes: false when the connection's
@@ -330,14 +330,13 @@ enum Driven<T> {
     Ended,
 }
 
-/// Runs a connection with the listener's timeouts and draining. `may_park`: it may end
-/// parked when idle; `gentle`: after an upgrade, an HTTP/1.1 connection with no request in
-/// progress is not told to close at the drain (see [`guard`]).
+/// Runs a connection with the listener's timeouts and draining. `may_park` (HTTP/1.1): it
+/// may end parked when idle, and after an upgrade, with no request in progress, it is not
+/// told to close at the drain (see [`guard`]).
 async fn drive<C: Graceful + ?Sized>(
     mut conn: Pin<&mut C>,
     limits: &mut Limits<'_>,
     may_park: bool,
-    gentle: bool,
 ) -> Driven<C::Output> {
     let lst = limits.lst;
     let idle = lst.limits.idle_timeout.get();
@@ -362,7 +361,7 @@ async fn drive<C: Graceful + ?Sized>(
             res = conn.as_mut() => return Driven::Done(res),
             _ = drain_gate.wrap(limits.shutdown.wait_for(|s| *s)), if !draining => {
                 draining = true;
-                let gentle = gentle && limits.shared.handed_over.load(Ordering::Acquire);
+                let gentle = may_park && limits.shared.handed_over.load(Ordering::Acquire);
                 if !gentle || limits.head.in_request() {
                     conn.as_mut().shutdown_gracefully();
                     told = true;
